@@ -1,0 +1,2080 @@
+#!/usr/bin/env python3
+"""dispy: distribute Python functions and programs over the processors of many machines.
+
+This module is both the client API (``JobCluster``, ``DispyJob``, ...) and the core that
+every program of the project shares: the wire format, authentication, discovery and the
+job scheduler.  ``dispynode.py`` imports it for the wire format; ``dispyscheduler.py``
+hosts the same ``Scheduler`` for many clients.
+
+Place in the system::
+
+    user script ──► JobCluster ──► Scheduler ──► NodeLink ══ TCP (HMAC frames) ══► dispynode.py
+        ▲              │ (one per         (one per node: Connection with           │ workers run
+        └── callbacks ◄┘  cluster)         a reader and a writer thread)           ▼ the jobs
+
+Threads of a client process (all daemon threads; none keeps a finished script alive):
+
+    user threads      submit(): pickle the arguments, place the job on a node's outbox.
+    hub loop          one per process (ClientHub): UDP discovery (selectors), timers:
+                      pings, re-dials, pulses, liveness, the "no node found" warning.
+    dialer            short-lived, one per TCP connect + handshake.
+    conn-writer       one per node: drains the outbox, batching many messages per frame.
+    conn-reader       one per node: verifies frames, updates jobs, wakes waiters.
+    notifier          one per cluster with callback/cluster_status: calls them in order.
+
+Wire format (shared by every program): see ``Channel``.  A connection starts with a
+nonce handshake in which both sides prove knowledge of the secret; every later frame is
+``length(4) | body | HMAC-SHA256(session key, sequence number | length | body)``.  Nothing
+received is unpickled before its HMAC is verified, and frames are unpickled with a
+restricted unpickler that admits only plain data (user objects travel as opaque blobs
+that only the job process, or the client that owns them, unpickles).  UDP discovery
+datagrams are JSON with an HMAC and are never unpickled.
+"""
+
+import atexit
+import collections
+import copy
+import errno
+import functools
+import hashlib
+import hmac
+import inspect
+import io
+import itertools
+import json
+import logging
+import os
+import pickle
+import platform
+import re
+import selectors
+import socket
+import ssl
+import struct
+import sys
+import textwrap
+import threading
+import time
+import types
+import uuid
+
+__version__ = '5.0.0'
+__all__ = ['JobCluster', 'SharedJobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo',
+           'NodeAllocate', 'recover_jobs', 'logger']
+
+# ================================================================================
+# Constants
+# ================================================================================
+
+PROTOCOL_VERSION = 1          # bump on any incompatible change of the wire format
+CLIENT_PORT = 51347           # client (and later dispyscheduler) UDP + TCP
+NODE_PORT = 51348             # dispynode UDP + TCP
+MAX_HANDSHAKE_MSG = 4096      # limit on anything read from an unauthenticated peer
+DEFAULT_MAX_FRAME = 256 << 20  # limit on one authenticated frame (configurable)
+# Arguments and results are pickled once, as opaque blobs, with a protocol every
+# supported Python (3.4+) reads, so a blob made on one version loads on any other.
+BLOB_PICKLE_PROTOCOL = 4
+HANDSHAKE_TIMEOUT = 10.0      # a peer that sends nothing is dropped after this
+DEFAULT_PULSE_INTERVAL = 5.0  # liveness when the user gives no pulse_interval
+DEAD_PULSES = 5               # a peer silent for this many pulses is dead
+RECONNECT_DELAYS = (0.1, 0.3, 0.6, 1.0, 2.0)  # retries before a node is declared dead
+NO_NODE_WARN_AFTER = 10.0     # first "no node answered" warning, then doubling
+
+
+# ================================================================================
+# Logging
+# ================================================================================
+
+logger = logging.getLogger('dispy')
+# The spec passes ``loglevel=dispy.logger.DEBUG`` etc., so the logger carries the names.
+for _level in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'):
+    setattr(logger, _level, getattr(logging, _level))
+
+
+def setup_logging(level=None, name='dispy'):
+    """Gives ``logger`` a stderr handler unless the application configured logging."""
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter('%(asctime)s ' + name + ' - %(message)s',
+                                               '%Y-%m-%d %H:%M:%S'))
+        logger.addHandler(handler)
+        logger.propagate = False
+    if level is not None:
+        logger.setLevel(level)
+
+
+# ================================================================================
+# Wire format: keys, handshake, authenticated frames
+# ================================================================================
+
+class ProtocolError(Exception):
+    """The peer broke the protocol: bad magic, bad HMAC, oversized frame, EOF, ..."""
+
+
+class AuthError(ProtocolError):
+    """The peer does not know our secret (or we do not know its)."""
+
+
+class VersionError(ProtocolError):
+    """The peer speaks another version of the protocol."""
+
+
+class BusyError(Exception):
+    """The node serves another client program."""
+
+
+@functools.lru_cache(maxsize=8)
+def secret_key(secret):
+    """The key every HMAC is derived from; PBKDF2 slows down guessing a weak secret."""
+    if isinstance(secret, str):
+        secret = secret.encode('utf-8')
+    return hashlib.pbkdf2_hmac('sha256', secret or b'', b'dispy-secret-v1', 20000)
+
+
+def _mac(key, *parts):
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+class FrameUnpickler(pickle.Unpickler):
+    """Loads frames: plain data only.  A frame never holds user classes (they travel as
+    blobs), so any global reference means a broken or hostile peer."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError('frame refers to %s.%s: only plain data allowed'
+                                     % (module, name))
+
+
+def loads_frame(data):
+    return FrameUnpickler(io.BytesIO(data)).load()
+
+
+def dumps_blob(obj):
+    return pickle.dumps(obj, BLOB_PICKLE_PROTOCOL)
+
+
+def _recv_exact(sock, n):
+    """Reads exactly ``n`` bytes from a blocking socket (handshake only)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ProtocolError('connection closed by peer during handshake')
+        buf += chunk
+    return bytes(buf)
+
+
+def _send_hs(sock, payload):
+    sock.sendall(struct.pack('!4sH', b'DSPY', len(payload)) + payload)
+
+
+def _recv_hs(sock):
+    head = _recv_exact(sock, 6)
+    magic, length = struct.unpack('!4sH', head)
+    if magic != b'DSPY':
+        if head[:1] in (b'\x15', b'\x16'):
+            raise ProtocolError('peer speaks TLS but this side is not using TLS '
+                                '(give both sides the same certfile)')
+        raise ProtocolError('peer is not a dispy program (got %r)' % head[:4])
+    if length > MAX_HANDSHAKE_MSG:
+        raise ProtocolError('handshake message of %d bytes exceeds %d' % (length, MAX_HANDSHAKE_MSG))
+    return _recv_exact(sock, length)
+
+
+def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=HANDSHAKE_TIMEOUT):
+    """Authenticates both ends of a connected socket; returns a ready ``Channel``.
+
+    1. each side sends a hello (JSON: protocol version, pickle protocol, a fresh
+       nonce, its frame limit and ``info``); the listener answers even a mismatched
+       version, so both sides can name both versions in their error;
+    2. the dialer proves it knows the secret: HMAC(key, "dialer" | both hellos);
+    3. only then the listener proves it: HMAC(key, "listener" | both hellos), so an
+       unauthenticated dialer learns nothing derived from the secret;
+    4. session keys per direction are HMACs of both hellos: fresh per connection, so
+       frames of one connection (or direction) cannot be replayed on another.
+    """
+    key = secret_key(secret)
+    sock.settimeout(timeout)
+    mine = dict(info, magic='dispy', version=PROTOCOL_VERSION, pickle=pickle.HIGHEST_PROTOCOL,
+                nonce=os.urandom(16).hex(), max_frame=max_frame)
+    my_hello = json.dumps(mine, sort_keys=True).encode()
+    if dialer:
+        _send_hs(sock, my_hello)
+        peer_hello = _recv_hs(sock)
+    else:
+        peer_hello = _recv_hs(sock)
+        _send_hs(sock, my_hello)
+    try:
+        peer = json.loads(peer_hello)
+        peer_version = int(peer['version'])
+        int(peer['pickle']), int(peer['max_frame']), str(peer['nonce'])
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError('malformed handshake from peer')
+    if peer_version != PROTOCOL_VERSION:
+        raise VersionError('peer speaks dispy protocol version %s, this program speaks %s '
+                           '(run the same dispy release on both)' % (peer_version, PROTOCOL_VERSION))
+    transcript = (my_hello + peer_hello) if dialer else (peer_hello + my_hello)
+    dialer_proof = _mac(key, b'dispy-proof-dialer', transcript)
+    listener_proof = _mac(key, b'dispy-proof-listener', transcript)
+    if dialer:
+        sock.sendall(b'P' + dialer_proof)
+        answer = _recv_exact(sock, 33)
+        if answer[:1] == b'F':
+            raise AuthError('peer rejected our authentication (secrets differ)')
+        if not hmac.compare_digest(answer[1:], listener_proof):
+            raise AuthError('peer failed authentication (secrets differ)')
+    else:
+        answer = _recv_exact(sock, 33)
+        if not hmac.compare_digest(answer[1:], dialer_proof):
+            try:
+                sock.sendall(b'F' + bytes(32))
+            except OSError:
+                pass
+            raise AuthError('peer failed authentication (secrets differ)')
+        sock.sendall(b'P' + listener_proof)
+    d2l = _mac(key, b'dispy-key-d2l', transcript)
+    l2d = _mac(key, b'dispy-key-l2d', transcript)
+    sock.settimeout(None)
+    return Channel(sock, send_key=d2l if dialer else l2d, recv_key=l2d if dialer else d2l,
+                   max_frame=max_frame, peer_max_frame=int(peer['max_frame']),
+                   pickle_protocol=min(pickle.HIGHEST_PROTOCOL, int(peer['pickle'])),
+                   peer_info=peer)
+
+
+class Channel:
+    """An authenticated, framed message stream over one connected socket.
+
+    Frame: ``length(4, big-endian) | body | mac(32)`` where ``mac`` is HMAC-SHA256 with
+    this direction's session key over ``sequence(8) | length | body``.  The sequence
+    number is implicit (counted by both sides), so a replayed, dropped or reordered
+    frame fails verification.  The length is checked against our limit before anything
+    is allocated.  ``send``/``recv`` are not thread-safe: one writer and one reader.
+    """
+
+    def __init__(self, sock, send_key, recv_key, max_frame, peer_max_frame, pickle_protocol,
+                 peer_info):
+        self.sock = sock
+        self.send_key = send_key
+        self.recv_key = recv_key
+        self.max_frame = max_frame
+        self.peer_max_frame = peer_max_frame
+        self.pickle_protocol = pickle_protocol
+        self.peer_info = peer_info
+        self.send_seq = 0
+        self.recv_seq = 0
+        self.last_recv = time.monotonic()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._rbuf = bytearray()
+        self._send_mac = hmac.new(send_key, digestmod=hashlib.sha256)
+        self._recv_mac = hmac.new(recv_key, digestmod=hashlib.sha256)
+
+    # -- sending -----------------------------------------------------------------------
+    def send_body(self, body):
+        if len(body) > self.peer_max_frame:
+            raise ProtocolError('frame of %d bytes exceeds the peer\'s limit of %d'
+                                % (len(body), self.peer_max_frame))
+        header = struct.pack('!I', len(body))
+        mac = self._send_mac.copy()
+        mac.update(struct.pack('!Q', self.send_seq))
+        mac.update(header)
+        mac.update(body)
+        self.send_seq += 1
+        if len(body) < 65536:
+            self.sock.sendall(header + body + mac.digest())
+        else:  # no copy of a large body
+            self.sock.sendall(header)
+            self.sock.sendall(body)
+            self.sock.sendall(mac.digest())
+        self.bytes_sent += len(body) + 36
+
+    def send(self, obj):
+        self.send_body(pickle.dumps(obj, self.pickle_protocol))
+
+    # -- receiving ---------------------------------------------------------------------
+    def _read(self, n):
+        buf = self._rbuf
+        if len(buf) < n and n > (1 << 20):
+            # A large frame: read it straight into one buffer of its final size.
+            out = bytearray(n)
+            view = memoryview(out)
+            have = len(buf)
+            view[:have] = buf
+            buf.clear()
+            while have < n:
+                got = self.sock.recv_into(view[have:], min(n - have, 1 << 22))
+                if not got:
+                    raise ProtocolError('connection closed by peer')
+                have += got
+                self.last_recv = time.monotonic()
+            return out
+        while len(buf) < n:
+            chunk = self.sock.recv(262144)
+            if not chunk:
+                raise ProtocolError('connection closed by peer')
+            buf += chunk
+            self.last_recv = time.monotonic()
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data
+
+    def recv_body(self):
+        header = self._read(4)
+        (length,) = struct.unpack('!I', header)
+        if length > self.max_frame:
+            raise ProtocolError('peer sent a frame of %d bytes, over the limit of %d '
+                                '(raise max_frame_size on this side if this is legitimate)'
+                                % (length, self.max_frame))
+        data = self._read(length + 32)
+        body = memoryview(data)[:length]
+        mac = self._recv_mac.copy()
+        mac.update(struct.pack('!Q', self.recv_seq))
+        mac.update(header)
+        mac.update(body)
+        if not hmac.compare_digest(mac.digest(), bytes(data[length:])):
+            raise AuthError('frame failed authentication (corrupted, replayed or forged)')
+        self.recv_seq += 1
+        self.bytes_received += length + 36
+        return body
+
+    def recv(self):
+        return loads_frame(self.recv_body())
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class Connection:
+    """A ``Channel`` with a writer thread that batches outgoing messages and a reader
+    thread that hands incoming ones to ``handler``.
+
+    Messages are tuples ``(KIND, ...)`` of plain data.  ``send`` never blocks on the
+    network: the writer pickles everything queued so far into one frame, so a burst of
+    small messages costs one frame, and a big transfer on this connection never stalls
+    the caller or any other connection.  The handler gets
+    ``handler.on_messages(conn, msgs)`` from the reader thread and
+    ``handler.on_closed(conn, reason)`` exactly once.
+    """
+
+    BATCH_BYTES = 1 << 20     # stop adding messages to a frame past this size hint
+
+    def __init__(self, channel, handler, name):
+        self.channel = channel
+        self.handler = handler
+        self.name = name
+        self.peer_info = channel.peer_info
+        self._outbox = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closing = False     # no more sends; writer flushes then closes
+        self._closed = False
+        self._close_reason = None
+        self._closed_reported = False
+        self._last_send = time.monotonic()
+        self.writer = threading.Thread(target=self._write_loop, daemon=True,
+                                       name='dispy-writer-%s' % name)
+        self.reader = threading.Thread(target=self._read_loop, daemon=True,
+                                       name='dispy-reader-%s' % name)
+
+    def start(self):
+        self.writer.start()
+        self.reader.start()
+        return self
+
+    @property
+    def closed(self):
+        return self._closing or self._closed
+
+    @property
+    def last_recv(self):
+        return self.channel.last_recv
+
+    @property
+    def idle_send(self):
+        return time.monotonic() - self._last_send
+
+    def send(self, msg, size=0):
+        """Queues a message; ``size`` hints at its bulk (blob bytes) for batching."""
+        with self._cond:
+            if self._closing or self._closed:
+                return False
+            self._outbox.append((msg, size))
+            if len(self._outbox) == 1:
+                self._cond.notify()
+        return True
+
+    def close(self, reason='closed', flush=False):
+        """Closes the connection; with ``flush`` after sending what is queued."""
+        with self._cond:
+            if self._closed or (self._closing and flush):
+                return
+            self._close_reason = self._close_reason or reason
+            self._closing = True
+            if not flush:
+                self._closed = True
+            self._cond.notify()
+        if not flush:
+            self.channel.close()
+
+    def _write_loop(self):
+        try:
+            while True:
+                with self._cond:
+                    while not self._outbox and not self._closing:
+                        self._cond.wait()
+                    if self._closed or (self._closing and not self._outbox):
+                        break
+                    batch, size = [], 0
+                    while self._outbox and size < self.BATCH_BYTES:
+                        msg, hint = self._outbox.popleft()
+                        batch.append(msg)
+                        size += hint
+                self._send_batch(batch)
+                self._last_send = time.monotonic()
+        except (OSError, ProtocolError, ValueError) as exc:
+            self._fail('send failed: %s' % exc)
+            return
+        self._fail(self._close_reason or 'closed')
+
+    def _send_batch(self, batch):
+        channel = self.channel
+        body = pickle.dumps(batch, channel.pickle_protocol)
+        if len(body) <= channel.peer_max_frame or len(batch) == 1:
+            channel.send_body(body)
+            return
+        for msg in batch:   # too big together: one frame each
+            channel.send_body(pickle.dumps([msg], channel.pickle_protocol))
+
+    def _read_loop(self):
+        reason = 'connection closed by peer'
+        try:
+            while True:
+                msgs = self.channel.recv()
+                if not isinstance(msgs, list):
+                    raise ProtocolError('malformed frame')
+                self.handler.on_messages(self, msgs)
+        except AuthError as exc:
+            reason = str(exc)
+            logger.warning('%s: %s', self.name, reason)
+        except (OSError, ProtocolError, EOFError, pickle.UnpicklingError) as exc:
+            if not self._closed:
+                reason = str(exc) or exc.__class__.__name__
+        except Exception:
+            logger.exception('%s: error handling a message; closing the connection', self.name)
+            reason = 'internal error'
+        self._fail(self._close_reason if self._closed else reason)
+
+    def _fail(self, reason):
+        with self._cond:
+            self._closed = self._closing = True
+            self._outbox.clear()
+            report = not self._closed_reported
+            self._closed_reported = True
+            self._cond.notify_all()
+        self.channel.close()
+        if report:
+            try:
+                self.handler.on_closed(self, reason)
+            except Exception:
+                logger.exception('%s: error in close handler', self.name)
+
+
+# ================================================================================
+# Sockets, addresses and TLS
+# ================================================================================
+
+def is_loopback(addr):
+    return addr.startswith('127.') or addr == '::1' or addr == 'localhost'
+
+
+def resolve_host(host, family=0):
+    """Host name or address → address string (first result), or None."""
+    if not host:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return None
+    return infos[0][4][0] if infos else None
+
+
+def interface_addresses():
+    """[(family, address, broadcast or None)] of this machine's configured interfaces.
+
+    Uses ``netifaces`` when installed, else Linux ioctls (IPv4) and /proc (IPv6); never
+    a host-name lookup, which gives 127.0.1.1 on many distributions.
+    """
+    try:
+        import netifaces
+    except ImportError:
+        netifaces = None
+    found = []
+    if netifaces is not None:
+        for ifname in netifaces.interfaces():
+            addrs = netifaces.ifaddresses(ifname)
+            for entry in addrs.get(netifaces.AF_INET, []):
+                found.append((socket.AF_INET, entry.get('addr'), entry.get('broadcast')))
+            for entry in addrs.get(netifaces.AF_INET6, []):
+                found.append((socket.AF_INET6, entry.get('addr', '').split('%')[0], None))
+        return [f for f in found if f[1]]
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None and hasattr(socket, 'if_nameindex'):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            for _index, ifname in socket.if_nameindex():
+                req = struct.pack('256s', ifname.encode()[:15])
+                try:
+                    addr = socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8915, req)[20:24])
+                except OSError:
+                    continue
+                try:
+                    bcast = socket.inet_ntoa(fcntl.ioctl(probe.fileno(), 0x8919, req)[20:24])
+                except OSError:
+                    bcast = None
+                found.append((socket.AF_INET, addr, bcast if bcast != '0.0.0.0' else None))
+    try:
+        with open('/proc/net/if_inet6') as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                addr = socket.inet_ntop(socket.AF_INET6, bytes.fromhex(hexaddr))
+                found.append((socket.AF_INET6, addr, None))
+    except OSError:
+        pass
+    return found
+
+
+def broadcast_addresses(local_addrs=None):
+    """IPv4 broadcast addresses of the interfaces holding ``local_addrs`` (all if None);
+    loopback never broadcasts."""
+    result = []
+    for family, addr, bcast in interface_addresses():
+        if family != socket.AF_INET or not bcast or is_loopback(addr):
+            continue
+        if local_addrs is None or addr in local_addrs:
+            if bcast not in result:
+                result.append(bcast)
+    return result
+
+
+def make_ssl_context(server_side, certfile=None, keyfile=None, cafile=None):
+    """TLS context for client↔node links, or None when no certificate is given.
+
+    With only ``certfile`` (the spec's usage: the same self-signed file everywhere) that
+    certificate is the trust anchor on both sides; with ``cafile`` the peer certificate
+    must chain to it.  Peers are machines named by address, so host names are not
+    checked: trust comes from the certificate alone.
+    """
+    if not certfile:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile or certfile)
+    return ctx
+
+
+def node_address_family(addr):
+    return socket.AF_INET6 if ':' in addr else socket.AF_INET
+
+
+# ================================================================================
+# Discovery datagrams (JSON + HMAC; never unpickled)
+# ================================================================================
+
+UDP_MAGIC = b'DSPYU1'
+
+
+def pack_datagram(secret, msg):
+    payload = json.dumps(msg, sort_keys=True).encode()
+    return UDP_MAGIC + _mac(secret_key(secret), b'dispy-udp', payload) + payload
+
+
+def pack_unauthenticated(msg):
+    """For replies to peers that failed authentication: carries no secret-derived bytes."""
+    return UDP_MAGIC + bytes(32) + json.dumps(msg, sort_keys=True).encode()
+
+
+def unpack_datagram(secret, data):
+    """(msg, authenticated) for a datagram; msg is None when it is not ours at all."""
+    if len(data) > MAX_HANDSHAKE_MSG or not data.startswith(UDP_MAGIC):
+        return None, False
+    mac, payload = data[6:38], data[38:]
+    try:
+        msg = json.loads(payload)
+    except ValueError:
+        return None, False
+    if not isinstance(msg, dict):
+        return None, False
+    good = hmac.compare_digest(mac, _mac(secret_key(secret), b'dispy-udp', payload))
+    return msg, good
+
+
+# ================================================================================
+# Public data classes
+# ================================================================================
+
+class DispyJob:
+    """A job: one call of the computation.  ``submit`` returns it at once.
+
+    Only ``id`` is for the user to write.  ``job()`` waits for the result.  Jobs carry no
+    Event or lock of their own (100,000 pending jobs must stay small): they wait on
+    their cluster's condition.  The pickled arguments are dropped when the job ends.
+    """
+
+    Created = 5
+    Running = 6
+    ProvisionalResult = 7
+    Cancelled = 8
+    Terminated = 9
+    Abandoned = 10
+    Finished = 11
+
+    __slots__ = ('id', 'status', 'ip_addr', 'result', 'stdout', 'stderr', 'exception',
+                 'start_time', 'end_time', '_key', '_cluster', '_blob', '_attempt',
+                 '_node', '_pin', '_depends', '__weakref__')
+
+    def __init__(self, key, cluster, blob, pin=None, depends=None):
+        self.id = None
+        self.status = DispyJob.Created
+        self.ip_addr = None
+        self.result = self.stdout = self.stderr = self.exception = None
+        self.start_time = self.end_time = None
+        self._key = key
+        self._cluster = cluster
+        self._blob = blob          # pickled (args, kwargs); dropped when the job ends
+        self._attempt = 0          # dispatch count: replies of older attempts are stale
+        self._node = None          # NodeLink it is dispatched to
+        self._pin = pin            # node address for submit_node
+        self._depends = depends    # per-job dependencies (package), if any
+
+    def __call__(self, clear=False, timeout=None):
+        """Waits for the job to end; returns its result (None on timeout)."""
+        self._cluster._wait_job(self, timeout)
+        result = self.result
+        if clear and self.status in FINAL_STATUSES:
+            self.result = None
+        return result
+
+    @property
+    def finish(self):
+        """Compatibility with the original's ``job.finish.wait()`` / ``is_set()``."""
+        return _JobFinish(self)
+
+    def __lt__(self, other):
+        return self._key < other._key
+
+    def __repr__(self):
+        return '<DispyJob %s id=%r status=%s>' % (self._key, self.id,
+                                                  STATUS_NAMES.get(self.status, self.status))
+
+    def _snapshot(self):
+        snap = DispyJob.__new__(DispyJob)
+        for name in DispyJob.__slots__[:-1]:
+            setattr(snap, name, getattr(self, name))
+        snap._blob = None
+        return snap
+
+
+FINAL_STATUSES = frozenset((DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled,
+                            DispyJob.Abandoned))
+
+
+class _JobFinish:
+    __slots__ = ('job',)
+
+    def __init__(self, job):
+        self.job = job
+
+    def is_set(self):
+        return self.job.status in FINAL_STATUSES
+
+    def wait(self, timeout=None):
+        return self.job._cluster._wait_job(self.job, timeout)
+
+
+class DispyNode:
+    """A node as one cluster sees it (given to ``cluster_status`` callbacks)."""
+
+    Initialized = 1
+    Closed = 2
+    AvailInfo = 3
+
+    def __init__(self, ip_addr, name='', cpus=0, platform=''):
+        self.ip_addr = ip_addr
+        self.name = name
+        self.cpus = cpus               # CPUs this cluster uses on the node
+        self.avail_cpus = cpus         # CPUs the node offers
+        self.busy = 0                  # jobs of this cluster running there
+        self.jobs_done = 0
+        self.cpu_time = 0.0
+        self.platform = platform
+        self.avail_info = None
+        self.update_time = time.time()
+        self.tx = 0
+        self.rx = 0
+
+    def __repr__(self):
+        return '<DispyNode %s (%s) cpus=%s busy=%s>' % (self.ip_addr, self.name, self.cpus, self.busy)
+
+
+STATUS_NAMES = {DispyJob.Created: 'Created', DispyJob.Running: 'Running',
+                DispyJob.ProvisionalResult: 'ProvisionalResult',
+                DispyJob.Cancelled: 'Cancelled', DispyJob.Terminated: 'Terminated',
+                DispyJob.Abandoned: 'Abandoned', DispyJob.Finished: 'Finished'}
+
+
+class DispyNodeAvailInfo:
+    """Availability of a node (sent when the node has psutil)."""
+
+    def __init__(self, cpu, memory, disk, swap):
+        self.cpu = cpu
+        self.memory = memory
+        self.disk = disk
+        self.swap = swap
+
+    def __repr__(self):
+        return ('<DispyNodeAvailInfo cpu=%.1f%% memory=%s disk=%s swap=%.1f%%>'
+                % (self.cpu, self.memory, self.disk, self.swap))
+
+
+class NodeAllocate:
+    """Which nodes a cluster uses and how many of their CPUs.
+
+    ``host`` is a host name, an address or a pattern with ``*`` for whole octets
+    (``'192.168.3.*'`` matches 192.168.3.x, never 192.168.30.x).  Subclasses override
+    ``allocate`` to choose (return 0 to skip the node).
+    """
+
+    def __init__(self, host, port=None, cpus=0):
+        self.host = str(host)
+        self.port = int(port) if port else None
+        self.cpus = int(cpus or 0)
+        if '*' in self.host:
+            self.ip_addr = None
+            self._pattern = re.compile(
+                '^' + r'\.'.join('[0-9a-fA-F:.]+' if part == '*' else re.escape(part)
+                                 for part in self.host.split('.')) + '$')
+        else:
+            self.ip_addr = resolve_host(self.host) or self.host
+            self._pattern = None
+
+    def matches(self, ip_addr, name=''):
+        if self._pattern is not None:
+            return bool(self._pattern.match(ip_addr))
+        return ip_addr == self.ip_addr or (name and name == self.host)
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=''):
+        """CPUs to use on the node (0 = don't use it)."""
+        if self.cpus > 0:
+            return min(self.cpus, cpus)
+        if self.cpus < 0:
+            return max(cpus + self.cpus, 0)
+        return cpus
+
+    def __repr__(self):
+        return 'NodeAllocate(%r, port=%r, cpus=%r)' % (self.host, self.port, self.cpus)
+
+
+def _node_allocations(nodes, default_port):
+    """The ``nodes`` argument → list of NodeAllocate (strings, tuples or objects)."""
+    if isinstance(nodes, (str, NodeAllocate)) or (isinstance(nodes, tuple) and nodes
+                                                   and isinstance(nodes[0], str)
+                                                   and len(nodes) <= 3
+                                                   and all(not isinstance(x, str)
+                                                           for x in nodes[1:])):
+        nodes = [nodes]
+    result = []
+    for item in nodes:
+        if isinstance(item, NodeAllocate):
+            alloc = item
+        elif isinstance(item, str):
+            alloc = NodeAllocate(item)
+        elif isinstance(item, (tuple, list)) and 1 <= len(item) <= 3:
+            alloc = NodeAllocate(*item)
+        else:
+            raise ValueError('nodes: %r is not a host, address, pattern, tuple or NodeAllocate'
+                             % (item,))
+        if alloc.port is None:
+            alloc.port = default_port
+        result.append(alloc)
+    return result
+
+
+# ================================================================================
+# Shipping computations: sources, dependencies, files
+# ================================================================================
+
+class ComputationError(ValueError):
+    """A computation or one of its dependencies cannot be shipped."""
+
+
+def _function_source(func, what):
+    if isinstance(func, functools.partial):
+        func = func.func
+    if not (inspect.isfunction(func) or inspect.isclass(func)):
+        raise ComputationError('%s %r is not a Python function or class' % (what, func))
+    if getattr(func, '__name__', '') == '<lambda>':
+        raise ComputationError('%s is a lambda: give it a name with def so its source can be '
+                               'shipped' % what)
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError) as exc:
+        raise ComputationError('cannot find the source of %s %r (%s); define it in a file, '
+                               'not interactively' % (what, getattr(func, '__name__', func), exc))
+    return textwrap.dedent(source)
+
+
+def _find_name(obj, frames_globals):
+    for ns in frames_globals:
+        for name, value in ns.items():
+            if value is obj and not name.startswith('__'):
+                return name
+    return None
+
+
+class ComputePackage:
+    """Everything a node needs to run a computation, built once per cluster.
+
+    ``spec`` is plain data (sent in a frame); ``files`` are (name, path) pairs sent in
+    chunks before the spec.  Python code travels as source text, so client and node may
+    run different Python versions.
+    """
+
+    def __init__(self, computation, depends=(), setup=None, cleanup=True, dest_path=None,
+                 caller_globals=()):
+        self.files = []            # (base name, local path)
+        code, objects, modules = [], {}, []
+        if isinstance(computation, str):
+            path = os.path.abspath(computation)
+            if not os.path.isfile(path):
+                raise ComputationError('program %r not found' % computation)
+            self.kind = 'program'
+            self.name = os.path.basename(path)
+            self._add_file(path)
+        elif inspect.isfunction(computation):
+            self.kind = 'function'
+            self.name = computation.__name__
+        else:
+            raise ComputationError('computation must be a Python function or the path of a '
+                                   'program, not %r' % (computation,))
+        names = set()
+        for dep in depends or ():
+            self._add_dependency(dep, code, objects, modules, names, caller_globals)
+        setup_spec = cleanup_spec = None
+        for func, what in ((setup, 'setup'), (cleanup, 'cleanup')):
+            if func is None or isinstance(func, bool):
+                continue
+            src = _function_source(func, what)
+            base = func.func if isinstance(func, functools.partial) else func
+            if base.__name__ not in names:
+                code.append(src)
+                names.add(base.__name__)
+            args = ((func.args, func.keywords or {}) if isinstance(func, functools.partial)
+                    else ((), {}))
+            try:
+                spec = (base.__name__, dumps_blob(args))
+            except Exception as exc:
+                raise ComputationError('%s arguments cannot be pickled: %s' % (what, exc))
+            if what == 'setup':
+                setup_spec = spec
+            else:
+                cleanup_spec = spec
+        if self.kind == 'function' and self.name not in names:
+            code.append(_function_source(computation, 'computation'))
+        source = '\n\n'.join(code)
+        try:
+            compile(source, '<dispy computation>', 'exec')
+        except SyntaxError as exc:
+            raise ComputationError('computation source does not compile: %s' % exc)
+        try:
+            objects_blob = dumps_blob(objects) if objects else None
+        except Exception as exc:
+            raise ComputationError('objects in depends cannot be pickled: %s' % exc)
+        self.spec = {
+            'kind': self.kind, 'name': self.name, 'code': source, 'objects': objects_blob,
+            'modules': modules, 'setup': setup_spec, 'cleanup': cleanup_spec,
+            'remove_files': cleanup is not False, 'dest_path': dest_path,
+            'files': [name for name, _ in self.files],
+        }
+
+    def _add_file(self, path):
+        name = os.path.basename(path)
+        if any(n == name for n, _ in self.files):
+            raise ComputationError('two dependencies named %r: files are copied by base name'
+                                   % name)
+        self.files.append((name, path))
+
+    def _add_dependency(self, dep, code, objects, modules, names, caller_globals):
+        if isinstance(dep, str):
+            if not os.path.isfile(dep):
+                raise ComputationError('dependency file %r not found' % dep)
+            self._add_file(os.path.abspath(dep))
+        elif isinstance(dep, types.ModuleType):
+            path = getattr(dep, '__file__', None)
+            if not path or not path.endswith('.py') or os.path.basename(path) == '__init__.py':
+                raise ComputationError('module %r has no single source file to ship'
+                                       % dep.__name__)
+            self._add_file(path)
+            modules.append(os.path.basename(path)[:-3])
+        elif inspect.isfunction(dep) or inspect.isclass(dep):
+            if dep.__name__ not in names:
+                code.append(_function_source(dep, 'dependency'))
+                names.add(dep.__name__)
+        elif isinstance(dep, functools.partial):
+            raise ComputationError('depends: partial functions are only for setup/cleanup')
+        else:   # an instance: ship its class (if it is the client's own) and the object
+            cls = type(dep)
+            if cls.__module__ == '__main__' and cls.__name__ not in names:
+                code.append(_function_source(cls, 'class of dependency'))
+                names.add(cls.__name__)
+            name = _find_name(dep, caller_globals)
+            if name is None:
+                raise ComputationError('depends: object %r is not bound to a global name, so '
+                                       'jobs could not refer to it' % (dep,))
+            objects[name] = dep
+
+
+# ================================================================================
+# Helpers for the client side
+# ================================================================================
+
+def _env_default(value, env_name, default, convert=str):
+    """The user's argument, else an environment override, else the default."""
+    if value is not None:
+        return value
+    text = os.environ.get(env_name)
+    if text is None or text == '':
+        return default
+    return convert(text)
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _split_list(text):
+    return [part for part in re.split(r'[,\s]+', text) if part]
+
+
+# ================================================================================
+# Scheduler: jobs ↔ nodes (hosted by JobCluster here, by dispyscheduler.py later)
+# ================================================================================
+
+class NodeLink:
+    """The scheduler's view of one node: its connection, CPUs, the jobs dispatched to it
+    and which clusters are set up there.  It handles the node's messages."""
+
+    def __init__(self, hub, ip_addr, port):
+        self.hub = hub
+        self.ip_addr = ip_addr
+        self.port = port
+        self.name = ''
+        self.cpus = 0
+        self.platform = ''
+        self.instance = None      # changes when the node restarts
+        self.avail_info = None
+        self.conn = None
+        self.state = 'new'        # new, connecting, ready, reconnecting, busy, dead
+        self.jobs = {}            # job key -> DispyJob dispatched here
+        self.setups = {}          # cluster key -> 'pending' | 'ready' | 'failed'
+        self.in_flight = collections.Counter()   # cluster key -> jobs dispatched
+        self.alloc_cpus = {}      # cluster key -> CPUs the cluster may use here
+        self.retry = 0            # index in RECONNECT_DELAYS while reconnecting
+        self.next_dial = 0.0
+        self.lost_reason = None
+        self.busy_warned = False
+
+    def __repr__(self):
+        return '<NodeLink %s:%s %s>' % (self.ip_addr, self.port, self.state)
+
+    def capacity(self, ckey):
+        """Jobs of a cluster that may be in flight here: its CPUs plus a few queued on
+        the node, so the node never waits a round trip for its next job."""
+        cpus = self.alloc_cpus.get(ckey, 0)
+        return cpus + max(2, cpus) if cpus else 0
+
+    def send(self, msg, size=0):
+        conn = self.conn
+        return conn.send(msg, size) if conn is not None else False
+
+    # -- Connection handler --------------------------------------------------------------
+    def on_messages(self, conn, msgs):
+        self.hub.scheduler.on_node_messages(self, conn, msgs)
+
+    def on_closed(self, conn, reason):
+        self.hub.on_link_closed(self, conn, reason)
+
+
+class Scheduler:
+    """Places jobs of every cluster on the least-loaded node that has the cluster's
+    computation set up, and follows each job to its end.
+
+    All state is guarded by one lock, ``self.lock``; each cluster's condition shares it,
+    so a reply that ends a job and the user waiting for it see one consistent state.
+    A cluster is any object with the small interface used here (``_key``, ``_package``,
+    ``_allocs``, ``_pending``, ``_pinned``, ``_reentrant``, ``_job_changed``,
+    ``_node_changed``), so dispyscheduler.py can host clusters of remote clients.
+    """
+
+    def __init__(self, hub):
+        self.hub = hub
+        self.lock = threading.RLock()
+        self.clusters = {}         # cluster key -> cluster
+        self.links = {}            # node address -> NodeLink
+
+    # -- clusters ------------------------------------------------------------------------
+    def add_cluster(self, cluster):
+        with self.lock:
+            self.clusters[cluster._key] = cluster
+            for link in self.links.values():
+                if link.state == 'ready':
+                    self._setup_on(link, cluster)
+
+    def remove_cluster(self, cluster, timeout=10.0):
+        """Closes the cluster's computation on every node (they run cleanup)."""
+        with self.lock:
+            self.clusters.pop(cluster._key, None)
+            links = [link for link in self.links.values() if cluster._key in link.setups]
+            for link in links:
+                state = link.setups.pop(cluster._key)
+                link.alloc_cpus.pop(cluster._key, None)
+                if state != 'failed':
+                    link.send(('CLOSE_COMPUTE', cluster._key))
+
+    # -- jobs ------------------------------------------------------------------------------
+    def submit(self, job):
+        with self.lock:
+            cluster = job._cluster
+            if job._pin is not None:
+                cluster._pinned.setdefault(job._pin, collections.deque()).append(job)
+            else:
+                cluster._pending.append(job)
+            cluster._open_jobs += 1
+            self._dispatch()
+
+    def cancel(self, job, reason='Cancelled'):
+        """Cancels a job: queued here → ends now; on a node → the node kills it."""
+        with self.lock:
+            if job.status in FINAL_STATUSES:
+                return -1
+            link = job._node
+            if link is None:    # still queued here; skipped when popped
+                self._end_job(job, DispyJob.Cancelled, exception=reason)
+                return 0
+            link.send(('CANCEL', job._key, job._attempt))
+            return 0
+
+    def _dispatch(self):
+        """Fills free job slots on ready nodes, least-loaded node first."""
+        ready = [link for link in self.links.values() if link.state == 'ready']
+        if not ready:
+            return
+        for cluster in list(self.clusters.values()):
+            if not cluster._pending and not cluster._pinned:
+                continue
+            ckey = cluster._key
+            candidates = [l for l in ready if l.setups.get(ckey) == 'ready']
+            for link in candidates:
+                pinned = cluster._pinned.get(link.ip_addr)
+                while pinned and link.in_flight[ckey] < link.capacity(ckey):
+                    self._send_job(link, pinned.popleft())
+            if not cluster._pending:
+                continue
+            while cluster._pending:
+                best, best_load = None, None
+                for link in candidates:
+                    cap = link.capacity(ckey)
+                    if link.in_flight[ckey] >= cap:
+                        continue
+                    load = link.in_flight[ckey] / cap
+                    if best is None or load < best_load:
+                        best, best_load = link, load
+                if best is None:
+                    break
+                self._send_job(best, cluster._pending.popleft())
+
+    def _send_job(self, link, job):
+        if job.status in FINAL_STATUSES:    # cancelled while queued
+            return
+        job._attempt += 1
+        job._node = link
+        job.ip_addr = link.ip_addr
+        ckey = job._cluster._key
+        link.jobs[job._key] = job
+        link.in_flight[ckey] += 1
+        link.send(('JOB', job._key, ckey, job._attempt, job._blob, job._depends),
+                  len(job._blob))
+
+    # -- node events -------------------------------------------------------------------------
+    def node_ready(self, link, info):
+        """A node answered (first time, or again after a dropped connection)."""
+        with self.lock:
+            restarted = link.instance is not None and link.instance != info.get('instance')
+            held = {tuple(x) for x in info.get('jobs', ())}
+            if restarted:
+                self._lose_jobs(link, list(link.jobs.values()), 'node restarted')
+                link.setups.clear()
+                link.alloc_cpus.clear()
+            else:   # jobs the node no longer knows are lost
+                lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
+                self._lose_jobs(link, lost, 'node lost the job')
+            link.instance = info.get('instance')
+            link.name = info.get('name', '')
+            link.cpus = int(info.get('cpus', 1))
+            link.platform = info.get('platform', '')
+            link.avail_info = _avail_info(info.get('avail'))
+            link.state = 'ready'
+            link.retry = 0
+            for cluster in list(self.clusters.values()):
+                if cluster._key not in link.setups:
+                    self._setup_on(link, cluster)
+            self._dispatch()
+
+    def _setup_on(self, link, cluster):
+        """Sends the cluster's computation to a node its ``nodes`` list selects."""
+        for alloc in cluster._allocs:
+            if alloc.matches(link.ip_addr, link.name):
+                break
+        else:
+            return
+        try:
+            cpus = alloc.allocate(cluster, link.ip_addr, link.name, link.cpus,
+                                  link.avail_info, link.platform)
+        except Exception:
+            logger.exception('allocate() of %r failed for node %s', alloc, link.ip_addr)
+            cpus = 0
+        cpus = min(int(cpus or 0), link.cpus)
+        if cpus <= 0:
+            return
+        link.setups[cluster._key] = 'pending'
+        link.alloc_cpus[cluster._key] = cpus
+        package = cluster._package
+        setup_args = getattr(alloc, 'setup_args', None)
+        spec = dict(package.spec, key=cluster._key, cpus=cpus)
+        if setup_args is not None and spec.get('setup'):
+            spec['setup'] = (spec['setup'][0], dumps_blob((tuple(setup_args), {})))
+        threading.Thread(target=self._send_computation, args=(link, cluster, spec),
+                         daemon=True, name='dispy-setup-%s' % link.ip_addr).start()
+
+    def _send_computation(self, link, cluster, spec):
+        """Sends the spec, then streams the files (a thread: files may be big); the
+        node runs setup once the last file has arrived."""
+        link.send(('COMPUTE', cluster._key, spec))
+        try:
+            for name, path in cluster._package.files:
+                send_file_chunks(link.send, ('FILE', cluster._key), name, path)
+        except OSError as exc:
+            logger.error('cannot send %s to node %s: %s', exc.filename, link.ip_addr, exc)
+            with self.lock:
+                link.setups[cluster._key] = 'failed'
+
+    def on_node_messages(self, link, conn, msgs):
+        with self.lock:
+            if conn is not link.conn:
+                return      # a connection we already replaced
+            for msg in msgs:
+                handler = self.handlers.get(msg[0])
+                if handler is None:
+                    logger.warning('node %s sent unknown message %r', link.ip_addr, msg[0])
+                    continue
+                handler(self, link, msg)
+            self._dispatch()
+
+    def _on_node_info(self, link, msg):
+        self.hub.on_node_info(link, msg[1])
+
+    def _on_busy(self, link, msg):
+        self.hub.on_node_busy(link, msg[1])
+
+    def _on_setup(self, link, msg):
+        _, ckey, ok, error = msg
+        cluster = self.clusters.get(ckey)
+        if cluster is None or link.setups.get(ckey) != 'pending':
+            return
+        if not ok:
+            link.setups[ckey] = 'failed'
+            logger.warning('setup of computation %s failed on node %s: %s',
+                           cluster._package.name, link.ip_addr, error)
+            return
+        link.setups[ckey] = 'ready'
+        cluster._node_changed(link, DispyNode.Initialized)
+
+    def _on_started(self, link, msg):
+        _, key, attempt, start_time = msg
+        job = link.jobs.get(key)
+        if job is None or job._attempt != attempt or job.status in FINAL_STATUSES:
+            return
+        job.status = DispyJob.Running
+        job.start_time = start_time
+        job._cluster._job_changed(job, DispyJob.Running)
+
+    def _on_result(self, link, msg):
+        _, key, attempt, status, blob, stdout, stderr, exception, start, end = msg
+        link.send(('ACK', key, attempt))
+        job = link.jobs.get(key)
+        if job is None or job._attempt != attempt:
+            return      # a stale attempt (the job was resubmitted): already accounted for
+        del link.jobs[key]
+        ckey = job._cluster._key
+        link.in_flight[ckey] -= 1
+        result = None
+        if blob is not None:
+            try:
+                result = pickle.loads(blob)
+            except Exception as exc:
+                status = DispyJob.Terminated
+                exception = 'result could not be unpickled at the client: %r' % exc
+        job.start_time = start or job.start_time
+        self._end_job(job, status, result, stdout, stderr, exception, end)
+
+    def _on_provisional(self, link, msg):
+        _, key, attempt, blob = msg
+        job = link.jobs.get(key)
+        if job is None or job._attempt != attempt or job.status in FINAL_STATUSES:
+            return
+        try:
+            result = pickle.loads(blob)
+        except Exception as exc:
+            logger.warning('provisional result of job %s could not be unpickled: %r', key, exc)
+            return
+        job.result = result
+        job.status = DispyJob.ProvisionalResult
+        job._cluster._job_changed(job, DispyJob.ProvisionalResult)
+        job.status = DispyJob.Running
+
+    def _on_closed_compute(self, link, msg):
+        pass
+
+    def _on_pulse(self, link, msg):
+        avail = _avail_info(msg[1] if len(msg) > 1 else None)
+        if avail is not None:
+            link.avail_info = avail
+            for ckey in link.setups:
+                cluster = self.clusters.get(ckey)
+                if cluster is not None and link.setups[ckey] == 'ready':
+                    cluster._node_changed(link, DispyNode.AvailInfo)
+
+    def _on_file_error(self, link, msg):
+        _, ckey, error = msg
+        if link.setups.get(ckey) == 'pending':
+            link.setups[ckey] = 'failed'
+            logger.warning('node %s refused a file of computation %s: %s', link.ip_addr,
+                           ckey, error)
+
+    handlers = {'NODE': _on_node_info, 'BUSY': _on_busy, 'SETUP': _on_setup,
+                'STARTED': _on_started, 'RESULT': _on_result, 'PROVISIONAL': _on_provisional,
+                'CLOSED': _on_closed_compute, 'PULSE': _on_pulse, 'FILE_ERROR': _on_file_error}
+
+    def _end_job(self, job, status, result=None, stdout=None, stderr=None, exception=None,
+                 end_time=None):
+        """The one place where a job ends (exactly once)."""
+        if job.status in FINAL_STATUSES:
+            return
+        job.status = status
+        job.result = result
+        job.stdout, job.stderr, job.exception = stdout, stderr, exception
+        job.end_time = end_time or time.time()
+        job._blob = None            # finished jobs hold no reference to their arguments
+        job._depends = None
+        link, job._node = job._node, None
+        if link is not None and link.jobs.get(job._key) is job:
+            del link.jobs[job._key]
+            link.in_flight[job._cluster._key] -= 1
+        job._cluster._job_ended(job, link)
+
+    # -- node loss -----------------------------------------------------------------------------
+    def node_lost(self, link, reason):
+        """The node is gone for good: its jobs are resubmitted or cancelled."""
+        with self.lock:
+            link.state = 'dead'
+            link.lost_reason = reason
+            self._lose_jobs(link, list(link.jobs.values()), reason)
+            for ckey, state in list(link.setups.items()):
+                cluster = self.clusters.get(ckey)
+                if cluster is not None and state == 'ready':
+                    cluster._node_changed(link, DispyNode.Closed)
+            link.setups.clear()
+            link.alloc_cpus.clear()
+            link.in_flight.clear()
+            link.instance = None
+            self._dispatch()
+
+    def _lose_jobs(self, link, jobs, reason):
+        for job in sorted(jobs):
+            if link.jobs.get(job._key) is job:
+                del link.jobs[job._key]
+                link.in_flight[job._cluster._key] -= 1
+            job._node = None
+            cluster = job._cluster
+            if cluster._reentrant and job._pin is None and job.status not in FINAL_STATUSES:
+                logger.info('job %s: node %s lost (%s); resubmitting', job._key, link.ip_addr,
+                            reason)
+                job.status = DispyJob.Created
+                job.ip_addr = None
+                cluster._pending.appendleft(job)
+            else:
+                self._end_job(job, DispyJob.Cancelled,
+                              exception='Cancelled: node %s lost (%s)' % (link.ip_addr, reason))
+
+
+def _avail_info(data):
+    if not data:
+        return None
+    try:
+        return DispyNodeAvailInfo(*data)
+    except TypeError:
+        return None
+
+
+def send_file_chunks(send, prefix, name, path, chunk=1 << 20):
+    """Sends a file as ``prefix + (name, mode, offset, data, last)`` messages."""
+    mode = os.stat(path).st_mode & 0o777
+    with open(path, 'rb') as f:
+        offset = 0
+        while True:
+            data = f.read(chunk)
+            last = len(data) < chunk
+            send(prefix + (name, mode, offset, data, last), len(data))
+            offset += len(data)
+            if last:
+                return offset
+
+
+# ================================================================================
+# Client hub: one per process — port, discovery, connections, scheduler
+# ================================================================================
+
+class ClientHub:
+    """Everything a client process shares among its clusters.
+
+    The hub loop thread owns the UDP socket(s) (a ``selectors`` loop) and the timers:
+    discovery pings (broadcast on the interfaces in use when a cluster's ``nodes`` has a
+    pattern, unicast to every named host), dials of named hosts until they answer,
+    reconnects with backoff, pulses and liveness, and the "no node answered" warning.
+    Dials (TCP connect + handshake) run in short-lived threads.
+    """
+
+    _current = None
+    _current_lock = threading.Lock()
+
+    @classmethod
+    def acquire(cls, options):
+        """The process's hub, created on first use; later clusters must agree with it."""
+        with cls._current_lock:
+            hub = cls._current
+            if hub is not None and not hub.closed:
+                for name in ('ip_addrs', 'port', 'secret', 'certfile'):
+                    if options[name] != hub.options[name] and options.get('explicit_' + name):
+                        raise ValueError('all clusters of one program share one client: %s=%r '
+                                         'differs from %r' % (name, options[name],
+                                                              hub.options[name]))
+                hub.pulse_interval = min(hub.pulse_interval, options['pulse_interval'])
+                return hub
+            hub = cls._current = ClientHub(options)
+            return hub
+
+    def __init__(self, options):
+        self.options = options
+        self.secret = options['secret']
+        self.client_id = uuid.uuid4().hex
+        self.scheduler = Scheduler(self)
+        self.lock = self.scheduler.lock
+        self.links = self.scheduler.links
+        self.ssl_context = make_ssl_context(False, options['certfile'], options['keyfile'],
+                                            options.get('cafile'))
+        self.max_frame = options['max_frame']
+        self.pulse_interval = options['pulse_interval']
+        self.ping_interval = options['ping_interval']
+        self.clusters = []
+        self.targets = {}          # (address, port) named in some cluster's nodes
+        self.broadcast = False     # some cluster has a pattern: ping by broadcast
+        self.auth_failures = set()
+        self.closed = False
+        self.started = time.monotonic()
+        self.next_ping = 0.0
+        self.ping_backoff = 1.0
+        self.next_warning = self.started + NO_NODE_WARN_AFTER
+        self.selector = selectors.DefaultSelector()
+        self.udp_socks = self._bind_udp(options['ip_addrs'], options['port'])
+        self.port = self.udp_socks[0].getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        for sock in self.udp_socks:
+            self.selector.register(sock, selectors.EVENT_READ, sock)
+        self.thread = threading.Thread(target=self._loop, daemon=True, name='dispy-hub')
+        self.thread.start()
+
+    def _bind_udp(self, ip_addrs, port):
+        socks = []
+        for addr in ip_addrs or ['']:
+            family = node_address_family(addr) if addr else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                if family == socket.AF_INET:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                sock.bind((addr, port))
+            except OSError as exc:
+                sock.close()
+                for s in socks:
+                    s.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise OSError(exc.errno, 'dispy client port %s on %s is in use (another '
+                                  'dispy client?); give JobCluster a different port, or '
+                                  'port=0 for any free port' % (port, addr or '*'))
+                raise OSError(exc.errno, 'cannot bind dispy client to %s:%s: %s'
+                              % (addr or '*', port, exc.strerror))
+            sock.setblocking(False)
+            socks.append(sock)
+            port = sock.getsockname()[1]    # port=0: the others take the same one
+        return socks
+
+    # -- clusters ----------------------------------------------------------------------------
+    def add_cluster(self, cluster):
+        with self.lock:
+            self.clusters.append(cluster)
+            for alloc in cluster._allocs:
+                if alloc.ip_addr is None:
+                    self.broadcast = True
+                else:
+                    self.targets[(alloc.ip_addr, alloc.port)] = True
+            self.scheduler.add_cluster(cluster)
+            self.next_ping = 0.0
+            for (addr, port) in self.targets:
+                link = self.links.get(addr)
+                if link is None or link.state in ('new', 'dead'):
+                    self._dial(addr, port)
+        self.wake()
+
+    def remove_cluster(self, cluster):
+        with self.lock:
+            self.scheduler.remove_cluster(cluster)
+            if cluster in self.clusters:
+                self.clusters.remove(cluster)
+            last = not self.clusters
+        if last:
+            self.shutdown()
+
+    def shutdown(self):
+        """Releases every node and stops the hub (the last cluster closed)."""
+        with ClientHub._current_lock:
+            if ClientHub._current is self:
+                ClientHub._current = None
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            links = list(self.links.values())
+        for link in links:
+            if link.conn is not None:
+                link.send(('RELEASE',))
+                link.conn.close('released', flush=True)
+        for link in links:
+            if link.conn is not None:
+                link.conn.writer.join(5.0)
+        self.wake()
+        self.thread.join(5.0)
+
+    # -- dialing -------------------------------------------------------------------------------
+    def _dial(self, addr, port):
+        """Starts a connection to a node (lock held)."""
+        link = self.links.get(addr)
+        if link is None:
+            link = self.links[addr] = NodeLink(self, addr, port)
+        if link.state in ('connecting', 'ready') or self.closed:
+            return
+        link.port = port or link.port
+        if link.state != 'reconnecting':
+            link.state = 'connecting'
+        link.dialing = True
+        threading.Thread(target=self._dial_thread, args=(link,), daemon=True,
+                         name='dispy-dial-%s' % addr).start()
+
+    def _dial_thread(self, link):
+        sock = None
+        try:
+            family = node_address_family(link.ip_addr)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            sock.connect((link.ip_addr, link.port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=False)
+            channel = handshake(sock, self.secret, True, {'role': 'client'},
+                                self.max_frame)
+        except (OSError, ProtocolError, ssl.SSLError, ValueError) as exc:
+            if sock is not None:
+                sock.close()
+            self._dial_failed(link, exc)
+            return
+        with self.lock:
+            link.dialing = False
+            if self.closed:
+                channel.close()
+                return
+            conn = link.conn = Connection(channel, link, link.ip_addr)
+            conn.start()
+            conn.send(('CLIENT', {'id': self.client_id, 'name': socket.gethostname(),
+                                  'pid': os.getpid(), 'udp_port': self.port,
+                                  'pulse_interval': self.pulse_interval}))
+
+    def _dial_failed(self, link, exc):
+        now = time.monotonic()
+        with self.lock:
+            link.dialing = False
+            if isinstance(exc, AuthError):
+                if link.ip_addr not in self.auth_failures:
+                    logger.warning('node %s:%s failed authentication: %s; check that it runs '
+                                   'with the same secret', link.ip_addr, link.port, exc)
+                self.auth_failures.add(link.ip_addr)
+            elif isinstance(exc, (VersionError, ProtocolError, ssl.SSLError)):
+                logger.warning('cannot use node %s:%s: %s', link.ip_addr, link.port, exc)
+            else:
+                logger.debug('connecting to node %s:%s failed: %s', link.ip_addr, link.port, exc)
+            if link.state == 'reconnecting':
+                self._retry_reconnect(link, 'reconnect failed: %s' % exc)
+            elif link.state == 'connecting':
+                link.state = 'new'
+                link.retry = min(link.retry + 1, 6)
+                link.next_dial = now + min(2 ** link.retry * 0.25, 10.0)
+
+    def _retry_reconnect(self, link, reason):
+        link.retry += 1
+        if link.retry > len(RECONNECT_DELAYS):
+            logger.warning('node %s is lost: %s', link.ip_addr, link.lost_reason or reason)
+            link.retry = 0
+            self.scheduler.node_lost(link, link.lost_reason or reason)
+            link.next_dial = time.monotonic() + 2.0
+        else:
+            link.next_dial = time.monotonic() + RECONNECT_DELAYS[link.retry - 1]
+
+    # -- events from links ------------------------------------------------------------------
+    def on_node_info(self, link, info):
+        if link.state == 'reconnecting':
+            logger.info('reconnected to node %s', link.ip_addr)
+        link.busy_warned = False
+        self.auth_failures.discard(link.ip_addr)
+        self.scheduler.node_ready(link, info)
+
+    def on_node_busy(self, link, desc):
+        if not link.busy_warned:
+            logger.warning('node %s is serving another client (%s); it will be used when '
+                           'that client releases it', link.ip_addr, desc)
+            link.busy_warned = True
+        link.state = 'busy'
+        link.next_dial = time.monotonic() + 2.0
+
+    def on_link_closed(self, link, conn, reason):
+        with self.lock:
+            if conn is not link.conn:
+                return
+            link.conn = None
+            if self.closed:
+                link.state = 'dead'
+                return
+            if link.state == 'busy':
+                return
+            if link.state == 'ready' or link.jobs:
+                logger.warning('connection to node %s lost (%s); reconnecting', link.ip_addr,
+                               reason)
+                link.state = 'reconnecting'
+                link.lost_reason = reason
+                link.retry = 0
+                self._retry_reconnect(link, reason)
+            else:
+                link.state = 'new'
+                link.next_dial = time.monotonic() + 1.0
+        self.wake()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def wake(self):
+        try:
+            self._wake_w.send(b'x')
+        except OSError:
+            pass
+
+    def _loop(self):
+        try:
+            while not self.closed:
+                for key, _events in self.selector.select(0.1):
+                    if key.data is None:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                    else:
+                        self._read_datagrams(key.data)
+                self._tick()
+        except Exception:
+            logger.exception('dispy hub loop failed')
+        finally:
+            for sock in self.udp_socks + [self._wake_r, self._wake_w]:
+                sock.close()
+            self.selector.close()
+
+    def _read_datagrams(self, sock):
+        for _ in range(64):
+            try:
+                data, addr = sock.recvfrom(MAX_HANDSHAKE_MSG + 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            msg, good = unpack_datagram(self.secret, data)
+            if msg is None:
+                continue
+            if not good:
+                if msg.get('t') == 'nak' and addr[0] not in self.auth_failures:
+                    logger.warning('node %s answered but failed authentication: check that '
+                                   'it runs with the same secret', addr[0])
+                    self.auth_failures.add(addr[0])
+                continue
+            if msg.get('t') in ('pong', 'announce'):
+                self._found_node(msg, addr)
+
+    def _found_node(self, msg, addr):
+        ip = msg.get('ip') or addr[0]
+        try:
+            port = int(msg.get('port') or NODE_PORT)
+        except (TypeError, ValueError):
+            return
+        name = str(msg.get('name', ''))
+        with self.lock:
+            if not any(alloc.matches(ip, name) for cluster in self.clusters
+                       for alloc in cluster._allocs):
+                return
+            link = self.links.get(ip)
+            if link is not None and link.state in ('connecting', 'ready', 'reconnecting'):
+                return
+            if link is not None and link.state == 'busy' and msg.get('busy'):
+                return
+            self._dial(ip, port)
+
+    def _tick(self):
+        now = time.monotonic()
+        with self.lock:
+            if self.closed:
+                return
+            if now >= self.next_ping:
+                self._ping(now)
+            for link in list(self.links.values()):
+                self._tick_link(link, now)
+            if now >= self.next_warning:
+                self._warn_no_nodes(now)
+
+    def _tick_link(self, link, now):
+        if link.state == 'ready' and link.conn is not None:
+            if link.conn.idle_send >= self.pulse_interval:
+                link.send(('PULSE', time.time()))
+            silent = time.monotonic() - link.conn.last_recv
+            if silent > DEAD_PULSES * self.pulse_interval:
+                link.conn.close('no message from node for %.1f s' % silent)
+        elif getattr(link, 'dialing', False):
+            return
+        elif link.state == 'reconnecting' and now >= link.next_dial:
+            self._dial(link.ip_addr, link.port)
+        elif link.state in ('new', 'busy', 'dead') and now >= link.next_dial and (
+                (link.ip_addr, link.port) in self.targets or link.state == 'busy'):
+            self._dial(link.ip_addr, link.port)
+
+    def _ping(self, now):
+        ready = any(link.state == 'ready' for link in self.links.values())
+        if self.ping_interval:
+            self.next_ping = now + self.ping_interval
+        else:   # no interval given: ping again (backing off) only while nothing answers
+            self.next_ping = now + (self.ping_backoff if not ready else 3600)
+            self.ping_backoff = min(self.ping_backoff * 2, 30.0)
+        data = pack_datagram(self.secret, {'t': 'ping', 'client': self.client_id,
+                                           'port': self.port})
+        dests = [(addr, port) for (addr, port) in self.targets]
+        if self.broadcast:
+            ip_addrs = self.options['ip_addrs']
+            dests += [(b, NODE_PORT if not self.targets else self._node_port())
+                      for b in broadcast_addresses(ip_addrs or None)]
+        for addr, port in dests:
+            for sock in self.udp_socks:
+                if sock.family != node_address_family(addr):
+                    continue
+                try:
+                    sock.sendto(data, (addr, port))
+                except OSError as exc:
+                    logger.debug('ping to %s:%s failed: %s', addr, port, exc)
+                break
+
+    def _node_port(self):
+        return self.options['node_port']
+
+    def _warn_no_nodes(self, now):
+        self.next_warning = now + max(NO_NODE_WARN_AFTER, (now - self.started))
+        if any(link.state == 'ready' for link in self.links.values()) or not self.clusters:
+            return
+        where = ', '.join('%s:%s' % t for t in self.targets) or 'broadcast'
+        msg = ('no dispy node has answered after %.0f s (looked for: %s). Check that '
+               'dispynode.py runs on the nodes, that the ports (client %s, node %s) are '
+               'open and that ip_addr/nodes are right' % (now - self.started, where,
+                                                          self.port, self._node_port()))
+        busy = [l.ip_addr for l in self.links.values() if l.state == 'busy']
+        if busy:
+            msg += '; %d node(s) busy with another client: %s' % (len(busy), ', '.join(busy))
+        if self.auth_failures:
+            msg += ('; %d node(s) answered but failed authentication (secret mismatch?): %s'
+                    % (len(self.auth_failures), ', '.join(sorted(self.auth_failures))))
+        logger.warning(msg)
+
+
+# ================================================================================
+# Client API: JobCluster
+# ================================================================================
+
+class _Notifier:
+    """Calls a cluster's callbacks from one thread, in order, outside every lock.
+
+    It shares the cluster's condition, so ``wait()`` can tell when every callback
+    queued for a finished job has run.
+    """
+
+    def __init__(self, cond, name):
+        self.cond = cond
+        self.queue = collections.deque()
+        self.busy = False
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name='dispy-notify-' + name)
+        self.thread.start()
+
+    def put(self, func, args):
+        self.queue.append((func, args))
+        self.cond.notify_all()
+
+    def idle(self):
+        return not self.queue and not self.busy
+
+    def stop(self):
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def _run(self):
+        with self.cond:
+            while True:
+                while not self.queue and not self.stopped:
+                    self.cond.wait()
+                if not self.queue:
+                    return
+                func, args = self.queue.popleft()
+                self.busy = True
+                self.cond.release()
+                try:
+                    func(*args)
+                except Exception:
+                    logger.exception('callback %s raised', getattr(func, '__name__', func))
+                finally:
+                    self.cond.acquire()
+                    self.busy = False
+                    self.cond.notify_all()
+
+
+class JobCluster:
+    """A computation (Python function or program) distributed to nodes running dispynode.
+
+    ``submit(*args, **kwargs)`` creates a job and returns it at once; the scheduler runs
+    it on the least-loaded node that has the computation set up.  See the module
+    docstring for the threads involved and README.md for the options.
+    """
+
+    _keys = itertools.count(1)
+
+    def __init__(self, computation, nodes=None, depends=[], callback=None, cluster_status=None,
+                 ip_addr=None, port=None, node_port=None, ext_ip_addr=None, dest_path=None,
+                 recover_file=None, loglevel=None, setup=None, cleanup=True,
+                 pulse_interval=None, ping_interval=None, reentrant=False, secret=None,
+                 keyfile=None, certfile=None, cafile=None, job_timeout=None,
+                 max_frame_size=None, host=None, ext_host=None, job_status=None,
+                 dispy_port=None):
+        if loglevel is not None:
+            setup_logging(loglevel)
+        else:
+            setup_logging(logging.WARNING if logger.level == logging.NOTSET else None)
+        caller = sys._getframe(1)
+        caller_globals = [caller.f_globals, getattr(sys.modules.get('__main__'), '__dict__', {})]
+        if dispy_port is not None:
+            port = dispy_port if port is None else port
+            node_port = dispy_port + 1 if node_port is None else node_port
+        ip_addrs = _as_list(ip_addr if ip_addr is not None else host)
+        if not ip_addrs and os.environ.get('DISPY_IP_ADDR'):
+            ip_addrs = _split_list(os.environ['DISPY_IP_ADDR'])
+        ip_addrs = [self._local_address(a) for a in ip_addrs]
+        node_port = int(_env_default(node_port, 'DISPY_NODE_PORT', NODE_PORT, int))
+        port = int(_env_default(port, 'DISPY_PORT', CLIENT_PORT, int))
+        if nodes is None:
+            nodes = _split_list(os.environ['DISPY_NODES']) if os.environ.get('DISPY_NODES') \
+                else ['*']
+        secret = _env_default(secret, 'DISPY_SECRET', '')
+        if pulse_interval is not None:
+            pulse_interval = float(pulse_interval)
+            if not 0 < pulse_interval <= 600:
+                raise ValueError('pulse_interval must be between 1 and 600 seconds')
+        self._package = ComputePackage(computation, depends, setup, cleanup, dest_path,
+                                       caller_globals)
+        self._allocs = _node_allocations(nodes, node_port)
+        self._key = next(JobCluster._keys)
+        self._reentrant = bool(reentrant)
+        self._callback = callback or job_status
+        self._status_cb = cluster_status
+        self._job_timeout = job_timeout
+        self._pending = collections.deque()
+        self._pinned = {}
+        self._open_jobs = 0
+        self._nodes = {}            # address -> DispyNode, for this cluster
+        self._closed = False
+        self._start_time = time.time()
+        self._hub = ClientHub.acquire({
+            'ip_addrs': ip_addrs, 'explicit_ip_addrs': bool(ip_addrs), 'port': port,
+            'explicit_port': port != CLIENT_PORT, 'secret': secret, 'explicit_secret': True,
+            'certfile': certfile, 'explicit_certfile': bool(certfile), 'keyfile': keyfile,
+            'cafile': cafile, 'node_port': node_port,
+            'ext_ip_addrs': _as_list(ext_ip_addr if ext_ip_addr is not None else ext_host),
+            'max_frame': int(max_frame_size or DEFAULT_MAX_FRAME),
+            'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
+            'ping_interval': ping_interval})
+        self._cond = threading.Condition(self._hub.lock)
+        self._notifier = (_Notifier(self._cond, self._package.name)
+                          if (self._callback or self._status_cb) else None)
+        _live_clusters.add(self)
+        self._hub.add_cluster(self)
+
+    @staticmethod
+    def _local_address(addr):
+        resolved = resolve_host(addr)
+        if resolved is None:
+            raise ValueError('ip_addr %r is not a usable address or host name' % addr)
+        return resolved
+
+    # -- submitting ------------------------------------------------------------------------
+    def submit(self, *args, **kwargs):
+        """Schedules a job with these arguments; returns the DispyJob (None on error)."""
+        return self._submit(None, args, kwargs)
+
+    def submit_node(self, node, *args, **kwargs):
+        """Like submit, but runs the job on ``node`` (DispyNode, address or host name)."""
+        addr = node.ip_addr if isinstance(node, DispyNode) else resolve_host(str(node))
+        if addr is None:
+            logger.error('submit_node: unknown node %r', node)
+            return None
+        return self._submit(addr, args, kwargs)
+
+    def _submit(self, pin, args, kwargs):
+        depends = kwargs.pop('dispy_job_depends', None)
+        if self._closed:
+            logger.error('job not created: cluster %s is closed', self._package.name)
+            return None
+        if self._package.kind == 'program' and (kwargs or not all(isinstance(a, str)
+                                                                  for a in args)):
+            logger.error('job not created: a program takes only string arguments')
+            return None
+        try:
+            blob = dumps_blob((args, kwargs))
+        except Exception as exc:
+            logger.error('job not created: its arguments cannot be pickled: %s', exc)
+            return None
+        if len(blob) > self._hub.max_frame - 65536:
+            logger.error('job not created: its arguments take %d bytes, over the frame limit '
+                         'of %d (max_frame_size)', len(blob), self._hub.max_frame)
+            return None
+        job = DispyJob(next(_job_keys), self, blob, pin, depends)
+        self._hub.scheduler.submit(job)
+        return job
+
+    def cancel(self, job):
+        """Cancels a job: removed if queued, killed (with its processes) if running."""
+        return self._hub.scheduler.cancel(job)
+
+    # -- waiting -------------------------------------------------------------------------------
+    def _wait_job(self, job, timeout):
+        with self._cond:
+            return self._cond.wait_for(lambda: job.status in FINAL_STATUSES, timeout)
+
+    def wait(self, timeout=None):
+        """Waits until every submitted job has ended and its callbacks have run."""
+        if self._notifier is not None and threading.current_thread() is self._notifier.thread:
+            raise RuntimeError('cluster.wait() cannot be called from a callback: the callback '
+                               'thread would wait for itself')
+        with self._cond:
+            return self._cond.wait_for(self._all_done, timeout)
+
+    def _all_done(self):
+        return self._open_jobs == 0 and (self._notifier is None or self._notifier.idle())
+
+    def close(self, timeout=None, terminate=False):
+        """Waits for pending jobs (up to ``timeout``), then releases the nodes.
+
+        Returns False if jobs are still pending at the timeout (the cluster stays open)
+        unless ``terminate``, in which case they are cancelled and the cluster closes.
+        """
+        if self._closed:
+            return True
+        in_callback = (self._notifier is not None
+                       and threading.current_thread() is self._notifier.thread)
+        if not in_callback and not self.wait(timeout):
+            if not terminate:
+                return False
+        if terminate:
+            self._cancel_all()
+        self._closed = True
+        _live_clusters.discard(self)
+        self._hub.remove_cluster(self)
+        if self._notifier is not None:
+            self._notifier.stop()
+        return True
+
+    def _cancel_all(self, grace=5.0):
+        scheduler = self._hub.scheduler
+        with self._cond:
+            jobs = [j for j in self._pending if j.status not in FINAL_STATUSES]
+            for queue in self._pinned.values():
+                jobs.extend(queue)
+            for link in self._hub.links.values():
+                jobs.extend(j for j in link.jobs.values() if j._cluster is self)
+            for job in jobs:
+                scheduler.cancel(job, 'Cancelled: cluster closed')
+            # Nodes answer with the killed jobs; one that does not answer in time
+            # cannot hold close() hostage.
+            self._cond.wait_for(lambda: self._open_jobs == 0, grace)
+            for job in jobs:
+                scheduler._end_job(job, DispyJob.Cancelled,
+                                   exception='Cancelled: cluster closed')
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(terminate=exc_type is not None)
+        return False
+
+    # -- scheduler callbacks (lock held) -----------------------------------------------------
+    def _dispy_node(self, link):
+        node = self._nodes.get(link.ip_addr)
+        if node is None:
+            node = self._nodes[link.ip_addr] = DispyNode(link.ip_addr, link.name,
+                                                          link.alloc_cpus.get(self._key, 0),
+                                                          link.platform)
+        return node
+
+    def _job_changed(self, job, status):
+        if self._notifier is None:
+            return
+        snapshot = job._snapshot()
+        if self._callback and status == DispyJob.ProvisionalResult:
+            self._notifier.put(self._callback, (snapshot,))
+        if self._status_cb:
+            node = self._nodes.get(job.ip_addr)
+            if node is not None and status == DispyJob.Running:
+                node.busy += 1
+            self._notifier.put(self._status_cb, (status, node, snapshot))
+
+    def _job_ended(self, job, link):
+        self._open_jobs -= 1
+        node = self._nodes.get(link.ip_addr) if link is not None else None
+        if node is not None:
+            node.jobs_done += 1
+            node.busy = max(0, node.busy - 1) if self._status_cb else node.busy
+            if job.start_time and job.end_time:
+                node.cpu_time += max(0.0, job.end_time - job.start_time)
+            node.update_time = time.time()
+        if self._notifier is not None:
+            if self._callback:
+                self._notifier.put(self._callback, (job,))
+            if self._status_cb:
+                self._notifier.put(self._status_cb, (job.status, node, job))
+        self._cond.notify_all()
+
+    def _node_changed(self, link, status):
+        node = self._dispy_node(link)
+        node.name = link.name
+        node.avail_cpus = link.cpus
+        node.cpus = link.alloc_cpus.get(self._key, node.cpus)
+        node.avail_info = link.avail_info
+        node.update_time = time.time()
+        if status == DispyNode.Initialized:
+            logger.debug('node %s (%s) initialized with %s CPUs for %s', link.ip_addr,
+                         link.name, node.cpus, self._package.name)
+        if self._status_cb:
+            self._notifier.put(self._status_cb, (status, node, None))
+        self._cond.notify_all()
+
+    # -- status ------------------------------------------------------------------------------
+    def status(self):
+        """Per-node figures and totals as data (what print_status shows)."""
+        with self._cond:
+            nodes = []
+            for addr, node in sorted(self._nodes.items()):
+                link = self._hub.links.get(addr)
+                nodes.append({'ip_addr': addr, 'name': node.name, 'cpus': node.cpus,
+                              'jobs_done': node.jobs_done, 'cpu_time': node.cpu_time,
+                              'sec_per_job': node.cpu_time / node.jobs_done
+                              if node.jobs_done else 0.0,
+                              'bytes_sent': link.conn.channel.bytes_sent
+                              if link is not None and link.conn else 0,
+                              'bytes_received': link.conn.channel.bytes_received
+                              if link is not None and link.conn else 0})
+            total = sum(n['cpu_time'] for n in nodes)
+            wall = time.time() - self._start_time
+            return {'nodes': nodes, 'total_job_time': total, 'wall_time': wall,
+                    'speedup': total / wall if wall > 0 else 0.0,
+                    'pending_jobs': self._open_jobs}
+
+    def print_status(self, wall_time=None):
+        """Prints, per node, CPUs, jobs done, seconds per job and node time; then totals."""
+        status = self.status()
+        print('\n%30s | %5s | %8s | %10s | %13s' % ('Node', 'CPUs', 'Jobs', 'Sec/Job',
+                                                 'Node Time Sec'))
+        print('-' * 80)
+        for n in status['nodes']:
+            label = n['ip_addr'] + (' (%s)' % n['name'] if n['name'] else '')
+            print('%-30.30s | %5s | %8s | %10.3f | %13.3f' % (label, n['cpus'], n['jobs_done'],
+                                                         n['sec_per_job'], n['cpu_time']))
+        wall = wall_time if wall_time is not None else status['wall_time']
+        print('\nTotal job time: %.3f sec, wall time: %.3f sec, speedup: %.3f\n'
+              % (status['total_job_time'], wall,
+                 status['total_job_time'] / wall if wall > 0 else 0.0))
+
+    stats = print_status     # the older name
+
+
+_job_keys = itertools.count(1)
+_live_clusters = set()
+
+
+def _at_exit():
+    """A script that ends without close(): idle clusters are closed cleanly; clusters
+    with jobs still running leave them on the nodes, where they finish and keep their
+    results (see the recovery docs)."""
+    for cluster in list(_live_clusters):
+        try:
+            with cluster._cond:
+                idle = cluster._open_jobs == 0
+            if idle:
+                cluster.close(timeout=5)
+            else:
+                logger.warning('cluster %s not closed: %d job(s) keep running on the nodes',
+                               cluster._package.name, cluster._open_jobs)
+        except Exception:
+            pass
+
+
+atexit.register(_at_exit)

@@ -1,0 +1,1239 @@
+#!/usr/bin/env python3
+"""dispynode: runs jobs for a dispy client on this machine's processors.
+
+Copy ``dispy.py`` and this file to a machine and run ``python dispynode.py``; clients
+find the node by UDP (port 51348) and connect to it over TCP (same port).  The wire
+format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``).
+
+Processes (jobs never run inside the node process, so a crash cannot take it down)::
+
+    dispynode  ── threads: main (stdin commands), udp (discovery), accept, per client
+     │            connection a reader and a writer, per worker/host a reader, manager
+     └─ zygote       forked at start while the node is still single-threaded, so its
+        │            children never inherit locks held by node threads; it only forks
+        └─ host      one per computation: loads the shipped code, runs ``setup`` in the
+           │         computation's folder, then forks workers that inherit its globals
+           └─ worker one job at a time, warm (reused); its own process group, so a
+                     cancel kills the job and every process it started
+
+Node ↔ zygote/host/worker talk over Unix socket pairs (``LocalLink``); the node creates
+each worker's socket pair and passes one end down with SCM_RIGHTS, so job messages go
+straight between node and worker.
+
+A node serves one client program at a time.  Results stay on the node until the client
+acknowledges them, so a dropped connection loses nothing; a client that reconnects gets
+them again.
+"""
+
+import argparse
+import collections
+import io
+import importlib
+import linecache
+import os
+import pickle
+import platform
+import re
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+import uuid
+
+import dispy
+from dispy import DispyJob, logger
+
+__version__ = dispy.__version__
+
+
+# ================================================================================
+# Local links: framed pickles over Unix socket pairs (trusted: same machine, our
+# own processes), with optional file-descriptor passing
+# ================================================================================
+
+class LocalLink:
+    """Length-prefixed pickled messages over a Unix stream socket.
+
+    Reads are exact (never past the current message), because a message may be
+    followed by a byte that carries a file descriptor as ancillary data.
+    """
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.send_lock = threading.Lock()
+
+    def send(self, msg, fd=None):
+        data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+        with self.send_lock:
+            self.sock.sendall(struct.pack('!IB', len(data), fd is not None) + data)
+            if fd is not None:
+                socket.send_fds(self.sock, [b'F'], [fd])
+
+    def recv(self):
+        """(message, fd or None); raises EOFError when the peer is gone."""
+        length, has_fd = struct.unpack('!IB', self._exact(5))
+        msg = pickle.loads(self._exact(length))
+        fd = None
+        if has_fd:
+            _data, fds, _flags, _addr = socket.recv_fds(self.sock, 1, 1)
+            if not fds:
+                raise EOFError('descriptor missing')
+            fd = fds[0]
+        return msg, fd
+
+    def _exact(self, n):
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(n - len(buf))
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise EOFError(str(exc))
+            if not chunk:
+                raise EOFError('peer closed')
+            buf += chunk
+        return bytes(buf)
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _set_parent_death_signal():
+    """Linux: die with the parent, so no job outlives a killed node."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _describe_exit(status):
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+        return 'killed by signal %s (%s)' % (sig, name)
+    return 'exited with status %s' % os.WEXITSTATUS(status)
+
+
+# ================================================================================
+# Job processes: zygote → computation host → workers (code run after fork)
+# ================================================================================
+
+def zygote_main(sock):
+    """Forks a computation host for each request; never runs user code itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # hosts are reaped automatically
+    _set_parent_death_signal()
+    link = LocalLink(sock)
+    while True:
+        try:
+            msg, fd = link.recv()
+        except EOFError:
+            os._exit(0)
+        if msg[0] != 'host' or fd is None:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                host_main(socket.socket(fileno=fd), msg[1])
+            finally:
+                os._exit(0)
+        os.close(fd)
+
+
+class _JobContext:
+    """What the functions available inside a computation need to know."""
+    link = None
+    key = None
+    attempt = None
+
+
+def dispy_provisional_result(result, timeout=None):
+    """Sends ``result`` to the client now; the job goes on.  Returns 0 (-1 on error)."""
+    ctx = _JobContext
+    if ctx.link is None:
+        return -1
+    try:
+        blob = dispy.dumps_blob(result)
+    except Exception as exc:
+        print('dispy_provisional_result: result cannot be pickled: %s' % exc, file=sys.stderr)
+        return -1
+    ctx.link.send(('provisional', ctx.key, ctx.attempt, blob))
+    return 0
+
+
+def _make_namespace(spec):
+    """The computation's global namespace: a fresh ``__main__`` module, so objects the
+    client pickled from its own ``__main__`` load here."""
+    module = types.ModuleType('__main__')
+    module.__file__ = os.path.join(spec['dir'], spec['name'])
+    sys.modules['__main__'] = module
+    ns = module.__dict__
+    ns.update(os=os, sys=sys, time=time, dispy_provisional_result=dispy_provisional_result,
+              dispy_node_name=spec['node_name'], dispy_node_ip_addr=spec['node_ip'],
+              dispy_job_path=spec['dir'])
+    return ns
+
+
+def _load_computation(spec):
+    """Runs in the host: shipped code, objects, modules, then setup.  → (ns, error)."""
+    ns = _make_namespace(spec)
+    try:
+        for name in spec['modules']:
+            ns[name] = importlib.import_module(name)
+        if spec['code']:
+            filename = '<dispy computation %s>' % spec['name']
+            # Tracebacks of jobs then show the lines of the shipped source.
+            linecache.cache[filename] = (len(spec['code']), None,
+                                         spec['code'].splitlines(True), filename)
+            exec(compile(spec['code'], filename, 'exec'), ns)
+        if spec['objects']:
+            ns.update(pickle.loads(spec['objects']))
+        if spec['setup']:
+            func_name, args_blob = spec['setup']
+            args, kwargs = pickle.loads(args_blob)
+            ret = ns[func_name](*args, **kwargs)
+            if ret not in (0, None):
+                return ns, 'setup returned %r (0 means success)' % (ret,)
+    except BaseException:
+        return ns, traceback.format_exc()
+    return ns, None
+
+
+def host_main(sock, spec):
+    """A computation host: loads the computation, then forks workers on request."""
+    _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    link = LocalLink(sock)
+    os.chdir(spec['dir'])
+    sys.path.insert(0, spec['dir'])
+    ns, error = _load_computation(spec)
+    link.send(('setup', error is None, error, os.getpid()))
+    if error is not None:
+        os._exit(1)
+    workers = set()
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    selector = selectors.DefaultSelector()
+    selector.register(sock, selectors.EVENT_READ, 'ctl')
+    selector.register(wake_r, selectors.EVENT_READ, 'child')
+    while True:
+        for key, _ in selector.select():
+            if key.data == 'child':
+                try:
+                    wake_r.recv(4096)
+                except OSError:
+                    pass
+                _reap_workers(link, workers)
+                continue
+            try:
+                msg, fd = link.recv()
+            except EOFError:
+                _stop_workers(workers)
+                os._exit(0)
+            if msg[0] == 'fork':
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    for s in (sock, wake_r, wake_w):
+                        s.close()
+                    try:
+                        worker_main(socket.socket(fileno=fd), ns, spec)
+                    finally:
+                        os._exit(0)
+                os.close(fd)
+                workers.add(pid)
+            elif msg[0] == 'cleanup':
+                _stop_workers(workers)
+                link.send(('cleaned', _run_cleanup(ns, spec)))
+                os._exit(0)
+
+
+def _reap_workers(link, workers):
+    while workers:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        workers.discard(pid)
+        try:
+            link.send(('exited', pid, _describe_exit(status)))
+        except OSError:
+            os._exit(0)
+
+
+def _stop_workers(workers):
+    for pid in workers:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in list(workers):
+        try:
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+
+
+def _run_cleanup(ns, spec):
+    if not spec['cleanup']:
+        return None
+    try:
+        func_name, args_blob = spec['cleanup']
+        args, kwargs = pickle.loads(args_blob)
+        ns[func_name](*args, **kwargs)
+    except BaseException:
+        return traceback.format_exc()
+    return None
+
+
+def worker_main(sock, ns, spec):
+    """Runs jobs one at a time, each from a fresh copy of the computation's globals."""
+    os.setpgid(0, 0)
+    _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    link = LocalLink(sock)
+    _JobContext.link = link
+    link.send(('ready', os.getpid()))
+    run = _run_program if spec['kind'] == 'program' else _run_function
+    while True:
+        try:
+            msg, _fd = link.recv()
+        except EOFError:
+            os._exit(0)
+        if msg[0] == 'run':
+            _, key, attempt, blob = msg
+            _JobContext.key, _JobContext.attempt = key, attempt
+            link.send(run(key, attempt, blob, ns, spec))
+
+
+def _run_function(key, attempt, blob, ns, spec):
+    saved_globals = dict(ns)
+    saved_environ = dict(os.environ)
+    out, err = io.StringIO(), io.StringIO()
+    real_out, real_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    start = time.time()
+    result, exception, status = None, None, DispyJob.Finished
+    try:
+        args, kwargs = pickle.loads(blob)
+        result = ns[spec['name']](*args, **kwargs)
+    except BaseException:
+        exc_type, exc, tb = sys.exc_info()
+        exception = ''.join(traceback.format_exception(exc_type, exc, tb.tb_next))
+        status = DispyJob.Terminated
+    finally:
+        sys.stdout, sys.stderr = real_out, real_err
+        end = time.time()
+        # The next job starts from the globals setup left (rebinding does not leak);
+        # in-place changes to objects setup created do persist in this worker.
+        ns.clear()
+        ns.update(saved_globals)
+        if os.environ != saved_environ:
+            os.environ.clear()
+            os.environ.update(saved_environ)
+        try:
+            os.chdir(spec['dir'])
+        except OSError:
+            pass
+    result_blob = None
+    if status == DispyJob.Finished:
+        try:
+            result_blob = dispy.dumps_blob(result)
+        except Exception as exc:
+            status = DispyJob.Terminated
+            exception = 'the result cannot be pickled: %r' % exc
+    return ('result', key, attempt, status, result_blob, out.getvalue(), err.getvalue(),
+            exception, start, end)
+
+
+def _run_program(key, attempt, blob, ns, spec):
+    import subprocess
+    args, _kwargs = pickle.loads(blob)
+    path = os.path.join(spec['dir'], spec['name'])
+    argv = ([sys.executable, path] if path.endswith('.py') else [path]) + list(args)
+    start = time.time()
+    try:
+        proc = subprocess.run(argv, cwd=spec['dir'], capture_output=True)
+    except OSError as exc:
+        return ('result', key, attempt, DispyJob.Terminated, None, '', '',
+                'cannot run program %s: %s' % (spec['name'], exc), start, time.time())
+    return ('result', key, attempt, DispyJob.Finished, dispy.dumps_blob(proc.returncode),
+            proc.stdout.decode('utf-8', 'replace'), proc.stderr.decode('utf-8', 'replace'),
+            None, start, time.time())
+
+
+# ================================================================================
+# Node side: records
+# ================================================================================
+
+class NodeJob:
+    """A job on this node, from arrival to acknowledged result."""
+
+    __slots__ = ('key', 'attempt', 'comp', 'blob', 'worker', 'cancelled', 'start_time')
+
+    def __init__(self, key, attempt, comp, blob):
+        self.key = key
+        self.attempt = attempt
+        self.comp = comp
+        self.blob = blob
+        self.worker = None
+        self.cancelled = False
+        self.start_time = None
+
+
+class Worker:
+    """The node's handle on one worker process."""
+
+    def __init__(self, comp, link):
+        self.comp = comp
+        self.link = link
+        self.pid = None
+        self.job = None
+
+
+class NodeComputation:
+    """One computation of the current client: its folder, host process and workers."""
+
+    def __init__(self, key, spec, directory):
+        self.key = key
+        self.spec = spec
+        self.dir = directory
+        self.missing_files = set(spec.get('files') or ())
+        self.partial = {}          # file name -> open file being received
+        self.host = None           # LocalLink to the host process
+        self.host_pid = None
+        self.state = 'files'       # files, setup, ready, failed, closing
+        self.workers = []          # all live Worker handles
+        self.idle = []
+        self.waiting = collections.deque()   # jobs holding a CPU, waiting for a worker
+        self.spawning = 0
+        self.exits = {}            # worker pid -> how it ended (from the host)
+        self.exit_cond = threading.Condition()
+
+
+class ClientSession:
+    """The client program this node serves (it may be disconnected for a while)."""
+
+    def __init__(self, client_id, info, address):
+        self.client_id = client_id
+        self.info = info
+        self.address = address
+        self.conn = None
+        self.jobs = {}              # key -> NodeJob not yet finished
+        self.results = {}           # (key, attempt) -> RESULT message until acknowledged
+        self.comps = {}             # cluster key -> NodeComputation
+        self.disconnected_at = None
+        self.pulse_interval = float(info.get('pulse_interval') or dispy.DEFAULT_PULSE_INTERVAL)
+
+    def describe(self):
+        return '%s (%s, pid %s)' % (self.address, self.info.get('name', '?'),
+                                    self.info.get('pid', '?'))
+
+
+def _safe_name(name):
+    """A file name from a peer: a plain base name, nothing that leaves the folder."""
+    if (not isinstance(name, str) or not name or name in ('.', '..') or '/' in name
+            or '\\' in name or '\0' in name):
+        raise ValueError('refused file name %r: only plain base names are accepted' % (name,))
+    return name
+
+
+def _safe_relative(path):
+    if not isinstance(path, str) or not path:
+        raise ValueError('refused path %r' % (path,))
+    norm = os.path.normpath(path)
+    if os.path.isabs(norm) or norm == '..' or norm.startswith('..' + os.sep) or '\0' in norm:
+        raise ValueError('refused path %r: it would leave the destination folder' % (path,))
+    return norm
+
+
+# ================================================================================
+# Node side: the server
+# ================================================================================
+
+class NodeServer:
+    """Accepts clients, sets up their computations and runs their jobs on workers.
+
+    One lock (``self.lock``) guards the session, the job queue and the worker pools.
+    ``running`` counts the CPUs in use: a job takes one when it is given to a worker
+    (or to a worker being forked for it) and frees it when its result arrives.
+    """
+
+    def __init__(self, config, zygote_link):
+        self.config = config
+        self.zygote = zygote_link
+        self.lock = threading.RLock()
+        self.instance = uuid.uuid4().hex
+        self.session = None
+        self.queue = collections.deque()
+        self.running = 0
+        self.jobs_done = 0
+        self.turned_away = {}        # client address -> udp port, told when we are free
+        self.stopping = False
+        self.quitting = False
+        self.done = threading.Event()
+        self.ssl_context = dispy.make_ssl_context(True, config.certfile, config.keyfile,
+                                                  config.cafile)
+        self.tcp_socks = []
+        self.udp_socks = []
+        self.name = config.name or socket.gethostname()
+        self.avail_fn = _avail_info_function(config.dest_path_prefix)
+
+    # -- startup ---------------------------------------------------------------------------
+    def bind(self):
+        addrs = self.config.ip_addrs or ['']
+        for addr in addrs:
+            family = socket.AF_INET6 if ':' in addr else socket.AF_INET
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                tcp.bind((addr, self.config.port))
+                port = tcp.getsockname()[1]
+                udp.bind((addr, port))
+            except OSError as exc:
+                tcp.close()
+                udp.close()
+                raise SystemExit('dispynode: cannot listen on %s:%s: %s%s'
+                                 % (addr or '*', self.config.port, exc.strerror,
+                                    ' (another dispynode running?)'
+                                    if exc.errno == 98 else ''))
+            self.config.port = port
+            tcp.listen(128)
+            self.tcp_socks.append(tcp)
+            self.udp_socks.append(udp)
+
+    def addresses(self):
+        """Addresses to show and announce."""
+        if self.config.ip_addrs:
+            return list(self.config.ip_addrs)
+        found = [a for f, a, _ in dispy.interface_addresses()
+                 if f == socket.AF_INET and not dispy.is_loopback(a)]
+        return found or ['0.0.0.0']
+
+    def start(self):
+        for target, name in ((self._accept_loop, 'accept'), (self._udp_loop, 'udp'),
+                             (self._manager_loop, 'manager')):
+            threading.Thread(target=target, daemon=True, name='dispynode-' + name).start()
+        self._announce()
+
+    # -- TCP: accepting clients -----------------------------------------------------------------
+    def _accept_loop(self):
+        selector = selectors.DefaultSelector()
+        for sock in self.tcp_socks:
+            selector.register(sock, selectors.EVENT_READ)
+        while not self.stopping:
+            for key, _ in selector.select(0.5):
+                try:
+                    conn, addr = key.fileobj.accept()
+                except OSError:
+                    continue
+                threading.Thread(target=self._handshake, args=(conn, addr), daemon=True,
+                                 name='dispynode-handshake').start()
+
+    def _handshake(self, sock, addr):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            channel = dispy.handshake(sock, self.config.secret, False,
+                                      {'role': 'node', 'name': self.name},
+                                      self.config.max_frame)
+            sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
+            first = channel.recv()
+            sock.settimeout(None)
+            if (not isinstance(first, list) or len(first) != 1 or first[0][0] != 'CLIENT'
+                    or not isinstance(first[0][1], dict)):
+                raise dispy.ProtocolError('first message is not CLIENT')
+        except (OSError, dispy.ProtocolError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            logger.warning('connection from %s refused: %s', addr[0], exc)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            return
+        self._attach(channel, addr, first[0][1])
+
+    def _attach(self, channel, addr, info):
+        client_id = str(info.get('id', ''))
+        conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
+        with self.lock:
+            session = self.session
+            if session is not None and session.client_id != client_id:
+                desc = session.describe()
+                logger.info('client %s turned away: serving %s', addr[0], desc)
+                self.turned_away[addr[0]] = info.get('udp_port')
+                conn.start()
+                conn.send(('BUSY', desc))
+                conn.close('busy', flush=True)
+                return
+            if session is None:
+                session = self.session = ClientSession(client_id, info, addr[0])
+                logger.info('serving client %s', session.describe())
+            elif session.conn is not None:
+                session.conn.close('replaced by a new connection')
+            session.conn = conn
+            session.disconnected_at = None
+            conn.start()
+            held = [[j.key, j.attempt] for j in session.jobs.values()]
+            held += [list(k) for k in session.results]
+            conn.send(('NODE', {'name': self.name, 'cpus': self.config.cpus,
+                                'platform': platform.platform(), 'instance': self.instance,
+                                'jobs': held, 'avail': self.avail_fn()}))
+            for msg in session.results.values():   # not acknowledged yet: send again
+                conn.send(msg, len(msg[4] or b''))
+
+    # -- Connection handler (reader thread) --------------------------------------------------
+    def on_messages(self, conn, msgs):
+        with self.lock:
+            session = self.session
+            if session is None or session.conn is not conn:
+                return
+            for msg in msgs:
+                handler = self.handlers.get(msg[0]) if isinstance(msg, tuple) and msg else None
+                if handler is None:
+                    logger.warning('client %s sent an unknown message; ignored', session.address)
+                    continue
+                try:
+                    handler(self, session, msg)
+                except (ValueError, TypeError, IndexError, KeyError) as exc:
+                    logger.warning('client %s sent a malformed %s message: %s',
+                                   session.address, msg[0], exc)
+
+    def on_closed(self, conn, reason):
+        with self.lock:
+            session = self.session
+            if session is None or session.conn is not conn:
+                return
+            session.conn = None
+            session.disconnected_at = time.monotonic()
+            if session.jobs or session.results:
+                logger.warning('client %s disconnected (%s); its %d job(s) go on and results '
+                               'are kept', session.address, reason,
+                               len(session.jobs) + len(session.results))
+            else:
+                logger.info('client %s disconnected (%s)', session.address, reason)
+
+    # -- client messages (lock held) ---------------------------------------------------------
+    def _on_compute(self, session, msg):
+        _, ckey, spec = msg
+        if ckey in session.comps:
+            return
+        prefix = self.config.dest_path_prefix
+        if spec.get('dest_path'):
+            directory = os.path.join(prefix, _safe_relative(spec['dest_path']))
+        else:
+            directory = tempfile.mkdtemp(prefix='%s_' % re.sub(r'[^\w.-]', '_', spec['name']),
+                                         dir=prefix)
+        os.makedirs(directory, exist_ok=True)
+        comp = session.comps[ckey] = NodeComputation(ckey, spec, directory)
+        for name in comp.missing_files:
+            _safe_name(name)
+        if not comp.missing_files:
+            self._start_host(session, comp)
+
+    def _on_file(self, session, msg):
+        _, ckey, name, mode, offset, data, last = msg
+        comp = session.comps.get(ckey)
+        if comp is None or comp.state != 'files':
+            return
+        try:
+            self._write_file_chunk(comp, _safe_name(name), mode, offset, data, last)
+        except (ValueError, OSError) as exc:
+            logger.warning('client %s: file %r refused: %s', session.address, name, exc)
+            comp.state = 'failed'
+            session.conn.send(('SETUP', ckey, False, 'file %r refused: %s' % (name, exc)))
+            return
+        if last:
+            comp.missing_files.discard(name)
+            if not comp.missing_files:
+                self._start_host(session, comp)
+
+    def _write_file_chunk(self, comp, name, mode, offset, data, last):
+        if name not in comp.missing_files:
+            raise ValueError('not a file of this computation')
+        limit = self.config.max_file_size
+        if limit and offset + len(data) > limit:
+            path = os.path.join(comp.dir, name)
+            f = comp.partial.pop(name, None)
+            if f is not None:
+                f.close()
+                os.unlink(path)
+            raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
+                             % limit)
+        f = comp.partial.get(name)
+        if f is None:
+            if offset != 0:
+                raise ValueError('file chunk out of order')
+            f = comp.partial[name] = open(os.path.join(comp.dir, name), 'wb')
+        f.write(data)
+        if last:
+            comp.partial.pop(name).close()
+            # Never setuid/setgid/sticky bits from a peer; keep the user's rwx bits.
+            os.chmod(os.path.join(comp.dir, name), (int(mode) & 0o755) | 0o600)
+
+    def _start_host(self, session, comp):
+        comp.state = 'setup'
+        spec = dict(comp.spec, dir=comp.dir, node_name=self.name,
+                    node_ip=(self.config.ext_ip_addrs or self.addresses())[0])
+        node_end, host_end = socket.socketpair()
+        comp.host = LocalLink(node_end)
+        try:
+            with self.zygote_lock:
+                self.zygote.send(('host', spec), fd=host_end.fileno())
+        finally:
+            host_end.close()
+        threading.Thread(target=self._host_reader, args=(session, comp), daemon=True,
+                         name='dispynode-host').start()
+
+    def _on_job(self, session, msg):
+        _, key, ckey, attempt, blob, _depends = msg
+        comp = session.comps.get(ckey)
+        if comp is None or comp.state != 'ready':
+            self._finish(session, None, ('RESULT', key, attempt, DispyJob.Cancelled, None, '', '',
+                                         'Cancelled: computation is not set up on this node',
+                                         None, time.time()))
+            return
+        old = session.jobs.get(key)
+        if old is not None:          # a resubmission supersedes an older attempt
+            self._cancel_job(session, old)
+        job = session.jobs[key] = NodeJob(key, attempt, comp, blob)
+        self.queue.append(job)
+        self._pump()
+
+    def _on_cancel(self, session, msg):
+        _, key, attempt = msg
+        job = session.jobs.get(key)
+        if job is not None and job.attempt == attempt:
+            self._cancel_job(session, job)
+
+    def _on_ack(self, session, msg):
+        session.results.pop((msg[1], msg[2]), None)
+
+    def _on_close_compute(self, session, msg):
+        comp = session.comps.pop(msg[1], None)
+        if comp is not None:
+            self._close_computation(session, comp)
+        if session.conn is not None:
+            session.conn.send(('CLOSED', msg[1]))
+
+    def _on_release(self, session, msg):
+        logger.info('client %s released this node', session.address)
+        self._end_session(session)
+
+    def _on_pulse(self, session, msg):
+        pass
+
+    handlers = {'COMPUTE': _on_compute, 'FILE': _on_file, 'JOB': _on_job,
+                'CANCEL': _on_cancel, 'ACK': _on_ack, 'CLOSE_COMPUTE': _on_close_compute,
+                'RELEASE': _on_release, 'PULSE': _on_pulse}
+
+    # -- running jobs (lock held) --------------------------------------------------------------
+    def _pump(self):
+        """Gives queued jobs to workers while CPUs are free."""
+        while self.queue and self.running < self.config.cpus and not self.stopping:
+            job = self.queue.popleft()
+            comp = job.comp
+            if job.cancelled or comp.state != 'ready':
+                continue
+            self.running += 1
+            if comp.idle:
+                self._start_job(job, comp.idle.pop())
+            else:
+                comp.waiting.append(job)
+                if len(comp.workers) + comp.spawning < self.config.cpus:
+                    self._spawn_worker(comp)
+
+    def _spawn_worker(self, comp):
+        node_end, worker_end = socket.socketpair()
+        comp.spawning += 1
+        try:
+            comp.host.send(('fork',), fd=worker_end.fileno())
+        except OSError as exc:
+            comp.spawning -= 1
+            logger.warning('cannot start a worker for %s: %s', comp.spec['name'], exc)
+            node_end.close()
+            return
+        finally:
+            worker_end.close()
+        worker = Worker(comp, LocalLink(node_end))
+        threading.Thread(target=self._worker_reader, args=(worker,), daemon=True,
+                         name='dispynode-worker').start()
+
+    def _start_job(self, job, worker):
+        job.worker = worker
+        worker.job = job
+        job.start_time = time.time()
+        worker.link.send(('run', job.key, job.attempt, job.blob))
+        job.blob = None
+        session = self.session
+        if session is not None and session.conn is not None:
+            session.conn.send(('STARTED', job.key, job.attempt, job.start_time))
+
+    def _cancel_job(self, session, job):
+        job.cancelled = True
+        if job.worker is not None:       # running: kill it with every process it started
+            try:
+                os.killpg(job.worker.pid, signal.SIGKILL)
+            except (OSError, TypeError):
+                pass
+            return
+        comp = job.comp
+        if job in comp.waiting:
+            comp.waiting.remove(job)
+            self.running -= 1
+        self._finish(session, job, ('RESULT', job.key, job.attempt, DispyJob.Cancelled, None,
+                                    '', '', 'Cancelled', None, time.time()))
+        self._pump()
+
+    def _finish(self, session, job, reply):
+        """Records a job's result (kept until the client acknowledges it) and sends it."""
+        if job is not None and session.jobs.get(job.key) is job:
+            del session.jobs[job.key]
+        blob = reply[4]
+        conn = session.conn
+        if blob is not None and conn is not None and \
+                len(blob) > conn.channel.peer_max_frame - 65536:
+            reply = reply[:3] + (DispyJob.Terminated, None, reply[5], reply[6],
+                                 'result of %d bytes exceeds the client\'s frame limit of %d '
+                                 '(max_frame_size); send big data with dispy_send_file'
+                                 % (len(blob), conn.channel.peer_max_frame)) + reply[8:]
+        session.results[(reply[1], reply[2])] = reply
+        self.jobs_done += 1
+        if conn is not None:
+            conn.send(reply, len(reply[4] or b''))
+
+    # -- worker and host readers (their own threads) ---------------------------------------
+    def _worker_reader(self, worker):
+        comp = worker.comp
+        while True:
+            try:
+                msg, _ = worker.link.recv()
+            except EOFError:
+                break
+            with self.lock:
+                self._on_worker_message(worker, msg)
+        self._worker_died(worker)
+
+    def _on_worker_message(self, worker, msg):
+        comp = worker.comp
+        session = self.session
+        kind = msg[0]
+        if kind == 'ready':
+            worker.pid = msg[1]
+            comp.spawning -= 1
+            comp.workers.append(worker)
+            if comp.waiting:
+                self._start_job(comp.waiting.popleft(), worker)
+            else:
+                comp.idle.append(worker)
+        elif kind == 'result':
+            job, worker.job = worker.job, None
+            self.running -= 1
+            if session is not None and job is not None:
+                reply = ('RESULT',) + msg[1:]
+                if job.cancelled:
+                    reply = reply[:3] + (DispyJob.Cancelled,) + reply[4:]
+                self._finish(session, job, reply)
+            if comp.state == 'ready':
+                comp.idle.append(worker)
+            self._pump()
+        elif kind == 'provisional' and session is not None and session.conn is not None:
+            session.conn.send(('PROVISIONAL',) + msg[1:], len(msg[3]))
+
+    def _worker_died(self, worker):
+        comp = worker.comp
+        how = None
+        if worker.pid is not None and worker.job is not None:
+            with comp.exit_cond:
+                comp.exit_cond.wait_for(lambda: worker.pid in comp.exits, 2.0)
+                how = comp.exits.pop(worker.pid, None)
+        with self.lock:
+            if worker in comp.workers:
+                comp.workers.remove(worker)
+            if worker in comp.idle:
+                comp.idle.remove(worker)
+            if worker.pid is None:
+                comp.spawning -= 1
+            job, worker.job = worker.job, None
+            worker.link.close()
+            if job is None:
+                if comp.waiting and comp.state == 'ready':
+                    self._spawn_worker(comp)
+                return
+            self.running -= 1
+            session = self.session
+            if session is not None and session.jobs.get(job.key) is job:
+                if job.cancelled:
+                    status, text = DispyJob.Cancelled, 'Cancelled'
+                else:
+                    status = DispyJob.Terminated
+                    text = 'job process %s %s' % (worker.pid, how or 'died')
+                self._finish(session, job, ('RESULT', job.key, job.attempt, status, None, '',
+                                            '', text, job.start_time, time.time()))
+            self._pump()
+
+    def _host_reader(self, session, comp):
+        while True:
+            try:
+                msg, _ = comp.host.recv()
+            except EOFError:
+                break
+            if msg[0] == 'exited':
+                with comp.exit_cond:
+                    comp.exits[msg[1]] = msg[2]
+                    comp.exit_cond.notify_all()
+                continue
+            with self.lock:
+                self._on_host_message(session, comp, msg)
+        with self.lock:
+            if comp.state in ('setup', 'ready'):
+                logger.warning('computation %s: its host process ended', comp.spec['name'])
+                comp.state = 'failed'
+            closing = comp.state == 'closing'
+        if closing:        # the host has run cleanup and exited: the files can go
+            self._remove_files(comp)
+
+    def _on_host_message(self, session, comp, msg):
+        if msg[0] == 'setup':
+            _, ok, error, pid = msg
+            comp.host_pid = pid
+            if comp.state != 'setup':
+                return
+            comp.state = 'ready' if ok else 'failed'
+            if not ok:
+                logger.warning('setup of %s failed: %s', comp.spec['name'], error)
+            if session.conn is not None:
+                session.conn.send(('SETUP', comp.key, ok, error))
+            self._pump()
+        elif msg[0] == 'cleaned' and msg[1]:
+            logger.warning('cleanup of %s failed: %s', comp.spec['name'], msg[1])
+
+    # -- closing ----------------------------------------------------------------------------------
+    def _close_computation(self, session, comp, wait=False):
+        """Ends a computation: its jobs are killed, its cleanup runs, its files go."""
+        comp.state = 'closing'
+        for job in [j for j in session.jobs.values() if j.comp is comp]:
+            self._cancel_job(session, job)
+        for f in comp.partial.values():
+            f.close()
+        if comp.host is None:
+            self._remove_files(comp)
+            return
+        try:
+            comp.host.send(('cleanup',))
+        except OSError:
+            pass
+
+    @staticmethod
+    def _remove_files(comp):
+        if comp.spec.get('remove_files', True):
+            shutil.rmtree(comp.dir, ignore_errors=True)
+
+    def _end_session(self, session):
+        for comp in list(session.comps.values()):
+            self._close_computation(session, comp)
+        session.comps.clear()
+        if session.conn is not None:
+            session.conn.close('released', flush=True)
+        if self.session is session:
+            self.session = None
+            self._announce(to_waiting=True)
+
+    # -- UDP discovery -------------------------------------------------------------------------
+    def _udp_loop(self):
+        selector = selectors.DefaultSelector()
+        for sock in self.udp_socks:
+            selector.register(sock, selectors.EVENT_READ)
+        last_nak = {}
+        while not self.stopping:
+            for key, _ in selector.select(0.5):
+                try:
+                    data, addr = key.fileobj.recvfrom(dispy.MAX_HANDSHAKE_MSG + 64)
+                except OSError:
+                    continue
+                msg, good = dispy.unpack_datagram(self.config.secret, data)
+                if msg is None or msg.get('t') != 'ping':
+                    continue
+                if not good:
+                    now = time.monotonic()
+                    if now - last_nak.get(addr[0], 0) > 1.0 and len(last_nak) < 10000:
+                        last_nak[addr[0]] = now
+                        logger.info('ping from %s failed authentication', addr[0])
+                        self._sendto(key.fileobj, dispy.pack_unauthenticated({'t': 'nak'}), addr)
+                    continue
+                self._sendto(key.fileobj, dispy.pack_datagram(self.config.secret,
+                                                              self._pong('pong')), addr)
+
+    def _pong(self, kind):
+        return {'t': kind, 'ip': (self.config.ext_ip_addrs or [None])[0],
+                'port': self.config.ext_port or self.config.port, 'name': self.name,
+                'cpus': self.config.cpus, 'busy': self.session is not None}
+
+    @staticmethod
+    def _sendto(sock, data, addr):
+        try:
+            sock.sendto(data, addr)
+        except OSError as exc:
+            logger.debug('UDP send to %s failed: %s', addr[0], exc)
+
+    def _announce(self, to_waiting=False):
+        """Tells clients we are here: broadcast at start; unicast to clients that were
+        turned away when we become free."""
+        data = dispy.pack_datagram(self.config.secret, self._pong('announce'))
+        sock = self.udp_socks[0] if self.udp_socks else None
+        if sock is None:
+            return
+        if to_waiting:
+            for addr, port in list(self.turned_away.items()):
+                if port:
+                    self._sendto(sock, data, (addr, int(port)))
+            self.turned_away.clear()
+            return
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            local = [a for a in self.addresses() if a != '0.0.0.0']
+            for bcast in dispy.broadcast_addresses(None if not self.config.ip_addrs else local):
+                self._sendto(sock, data, (bcast, self.config.client_port))
+
+    # -- timers -----------------------------------------------------------------------------------
+    def _manager_loop(self):
+        while not self.done.wait(0.2):
+            with self.lock:
+                self._tick()
+
+    def _tick(self):
+        session = self.session
+        if session is None:
+            if self.quitting and not self.queue and self.running == 0:
+                self.done.set()
+            return
+        now = time.monotonic()
+        conn = session.conn
+        if conn is not None:
+            if conn.idle_send >= session.pulse_interval:
+                conn.send(('PULSE', time.time(), self.avail_fn()))
+            silent = now - conn.last_recv
+            if silent > dispy.DEAD_PULSES * session.pulse_interval:
+                conn.close('no message from client for %.1f s' % silent)
+        elif (session.disconnected_at is not None and not session.jobs
+              and now - session.disconnected_at > self.config.zombie_interval):
+            logger.warning('client %s did not come back in %.1f minutes; this node is free '
+                           'again', session.address, self.config.zombie_interval / 60)
+            self._end_session(session)
+        if self.quitting and not self.queue and self.running == 0:
+            self.done.set()
+
+    # -- shutdown ---------------------------------------------------------------------------------
+    def shutdown(self, terminate=True):
+        with self.lock:
+            self.stopping = True
+            session = self.session
+            if session is not None:
+                for job in list(session.jobs.values()):
+                    self._cancel_job(session, job)
+                self._end_session(session)
+        for sock in self.tcp_socks + self.udp_socks:
+            sock.close()
+
+    def status_text(self):
+        with self.lock:
+            lines = ['dispynode %s: %d CPUs, %d running, %d queued, %d done'
+                     % (self.name, self.config.cpus, self.running, len(self.queue),
+                        self.jobs_done)]
+            session = self.session
+            if session is None:
+                lines.append('  no client')
+            else:
+                lines.append('  client %s%s: %d job(s) pending, %d result(s) unacknowledged'
+                             % (session.describe(), '' if session.conn else ' (disconnected)',
+                                len(session.jobs), len(session.results)))
+            return '\n'.join(lines)
+
+
+def _avail_info_function(path):
+    """A function returning (cpu %, memory, disk, swap %) with psutil, else None."""
+    try:
+        import psutil
+    except ImportError:
+        return lambda: None
+
+    def avail():
+        try:
+            return (100.0 - psutil.cpu_percent(), psutil.virtual_memory().available,
+                    psutil.disk_usage(path).free, psutil.swap_memory().percent)
+        except Exception:
+            return None
+    return avail
+
+
+# ================================================================================
+# Command line
+# ================================================================================
+
+def parse_size(text):
+    """'10m' → 10485760; k, m, g suffixes; 0 means unlimited."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)[bB]?\s*', str(text))
+    if not match:
+        raise argparse.ArgumentTypeError('%r is not a size (e.g. 10m, 512k, 2g, 0)' % text)
+    scale = {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='dispynode.py', description='Run jobs for dispy clients on this machine.',
+        epilog='Without --daemon, commands are read on stdin: status, quit (finish running '
+               'jobs, then exit), terminate (kill jobs, exit).')
+    parser.add_argument('-c', '--cpus', type=int, default=0,
+                        help='CPUs to use (default all; negative: leave that many free)')
+    parser.add_argument('-i', '--ip_addr', '--host', dest='ip_addrs', action='append',
+                        default=[], help='address or host name to serve on (repeatable; '
+                        'default all interfaces)')
+    parser.add_argument('--ext_ip_addr', '--ext_host', dest='ext_ip_addrs', action='append',
+                        default=[], help='address to advertise to clients (e.g. behind NAT)')
+    parser.add_argument('-p', '--node_port', '--port', dest='port', type=int,
+                        default=dispy.NODE_PORT, help='UDP and TCP port (default %(default)s; '
+                        '0 = any free port)')
+    parser.add_argument('--client_port', type=int, default=dispy.CLIENT_PORT,
+                        help='clients\' port for announcements (default %(default)s)')
+    parser.add_argument('--ext_port', type=int, default=0,
+                        help='port to advertise, if forwarded to another one')
+    parser.add_argument('--name', default='', help='name of this node (default host name)')
+    parser.add_argument('--dest_path_prefix', default=os.path.join(tempfile.gettempdir(),
+                                                                   'dispy', 'node'),
+                        help='folder for computations\' files (default %(default)s)')
+    parser.add_argument('--max_file_size', type=parse_size, default=10 << 20,
+                        help='largest file accepted or sent, with k/m/g suffix (default '
+                        '10m; 0 = unlimited)')
+    parser.add_argument('--max_frame_size', type=parse_size, default=dispy.DEFAULT_MAX_FRAME,
+                        help='largest message accepted from an authenticated client '
+                        '(default 256m)')
+    parser.add_argument('-s', '--secret', default='', help='shared secret clients must know')
+    parser.add_argument('--certfile', help='TLS certificate (may hold the key too)')
+    parser.add_argument('--keyfile', help='TLS private key, if not in --certfile')
+    parser.add_argument('--cafile', help='CA certificates to verify clients against '
+                        '(default: the --certfile itself)')
+    parser.add_argument('--zombie_interval', type=float, default=60.0,
+                        help='minutes to keep serving a vanished client before freeing '
+                        'this node (fractions allowed; default %(default)s)')
+    parser.add_argument('-d', '--debug', action='store_true', help='log debug messages')
+    parser.add_argument('--daemon', action='store_true', help='do not read commands on stdin')
+    parser.add_argument('--clean', action='store_true',
+                        help='remove everything under --dest_path_prefix at start')
+    return parser
+
+
+def configure(argv=None):
+    config = build_parser().parse_args(argv)
+    total = os.cpu_count() or 1
+    if config.cpus <= 0:
+        config.cpus = max(1, total + config.cpus)
+    config.ip_addrs = [_resolve_or_exit(a) for a in config.ip_addrs]
+    config.ext_ip_addrs = [_resolve_or_exit(a) for a in config.ext_ip_addrs]
+    config.zombie_interval = max(0.0, config.zombie_interval) * 60
+    config.max_frame = config.max_frame_size
+    config.dest_path_prefix = os.path.abspath(config.dest_path_prefix)
+    return config
+
+
+def _resolve_or_exit(host):
+    addr = dispy.resolve_host(host)
+    if addr is None:
+        raise SystemExit('dispynode: %r is not an address or a known host name' % host)
+    return addr
+
+
+def _start_zygote():
+    """Forks the zygote while this process has a single thread."""
+    node_end, zygote_end = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        node_end.close()
+        try:
+            zygote_main(zygote_end)
+        finally:
+            os._exit(0)
+    zygote_end.close()
+    return pid, LocalLink(node_end)
+
+
+def _read_commands(server):
+    """stdin commands; EOF (e.g. started with no terminal) just stops reading."""
+    for line in sys.stdin:
+        cmd = line.strip().lower()
+        if cmd == 'status':
+            print(server.status_text(), flush=True)
+        elif cmd in ('quit', 'exit'):
+            print('dispynode: finishing running jobs, then exiting', flush=True)
+            server.quitting = True
+            return
+        elif cmd == 'terminate':
+            server.done.set()
+            return
+        elif cmd:
+            print('commands: status, quit, exit, terminate', flush=True)
+
+
+def main(argv=None):
+    config = configure(argv)
+    dispy.setup_logging(dispy.logger.DEBUG if config.debug else dispy.logger.INFO,
+                        name='dispynode')
+    if config.clean:
+        shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
+    os.makedirs(config.dest_path_prefix, exist_ok=True)
+    zygote_pid, zygote_link = _start_zygote()
+    server = NodeServer(config, zygote_link)
+    server.zygote_lock = threading.Lock()
+    server.bind()
+    if not config.secret and not all(dispy.is_loopback(a) for a in config.ip_addrs or ['*']):
+        logger.warning('WARNING: no secret given (-s): anyone who can reach this node can run '
+                       'code on it as this user')
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.done.set())
+    server.start()
+    for addr in server.addresses():
+        print('dispynode %s serving at %s:%s with %d CPUs' % (
+            server.name, '[%s]' % addr if ':' in addr else addr, config.port, config.cpus),
+            flush=True)
+    if not config.daemon and sys.stdin is not None and not sys.stdin.closed:
+        threading.Thread(target=_read_commands, args=(server,), daemon=True,
+                         name='dispynode-stdin').start()
+    while not server.done.wait(1.0):
+        pass
+    server.shutdown()
+    zygote_link.close()
+    try:
+        os.kill(zygote_pid, signal.SIGKILL)
+        os.waitpid(zygote_pid, 0)
+    except OSError:
+        pass
+    print('dispynode: stopped', flush=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,235 @@
+"""Test harness: real ``dispynode.py`` processes on loopback, real client scripts.
+
+Every helper here is bounded in time and cleans up what it started, by PID:
+
+    NodeProcess   -- a context manager that starts ``python dispynode.py`` on one
+                     loopback address, waits for its "serving at" line and stops it
+                     (SIGTERM, then SIGKILL) on exit, even when the test failed.
+    free_port     -- a TCP+UDP port that is free on a given address.
+    run_client    -- runs a client script in a fresh interpreter with a timeout.
+    wait_until    -- polls a predicate, bounded in time (for state owned by
+                     another process, where no event can be waited on).
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NODE_SCRIPT = os.path.join(ROOT, 'dispynode.py')
+READY_RE = re.compile(r'serving at \[?([^\]\s]+?)\]?:(\d+)')
+sys.path.insert(0, ROOT)
+
+
+def free_port(ip='127.0.0.1'):
+    """A port free for both TCP and UDP on ``ip`` (racy by nature, good enough)."""
+    family = socket.AF_INET6 if ':' in ip else socket.AF_INET
+    for _ in range(50):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((ip, 0))
+            port = tcp.getsockname()[1]
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                    udp.bind((ip, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError('no free port on %s' % ip)
+
+
+def wait_until(predicate, timeout=10.0, interval=0.02):
+    """Polls ``predicate`` until true or ``timeout``; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+class NodeProcess:
+    """``python dispynode.py -i IP -p PORT ...`` as a context manager.
+
+    stdout and stderr go to files in a private temporary folder (``self.dir``), which
+    also serves as ``--dest_path_prefix`` unless one is given.  ``output()`` reads them.
+    """
+
+    def __init__(self, ip='127.0.0.1', port=None, cpus=2, secret='', args=(),
+                 python=None, dest_path_prefix=None, ready_timeout=20.0, env=None):
+        self.ip = ip
+        self.port = port if port is not None else free_port(ip)
+        self.cpus = cpus
+        self.secret = secret
+        self.args = list(args)
+        self.python = python or sys.executable
+        self.dir = tempfile.mkdtemp(prefix='dispytest-node-')
+        self.dest_path_prefix = dest_path_prefix or os.path.join(self.dir, 'dest')
+        self.ready_timeout = ready_timeout
+        self.env = env
+        self.proc = None
+        self._stdout = self._stderr = None
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self):
+        cmd = [self.python, NODE_SCRIPT, '-i', self.ip, '-p', str(self.port),
+               '--dest_path_prefix', self.dest_path_prefix, '-d']
+        if self.cpus is not None:
+            cmd += ['-c', str(self.cpus)]
+        if self.secret:
+            cmd += ['-s', self.secret]
+        cmd += self.args
+        self._stdout = open(os.path.join(self.dir, 'stdout'), 'w+b')
+        self._stderr = open(os.path.join(self.dir, 'stderr'), 'w+b')
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault('PYTHONUNBUFFERED', '1')
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._stdout,
+                                     stderr=self._stderr, cwd=self.dir, env=env,
+                                     start_new_session=True)
+        if not wait_until(lambda: READY_RE.search(self.stdout()) or self.proc.poll() is not None,
+                          self.ready_timeout):
+            self.stop()
+            raise RuntimeError('dispynode did not start in %ss:\n%s' % (self.ready_timeout,
+                                                                        self.output()))
+        if self.proc.poll() is not None:
+            out = self.output()
+            self.stop()
+            raise RuntimeError('dispynode exited with %s:\n%s' % (self.proc.returncode, out))
+        return self
+
+    def command(self, text):
+        """Writes a line to the node's stdin (status, quit, terminate)."""
+        self.proc.stdin.write(text.encode() + b'\n')
+        self.proc.stdin.flush()
+
+    def signal(self, sig):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout=20.0):
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout=15.0):
+        """SIGTERM, then SIGKILL to the node's session; removes its folder."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    os.kill(self.proc.pid, signal.SIGCONT)
+                    os.kill(self.proc.pid, signal.SIGTERM)
+                    self.proc.wait(timeout)
+                except (OSError, subprocess.TimeoutExpired):
+                    pass
+            self._kill_leftovers()
+            for stream in (self.proc.stdin,):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        for f in (self._stdout, self._stderr):
+            if f:
+                f.close()
+        self._stdout = self._stderr = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill_leftovers(self):
+        """Kills the node and any descendant still alive (found through /proc)."""
+        pids = [self.proc.pid] + _descendants(self.proc.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def descendants(self):
+        return _descendants(self.proc.pid)
+
+    # -- output ------------------------------------------------------------------
+    def stdout(self):
+        return _read(self._stdout)
+
+    def stderr(self):
+        return _read(self._stderr)
+
+    def output(self):
+        return 'stdout:\n%s\nstderr:\n%s' % (self.stdout(), self.stderr())
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _read(f):
+    if f is None:
+        return ''
+    with open(f.name, 'rb') as g:
+        return g.read().decode('utf-8', 'replace')
+
+
+def _descendants(pid):
+    """PIDs of all live descendants of ``pid`` (Linux /proc; empty elsewhere)."""
+    children = {}
+    try:
+        entries = os.listdir('/proc')
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(')', 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def client_env(nodes, ip_addr='127.0.0.1', node_port=None, secret=None, extra=None):
+    """Environment that points an unchanged client script at loopback nodes."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    env['DISPY_NODES'] = ','.join(nodes)
+    env['DISPY_IP_ADDR'] = ip_addr
+    env['DISPY_PORT'] = '0'
+    if node_port is not None:
+        env['DISPY_NODE_PORT'] = str(node_port)
+    if secret is not None:
+        env['DISPY_SECRET'] = secret
+    env.update(extra or {})
+    return env
+
+
+def run_client(script, env, timeout=60, cwd=None, args=(), python=None):
+    """Runs ``script`` (a path, or source text) in a fresh interpreter; returns
+    a CompletedProcess with text stdout/stderr.  The process is killed at timeout."""
+    tmp = None
+    if '\n' in script:
+        tmp = tempfile.NamedTemporaryFile('w', suffix='.py', delete=False, dir=cwd)
+        tmp.write(script)
+        tmp.close()
+        script = tmp.name
+    try:
+        return subprocess.run([python or sys.executable, script] + list(args), env=env,
+                              cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        if tmp:
+            os.unlink(tmp.name)
