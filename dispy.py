@@ -183,7 +183,8 @@ def _recv_hs(sock):
     return _recv_exact(sock, length)
 
 
-def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=HANDSHAKE_TIMEOUT):
+def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=HANDSHAKE_TIMEOUT,
+              version=None):
     """Authenticates both ends of a connected socket; returns a ready ``Channel``.
 
     1. each side sends a hello (JSON: protocol version, pickle protocol, a fresh
@@ -197,7 +198,8 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
     """
     key = secret_key(secret)
     sock.settimeout(timeout)
-    mine = dict(info, magic='dispy', version=PROTOCOL_VERSION, pickle=pickle.HIGHEST_PROTOCOL,
+    version = PROTOCOL_VERSION if version is None else version
+    mine = dict(info, magic='dispy', version=version, pickle=pickle.HIGHEST_PROTOCOL,
                 nonce=os.urandom(16).hex(), max_frame=max_frame)
     my_hello = json.dumps(mine, sort_keys=True).encode()
     if dialer:
@@ -212,9 +214,9 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
         int(peer['pickle']), int(peer['max_frame']), str(peer['nonce'])
     except (ValueError, KeyError, TypeError):
         raise ProtocolError('malformed handshake from peer')
-    if peer_version != PROTOCOL_VERSION:
+    if peer_version != version:
         raise VersionError('peer speaks dispy protocol version %s, this program speaks %s '
-                           '(run the same dispy release on both)' % (peer_version, PROTOCOL_VERSION))
+                           '(run the same dispy release on both)' % (peer_version, version))
     transcript = (my_hello + peer_hello) if dialer else (peer_hello + my_hello)
     dialer_proof = _mac(key, b'dispy-proof-dialer', transcript)
     listener_proof = _mac(key, b'dispy-proof-listener', transcript)
@@ -789,11 +791,7 @@ class NodeAllocate:
 
 def _node_allocations(nodes, default_port):
     """The ``nodes`` argument → list of NodeAllocate (strings, tuples or objects)."""
-    if isinstance(nodes, (str, NodeAllocate)) or (isinstance(nodes, tuple) and nodes
-                                                   and isinstance(nodes[0], str)
-                                                   and len(nodes) <= 3
-                                                   and all(not isinstance(x, str)
-                                                           for x in nodes[1:])):
+    if isinstance(nodes, (str, NodeAllocate)):
         nodes = [nodes]
     result = []
     for item in nodes:
@@ -1112,6 +1110,12 @@ class Scheduler:
     def _send_job(self, link, job):
         if job.status in FINAL_STATUSES:    # cancelled while queued
             return
+        limit = link.conn.channel.peer_max_frame - 65536 if link.conn is not None else None
+        if limit is not None and len(job._blob) > limit:
+            self._end_job(job, DispyJob.Terminated, exception=(
+                'arguments of %d bytes exceed node %s\'s frame limit of %d bytes '
+                '(dispynode --max_frame_size)' % (len(job._blob), link.ip_addr, limit + 65536)))
+            return
         job._attempt += 1
         job._node = link
         job.ip_addr = link.ip_addr
@@ -1131,9 +1135,13 @@ class Scheduler:
                 self._lose_jobs(link, list(link.jobs.values()), 'node restarted')
                 link.setups.clear()
                 link.alloc_cpus.clear()
-            else:   # jobs the node no longer knows are lost
+            else:   # jobs and computations the node no longer has are lost
                 lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
                 self._lose_jobs(link, lost, 'node lost the job')
+                kept = set(info.get('computations', ()))
+                for ckey in [k for k in link.setups if k not in kept]:
+                    del link.setups[ckey]
+                    link.alloc_cpus.pop(ckey, None)
             link.instance = info.get('instance')
             link.name = info.get('name', '')
             link.cpus = int(info.get('cpus', 1))
@@ -1702,11 +1710,10 @@ class ClientHub:
             self.ping_backoff = min(self.ping_backoff * 2, 30.0)
         data = pack_datagram(self.secret, {'t': 'ping', 'client': self.client_id,
                                            'port': self.port})
-        dests = [(addr, port) for (addr, port) in self.targets]
+        dests = list(self.targets)
         if self.broadcast:
-            ip_addrs = self.options['ip_addrs']
-            dests += [(b, NODE_PORT if not self.targets else self._node_port())
-                      for b in broadcast_addresses(ip_addrs or None)]
+            dests += [(bcast, self._node_port())
+                      for bcast in broadcast_addresses(self.options['ip_addrs'] or None)]
         for addr, port in dests:
             for sock in self.udp_socks:
                 if sock.family != node_address_family(addr):
@@ -1930,6 +1937,8 @@ class JobCluster:
             return True
         in_callback = (self._notifier is not None
                        and threading.current_thread() is self._notifier.thread)
+        if terminate and timeout is None:
+            timeout = 0         # terminate without a timeout: cancel now, don't wait
         if not in_callback and not self.wait(timeout):
             if not terminate:
                 return False

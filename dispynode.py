@@ -432,6 +432,7 @@ class NodeComputation:
         self.spawning = 0
         self.exits = {}            # worker pid -> how it ended (from the host)
         self.exit_cond = threading.Condition()
+        self.host_ended = False
 
 
 class ClientSession:
@@ -501,6 +502,9 @@ class NodeServer:
         self.udp_socks = []
         self.name = config.name or socket.gethostname()
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
+        self.handshake_slots = threading.BoundedSemaphore(32)
+        self.zygote_lock = threading.Lock()
+        self.hosts_done = threading.Condition(self.lock)
 
     # -- startup ---------------------------------------------------------------------------
     def bind(self):
@@ -551,10 +555,22 @@ class NodeServer:
                     conn, addr = key.fileobj.accept()
                 except OSError:
                     continue
+                # A flood of connections must not become a flood of threads.
+                if not self.handshake_slots.acquire(blocking=False):
+                    logger.warning('connection from %s dropped: too many handshakes in '
+                                   'progress', addr[0])
+                    conn.close()
+                    continue
                 threading.Thread(target=self._handshake, args=(conn, addr), daemon=True,
                                  name='dispynode-handshake').start()
 
     def _handshake(self, sock, addr):
+        try:
+            self._handshake_and_attach(sock, addr)
+        finally:
+            self.handshake_slots.release()
+
+    def _handshake_and_attach(self, sock, addr):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
@@ -603,7 +619,8 @@ class NodeServer:
             held += [list(k) for k in session.results]
             conn.send(('NODE', {'name': self.name, 'cpus': self.config.cpus,
                                 'platform': platform.platform(), 'instance': self.instance,
-                                'jobs': held, 'avail': self.avail_fn()}))
+                                'jobs': held, 'computations': list(session.comps),
+                                'avail': self.avail_fn()}))
             for msg in session.results.values():   # not acknowledged yet: send again
                 conn.send(msg, len(msg[4] or b''))
 
@@ -635,8 +652,9 @@ class NodeServer:
                 logger.warning('client %s disconnected (%s); its %d job(s) go on and results '
                                'are kept', session.address, reason,
                                len(session.jobs) + len(session.results))
-            else:
+            else:   # nothing to keep for it: free for other clients now
                 logger.info('client %s disconnected (%s)', session.address, reason)
+                self._end_session(session)
 
     # -- client messages (lock held) ---------------------------------------------------------
     def _on_compute(self, session, msg):
@@ -915,6 +933,8 @@ class NodeServer:
                 logger.warning('computation %s: its host process ended', comp.spec['name'])
                 comp.state = 'failed'
             closing = comp.state == 'closing'
+            comp.host_ended = True
+            self.hosts_done.notify_all()
         if closing:        # the host has run cleanup and exited: the files can go
             self._remove_files(comp)
 
@@ -942,6 +962,7 @@ class NodeServer:
         for f in comp.partial.values():
             f.close()
         if comp.host is None:
+            comp.host_ended = True
             self._remove_files(comp)
             return
         try:
@@ -1049,14 +1070,17 @@ class NodeServer:
             self.done.set()
 
     # -- shutdown ---------------------------------------------------------------------------------
-    def shutdown(self, terminate=True):
+    def shutdown(self, grace=5.0):
+        """Kills running jobs, lets each computation run its cleanup (bounded), closes."""
         with self.lock:
             self.stopping = True
             session = self.session
             if session is not None:
+                comps = list(session.comps.values())
                 for job in list(session.jobs.values()):
                     self._cancel_job(session, job)
                 self._end_session(session)
+                self.hosts_done.wait_for(lambda: all(c.host_ended for c in comps), grace)
         for sock in self.tcp_socks + self.udp_socks:
             sock.close()
 
@@ -1208,7 +1232,6 @@ def main(argv=None):
     os.makedirs(config.dest_path_prefix, exist_ok=True)
     zygote_pid, zygote_link = _start_zygote()
     server = NodeServer(config, zygote_link)
-    server.zygote_lock = threading.Lock()
     server.bind()
     if not config.secret and not all(dispy.is_loopback(a) for a in config.ip_addrs or ['*']):
         logger.warning('WARNING: no secret given (-s): anyone who can reach this node can run '
