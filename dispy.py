@@ -1413,6 +1413,7 @@ class ClientHub:
         self.targets = {}          # (address, port) named in some cluster's nodes
         self.broadcast = False     # some cluster has a pattern: ping by broadcast
         self.auth_failures = set()
+        self.refused = set()        # nodes that failed the handshake (warned once)
         self.closed = False
         self.started = time.monotonic()
         self.next_ping = 0.0
@@ -1515,20 +1516,29 @@ class ClientHub:
                          name='dispy-dial-%s' % addr).start()
 
     def _dial_thread(self, link):
-        sock = None
+        family = node_address_family(link.ip_addr)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            family = node_address_family(link.ip_addr)
-            sock = socket.socket(family, socket.SOCK_STREAM)
             sock.settimeout(HANDSHAKE_TIMEOUT)
             sock.connect((link.ip_addr, link.port))
+        except OSError as exc:
+            sock.close()
+            self._dial_failed(link, exc)
+            return
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_side=False)
             channel = handshake(sock, self.secret, True, {'role': 'client'},
                                 self.max_frame)
-        except (OSError, ProtocolError, ssl.SSLError, ValueError) as exc:
-            if sock is not None:
-                sock.close()
+        except (OSError, ProtocolError, ValueError) as exc:
+            sock.close()
+            if not isinstance(exc, ProtocolError):
+                # Connected, then dropped during the handshake: the usual cause is TLS on
+                # one side only (or a different certificate).
+                exc = ProtocolError('node closed the connection during the handshake (%s); '
+                                    'does it use TLS (certfile) while this client does%s?'
+                                    % (exc, '' if self.ssl_context else ' not'))
             self._dial_failed(link, exc)
             return
         with self.lock:
@@ -1551,8 +1561,10 @@ class ClientHub:
                     logger.warning('node %s:%s failed authentication: %s; check that it runs '
                                    'with the same secret', link.ip_addr, link.port, exc)
                 self.auth_failures.add(link.ip_addr)
-            elif isinstance(exc, (VersionError, ProtocolError, ssl.SSLError)):
-                logger.warning('cannot use node %s:%s: %s', link.ip_addr, link.port, exc)
+            elif isinstance(exc, ProtocolError):
+                if link.ip_addr not in self.refused:
+                    logger.warning('cannot use node %s:%s: %s', link.ip_addr, link.port, exc)
+                self.refused.add(link.ip_addr)
             else:
                 logger.debug('connecting to node %s:%s failed: %s', link.ip_addr, link.port, exc)
             if link.state == 'reconnecting':
@@ -1578,6 +1590,7 @@ class ClientHub:
             logger.info('reconnected to node %s', link.ip_addr)
         link.busy_warned = False
         self.auth_failures.discard(link.ip_addr)
+        self.refused.discard(link.ip_addr)
         self.scheduler.node_ready(link, info)
 
     def on_node_busy(self, link, desc):
