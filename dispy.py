@@ -1403,6 +1403,8 @@ class ClientHub:
         self.client_id = uuid.uuid4().hex
         self.scheduler = Scheduler(self)
         self.lock = self.scheduler.lock
+        self.cond = threading.Condition(self.lock)     # every cluster waits on this
+        self.notifier = None
         self.links = self.scheduler.links
         self.ssl_context = make_ssl_context(False, options['certfile'], options['keyfile'],
                                             options.get('cafile'))
@@ -1454,6 +1456,12 @@ class ClientHub:
             port = sock.getsockname()[1]    # port=0: the others take the same one
         return socks
 
+    def callback_notifier(self):
+        with self.lock:
+            if self.notifier is None:
+                self.notifier = _Notifier(self.cond)
+            return self.notifier
+
     # -- clusters ----------------------------------------------------------------------------
     def add_cluster(self, cluster):
         with self.lock:
@@ -1497,6 +1505,8 @@ class ClientHub:
         for link in links:
             if link.conn is not None:
                 link.conn.writer.join(5.0)
+        if self.notifier is not None:
+            self.notifier.stop()        # after the calls already queued
         self.wake()
         self.thread.join(5.0)
 
@@ -1763,26 +1773,28 @@ class ClientHub:
 # ================================================================================
 
 class _Notifier:
-    """Calls a cluster's callbacks from one thread, in order, outside every lock.
+    """Calls every cluster's callbacks from one thread, in order, never concurrently,
+    outside every lock (one per client process, created with the first callback).
 
-    It shares the cluster's condition, so ``wait()`` can tell when every callback
-    queued for a finished job has run.
+    It shares the hub's condition, and counts the calls queued per cluster, so a
+    cluster's ``wait()`` can tell when every callback of its finished jobs has run.
     """
 
-    def __init__(self, cond, name):
+    def __init__(self, cond):
         self.cond = cond
         self.queue = collections.deque()
-        self.busy = False
+        self.pending = collections.Counter()     # cluster -> calls queued or running
         self.stopped = False
-        self.thread = threading.Thread(target=self._run, daemon=True, name='dispy-notify-' + name)
+        self.thread = threading.Thread(target=self._run, daemon=True, name='dispy-notifier')
         self.thread.start()
 
-    def put(self, func, args):
-        self.queue.append((func, args))
+    def put(self, cluster, func, args):
+        self.queue.append((cluster, func, args))
+        self.pending[cluster] += 1
         self.cond.notify_all()
 
-    def idle(self):
-        return not self.queue and not self.busy
+    def idle(self, cluster):
+        return not self.pending[cluster]
 
     def stop(self):
         with self.cond:
@@ -1796,8 +1808,7 @@ class _Notifier:
                     self.cond.wait()
                 if not self.queue:
                     return
-                func, args = self.queue.popleft()
-                self.busy = True
+                cluster, func, args = self.queue.popleft()
                 self.cond.release()
                 try:
                     func(*args)
@@ -1805,7 +1816,9 @@ class _Notifier:
                     logger.exception('callback %s raised', getattr(func, '__name__', func))
                 finally:
                     self.cond.acquire()
-                    self.busy = False
+                    self.pending[cluster] -= 1
+                    if not self.pending[cluster]:
+                        del self.pending[cluster]
                     self.cond.notify_all()
 
 
@@ -1872,8 +1885,8 @@ class JobCluster:
             'max_frame': int(max_frame_size or DEFAULT_MAX_FRAME),
             'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
             'ping_interval': ping_interval})
-        self._cond = threading.Condition(self._hub.lock)
-        self._notifier = (_Notifier(self._cond, self._package.name)
+        self._cond = self._hub.cond
+        self._notifier = (self._hub.callback_notifier()
                           if (self._callback or self._status_cb) else None)
         _live_clusters.add(self)
         self._hub.add_cluster(self)
@@ -1938,7 +1951,7 @@ class JobCluster:
             return self._cond.wait_for(self._all_done, timeout)
 
     def _all_done(self):
-        return self._open_jobs == 0 and (self._notifier is None or self._notifier.idle())
+        return self._open_jobs == 0 and (self._notifier is None or self._notifier.idle(self))
 
     def close(self, timeout=None, terminate=False):
         """Waits for pending jobs (up to ``timeout``), then releases the nodes.
@@ -1960,8 +1973,6 @@ class JobCluster:
         self._closed = True
         _live_clusters.discard(self)
         self._hub.remove_cluster(self)
-        if self._notifier is not None:
-            self._notifier.stop()
         return True
 
     def _cancel_all(self, grace=5.0):
@@ -2002,12 +2013,12 @@ class JobCluster:
             return
         snapshot = job._snapshot()
         if self._callback and status == DispyJob.ProvisionalResult:
-            self._notifier.put(self._callback, (snapshot,))
+            self._notifier.put(self, self._callback, (snapshot,))
         if self._status_cb:
             node = self._nodes.get(job.ip_addr)
             if node is not None and status == DispyJob.Running:
                 node.busy += 1
-            self._notifier.put(self._status_cb, (status, node, snapshot))
+            self._notifier.put(self, self._status_cb, (status, node, snapshot))
 
     def _job_ended(self, job, link):
         self._open_jobs -= 1
@@ -2020,9 +2031,9 @@ class JobCluster:
             node.update_time = time.time()
         if self._notifier is not None:
             if self._callback:
-                self._notifier.put(self._callback, (job,))
+                self._notifier.put(self, self._callback, (job,))
             if self._status_cb:
-                self._notifier.put(self._status_cb, (job.status, node, job))
+                self._notifier.put(self, self._status_cb, (job.status, node, job))
         self._cond.notify_all()
 
     def _node_changed(self, link, status):
@@ -2036,7 +2047,7 @@ class JobCluster:
             logger.debug('node %s (%s) initialized with %s CPUs for %s', link.ip_addr,
                          link.name, node.cpus, self._package.name)
         if self._status_cb:
-            self._notifier.put(self._status_cb, (status, node, None))
+            self._notifier.put(self, self._status_cb, (status, node, None))
         self._cond.notify_all()
 
     # -- status ------------------------------------------------------------------------------
