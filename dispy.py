@@ -645,9 +645,9 @@ class DispyJob:
 
     __slots__ = ('id', 'status', 'ip_addr', 'result', 'stdout', 'stderr', 'exception',
                  'start_time', 'end_time', '_key', '_cluster', '_blob', '_attempt',
-                 '_node', '_pin', '_depends', '__weakref__')
+                 '_node', '_pin', '_options', '__weakref__')
 
-    def __init__(self, key, cluster, blob, pin=None, depends=None):
+    def __init__(self, key, cluster, blob, pin=None, options=None):
         self.id = None
         self.status = DispyJob.Created
         self.ip_addr = None
@@ -659,7 +659,7 @@ class DispyJob:
         self._attempt = 0          # dispatch count: replies of older attempts are stale
         self._node = None          # NodeLink it is dispatched to
         self._pin = pin            # node address for submit_node
-        self._depends = depends    # per-job dependencies (package), if any
+        self._options = options    # per-job extras for the node (timeout, ...) or None
 
     def __call__(self, clear=False, timeout=None):
         """Waits for the job to end; returns its result (None on timeout)."""
@@ -1122,8 +1122,10 @@ class Scheduler:
         ckey = job._cluster._key
         link.jobs[job._key] = job
         link.in_flight[ckey] += 1
-        link.send(('JOB', job._key, ckey, job._attempt, job._blob, job._depends),
+        link.send(('JOB', job._key, ckey, job._attempt, job._blob, job._options),
                   len(job._blob))
+        if self.hub.recover_log is not None:
+            self.hub.recover_log.dispatched(job._key, job._attempt, link)
 
     # -- node events -------------------------------------------------------------------------
     def node_ready(self, link, info):
@@ -1138,6 +1140,10 @@ class Scheduler:
             else:   # jobs and computations the node no longer has are lost
                 lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
                 self._lose_jobs(link, lost, 'node lost the job')
+                for key, attempt in held:       # attempts superseded while it was away
+                    job = link.jobs.get(key)
+                    if job is None or job._attempt != attempt:
+                        link.send(('CANCEL', key, attempt))
                 kept = set(info.get('computations', ()))
                 for ckey in [k for k in link.setups if k not in kept]:
                     del link.setups[ckey]
@@ -1149,6 +1155,8 @@ class Scheduler:
             link.avail_info = _avail_info(info.get('avail'))
             link.state = 'ready'
             link.retry = 0
+            if self.hub.recover_log is not None:
+                self.hub.recover_log.node(link)
             for cluster in list(self.clusters.values()):
                 if cluster._key not in link.setups:
                     self._setup_on(link, cluster)
@@ -1299,7 +1307,9 @@ class Scheduler:
         job.stdout, job.stderr, job.exception = stdout, stderr, exception
         job.end_time = end_time or time.time()
         job._blob = None            # finished jobs hold no reference to their arguments
-        job._depends = None
+        job._options = None
+        if self.hub.recover_log is not None:
+            self.hub.recover_log.ended(job._key)
         link, job._node = job._node, None
         if link is not None and link.jobs.get(job._key) is job:
             del link.jobs[job._key]
@@ -1429,6 +1439,7 @@ class ClientHub:
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         for sock in self.udp_socks:
             self.selector.register(sock, selectors.EVENT_READ, sock)
+        self.recover_log = RecoverLog.create(options.get('recover_file'), self)
         self.thread = threading.Thread(target=self._loop, daemon=True, name='dispy-hub')
         self.thread.start()
 
@@ -1507,6 +1518,8 @@ class ClientHub:
                 link.conn.writer.join(5.0)
         if self.notifier is not None:
             self.notifier.stop()        # after the calls already queued
+        if self.recover_log is not None:
+            self.recover_log.close(remove=True)   # closed cleanly: nothing to recover
         self.wake()
         self.thread.join(5.0)
 
@@ -1528,8 +1541,11 @@ class ClientHub:
     def _dial_thread(self, link):
         family = node_address_family(link.ip_addr)
         sock = socket.socket(family, socket.SOCK_STREAM)
+        timeout = HANDSHAKE_TIMEOUT
+        if link.state == 'reconnecting':
+            timeout = min(timeout, max(1.0, 2 * self.pulse_interval))
         try:
-            sock.settimeout(HANDSHAKE_TIMEOUT)
+            sock.settimeout(timeout)
             sock.connect((link.ip_addr, link.port))
         except OSError as exc:
             sock.close()
@@ -1540,7 +1556,7 @@ class ClientHub:
             if self.ssl_context is not None:
                 sock = self.ssl_context.wrap_socket(sock, server_side=False)
             channel = handshake(sock, self.secret, True, {'role': 'client'},
-                                self.max_frame)
+                                self.max_frame, timeout)
         except (OSError, ProtocolError, ValueError) as exc:
             sock.close()
             if not isinstance(exc, ProtocolError):
@@ -1621,7 +1637,14 @@ class ClientHub:
                 return
             if link.state == 'busy':
                 return
-            if link.state == 'ready' or link.jobs:
+            if getattr(link, 'silent', False):
+                # Silent for 5 pulses already: dead now; it is dialed again later and
+                # used again if it comes back.
+                link.silent = False
+                logger.warning('node %s is lost: %s', link.ip_addr, reason)
+                self.scheduler.node_lost(link, reason)
+                link.next_dial = time.monotonic() + self.pulse_interval
+            elif link.state == 'ready' or link.jobs:
                 logger.warning('connection to node %s lost (%s); reconnecting', link.ip_addr,
                                reason)
                 link.state = 'reconnecting'
@@ -1702,6 +1725,8 @@ class ClientHub:
         with self.lock:
             if self.closed:
                 return
+            if self.recover_log is not None:
+                self.recover_log.flush()
             if now >= self.next_ping:
                 self._ping(now)
             for link in list(self.links.values()):
@@ -1715,6 +1740,7 @@ class ClientHub:
                 link.send(('PULSE', time.time()))
             silent = time.monotonic() - link.conn.last_recv
             if silent > DEAD_PULSES * self.pulse_interval:
+                link.silent = True
                 link.conn.close('no message from node for %.1f s' % silent)
         elif getattr(link, 'dialing', False):
             return
@@ -1766,6 +1792,237 @@ class ClientHub:
             msg += ('; %d node(s) answered but failed authentication (secret mismatch?): %s'
                     % (len(self.auth_failures), ', '.join(sorted(self.auth_failures))))
         logger.warning(msg)
+
+
+# ================================================================================
+# Client crash recovery: the recover file and recover_jobs()
+# ================================================================================
+
+class RecoverLog:
+    """The client's recover file: what ``recover_jobs`` needs after a crash.
+
+    JSON lines, appended as jobs are dispatched and written out by the hub loop every
+    tick (batched; no fsync: a crash of the client, not of the machine, is the case
+    covered, and the nodes know every job they hold anyway).  It holds the secret, so
+    it is created mode 0600.  A cluster that closes cleanly removes it.
+
+        {"client": ID, "secret": ..., "certfile": ..., "keyfile": ..., "cafile": ...}
+        {"node": [ADDRESS, PORT]}              once per node
+        {"job": [KEY, ATTEMPT, ADDRESS]}       per dispatch
+        {"end": KEY}                           per job ended
+    """
+
+    def __init__(self, path, hub):
+        self.path = path
+        self.lines = []
+        self.nodes = set()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.file = os.fdopen(fd, 'w')
+        opts = hub.options
+        self.file.write(json.dumps({'client': hub.client_id, 'secret': hub.secret,
+                                    'certfile': opts.get('certfile'),
+                                    'keyfile': opts.get('keyfile'),
+                                    'cafile': opts.get('cafile'),
+                                    'created': time.time()}) + '\n')
+        self.file.flush()
+
+    @classmethod
+    def create(cls, path, hub):
+        if path is None:
+            stamp = time.strftime('%Y%m%d%H%M%S')
+            path = '_dispy_' + stamp
+            for n in range(1, 100):
+                if not os.path.exists(path):
+                    break
+                path = '_dispy_%s_%d' % (stamp, n)
+        try:
+            return cls(path, hub)
+        except OSError as exc:
+            logger.warning('cannot create recover file %s (%s): jobs of this client cannot '
+                           'be recovered after a crash', path, exc)
+            return None
+
+    def node(self, link):
+        if link.ip_addr not in self.nodes:
+            self.nodes.add(link.ip_addr)
+            self.lines.append('{"node": [%s, %d]}\n' % (json.dumps(link.ip_addr), link.port))
+
+    def dispatched(self, key, attempt, link):
+        self.lines.append('{"job": [%d, %d, %s]}\n' % (key, attempt, json.dumps(link.ip_addr)))
+
+    def ended(self, key):
+        self.lines.append('{"end": %d}\n' % key)
+
+    def flush(self):
+        if self.lines:
+            lines, self.lines = self.lines, []
+            try:
+                self.file.write(''.join(lines))
+                self.file.flush()
+            except (OSError, ValueError) as exc:
+                logger.warning('recover file %s: %s', self.path, exc)
+
+    def close(self, remove):
+        self.flush()
+        try:
+            self.file.close()
+            if remove:
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class _RecoveredCluster:
+    """Stands in for the cluster of a recovered job (it has already ended)."""
+
+    @staticmethod
+    def _wait_job(job, timeout):
+        return True
+
+
+def _read_recover_file(path):
+    header, nodes, dispatched, ended = None, {}, {}, set()
+    with open(path) as f:
+        for line in f:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue        # a torn last line after a crash
+            if header is None:
+                header = entry
+            elif 'node' in entry:
+                nodes[entry['node'][0]] = int(entry['node'][1])
+            elif 'job' in entry:
+                key, attempt, addr = entry['job']
+                dispatched[key] = (attempt, addr)
+            elif 'end' in entry:
+                ended.add(entry['end'])
+    if header is None or 'client' not in header:
+        raise ValueError('%s is not a dispy recover file' % path)
+    return header, nodes, {k: v for k, v in dispatched.items() if k not in ended}
+
+
+def _newest_recover_file():
+    files = [f for f in os.listdir('.') if f.startswith('_dispy_') and os.path.isfile(f)]
+    if not files:
+        raise FileNotFoundError('no _dispy_* recover file in %s' % os.getcwd())
+    return max(files, key=os.path.getmtime)
+
+
+def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
+    """Collects the jobs of a client that crashed, from the nodes that ran them.
+
+    Reads ``recover_file`` (None: the newest ``_dispy_*`` file in the current folder),
+    reconnects to its nodes as that client, waits for every job they hold (at most
+    ``timeout`` seconds), cancels the unfinished ones if ``terminate_pending``, releases
+    the nodes and returns the jobs (DispyJob objects with result, stdout, stderr,
+    exception, status).  A job the file lists but no node knows is ``Abandoned``.
+    """
+    setup_logging()
+    path = recover_file or _newest_recover_file()
+    header, nodes, pending = _read_recover_file(path)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    ctx = make_ssl_context(False, header.get('certfile'), header.get('keyfile'),
+                           header.get('cafile'))
+    results, threads = {}, []
+    for addr, port in nodes.items():
+        t = threading.Thread(target=_recover_from_node, daemon=True,
+                             args=(addr, port, header, ctx, deadline, terminate_pending,
+                                   results))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+    jobs = []
+    for key in sorted(set(results) | set(pending)):
+        job = DispyJob(key, _RecoveredCluster, None)
+        job.id = key
+        reply = results.get(key)
+        if reply is None:
+            job.status = DispyJob.Abandoned
+            job.ip_addr = pending[key][1]
+            job.exception = 'Abandoned: no node holds this job any more'
+        else:
+            _fill_recovered(job, reply)
+        jobs.append(job)
+    if all(job.status in FINAL_STATUSES for job in jobs):   # nothing left to recover
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return jobs
+
+
+def _fill_recovered(job, reply):
+    addr, (_, _key, _attempt, status, blob, stdout, stderr, exception, start, end) = reply
+    job.ip_addr = addr
+    job.status = status
+    job.stdout, job.stderr, job.exception = stdout, stderr, exception
+    job.start_time, job.end_time = start, end
+    if blob is not None:
+        try:
+            job.result = pickle.loads(blob)
+        except Exception as exc:
+            job.status = DispyJob.Terminated
+            job.exception = 'result could not be unpickled: %r' % exc
+
+
+def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
+    """Reconnects to one node as the crashed client and collects what it holds."""
+    try:
+        sock = socket.create_connection((addr, port), timeout=HANDSHAKE_TIMEOUT)
+        if ctx is not None:
+            sock = ctx.wrap_socket(sock, server_side=False)
+        channel = handshake(sock, header.get('secret', ''), True, {'role': 'client'})
+        channel.send([('CLIENT', {'id': header['client'], 'name': socket.gethostname(),
+                                  'pid': os.getpid(), 'recover': True})])
+        channel.sock.settimeout(HANDSHAKE_TIMEOUT)
+        first = channel.recv()[0]
+    except (OSError, ProtocolError) as exc:
+        logger.warning('recover_jobs: node %s:%s: %s', addr, port, exc)
+        return
+    if first[0] != 'NODE':
+        logger.warning('recover_jobs: node %s is serving another client (%s)', addr,
+                       first[1] if len(first) > 1 else '?')
+        channel.close()
+        return
+    waiting = {tuple(x) for x in first[1].get('jobs', ())}
+    cancelled = False
+    try:
+        while waiting:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline and not cancelled:
+                if not terminate:
+                    break
+                channel.send([('CANCEL', key, attempt) for key, attempt in waiting])
+                cancelled = True
+                deadline = now + 10     # bounded wait for the killed jobs' replies
+            elif cancelled and now >= deadline:
+                break
+            channel.sock.settimeout(1.0 if deadline is None else max(0.05, deadline - now))
+            try:
+                msgs = channel.recv()
+            except socket.timeout:
+                continue
+            acks = []
+            for msg in msgs:
+                if msg[0] == 'RESULT':
+                    waiting.discard((msg[1], msg[2]))
+                    results[msg[1]] = (addr, msg)
+                    acks.append(('ACK', msg[1], msg[2]))
+                elif msg[0] == 'PULSE':
+                    acks.append(('PULSE', time.time()))
+            if acks:
+                channel.send(acks)
+        for key, attempt in waiting:        # still running: reported as such
+            results.setdefault(key, (addr, ('RESULT', key, attempt, DispyJob.Running, None,
+                                            None, None, None, None, None)))
+        if not waiting or terminate:
+            channel.send([('RELEASE',)])
+    except (OSError, ProtocolError) as exc:
+        logger.warning('recover_jobs: node %s: %s', addr, exc)
+    finally:
+        channel.close()
 
 
 # ================================================================================
@@ -1884,7 +2141,7 @@ class JobCluster:
             'ext_ip_addrs': _as_list(ext_ip_addr if ext_ip_addr is not None else ext_host),
             'max_frame': int(max_frame_size or DEFAULT_MAX_FRAME),
             'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
-            'ping_interval': ping_interval})
+            'ping_interval': ping_interval, 'recover_file': recover_file})
         self._cond = self._hub.cond
         self._notifier = (self._hub.callback_notifier()
                           if (self._callback or self._status_cb) else None)
@@ -1913,6 +2170,7 @@ class JobCluster:
 
     def _submit(self, pin, args, kwargs):
         depends = kwargs.pop('dispy_job_depends', None)
+        timeout = kwargs.pop('dispy_job_timeout', self._job_timeout)
         if self._closed:
             logger.error('job not created: cluster %s is closed', self._package.name)
             return None
@@ -1929,7 +2187,10 @@ class JobCluster:
             logger.error('job not created: its arguments take %d bytes, over the frame limit '
                          'of %d (max_frame_size)', len(blob), self._hub.max_frame)
             return None
-        job = DispyJob(next(_job_keys), self, blob, pin, depends)
+        options = None
+        if timeout:
+            options = {'timeout': float(timeout)}
+        job = DispyJob(next(_job_keys), self, blob, pin, options)
         self._hub.scheduler.submit(job)
         return job
 

@@ -392,9 +392,10 @@ def _run_program(key, attempt, blob, ns, spec):
 class NodeJob:
     """A job on this node, from arrival to acknowledged result."""
 
-    __slots__ = ('key', 'attempt', 'comp', 'blob', 'worker', 'cancelled', 'start_time')
+    __slots__ = ('key', 'attempt', 'comp', 'blob', 'worker', 'cancelled', 'start_time',
+                 'timeout', 'timed_out')
 
-    def __init__(self, key, attempt, comp, blob):
+    def __init__(self, key, attempt, comp, blob, timeout=None):
         self.key = key
         self.attempt = attempt
         self.comp = comp
@@ -402,6 +403,8 @@ class NodeJob:
         self.worker = None
         self.cancelled = False
         self.start_time = None
+        self.timeout = timeout          # seconds the job may run, or None
+        self.timed_out = False
 
 
 class Worker:
@@ -445,6 +448,7 @@ class ClientSession:
         self.conn = None
         self.jobs = {}              # key -> NodeJob not yet finished
         self.results = {}           # (key, attempt) -> RESULT message until acknowledged
+        self.stored = set()         # (key, attempt) of results also kept on disk
         self.comps = {}             # cluster key -> NodeComputation
         self.disconnected_at = None
         self.pulse_interval = float(info.get('pulse_interval') or dispy.DEFAULT_PULSE_INTERVAL)
@@ -452,6 +456,65 @@ class ClientSession:
     def describe(self):
         return '%s (%s, pid %s)' % (self.address, self.info.get('name', '?'),
                                     self.info.get('pid', '?'))
+
+
+class ResultStore:
+    """Results of clients that went away, on disk under ``--dest_path_prefix`` until the
+    client (or ``recover_jobs``) comes back for them; they survive a node restart and
+    are removed only when acknowledged or by ``--clean``.  Files are 0600 pickles of
+    plain-data RESULT messages, loaded with the frame unpickler."""
+
+    def __init__(self, prefix):
+        self.dir = os.path.join(prefix, '.dispy_results')
+
+    def _client_dir(self, client_id):
+        if not re.fullmatch(r'[0-9a-f]{8,64}', client_id or ''):
+            return None
+        return os.path.join(self.dir, client_id)
+
+    def save(self, client_id, reply):
+        folder = self._client_dir(client_id)
+        if folder is None:
+            return False
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            path = os.path.join(folder, '%d-%d' % (reply[1], reply[2]))
+            fd = os.open(path + '.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, 'wb') as f:
+                f.write(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
+            os.replace(path + '.tmp', path)
+            return True
+        except OSError as exc:
+            logger.warning('cannot keep a result on disk: %s', exc)
+            return False
+
+    def load(self, client_id):
+        folder = self._client_dir(client_id)
+        replies = []
+        if folder is None or not os.path.isdir(folder):
+            return replies
+        for name in os.listdir(folder):
+            if not re.fullmatch(r'\d+-\d+', name):
+                continue
+            try:
+                with open(os.path.join(folder, name), 'rb') as f:
+                    replies.append(dispy.loads_frame(f.read()))
+            except Exception as exc:
+                logger.warning('stored result %s unreadable: %s', name, exc)
+        return replies
+
+    def remove(self, client_id, key, attempt):
+        folder = self._client_dir(client_id)
+        if folder is None:
+            return
+        try:
+            os.unlink(os.path.join(folder, '%d-%d' % (key, attempt)))
+        except OSError:
+            return
+        try:
+            os.rmdir(folder)        # only if that was the last one
+        except OSError:
+            pass
 
 
 def _safe_name(name):
@@ -502,6 +565,7 @@ class NodeServer:
         self.udp_socks = []
         self.name = config.name or socket.gethostname()
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
+        self.store = ResultStore(config.dest_path_prefix)
         self.handshake_slots = threading.BoundedSemaphore(32)
         self.zygote_lock = threading.Lock()
         self.hosts_done = threading.Condition(self.lock)
@@ -609,7 +673,13 @@ class NodeServer:
                 return
             if session is None:
                 session = self.session = ClientSession(client_id, info, addr[0])
-                logger.info('serving client %s', session.describe())
+                for reply in self.store.load(client_id):    # kept from before
+                    key = (reply[1], reply[2])
+                    session.results[key] = reply
+                    session.stored.add(key)
+                logger.info('serving client %s%s', session.describe(),
+                            ' (%d result(s) kept for it)' % len(session.results)
+                            if session.results else '')
             elif session.conn is not None:
                 session.conn.close('replaced by a new connection')
             session.conn = conn
@@ -648,6 +718,7 @@ class NodeServer:
                 return
             session.conn = None
             session.disconnected_at = time.monotonic()
+            self._store_results(session)
             if session.jobs or session.results:
                 logger.warning('client %s disconnected (%s); its %d job(s) go on and results '
                                'are kept', session.address, reason,
@@ -655,6 +726,11 @@ class NodeServer:
             else:   # nothing to keep for it: free for other clients now
                 logger.info('client %s disconnected (%s)', session.address, reason)
                 self._end_session(session)
+
+    def _store_results(self, session):
+        for key, reply in session.results.items():
+            if key not in session.stored and self.store.save(session.client_id, reply):
+                session.stored.add(key)
 
     # -- client messages (lock held) ---------------------------------------------------------
     def _on_compute(self, session, msg):
@@ -729,7 +805,8 @@ class NodeServer:
                          name='dispynode-host').start()
 
     def _on_job(self, session, msg):
-        _, key, ckey, attempt, blob, _depends = msg
+        _, key, ckey, attempt, blob, options = msg
+        timeout = float(options['timeout']) if options and options.get('timeout') else None
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'ready':
             self._finish(session, None, ('RESULT', key, attempt, DispyJob.Cancelled, None, '', '',
@@ -739,7 +816,7 @@ class NodeServer:
         old = session.jobs.get(key)
         if old is not None:          # a resubmission supersedes an older attempt
             self._cancel_job(session, old)
-        job = session.jobs[key] = NodeJob(key, attempt, comp, blob)
+        job = session.jobs[key] = NodeJob(key, attempt, comp, blob, timeout)
         self.queue.append(job)
         self._pump()
 
@@ -750,7 +827,11 @@ class NodeServer:
             self._cancel_job(session, job)
 
     def _on_ack(self, session, msg):
-        session.results.pop((msg[1], msg[2]), None)
+        key = (msg[1], msg[2])
+        session.results.pop(key, None)
+        if key in session.stored:
+            session.stored.discard(key)
+            self.store.remove(session.client_id, *key)
 
     def _on_close_compute(self, session, msg):
         comp = session.comps.pop(msg[1], None)
@@ -844,6 +925,8 @@ class NodeServer:
         self.jobs_done += 1
         if conn is not None:
             conn.send(reply, len(reply[4] or b''))
+        elif self.store.save(session.client_id, reply):     # client away: keep on disk
+            session.stored.add((reply[1], reply[2]))
 
     # -- worker and host readers (their own threads) ---------------------------------------
     def _worker_reader(self, worker):
@@ -906,7 +989,10 @@ class NodeServer:
             self.running -= 1
             session = self.session
             if session is not None and session.jobs.get(job.key) is job:
-                if job.cancelled:
+                if job.timed_out:
+                    status = DispyJob.Terminated
+                    text = 'Terminated: the job ran past its timeout of %s s' % job.timeout
+                elif job.cancelled:
                     status, text = DispyJob.Cancelled, 'Cancelled'
                 else:
                     status = DispyJob.Terminated
@@ -1053,6 +1139,7 @@ class NodeServer:
             if self.quitting and not self.queue and self.running == 0:
                 self.done.set()
             return
+        self._kill_overdue(session)
         now = time.monotonic()
         conn = session.conn
         if conn is not None:
@@ -1064,10 +1151,21 @@ class NodeServer:
         elif (session.disconnected_at is not None and not session.jobs
               and now - session.disconnected_at > self.config.zombie_interval):
             logger.warning('client %s did not come back in %.1f minutes; this node is free '
-                           'again', session.address, self.config.zombie_interval / 60)
+                           'again (%d result(s) kept on disk for recover_jobs)',
+                           session.address, self.config.zombie_interval / 60,
+                           len(session.stored))
             self._end_session(session)
         if self.quitting and not self.queue and self.running == 0:
             self.done.set()
+
+    def _kill_overdue(self, session):
+        now = time.time()
+        for job in session.jobs.values():
+            if (job.timeout and job.worker is not None and not job.cancelled
+                    and now - job.start_time > job.timeout):
+                logger.info('job %s ran past its timeout of %s s: killed', job.key, job.timeout)
+                job.timed_out = True
+                self._cancel_job(session, job)
 
     # -- shutdown ---------------------------------------------------------------------------------
     def shutdown(self, grace=5.0):
