@@ -842,106 +842,153 @@ def _find_name(obj, frames_globals):
     return None
 
 
-class ComputePackage:
-    """Everything a node needs to run a computation, built once per cluster.
+class Dependencies:
+    """Collects ``depends`` items: functions and classes as source text, class instances
+    as a pickled blob (bound to their global names), modules and files as files."""
 
-    ``spec`` is plain data (sent in a frame); ``files`` are (name, path) pairs sent in
-    chunks before the spec.  Python code travels as source text, so client and node may
-    run different Python versions.
-    """
-
-    def __init__(self, computation, depends=(), setup=None, cleanup=True, dest_path=None,
-                 caller_globals=()):
+    def __init__(self, caller_globals=()):
+        self.code = []
+        self.names = set()         # functions and classes already in ``code``
+        self.objects = {}
+        self.modules = []
         self.files = []            # (base name, local path)
-        code, objects, modules = [], {}, []
-        if isinstance(computation, str):
-            path = os.path.abspath(computation)
-            if not os.path.isfile(path):
-                raise ComputationError('program %r not found' % computation)
-            self.kind = 'program'
-            self.name = os.path.basename(path)
-            self._add_file(path)
-        elif inspect.isfunction(computation):
-            self.kind = 'function'
-            self.name = computation.__name__
-        else:
-            raise ComputationError('computation must be a Python function or the path of a '
-                                   'program, not %r' % (computation,))
-        names = set()
-        for dep in depends or ():
-            self._add_dependency(dep, code, objects, modules, names, caller_globals)
-        setup_spec = cleanup_spec = None
-        for func, what in ((setup, 'setup'), (cleanup, 'cleanup')):
-            if func is None or isinstance(func, bool):
-                continue
-            src = _function_source(func, what)
-            base = func.func if isinstance(func, functools.partial) else func
-            if base.__name__ not in names:
-                code.append(src)
-                names.add(base.__name__)
-            args = ((func.args, func.keywords or {}) if isinstance(func, functools.partial)
-                    else ((), {}))
-            try:
-                spec = (base.__name__, dumps_blob(args))
-            except Exception as exc:
-                raise ComputationError('%s arguments cannot be pickled: %s' % (what, exc))
-            if what == 'setup':
-                setup_spec = spec
-            else:
-                cleanup_spec = spec
-        if self.kind == 'function' and self.name not in names:
-            code.append(_function_source(computation, 'computation'))
-        source = '\n\n'.join(code)
-        try:
-            compile(source, '<dispy computation>', 'exec')
-        except SyntaxError as exc:
-            raise ComputationError('computation source does not compile: %s' % exc)
-        try:
-            objects_blob = dumps_blob(objects) if objects else None
-        except Exception as exc:
-            raise ComputationError('objects in depends cannot be pickled: %s' % exc)
-        self.spec = {
-            'kind': self.kind, 'name': self.name, 'code': source, 'objects': objects_blob,
-            'modules': modules, 'setup': setup_spec, 'cleanup': cleanup_spec,
-            'remove_files': cleanup is not False, 'dest_path': dest_path,
-            'files': [name for name, _ in self.files],
-        }
+        self.caller_globals = caller_globals
 
-    def _add_file(self, path):
+    def add_all(self, depends):
+        for dep in depends or ():
+            self.add(dep)
+        return self
+
+    def add_source(self, func, what):
+        base = func.func if isinstance(func, functools.partial) else func
+        if base.__name__ not in self.names:
+            self.code.append(_function_source(func, what))
+            self.names.add(base.__name__)
+
+    def add_file(self, path):
         name = os.path.basename(path)
         if any(n == name for n, _ in self.files):
             raise ComputationError('two dependencies named %r: files are copied by base name'
                                    % name)
         self.files.append((name, path))
 
-    def _add_dependency(self, dep, code, objects, modules, names, caller_globals):
+    def add(self, dep):
         if isinstance(dep, str):
             if not os.path.isfile(dep):
                 raise ComputationError('dependency file %r not found' % dep)
-            self._add_file(os.path.abspath(dep))
+            self.add_file(os.path.abspath(dep))
         elif isinstance(dep, types.ModuleType):
             path = getattr(dep, '__file__', None)
             if not path or not path.endswith('.py') or os.path.basename(path) == '__init__.py':
                 raise ComputationError('module %r has no single source file to ship'
                                        % dep.__name__)
-            self._add_file(path)
-            modules.append(os.path.basename(path)[:-3])
+            self.add_file(path)
+            self.modules.append(os.path.basename(path)[:-3])
         elif inspect.isfunction(dep) or inspect.isclass(dep):
-            if dep.__name__ not in names:
-                code.append(_function_source(dep, 'dependency'))
-                names.add(dep.__name__)
+            self.add_source(dep, 'dependency')
         elif isinstance(dep, functools.partial):
             raise ComputationError('depends: partial functions are only for setup/cleanup')
         else:   # an instance: ship its class (if it is the client's own) and the object
             cls = type(dep)
-            if cls.__module__ == '__main__' and cls.__name__ not in names:
-                code.append(_function_source(cls, 'class of dependency'))
-                names.add(cls.__name__)
-            name = _find_name(dep, caller_globals)
+            if cls.__module__ == '__main__':
+                self.add_source(cls, 'class of dependency')
+            name = _find_name(dep, self.caller_globals)
             if name is None:
                 raise ComputationError('depends: object %r is not bound to a global name, so '
                                        'jobs could not refer to it' % (dep,))
-            objects[name] = dep
+            self.objects[name] = dep
+
+    def source(self):
+        source = '\n\n'.join(self.code)
+        try:
+            compile(source, '<dispy computation>', 'exec')
+        except SyntaxError as exc:
+            raise ComputationError('computation source does not compile: %s' % exc)
+        return source
+
+    def objects_blob(self):
+        try:
+            return dumps_blob(self.objects) if self.objects else None
+        except Exception as exc:
+            raise ComputationError('objects in depends cannot be pickled: %s' % exc)
+
+    def job_extra(self):
+        """Per-job dependencies as plain data travelling with the job."""
+        files = []
+        for name, path in self.files:
+            with open(path, 'rb') as f:
+                files.append((name, os.stat(path).st_mode & 0o777, f.read()))
+        return {'code': self.source(), 'objects': self.objects_blob(),
+                'modules': self.modules, 'files': files}
+
+
+class ComputePackage:
+    """Everything a node needs to run a computation, built once per cluster.
+
+    ``spec`` is plain data (sent in a frame); ``files`` are (name, path) pairs streamed
+    after it.  Python code travels as source text, so client and node may run
+    different Python versions.
+    """
+
+    def __init__(self, computation, depends=(), setup=None, cleanup=True, dest_path=None,
+                 caller_globals=()):
+        deps = Dependencies(caller_globals)
+        if isinstance(computation, str):
+            path = os.path.abspath(computation)
+            if not os.path.isfile(path):
+                raise ComputationError('program %r not found' % computation)
+            self.kind = 'program'
+            self.name = os.path.basename(path)
+            deps.add_file(path)
+        elif inspect.isfunction(computation):
+            self.kind = 'function'
+            self.name = computation.__name__
+        else:
+            raise ComputationError('computation must be a Python function or the path of a '
+                                   'program, not %r' % (computation,))
+        deps.add_all(depends)
+        self.setup = self._function_spec(deps, setup, 'setup')
+        cleanup_spec = self._function_spec(deps, cleanup, 'cleanup')
+        if self.kind == 'function':
+            deps.add_source(computation, 'computation')
+        self.files = deps.files
+        self.caller_globals = caller_globals
+        self.spec = {
+            'kind': self.kind, 'name': self.name, 'code': deps.source(),
+            'objects': deps.objects_blob(), 'modules': deps.modules, 'setup': self.setup,
+            'cleanup': cleanup_spec, 'remove_files': cleanup is not False,
+            'dest_path': dest_path, 'files': [name for name, _ in self.files],
+        }
+
+    @staticmethod
+    def _function_spec(deps, func, what):
+        """(name, pickled partial arguments) of setup/cleanup, their source added."""
+        if func is None or isinstance(func, bool):
+            return None
+        deps.add_source(func, what)
+        base = func.func if isinstance(func, functools.partial) else func
+        args = ((func.args, func.keywords or {}) if isinstance(func, functools.partial)
+                else ((), {}))
+        try:
+            return (base.__name__, dumps_blob(args))
+        except Exception as exc:
+            raise ComputationError('%s arguments cannot be pickled: %s' % (what, exc))
+
+    def for_node(self, alloc):
+        """(spec, files) for one node: a NodeAllocate may add ``setup_args`` and
+        ``depends`` for its nodes."""
+        setup_args = getattr(alloc, 'setup_args', None)
+        extra = getattr(alloc, 'depends', None)
+        spec, files = dict(self.spec), self.files
+        if setup_args is not None and spec['setup']:
+            spec['setup'] = (spec['setup'][0], dumps_blob((tuple(setup_args), {})))
+        if extra:
+            deps = Dependencies(self.caller_globals).add_all(extra)
+            spec['code'] = spec['code'] + '\n\n' + deps.source()
+            files = files + deps.files
+            spec['files'] = [name for name, _ in files]
+            spec['modules'] = spec['modules'] + deps.modules
+        return spec, files
 
 
 # ================================================================================
@@ -994,6 +1041,8 @@ class NodeLink:
         self.in_flight = collections.Counter()   # cluster key -> jobs dispatched
         self.alloc_cpus = {}      # cluster key -> CPUs the cluster may use here
         self.retry = 0            # index in RECONNECT_DELAYS while reconnecting
+        self.put_replies = {}     # (cluster key, file name) -> error or None (send_file)
+        self.closing = {}         # cluster key -> re-setup after closing? (close_node)
         self.next_dial = 0.0
         self.lost_reason = None
         self.busy_warned = False
@@ -1040,9 +1089,6 @@ class Scheduler:
     def add_cluster(self, cluster):
         with self.lock:
             self.clusters[cluster._key] = cluster
-            for link in self.links.values():
-                if link.state == 'ready':
-                    self._setup_on(link, cluster)
 
     def remove_cluster(self, cluster, timeout=10.0):
         """Closes the cluster's computation on every node (they run cleanup)."""
@@ -1087,7 +1133,8 @@ class Scheduler:
             if not cluster._pending and not cluster._pinned:
                 continue
             ckey = cluster._key
-            candidates = [l for l in ready if l.setups.get(ckey) == 'ready']
+            candidates = [l for l in ready if l.setups.get(ckey) == 'ready'
+                          and ckey not in l.closing]
             for link in candidates:
                 pinned = cluster._pinned.get(link.ip_addr)
                 while pinned and link.in_flight[ckey] < link.capacity(ckey):
@@ -1180,20 +1227,23 @@ class Scheduler:
             return
         link.setups[cluster._key] = 'pending'
         link.alloc_cpus[cluster._key] = cpus
-        package = cluster._package
-        setup_args = getattr(alloc, 'setup_args', None)
-        spec = dict(package.spec, key=cluster._key, cpus=cpus)
-        if setup_args is not None and spec.get('setup'):
-            spec['setup'] = (spec['setup'][0], dumps_blob((tuple(setup_args), {})))
-        threading.Thread(target=self._send_computation, args=(link, cluster, spec),
+        try:
+            spec, files = cluster._package.for_node(alloc)
+        except (ComputationError, OSError) as exc:
+            logger.error('cannot set up %s on node %s: %s', cluster._package.name,
+                         link.ip_addr, exc)
+            link.setups[cluster._key] = 'failed'
+            return
+        spec.update(key=cluster._key, cpus=cpus)
+        threading.Thread(target=self._send_computation, args=(link, cluster, spec, files),
                          daemon=True, name='dispy-setup-%s' % link.ip_addr).start()
 
-    def _send_computation(self, link, cluster, spec):
+    def _send_computation(self, link, cluster, spec, files):
         """Sends the spec, then streams the files (a thread: files may be big); the
         node runs setup once the last file has arrived."""
         link.send(('COMPUTE', cluster._key, spec))
         try:
-            for name, path in cluster._package.files:
+            for name, path in files:
                 send_file_chunks(link.send, ('FILE', cluster._key), name, path)
         except OSError as exc:
             logger.error('cannot send %s to node %s: %s', exc.filename, link.ip_addr, exc)
@@ -1293,7 +1343,36 @@ class Scheduler:
             logger.warning('node %s refused a file of computation %s: %s', link.ip_addr,
                            ckey, error)
 
+    def _on_send_file(self, link, msg):
+        """A file a job sent with dispy_send_file: saved under the client's working
+        directory at the same relative path; never outside it."""
+        _, key, attempt, relpath, mode, offset, data, last = msg
+        job = link.jobs.get(key)
+        if job is None or job._attempt != attempt:
+            return
+        base = job._cluster._cwd
+        path = os.path.normpath(os.path.join(base, str(relpath).lstrip('/\\')))
+        if os.path.commonpath([base, path]) != base or path == base:
+            logger.warning('node %s: job %s sent a file with a refused path %r', link.ip_addr,
+                           key, relpath)
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, 'r+b' if offset else 'wb') as f:
+                f.seek(offset)
+                f.write(data)
+            if last:
+                os.chmod(path, int(mode) & 0o755 | 0o600)
+        except OSError as exc:
+            logger.warning('cannot save file %s sent by job %s: %s', path, key, exc)
+
+    def _on_put_file_done(self, link, msg):
+        _, ckey, name, error = msg
+        link.put_replies[(ckey, name)] = error
+        self.hub.cond.notify_all()
+
     handlers = {'NODE': _on_node_info, 'BUSY': _on_busy, 'SETUP': _on_setup,
+                'SEND_FILE': _on_send_file, 'PUT_FILE_DONE': _on_put_file_done,
                 'STARTED': _on_started, 'RESULT': _on_result, 'PROVISIONAL': _on_provisional,
                 'CLOSED': _on_closed_compute, 'PULSE': _on_pulse, 'FILE_ERROR': _on_file_error}
 
@@ -1315,6 +1394,37 @@ class Scheduler:
             del link.jobs[job._key]
             link.in_flight[job._cluster._key] -= 1
         job._cluster._job_ended(job, link)
+        if link is not None and job._cluster._key in link.closing:
+            self.finish_close_node(link, job._cluster)
+
+    # -- per-node control (cluster methods) ------------------------------------------------------
+    def close_node(self, link, cluster, terminate, resetup=False):
+        """Stops sending the cluster's jobs to a node; once none is in flight there the
+        node closes the computation (and sets it up again if ``resetup``)."""
+        ckey = cluster._key
+        if ckey not in link.setups:
+            return -1
+        link.closing[ckey] = resetup
+        link.alloc_cpus[ckey] = 0 if not resetup else link.alloc_cpus.get(ckey, 0)
+        if terminate:
+            for job in [j for j in link.jobs.values() if j._cluster is cluster]:
+                link.send(('CANCEL', job._key, job._attempt))
+        self.finish_close_node(link, cluster)
+        return 0
+
+    def finish_close_node(self, link, cluster):
+        ckey = cluster._key
+        if link.in_flight[ckey] > 0 or ckey not in link.closing:
+            return
+        resetup = link.closing.pop(ckey)
+        state = link.setups.pop(ckey, None)
+        link.alloc_cpus.pop(ckey, None)
+        if state != 'failed':
+            link.send(('CLOSE_COMPUTE', ckey))
+        if state == 'ready' and not resetup:
+            cluster._node_changed(link, DispyNode.Closed)
+        if resetup and link.state == 'ready':
+            self._setup_on(link, cluster)
 
     # -- node loss -----------------------------------------------------------------------------
     def node_lost(self, link, reason):
@@ -1477,17 +1587,25 @@ class ClientHub:
     def add_cluster(self, cluster):
         with self.lock:
             self.clusters.append(cluster)
-            for alloc in cluster._allocs:
+            self.scheduler.add_cluster(cluster)
+        self.add_nodes(cluster, cluster._allocs)
+
+    def add_nodes(self, cluster, allocs):
+        """More nodes for a cluster: dial the named ones, ping for patterns, and set
+        the cluster up on matching nodes already connected."""
+        with self.lock:
+            for alloc in allocs:
                 if alloc.ip_addr is None:
                     self.broadcast = True
                 else:
                     self.targets[(alloc.ip_addr, alloc.port)] = True
-            self.scheduler.add_cluster(cluster)
+                    link = self.links.get(alloc.ip_addr)
+                    if link is None or link.state in ('new', 'dead'):
+                        self._dial(alloc.ip_addr, alloc.port)
+            for link in self.links.values():
+                if link.state == 'ready' and cluster._key not in link.setups:
+                    self.scheduler._setup_on(link, cluster)
             self.next_ping = 0.0
-            for (addr, port) in self.targets:
-                link = self.links.get(addr)
-                if link is None or link.state in ('new', 'dead'):
-                    self._dial(addr, port)
         self.wake()
 
     def remove_cluster(self, cluster):
@@ -1807,7 +1925,7 @@ class RecoverLog:
     it is created mode 0600.  A cluster that closes cleanly removes it.
 
         {"client": ID, "secret": ..., "certfile": ..., "keyfile": ..., "cafile": ...}
-        {"node": [ADDRESS, PORT]}              once per node
+        {"node": [ADDRESS, PORT]}              once per node, written at once
         {"job": [KEY, ATTEMPT, ADDRESS]}       per dispatch
         {"end": KEY}                           per job ended
     """
@@ -1843,9 +1961,12 @@ class RecoverLog:
             return None
 
     def node(self, link):
+        """A node is written at once, before any job goes to it: recovery asks each
+        node for everything it holds, so batched job lines may lag behind safely."""
         if link.ip_addr not in self.nodes:
             self.nodes.add(link.ip_addr)
             self.lines.append('{"node": [%s, %d]}\n' % (json.dumps(link.ip_addr), link.port))
+            self.flush()
 
     def dispatched(self, key, attempt, link):
         self.lines.append('{"job": [%d, %d, %s]}\n' % (key, attempt, json.dumps(link.ip_addr)))
@@ -2133,6 +2254,7 @@ class JobCluster:
         self._nodes = {}            # address -> DispyNode, for this cluster
         self._closed = False
         self._start_time = time.time()
+        self._cwd = os.getcwd()        # where files sent by jobs land
         self._hub = ClientHub.acquire({
             'ip_addrs': ip_addrs, 'explicit_ip_addrs': bool(ip_addrs), 'port': port,
             'explicit_port': port != CLIENT_PORT, 'secret': secret, 'explicit_secret': True,
@@ -2187,16 +2309,130 @@ class JobCluster:
             logger.error('job not created: its arguments take %d bytes, over the frame limit '
                          'of %d (max_frame_size)', len(blob), self._hub.max_frame)
             return None
-        options = None
+        options = {}
         if timeout:
-            options = {'timeout': float(timeout)}
-        job = DispyJob(next(_job_keys), self, blob, pin, options)
+            options['timeout'] = float(timeout)
+        if depends:
+            try:
+                options['depends'] = Dependencies(self._package.caller_globals).add_all(
+                    depends).job_extra()
+            except (ComputationError, OSError) as exc:
+                logger.error('job not created: dispy_job_depends: %s', exc)
+                return None
+        job = DispyJob(next(_job_keys), self, blob, pin, options or None)
         self._hub.scheduler.submit(job)
         return job
 
     def cancel(self, job):
         """Cancels a job: removed if queued, killed (with its processes) if running."""
         return self._hub.scheduler.cancel(job)
+
+    def submit_job_id(self, job_id, *args, **kwargs):
+        """submit, with ``job.id`` set before the job can start (4.15 API)."""
+        job = self.submit(*args, **kwargs)
+        if job is not None:
+            job.id = job_id
+        return job
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def _link(self, node):
+        """The NodeLink for a DispyNode, address or host name (None if unknown)."""
+        if isinstance(node, (DispyNode, NodeAllocate)):
+            node = node.ip_addr if isinstance(node, DispyNode) else node.host
+        addr = resolve_host(str(node)) or str(node)
+        return self._hub.links.get(addr)
+
+    def allocate_node(self, node):
+        """Adds a node (host name, address, pattern or NodeAllocate) to this cluster."""
+        try:
+            allocs = _node_allocations(node if isinstance(node, list) else [node],
+                                       self._allocs[0].port if self._allocs else NODE_PORT)
+        except ValueError as exc:
+            logger.error('allocate_node: %s', exc)
+            return -1
+        self._allocs.extend(allocs)
+        self._hub.add_nodes(self, allocs)
+        return 0
+
+    def discover_nodes(self, nodes):
+        """Looks for more nodes (names, addresses, patterns) for this cluster."""
+        return self.allocate_node(_as_list(nodes))
+
+    def deallocate_node(self, node):
+        """Sends no more jobs of this cluster to the node (running ones finish)."""
+        with self._cond:
+            link = self._link(node)
+            if link is None or self._key not in link.setups:
+                return -1
+            link.alloc_cpus[self._key] = 0
+            return 0
+
+    def close_node(self, node, terminate_pending=False):
+        """Closes this cluster's computation on a node (after its jobs there end, or
+        cancelling them with ``terminate_pending``)."""
+        with self._cond:
+            link = self._link(node)
+            if link is None:
+                return -1
+            return self._hub.scheduler.close_node(link, self, terminate_pending)
+
+    def resetup_node(self, node, terminate_pending=False):
+        """Runs cleanup and then setup again on a node (after its running jobs end, or
+        cancelling them with ``terminate_pending``)."""
+        with self._cond:
+            link = self._link(node)
+            if link is None:
+                return -1
+            return self._hub.scheduler.close_node(link, self, terminate_pending, resetup=True)
+
+    def set_node_cpus(self, node, cpus):
+        """CPUs this cluster uses on a node (negative: leave that many free); returns
+        the CPUs now used, or -1."""
+        with self._cond:
+            link = self._link(node)
+            if link is None or link.setups.get(self._key) != 'ready':
+                return -1
+            cpus = int(cpus)
+            cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
+            link.alloc_cpus[self._key] = cpus
+            node = self._nodes.get(link.ip_addr)
+            if node is not None:
+                node.cpus = cpus
+            self._hub.scheduler._dispatch()
+            return cpus
+
+    def node_jobs(self, node, from_node=False):
+        """Jobs of this cluster running on a node."""
+        with self._cond:
+            link = self._link(node)
+            if link is None:
+                return []
+            return [j for j in link.jobs.values()
+                    if j._cluster is self and j.status == DispyJob.Running]
+
+    def send_file(self, path, node, timeout=60):
+        """Copies a file into the computation's folder on a node (by base name).
+        Returns 0 on success, -1 otherwise."""
+        link = self._link(node)
+        if link is None or link.setups.get(self._key) != 'ready':
+            logger.error('send_file: node %s is not set up for this cluster', node)
+            return -1
+        name = os.path.basename(path)
+        with self._cond:
+            link.put_replies.pop((self._key, name), None)
+        try:
+            send_file_chunks(link.send, ('PUT_FILE', self._key), name, path)
+        except OSError as exc:
+            logger.error('send_file: %s', exc)
+            return -1
+        with self._cond:
+            if not self._cond.wait_for(lambda: (self._key, name) in link.put_replies, timeout):
+                return -1
+            error = link.put_replies.pop((self._key, name))
+        if error:
+            logger.error('send_file: node %s refused %s: %s', link.ip_addr, name, error)
+            return -1
+        return 0
 
     # -- waiting -------------------------------------------------------------------------------
     def _wait_job(self, job, timeout):

@@ -162,6 +162,7 @@ class _JobContext:
     link = None
     key = None
     attempt = None
+    max_file_size = 0
 
 
 def dispy_provisional_result(result, timeout=None):
@@ -178,6 +179,36 @@ def dispy_provisional_result(result, timeout=None):
     return 0
 
 
+def dispy_send_file(path, timeout=None):
+    """Sends a file to the client, which saves it under its working directory at the
+    same relative path (an absolute path is taken relative to that directory).
+    Returns 0 when sent, -1 (with the reason on stderr) when refused."""
+    ctx = _JobContext
+    try:
+        relpath = os.path.normpath(path).lstrip(os.sep)
+        if relpath == '..' or relpath.startswith('..' + os.sep) or not relpath or \
+                relpath == '.':
+            raise ValueError('path %r leaves the folder' % path)
+        size = os.path.getsize(path)
+        if ctx.max_file_size and size > ctx.max_file_size:
+            raise ValueError('%s has %d bytes, over the node\'s --max_file_size of %d'
+                             % (path, size, ctx.max_file_size))
+        mode = os.stat(path).st_mode & 0o777
+        with open(path, 'rb') as f:
+            offset = 0
+            while True:
+                data = f.read(1 << 20)
+                last = len(data) < (1 << 20)
+                ctx.link.send(('send_file', ctx.key, ctx.attempt, relpath, mode, offset, data,
+                               last))
+                offset += len(data)
+                if last:
+                    return 0
+    except (OSError, ValueError) as exc:
+        print('dispy_send_file: %s' % exc, file=sys.stderr)
+        return -1
+
+
 def _make_namespace(spec):
     """The computation's global namespace: a fresh ``__main__`` module, so objects the
     client pickled from its own ``__main__`` load here."""
@@ -186,25 +217,31 @@ def _make_namespace(spec):
     sys.modules['__main__'] = module
     ns = module.__dict__
     ns.update(os=os, sys=sys, time=time, dispy_provisional_result=dispy_provisional_result,
+              dispy_send_file=dispy_send_file,
               dispy_node_name=spec['node_name'], dispy_node_ip_addr=spec['node_ip'],
               dispy_job_path=spec['dir'])
     return ns
+
+
+def _load_code(ns, bundle, filename):
+    """Modules, source and objects of a computation or of one job's dependencies."""
+    for name in bundle['modules']:
+        importlib.invalidate_caches()
+        ns[name] = importlib.import_module(name)
+    if bundle['code']:
+        # Tracebacks of jobs then show the lines of the shipped source.
+        linecache.cache[filename] = (len(bundle['code']), None,
+                                     bundle['code'].splitlines(True), filename)
+        exec(compile(bundle['code'], filename, 'exec'), ns)
+    if bundle['objects']:
+        ns.update(pickle.loads(bundle['objects']))
 
 
 def _load_computation(spec):
     """Runs in the host: shipped code, objects, modules, then setup.  → (ns, error)."""
     ns = _make_namespace(spec)
     try:
-        for name in spec['modules']:
-            ns[name] = importlib.import_module(name)
-        if spec['code']:
-            filename = '<dispy computation %s>' % spec['name']
-            # Tracebacks of jobs then show the lines of the shipped source.
-            linecache.cache[filename] = (len(spec['code']), None,
-                                         spec['code'].splitlines(True), filename)
-            exec(compile(spec['code'], filename, 'exec'), ns)
-        if spec['objects']:
-            ns.update(pickle.loads(spec['objects']))
+        _load_code(ns, spec, '<dispy computation %s>' % spec['name'])
         if spec['setup']:
             func_name, args_blob = spec['setup']
             args, kwargs = pickle.loads(args_blob)
@@ -316,6 +353,7 @@ def worker_main(sock, ns, spec):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     link = LocalLink(sock)
     _JobContext.link = link
+    _JobContext.max_file_size = spec.get('max_file_size', 0)
     link.send(('ready', os.getpid()))
     run = _run_program if spec['kind'] == 'program' else _run_function
     while True:
@@ -324,12 +362,12 @@ def worker_main(sock, ns, spec):
         except EOFError:
             os._exit(0)
         if msg[0] == 'run':
-            _, key, attempt, blob = msg
+            _, key, attempt, blob, extra = msg
             _JobContext.key, _JobContext.attempt = key, attempt
-            link.send(run(key, attempt, blob, ns, spec))
+            link.send(run(key, attempt, blob, ns, spec, extra))
 
 
-def _run_function(key, attempt, blob, ns, spec):
+def _run_function(key, attempt, blob, ns, spec, extra):
     saved_globals = dict(ns)
     saved_environ = dict(os.environ)
     out, err = io.StringIO(), io.StringIO()
@@ -338,6 +376,8 @@ def _run_function(key, attempt, blob, ns, spec):
     start = time.time()
     result, exception, status = None, None, DispyJob.Finished
     try:
+        if extra:       # this job's own dependencies: gone with the globals after it
+            _load_code(ns, extra, '<dispy job %s depends>' % key)
         args, kwargs = pickle.loads(blob)
         result = ns[spec['name']](*args, **kwargs)
     except BaseException:
@@ -369,7 +409,7 @@ def _run_function(key, attempt, blob, ns, spec):
             exception, start, end)
 
 
-def _run_program(key, attempt, blob, ns, spec):
+def _run_program(key, attempt, blob, ns, spec, extra):
     import subprocess
     args, _kwargs = pickle.loads(blob)
     path = os.path.join(spec['dir'], spec['name'])
@@ -393,7 +433,7 @@ class NodeJob:
     """A job on this node, from arrival to acknowledged result."""
 
     __slots__ = ('key', 'attempt', 'comp', 'blob', 'worker', 'cancelled', 'start_time',
-                 'timeout', 'timed_out')
+                 'timeout', 'timed_out', 'depends', 'files')
 
     def __init__(self, key, attempt, comp, blob, timeout=None):
         self.key = key
@@ -405,6 +445,8 @@ class NodeJob:
         self.start_time = None
         self.timeout = timeout          # seconds the job may run, or None
         self.timed_out = False
+        self.depends = None             # the job's own dependencies, if any
+        self.files = ()                 # files written for it, removed after it
 
 
 class Worker:
@@ -566,6 +608,7 @@ class NodeServer:
         self.name = config.name or socket.gethostname()
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
         self.store = ResultStore(config.dest_path_prefix)
+        self.avail_sent = 0.0
         self.handshake_slots = threading.BoundedSemaphore(32)
         self.zygote_lock = threading.Lock()
         self.hosts_done = threading.Condition(self.lock)
@@ -793,6 +836,7 @@ class NodeServer:
     def _start_host(self, session, comp):
         comp.state = 'setup'
         spec = dict(comp.spec, dir=comp.dir, node_name=self.name,
+                    max_file_size=self.config.max_file_size,
                     node_ip=(self.config.ext_ip_addrs or self.addresses())[0])
         node_end, host_end = socket.socketpair()
         comp.host = LocalLink(node_end)
@@ -817,6 +861,7 @@ class NodeServer:
         if old is not None:          # a resubmission supersedes an older attempt
             self._cancel_job(session, old)
         job = session.jobs[key] = NodeJob(key, attempt, comp, blob, timeout)
+        job.depends = options.get('depends') if options else None
         self.queue.append(job)
         self._pump()
 
@@ -825,6 +870,33 @@ class NodeServer:
         job = session.jobs.get(key)
         if job is not None and job.attempt == attempt:
             self._cancel_job(session, job)
+
+    def _on_put_file(self, session, msg):
+        """cluster.send_file: a file for a computation that is already set up."""
+        _, ckey, name, mode, offset, data, last = msg
+        comp = session.comps.get(ckey)
+        error = None
+        try:
+            if comp is None or comp.state != 'ready':
+                raise ValueError('computation is not set up here')
+            name = _safe_name(name)
+            limit = self.config.max_file_size
+            if limit and offset + len(data) > limit:
+                raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
+                                 % limit)
+            path = os.path.join(comp.dir, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0),
+                         0o600)
+            with os.fdopen(fd, 'r+b') as f:
+                f.seek(offset)
+                f.write(data)
+            if last:
+                os.chmod(path, (int(mode) & 0o755) | 0o600)
+        except (ValueError, OSError, TypeError) as exc:
+            error = str(exc)
+            logger.warning('client %s: file %r refused: %s', session.address, name, exc)
+        if (last or error) and session.conn is not None:
+            session.conn.send(('PUT_FILE_DONE', ckey, name, error))
 
     def _on_ack(self, session, msg):
         key = (msg[1], msg[2])
@@ -848,6 +920,7 @@ class NodeServer:
         pass
 
     handlers = {'COMPUTE': _on_compute, 'FILE': _on_file, 'JOB': _on_job,
+                'PUT_FILE': _on_put_file,
                 'CANCEL': _on_cancel, 'ACK': _on_ack, 'CLOSE_COMPUTE': _on_close_compute,
                 'RELEASE': _on_release, 'PULSE': _on_pulse}
 
@@ -887,11 +960,34 @@ class NodeServer:
         job.worker = worker
         worker.job = job
         job.start_time = time.time()
-        worker.link.send(('run', job.key, job.attempt, job.blob))
-        job.blob = None
+        extra = None
+        if job.depends:
+            extra = job.depends
+            try:
+                job.files = self._write_job_files(job.comp, extra.pop('files', ()))
+            except (ValueError, OSError) as exc:
+                extra = dict(extra, code='raise RuntimeError(%r)' % (
+                    'dispy_job_depends refused: %s' % exc), objects=None, modules=[])
+        worker.link.send(('run', job.key, job.attempt, job.blob, extra))
+        job.blob = job.depends = None
         session = self.session
         if session is not None and session.conn is not None:
             session.conn.send(('STARTED', job.key, job.attempt, job.start_time))
+
+    def _write_job_files(self, comp, files):
+        written = []
+        limit = self.config.max_file_size
+        for name, mode, data in files:
+            _safe_name(name)
+            if limit and len(data) > limit:
+                raise ValueError('%s is bigger than --max_file_size (%d bytes)' % (name, limit))
+            path = os.path.join(comp.dir, name)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, 'wb') as f:
+                f.write(data)
+            os.chmod(path, (int(mode) & 0o755) | 0o600)
+            written.append(path)
+        return written
 
     def _cancel_job(self, session, job):
         job.cancelled = True
@@ -913,6 +1009,13 @@ class NodeServer:
         """Records a job's result (kept until the client acknowledges it) and sends it."""
         if job is not None and session.jobs.get(job.key) is job:
             del session.jobs[job.key]
+        if job is not None and job.files:     # dispy_job_depends go with the job
+            for path in job.files:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            job.files = ()
         blob = reply[4]
         conn = session.conn
         if blob is not None and conn is not None and \
@@ -965,6 +1068,8 @@ class NodeServer:
             self._pump()
         elif kind == 'provisional' and session is not None and session.conn is not None:
             session.conn.send(('PROVISIONAL',) + msg[1:], len(msg[3]))
+        elif kind == 'send_file' and session is not None and session.conn is not None:
+            session.conn.send(('SEND_FILE',) + msg[1:], len(msg[6]))
 
     def _worker_died(self, worker):
         comp = worker.comp
@@ -1043,6 +1148,16 @@ class NodeServer:
     def _close_computation(self, session, comp, wait=False):
         """Ends a computation: its jobs are killed, its cleanup runs, its files go."""
         comp.state = 'closing'
+        if comp.spec.get('remove_files', True):
+            # Out of the way at once, so a new computation with the same dest_path
+            # (resetup_node) never sees these files removed under it; the host keeps
+            # running its cleanup in the renamed folder.
+            closing = '%s.closing-%s' % (comp.dir, uuid.uuid4().hex[:8])
+            try:
+                os.rename(comp.dir, closing)
+                comp.dir = closing
+            except OSError:
+                pass
         for job in [j for j in session.jobs.values() if j.comp is comp]:
             self._cancel_job(session, job)
         for f in comp.partial.values():
@@ -1143,7 +1258,9 @@ class NodeServer:
         now = time.monotonic()
         conn = session.conn
         if conn is not None:
-            if conn.idle_send >= session.pulse_interval:
+            if conn.idle_send >= session.pulse_interval or (
+                    self.avail_fn.psutil and now - self.avail_sent >= session.pulse_interval):
+                self.avail_sent = now
                 conn.send(('PULSE', time.time(), self.avail_fn()))
             silent = now - conn.last_recv
             if silent > dispy.DEAD_PULSES * session.pulse_interval:
@@ -1202,7 +1319,10 @@ def _avail_info_function(path):
     try:
         import psutil
     except ImportError:
-        return lambda: None
+        def no_info():
+            return None
+        no_info.psutil = False
+        return no_info
 
     def avail():
         try:
@@ -1210,6 +1330,7 @@ def _avail_info_function(path):
                     psutil.disk_usage(path).free, psutil.swap_memory().percent)
         except Exception:
             return None
+    avail.psutil = True
     return avail
 
 
