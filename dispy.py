@@ -31,6 +31,7 @@ that only the job process, or the client that owns them, unpickles).  UDP discov
 datagrams are JSON with an HMAC and are never unpickled.
 """
 
+import argparse
 import atexit
 import collections
 import copy
@@ -48,6 +49,7 @@ import pickle
 import platform
 import re
 import selectors
+import shlex
 import socket
 import ssl
 import struct
@@ -2571,19 +2573,27 @@ class JobCluster:
     def print_status(self, wall_time=None):
         """Prints, per node, CPUs, jobs done, seconds per job and node time; then totals."""
         status = self.status()
-        print('\n%30s | %5s | %8s | %10s | %13s' % ('Node', 'CPUs', 'Jobs', 'Sec/Job',
-                                                 'Node Time Sec'))
-        print('-' * 80)
+        print('\n%30s | %5s | %8s | %10s | %13s | %9s | %9s' % (
+            'Node', 'CPUs', 'Jobs', 'Sec/Job', 'Node Time Sec', 'Sent', 'Rcvd'))
+        print('-' * 104)
         for n in status['nodes']:
             label = n['ip_addr'] + (' (%s)' % n['name'] if n['name'] else '')
-            print('%-30.30s | %5s | %8s | %10.3f | %13.3f' % (label, n['cpus'], n['jobs_done'],
-                                                         n['sec_per_job'], n['cpu_time']))
+            print('%-30.30s | %5s | %8s | %10.3f | %13.3f | %9s | %9s' % (
+                label, n['cpus'], n['jobs_done'], n['sec_per_job'], n['cpu_time'],
+                _human_bytes(n['bytes_sent']), _human_bytes(n['bytes_received'])))
         wall = wall_time if wall_time is not None else status['wall_time']
         print('\nTotal job time: %.3f sec, wall time: %.3f sec, speedup: %.3f\n'
               % (status['total_job_time'], wall,
                  status['total_job_time'] / wall if wall > 0 else 0.0))
 
     stats = print_status     # the older name
+
+
+def _human_bytes(n):
+    for unit in ('B', 'KB', 'MB', 'GB'):
+        if n < 1024 or unit == 'GB':
+            return ('%d %s' if unit == 'B' else '%.1f %s') % (n, unit)
+        n /= 1024.0
 
 
 _job_keys = itertools.count(1)
@@ -2608,3 +2618,93 @@ def _at_exit():
 
 
 atexit.register(_at_exit)
+
+
+# ================================================================================
+# Command line: distribute a program, one job per -a
+# ================================================================================
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='dispy.py',
+        description='Run a program on dispy nodes: the program and its files (-f) are sent '
+                    'to the nodes and run once per -a, in parallel; each job\'s node, exit '
+                    'status, stdout and stderr are printed.',
+        epilog='Example: dispy.py -f /some/file1 -f file2 -a "arg11 arg12" -a "arg21 arg22" '
+               '-a "arg3" /some/program.  Exits non-zero if any job failed.  The DISPY_* '
+               'environment variables (see README) give defaults for nodes, addresses, '
+               'ports and secret.')
+    parser.add_argument('program', help='the program to run (a .py file runs with the '
+                        'node\'s Python; any other file runs as it is)')
+    parser.add_argument('-f', '--file', dest='files', action='append', default=[],
+                        help='a file the program needs, copied next to it (repeatable)')
+    parser.add_argument('-a', '--args', dest='jobs', action='append', default=[],
+                        help='arguments of one job, split like a shell command line '
+                        '(repeatable: one job each; none: one job without arguments)')
+    parser.add_argument('-n', '--nodes', action='append', default=[],
+                        help='node name, address or pattern such as 192.168.1.* (repeatable; '
+                        'default: every node that answers a broadcast)')
+    parser.add_argument('-i', '--ip_addr', '--host', dest='ip_addr', action='append',
+                        default=[], help='client address to use (repeatable)')
+    parser.add_argument('--ext_ip_addr', '--ext_host', dest='ext_ip_addr', action='append',
+                        default=[], help='address nodes should reach this client at (NAT)')
+    parser.add_argument('-p', '--port', type=int, default=None,
+                        help='client port (default %d; 0 = any free port)' % CLIENT_PORT)
+    parser.add_argument('--node_port', type=int, default=None,
+                        help='nodes\' port (default %d)' % NODE_PORT)
+    parser.add_argument('-s', '--secret', default=None, help='secret shared with the nodes')
+    parser.add_argument('--certfile', help='TLS certificate (may hold the key)')
+    parser.add_argument('--keyfile', help='TLS private key, if not in --certfile')
+    parser.add_argument('--cafile', help='CA certificates to verify nodes against')
+    parser.add_argument('--dest_path', help='folder (under the node\'s prefix) for the files')
+    parser.add_argument('-c', '--keep_files', dest='cleanup', action='store_false',
+                        help='leave the program and files on the nodes afterwards')
+    parser.add_argument('--timeout', type=float, default=None,
+                        help='seconds to wait for the jobs (default: no limit); the rest '
+                        'are cancelled')
+    parser.add_argument('-d', '--debug', action='store_true', help='log debug messages')
+    return parser
+
+
+def main(argv=None):
+    """``python dispy.py [options] program``: see ``--help``."""
+    opts = build_parser().parse_args(argv)
+    try:
+        cluster = JobCluster(opts.program, nodes=opts.nodes or None, depends=opts.files,
+                             ip_addr=opts.ip_addr or None, ext_ip_addr=opts.ext_ip_addr or None,
+                             port=opts.port, node_port=opts.node_port, secret=opts.secret,
+                             certfile=opts.certfile, keyfile=opts.keyfile, cafile=opts.cafile,
+                             dest_path=opts.dest_path, cleanup=opts.cleanup,
+                             loglevel=logger.DEBUG if opts.debug else logger.WARNING)
+    except (ValueError, OSError) as exc:
+        print('dispy.py: %s' % exc, file=sys.stderr)
+        return 2
+    jobs = []
+    for number, text in enumerate(opts.jobs or [''], 1):
+        job = cluster.submit(*shlex.split(text))
+        if job is None:
+            print('dispy.py: job %d (%s) could not be created' % (number, text), file=sys.stderr)
+            cluster.close(terminate=True)
+            return 2
+        job.id = number
+        jobs.append(job)
+    cluster.wait(opts.timeout)
+    cluster.close(timeout=0, terminate=True)
+    failed = 0
+    for job, text in zip(jobs, opts.jobs or ['']):
+        status = STATUS_NAMES.get(job.status, job.status)
+        ok = job.status == DispyJob.Finished and job.result == 0
+        failed += not ok
+        print('job %s (%s) on %s: %s, exit status %s' % (job.id, text, job.ip_addr, status,
+                                                        job.result))
+        for label, text_out in (('stdout', job.stdout), ('stderr', job.stderr),
+                                ('exception', job.exception)):
+            if text_out:
+                print('  %s:\n%s' % (label, textwrap.indent(text_out.rstrip('\n'), '    ')))
+    print('%d of %d job(s) failed' % (failed, len(jobs)) if failed else
+          'all %d job(s) succeeded' % len(jobs))
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
