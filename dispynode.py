@@ -365,6 +365,8 @@ def worker_main(sock, ns, spec):
             _, key, attempt, blob, extra = msg
             _JobContext.key, _JobContext.attempt = key, attempt
             link.send(run(key, attempt, blob, ns, spec, extra))
+            if spec.get('fresh_process'):
+                os._exit(0)        # strict isolation: one job per process
 
 
 def _run_function(key, attempt, blob, ns, spec, extra):
@@ -1063,7 +1065,7 @@ class NodeServer:
                 if job.cancelled:
                     reply = reply[:3] + (DispyJob.Cancelled,) + reply[4:]
                 self._finish(session, job, reply)
-            if comp.state == 'ready':
+            if comp.state == 'ready' and not comp.spec.get('fresh_process'):
                 comp.idle.append(worker)
             self._pump()
         elif kind == 'provisional' and session is not None and session.conn is not None:

@@ -157,6 +157,18 @@ def rebind_base(x):
     return seen, os.getpid()
 
 
+def mutate_table(key):
+    table[key] = table.get(key, 0) + 1      # noqa: F821 (in place: persists per worker)
+    return table[key], os.getpid()
+
+
+def set_env_and_cwd(x):
+    seen = (os.environ.get('DISPY_TEST_VAR'), os.getcwd())
+    os.environ['DISPY_TEST_VAR'] = 'leaked'
+    os.chdir('/')
+    return seen
+
+
 def cleanup_marker(folder):
     """Runs on the node at close: writes the value of a setup global into ``folder``."""
     with open(os.path.join(folder, 'cleanup-ran'), 'w') as f:
@@ -426,6 +438,29 @@ class SetupCleanupTest(NodeTestCase):
         self.assertEqual([seen for seen, _pid in results], [100] * len(jobs))
         self.assertEqual(len({pid for _seen, pid in results}), 1,
                          'jobs did not run in one reused worker: %s' % results)
+
+    def test_in_place_change_persists_within_a_worker(self):
+        """As documented: changing a setup object in place persists in that worker."""
+        cluster = self.cluster(mutate_table, setup=setup_globals)
+        results = [self.assertFinished(cluster.submit('n')) for _ in range(3)]
+        self.assertEqual([count for count, _pid in results], [1, 2, 3])
+
+    def test_environment_and_working_directory_are_restored(self):
+        """A job that changes os.environ or the working directory leaves the next job
+        its computation folder and the original environment."""
+        cluster = self.cluster(set_env_and_cwd)
+        first, second = (self.assertFinished(cluster.submit(i)) for i in range(2))
+        self.assertEqual(first, second)
+        self.assertIsNone(first[0])
+        self.assertTrue(first[1].startswith(self.node.dest_path_prefix))
+
+    def test_fresh_process_per_job(self):
+        """fresh_process=True: every job in its own process, still seeing setup's
+        globals, and an in-place change does not carry over."""
+        cluster = self.cluster(mutate_table, setup=setup_globals, fresh_process=True)
+        results = [self.assertFinished(cluster.submit('n')) for _ in range(4)]
+        self.assertEqual([count for count, _pid in results], [1, 1, 1, 1])
+        self.assertEqual(len({pid for _count, pid in results}), 4)
 
     def test_failed_setup_runs_no_job(self):
         """setup returning non-zero: no job runs on that node; the job stays Created
