@@ -149,8 +149,59 @@ class FrameUnpickler(pickle.Unpickler):
                                      % (module, name))
 
 
-def loads_frame(data):
-    return FrameUnpickler(io.BytesIO(data)).load()
+def loads_frame(data, buffers=()):
+    return FrameUnpickler(io.BytesIO(data), buffers=buffers).load()
+
+
+OOB_MIN = 65536     # bytes fields this big travel out of band: sent and received without copies
+
+
+def out_of_band(msg):
+    """The message with its big bytes fields wrapped so pickle (protocol 5) passes them
+    to ``buffer_callback`` instead of copying them into the pickle."""
+    return tuple(pickle.PickleBuffer(x) if isinstance(x, (bytes, bytearray, memoryview))
+                 and len(x) >= OOB_MIN else x for x in msg)
+
+
+def dumps_oob(obj, protocol):
+    """(pickle, [memoryview of each out-of-band buffer])."""
+    if protocol < 5:
+        return pickle.dumps(obj, protocol), []
+    buffers = []
+    data = pickle.dumps(obj, protocol, buffer_callback=buffers.append)
+    return data, [b.raw() for b in buffers]
+
+
+def send_parts(sock, parts):
+    """Sends byte-like parts with as few copies and system calls as the socket allows."""
+    total = sum(len(p) for p in parts)
+    if total < 65536:
+        sock.sendall(b''.join(parts))
+    elif isinstance(sock, ssl.SSLSocket) or not hasattr(sock, 'sendmsg'):
+        for part in parts:
+            sock.sendall(part)
+    else:
+        views = [memoryview(p).cast('B') for p in parts if len(p)]
+        while views:
+            sent = sock.sendmsg(views[:512])
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views.pop(0))
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+
+def recv_into_exact(sock, view, on_data=None):
+    """Fills a memoryview from a blocking socket."""
+    have, n = 0, len(view)
+    while have < n:
+        got = sock.recv_into(view[have:], min(n - have, 1 << 22))
+        if not got:
+            raise ProtocolError('connection closed by peer')
+        have += got
+        if on_data is not None:
+            on_data()
 
 
 def dumps_blob(obj):
@@ -250,8 +301,11 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
 class Channel:
     """An authenticated, framed message stream over one connected socket.
 
-    Frame: ``length(4, big-endian) | body | mac(32)`` where ``mac`` is HMAC-SHA256 with
-    this direction's session key over ``sequence(8) | length | body``.  The sequence
+    Frame: ``length(4) | body | mac(32)`` where ``mac`` is HMAC-SHA256 with this
+    direction's session key over ``sequence(8) | length | body``, and ``body`` is
+    ``count(2) | count × size(8) | pickle | buffers``: big bytes fields of a message
+    (arguments, results, file chunks) travel as raw buffers after the pickle
+    (protocol 5 out-of-band), so they are never copied into or out of it.  The sequence
     number is implicit (counted by both sides), so a replayed, dropped or reordered
     frame fails verification.  The length is checked against our limit before anything
     is allocated.  ``send``/``recv`` are not thread-safe: one writer and one reader.
@@ -276,26 +330,26 @@ class Channel:
         self._recv_mac = hmac.new(recv_key, digestmod=hashlib.sha256)
 
     # -- sending -----------------------------------------------------------------------
-    def send_body(self, body):
-        if len(body) > self.peer_max_frame:
+    def send_body(self, meta, buffers=()):
+        table = struct.pack('!H%dQ' % len(buffers), len(buffers), *(len(b) for b in buffers))
+        parts = [table, meta]
+        parts.extend(buffers)
+        length = sum(len(p) for p in parts)
+        if length > self.peer_max_frame:
             raise ProtocolError('frame of %d bytes exceeds the peer\'s limit of %d'
-                                % (len(body), self.peer_max_frame))
-        header = struct.pack('!I', len(body))
+                                % (length, self.peer_max_frame))
+        header = struct.pack('!I', length)
         mac = self._send_mac.copy()
         mac.update(struct.pack('!Q', self.send_seq))
         mac.update(header)
-        mac.update(body)
+        for part in parts:
+            mac.update(part)
         self.send_seq += 1
-        if len(body) < 65536:
-            self.sock.sendall(header + body + mac.digest())
-        else:  # no copy of a large body
-            self.sock.sendall(header)
-            self.sock.sendall(body)
-            self.sock.sendall(mac.digest())
-        self.bytes_sent += len(body) + 36
+        send_parts(self.sock, [header] + parts + [mac.digest()])
+        self.bytes_sent += length + 36
 
     def send(self, obj):
-        self.send_body(pickle.dumps(obj, self.pickle_protocol))
+        self.send_body(*dumps_oob(obj, self.pickle_protocol))
 
     # -- receiving ---------------------------------------------------------------------
     def _read(self, n):
@@ -307,12 +361,7 @@ class Channel:
             have = len(buf)
             view[:have] = buf
             buf.clear()
-            while have < n:
-                got = self.sock.recv_into(view[have:], min(n - have, 1 << 22))
-                if not got:
-                    raise ProtocolError('connection closed by peer')
-                have += got
-                self.last_recv = time.monotonic()
+            recv_into_exact(self.sock, view[have:], self._touch)
             return out
         while len(buf) < n:
             chunk = self.sock.recv(262144)
@@ -324,7 +373,11 @@ class Channel:
         del buf[:n]
         return data
 
+    def _touch(self):
+        self.last_recv = time.monotonic()
+
     def recv_body(self):
+        """(pickle, [buffers]) of the next frame, verified; raises on anything else."""
         header = self._read(4)
         (length,) = struct.unpack('!I', header)
         if length > self.max_frame:
@@ -341,10 +394,10 @@ class Channel:
             raise AuthError('frame failed authentication (corrupted, replayed or forged)')
         self.recv_seq += 1
         self.bytes_received += length + 36
-        return body
+        return _split_body(body)
 
     def recv(self):
-        return loads_frame(self.recv_body())
+        return loads_frame(*self.recv_body())
 
     def close(self):
         try:
@@ -355,6 +408,25 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def _split_body(body):
+    """A verified body → (pickle, [memoryview of each buffer]); malformed → error."""
+    if len(body) < 2:
+        raise ProtocolError('malformed frame')
+    (count,) = struct.unpack_from('!H', body)
+    start = 2 + 8 * count
+    if start > len(body):
+        raise ProtocolError('malformed frame')
+    sizes = struct.unpack_from('!%dQ' % count, body, 2)
+    end = len(body) - sum(sizes)
+    if end < start:
+        raise ProtocolError('malformed frame')
+    buffers, offset = [], end
+    for size in sizes:
+        buffers.append(body[offset:offset + size])
+        offset += size
+    return body[start:end], buffers
 
 
 class Connection:
@@ -439,7 +511,7 @@ class Connection:
                     batch, size = [], 0
                     while self._outbox and size < self.BATCH_BYTES:
                         msg, hint = self._outbox.popleft()
-                        batch.append(msg)
+                        batch.append(out_of_band(msg) if hint >= OOB_MIN else msg)
                         size += hint
                 self._send_batch(batch)
                 self._last_send = time.monotonic()
@@ -450,12 +522,13 @@ class Connection:
 
     def _send_batch(self, batch):
         channel = self.channel
-        body = pickle.dumps(batch, channel.pickle_protocol)
-        if len(body) <= channel.peer_max_frame or len(batch) == 1:
-            channel.send_body(body)
+        meta, buffers = dumps_oob(batch, channel.pickle_protocol)
+        size = len(meta) + sum(len(b) for b in buffers)
+        if size <= channel.peer_max_frame - 65536 or len(batch) == 1:
+            channel.send_body(meta, buffers)
             return
         for msg in batch:   # too big together: one frame each
-            channel.send_body(pickle.dumps([msg], channel.pickle_protocol))
+            channel.send_body(*dumps_oob([msg], channel.pickle_protocol))
 
     def _read_loop(self):
         reason = 'connection closed by peer'

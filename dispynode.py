@@ -59,7 +59,9 @@ __version__ = dispy.__version__
 # ================================================================================
 
 class LocalLink:
-    """Length-prefixed pickled messages over a Unix stream socket.
+    """Pickled messages over a Unix stream socket: ``size(4) | fd?(1) | count(2) |
+    count × size(8) | pickle | buffers``; big bytes fields of a message (arguments,
+    results) travel as out-of-band buffers, read straight into their own memory.
 
     Reads are exact (never past the current message), because a message may be
     followed by a byte that carries a file descriptor as ancillary data.
@@ -70,16 +72,28 @@ class LocalLink:
         self.send_lock = threading.Lock()
 
     def send(self, msg, fd=None):
-        data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+        data, buffers = dispy.dumps_oob(dispy.out_of_band(msg), pickle.HIGHEST_PROTOCOL)
+        head = struct.pack('!IBH%dQ' % len(buffers), len(data), fd is not None, len(buffers),
+                           *(len(b) for b in buffers))
         with self.send_lock:
-            self.sock.sendall(struct.pack('!IB', len(data), fd is not None) + data)
+            dispy.send_parts(self.sock, [head, data] + buffers)
             if fd is not None:
                 socket.send_fds(self.sock, [b'F'], [fd])
 
     def recv(self):
         """(message, fd or None); raises EOFError when the peer is gone."""
-        length, has_fd = struct.unpack('!IB', self._exact(5))
-        msg = pickle.loads(self._exact(length))
+        length, has_fd, count = struct.unpack('!IBH', self._exact(7))
+        sizes = struct.unpack('!%dQ' % count, self._exact(8 * count)) if count else ()
+        data = self._exact(length)
+        buffers = []
+        for size in sizes:
+            buf = bytearray(size)
+            try:
+                dispy.recv_into_exact(self.sock, memoryview(buf))
+            except (OSError, dispy.ProtocolError) as exc:
+                raise EOFError(str(exc))
+            buffers.append(buf)
+        msg = pickle.loads(data, buffers=buffers)
         fd = None
         if has_fd:
             _data, fds, _flags, _addr = socket.recv_fds(self.sock, 1, 1)
@@ -523,6 +537,8 @@ class ResultStore:
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             path = os.path.join(folder, '%d-%d' % (reply[1], reply[2]))
+            if reply[4] is not None:        # a received buffer: store plain bytes
+                reply = reply[:4] + (bytes(reply[4]),) + reply[5:]
             fd = os.open(path + '.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, 'wb') as f:
                 f.write(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))

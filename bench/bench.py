@@ -1,0 +1,870 @@
+#!/usr/bin/env python3
+"""Benchmark driver for the dispy reimplementation (standard library only).
+
+Process layout::
+
+    driver (python bench/bench.py ...)
+      |-- node process:    python <repo>/dispynode.py -i 127.0.0.1 -p PORT -c CPUS
+      |                       --dest_path_prefix TMPDIR --daemon
+      |                    (one per implementation, started once, stopped by PID at the end)
+      |-- client process:  python bench/bench.py --run-workload W1 --impl this --node-port PORT ...
+      |-- client process:  (a FRESH interpreter for every run of every workload)
+      ...
+
+Every client process creates its own ``dispy.JobCluster`` against the one node on
+127.0.0.1, runs one warm-up job (except W5, which measures the cold start of a
+cluster), times the workload, verifies every result, closes the cluster and prints
+one JSON object on its last stdout line.  The driver collects the runs and prints
+one JSON line per workload figure (median/min/max over the runs).
+
+With ``--original PYTHON`` the driver re-executes itself as
+``unshare -n <python> bench/bench.py --inside-netns ...``: a network namespace whose
+only interface is ``lo`` (the original dispy node broadcasts on every interface when
+it starts, so it must never run anywhere else).  Inside it the driver runs both
+implementations one after the other, each with its own node, then prints a ratio
+line per figure.  The original (dispy 4.15.2 installed for interpreter PYTHON) runs
+its node as ``PYTHON <venv>/bin/dispynode.py`` (or ``PYTHON -m dispy.dispynode``) and
+its clients as ``PYTHON bench/bench.py --run-workload ... --impl original``.
+
+Safety: only 127.0.0.1 is used; every wait is bounded; the driver stops only the
+processes it started, by PID (SIGTERM, wait, SIGKILL, then any descendant left),
+also on Ctrl-C / SIGTERM; node and client processes also get SIGKILL if the driver
+dies (PR_SET_PDEATHSIG).  Temporary folders are removed.
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+BENCH_FILE = os.path.abspath(__file__)
+ROOT = os.path.dirname(os.path.dirname(BENCH_FILE))
+MB = 1000 * 1000           # MB and MB/s are decimal (10**6 bytes)
+W3_JOB_BYTES = 5 * MB      # size of one W3 argument / result
+
+# -- targets ---------------------------------------------------------------------------
+# workload -> figures it reports: (line id, result key, unit, comparison, target, extras)
+# 'extras' are further keys of the client result whose median over the runs is added
+# to the line.
+FIGURES = {
+    'W1': [('W1', 'jobs_per_s', 'jobs/s', '>=', 5000, ('wall_s', 'jobs'))],
+    'W2': [('W2', 'median_ms', 'ms', '<=', 0.5, ('p90_ms', 'mean_ms', 'max_ms', 'jobs'))],
+    'W3': [('W3-up', 'up_MBps', 'MB/s', '>=', 500, ('up_s', 'jobs', 'job_MB')),
+           ('W3-down', 'down_MBps', 'MB/s', '>=', 500, ('down_s', 'jobs', 'job_MB'))],
+    'W4': [('W4', 'speedup', 'x', '>=', 1.85, ('local_s', 'wall_s', 'loops', 'jobs'))],
+    'W5': [('W5', 'first_result_ms', 'ms', '<=', 20, ('cluster_ms', 'import_ms'))],
+    'W6': [('W6', 'bytes_per_job', 'bytes/job', '<=', 1024,
+            ('jobs', 'jobs_per_s', 'submit_s', 'rss_before_MB', 'rss_after_submit_MB',
+             'rss_after_collect_MB', 'rss_after_drop_MB', 'after_drop_bytes_per_job',
+             'returned_fraction', 'live_jobs_after_drop'))],
+}
+# workload -> (full size, --quick size): number of jobs
+SIZES = {'W1': (2000, 200), 'W2': (200, 50), 'W3': (20, 3), 'W4': (8, 4),
+         'W5': (1, 1), 'W6': (100000, 5000)}
+W4_JOB_SECONDS = (0.5, 0.2)  # (full, --quick) target duration of one W4 job
+ORIGINAL_NAME = 'dispy-4.15.2'
+SIGN = {'>=': '\u2265', '<=': '\u2264'}
+
+
+# ======================================================================================
+# Computations.  dispy ships the *source* of these functions to the node, so each one
+# is self-contained (imports inside).
+# ======================================================================================
+
+def double(n):
+    return n * 2
+
+
+def burn(loops):
+    x = 0
+    for i in range(loops):
+        x = (x * 31 + i) % 1000003
+    return x
+
+
+def transfer(data, size, seed):
+    """With ``data``: returns its length (upload).  Without: returns ``size`` bytes
+    of a seeded, incompressible pattern (download) that the client can regenerate."""
+    if data is not None:
+        return len(data)
+    import random
+    block = random.Random(seed).getrandbits(65536 * 8).to_bytes(65536, 'little')
+    return (block * (size // 65536 + 1))[:size]
+
+
+# ======================================================================================
+# Client side (runs in a fresh process: bench.py --run-workload W --impl I ...)
+# ======================================================================================
+
+def make_cluster(dispy, impl, computation, node_port):
+    """The only per-implementation difference in the client code."""
+    common = dict(nodes=['127.0.0.1'], loglevel=dispy.logger.WARNING)
+    if impl == 'original':
+        # dispy 4.15.2: the client listens on dispy_port and nodes on dispy_port + 1;
+        # 'host' is 4.15.2's name for the deprecated 'ip_addr' (same meaning).
+        return dispy.JobCluster(computation, host='127.0.0.1', dispy_port=node_port - 1,
+                                **common)
+    return dispy.JobCluster(computation, ip_addr='127.0.0.1', port=0, node_port=node_port,
+                            **common)
+
+
+class Checker:
+    """Counts wrong results; the client exits non-zero if there was any."""
+
+    def __init__(self):
+        self.bad = 0
+        self.first = None
+
+    def __call__(self, got, expected, job, what):
+        if got == expected:
+            return
+        self.bad += 1
+        if self.first is None:
+            shown = got if not isinstance(got, bytes) else '<%d bytes>' % len(got)
+            self.first = '%s: got %.80r, expected %.80r (status %s, exception %.300s)' % (
+                what, shown, expected if not isinstance(expected, bytes) else
+                '<%d bytes>' % len(expected), getattr(job, 'status', None),
+                getattr(job, 'exception', None))
+
+    def summary(self):
+        out = {'bad_results': self.bad}
+        if self.first:
+            out['first_bad'] = self.first
+        return out
+
+
+class _Closing:
+    """Closes the cluster at the end; after an error, without waiting for long."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+
+    def __enter__(self):
+        return self.cluster
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is None:
+            self.cluster.close()
+        else:
+            try:
+                self.cluster.close(timeout=10, terminate=True)
+            except Exception:
+                pass
+
+
+def warm_up(cluster, check, args, expected):
+    """One job, so that the node is known to be usable before timing starts."""
+    job = cluster.submit(*args)
+    check(job(), expected, job, 'warm-up job')
+
+
+def _cluster(ctx, computation):
+    return make_cluster(ctx.dispy, ctx.impl, computation, ctx.node_port)
+
+
+def percentile(values, p):
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100.0 * len(ordered)) - 1)]
+
+
+def rss_bytes():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError('no VmRSS in /proc/self/status')
+
+
+def w1_throughput(ctx, n):
+    """n x double(i): submit all, then job() on each; jobs/s over submit+collect."""
+    check = Checker()
+    with _Closing(_cluster(ctx, double)) as cluster:
+        warm_up(cluster, check, (-1,), -2)
+        t0 = time.perf_counter()
+        jobs = [cluster.submit(i) for i in range(n)]
+        results = [job() for job in jobs]
+        wall = time.perf_counter() - t0
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        check(result, 2 * i, job, 'job %d' % i)
+    return dict(jobs_per_s=n / wall, wall_s=wall, jobs=n, **check.summary())
+
+
+def w2_latency(ctx, n):
+    """n x (submit one trivial job, wait for it): per-job round-trip latency."""
+    check = Checker()
+    latencies = []
+    with _Closing(_cluster(ctx, double)) as cluster:
+        warm_up(cluster, check, (-1,), -2)
+        for i in range(n):
+            t0 = time.perf_counter()
+            job = cluster.submit(i)
+            result = job()
+            latencies.append((time.perf_counter() - t0) * 1000.0)
+            check(result, 2 * i, job, 'job %d' % i)
+    return dict(median_ms=statistics.median(latencies), p90_ms=percentile(latencies, 90),
+                mean_ms=statistics.mean(latencies), max_ms=max(latencies), jobs=n,
+                **check.summary())
+
+
+def w3_transfer(ctx, n):
+    """n jobs with a 5 MB argument (returning its length), then n jobs returning 5 MB."""
+    check = Checker()
+    size = W3_JOB_BYTES
+    payload = transfer(None, size, -1)
+    with _Closing(_cluster(ctx, transfer)) as cluster:
+        warm_up(cluster, check, (b'warm', 0, 0), 4)
+        t0 = time.perf_counter()
+        jobs = [cluster.submit(payload, 0, i) for i in range(n)]
+        ups = [job() for job in jobs]
+        up_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jobs2 = [cluster.submit(None, size, i) for i in range(n)]
+        downs = [job() for job in jobs2]
+        down_s = time.perf_counter() - t0
+    for i, (job, result) in enumerate(zip(jobs, ups)):
+        check(result, size, job, 'upload job %d' % i)
+    for i, (job, result) in enumerate(zip(jobs2, downs)):
+        check(result, transfer(None, size, i), job, 'download job %d' % i)
+    total = n * size / MB
+    return dict(up_MBps=total / up_s, down_MBps=total / down_s, up_s=up_s, down_s=down_s,
+                jobs=n, job_MB=size / MB, **check.summary())
+
+
+def w4_cpu(ctx, n):
+    """n CPU-bound jobs of ~0.5 s each; speedup = n * local single-job time / wall."""
+    check = Checker()
+    job_seconds = W4_JOB_SECONDS[1 if ctx.quick else 0]
+    # calibrate before the cluster exists, so that nothing else runs in this process
+    loops = 20000
+    for _ in range(20):
+        t0 = time.perf_counter()
+        burn(loops)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= 0.1:
+            break
+        loops *= 4
+    loops = max(1, int(loops * job_seconds / elapsed))
+    local_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        expected = burn(loops)
+        local_times.append(time.perf_counter() - t0)
+    local_s = min(local_times)   # the faster local run: a conservative speedup
+    with _Closing(_cluster(ctx, burn)) as cluster:
+        warm_up(cluster, check, (1,), burn(1))
+        t0 = time.perf_counter()
+        jobs = [cluster.submit(loops) for _ in range(n)]
+        results = [job() for job in jobs]
+        wall = time.perf_counter() - t0
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        check(result, expected, job, 'job %d' % i)
+    return dict(speedup=n * local_s / wall, local_s=local_s, wall_s=wall, loops=loops,
+                jobs=n, **check.summary())
+
+
+def w5_cold_start(ctx, n):
+    """Time from just before JobCluster(...) to the first job() result (no warm-up)."""
+    check = Checker()
+    t0 = time.perf_counter()
+    cluster = _cluster(ctx, double)
+    t1 = time.perf_counter()
+    with _Closing(cluster):
+        job = cluster.submit(21)
+        result = job()
+        t2 = time.perf_counter()
+        check(result, 42, job, 'first job')
+    return dict(first_result_ms=(t2 - t0) * 1000.0, cluster_ms=(t1 - t0) * 1000.0,
+                import_ms=ctx.import_ms, **check.summary())
+
+
+def w6_many_pending(ctx, n):
+    """n trivial jobs submitted at once, then collected; client RSS per pending job."""
+    check = Checker()
+    with _Closing(_cluster(ctx, double)) as cluster:
+        warm_up(cluster, check, (-1,), -2)
+        gc.collect()
+        rss0 = rss_bytes()
+        t0 = time.perf_counter()
+        jobs = [cluster.submit(i) for i in range(n)]
+        t1 = time.perf_counter()
+        rss1 = rss_bytes()
+        for i, job in enumerate(jobs):
+            check(job(), 2 * i, job, 'job %d' % i)
+        t2 = time.perf_counter()
+        rss2 = rss_bytes()
+        del jobs, job
+        gc.collect()
+        rss3 = rss_bytes()     # measured with the cluster still open
+        # jobs that something (e.g. the cluster) still refers to after the drop
+        live = sum(1 for o in gc.get_objects() if type(o).__name__ == 'DispyJob')
+    grown = rss1 - rss0
+    return dict(bytes_per_job=grown / n, jobs=n, jobs_per_s=n / (t2 - t0), submit_s=t1 - t0,
+                rss_before_MB=rss0 / MB, rss_after_submit_MB=rss1 / MB,
+                rss_after_collect_MB=rss2 / MB, rss_after_drop_MB=rss3 / MB,
+                after_drop_bytes_per_job=(rss3 - rss0) / n, live_jobs_after_drop=live,
+                returned_fraction=((rss2 - rss3) / (rss2 - rss0)) if rss2 > rss0 else 1.0,
+                **check.summary())
+
+
+def warmup_client(ctx, n):
+    """Not a workload: creates and closes one cluster so that the node has served a
+    client before W5's cold starts are timed."""
+    check = Checker()
+    with _Closing(_cluster(ctx, double)) as cluster:
+        warm_up(cluster, check, (1,), 2)
+    return check.summary()
+
+
+WORKLOADS = {'W1': w1_throughput, 'W2': w2_latency, 'W3': w3_transfer, 'W4': w4_cpu,
+             'W5': w5_cold_start, 'W6': w6_many_pending, 'warmup': warmup_client}
+
+
+def client_main(args):
+    """Entry point of a client process; prints one JSON object on its last line."""
+    import faulthandler
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # the driver's timeout dump
+    if args.impl == 'this':
+        sys.path.insert(0, args.repo)
+    else:   # make sure the installed original is imported, not this repository's
+        sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != args.repo]
+    t0 = time.perf_counter()
+    import dispy
+    import_ms = (time.perf_counter() - t0) * 1000.0
+    module = os.path.abspath(dispy.__file__)
+    if (os.path.dirname(module) == args.repo) != (args.impl == 'this'):
+        raise SystemExit('wrong dispy imported for impl %s: %s' % (args.impl, module))
+    ctx = types.SimpleNamespace(dispy=dispy, impl=args.impl, node_port=args.node_port,
+                                quick=args.quick, import_ms=import_ms)
+    result = WORKLOADS[args.run_workload](ctx, args.size)
+    result['dispy_module'] = module
+    sys.stdout.flush()
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return 3 if result.get('bad_results') else 0
+
+
+# ======================================================================================
+# Driver side
+# ======================================================================================
+
+def log(args, text):
+    if not args.json_only:
+        sys.stderr.write('# %s\n' % text)
+        sys.stderr.flush()
+
+
+def emit(obj):
+    try:
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + '\n')
+    except UnicodeEncodeError:     # a non-UTF-8 stdout: same JSON, escaped
+        sys.stdout.write(json.dumps(obj) + '\n')
+    sys.stdout.flush()
+
+
+def _port_free(port):
+    """True if TCP and UDP ``port`` can both be bound on 127.0.0.1."""
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:
+                return False
+    return True
+
+
+def free_port(also_previous=False):
+    """A port free for TCP and UDP on 127.0.0.1 (and port - 1 too, if asked)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        if _port_free(port) and (not also_previous or (port > 1024 and _port_free(port - 1))):
+            return port
+    raise RuntimeError('no free port on 127.0.0.1')
+
+
+def _load_prctl():
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
+def _die_with_parent():
+    """preexec_fn: the child gets SIGKILL if the driver dies (Linux PR_SET_PDEATHSIG)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)
+
+
+def _descendants(pid):
+    """PIDs of the live descendants of ``pid`` (through /proc)."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open('/proc/%s/stat' % entry) as f:
+                    ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def stop_process(proc, grace=10.0):
+    """SIGTERM ``proc``, wait up to ``grace`` s, then SIGKILL it and its descendants."""
+    if proc is None:
+        return
+    try:
+        kids = _descendants(proc.pid)
+    except OSError:
+        kids = []
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(grace)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    for pid in [proc.pid] + kids:
+        if pid == proc.pid and proc.poll() is not None:
+            continue
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+class Impl:
+    """How to run the node and the clients of one implementation."""
+
+    def __init__(self, name, python, label):
+        self.name = name          # 'this' or 'original'
+        self.python = python
+        self.label = label        # "impl" value in the JSON lines
+
+    def node_command(self, port, cpus, dest):
+        if self.name == 'this':
+            return [self.python, os.path.join(ROOT, 'dispynode.py'), '-i', '127.0.0.1',
+                    '-p', str(port), '-c', str(cpus), '--dest_path_prefix', dest, '--daemon']
+        # the original: node listens on dispy_port + 1, so give it port - 1.  Its node
+        # script is installed beside the interpreter (venv); else '-m' (the node's cwd
+        # is its temporary folder, so this repository's dispy.py is not picked up)
+        script = os.path.join(os.path.dirname(self.python), 'dispynode.py')
+        start = [self.python, script] if os.path.isfile(script) else \
+            [self.python, '-m', 'dispy.dispynode']
+        return start + ['-i', '127.0.0.1', '-p', str(port - 1), '-c', str(cpus),
+                        '--dest_path_prefix', dest, '--daemon']
+
+    def ready_re(self, port):
+        if self.name == 'this':
+            return re.compile(r'serving at \[?127\.0\.0\.1\]?:%d\b' % port)
+        return re.compile(r'serving \d+ cpus')
+
+
+class Node:
+    """The node process of one implementation, with its temporary folder."""
+
+    def __init__(self, impl, cpus, ready_timeout=20.0):
+        self.impl = impl
+        self.cpus = cpus
+        self.ready_timeout = ready_timeout
+        self.dir = tempfile.mkdtemp(prefix='dispy-bench-%s-' % impl.name)
+        self.port = free_port(also_previous=(impl.name == 'original'))
+        self.proc = None
+        self.out = None
+        self.suspect = False   # set when a client run failed without a result
+
+    def start(self):
+        dest = os.path.join(self.dir, 'dest')
+        os.makedirs(dest)
+        self.out = open(os.path.join(self.dir, 'node.out'), 'w+b')
+        env = dict(os.environ, PYTHONUNBUFFERED='1')
+        self.proc = subprocess.Popen(self.impl.node_command(self.port, self.cpus, dest),
+                                     stdin=subprocess.DEVNULL, stdout=self.out,
+                                     stderr=subprocess.STDOUT, cwd=self.dir, env=env,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        ready = self.impl.ready_re(self.port)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if ready.search(self.output()):
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError('node exited with %s:\n%s' % (self.proc.returncode,
+                                                                 self.output()[-2000:]))
+            time.sleep(0.05)
+        raise RuntimeError('node not ready in %ss:\n%s' % (self.ready_timeout,
+                                                           self.output()[-2000:]))
+
+    def output(self):
+        with open(self.out.name, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+
+    def stop(self):
+        stop_process(self.proc)
+        if self.out:
+            self.out.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_client(args, impl, node, workload, size):
+    """Runs one workload in a fresh client process; returns (result dict, error)."""
+    cwd = tempfile.mkdtemp(prefix='dispy-bench-client-')   # recover files etc. land here
+    cmd = [impl.python, BENCH_FILE, '--run-workload', workload, '--impl', impl.name,
+           '--node-port', str(node.port), '--size', str(size), '--repo', ROOT]
+    if args.quick:
+        cmd.append('--quick')
+    proc = None
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_die_with_parent)
+        try:
+            out, err = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                proc.send_signal(signal.SIGUSR1)   # the client dumps its threads' stacks
+                out, err = proc.communicate(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            stop_process(proc, grace=2.0)
+            out, err = proc.communicate()
+            return None, 'timeout after %ss; client stderr: %s; node output: %s' % (
+                args.timeout, _tail(err, 2500), node.output()[-600:])
+        result = None
+        lines = [l for l in out.decode('utf-8', 'replace').splitlines() if l.strip()]
+        if lines:
+            try:
+                result = json.loads(lines[-1])
+            except ValueError:
+                result = None
+        if proc.returncode != 0 or result is None:
+            why = 'client exited with %s' % proc.returncode
+            if result and result.get('bad_results'):
+                why = '%d wrong results (first: %s)' % (result['bad_results'],
+                                                        result.get('first_bad'))
+            tail = _tail(err)
+            return result, ('%s; stderr: %s' % (why, tail)) if tail else why
+        return result, None
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_process(proc, grace=2.0)
+        shutil.rmtree(cwd, ignore_errors=True)
+
+
+def _tail(data, n=1500):
+    text = data.decode('utf-8', 'replace').strip() if data else ''
+    return text[-n:]
+
+
+def _num(x):
+    if isinstance(x, float):
+        return float('%.5g' % x)
+    return x
+
+
+def aggregate(workload, impl, runs, errors, size, args):
+    """The JSON lines of one workload from its runs' result dicts."""
+    lines = []
+    for line_id, key, unit, cmp_, target, extras in FIGURES[workload]:
+        values = [r[key] for r in runs if r and isinstance(r.get(key), (int, float))]
+        line = {'workload': line_id, 'unit': unit}
+        if values:
+            med = statistics.median(values)
+            line.update(median=_num(med), min=_num(min(values)), max=_num(max(values)))
+        else:
+            line.update(median=None, min=None, max=None)
+        line.update(runs=[_num(v) for v in values], target='%s %s' % (SIGN[cmp_], target),
+                    impl=impl.label)
+        for extra in extras:
+            xs = [r[extra] for r in runs if r and isinstance(r.get(extra), (int, float))]
+            if xs:
+                med = statistics.median(xs)
+                if all(isinstance(x, int) for x in xs) and med == int(med):
+                    med = int(med)
+                line[extra] = _num(med)
+        met = bool(values) and not errors and (
+            line['median'] >= target if cmp_ == '>=' else line['median'] <= target)
+        line['met'] = met
+        line['size'] = size
+        if args.quick:
+            line['quick'] = True
+        if errors:
+            line['error'] = '; '.join(errors)[:3000]
+        lines.append(line)
+    return lines
+
+
+def start_node(args, impl):
+    """A new node of ``impl``, already used once by a throwaway client process (so that
+    W5 times a fresh client against a node that is running and has served a client
+    before); returns (node, None) or (None, error)."""
+    node = Node(impl, args.cpus)
+    try:
+        log(args, '%s: starting node on 127.0.0.1:%d' % (impl.label, node.port))
+        node.start()
+        result, error = run_client(args, impl, node, 'warmup', 1)
+        if error:
+            log(args, '%s: warm-up client failed: %s' % (impl.label, error))
+        return node, None
+    except Exception as exc:
+        node.stop()
+        return None, 'node did not start: %s' % exc
+    except BaseException:
+        node.stop()
+        raise
+
+
+def bench_impl(args, impl, workloads):
+    """Runs the workloads of ``impl`` against its node; returns the JSON lines."""
+    all_lines = []
+    node, node_error = start_node(args, impl)
+    try:
+        for w in workloads:
+            size = _size(w, args)
+            runs, errors = [], []
+            for i in range(args.runs):
+                if node is not None and node.suspect:
+                    # the previous client was killed or crashed and may still hold
+                    # the node: go on with a fresh node
+                    node.stop()
+                    node, node_error = start_node(args, impl)
+                if node is None:
+                    errors.append('run %d: %s' % (i + 1, node_error))
+                    continue
+                t0 = time.monotonic()
+                result, error = run_client(args, impl, node, w, size)
+                runs.append(result)
+                if error:
+                    errors.append('run %d: %s' % (i + 1, error))
+                shown = ', '.join('%s=%s' % (f[1], _num(result.get(f[1])))
+                                  for f in FIGURES[w]) if result else ''
+                log(args, '%s %s run %d/%d (%.1f s): %s%s' % (
+                    impl.label, w, i + 1, args.runs, time.monotonic() - t0, shown,
+                    (' ERROR ' + error[:300]) if error else ''))
+                node.suspect = result is None
+            for line in aggregate(w, impl, runs, errors, size, args):
+                emit(line)
+                all_lines.append(line)
+    finally:
+        if node is not None:
+            node.stop()
+    return all_lines
+
+
+def _size(workload, args):
+    return SIZES[workload][1 if args.quick else 0]
+
+
+def ratio_lines(this_lines, orig_lines):
+    """this / original per figure; 'this_better' reads the direction of the target."""
+    out = []
+    orig = {l['workload']: l for l in orig_lines}
+    for line in this_lines:
+        other = orig.get(line['workload'])
+        if not other:
+            continue
+        a, b = line.get('median'), other.get('median')
+        higher = line['target'].startswith(SIGN['>='])
+        entry = {'workload': line['workload'], 'impl': 'ratio', 'unit': line['unit'],
+                 'this': a, 'original': b, 'higher_is_better': higher}
+        if a is not None and b:
+            entry['ratio'] = _num(a / b)    # this / original
+            entry['this_better'] = (a > b) if higher else (a < b)
+        else:
+            entry['ratio'] = None
+        if line.get('error') or other.get('error'):
+            entry['note'] = 'a side had errors; see its line'
+        out.append(entry)
+    return out
+
+
+def print_summary(lines):
+    sys.stdout.write('# %-8s %-14s %12s %12s %12s  %-10s %s\n' % (
+        'figure', 'impl', 'median', 'min', 'max', 'target', 'status'))
+    for l in lines:
+        if l.get('impl') == 'ratio':
+            sys.stdout.write('# %-8s %-14s %12s  (this/original%s)\n' % (
+                l['workload'], 'ratio', l.get('ratio'),
+                '' if l.get('ratio') is None else
+                ', this better' if l.get('this_better') else ', original better'))
+            continue
+        status = 'ERROR' if l.get('error') else ('met' if l.get('met') else 'MISSED')
+        sys.stdout.write('# %-8s %-14s %12s %12s %12s  %-10s %s %s\n' % (
+            l['workload'], l['impl'], l['median'], l['min'], l['max'], l['target'],
+            status, l['unit']))
+    sys.stdout.flush()
+
+
+def check_loopback_only():
+    """Refuses to go on unless this process is in its own network namespace whose only
+    interface is lo."""
+    names = sorted(name for _, name in socket.if_nameindex())
+    if names != ['lo']:
+        raise SystemExit('refusing to run the original dispy: interfaces here are %s, '
+                         'expected only lo' % names)
+    try:
+        if os.stat('/proc/self/ns/net').st_ino == os.stat('/proc/1/ns/net').st_ino:
+            raise SystemExit('refusing to run the original dispy: not in a new network '
+                             'namespace')
+    except OSError:
+        pass
+
+
+def bring_up_lo():
+    ip = shutil.which('ip') or next((p for p in ('/usr/sbin/ip', '/sbin/ip', '/bin/ip')
+                                     if os.path.exists(p)), None)
+    if not ip:
+        raise SystemExit('"ip" (iproute2) is needed to bring up lo in the namespace')
+    subprocess.run([ip, 'link', 'set', 'lo', 'up'], check=True, timeout=10)
+
+
+def _interpreter(python):
+    """PYTHON as given to --original: a path, or a command name found on PATH (not
+    resolved through symlinks: a venv's bin/python must stay the venv's)."""
+    if os.sep not in python:
+        found = shutil.which(python)
+        if not found:
+            raise SystemExit('--original: %s not found on PATH' % python)
+        return found
+    if not os.path.isfile(python):
+        raise SystemExit('--original: no such interpreter: %s' % python)
+    return os.path.abspath(python)
+
+
+def reexec_in_netns(args):
+    """Runs this driver again inside ``unshare -n``; relays its exit status."""
+    if os.geteuid() != 0:
+        raise SystemExit('--original needs root (unshare -n)')
+    unshare = shutil.which('unshare')
+    if not unshare:
+        raise SystemExit('--original needs unshare (util-linux)')
+    cmd = [unshare, '-n', sys.executable, BENCH_FILE] + sys.argv[1:] + ['--inside-netns']
+    n_clients = (len(args.workloads) * args.runs + 1) * 2
+    bound = n_clients * (args.timeout + 30) + 300
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        return proc.wait(bound)
+    except subprocess.TimeoutExpired:
+        sys.stderr.write('# inner driver exceeded %ss; stopping it\n' % bound)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if proc.poll() is None:
+            stop_process(proc, grace=60.0)
+
+
+def _interrupt(signum, frame):
+    """First SIGINT/SIGTERM: interrupt the driver; later ones are ignored so that the
+    cleanup (stopping processes, removing folders) runs to its end."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt('signal %d' % signum)
+
+
+def driver_main(args):
+    signal.signal(signal.SIGTERM, _interrupt)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, _interrupt)
+    unknown = [w for w in args.workloads if w not in FIGURES]
+    if unknown:
+        raise SystemExit('unknown workloads: %s (known: %s)' % (unknown, ', '.join(FIGURES)))
+    if args.original and not args.inside_netns:
+        _interpreter(args.original)      # fail early, before the namespace
+        return reexec_in_netns(args)
+    impls = [Impl('this', sys.executable, 'this')]
+    if args.original:
+        bring_up_lo()
+        check_loopback_only()
+        impls.append(Impl('original', _interpreter(args.original), ORIGINAL_NAME))
+    elif not os.path.isfile(os.path.join(ROOT, 'dispynode.py')):
+        raise SystemExit('no dispynode.py in %s' % ROOT)
+    results = {}
+    try:
+        for impl in impls:
+            results[impl.name] = bench_impl(args, impl, args.workloads)
+        lines = results['this'] + results.get('original', [])
+        if args.original:
+            ratios = ratio_lines(results['this'], results['original'])
+            for r in ratios:
+                emit(r)
+            lines += ratios
+    except KeyboardInterrupt:
+        sys.stderr.write('# interrupted\n')
+        return 130
+    if not args.json_only:
+        print_summary(lines)
+    bad = [l for l in lines if l.get('error')]
+    if bad:
+        return 1
+    if args.check_targets and any(not l['met'] for l in lines if l.get('impl') == 'this'):
+        return 2
+    return 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description='Benchmark the dispy reimplementation (one node, 127.0.0.1 only); '
+                    'prints one JSON line per workload figure.')
+    p.add_argument('--workloads', default=','.join(FIGURES),
+                   help='comma-separated subset of %s (default: all)' % ','.join(FIGURES))
+    p.add_argument('--runs', type=int, default=3, help='fresh client processes per workload')
+    p.add_argument('--cpus', type=int, default=2, help='CPUs of the node (default 2)')
+    p.add_argument('--quick', action='store_true', help='scaled-down sizes (smoke test)')
+    p.add_argument('--original', metavar='PYTHON',
+                   help='also run dispy 4.15.2 installed for interpreter PYTHON, in a '
+                        'loopback-only network namespace (needs root and unshare)')
+    p.add_argument('--json-only', action='store_true',
+                   help='print only the JSON lines (no progress, no summary)')
+    p.add_argument('--timeout', type=float, default=300.0,
+                   help='seconds before a client process is killed (default 300)')
+    p.add_argument('--check-targets', action='store_true',
+                   help='exit 2 if a figure of this implementation misses its target')
+    # internal: the client side and the namespace re-execution
+    p.add_argument('--run-workload', help=argparse.SUPPRESS)
+    p.add_argument('--impl', default='this', choices=('this', 'original'),
+                   help=argparse.SUPPRESS)
+    p.add_argument('--node-port', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--size', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--repo', default=ROOT, help=argparse.SUPPRESS)
+    p.add_argument('--inside-netns', action='store_true', help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.workloads = [w.strip().upper() for w in args.workloads.split(',') if w.strip()]
+    if args.runs < 1:
+        p.error('--runs must be at least 1')
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.run_workload:
+        return client_main(args)
+    return driver_main(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
