@@ -2173,10 +2173,11 @@ def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
         channel.send([('CLIENT', {'id': header['client'], 'name': socket.gethostname(),
                                   'pid': os.getpid(), 'recover': True})])
         channel.sock.settimeout(HANDSHAKE_TIMEOUT)
-        first = channel.recv()[0]
+        msgs = channel.recv()
     except (OSError, ProtocolError) as exc:
         logger.warning('recover_jobs: node %s:%s: %s', addr, port, exc)
         return
+    first, msgs = msgs[0], msgs[1:]     # results may come in the same frame as NODE
     if first[0] != 'NODE':
         logger.warning('recover_jobs: node %s is serving another client (%s)', addr,
                        first[1] if len(first) > 1 else '?')
@@ -2195,11 +2196,12 @@ def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
                 deadline = now + 10     # bounded wait for the killed jobs' replies
             elif cancelled and now >= deadline:
                 break
-            channel.sock.settimeout(1.0 if deadline is None else max(0.05, deadline - now))
-            try:
-                msgs = channel.recv()
-            except socket.timeout:
-                continue
+            if not msgs:
+                channel.sock.settimeout(1.0 if deadline is None else max(0.05, deadline - now))
+                try:
+                    msgs = channel.recv()
+                except socket.timeout:
+                    continue
             acks = []
             for msg in msgs:
                 if msg[0] == 'RESULT':
@@ -2208,6 +2210,7 @@ def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
                     acks.append(('ACK', msg[1], msg[2]))
                 elif msg[0] == 'PULSE':
                     acks.append(('PULSE', time.time()))
+            msgs = []
             if acks:
                 channel.send(acks)
         for key, attempt in waiting:        # still running: reported as such

@@ -796,7 +796,12 @@ class NodeServer:
     # -- client messages (lock held) ---------------------------------------------------------
     def _on_compute(self, session, msg):
         _, ckey, spec = msg
-        if ckey in session.comps:
+        comp = session.comps.get(ckey)
+        if comp is not None:
+            # The client lost track of it (it thought this node dead): answer again.
+            if comp.state in ('ready', 'failed') and session.conn is not None:
+                session.conn.send(('SETUP', ckey, comp.state == 'ready',
+                                   None if comp.state == 'ready' else 'setup failed earlier'))
             return
         prefix = self.config.dest_path_prefix
         if spec.get('dest_path'):
