@@ -1403,7 +1403,7 @@ class Scheduler:
         pass
 
     def _on_pulse(self, link, msg):
-        avail = _avail_info(msg[1] if len(msg) > 1 else None)
+        avail = _avail_info(msg[2] if len(msg) > 2 else None)
         if avail is not None:
             link.avail_info = avail
             for ckey in link.setups:
@@ -2476,6 +2476,7 @@ class JobCluster:
             cpus = int(cpus)
             cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
             link.alloc_cpus[self._key] = cpus
+            link.send(('SET_CPUS', self._key, cpus))
             node = self._nodes.get(link.ip_addr)
             if node is not None:
                 node.cpus = cpus

@@ -494,6 +494,8 @@ class NodeComputation:
         self.exits = {}            # worker pid -> how it ended (from the host)
         self.exit_cond = threading.Condition()
         self.host_ended = False
+        self.cpus = int(spec.get('cpus') or 1)   # the client's share of this node
+        self.running = 0
 
 
 class ClientSession:
@@ -921,6 +923,12 @@ class NodeServer:
         if (last or error) and session.conn is not None:
             session.conn.send(('PUT_FILE_DONE', ckey, name, error))
 
+    def _on_set_cpus(self, session, msg):
+        comp = session.comps.get(msg[1])
+        if comp is not None:
+            comp.cpus = max(0, min(int(msg[2]), self.config.cpus))
+            self._pump()
+
     def _on_ack(self, session, msg):
         key = (msg[1], msg[2])
         session.results.pop(key, None)
@@ -943,25 +951,39 @@ class NodeServer:
         pass
 
     handlers = {'COMPUTE': _on_compute, 'FILE': _on_file, 'JOB': _on_job,
-                'PUT_FILE': _on_put_file,
+                'PUT_FILE': _on_put_file, 'SET_CPUS': _on_set_cpus,
                 'CANCEL': _on_cancel, 'ACK': _on_ack, 'CLOSE_COMPUTE': _on_close_compute,
                 'RELEASE': _on_release, 'PULSE': _on_pulse}
 
     # -- running jobs (lock held) --------------------------------------------------------------
     def _pump(self):
-        """Gives queued jobs to workers while CPUs are free."""
+        """Gives queued jobs to workers while CPUs are free: at most ``cpus`` jobs of
+        the node at once, and at most the CPUs its client gave each computation."""
+        skipped = []
         while self.queue and self.running < self.config.cpus and not self.stopping:
             job = self.queue.popleft()
             comp = job.comp
             if job.cancelled or comp.state != 'ready':
                 continue
-            self.running += 1
+            if comp.running >= comp.cpus:
+                skipped.append(job)     # its computation is at its share: keep its place
+                continue
+            self._take_cpu(comp)
             if comp.idle:
                 self._start_job(job, comp.idle.pop())
             else:
                 comp.waiting.append(job)
-                if len(comp.workers) + comp.spawning < self.config.cpus:
+                if len(comp.workers) + comp.spawning < comp.cpus:
                     self._spawn_worker(comp)
+        self.queue.extendleft(reversed(skipped))
+
+    def _take_cpu(self, comp):
+        self.running += 1
+        comp.running += 1
+
+    def _release_cpu(self, comp):
+        self.running -= 1
+        comp.running -= 1
 
     def _spawn_worker(self, comp):
         node_end, worker_end = socket.socketpair()
@@ -1023,7 +1045,7 @@ class NodeServer:
         comp = job.comp
         if job in comp.waiting:
             comp.waiting.remove(job)
-            self.running -= 1
+            self._release_cpu(comp)
         self._finish(session, job, ('RESULT', job.key, job.attempt, DispyJob.Cancelled, None,
                                     '', '', 'Cancelled', None, time.time()))
         self._pump()
@@ -1080,7 +1102,7 @@ class NodeServer:
                 comp.idle.append(worker)
         elif kind == 'result':
             job, worker.job = worker.job, None
-            self.running -= 1
+            self._release_cpu(comp)
             if session is not None and job is not None:
                 reply = ('RESULT',) + msg[1:]
                 if job.cancelled:
@@ -1114,7 +1136,7 @@ class NodeServer:
                 if comp.waiting and comp.state == 'ready':
                     self._spawn_worker(comp)
                 return
-            self.running -= 1
+            self._release_cpu(comp)
             session = self.session
             if session is not None and session.jobs.get(job.key) is job:
                 if job.timed_out:

@@ -223,6 +223,77 @@ class TLSTest(unittest.TestCase):
             self.addCleanup(cluster.close, terminate=True)
             self.assertEqual(cluster.submit(9)(timeout=TIMEOUT), 81)
 
+    def test_tls_with_nodes_on_other_python_versions(self):
+        for python in other_pythons():
+            with self.subTest(node=python):
+                with NodeProcess('127.0.0.2', python=python,
+                                 args=['--certfile', self.certfile]) as node:
+                    cluster = dispy.JobCluster(compute_square, nodes=['127.0.0.2'],
+                                               ip_addr='127.0.0.1', port=0,
+                                               node_port=node.port, certfile=self.certfile)
+                    try:
+                        self.assertEqual(cluster.submit(5)(timeout=TIMEOUT), 25)
+                    finally:
+                        cluster.close(terminate=True)
+
+    def test_ca_signed_certificates_and_required_client_certificate(self):
+        ca, node_cert, client_cert, stranger = self.make_ca_certificates()
+        with NodeProcess('127.0.0.2', args=['--certfile', node_cert, '--cafile', ca]) as node:
+            good = dispy.JobCluster(compute_square, nodes=['127.0.0.2'], ip_addr='127.0.0.1',
+                                    port=0, node_port=node.port, certfile=client_cert,
+                                    cafile=ca)
+            try:
+                self.assertEqual(good.submit(4)(timeout=TIMEOUT), 16)
+            finally:
+                good.close(terminate=True)
+            # a client whose certificate the CA did not sign is refused by the node
+            with self.assertLogs('dispy', 'WARNING') as logs:
+                bad = dispy.JobCluster(compute_square, nodes=['127.0.0.2'], ip_addr='127.0.0.1',
+                                       port=0, node_port=node.port, certfile=stranger,
+                                       cafile=ca)
+                self.addCleanup(bad.close, terminate=True)
+                self.assertIsNone(bad.submit(4)(timeout=2))
+            self.assertTrue(any('127.0.0.2' in l for l in logs.output), logs.output)
+            self.assertTrue(wait_until(lambda: 'refused' in node.stderr(), 20), node.output())
+
+    def make_ca_certificates(self):
+        """A CA, a node and a client certificate it signed, and a self-signed stranger
+        (each file holds key and certificate)."""
+        d = tempfile.mkdtemp(prefix='dispytest-ca-', dir=self.dir)
+
+        def openssl(*args):
+            subprocess.run(['openssl'] + list(args), check=True, capture_output=True,
+                           timeout=60, cwd=d)
+        openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out',
+                'ca.pem', '-days', '2', '-subj', '/CN=dispy-test-ca')
+        paths = []
+        for name in ('node', 'client'):
+            openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', name + '.key', '-out',
+                    name + '.csr', '-subj', '/CN=dispy-' + name)
+            openssl('x509', '-req', '-in', name + '.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key',
+                    '-CAcreateserial', '-out', name + '.crt', '-days', '2')
+            path = os.path.join(d, name + '.pem')
+            with open(path, 'w') as out:
+                for part in (name + '.key', name + '.crt'):
+                    with open(os.path.join(d, part)) as f:
+                        out.write(f.read())
+            paths.append(path)
+        stranger = os.path.join(d, 'stranger.pem')
+        openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', stranger, '-out',
+                stranger, '-days', '2', '-subj', '/CN=stranger')
+        return [os.path.join(d, 'ca.pem')] + paths + [stranger]
+
+    def test_tls_client_meets_plain_node_with_clear_errors(self):
+        with NodeProcess('127.0.0.2') as node:
+            with self.assertLogs('dispy', 'WARNING') as logs:
+                cluster = dispy.JobCluster(compute_square, nodes=['127.0.0.2'],
+                                           ip_addr='127.0.0.1', port=0, node_port=node.port,
+                                           certfile=self.certfile)
+                self.addCleanup(cluster.close, terminate=True)
+                wait_until(lambda: any('127.0.0.2' in l for l in logs.output), 20)
+            self.assertTrue(any('TLS' in l for l in logs.output), logs.output)
+            self.assertTrue(wait_until(lambda: 'TLS' in node.stderr(), 20), node.output())
+
     def test_plain_client_meets_tls_node_with_clear_errors(self):
         with NodeProcess('127.0.0.2', args=['--certfile', self.certfile]) as node:
             with self.assertLogs('dispy', 'WARNING') as logs:
