@@ -580,7 +580,31 @@ def resolve_host(host, family=0):
         infos = socket.getaddrinfo(host, None, family, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         return None
-    return infos[0][4][0] if infos else None
+    if not infos:
+        return None
+    addr = infos[0][4][0]
+    if '%' in host and '%' not in addr:     # keep a link-local address's interface
+        addr += '%' + host.split('%', 1)[1]
+    return addr
+
+
+def sockaddr(addr, port):
+    """The socket address for bind/connect: a link-local IPv6 address with its
+    interface (``fe80::1%eth0``) needs the numeric scope id."""
+    if '%' in addr:
+        return socket.getaddrinfo(addr, port, socket.AF_INET6, socket.SOCK_DGRAM)[0][4]
+    return (addr, port)
+
+
+def _address_with_scope(addr):
+    """The host of a socket address, with ``%interface`` for a link-local IPv6 one."""
+    host = addr[0]
+    if len(addr) == 4 and addr[3] and '%' not in host:
+        try:
+            host += '%' + socket.if_indextoname(addr[3])
+        except OSError:
+            pass
+    return host
 
 
 def interface_addresses():
@@ -641,6 +665,33 @@ def broadcast_addresses(local_addrs=None):
             if bcast not in result:
                 result.append(bcast)
     return result
+
+
+IPV6_ALL_NODES = 'ff02::1'   # link-local multicast: IPv6's broadcast
+
+
+def multicast_destinations(port):
+    """(ff02::1, port, 0, scope) on every interface but loopback: where IPv6 pings and
+    announcements go."""
+    try:
+        names = socket.if_nameindex()
+    except (AttributeError, OSError):
+        return []
+    return [(IPV6_ALL_NODES, port, 0, index) for index, name in names if name != 'lo']
+
+
+def bind_udp_any_v6(port):
+    """An IPv6-only UDP socket on [::]:port, or None when the host has no IPv6."""
+    if not socket.has_ipv6:
+        return None
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(('::', port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
 
 
 def make_ssl_context(server_side, certfile=None, keyfile=None, cafile=None):
@@ -848,6 +899,8 @@ class NodeAllocate:
             self._pattern = None
 
     def matches(self, ip_addr, name=''):
+        if self.host == '*':
+            return True
         if self._pattern is not None:
             return bool(self._pattern.match(ip_addr))
         return ip_addr == self.ip_addr or (name and name == self.host)
@@ -1636,7 +1689,7 @@ class ClientHub:
             try:
                 if family == socket.AF_INET:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-                sock.bind((addr, port))
+                sock.bind(sockaddr(addr, port))
             except OSError as exc:
                 sock.close()
                 for s in socks:
@@ -1650,6 +1703,11 @@ class ClientHub:
             sock.setblocking(False)
             socks.append(sock)
             port = sock.getsockname()[1]    # port=0: the others take the same one
+        if not ip_addrs:        # all interfaces: IPv6 too, where the host has it
+            v6 = bind_udp_any_v6(port)
+            if v6 is not None:
+                v6.setblocking(False)
+                socks.append(v6)
         return socks
 
     def callback_notifier(self):
@@ -1739,7 +1797,7 @@ class ClientHub:
             timeout = min(timeout, max(1.0, 2 * self.pulse_interval))
         try:
             sock.settimeout(timeout)
-            sock.connect((link.ip_addr, link.port))
+            sock.connect(sockaddr(link.ip_addr, link.port))
         except OSError as exc:
             sock.close()
             self._dial_failed(link, exc)
@@ -1896,7 +1954,7 @@ class ClientHub:
                 self._found_node(msg, addr)
 
     def _found_node(self, msg, addr):
-        ip = msg.get('ip') or addr[0]
+        ip = msg.get('ip') or _address_with_scope(addr)
         try:
             port = int(msg.get('port') or NODE_PORT)
         except (TypeError, ValueError):
@@ -1954,16 +2012,19 @@ class ClientHub:
                                            'port': self.port})
         dests = list(self.targets)
         if self.broadcast:
+            ip_addrs = self.options['ip_addrs']
             dests += [(bcast, self._node_port())
-                      for bcast in broadcast_addresses(self.options['ip_addrs'] or None)]
-        for addr, port in dests:
+                      for bcast in broadcast_addresses(ip_addrs or None)]
+            if any(':' in a and not is_loopback(a) for a in ip_addrs or ['::']):
+                dests += multicast_destinations(self._node_port())
+        for dest in dests:
             for sock in self.udp_socks:
-                if sock.family != node_address_family(addr):
+                if sock.family != node_address_family(dest[0]):
                     continue
                 try:
-                    sock.sendto(data, (addr, port))
+                    sock.sendto(data, dest)
                 except OSError as exc:
-                    logger.debug('ping to %s:%s failed: %s', addr, port, exc)
+                    logger.debug('ping to %s:%s failed: %s', dest[0], dest[1], exc)
                 break
 
     def _node_port(self):

@@ -642,9 +642,9 @@ class NodeServer:
             tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             udp = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                tcp.bind((addr, self.config.port))
+                tcp.bind(dispy.sockaddr(addr, self.config.port))
                 port = tcp.getsockname()[1]
-                udp.bind((addr, port))
+                udp.bind(dispy.sockaddr(addr, port))
             except OSError as exc:
                 tcp.close()
                 udp.close()
@@ -656,6 +656,28 @@ class NodeServer:
             tcp.listen(128)
             self.tcp_socks.append(tcp)
             self.udp_socks.append(udp)
+        if not self.config.ip_addrs:
+            self._bind_any_v6()
+
+    def _bind_any_v6(self):
+        """All interfaces: serve IPv6 clients too (pinged by multicast), if the host
+        has IPv6."""
+        udp = dispy.bind_udp_any_v6(self.config.port)
+        if udp is None:
+            return
+        tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        try:
+            tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind(('::', self.config.port))
+            tcp.listen(128)
+        except OSError as exc:
+            logger.info('no IPv6 service: %s', exc)
+            tcp.close()
+            udp.close()
+            return
+        self.tcp_socks.append(tcp)
+        self.udp_socks.append(udp)
 
     def addresses(self):
         """Addresses to show and announce."""
@@ -1286,6 +1308,10 @@ class NodeServer:
             local = [a for a in self.addresses() if a != '0.0.0.0']
             for bcast in dispy.broadcast_addresses(None if not self.config.ip_addrs else local):
                 self._sendto(sock, data, (bcast, self.config.client_port))
+        for v6 in self.udp_socks:
+            if v6.family == socket.AF_INET6 and not self.config.ip_addrs:
+                for dest in dispy.multicast_destinations(self.config.client_port):
+                    self._sendto(v6, data, dest)
 
     # -- timers -----------------------------------------------------------------------------------
     def _manager_loop(self):

@@ -324,5 +324,61 @@ class DefaultDiscoveryTest(LabTestCase):
             self.fail_with('node2 ran no job (jobs ran on %s)' % sorted(hosts))
 
 
+IPV6_CLIENT = r'''
+import os, sys, time
+import dispy
+
+def link_local(ifname='eth0', timeout=20):
+    """This host's link-local IPv6 address, once duplicate detection is done."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open('/proc/net/if_inet6') as f:
+            for line in f:
+                hexaddr, _index, _plen, scope, flags, name = line.split()
+                if name == ifname and scope == '20' and not int(flags, 16) & 0x40:
+                    addr = ':'.join(hexaddr[i:i + 4] for i in range(0, 32, 4))
+                    return dispy.resolve_host(addr) + '%' + ifname
+        time.sleep(0.1)
+    sys.exit('no link-local IPv6 address')
+
+def compute(n):
+    return n * 2
+
+if __name__ == '__main__':
+    cluster = dispy.JobCluster(compute, ip_addr=link_local())
+    jobs = [cluster.submit(i) for i in range(4)]
+    for job in jobs:
+        print('result %s from %s' % (job(timeout=60), job.ip_addr))
+    cluster.close()
+'''
+
+
+class IPv6DiscoveryTest(DefaultDiscoveryTest):
+    """A client with only an IPv6 link-local address finds a default node by
+    multicast (ff02::1) and runs jobs on it over IPv6."""
+
+    HOSTS = ('client', 'node1')
+
+    test_sample_program_with_default_discovery = None
+    test_node_started_after_client_is_discovered = None
+
+    @time_limit(120)
+    def test_ipv6_multicast_discovery(self):
+        self.start_node('node1')
+        folder, env = self.client_env()
+        script = os.path.join(folder, 'ipv6_client.py')
+        with open(script, 'w') as f:
+            f.write(IPV6_CLIENT)
+        try:
+            result = self.lab.run('client', [sys.executable, script], timeout=60, env=env,
+                                  cwd=folder)
+        except subprocess.TimeoutExpired as exc:
+            self.fail_with('IPv6 client did not finish in 60 s', exc)
+        results = re.findall(r'^result (\d+) from (\S+)$', result.stdout, re.M)
+        if result.returncode != 0 or sorted(int(r) for r, _ in results) != [0, 2, 4, 6]:
+            self.fail_with('IPv6 client failed (exit %s)' % result.returncode, result)
+        if not all(addr.startswith('fe80:') for _, addr in results):
+            self.fail_with('jobs did not run over IPv6', result)
+
 if __name__ == '__main__':
     unittest.main()
