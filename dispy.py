@@ -48,6 +48,7 @@ import os
 import pickle
 import platform
 import re
+import select
 import selectors
 import shlex
 import socket
@@ -61,8 +62,8 @@ import types
 import uuid
 
 __version__ = '5.0.0'
-__all__ = ['JobCluster', 'SharedJobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo',
-           'NodeAllocate', 'recover_jobs', 'logger']
+__all__ = ['JobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo', 'NodeAllocate',
+           'recover_jobs', 'logger']
 
 # ================================================================================
 # Constants
@@ -208,10 +209,16 @@ def dumps_blob(obj):
     return pickle.dumps(obj, BLOB_PICKLE_PROTOCOL)
 
 
-def _recv_exact(sock, n):
-    """Reads exactly ``n`` bytes from a blocking socket (handshake only)."""
+def _recv_exact(sock, n, deadline=None):
+    """Reads exactly ``n`` bytes from a blocking socket (handshake only), by
+    ``deadline`` (monotonic) at the latest: a peer trickling bytes is cut off too."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout('handshake took too long')
+            sock.settimeout(left)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise ProtocolError('connection closed by peer during handshake')
@@ -223,8 +230,8 @@ def _send_hs(sock, payload):
     sock.sendall(struct.pack('!4sH', b'DSPY', len(payload)) + payload)
 
 
-def _recv_hs(sock):
-    head = _recv_exact(sock, 6)
+def _recv_hs(sock, deadline=None):
+    head = _recv_exact(sock, 6, deadline)
     magic, length = struct.unpack('!4sH', head)
     if magic != b'DSPY':
         if head[:1] in (b'\x15', b'\x16'):
@@ -233,7 +240,7 @@ def _recv_hs(sock):
         raise ProtocolError('peer is not a dispy program (got %r)' % head[:4])
     if length > MAX_HANDSHAKE_MSG:
         raise ProtocolError('handshake message of %d bytes exceeds %d' % (length, MAX_HANDSHAKE_MSG))
-    return _recv_exact(sock, length)
+    return _recv_exact(sock, length, deadline)
 
 
 def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=HANDSHAKE_TIMEOUT,
@@ -250,6 +257,7 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
        frames of one connection (or direction) cannot be replayed on another.
     """
     key = secret_key(secret)
+    deadline = time.monotonic() + timeout
     sock.settimeout(timeout)
     version = PROTOCOL_VERSION if version is None else version
     mine = dict(info, magic='dispy', version=version, pickle=pickle.HIGHEST_PROTOCOL,
@@ -257,15 +265,15 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
     my_hello = json.dumps(mine, sort_keys=True).encode()
     if dialer:
         _send_hs(sock, my_hello)
-        peer_hello = _recv_hs(sock)
+        peer_hello = _recv_hs(sock, deadline)
     else:
-        peer_hello = _recv_hs(sock)
+        peer_hello = _recv_hs(sock, deadline)
         _send_hs(sock, my_hello)
     try:
         peer = json.loads(peer_hello)
         peer_version = int(peer['version'])
         int(peer['pickle']), int(peer['max_frame']), str(peer['nonce'])
-    except (ValueError, KeyError, TypeError):
+    except Exception:       # bad JSON, missing keys, wrong types, inf, deep nesting
         raise ProtocolError('malformed handshake from peer')
     if peer_version != version:
         raise VersionError('peer speaks dispy protocol version %s, this program speaks %s '
@@ -275,13 +283,13 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
     listener_proof = _mac(key, b'dispy-proof-listener', transcript)
     if dialer:
         sock.sendall(b'P' + dialer_proof)
-        answer = _recv_exact(sock, 33)
+        answer = _recv_exact(sock, 33, deadline)
         if answer[:1] == b'F':
             raise AuthError('peer rejected our authentication (secrets differ)')
         if not hmac.compare_digest(answer[1:], listener_proof):
             raise AuthError('peer failed authentication (secrets differ)')
     else:
-        answer = _recv_exact(sock, 33)
+        answer = _recv_exact(sock, 33, deadline)
         if not hmac.compare_digest(answer[1:], dialer_proof):
             try:
                 sock.sendall(b'F' + bytes(32))
@@ -524,11 +532,17 @@ class Connection:
         channel = self.channel
         meta, buffers = dumps_oob(batch, channel.pickle_protocol)
         size = len(meta) + sum(len(b) for b in buffers)
-        if size <= channel.peer_max_frame - 65536 or len(batch) == 1:
+        if size <= channel.peer_max_frame - 65536:
             channel.send_body(meta, buffers)
             return
         for msg in batch:   # too big together: one frame each
-            channel.send_body(*dumps_oob([msg], channel.pickle_protocol))
+            meta, buffers = dumps_oob([msg], channel.pickle_protocol)
+            size = len(meta) + sum(len(b) for b in buffers)
+            if size > channel.peer_max_frame:
+                logger.error('%s: %s message of %d bytes exceeds the peer\'s frame limit of %d;'
+                             ' dropped', self.name, msg[0], size, channel.peer_max_frame)
+                continue
+            channel.send_body(meta, buffers)
 
     def _read_loop(self):
         reason = 'connection closed by peer'
@@ -741,7 +755,7 @@ def unpack_datagram(secret, data):
     mac, payload = data[6:38], data[38:]
     try:
         msg = json.loads(payload)
-    except ValueError:
+    except Exception:       # ValueError, RecursionError on deep nesting, ...
         return None, False
     if not isinstance(msg, dict):
         return None, False
@@ -1174,6 +1188,10 @@ class NodeLink:
         self.next_dial = 0.0
         self.lost_reason = None
         self.busy_warned = False
+        self.dialing = False      # a dial thread is running
+        self.silent = False       # closed because no pulse came: dead at once
+        self.pulse_interval = None  # what the node was told when it connected
+        self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
 
     def __repr__(self):
         return '<NodeLink %s:%s %s>' % (self.ip_addr, self.port, self.state)
@@ -1218,7 +1236,7 @@ class Scheduler:
         with self.lock:
             self.clusters[cluster._key] = cluster
 
-    def remove_cluster(self, cluster, timeout=10.0):
+    def remove_cluster(self, cluster):
         """Closes the cluster's computation on every node (they run cleanup)."""
         with self.lock:
             self.clusters.pop(cluster._key, None)
@@ -1249,6 +1267,7 @@ class Scheduler:
             if link is None:    # still queued here; skipped when popped
                 self._end_job(job, DispyJob.Cancelled, exception=reason)
                 return 0
+            link.cancels.add((job._key, job._attempt))
             link.send(('CANCEL', job._key, job._attempt))
             return 0
 
@@ -1308,17 +1327,21 @@ class Scheduler:
         with self.lock:
             restarted = link.instance is not None and link.instance != info.get('instance')
             held = {tuple(x) for x in info.get('jobs', ())}
-            if restarted:
-                self._lose_jobs(link, list(link.jobs.values()), 'node restarted')
+            if restarted:       # running jobs died with it; kept results come again
+                self._lose_jobs(link, [j for j in link.jobs.values()
+                                       if (j._key, j._attempt) not in held], 'node restarted')
                 link.setups.clear()
                 link.alloc_cpus.clear()
             else:   # jobs and computations the node no longer has are lost
                 lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
                 self._lose_jobs(link, lost, 'node lost the job')
-                for key, attempt in held:       # attempts superseded while it was away
-                    job = link.jobs.get(key)
-                    if job is None or job._attempt != attempt:
+                for key, attempt in held:       # attempts superseded while it was away,
+                    job = link.jobs.get(key)      # or cancelled while we were cut off
+                    if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
                         link.send(('CANCEL', key, attempt))
+                for ckey, state in link.setups.items():   # a SETUP reply may have been lost
+                    if state == 'pending' and ckey in kept:
+                        link.send(('COMPUTE', ckey, None))
                 kept = set(info.get('computations', ()))
                 for ckey in [k for k in link.setups if k not in kept]:
                     del link.setups[ckey]
@@ -1399,7 +1422,15 @@ class Scheduler:
     def _on_setup(self, link, msg):
         _, ckey, ok, error = msg
         cluster = self.clusters.get(ckey)
-        if cluster is None or link.setups.get(ckey) != 'pending':
+        if cluster is None or link.setups.get(ckey) not in ('pending', 'ready'):
+            return
+        if not ok and link.setups[ckey] == 'ready':   # its host died: no more jobs there
+            link.setups[ckey] = 'failed'
+            logger.warning('computation %s failed on node %s: %s', cluster._package.name,
+                           link.ip_addr, error)
+            cluster._node_changed(link, DispyNode.Closed)
+            return
+        if link.setups[ckey] == 'ready':
             return
         if not ok:
             link.setups[ckey] = 'failed'
@@ -1425,6 +1456,7 @@ class Scheduler:
         if job is None or job._attempt != attempt:
             return      # a stale attempt (the job was resubmitted): already accounted for
         del link.jobs[key]
+        link.cancels.discard((key, attempt))
         ckey = job._cluster._key
         link.in_flight[ckey] -= 1
         result = None
@@ -1453,7 +1485,7 @@ class Scheduler:
         job.status = DispyJob.Running
 
     def _on_closed_compute(self, link, msg):
-        pass
+        pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
 
     def _on_pulse(self, link, msg):
         avail = _avail_info(msg[2] if len(msg) > 2 else None)
@@ -1463,13 +1495,6 @@ class Scheduler:
                 cluster = self.clusters.get(ckey)
                 if cluster is not None and link.setups[ckey] == 'ready':
                     cluster._node_changed(link, DispyNode.AvailInfo)
-
-    def _on_file_error(self, link, msg):
-        _, ckey, error = msg
-        if link.setups.get(ckey) == 'pending':
-            link.setups[ckey] = 'failed'
-            logger.warning('node %s refused a file of computation %s: %s', link.ip_addr,
-                           ckey, error)
 
     def _on_send_file(self, link, msg):
         """A file a job sent with dispy_send_file: saved under the client's working
@@ -1502,7 +1527,7 @@ class Scheduler:
     handlers = {'NODE': _on_node_info, 'BUSY': _on_busy, 'SETUP': _on_setup,
                 'SEND_FILE': _on_send_file, 'PUT_FILE_DONE': _on_put_file_done,
                 'STARTED': _on_started, 'RESULT': _on_result, 'PROVISIONAL': _on_provisional,
-                'CLOSED': _on_closed_compute, 'PULSE': _on_pulse, 'FILE_ERROR': _on_file_error}
+                'CLOSED': _on_closed_compute, 'PULSE': _on_pulse}
 
     def _end_job(self, job, status, result=None, stdout=None, stderr=None, exception=None,
                  end_time=None):
@@ -1760,13 +1785,12 @@ class ClientHub:
                 return
             self.closed = True
             links = list(self.links.values())
-        for link in links:
-            if link.conn is not None:
-                link.send(('RELEASE',))
-                link.conn.close('released', flush=True)
-        for link in links:
-            if link.conn is not None:
-                link.conn.writer.join(5.0)
+        conns = [link.conn for link in links if link.conn is not None]
+        for conn in conns:
+            conn.send(('RELEASE',))
+            conn.close('released', flush=True)
+        for conn in conns:
+            conn.writer.join(5.0)
         if self.notifier is not None:
             self.notifier.stop()        # after the calls already queued
         if self.recover_log is not None:
@@ -1824,6 +1848,7 @@ class ClientHub:
                 channel.close()
                 return
             conn = link.conn = Connection(channel, link, link.ip_addr)
+            link.pulse_interval = self.pulse_interval
             conn.start()
             conn.send(('CLIENT', {'id': self.client_id, 'name': socket.gethostname(),
                                   'pid': os.getpid(), 'udp_port': self.port,
@@ -1877,6 +1902,9 @@ class ClientHub:
             link.busy_warned = True
         link.state = 'busy'
         link.next_dial = time.monotonic() + 2.0
+        if link.jobs:       # it restarted and another client took it: our jobs are gone
+            self.scheduler.node_lost(link, 'node serves another client now')
+            link.state = 'busy'
 
     def on_link_closed(self, link, conn, reason):
         with self.lock:
@@ -1888,7 +1916,7 @@ class ClientHub:
                 return
             if link.state == 'busy':
                 return
-            if getattr(link, 'silent', False):
+            if link.silent:
                 # Silent for 5 pulses already: dead now; it is dialed again later and
                 # used again if it comes back.
                 link.silent = False
@@ -1990,10 +2018,11 @@ class ClientHub:
             if link.conn.idle_send >= self.pulse_interval:
                 link.send(('PULSE', time.time()))
             silent = time.monotonic() - link.conn.last_recv
-            if silent > DEAD_PULSES * self.pulse_interval:
+            # the node pulses at the interval it was told when it connected
+            if silent > DEAD_PULSES * max(self.pulse_interval, link.pulse_interval or 0):
                 link.silent = True
                 link.conn.close('no message from node for %.1f s' % silent)
-        elif getattr(link, 'dialing', False):
+        elif link.dialing:
             return
         elif link.state == 'reconnecting' and now >= link.next_dial:
             self._dial(link.ip_addr, link.port)
@@ -2258,11 +2287,12 @@ def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
             elif cancelled and now >= deadline:
                 break
             if not msgs:
-                channel.sock.settimeout(1.0 if deadline is None else max(0.05, deadline - now))
-                try:
-                    msgs = channel.recv()
-                except socket.timeout:
+                wait = 1.0 if deadline is None else max(0.05, deadline - now)
+                if not channel._rbuf and not select.select([channel.sock], [], [], wait)[0] \
+                        and not (hasattr(channel.sock, 'pending') and channel.sock.pending()):
                     continue
+                channel.sock.settimeout(None)      # a frame has begun: read it whole
+                msgs = channel.recv()
             acks = []
             for msg in msgs:
                 if msg[0] == 'RESULT':
@@ -2378,7 +2408,8 @@ class JobCluster:
         if pulse_interval is not None:
             pulse_interval = float(pulse_interval)
             if not 0 < pulse_interval <= 600:
-                raise ValueError('pulse_interval must be between 1 and 600 seconds')
+                raise ValueError('pulse_interval must be more than 0 and at most 600 seconds '
+                                 '(the documented range is 1-600)')
         self._package = ComputePackage(computation, depends, setup, cleanup, dest_path,
                                        caller_globals)
         # Strict isolation: each job in a process of its own, forked from the one that
@@ -2605,7 +2636,11 @@ class JobCluster:
                        and threading.current_thread() is self._notifier.thread)
         if terminate and timeout is None:
             timeout = 0         # terminate without a timeout: cancel now, don't wait
-        if not in_callback and not self.wait(timeout):
+        if in_callback and not terminate:
+            with self._cond:
+                if self._open_jobs:
+                    return False     # a callback cannot wait for the jobs to end
+        elif not in_callback and not self.wait(timeout):
             if not terminate:
                 return False
         if terminate:

@@ -100,6 +100,7 @@ class LocalLink:
             if not fds:
                 raise EOFError('descriptor missing')
             fd = fds[0]
+            os.set_inheritable(fd, False)
         return msg, fd
 
     def _exact(self, n):
@@ -152,6 +153,9 @@ def zygote_main(sock):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # hosts are reaped automatically
     _set_parent_death_signal()
+    devnull = os.open(os.devnull, os.O_RDONLY)        # jobs never read the node's console
+    os.dup2(devnull, 0)
+    os.close(devnull)
     link = LocalLink(sock)
     while True:
         try:
@@ -160,7 +164,11 @@ def zygote_main(sock):
             os._exit(0)
         if msg[0] != 'host' or fd is None:
             continue
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(fd)        # the node sees the host's link end: setup failed
+            continue
         if pid == 0:
             try:
                 sock.close()
@@ -302,7 +310,11 @@ def host_main(sock, spec):
                 _stop_workers(workers)
                 os._exit(0)
             if msg[0] == 'fork':
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except OSError:
+                    os.close(fd)    # the node sees that worker's link end
+                    continue
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
                     for s in (sock, wake_r, wake_w):
@@ -320,13 +332,15 @@ def host_main(sock, spec):
 
 
 def _reap_workers(link, workers):
-    while workers:
+    """Reports workers that ended (only ours: setup may have children of its own)."""
+    for pid in list(workers):
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            done, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            workers.discard(pid)
+            continue
+        if done == 0:
+            continue
         workers.discard(pid)
         try:
             link.send(('exited', pid, _describe_exit(status)))
@@ -511,7 +525,8 @@ class ClientSession:
         self.stored = set()         # (key, attempt) of results also kept on disk
         self.comps = {}             # cluster key -> NodeComputation
         self.disconnected_at = None
-        self.pulse_interval = float(info.get('pulse_interval') or dispy.DEFAULT_PULSE_INTERVAL)
+        self.pulse_interval = max(0.05, float(info.get('pulse_interval')
+                                              or dispy.DEFAULT_PULSE_INTERVAL))
 
     def describe(self):
         return '%s (%s, pid %s)' % (self.address, self.info.get('name', '?'),
@@ -591,7 +606,8 @@ def _safe_relative(path):
     if not isinstance(path, str) or not path:
         raise ValueError('refused path %r' % (path,))
     norm = os.path.normpath(path)
-    if os.path.isabs(norm) or norm == '..' or norm.startswith('..' + os.sep) or '\0' in norm:
+    if (os.path.isabs(norm) or norm in ('.', '..') or norm.startswith('..' + os.sep)
+            or norm.split(os.sep)[0].startswith('.dispy') or '\0' in norm):
         raise ValueError('refused path %r: it would leave the destination folder' % (path,))
     return norm
 
@@ -716,6 +732,12 @@ class NodeServer:
     def _handshake(self, sock, addr):
         try:
             self._handshake_and_attach(sock, addr)
+        except Exception as exc:        # never a dead thread holding a socket
+            logger.warning('connection from %s refused: %r', addr[0], exc)
+            try:
+                sock.close()
+            except OSError:
+                pass
         finally:
             self.handshake_slots.release()
 
@@ -731,10 +753,16 @@ class NodeServer:
             sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
             first = channel.recv()
             sock.settimeout(None)
-            if (not isinstance(first, list) or len(first) != 1 or first[0][0] != 'CLIENT'
-                    or not isinstance(first[0][1], dict)):
+            if (not isinstance(first, list) or len(first) != 1
+                    or not isinstance(first[0], tuple) or len(first[0]) != 2
+                    or first[0][0] != 'CLIENT' or not isinstance(first[0][1], dict)):
                 raise dispy.ProtocolError('first message is not CLIENT')
-        except (OSError, dispy.ProtocolError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            info = first[0][1]
+            float(info.get('pulse_interval') or 1)
+            if not isinstance(info.get('id', ''), str):
+                raise dispy.ProtocolError('malformed CLIENT message')
+        except (OSError, dispy.ProtocolError, ValueError, TypeError, EOFError,
+                pickle.UnpicklingError) as exc:
             logger.warning('connection from %s refused: %s', addr[0], exc)
             try:
                 sock.close()
@@ -795,6 +823,9 @@ class NodeServer:
                 except (ValueError, TypeError, IndexError, KeyError) as exc:
                     logger.warning('client %s sent a malformed %s message: %s',
                                    session.address, msg[0], exc)
+                except Exception:
+                    logger.exception('error handling %s from client %s', msg[0],
+                                     session.address)
 
     def on_closed(self, conn, reason):
         with self.lock:
@@ -827,9 +858,16 @@ class NodeServer:
                 session.conn.send(('SETUP', ckey, comp.state == 'ready',
                                    None if comp.state == 'ready' else 'setup failed earlier'))
             return
+        if not isinstance(spec, dict):
+            return
         prefix = self.config.dest_path_prefix
         if spec.get('dest_path'):
-            directory = os.path.join(prefix, _safe_relative(spec['dest_path']))
+            try:
+                directory = os.path.join(prefix, _safe_relative(spec['dest_path']))
+            except ValueError as exc:
+                logger.warning('client %s: %s', session.address, exc)
+                session.conn.send(('SETUP', ckey, False, str(exc)))
+                return
         else:
             directory = tempfile.mkdtemp(prefix='%s_' % re.sub(r'[^\w.-]', '_', spec['name']),
                                          dir=prefix)
@@ -874,6 +912,8 @@ class NodeServer:
             if offset != 0:
                 raise ValueError('file chunk out of order')
             f = comp.partial[name] = open(os.path.join(comp.dir, name), 'wb')
+        elif offset != f.tell():
+            raise ValueError('file chunk out of order')
         f.write(data)
         if last:
             comp.partial.pop(name).close()
@@ -890,6 +930,13 @@ class NodeServer:
         try:
             with self.zygote_lock:
                 self.zygote.send(('host', spec), fd=host_end.fileno())
+        except OSError as exc:
+            logger.error('cannot start a process for %s: %s', spec['name'], exc)
+            comp.state = 'failed'
+            if session.conn is not None:
+                session.conn.send(('SETUP', comp.key, False, 'node cannot start processes: '
+                                   '%s' % exc))
+            return
         finally:
             host_end.close()
         threading.Thread(target=self._host_reader, args=(session, comp), daemon=True,
@@ -897,6 +944,11 @@ class NodeServer:
 
     def _on_job(self, session, msg):
         _, key, ckey, attempt, blob, options = msg
+        if self.quitting:
+            self._finish(session, None, ('RESULT', key, attempt, DispyJob.Cancelled, None, '',
+                                         '', 'Cancelled: node is shutting down', None,
+                                         time.time()))
+            return
         timeout = float(options['timeout']) if options and options.get('timeout') else None
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'ready':
@@ -932,6 +984,8 @@ class NodeServer:
                 raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
                                  % limit)
             path = os.path.join(comp.dir, name)
+            if offset and (not os.path.exists(path) or os.path.getsize(path) != offset):
+                raise ValueError('file chunk out of order')
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0),
                          0o600)
             with os.fdopen(fd, 'r+b') as f:
@@ -985,7 +1039,10 @@ class NodeServer:
         while self.queue and self.running < self.config.cpus and not self.stopping:
             job = self.queue.popleft()
             comp = job.comp
-            if job.cancelled or comp.state != 'ready':
+            if job.cancelled:
+                continue
+            if comp.state != 'ready':
+                self._end_unrunnable(job)
                 continue
             if comp.running >= comp.cpus:
                 skipped.append(job)     # its computation is at its share: keep its place
@@ -998,6 +1055,14 @@ class NodeServer:
                 if len(comp.workers) + comp.spawning < comp.cpus:
                     self._spawn_worker(comp)
         self.queue.extendleft(reversed(skipped))
+
+    def _end_unrunnable(self, job):
+        session = self.session
+        if session is not None and session.jobs.get(job.key) is job:
+            self._finish(session, job, ('RESULT', job.key, job.attempt, DispyJob.Terminated,
+                                        None, '', '', 'Terminated: the computation ended on '
+                                        'this node (its setup process died)', None,
+                                        time.time()))
 
     def _take_cpu(self, comp):
         self.running += 1
@@ -1035,7 +1100,10 @@ class NodeServer:
             except (ValueError, OSError) as exc:
                 extra = dict(extra, code='raise RuntimeError(%r)' % (
                     'dispy_job_depends refused: %s' % exc), objects=None, modules=[])
-        worker.link.send(('run', job.key, job.attempt, job.blob, extra))
+        try:
+            worker.link.send(('run', job.key, job.attempt, job.blob, extra))
+        except OSError:
+            pass        # the worker died: its reader reports the job (_worker_died)
         job.blob = job.depends = None
         session = self.session
         if session is not None and session.conn is not None:
@@ -1100,15 +1168,18 @@ class NodeServer:
 
     # -- worker and host readers (their own threads) ---------------------------------------
     def _worker_reader(self, worker):
-        comp = worker.comp
-        while True:
-            try:
-                msg, _ = worker.link.recv()
-            except EOFError:
-                break
-            with self.lock:
-                self._on_worker_message(worker, msg)
-        self._worker_died(worker)
+        try:
+            while True:
+                try:
+                    msg, _ = worker.link.recv()
+                except EOFError:
+                    break
+                with self.lock:
+                    self._on_worker_message(worker, msg)
+        except Exception:
+            logger.exception('worker %s: unexpected error', worker.pid)
+        finally:
+            self._worker_died(worker)
 
     def _on_worker_message(self, worker, msg):
         comp = worker.comp
@@ -1125,7 +1196,7 @@ class NodeServer:
         elif kind == 'result':
             job, worker.job = worker.job, None
             self._release_cpu(comp)
-            if session is not None and job is not None:
+            if session is not None and job is not None and session.jobs.get(job.key) is job:
                 reply = ('RESULT',) + msg[1:]
                 if job.cancelled:
                     reply = reply[:3] + (DispyJob.Cancelled,) + reply[4:]
@@ -1141,9 +1212,10 @@ class NodeServer:
     def _worker_died(self, worker):
         comp = worker.comp
         how = None
-        if worker.pid is not None and worker.job is not None:
+        if worker.pid is not None:
             with comp.exit_cond:
-                comp.exit_cond.wait_for(lambda: worker.pid in comp.exits, 2.0)
+                if worker.job is not None:
+                    comp.exit_cond.wait_for(lambda: worker.pid in comp.exits, 2.0)
                 how = comp.exits.pop(worker.pid, None)
         with self.lock:
             if worker in comp.workers:
@@ -1187,9 +1259,16 @@ class NodeServer:
             with self.lock:
                 self._on_host_message(session, comp, msg)
         with self.lock:
-            if comp.state in ('setup', 'ready'):
+            if comp.state in ('files', 'setup', 'ready'):
                 logger.warning('computation %s: its host process ended', comp.spec['name'])
                 comp.state = 'failed'
+                for job in list(comp.waiting):
+                    comp.waiting.remove(job)
+                    self._release_cpu(comp)
+                    self._end_unrunnable(job)
+                if session.conn is not None and self.session is session:
+                    session.conn.send(('SETUP', comp.key, False, 'its setup process ended'))
+                self._pump()
             closing = comp.state == 'closing'
             comp.host_ended = True
             self.hosts_done.notify_all()
@@ -1336,8 +1415,13 @@ class NodeServer:
             silent = now - conn.last_recv
             if silent > dispy.DEAD_PULSES * session.pulse_interval:
                 conn.close('no message from client for %.1f s' % silent)
-        elif (session.disconnected_at is not None and not session.jobs
+        elif (session.disconnected_at is not None
               and now - session.disconnected_at > self.config.zombie_interval):
+            if session.jobs:        # end its jobs first: their results are kept
+                for job in list(session.jobs.values()):
+                    if not job.cancelled:
+                        self._cancel_job(session, job)
+                return
             logger.warning('client %s did not come back in %.1f minutes; this node is free '
                            'again (%d result(s) kept on disk for recover_jobs)',
                            session.address, self.config.zombie_interval / 60,
