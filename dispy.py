@@ -1838,7 +1838,8 @@ class ClientHub:
                 # Connected, then dropped during the handshake: the usual cause is TLS on
                 # one side only (or a different certificate).
                 exc = ProtocolError('node closed the connection during the handshake (%s); '
-                                    'does it use TLS (certfile) while this client does%s?'
+                                    'is it overloaded, or does it use TLS (certfile) while '
+                                    'this client does%s?'
                                     % (exc, '' if self.ssl_context else ' not'))
             self._dial_failed(link, exc)
             return
@@ -1973,7 +1974,8 @@ class ClientHub:
             if msg is None:
                 continue
             if not good:
-                if msg.get('t') == 'nak' and addr[0] not in self.auth_failures:
+                if (msg.get('t') == 'nak' and addr[0] not in self.auth_failures
+                        and len(self.auth_failures) < 1024):
                     logger.warning('node %s answered but failed authentication: check that '
                                    'it runs with the same secret', addr[0])
                     self.auth_failures.add(addr[0])

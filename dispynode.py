@@ -646,6 +646,7 @@ class NodeServer:
         self.store = ResultStore(config.dest_path_prefix)
         self.avail_sent = 0.0
         self.handshake_slots = threading.BoundedSemaphore(32)
+        self.handshakes_from = collections.Counter()    # address -> handshakes running
         self.zygote_lock = threading.Lock()
         self.hosts_done = threading.Condition(self.lock)
 
@@ -720,12 +721,16 @@ class NodeServer:
                     conn, addr = key.fileobj.accept()
                 except OSError:
                     continue
-                # A flood of connections must not become a flood of threads.
-                if not self.handshake_slots.acquire(blocking=False):
+                # A flood of connections must not become a flood of threads, and one
+                # address cannot take every handshake slot.
+                if self.handshakes_from[addr[0]] >= 16 or \
+                        not self.handshake_slots.acquire(blocking=False):
                     logger.warning('connection from %s dropped: too many handshakes in '
                                    'progress', addr[0])
                     conn.close()
                     continue
+                with self.lock:
+                    self.handshakes_from[addr[0]] += 1
                 threading.Thread(target=self._handshake, args=(conn, addr), daemon=True,
                                  name='dispynode-handshake').start()
 
@@ -739,6 +744,10 @@ class NodeServer:
             except OSError:
                 pass
         finally:
+            with self.lock:
+                self.handshakes_from[addr[0]] -= 1
+                if not self.handshakes_from[addr[0]]:
+                    del self.handshakes_from[addr[0]]
             self.handshake_slots.release()
 
     def _handshake_and_attach(self, sock, addr):
@@ -814,7 +823,8 @@ class NodeServer:
             if session is None or session.conn is not conn:
                 return
             for msg in msgs:
-                handler = self.handlers.get(msg[0]) if isinstance(msg, tuple) and msg else None
+                kind = msg[0] if isinstance(msg, tuple) and msg else None
+                handler = self.handlers.get(kind) if isinstance(kind, str) else None
                 if handler is None:
                     logger.warning('client %s sent an unknown message; ignored', session.address)
                     continue
@@ -872,9 +882,16 @@ class NodeServer:
             directory = tempfile.mkdtemp(prefix='%s_' % re.sub(r'[^\w.-]', '_', spec['name']),
                                          dir=prefix)
         os.makedirs(directory, exist_ok=True)
-        comp = session.comps[ckey] = NodeComputation(ckey, spec, directory)
-        for name in comp.missing_files:
-            _safe_name(name)
+        try:
+            comp = NodeComputation(ckey, spec, directory)
+            for name in comp.missing_files:
+                _safe_name(name)
+        except Exception as exc:    # a malformed spec leaves nothing behind
+            shutil.rmtree(directory, ignore_errors=True)
+            logger.warning('client %s: computation refused: %s', session.address, exc)
+            session.conn.send(('SETUP', ckey, False, 'refused: %s' % exc))
+            return
+        session.comps[ckey] = comp
         if not comp.missing_files:
             self._start_host(session, comp)
 
@@ -896,15 +913,23 @@ class NodeServer:
                 self._start_host(session, comp)
 
     def _write_file_chunk(self, comp, name, mode, offset, data, last):
+        try:
+            self._write_chunk(comp, name, mode, offset, data, last)
+        except (ValueError, OSError):      # a refused file leaves no partial copy
+            f = comp.partial.pop(name, None)
+            if f is not None:
+                f.close()
+                try:
+                    os.unlink(os.path.join(comp.dir, name))
+                except OSError:
+                    pass
+            raise
+
+    def _write_chunk(self, comp, name, mode, offset, data, last):
         if name not in comp.missing_files:
             raise ValueError('not a file of this computation')
         limit = self.config.max_file_size
         if limit and offset + len(data) > limit:
-            path = os.path.join(comp.dir, name)
-            f = comp.partial.pop(name, None)
-            if f is not None:
-                f.close()
-                os.unlink(path)
             raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
                              % limit)
         f = comp.partial.get(name)
@@ -1349,6 +1374,8 @@ class NodeServer:
                     continue
                 if not good:
                     now = time.monotonic()
+                    if len(last_nak) > 4096:
+                        last_nak = {a: t for a, t in last_nak.items() if now - t <= 1.0}
                     if now - last_nak.get(addr[0], 0) > 1.0 and len(last_nak) < 10000:
                         last_nak[addr[0]] = now
                         logger.info('ping from %s failed authentication', addr[0])
