@@ -34,7 +34,6 @@ datagrams are JSON with an HMAC and are never unpickled.
 import argparse
 import atexit
 import collections
-import copy
 import errno
 import functools
 import hashlib
@@ -46,7 +45,6 @@ import json
 import logging
 import os
 import pickle
-import platform
 import re
 import select
 import selectors
@@ -120,10 +118,6 @@ class AuthError(ProtocolError):
 
 class VersionError(ProtocolError):
     """The peer speaks another version of the protocol."""
-
-
-class BusyError(Exception):
-    """The node serves another client program."""
 
 
 @functools.lru_cache(maxsize=8)
