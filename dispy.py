@@ -1183,6 +1183,7 @@ class NodeLink:
         self.lost_reason = None
         self.busy_warned = False
         self.dialing = False      # a dial thread is running
+        self.seen_instance = None # node instance its discovery answer named
         self.silent = False       # closed because no pulse came: dead at once
         self.pulse_interval = None  # what the node was told when it connected
         self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
@@ -1984,9 +1985,16 @@ class ClientHub:
         except (TypeError, ValueError):
             return
         name = str(msg.get('name', ''))
+        instance = msg.get('instance')
         with self.lock:
             if not any(alloc.matches(ip, name) for cluster in self.clusters
                        for alloc in cluster._allocs):
+                return
+            # One node answers on each of its addresses (IPv4, IPv6 link-local, ...):
+            # use the first address that reached it.
+            if instance and any(l.ip_addr != ip and l.seen_instance == instance
+                                and l.state not in ('new', 'dead')
+                                for l in self.links.values()):
                 return
             link = self.links.get(ip)
             if link is not None and link.state in ('connecting', 'ready', 'reconnecting'):
@@ -1994,6 +2002,7 @@ class ClientHub:
             if link is not None and link.state == 'busy' and msg.get('busy'):
                 return
             self._dial(ip, port)
+            self.links[ip].seen_instance = instance
 
     def _tick(self):
         now = time.monotonic()

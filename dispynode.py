@@ -1387,7 +1387,8 @@ class NodeServer:
     def _pong(self, kind):
         return {'t': kind, 'ip': (self.config.ext_ip_addrs or [None])[0],
                 'port': self.config.ext_port or self.config.port, 'name': self.name,
-                'cpus': self.config.cpus, 'busy': self.session is not None}
+                'cpus': self.config.cpus, 'busy': self.session is not None,
+                'instance': self.instance}
 
     @staticmethod
     def _sendto(sock, data, addr):
