@@ -9,6 +9,7 @@ Every helper here is bounded in time and cleans up what it started, by PID:
     run_client    -- runs a client script in a fresh interpreter with a timeout.
     wait_until    -- polls a predicate, bounded in time (for state owned by
                      another process, where no event can be waited on).
+    close_now, stop_node, read_file, pid_alive -- small helpers the test files share.
 """
 
 import os
@@ -200,6 +201,37 @@ def _descendants(pid):
             found.append(child)
             todo.append(child)
     return found
+
+
+def close_now(cluster):
+    """Closes a cluster at once, cancelling whatever still runs (bounded)."""
+    cluster.close(timeout=0, terminate=True)
+
+
+def stop_node(node):
+    """Stops a node unless a test already did (a second stop could signal a reused PID)."""
+    if node.proc is None or node.proc.returncode is None:
+        node.stop()
+
+
+def read_file(path):
+    with open(path) as f:
+        return f.read()
+
+
+def pid_alive(pid):
+    """True while ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return not os.path.isdir('/proc')
 
 
 def client_env(nodes, ip_addr='127.0.0.1', node_port=None, secret=None, extra=None):

@@ -183,20 +183,6 @@ def identity(x):
 # Helpers
 # ================================================================================
 
-def close_now(cluster):
-    cluster.close(timeout=0, terminate=True)
-
-
-def read_text(path):
-    with open(path) as f:
-        return f.read()
-
-
-def stop_node(node):
-    if node.proc is None or node.proc.returncode is None:
-        node.stop()
-
-
 class StatusRecorder:
     """A cluster_status callback that records (status, node ip, node, job)."""
 
@@ -252,7 +238,7 @@ class ApiTestCase(unittest.TestCase):
         for ip in cls.node_ips:
             node = support.NodeProcess(ip, port=cls.port, cpus=cls.cpus, args=cls.node_args,
                                        env=cls.node_env)
-            cls.addClassCleanup(stop_node, node)
+            cls.addClassCleanup(support.stop_node, node)
             node.start()
             cls.nodes[ip] = node
 
@@ -261,7 +247,7 @@ class ApiTestCase(unittest.TestCase):
         kwargs.setdefault('port', 0)
         kwargs.setdefault('node_port', self.port)
         cluster = dispy.JobCluster(computation, nodes=list(nodes or self.node_ips), **kwargs)
-        self.addCleanup(close_now, cluster)
+        self.addCleanup(support.close_now, cluster)
         return cluster
 
     def tmpdir(self):
@@ -415,7 +401,7 @@ class SendFileFromJobTest(ApiTestCase):
         self.assertEqual(self.finished(cluster.submit(token)), 0)
         path = os.path.join(cwd, 'out', 'rel-%s.txt' % token)
         self.assertTrue(os.path.isfile(path), os.listdir(cwd))
-        self.assertEqual(read_text(path), 'relative %s' % token)
+        self.assertEqual(support.read_file(path), 'relative %s' % token)
 
     def test_parent_path_is_refused(self):
         """A path with '..' returns -1 and writes nothing outside the client folder."""
@@ -441,7 +427,7 @@ class SendFileFromJobTest(ApiTestCase):
         self.assertTrue(os.path.isabs(node_path))
         path = os.path.join(cwd, node_path.lstrip(os.sep))
         self.assertTrue(os.path.isfile(path), path)
-        self.assertEqual(read_text(path), 'absolute %s' % token)
+        self.assertEqual(support.read_file(path), 'absolute %s' % token)
 
     def test_node_name_address_and_job_path(self):
         """dispy_node_name, dispy_node_ip_addr and dispy_job_path exist in jobs: the
@@ -654,7 +640,7 @@ class TwoNodesApiTest(ApiTestCase):
 
         def setups(ip):
             path = os.path.join(folder, 'setup-%s' % ip)
-            return read_text(path).count('setup\n') if os.path.exists(path) else 0
+            return support.read_file(path).count('setup\n') if os.path.exists(path) else 0
 
         self.assertEqual((setups(NODE_IP), setups(OTHER_IP)), (1, 1))
         self.assertEqual(cluster.resetup_node(NODE_IP), 0)
@@ -984,7 +970,7 @@ class AliasesTest(ApiTestCase):
             self.assertEqual(node.port, port + 1)
             # the class's node also listens on 127.0.0.2: name only the new one's port
             cluster = dispy.JobCluster(where, nodes=[NODE_IP], host=CLIENT_IP, dispy_port=port)
-            self.addCleanup(close_now, cluster)
+            self.addCleanup(support.close_now, cluster)
             self.assertEqual(self.finished(cluster.submit('p')), ('p', NODE_IP))
             self.assertTrue(udp_port_in_use(CLIENT_IP, port), 'client is not on port %d' % port)
             self.assertFalse(udp_port_in_use(NODE_IP, port),

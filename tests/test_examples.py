@@ -29,11 +29,6 @@ NODE_IP = '127.0.0.2'
 TIMEOUT = 90
 
 
-def stop_node(node):
-    if node.proc is None or node.proc.returncode is None:
-        node.stop()
-
-
 class ExamplesTest(unittest.TestCase):
     """The examples against one node (127.0.0.2, 2 CPUs) shared by the class."""
 
@@ -42,7 +37,7 @@ class ExamplesTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.node = support.NodeProcess(NODE_IP, cpus=2)
-        cls.addClassCleanup(stop_node, cls.node)
+        cls.addClassCleanup(support.stop_node, cls.node)
         cls.node.start()
         cls.env = support.client_env([NODE_IP], node_port=cls.node.port)
 
@@ -133,21 +128,6 @@ def square(n):
     return n * n
 
 
-def pid_alive(pid):
-    """True while ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not os.path.isdir('/proc')
-
-
 class LocalClusterTest(unittest.TestCase):
     """examples/local_cluster.py: its own node on 127.0.0.1, stopped afterwards."""
 
@@ -206,7 +186,7 @@ class LocalClusterTest(unittest.TestCase):
         self.assertIn('cwd %s\n' % os.path.realpath(folder), proc.stdout)
         pid = re.search(r'dispynode \(pid (\d+)\)', proc.stderr)
         self.assertIsNotNone(pid, proc.stderr)
-        self.assertTrue(support.wait_until(lambda: not pid_alive(int(pid.group(1))), 10),
+        self.assertTrue(support.wait_until(lambda: not support.pid_alive(int(pid.group(1))), 10),
                         'the node of local_cluster.py is still running')
 
     def test_help(self):

@@ -162,19 +162,9 @@ def tempdir(test, prefix='dispytest-faults-'):
     return path
 
 
-def pid_alive(pid):
-    """True if ``pid`` exists and is not a zombie (Linux /proc)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            state = f.read().rsplit(')', 1)[1].split()[0]
-    except (OSError, IndexError, ValueError):
-        return False
-    return state not in ('Z', 'X')
-
-
 def kill_pids(pids):
     for pid in pids:
-        if pid_alive(pid):
+        if support.pid_alive(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
@@ -323,9 +313,9 @@ class NodeKillTest(unittest.TestCase):
         self.assertEqual(finals, {i: 1 for i in range(self.N_JOBS)},
                          'final-status callbacks per job')
         # no process of the killed node survives it
-        self.assertTrue(wait_until(lambda: not any(pid_alive(p) for p in processes), 10),
+        self.assertTrue(wait_until(lambda: not any(support.pid_alive(p) for p in processes), 10),
                         'processes of the killed node still alive: %s'
-                        % [p for p in processes if pid_alive(p)])
+                        % [p for p in processes if support.pid_alive(p)])
         return jobs, on_a, closed
 
     def test_sigkill_without_reentrant_cancels_the_nodes_jobs(self):
@@ -789,7 +779,7 @@ class JobTimeoutTest(unittest.TestCase):
         self.assertLess(elapsed, 5.0)
         with open(pidfile) as f:
             child = int(f.read())
-        self.assertTrue(wait_until(lambda: not pid_alive(child), 10),
+        self.assertTrue(wait_until(lambda: not support.pid_alive(child), 10),
                         'the child process %d of the timed-out job still runs' % child)
 
     def run_timeout(self, cluster, what, **submit_kwargs):

@@ -200,38 +200,6 @@ def where_am_i():
 # Helpers
 # ================================================================================
 
-def close_now(cluster):
-    """Closes a cluster at once, cancelling whatever still runs (bounded)."""
-    cluster.close(timeout=0, terminate=True)
-
-
-def read_file(path):
-    with open(path) as f:
-        return f.read()
-
-
-def stop_node(node):
-    """Stops a node unless a test already did (a second stop could signal a reused PID)."""
-    if node.proc is None or node.proc.returncode is None:
-        node.stop()
-
-
-def pid_alive(pid):
-    """True while ``pid`` is a live process (a zombie counts as gone)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            state = f.read().rsplit(')', 1)[1].split()[0]
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return not os.path.isdir('/proc')
-    return state not in ('Z', 'X')
-
-
 class Background:
     """Runs a call in a daemon thread, so a test can bound how long it may block."""
 
@@ -291,14 +259,14 @@ class NodeTestCase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.node = support.NodeProcess(ip=cls.node_ip, cpus=cls.cpus)
-        cls.addClassCleanup(stop_node, cls.node)
+        cls.addClassCleanup(support.stop_node, cls.node)
         cls.node.start()
 
     def cluster(self, computation, node=None, **kwargs):
         node = node or self.node
         cluster = dispy.JobCluster(computation, nodes=[node.ip], ip_addr=CLIENT_IP, port=0,
                                    node_port=node.port, **kwargs)
-        self.addCleanup(close_now, cluster)
+        self.addCleanup(support.close_now, cluster)
         return cluster
 
     def tmpdir(self):
@@ -491,7 +459,7 @@ class SetupCleanupTest(NodeTestCase):
         self.assertTrue(cluster.close(timeout=T))
         self.assertTrue(support.wait_until(lambda: os.path.exists(marker), T),
                         'cleanup did not run')
-        self.assertTrue(support.wait_until(lambda: read_file(marker) == '5', 5))
+        self.assertTrue(support.wait_until(lambda: support.read_file(marker) == '5', 5))
 
     def test_job_namespace_has_os_sys_time(self):
         """Jobs can use os, sys and time without importing them."""
@@ -680,7 +648,7 @@ class UnshippableTest(unittest.TestCase):
                 except ValueError as exc:
                     self.assertRegex(str(exc), pattern)
                 else:
-                    close_now(cluster)
+                    support.close_now(cluster)
                     self.fail('JobCluster accepted %r' % (computation,))
         self.assertIs(dispy.ClientHub._current, hub_before, 'a client hub was started')
         readable, _, _ = select.select([tcp, udp], [], [], 0.5)
@@ -712,15 +680,15 @@ class CancelAndCpusTest(NodeTestCase):
         cluster = self.cluster(spawn_and_sleep, callback=callback)
         job = cluster.submit(60)
         worker_pid, child_pid = pids.get(timeout=T)
-        self.assertTrue(pid_alive(worker_pid) and pid_alive(child_pid))
+        self.assertTrue(support.pid_alive(worker_pid) and support.pid_alive(child_pid))
         started = time.monotonic()
         self.assertEqual(cluster.cancel(job), 0)
         self.assertIsNone(job(timeout=T))
         self.assertEqual(job.status, DispyJob.Cancelled)
         self.assertLess(time.monotonic() - started, 5.0)
-        self.assertTrue(support.wait_until(lambda: not pid_alive(child_pid), 10),
+        self.assertTrue(support.wait_until(lambda: not support.pid_alive(child_pid), 10),
                         'the job\'s child process %d survived the cancel' % child_pid)
-        self.assertTrue(support.wait_until(lambda: not pid_alive(worker_pid), 10),
+        self.assertTrue(support.wait_until(lambda: not support.pid_alive(worker_pid), 10),
                         'the job\'s worker process %d survived the cancel' % worker_pid)
         self.assertEqual(self.assertFinished(cluster.submit(0)), 'slept 0')
         self.assertEqual(cluster.cancel(job), -1, 'cancel of an ended job')
@@ -822,7 +790,7 @@ class TimeoutAndCloseTest(NodeTestCase):
         """``with JobCluster(...) as c`` gives the cluster and closes it on exit."""
         with dispy.JobCluster(identity, nodes=[self.node.ip], ip_addr=CLIENT_IP, port=0,
                               node_port=self.node.port) as cluster:
-            self.addCleanup(close_now, cluster)
+            self.addCleanup(support.close_now, cluster)
             self.assertIsInstance(cluster, dispy.JobCluster)
             self.assertEqual(self.assertFinished(cluster.submit('in with')), 'in with')
         with self.assertLogs('dispy', 'ERROR'):

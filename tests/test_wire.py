@@ -387,19 +387,11 @@ class NodeProcessTest(unittest.TestCase):
         self.assertGreaterEqual(len(children), 3)
         node.signal(signal.SIGTERM)
         self.assertEqual(node.wait(TIMEOUT), 0)
-        self.assertTrue(wait_until(lambda: not any(_alive(p) for p in children), 10))
+        self.assertTrue(wait_until(lambda: not any(support.pid_alive(p) for p in children), 10))
 
     def test_node_without_secret_on_loopback_does_not_warn(self):
         with NodeProcess('127.0.0.2') as node:
             self.assertNotIn('no secret given', node.stderr())
-
-
-def _alive(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
 
 
 if __name__ == '__main__':
