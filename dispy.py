@@ -1171,7 +1171,7 @@ class NodeLink:
         self.instance = None      # changes when the node restarts
         self.avail_info = None
         self.conn = None
-        self.state = 'new'        # new, connecting, ready, reconnecting, busy, dead
+        self.state = 'new'        # new, connecting, ready, reconnecting, busy, alias, dead
         self.jobs = {}            # job key -> DispyJob dispatched here
         self.setups = {}          # cluster key -> 'pending' | 'ready' | 'failed'
         self.in_flight = collections.Counter()   # cluster key -> jobs dispatched
@@ -1334,13 +1334,13 @@ class Scheduler:
                     job = link.jobs.get(key)      # or cancelled while we were cut off
                     if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
                         link.send(('CANCEL', key, attempt))
-                for ckey, state in link.setups.items():   # a SETUP reply may have been lost
-                    if state == 'pending' and ckey in kept:
-                        link.send(('COMPUTE', ckey, None))
                 kept = set(info.get('computations', ()))
                 for ckey in [k for k in link.setups if k not in kept]:
                     del link.setups[ckey]
                     link.alloc_cpus.pop(ckey, None)
+                for ckey, state in link.setups.items():   # a SETUP reply may have been lost
+                    if state == 'pending':
+                        link.send(('COMPUTE', ckey, None))
             link.instance = info.get('instance')
             link.name = info.get('name', '')
             link.cpus = int(info.get('cpus', 1))
@@ -1884,6 +1884,17 @@ class ClientHub:
 
     # -- events from links ------------------------------------------------------------------
     def on_node_info(self, link, info):
+        instance = info.get('instance')
+        for other in self.links.values():
+            if (other is not link and instance and other.instance == instance
+                    and other.state in ('ready', 'reconnecting')):
+                # The same node under a second address (two names, IPv4 and IPv6):
+                # keep the first; never dial this one again.
+                logger.info('node %s is %s under another address; using %s', link.ip_addr,
+                            other.ip_addr, other.ip_addr)
+                link.state = 'alias'
+                link.conn.close('same node as %s' % other.ip_addr)
+                return
         if link.state == 'reconnecting':
             logger.info('reconnected to node %s', link.ip_addr)
         link.busy_warned = False
@@ -1910,7 +1921,7 @@ class ClientHub:
             if self.closed:
                 link.state = 'dead'
                 return
-            if link.state == 'busy':
+            if link.state in ('busy', 'alias'):
                 return
             if link.silent:
                 # Silent for 5 pulses already: dead now; it is dialed again later and

@@ -123,6 +123,23 @@ cluster.close()
             self.assertRegex(err, r'node 127\.0\.0\.2 is serving another client \(127\.0\.0\.1')
 
 
+class NodeAliasTest(unittest.TestCase):
+
+    timeout = 60
+
+    def test_one_node_listed_under_two_addresses_is_used_once(self):
+        """A node serving 127.0.0.2 and 127.0.0.3, named twice in ``nodes``: the
+        client keeps one connection (two would keep replacing each other)."""
+        with NodeProcess('127.0.0.2', args=['-i', '127.0.0.3']) as node:
+            cluster = dispy.JobCluster(compute_square, nodes=['127.0.0.2', '127.0.0.3'],
+                                       ip_addr='127.0.0.1', port=0, node_port=node.port)
+            self.addCleanup(cluster.close, terminate=True)
+            jobs = [cluster.submit(i) for i in range(30)]
+            self.assertEqual([job(timeout=TIMEOUT) for job in jobs], [i * i for i in range(30)])
+            self.assertEqual(len({job.ip_addr for job in jobs}), 1)
+            self.assertTrue(all(job.status == dispy.DispyJob.Finished for job in jobs))
+
+
 class NodeCrashTest(unittest.TestCase):
 
     timeout = 120
