@@ -90,9 +90,14 @@ class NodeProcess:
         self._stderr = open(os.path.join(self.dir, 'stderr'), 'w+b')
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault('PYTHONUNBUFFERED', '1')
+        # If the test process dies (e.g. the watchdog in tests/__init__.py ends a hung
+        # run), the node dies with it.  The signal follows the thread that started the
+        # node, so only nodes started from the main thread get it.
+        die_with_us = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._stdout,
                                      stderr=self._stderr, cwd=self.dir, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True,
+                                     preexec_fn=_die_with_parent if die_with_us else None)
         if not wait_until(lambda: READY_RE.search(self.stdout()) or self.proc.poll() is not None,
                           self.ready_timeout):
             self.stop()
@@ -169,6 +174,15 @@ class NodeProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _die_with_parent():
+    """In the child before exec (Linux): SIGKILL when the parent thread ends."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except Exception:
+        pass
 
 
 def _read(f):
