@@ -1319,6 +1319,10 @@ class NodeServer:
     def _close_computation(self, session, comp, wait=False):
         """Ends a computation: its jobs are killed, its cleanup runs, its files go."""
         comp.state = 'closing'
+        if any(other.dir == comp.dir for other in session.comps.values() if other is not comp):
+            # Another live computation shares this dest_path (as the docs suggest for
+            # clusters using the same files): its files stay.
+            comp.spec['remove_files'] = False
         if comp.spec.get('remove_files', True):
             # Out of the way at once, so a new computation with the same dest_path
             # (resetup_node) never sees these files removed under it; the host keeps

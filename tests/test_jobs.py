@@ -587,6 +587,24 @@ class DependsTest(NodeTestCase):
             os.path.realpath(self.node.dest_path_prefix) + os.sep))
         self.assertTrue(cluster.close(timeout=T))
 
+    def test_shared_dest_path_survives_closing_one_cluster(self):
+        """Two clusters with the same dest_path (the docs' way to share files): closing
+        one leaves the folder and its files to the other."""
+        folder = self.tmpdir()
+        data = os.path.join(folder, 'shared.txt')
+        with open(data, 'w') as f:
+            f.write('shared data')
+        first = self.cluster(read_data_file, depends=[data], dest_path='shared_folder')
+        second = self.cluster(read_data_file, depends=[data], dest_path='shared_folder')
+        self.assertEqual(self.assertFinished(first.submit('shared.txt'))[0], 'shared data')
+        self.assertEqual(self.assertFinished(second.submit('shared.txt'))[0], 'shared data')
+        self.assertTrue(first.close(timeout=T))
+        # A job of the other cluster after the close: the node has handled the close
+        # (one connection, in order), so the shared folder must still be in place.
+        self.assertEqual(self.assertFinished(second.submit('shared.txt'))[0], 'shared data')
+        self.assertTrue(os.path.isfile(os.path.join(self.node.dest_path_prefix,
+                                                    'shared_folder', 'shared.txt')))
+
     def test_cleanup_true_removes_folder_false_keeps_it(self):
         """After close(), the computation's folder under --dest_path_prefix is removed
         with cleanup=True (the default) and kept with cleanup=False."""
