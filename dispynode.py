@@ -1316,7 +1316,7 @@ class NodeServer:
             logger.warning('cleanup of %s failed: %s', comp.spec['name'], msg[1])
 
     # -- closing ----------------------------------------------------------------------------------
-    def _close_computation(self, session, comp, wait=False):
+    def _close_computation(self, session, comp):
         """Ends a computation: its jobs are killed, its cleanup runs, its files go."""
         comp.state = 'closing'
         if any(other.dir == comp.dir for other in session.comps.values() if other is not comp):

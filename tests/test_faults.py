@@ -454,11 +454,9 @@ class NodeStopTest(unittest.TestCase):
         self.check_node_serves_again(cluster)
 
 
-# ================================================================================
-# 4. close(terminate=True) with running jobs
-# ================================================================================
-
-TERMINATE_CLIENT = r'''
+# Client scripts below start this way: a cluster whose status callback notes the
+# first running job.
+CLIENT_PRELUDE = r'''
 import sys, threading, time
 import dispy
 
@@ -474,6 +472,14 @@ if __name__ == '__main__':
             started.set()
 
     cluster = dispy.JobCluster(compute, cluster_status=status)
+'''
+
+
+# ================================================================================
+# 4. close(terminate=True) with running jobs
+# ================================================================================
+
+TERMINATE_CLIENT = CLIENT_PRELUDE + r'''
     jobs = [cluster.submit(60) for _ in range(4)]
     print('STARTED %s' % started.wait(30), flush=True)
     t0 = time.monotonic()
@@ -547,22 +553,7 @@ class CloseTerminateTest(unittest.TestCase):
 # 5. A client that dies of an uncaught exception with jobs running
 # ================================================================================
 
-CRASHING_CLIENT = r'''
-import sys, threading, time
-import dispy
-
-def compute(n):
-    time.sleep(n)
-    return n
-
-if __name__ == '__main__':
-    started = threading.Event()
-
-    def status(st, node, job):
-        if job is not None and st == dispy.DispyJob.Running:
-            started.set()
-
-    cluster = dispy.JobCluster(compute, cluster_status=status)
+CRASHING_CLIENT = CLIENT_PRELUDE + r'''
     jobs = [cluster.submit(float(sys.argv[1])) for _ in range(4)]
     print('STARTED %s' % started.wait(30), flush=True)
     print('RAISING_AT %.6f' % time.time(), flush=True)
@@ -959,22 +950,7 @@ class RecoverJobsTest(unittest.TestCase):
 # 7c. Zombie interval: a node whose client vanished frees itself
 # ================================================================================
 
-ZOMBIE_CLIENT = r'''
-import sys, threading, time
-import dispy
-
-def compute(n):
-    time.sleep(n)
-    return n
-
-if __name__ == '__main__':
-    started = threading.Event()
-
-    def status(st, node, job):
-        if job is not None and st == dispy.DispyJob.Running:
-            started.set()
-
-    cluster = dispy.JobCluster(compute, cluster_status=status)
+ZOMBIE_CLIENT = CLIENT_PRELUDE + r'''
     jobs = [cluster.submit(0.5) for _ in range(2)]
     print('STARTED %s' % started.wait(30), flush=True)
     time.sleep(120)     # killed by the test long before

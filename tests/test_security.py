@@ -1004,11 +1004,9 @@ class FileTransferTest(unittest.TestCase):
                              'file remains (sizes %s)' % (offsets, sizes))
 
 
-# ================================================================================
-# 4. Replay across connections
-# ================================================================================
+class SecretNodeTestCase(unittest.TestCase):
+    """One 1-CPU node with the secret, started for the class."""
 
-class ReplayTest(unittest.TestCase):
     timeout = 60
 
     @classmethod
@@ -1016,6 +1014,13 @@ class ReplayTest(unittest.TestCase):
         cls.node = NodeProcess(NODE_IP, secret=SECRET, cpus=1)
         cls.node.start()
         cls.addClassCleanup(cls.node.stop)
+
+
+# ================================================================================
+# 4. Replay across connections
+# ================================================================================
+
+class ReplayTest(SecretNodeTestCase):
 
     def record_session(self, dest):
         """A complete, legitimate session, recorded: hello, proof, then frames
@@ -1118,14 +1123,7 @@ class ReplayTest(unittest.TestCase):
 # 5. UDP
 # ================================================================================
 
-class UdpTest(unittest.TestCase):
-    timeout = 60
-
-    @classmethod
-    def setUpClass(cls):
-        cls.node = NodeProcess(NODE_IP, secret=SECRET, cpus=1)
-        cls.node.start()
-        cls.addClassCleanup(cls.node.stop)
+class UdpTest(SecretNodeTestCase):
 
     def udp(self, ip=CLIENT_IP):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
