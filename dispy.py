@@ -61,7 +61,7 @@ import uuid
 
 __version__ = '5.0.0'
 __all__ = ['JobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo', 'NodeAllocate',
-           'recover_jobs', 'logger']
+           'recover_jobs', 'logger', 'MsgTimeout']
 
 # ================================================================================
 # Constants
@@ -80,6 +80,9 @@ DEFAULT_PULSE_INTERVAL = 5.0  # liveness when the user gives no pulse_interval
 DEAD_PULSES = 5               # a peer silent for this many pulses is dead
 RECONNECT_DELAYS = (0.1, 0.3, 0.6, 1.0, 2.0)  # retries before a node is declared dead
 NO_NODE_WARN_AFTER = 10.0     # first "no node answered" warning, then doubling
+# 4.15's name for the seconds a client waits on a node's answer (connect, handshake);
+# scripts may raise it for slow networks: ``dispy.MsgTimeout = 30``.
+MsgTimeout = HANDSHAKE_TIMEOUT
 
 
 # ================================================================================
@@ -201,6 +204,31 @@ def recv_into_exact(sock, view, on_data=None):
 
 def dumps_blob(obj):
     return pickle.dumps(obj, BLOB_PICKLE_PROTOCOL)
+
+
+class _ArgsPickler(pickle.Pickler):
+    """Pickles a job's arguments and notes the classes and functions of the client's
+    ``__main__`` they refer to: nodes know those only if their source was shipped.
+    (``reducer_override`` is not called for ints, strings, bytes, lists, ..., so plain
+    arguments cost nothing extra.)"""
+
+    def __init__(self, file):
+        super().__init__(file, BLOB_PICKLE_PROTOCOL)
+        self.main_refs = []
+
+    def reducer_override(self, obj):
+        ref = obj if isinstance(obj, (type, types.FunctionType)) else type(obj)
+        if getattr(ref, '__module__', None) == '__main__' and ref not in self.main_refs:
+            self.main_refs.append(ref)
+        return NotImplemented
+
+
+def dumps_args(args):
+    """(blob, [classes and functions of __main__ the arguments refer to])."""
+    buf = io.BytesIO()
+    pickler = _ArgsPickler(buf)
+    pickler.dump(args)
+    return buf.getvalue(), pickler.main_refs
 
 
 def _recv_exact(sock, n, deadline=None):
@@ -764,9 +792,11 @@ def unpack_datagram(secret, data):
 class DispyJob:
     """A job: one call of the computation.  ``submit`` returns it at once.
 
-    Only ``id`` is for the user to write.  ``job()`` waits for the result.  Jobs carry no
-    Event or lock of their own (100,000 pending jobs must stay small): they wait on
-    their cluster's condition.  The pickled arguments are dropped when the job ends.
+    Only ``id`` is for the user to write; it starts as the job's number (process-wide
+    integers from 1).  ``job()`` waits for the result.  Jobs carry no Event or lock of
+    their own (100,000 pending jobs must stay small): they wait on their cluster's
+    condition.  The pickled arguments are dropped when the job ends; ``args`` and
+    ``kwargs`` are the objects given to ``submit``.
     """
 
     Created = 5
@@ -778,11 +808,14 @@ class DispyJob:
     Finished = 11
 
     __slots__ = ('id', 'status', 'ip_addr', 'result', 'stdout', 'stderr', 'exception',
-                 'start_time', 'end_time', '_key', '_cluster', '_blob', '_attempt',
-                 '_node', '_pin', '_options', '__weakref__')
+                 'submit_time', 'start_time', 'end_time', 'args', 'kwargs', '_key', '_cluster',
+                 '_blob', '_attempt', '_node', '_pin', '_options', '__weakref__')
 
-    def __init__(self, key, cluster, blob, pin=None, options=None):
-        self.id = None
+    def __init__(self, key, cluster, blob, pin=None, options=None, args=(), kwargs=None):
+        self.id = key
+        self.args = args
+        self.kwargs = kwargs if kwargs is not None else {}
+        self.submit_time = time.time()
         self.status = DispyJob.Created
         self.ip_addr = None
         self.result = self.stdout = self.stderr = self.exception = None
@@ -893,10 +926,12 @@ class NodeAllocate:
     ``allocate`` to choose (return 0 to skip the node).
     """
 
-    def __init__(self, host, port=None, cpus=0):
+    def __init__(self, host, port=None, cpus=0, depends=[], setup_args=()):
         self.host = str(host)
         self.port = int(port) if port else None
         self.cpus = int(cpus or 0)
+        self.depends = list(depends or ())      # extra dependencies for these nodes
+        self.setup_args = tuple(setup_args) if setup_args else None
         if '*' in self.host:
             self.ip_addr = None
             self._pattern = re.compile(
@@ -962,6 +997,15 @@ def _function_source(func, what):
     if getattr(func, '__name__', '') == '<lambda>':
         raise ComputationError('%s is a lambda: give it a name with def so its source can be '
                                'shipped' % what)
+    free = getattr(getattr(func, '__code__', None), 'co_freevars', ())
+    if free:
+        raise ComputationError(
+            '%s %s uses %s of the function it is defined in (a closure); only its source '
+            'reaches the nodes, where %s would be undefined: define %s at module level and '
+            'pass %s as arguments (or make them module globals listed in depends)'
+            % (what, func.__name__, ', '.join(repr(v) for v in free),
+               'that name' if len(free) == 1 else 'those names', func.__name__,
+               'it' if len(free) == 1 else 'them'))
     try:
         source = inspect.getsource(func)
     except (OSError, TypeError) as exc:
@@ -1088,6 +1132,7 @@ class ComputePackage:
         if self.kind == 'function':
             deps.add_source(computation, 'computation')
         self.files = deps.files
+        self.names = deps.names         # what the nodes define (job arguments may refer)
         self.caller_globals = caller_globals
         self.spec = {
             'kind': self.kind, 'name': self.name, 'code': deps.source(),
@@ -1182,6 +1227,7 @@ class NodeLink:
         self.next_dial = 0.0
         self.lost_reason = None
         self.busy_warned = False
+        self.busy_with = ''        # what the node said of the client it serves instead
         self.dialing = False      # a dial thread is running
         self.seen_instance = None # node instance its discovery answer named
         self.silent = False       # closed because no pulse came: dead at once
@@ -1251,6 +1297,7 @@ class Scheduler:
             else:
                 cluster._pending.append(job)
             cluster._open_jobs += 1
+            cluster._job_submitted(job)
             self._dispatch()
 
     def cancel(self, job, reason='Cancelled'):
@@ -1311,10 +1358,9 @@ class Scheduler:
         ckey = job._cluster._key
         link.jobs[job._key] = job
         link.in_flight[ckey] += 1
+        job._cluster._job_dispatched(job, link)
         link.send(('JOB', job._key, ckey, job._attempt, job._blob, job._options),
                   len(job._blob))
-        if self.hub.recover_log is not None:
-            self.hub.recover_log.dispatched(job._key, job._attempt, link)
 
     # -- node events -------------------------------------------------------------------------
     def node_ready(self, link, info):
@@ -1348,8 +1394,6 @@ class Scheduler:
             link.avail_info = _avail_info(info.get('avail'))
             link.state = 'ready'
             link.retry = 0
-            if self.hub.recover_log is not None:
-                self.hub.recover_log.node(link)
             for cluster in list(self.clusters.values()):
                 if cluster._key not in link.setups:
                     self._setup_on(link, cluster)
@@ -1446,9 +1490,9 @@ class Scheduler:
 
     def _on_result(self, link, msg):
         _, key, attempt, status, blob, stdout, stderr, exception, start, end = msg
-        link.send(('ACK', key, attempt))
         job = link.jobs.get(key)
         if job is None or job._attempt != attempt:
+            link.send(('ACK', key, attempt))
             return      # a stale attempt (the job was resubmitted): already accounted for
         del link.jobs[key]
         link.cancels.discard((key, attempt))
@@ -1462,7 +1506,9 @@ class Scheduler:
                 status = DispyJob.Terminated
                 exception = 'result could not be unpickled at the client: %r' % exc
         job.start_time = start or job.start_time
+        # Ended (and so written to the recover file) before the node may drop the result.
         self._end_job(job, status, result, stdout, stderr, exception, end)
+        link.send(('ACK', key, attempt))
 
     def _on_provisional(self, link, msg):
         _, key, attempt, blob = msg
@@ -1535,8 +1581,6 @@ class Scheduler:
         job.end_time = end_time or time.time()
         job._blob = None            # finished jobs hold no reference to their arguments
         job._options = None
-        if self.hub.recover_log is not None:
-            self.hub.recover_log.ended(job._key)
         link, job._node = job._node, None
         if link is not None and link.jobs.get(job._key) is job:
             del link.jobs[job._key]
@@ -1604,6 +1648,7 @@ class Scheduler:
                 job.status = DispyJob.Created
                 job.ip_addr = None
                 cluster._pending.appendleft(job)
+                cluster._job_changed(job, DispyJob.Created)
             else:
                 self._end_job(job, DispyJob.Cancelled,
                               exception='Cancelled: node %s lost (%s)' % (link.ip_addr, reason))
@@ -1697,7 +1742,6 @@ class ClientHub:
         self.selector.register(self._wake_r, selectors.EVENT_READ, None)
         for sock in self.udp_socks:
             self.selector.register(sock, selectors.EVENT_READ, sock)
-        self.recover_log = RecoverLog.create(options.get('recover_file'), self)
         self.thread = threading.Thread(target=self._loop, daemon=True, name='dispy-hub')
         self.thread.start()
 
@@ -1788,8 +1832,6 @@ class ClientHub:
             conn.writer.join(5.0)
         if self.notifier is not None:
             self.notifier.stop()        # after the calls already queued
-        if self.recover_log is not None:
-            self.recover_log.close(remove=True)   # closed cleanly: nothing to recover
         self.wake()
         self.thread.join(5.0)
 
@@ -1811,7 +1853,7 @@ class ClientHub:
     def _dial_thread(self, link):
         family = node_address_family(link.ip_addr)
         sock = socket.socket(family, socket.SOCK_STREAM)
-        timeout = HANDSHAKE_TIMEOUT
+        timeout = MsgTimeout
         if link.state == 'reconnecting':
             timeout = min(timeout, max(1.0, 2 * self.pulse_interval))
         try:
@@ -1903,9 +1945,10 @@ class ClientHub:
         self.scheduler.node_ready(link, info)
 
     def on_node_busy(self, link, desc):
+        link.busy_with = desc
         if not link.busy_warned:
-            logger.warning('node %s is serving another client (%s); it will be used when '
-                           'that client releases it', link.ip_addr, desc)
+            logger.warning('node %s is busy with another client: %s; it will be used as soon '
+                           'as it is free', link.ip_addr, desc)
             link.busy_warned = True
         link.state = 'busy'
         link.next_dial = time.monotonic() + 2.0
@@ -2017,17 +2060,24 @@ class ClientHub:
 
     def _tick(self):
         now = time.monotonic()
+        deferred = []
         with self.lock:
             if self.closed:
                 return
-            if self.recover_log is not None:
-                self.recover_log.flush()
-            if now >= self.next_ping:
-                self._ping(now)
-            for link in list(self.links.values()):
-                self._tick_link(link, now)
-            if now >= self.next_warning:
-                self._warn_no_nodes(now)
+            for cluster in self.clusters:
+                if cluster._recover is not None:
+                    deferred += cluster._recover.tick(now)
+            self._tick_nodes(now)
+        for recover, job, blob in deferred:     # big arguments: written outside the lock
+            recover.write_args(job, blob)
+
+    def _tick_nodes(self, now):
+        if now >= self.next_ping:
+            self._ping(now)
+        for link in list(self.links.values()):
+            self._tick_link(link, now)
+        if now >= self.next_warning:
+            self._warn_no_nodes(now)
 
     def _tick_link(self, link, now):
         if link.state == 'ready' and link.conn is not None:
@@ -2079,14 +2129,17 @@ class ClientHub:
         self.next_warning = now + max(NO_NODE_WARN_AFTER, (now - self.started))
         if any(link.state == 'ready' for link in self.links.values()) or not self.clusters:
             return
-        where = ', '.join('%s:%s' % t for t in self.targets) or 'broadcast'
-        msg = ('no dispy node has answered after %.0f s (looked for: %s). Check that '
-               'dispynode.py runs on the nodes, that the ports (client %s, node %s) are '
-               'open and that ip_addr/nodes are right' % (now - self.started, where,
-                                                          self.port, self._node_port()))
-        busy = [l.ip_addr for l in self.links.values() if l.state == 'busy']
-        if busy:
-            msg += '; %d node(s) busy with another client: %s' % (len(busy), ', '.join(busy))
+        busy = [l for l in self.links.values() if l.state == 'busy']
+        if busy:    # the cause is known: say that first
+            msg = ('waiting %.0f s for %d node(s) busy with another client: %s; each is used '
+                   'as soon as it is free' % (now - self.started, len(busy), '; '.join(
+                       '%s serves %s' % (l.ip_addr, l.busy_with) for l in busy)))
+        else:
+            where = ', '.join('%s:%s' % t for t in self.targets) or 'broadcast'
+            msg = ('no dispy node has answered after %.0f s (looked for: %s). Check that '
+                   'dispynode.py runs on the nodes, that the ports (client %s, node %s) are '
+                   'open and that ip_addr/nodes are right'
+                   % (now - self.started, where, self.port, self._node_port()))
         if self.auth_failures:
             msg += ('; %d node(s) answered but failed authentication (secret mismatch?): %s'
                     % (len(self.auth_failures), ', '.join(sorted(self.auth_failures))))
@@ -2097,81 +2150,222 @@ class ClientHub:
 # Client crash recovery: the recover file and recover_jobs()
 # ================================================================================
 
+RECOVER_MAGIC = b'dispy recover file 2\n'
+RECOVER_INLINE = 64 << 10     # arguments up to this size are written by submit() itself
+RECOVER_DEFER = 0.5           # bigger ones: written once the job has been open this long
+
+
+def _plain_id(value, depth=0):
+    """Whether a job id survives the recover file as it is (str, int, float, tuples)."""
+    if isinstance(value, (str, int, float)):
+        return True
+    return (isinstance(value, tuple) and depth < 8
+            and all(_plain_id(v, depth + 1) for v in value))
+
+
+def _id_text(value):
+    return repr(value).encode('utf-8') if _plain_id(value) else b''
+
+
 class RecoverLog:
-    """The client's recover file: what ``recover_jobs`` needs after a crash.
+    """One cluster's recover file: what ``recover_jobs`` needs after a crash.
 
-    JSON lines, appended as jobs are dispatched and written out by the hub loop every
-    tick (batched; no fsync: a crash of the client, not of the machine, is the case
-    covered, and the nodes know every job they hold anyway).  It holds the secret, so
-    it is created mode 0600.  A cluster that closes cleanly removes it.
+    Created at the cluster's first ``submit`` (mode 0600: it holds the secret) and
+    removed when the cluster closes cleanly.  After a magic line, binary records
+    ``kind(1) | length(4) | payload``, each written with one ``os.write`` on an
+    O_APPEND file, so a record is whole or (the last one, after a crash) torn:
 
-        {"client": ID, "secret": ..., "certfile": ..., "keyfile": ..., "cafile": ...}
-        {"node": [ADDRESS, PORT]}              once per node, written at once
-        {"job": [KEY, ATTEMPT, ADDRESS]}       per dispatch
-        {"end": KEY}                           per job ended
+        H  JSON {client, secret, certfile, keyfile, cafile, created, cluster}
+        N  JSON [address, port]   a node, written before the first job goes to it
+        S  key(8) time(8) id_len(4) size(8) | id | args
+                                  a submitted job, written by submit() itself; its
+                                  pickled arguments inline when small
+        A  key(8) | args          the arguments of a big job, written by the hub tick
+                                  once the job has been open RECOVER_DEFER seconds
+        I  key(8) | id            ``job.id`` set after submit (hub tick)
+        E  key(8)                 a job ended, written before its result is
+                                  acknowledged to the node
+
+    So every job submitted is in the file before ``submit`` returns; a job whose
+    arguments are big and that lived less than RECOVER_DEFER costs no copy of them.
     """
 
-    def __init__(self, path, hub):
+    def __init__(self, path, header):
         self.path = path
-        self.lines = []
         self.nodes = set()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.file = os.fdopen(fd, 'w')
-        opts = hub.options
-        self.file.write(json.dumps({'client': hub.client_id, 'secret': hub.secret,
-                                    'certfile': opts.get('certfile'),
-                                    'keyfile': opts.get('keyfile'),
-                                    'cafile': opts.get('cafile'),
-                                    'created': time.time()}) + '\n')
-        self.file.flush()
+        self.recent = []           # jobs submitted since the last tick (their ids)
+        self.deferred = []         # (job, submit time) whose big arguments are not written
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        os.write(self.fd, RECOVER_MAGIC + self._record(b'H', json.dumps(header).encode()))
 
     @classmethod
-    def create(cls, path, hub):
+    def create(cls, path, header):
         if path is None:
             stamp = time.strftime('%Y%m%d%H%M%S')
             path = '_dispy_' + stamp
-            for n in range(1, 100):
+            for n in range(1, 1000):
                 if not os.path.exists(path):
                     break
                 path = '_dispy_%s_%d' % (stamp, n)
         try:
-            return cls(path, hub)
+            return cls(os.path.abspath(path), header)
         except OSError as exc:
-            logger.warning('cannot create recover file %s (%s): jobs of this client cannot '
+            logger.warning('cannot create recover file %s (%s): jobs of this cluster cannot '
                            'be recovered after a crash', path, exc)
             return None
 
-    def node(self, link):
-        """A node is written at once, before any job goes to it: recovery asks each
-        node for everything it holds, so batched job lines may lag behind safely."""
+    @staticmethod
+    def _record(kind, *parts):
+        return kind + struct.pack('!I', sum(len(p) for p in parts)) + b''.join(parts)
+
+    def _write(self, kind, *parts):
+        if self.fd is None:
+            return
+        head = kind + struct.pack('!I', sum(len(p) for p in parts))
+        try:
+            os.writev(self.fd, (head,) + parts)
+        except OSError as exc:
+            logger.warning('recover file %s: %s; no more jobs are recorded', self.path, exc)
+            self.close(remove=False)
+
+    # -- events (scheduler lock held) --------------------------------------------------
+    def submitted(self, job):
+        blob = job._blob
+        id_text = _id_text(job.id) if job.id != job._key else b''
+        inline = len(blob) <= RECOVER_INLINE
+        self._write(b'S', struct.pack('!QdIQ', job._key, job.submit_time, len(id_text),
+                                      len(blob)), id_text, blob if inline else b'')
+        self.recent.append(job)
+        if not inline:
+            self.deferred.append((job, time.monotonic()))
+
+    def dispatched(self, link):
         if link.ip_addr not in self.nodes:
             self.nodes.add(link.ip_addr)
-            self.lines.append('{"node": [%s, %d]}\n' % (json.dumps(link.ip_addr), link.port))
-            self.flush()
+            self._write(b'N', json.dumps([link.ip_addr, link.port]).encode())
 
-    def dispatched(self, key, attempt, link):
-        self.lines.append('{"job": [%d, %d, %s]}\n' % (key, attempt, json.dumps(link.ip_addr)))
+    def ended(self, job):
+        self._write(b'E', struct.pack('!Q', job._key))
 
-    def ended(self, key):
-        self.lines.append('{"end": %d}\n' % key)
+    def tick(self, now):
+        """Writes ids set since the last tick; returns [(self, job, blob)] of big
+        arguments now due, for the caller to write outside the lock."""
+        if self.recent:
+            recent, self.recent = self.recent, []
+            records = [self._record(b'I', struct.pack('!Q', job._key), _id_text(job.id))
+                       for job in recent if job.id != job._key and _plain_id(job.id)]
+            if records and self.fd is not None:
+                try:
+                    os.write(self.fd, b''.join(records))
+                except OSError as exc:
+                    logger.warning('recover file %s: %s', self.path, exc)
+        due, keep = [], []
+        for job, since in self.deferred:
+            if job._blob is None or job.status in FINAL_STATUSES:
+                continue
+            if now - since >= RECOVER_DEFER:
+                due.append((self, job, job._blob))
+            else:
+                keep.append((job, since))
+        self.deferred = keep
+        return due
 
-    def flush(self):
-        if self.lines:
-            lines, self.lines = self.lines, []
-            try:
-                self.file.write(''.join(lines))
-                self.file.flush()
-            except (OSError, ValueError) as exc:
-                logger.warning('recover file %s: %s', self.path, exc)
+    def write_args(self, job, blob):
+        self._write(b'A', struct.pack('!Q', job._key), blob)
 
     def close(self, remove):
-        self.flush()
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
         try:
-            self.file.close()
+            os.close(fd)
             if remove:
                 os.unlink(self.path)
         except OSError:
             pass
+
+
+class _RecoverFile:
+    """A recover file as read back: header, nodes and every job not ended."""
+
+    def __init__(self, path, with_args=True):
+        self.path = path
+        self.header, self.nodes, self.jobs, self.ended = None, {}, {}, set()
+        with open(path, 'rb') as f:
+            if f.read(len(RECOVER_MAGIC)) != RECOVER_MAGIC:
+                raise ValueError('%s is not a dispy recover file' % path)
+            while self._read_record(f, with_args):
+                pass
+        if self.header is None or 'client' not in self.header:
+            raise ValueError('%s is not a dispy recover file (no header)' % path)
+        for key in self.ended:
+            self.jobs.pop(key, None)
+
+    def _read_record(self, f, with_args):
+        head = f.read(5)
+        if len(head) < 5:
+            return False
+        kind, length = head[:1], struct.unpack('!I', head[1:])[0]
+        start = f.tell()
+        want = length
+        if not with_args and kind in (b'S', b'A'):     # counting jobs: skip the arguments
+            want = min({b'S': 28, b'A': 8}[kind], length)
+        body = f.read(want)
+        if len(body) < want:
+            return False        # torn last record
+        try:
+            self._apply(kind, body, want == length)
+        except (ValueError, struct.error, KeyError, IndexError, TypeError):
+            return False
+        f.seek(start + length)
+        return True
+
+    def _apply(self, kind, body, whole):
+        if kind == b'H':
+            self.header = json.loads(body.decode())
+        elif kind == b'N':
+            addr, port = json.loads(body.decode())
+            self.nodes[addr] = int(port)
+        elif kind == b'S':
+            key, submitted, id_len, size = struct.unpack('!QdIQ', body[:28])
+            id_text = body[28:28 + id_len]
+            blob = body[28 + id_len:] if whole and len(body) > 28 + id_len else None
+            self.jobs[key] = {'id': _parse_id(id_text, key), 'time': submitted, 'size': size,
+                              'blob': blob}
+        elif kind == b'A':
+            key = struct.unpack('!Q', body[:8])[0]
+            if key in self.jobs:
+                self.jobs[key]['blob'] = body[8:] if whole else None
+        elif kind == b'I':
+            key = struct.unpack('!Q', body[:8])[0]
+            if key in self.jobs:
+                self.jobs[key]['id'] = _parse_id(body[8:], key)
+        elif kind == b'E':
+            self.ended.add(struct.unpack('!Q', body)[0])
+
+
+def _parse_id(text, key):
+    if not text:
+        return key
+    try:
+        import ast
+        value = ast.literal_eval(text.decode('utf-8'))
+    except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
+        return key
+    return value if _plain_id(value) else key
+
+
+def _newest_recover_file():
+    """The newest ``_dispy_*`` file here that still has jobs to account for."""
+    names = [f for f in os.listdir('.') if f.startswith('_dispy_') and os.path.isfile(f)]
+    for name in sorted(names, key=os.path.getmtime, reverse=True):
+        try:
+            if _RecoverFile(name, with_args=False).jobs:
+                return name
+        except (OSError, ValueError):
+            continue
+    raise FileNotFoundError('no _dispy_* recover file with jobs to recover in %s'
+                            % os.getcwd())
 
 
 class _RecoveredCluster:
@@ -2182,77 +2376,63 @@ class _RecoveredCluster:
         return True
 
 
-def _read_recover_file(path):
-    header, nodes, dispatched, ended = None, {}, {}, set()
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue        # a torn last line after a crash
-            if header is None:
-                header = entry
-            elif 'node' in entry:
-                nodes[entry['node'][0]] = int(entry['node'][1])
-            elif 'job' in entry:
-                key, attempt, addr = entry['job']
-                dispatched[key] = (attempt, addr)
-            elif 'end' in entry:
-                ended.add(entry['end'])
-    if header is None or 'client' not in header:
-        raise ValueError('%s is not a dispy recover file' % path)
-    return header, nodes, {k: v for k, v in dispatched.items() if k not in ended}
-
-
-def _newest_recover_file():
-    files = [f for f in os.listdir('.') if f.startswith('_dispy_') and os.path.isfile(f)]
-    if not files:
-        raise FileNotFoundError('no _dispy_* recover file in %s' % os.getcwd())
-    return max(files, key=os.path.getmtime)
-
-
 def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
-    """Collects the jobs of a client that crashed, from the nodes that ran them.
+    """Accounts for every job of a cluster whose program ended without closing it.
 
-    Reads ``recover_file`` (None: the newest ``_dispy_*`` file in the current folder),
-    reconnects to its nodes as that client, waits for every job they hold (at most
-    ``timeout`` seconds), cancels the unfinished ones if ``terminate_pending``, releases
-    the nodes and returns the jobs (DispyJob objects with result, stdout, stderr,
-    exception, status).  A job the file lists but no node knows is ``Abandoned``.
+    Reads ``recover_file`` (None: the newest ``_dispy_*`` file in the current folder
+    that has jobs to account for), reconnects to its nodes as that program, waits for
+    the jobs they still run (at most ``timeout`` seconds; then cancels them if
+    ``terminate_pending``), collects the results they kept and returns one DispyJob per
+    job the program had not got back, with the id it had.  A job that never ran (it
+    never reached a node, or its node lost it) is ``DispyJob.Abandoned``, with its
+    ``args`` and ``kwargs`` so that ``cluster.resubmit(jobs)`` can run it again.  The
+    file is removed once every job in it is accounted for.
     """
     setup_logging()
     path = recover_file or _newest_recover_file()
-    header, nodes, pending = _read_recover_file(path)
+    record = _RecoverFile(path)
+    header = record.header
+    keys = sorted(record.jobs)
     deadline = None if timeout is None else time.monotonic() + timeout
     ctx = make_ssl_context(False, header.get('certfile'), header.get('keyfile'),
                            header.get('cafile'))
     results, threads = {}, []
-    for addr, port in nodes.items():
+    for addr, port in (record.nodes.items() if keys else ()):
         t = threading.Thread(target=_recover_from_node, daemon=True,
-                             args=(addr, port, header, ctx, deadline, terminate_pending,
-                                   results))
+                             args=(addr, port, header, ctx, keys, deadline,
+                                   terminate_pending, results))
         t.start()
         threads.append(t)
     for t in threads:
         t.join()
-    jobs = []
-    for key in sorted(set(results) | set(pending)):
-        job = DispyJob(key, _RecoveredCluster, None)
-        job.id = key
-        reply = results.get(key)
-        if reply is None:
-            job.status = DispyJob.Abandoned
-            job.ip_addr = pending[key][1]
-            job.exception = 'Abandoned: no node holds this job any more'
-        else:
-            _fill_recovered(job, reply)
-        jobs.append(job)
+    jobs = [_recovered_job(key, record.jobs[key], results.get(key)) for key in keys]
     if all(job.status in FINAL_STATUSES for job in jobs):   # nothing left to recover
         try:
             os.unlink(path)
         except OSError:
             pass
     return jobs
+
+
+def _recovered_job(key, entry, reply):
+    job = DispyJob(key, _RecoveredCluster, None)
+    job.id = entry['id']
+    job.submit_time = entry['time']
+    job.args = job.kwargs = None
+    if entry['blob'] is not None:
+        try:
+            job.args, job.kwargs = pickle.loads(entry['blob'])
+        except Exception as exc:
+            logger.warning('recover_jobs: arguments of job %r cannot be loaded: %r', job.id, exc)
+    if reply is not None:
+        _fill_recovered(job, reply)
+        return job
+    job.status = DispyJob.Abandoned
+    job.exception = 'Abandoned: the job never ran (no node holds it)'
+    if job.args is None:
+        job.exception += ('; its arguments (%d bytes) were not saved before the program '
+                          'ended, so it cannot be resubmitted' % entry['size'])
+    return job
 
 
 def _fill_recovered(job, reply):
@@ -2269,27 +2449,29 @@ def _fill_recovered(job, reply):
             job.exception = 'result could not be unpickled: %r' % exc
 
 
-def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
-    """Reconnects to one node as the crashed client and collects what it holds."""
+def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, results):
+    """Reconnects to one node as the vanished program and collects what it holds of
+    ``keys`` (the node keeps whatever else it has)."""
     try:
-        sock = socket.create_connection((addr, port), timeout=HANDSHAKE_TIMEOUT)
+        sock = socket.create_connection((addr, port), timeout=MsgTimeout)
         if ctx is not None:
             sock = ctx.wrap_socket(sock, server_side=False)
         channel = handshake(sock, header.get('secret', ''), True, {'role': 'client'})
         channel.send([('CLIENT', {'id': header['client'], 'name': socket.gethostname(),
-                                  'pid': os.getpid(), 'recover': True})])
-        channel.sock.settimeout(HANDSHAKE_TIMEOUT)
+                                  'pid': os.getpid(), 'recover': keys})])
+        channel.sock.settimeout(MsgTimeout)
         msgs = channel.recv()
     except (OSError, ProtocolError) as exc:
         logger.warning('recover_jobs: node %s:%s: %s', addr, port, exc)
         return
     first, msgs = msgs[0], msgs[1:]     # results may come in the same frame as NODE
     if first[0] != 'NODE':
-        logger.warning('recover_jobs: node %s is serving another client (%s)', addr,
+        logger.warning('recover_jobs: node %s did not answer the recovery (%s)', addr,
                        first[1] if len(first) > 1 else '?')
         channel.close()
         return
-    waiting = {tuple(x) for x in first[1].get('jobs', ())}
+    wanted = set(keys)
+    waiting = {tuple(x) for x in first[1].get('jobs', ()) if x[0] in wanted}
     cancelled = False
     try:
         while waiting:
@@ -2311,7 +2493,7 @@ def _recover_from_node(addr, port, header, ctx, deadline, terminate, results):
                 msgs = channel.recv()
             acks = []
             for msg in msgs:
-                if msg[0] == 'RESULT':
+                if msg[0] == 'RESULT' and msg[1] in wanted:
                     waiting.discard((msg[1], msg[2]))
                     results[msg[1]] = (addr, msg)
                     acks.append(('ACK', msg[1], msg[2]))
@@ -2444,6 +2626,11 @@ class JobCluster:
         self._closed = False
         self._start_time = time.time()
         self._cwd = os.getcwd()        # where files sent by jobs land
+        self._recover_path = recover_file
+        self._recover = None           # RecoverLog, created at the first submit
+        self._main_sources = {}        # __main__ class/function -> source (job arguments)
+        self.name = '%s @ %s' % (self._package.name, ip_addrs[0] if ip_addrs
+                                 else socket.gethostname())
         self._hub = ClientHub.acquire({
             'ip_addrs': ip_addrs, 'explicit_ip_addrs': bool(ip_addrs), 'port': port,
             'explicit_port': port != CLIENT_PORT, 'secret': secret, 'explicit_secret': True,
@@ -2452,7 +2639,7 @@ class JobCluster:
             'ext_ip_addrs': _as_list(ext_ip_addr if ext_ip_addr is not None else ext_host),
             'max_frame': int(max_frame_size or DEFAULT_MAX_FRAME),
             'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
-            'ping_interval': ping_interval, 'recover_file': recover_file})
+            'ping_interval': ping_interval})
         self._cond = self._hub.cond
         self._notifier = (self._hub.callback_notifier()
                           if (self._callback or self._status_cb) else None)
@@ -2469,28 +2656,43 @@ class JobCluster:
     # -- submitting ------------------------------------------------------------------------
     def submit(self, *args, **kwargs):
         """Schedules a job with these arguments; returns the DispyJob (None on error)."""
-        return self._submit(None, args, kwargs)
+        return self._submit(None, None, args, kwargs)
 
     def submit_node(self, node, *args, **kwargs):
         """Like submit, but runs the job on ``node`` (DispyNode, address or host name)."""
+        return self.submit_job_id_node(None, node, *args, **kwargs)
+
+    def submit_job_id(self, job_id, *args, **kwargs):
+        """submit, with ``job.id`` set before the job can reach a callback (4.15 API)."""
+        return self._submit(job_id, None, args, kwargs)
+
+    def submit_job_id_node(self, job_id, node, *args, **kwargs):
+        """submit_node with ``job.id`` set first (4.15 API)."""
         addr = node.ip_addr if isinstance(node, DispyNode) else resolve_host(str(node))
         if addr is None:
             logger.error('submit_node: unknown node %r', node)
             return None
-        return self._submit(addr, args, kwargs)
+        return self._submit(job_id, addr, args, kwargs)
 
-    def _submit(self, pin, args, kwargs):
+    def resubmit(self, jobs):
+        """Submits again the jobs ``recover_jobs`` handed back as never run (Abandoned,
+        with their arguments), with their ids; returns the new jobs."""
+        return [self.submit_job_id(job.id, *job.args, **job.kwargs) for job in jobs
+                if job.status == DispyJob.Abandoned and job.args is not None]
+
+    def _submit(self, job_id, pin, args, kwargs):
         depends = kwargs.pop('dispy_job_depends', None)
         timeout = kwargs.pop('dispy_job_timeout', self._job_timeout)
         if self._closed:
             logger.error('job not created: cluster %s is closed', self._package.name)
             return None
-        if self._package.kind == 'program' and (kwargs or not all(isinstance(a, str)
-                                                                  for a in args)):
-            logger.error('job not created: a program takes only string arguments')
-            return None
+        if self._package.kind == 'program':
+            if kwargs:
+                logger.error('job not created: a program takes no keyword arguments')
+                return None
+            args = tuple(a if isinstance(a, str) else str(a) for a in args)
         try:
-            blob = dumps_blob((args, kwargs))
+            blob, main_refs = dumps_args((args, kwargs))
         except Exception as exc:
             logger.error('job not created: its arguments cannot be pickled: %s', exc)
             return None
@@ -2501,27 +2703,49 @@ class JobCluster:
         options = {}
         if timeout:
             options['timeout'] = float(timeout)
-        if depends:
+        if depends or main_refs:
             try:
-                options['depends'] = Dependencies(self._package.caller_globals).add_all(
-                    depends).job_extra()
+                options['depends'] = self._job_depends(depends, main_refs)
             except (ComputationError, OSError) as exc:
-                logger.error('job not created: dispy_job_depends: %s', exc)
+                logger.error('job not created: %s', exc)
                 return None
-        job = DispyJob(next(_job_keys), self, blob, pin, options or None)
+        job = DispyJob(next(_job_keys), self, blob, pin, options or None, args, kwargs)
+        if job_id is not None:
+            job.id = job_id
         self._hub.scheduler.submit(job)
         return job
+
+    def _job_depends(self, depends, main_refs):
+        """The job's own dependencies: ``dispy_job_depends``, plus the source of the
+        classes and functions of the main script that its arguments refer to and that
+        the computation did not ship (so their instances load on the node)."""
+        deps = Dependencies(self._package.caller_globals)
+        deps.add_all(depends)
+        extra = []
+        for ref in main_refs:
+            if ref.__name__ in self._package.names or ref.__name__ in deps.names:
+                continue
+            source = self._main_sources.get(ref)
+            if source is None:
+                try:
+                    source = _function_source(ref, 'class' if isinstance(ref, type)
+                                              else 'function')
+                except ComputationError as exc:
+                    raise ComputationError(
+                        'an argument refers to %s of the main script, which the nodes do '
+                        'not have and which cannot be shipped (%s); add it to depends= of '
+                        'the cluster, or define it in a module the nodes can import'
+                        % (ref.__name__, exc))
+                self._main_sources[ref] = source
+            extra.append(source)
+        bundle = deps.job_extra()
+        if extra:
+            bundle['code'] = '\n\n'.join(extra + [bundle['code']])
+        return bundle
 
     def cancel(self, job):
         """Cancels a job: removed if queued, killed (with its processes) if running."""
         return self._hub.scheduler.cancel(job)
-
-    def submit_job_id(self, job_id, *args, **kwargs):
-        """submit, with ``job.id`` set before the job can start (4.15 API)."""
-        job = self.submit(*args, **kwargs)
-        if job is not None:
-            job.id = job_id
-        return job
 
     # -- nodes ---------------------------------------------------------------------------------
     def _link(self, node):
@@ -2663,6 +2887,9 @@ class JobCluster:
             self._cancel_all()
         self._closed = True
         _live_clusters.discard(self)
+        with self._cond:
+            if self._recover is not None:
+                self._recover.close(remove=True)    # closed cleanly: nothing to recover
         self._hub.remove_cluster(self)
         return True
 
@@ -2699,20 +2926,40 @@ class JobCluster:
                                                           link.platform)
         return node
 
+    def _job_submitted(self, job):
+        if self._recover is None and self._recover_path is not False:
+            hub = self._hub
+            self._recover = RecoverLog.create(self._recover_path, {
+                'client': hub.client_id, 'secret': hub.secret,
+                'certfile': hub.options.get('certfile'), 'keyfile': hub.options.get('keyfile'),
+                'cafile': hub.options.get('cafile'), 'created': time.time(),
+                'cluster': self.name})
+            if self._recover is None:
+                self._recover_path = False      # warned once; not tried again
+        if self._recover is not None:
+            self._recover.submitted(job)
+        if self._status_cb:
+            self._job_changed(job, DispyJob.Created)
+
+    def _job_dispatched(self, job, link):
+        if self._recover is not None:
+            self._recover.dispatched(link)
+
     def _job_changed(self, job, status):
         if self._notifier is None:
             return
-        snapshot = job._snapshot()
         if self._callback and status == DispyJob.ProvisionalResult:
-            self._notifier.put(self, self._callback, (snapshot,))
+            self._notifier.put(self, self._callback, (job._snapshot(),))
         if self._status_cb:
-            node = self._nodes.get(job.ip_addr)
+            node = self._nodes.get(job.ip_addr) if job.ip_addr else None
             if node is not None and status == DispyJob.Running:
                 node.busy += 1
-            self._notifier.put(self, self._status_cb, (status, node, snapshot))
+            self._notifier.put(self, self._status_cb, (status, node, job._snapshot()))
 
     def _job_ended(self, job, link):
         self._open_jobs -= 1
+        if self._recover is not None:
+            self._recover.ended(job)
         node = self._nodes.get(link.ip_addr) if link is not None else None
         if node is not None:
             node.jobs_done += 1
@@ -2740,6 +2987,19 @@ class JobCluster:
         if self._status_cb:
             self._notifier.put(self, self._status_cb, (status, node, None))
         self._cond.notify_all()
+
+    def _interrupted_text(self):
+        """What the program is told when it ends with jobs of this cluster open."""
+        on_nodes = sum(1 for link in self._hub.links.values() for job in link.jobs.values()
+                       if job._cluster is self)
+        queued = self._open_jobs - on_nodes
+        text = ('cluster %s was not closed: %d job(s) keep running on nodes, %d never reached '
+                'a node' % (self.name, on_nodes, queued))
+        if self._recover is None:
+            return text + '; they cannot be recovered (no recover file)'
+        return text + ('; dispy.recover_jobs(%r) gets them back (results of the first, '
+                       'arguments of the others for cluster.resubmit)'
+                       % os.path.relpath(self._recover.path, self._cwd))
 
     # -- status ------------------------------------------------------------------------------
     def status(self):
@@ -2794,17 +3054,18 @@ _live_clusters = set()
 
 def _at_exit():
     """A script that ends without close(): idle clusters are closed cleanly; clusters
-    with jobs still running leave them on the nodes, where they finish and keep their
-    results (see the recovery docs)."""
+    with jobs still open leave them on the nodes, where they finish and keep their
+    results, and say how to get everything back (see the recovery docs)."""
     for cluster in list(_live_clusters):
         try:
             with cluster._cond:
                 idle = cluster._open_jobs == 0
+                if not idle:
+                    logger.warning(cluster._interrupted_text())
+                    if cluster._recover is not None:
+                        cluster._recover.close(remove=False)
             if idle:
                 cluster.close(timeout=5)
-            else:
-                logger.warning('cluster %s not closed: %d job(s) keep running on the nodes',
-                               cluster._package.name, cluster._open_jobs)
         except Exception:
             pass
 

@@ -52,6 +52,11 @@ from dispy import DispyJob, logger
 
 __version__ = dispy.__version__
 
+# A vanished client whose jobs have all ended keeps this node this long (seconds), so
+# a client that only lost its connection reconnects to its computations; then the node
+# is free for other programs.
+DETACHED_GRACE = 3.0
+
 
 # ================================================================================
 # Local links: framed pickles over Unix socket pairs (trusted: same machine, our
@@ -513,7 +518,18 @@ class NodeComputation:
 
 
 class ClientSession:
-    """The client program this node serves (it may be disconnected for a while)."""
+    """The client program this node serves.
+
+    Its life, when the client vanishes (crash, Ctrl-C, kill -9, a dropped link)::
+
+        attached ──connection lost──► detached: the jobs it left run to the end
+           ▲                            │      (at most --zombie_interval), results
+           └──── same client back ──────┤      go to disk as they come
+                                        ▼
+                     nothing left to run (and DETACHED_GRACE passed): session ends,
+                     the node is free for another program; kept results wait on
+                     disk for recover_jobs (ResultStore, RecoveryHandler)
+    """
 
     def __init__(self, client_id, info, address):
         self.client_id = client_id
@@ -525,12 +541,29 @@ class ClientSession:
         self.stored = set()         # (key, attempt) of results also kept on disk
         self.comps = {}             # cluster key -> NodeComputation
         self.disconnected_at = None
+        self.idle_since = None      # detached and with no job left, since (monotonic)
+        self.wanted = None          # attached by recover_jobs: the job keys it collects
         self.pulse_interval = max(0.05, float(info.get('pulse_interval')
                                               or dispy.DEFAULT_PULSE_INTERVAL))
 
     def describe(self):
         return '%s (%s, pid %s)' % (self.address, self.info.get('name', '?'),
                                     self.info.get('pid', '?'))
+
+    def wants(self, key):
+        """Whether the attached connection collects this job's result."""
+        return self.wanted is None or key in self.wanted
+
+    def busy_text(self, zombie_interval):
+        """What a client turned away is told about this session."""
+        text = self.describe()
+        if self.conn is None and self.disconnected_at is not None:
+            gone = time.monotonic() - self.disconnected_at
+            left = max(0.0, zombie_interval - gone)
+            text += (', which disconnected %.0f s ago; this node finishes its %d job(s) '
+                     'first (at most %.0f more minutes, --zombie_interval) and is then free'
+                     % (gone, len(self.jobs), left / 60))
+        return text
 
 
 class ResultStore:
@@ -592,6 +625,56 @@ class ResultStore:
             os.rmdir(folder)        # only if that was the last one
         except OSError:
             pass
+
+
+def _recover_keys(value):
+    """The job keys a recover_jobs connection collects (None: a normal client)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in value):
+        raise ValueError('malformed recovery request')
+    return set(value)
+
+
+class RecoveryHandler:
+    """``recover_jobs`` of a program this node no longer serves (its session ended:
+    nothing was left to run for it).  Sends the kept results it asks for, from the
+    ResultStore, and removes each one it acknowledges; results of other jobs (another
+    recover file's) stay.  Runs on its own connection, beside whatever program the
+    node serves meanwhile."""
+
+    def __init__(self, server, channel, address, client_id, wanted):
+        self.server = server
+        self.address = address
+        self.client_id = client_id
+        self.wanted = wanted
+        self.conn = dispy.Connection(channel, self, 'recover-%s' % address)
+
+    def start(self):
+        """(node lock held)"""
+        replies = [r for r in self.server.store.load(self.client_id) if r[1] in self.wanted]
+        logger.info('recover_jobs from %s: %d kept result(s) of %d job(s) asked for',
+                    self.address, len(replies), len(self.wanted))
+        self.conn.start()
+        self.conn.send(self.server._node_info([[r[1], r[2]] for r in replies], []))
+        for reply in replies:
+            self.conn.send(reply, len(reply[4] or b''))
+
+    # -- Connection handler (reader thread) ----------------------------------------------
+    def on_messages(self, conn, msgs):
+        for msg in msgs:
+            kind = msg[0] if isinstance(msg, tuple) and msg else None
+            if kind == 'ACK' and len(msg) == 3 and msg[1] in self.wanted:
+                with self.server.lock:
+                    self.server.store.remove(self.client_id, int(msg[1]), int(msg[2]))
+            elif kind == 'RELEASE':
+                conn.close('recovery done', flush=True)
+                return
+            # PULSE, CANCEL (nothing of this client runs here any more): nothing to do
+
+    def on_closed(self, conn, reason):
+        pass
 
 
 def _safe_name(name):
@@ -782,11 +865,17 @@ class NodeServer:
 
     def _attach(self, channel, addr, info):
         client_id = str(info.get('id', ''))
-        conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
+        wanted = _recover_keys(info.get('recover'))
         with self.lock:
             session = self.session
+            if wanted is not None and (session is None or session.client_id != client_id):
+                # recover_jobs of a program this node no longer serves: its results are
+                # on disk; served beside whatever program the node serves now.
+                RecoveryHandler(self, channel, addr[0], client_id, wanted).start()
+                return
+            conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
             if session is not None and session.client_id != client_id:
-                desc = session.describe()
+                desc = session.busy_text(self.config.zombie_interval)
                 logger.info('client %s turned away: serving %s', addr[0], desc)
                 self.turned_away[addr[0]] = info.get('udp_port')
                 conn.start()
@@ -805,16 +894,21 @@ class NodeServer:
             elif session.conn is not None:
                 session.conn.close('replaced by a new connection')
             session.conn = conn
-            session.disconnected_at = None
+            session.disconnected_at = session.idle_since = None
+            session.wanted = wanted
             conn.start()
-            held = [[j.key, j.attempt] for j in session.jobs.values()]
-            held += [list(k) for k in session.results]
-            conn.send(('NODE', {'name': self.name, 'cpus': self.config.cpus,
-                                'platform': platform.platform(), 'instance': self.instance,
-                                'jobs': held, 'computations': list(session.comps),
-                                'avail': self.avail_fn()}))
-            for msg in session.results.values():   # not acknowledged yet: send again
-                conn.send(msg, len(msg[4] or b''))
+            held = [[j.key, j.attempt] for j in session.jobs.values() if session.wants(j.key)]
+            held += [list(k) for k in session.results if session.wants(k[0])]
+            conn.send(self._node_info(held, list(session.comps)))
+            for key, msg in session.results.items():   # not acknowledged yet: send again
+                if session.wants(key[0]):
+                    conn.send(msg, len(msg[4] or b''))
+
+    def _node_info(self, held, computations):
+        return ('NODE', {'name': self.name, 'cpus': self.config.cpus,
+                         'platform': platform.platform(), 'instance': self.instance,
+                         'jobs': held, 'computations': computations,
+                         'avail': self.avail_fn()})
 
     # -- Connection handler (reader thread) --------------------------------------------------
     def on_messages(self, conn, msgs):
@@ -842,16 +936,27 @@ class NodeServer:
             session = self.session
             if session is None or session.conn is not conn:
                 return
-            session.conn = None
-            session.disconnected_at = time.monotonic()
-            self._store_results(session)
-            if session.jobs or session.results:
-                logger.warning('client %s disconnected (%s); its %d job(s) go on and results '
-                               'are kept', session.address, reason,
-                               len(session.jobs) + len(session.results))
-            else:   # nothing to keep for it: free for other clients now
-                logger.info('client %s disconnected (%s)', session.address, reason)
-                self._end_session(session)
+            self._detach(session, reason)
+
+    def _detach(self, session, reason):
+        """The client's connection is gone: what it left runs on (see ClientSession)."""
+        if session.conn is not None:
+            session.conn.close(reason, flush=True)
+        session.conn = None
+        session.wanted = None
+        session.disconnected_at = time.monotonic()
+        self._store_results(session)
+        if session.jobs:
+            logger.warning('client %s disconnected (%s); its %d job(s) run to the end and '
+                           'their results are kept; this node is free once they end',
+                           session.address, reason, len(session.jobs))
+        elif session.results:
+            session.idle_since = session.disconnected_at
+            logger.info('client %s disconnected (%s); %d result(s) kept for it',
+                        session.address, reason, len(session.results))
+        else:   # nothing to keep for it: free for other clients now
+            logger.info('client %s disconnected (%s)', session.address, reason)
+            self._end_session(session)
 
     def _store_results(self, session):
         for key, reply in session.results.items():
@@ -1045,6 +1150,9 @@ class NodeServer:
             session.conn.send(('CLOSED', msg[1]))
 
     def _on_release(self, session, msg):
+        if session.wanted is not None:      # recover_jobs is done: other jobs go on
+            self._detach(session, 'recovery done')
+            return
         logger.info('client %s released this node', session.address)
         self._end_session(session)
 
@@ -1187,9 +1295,15 @@ class NodeServer:
         session.results[(reply[1], reply[2])] = reply
         self.jobs_done += 1
         if conn is not None:
-            conn.send(reply, len(reply[4] or b''))
-        elif self.store.save(session.client_id, reply):     # client away: keep on disk
-            session.stored.add((reply[1], reply[2]))
+            if session.wants(reply[1]):
+                conn.send(reply, len(reply[4] or b''))
+            elif self.store.save(session.client_id, reply):  # another recover file's job
+                session.stored.add((reply[1], reply[2]))
+        else:
+            if self.store.save(session.client_id, reply):    # client away: keep on disk
+                session.stored.add((reply[1], reply[2]))
+            if not session.jobs:
+                session.idle_since = time.monotonic()
 
     # -- worker and host readers (their own threads) ---------------------------------------
     def _worker_reader(self, worker):
@@ -1447,20 +1561,28 @@ class NodeServer:
             silent = now - conn.last_recv
             if silent > dispy.DEAD_PULSES * session.pulse_interval:
                 conn.close('no message from client for %.1f s' % silent)
-        elif (session.disconnected_at is not None
-              and now - session.disconnected_at > self.config.zombie_interval):
-            if session.jobs:        # end its jobs first: their results are kept
+        elif session.disconnected_at is not None:
+            self._tick_detached(session, now)
+        if self.quitting and not self.queue and self.running == 0:
+            self.done.set()
+
+    def _tick_detached(self, session, now):
+        """A vanished client's session ends once nothing is left to run for it."""
+        if session.jobs:
+            if now - session.disconnected_at > self.config.zombie_interval:
+                logger.warning('client %s did not come back in %.1f minutes: its %d job(s) '
+                               'are cancelled (results kept)', session.address,
+                               self.config.zombie_interval / 60, len(session.jobs))
                 for job in list(session.jobs.values()):
                     if not job.cancelled:
                         self._cancel_job(session, job)
-                return
-            logger.warning('client %s did not come back in %.1f minutes; this node is free '
-                           'again (%d result(s) kept on disk for recover_jobs)',
-                           session.address, self.config.zombie_interval / 60,
-                           len(session.stored))
-            self._end_session(session)
-        if self.quitting and not self.queue and self.running == 0:
-            self.done.set()
+            return
+        if session.idle_since is None or now - session.idle_since < DETACHED_GRACE:
+            return      # a client that only lost its connection comes back by then
+        logger.warning('client %s is gone and nothing runs for it any more: this node is '
+                       'free (%d result(s) kept on disk under %s for recover_jobs)',
+                       session.address, len(session.stored), self.store.dir)
+        self._end_session(session)
 
     def _kill_overdue(self, session):
         now = time.time()

@@ -316,14 +316,16 @@ class ProgramTest(ApiTestCase):
         self.assertIn("stdout args ['0']", zero.stdout)
         self.assertTrue(cluster.close(timeout=T))
 
-    def test_non_string_argument_is_refused(self):
-        """A program takes only strings: submit(3) returns None, logged at ERROR; the
-        cluster stays usable."""
+    def test_non_string_arguments_are_converted(self):
+        """As in seed 000 §6.2 (``cluster.submit(i)``) and 4.15: a program's arguments
+        go through str(); keyword arguments are refused (None, logged at ERROR)."""
         cluster = self.cluster(self.write_program('dispytest_prog.py', PROGRAM))
+        job = cluster.submit(3, 2.5)
+        self.assertEqual(self.finished(job), 3)
+        self.assertIn("stdout args ['3', '2.5']", job.stdout)
+        self.assertEqual(job.args, ('3', '2.5'))
         with self.assertLogs('dispy', 'ERROR'):
-            self.assertIsNone(cluster.submit(3))
-        with self.assertLogs('dispy', 'ERROR'):
-            self.assertIsNone(cluster.submit('1', 2.5))
+            self.assertIsNone(cluster.submit('1', flag=True))
         self.assertEqual(self.finished(cluster.submit('7')), 7)
 
     def test_shell_script_runs_as_it_is(self):

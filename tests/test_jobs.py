@@ -918,7 +918,8 @@ class CallbackTest(NodeTestCase):
 
     def test_cluster_status_sequence(self):
         """cluster_status gets DispyNode.Initialized for the node (its address, CPUs
-        available) first, then Running and a final status for every job."""
+        available) before any job runs, and Created (no node yet), Running and a
+        final status for every job, in that order."""
         recorder = Recorder()
         cluster = self.cluster(identity, cluster_status=recorder.cluster_status)
         jobs = [cluster.submit(i) for i in range(4)]
@@ -927,21 +928,23 @@ class CallbackTest(NodeTestCase):
         self.assertTrue(cluster.wait(timeout=T))
         with recorder.cond:
             statuses = list(recorder.statuses)
-        first_status, first_ip, first_job, first_node = statuses[0]
+        node_events = [(i, s, ip, n) for i, (s, ip, j, n) in enumerate(statuses) if j is None]
+        first_index, first_status, first_ip, first_node = node_events[0]
         self.assertEqual(first_status, DispyNode.Initialized)
-        self.assertIsNone(first_job)
         self.assertEqual(first_ip, NODE_IP)
         self.assertIsInstance(first_node, DispyNode)
         self.assertGreater(first_node.avail_cpus, 0)
-        job_events = [(s, j.result, ip) for s, ip, j, _ in statuses if j is not None]
-        self.assertEqual(job_events[0][0], DispyJob.Running)
-        self.assertEqual({ip for _s, _r, ip in job_events}, {NODE_IP})
-        running = [s for s, _r, _ip in job_events if s == DispyJob.Running]
-        finished = sorted(r for s, r, _ip in job_events if s == DispyJob.Finished)
-        self.assertEqual(len(running), len(jobs))
-        self.assertEqual(finished, list(range(len(jobs))))
-        self.assertEqual([s for s, _r, _ip in job_events
-                          if s not in (DispyJob.Running, DispyJob.Finished)], [])
+        per_job = {}
+        for index, (s, ip, j, _) in enumerate(statuses):
+            if j is not None:
+                per_job.setdefault(j.id, []).append((s, ip))
+                if s == DispyJob.Running:
+                    self.assertGreater(index, first_index, 'a job ran before Initialized')
+        self.assertEqual(sorted(per_job), [job.id for job in jobs])
+        for job in jobs:
+            self.assertEqual(per_job[job.id], [(DispyJob.Created, None),
+                                               (DispyJob.Running, NODE_IP),
+                                               (DispyJob.Finished, NODE_IP)], job.id)
 
 
 class NodeLossTest(NodeTestCase):
