@@ -120,7 +120,7 @@ cluster.close()
             first.close(timeout=TIMEOUT)
             out, err = proc.communicate(timeout=TIMEOUT)
             self.assertIn('result 42', out, err)
-            self.assertRegex(err, r'node 127\.0\.0\.2 is serving another client \(127\.0\.0\.1')
+            self.assertRegex(err, r'node 127\.0\.0\.2 is busy with another client: 127\.0\.0\.1')
 
 
 class NodeAliasTest(unittest.TestCase):

@@ -21,7 +21,9 @@ Classes, by fault:
     JobTimeoutTest        per-job (dispy_job_timeout) and cluster-wide (job_timeout) limits
     RecoverJobsTest       dispy.recover_jobs() after a client crash (also across a
                           node restart, and with terminate_pending)
-    ZombieTest            a node whose client vanished frees itself after zombie_interval
+
+A vanished client's node being freed, --zombie_interval, and jobs that never reached a
+node are in test_interrupted.py.
 
 Measured figures go to stderr as ``FAULT-TIMING name=seconds`` lines.
 
@@ -944,40 +946,6 @@ class RecoverJobsTest(unittest.TestCase):
         timing('recover_jobs_after_node_restart_s', elapsed)
         self.check_recovered(jobs)
         self.check_node_free(node)
-
-
-# ================================================================================
-# 7c. Zombie interval: a node whose client vanished frees itself
-# ================================================================================
-
-ZOMBIE_CLIENT = CLIENT_PRELUDE + r'''
-    jobs = [cluster.submit(0.5) for _ in range(2)]
-    print('STARTED %s' % started.wait(30), flush=True)
-    time.sleep(120)     # killed by the test long before
-'''
-
-
-class ZombieTest(unittest.TestCase):
-
-    timeout = 60
-
-    def test_node_frees_itself_after_zombie_interval(self):
-        node = start_node(self, NODE_A, cpus=2, args=['--zombie_interval', '0.02'])
-        cwd = tempdir(self)
-        client = ClientScript(self, ZOMBIE_CLIENT, client_env([NODE_A], node_port=node.port), cwd)
-        self.assertTrue(client.wait_for(r'^STARTED True$', 30), client.output())
-        t_kill = time.monotonic()
-        client.kill()
-        ok, text = wait_node_status(node, r'\n  no client', 20)
-        freed = time.monotonic() - t_kill
-        timing('zombie_node_free_after_client_kill_s', freed)
-        self.assertTrue(ok, 'node still serves the killed client:\n%s\n%s'
-                        % (text, node.output()))
-        self.assertGreaterEqual(freed, 1.0, 'node freed before zombie_interval (1.2 s)')
-        cluster = make_cluster(self, sleep_square, [NODE_A], node.port)
-        job = cluster.submit(6, 0)
-        self.assertEqual(job(timeout=20), 36, 'a new client did not get the node (%s)'
-                         % status_name(job.status))
 
 
 if __name__ == '__main__':
