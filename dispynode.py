@@ -20,9 +20,13 @@ Node ↔ zygote/host/worker talk over Unix socket pairs (``LocalLink``); the nod
 each worker's socket pair and passes one end down with SCM_RIGHTS, so job messages go
 straight between node and worker.
 
-A node serves one client program at a time.  Results stay on the node until the client
-acknowledges them, so a dropped connection loses nothing; a client that reconnects gets
-them again.
+A node serves one client program at a time (``ClientSession``).  Results stay on the
+node until the client acknowledges them, so a dropped connection loses nothing; a client
+that reconnects gets them again.  A client that vanishes leaves a detached session: its
+jobs run to the end (at most ``--zombie_interval``), their results go to disk
+(``ResultStore``), and once nothing is left to run for it the node serves the next
+program.  ``recover_jobs`` of a vanished program is answered at any time: by its session
+if it still has one here, else by a ``RecoveryHandler`` beside the current session.
 """
 
 import argparse
@@ -409,12 +413,18 @@ def _run_function(key, attempt, blob, ns, spec, extra):
     real_out, real_err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     start = time.time()
-    result, exception, status = None, None, DispyJob.Finished
+    result_blob, exception, status = None, None, DispyJob.Finished
     try:
         if extra:       # this job's own dependencies: gone with the globals after it
             _load_code(ns, extra, '<dispy job %s depends>' % key)
         args, kwargs = pickle.loads(blob)
         result = ns[spec['name']](*args, **kwargs)
+        try:    # now, while classes the job brought along are still defined
+            result_blob = dispy.dumps_blob(result)
+        except Exception as exc:
+            status = DispyJob.Terminated
+            exception = 'the result cannot be pickled: %r' % exc
+        del result
     except BaseException:
         exc_type, exc, tb = sys.exc_info()
         exception = ''.join(traceback.format_exception(exc_type, exc, tb.tb_next))
@@ -433,13 +443,6 @@ def _run_function(key, attempt, blob, ns, spec, extra):
             os.chdir(spec['dir'])
         except OSError:
             pass
-    result_blob = None
-    if status == DispyJob.Finished:
-        try:
-            result_blob = dispy.dumps_blob(result)
-        except Exception as exc:
-            status = DispyJob.Terminated
-            exception = 'the result cannot be pickled: %r' % exc
     return ('result', key, attempt, status, result_blob, out.getvalue(), err.getvalue(),
             exception, start, end)
 

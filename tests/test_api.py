@@ -23,6 +23,10 @@ Classes, by topic:
     DispyNodeTest         the DispyNode given to cluster_status; avail_info without and
                           with (a fake) psutil
     AliasesTest           host, ext_host, job_status, dispy_port, DispyJob.Abandoned
+    Api415Test            4.15 API: automatic ids, submit_time, cluster.name, Created,
+                          submit_job_id_node, MsgTimeout, NodeAllocate keywords, a
+                          recover file per cluster
+    MistakesTest          closures refused; main-script classes in arguments travel
     CommandLineTest       python dispy.py -f FILE -a ARGS program
 
 Computation functions are module-level (their source is shipped to the node) and use
@@ -994,6 +998,149 @@ class AliasesTest(ApiTestCase):
         self.assertTrue(hasattr(DispyJob, 'Abandoned'))
         self.assertNotIn(DispyJob.Abandoned, statuses)
         self.assertEqual(len({DispyNode.Initialized, DispyNode.Closed, DispyNode.AvailInfo}), 3)
+
+
+# ================================================================================
+# The 4.15 API surface real scripts use; mistakes caught where they are made
+# ================================================================================
+
+def make_closure_computation(factor):
+    def scaled(x):
+        return x * factor
+    return scaled
+
+
+def setup_with_offset(offset):
+    global job_offset
+    job_offset = offset
+    return 0
+
+
+def add_offset(x):
+    return x + job_offset + offset_helper(0)  # noqa: F821 (setup, NodeAllocate depends)
+
+
+def offset_helper(x):
+    return x + 1000
+
+
+class Api415Test(ApiTestCase):
+
+    def test_automatic_ids_submit_time_and_name(self):
+        """job.id is a process-wide number from 1 unless set; submit_time is set at
+        submit; cluster.name is 'computation @ client address'."""
+        first, second = self.cluster(identity), self.cluster(nap)
+        jobs = [first.submit(1), second.submit(0), first.submit(2)]
+        ids = [job.id for job in jobs]
+        self.assertTrue(all(isinstance(i, int) and i >= 1 for i in ids), ids)
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 3)
+        for job in jobs:
+            self.finished(job)
+            self.assertLessEqual(job.submit_time, job.start_time)
+        self.assertEqual(first.name, 'identity @ %s' % CLIENT_IP)
+        self.assertEqual(second.name, 'nap @ %s' % CLIENT_IP)
+        self.assertEqual(jobs[0].args, (1,))
+        self.assertEqual(jobs[0].kwargs, {})
+
+    def test_submit_job_id_reaches_created_callback_with_its_id(self):
+        """submit_job_id(id, ...) sets the id before cluster_status hears of the job
+        (Created); submit_job_id_node runs it on the node given."""
+        recorder = StatusRecorder()
+        cluster = self.cluster(where, cluster_status=recorder)
+        job = cluster.submit_job_id('mine', 3)
+        pinned = cluster.submit_job_id_node(('pinned', 1), NODE_IP, 4)
+        self.assertEqual(self.finished(job)[0], 3)
+        self.assertEqual(self.finished(pinned), (4, NODE_IP))
+        self.assertEqual(pinned.id, ('pinned', 1))
+        self.assertTrue(cluster.wait(timeout=T))
+        with recorder.cond:
+            created = [j.id for s, _ip, _node, j in recorder.events
+                       if j is not None and s == DispyJob.Created]
+        self.assertEqual(created, ['mine', ('pinned', 1)])
+
+    def test_msg_timeout_and_node_allocate_keywords(self):
+        """dispy.MsgTimeout exists (4.15 scripts set it); NodeAllocate(host, port=,
+        cpus=, depends=, setup_args=) gives that node its own setup arguments and
+        dependencies."""
+        self.assertEqual(dispy.MsgTimeout, 10)
+        alloc = NodeAllocate(NODE_IP, port=self.port, cpus=1, depends=[offset_helper],
+                             setup_args=(5,))
+        self.assertEqual((alloc.port, alloc.cpus, alloc.setup_args), (self.port, 1, (5,)))
+        cluster = self.cluster(add_offset, nodes=[alloc],
+                               setup=functools.partial(setup_with_offset, 0))
+        self.assertEqual(self.finished(cluster.submit(2)), 1007)
+        self.assertEqual(cluster.status()['nodes'][0]['cpus'], 1)
+
+    def test_each_cluster_has_its_own_recover_file(self):
+        """recover_file of every cluster is honoured; a clean close removes it."""
+        folder = self.chdir_tmp()
+        first = self.cluster(identity, recover_file='first.rec')
+        second = self.cluster(identity, recover_file='second.rec')
+        self.assertEqual(os.listdir(folder), [], 'recover file made before any submit')
+        self.finished(first.submit(1))
+        self.finished(second.submit(2))
+        self.assertEqual(sorted(os.listdir(folder)), ['first.rec', 'second.rec'])
+        self.assertEqual(stat.S_IMODE(os.stat('first.rec').st_mode), 0o600)
+        self.assertTrue(first.close(timeout=T))
+        self.assertEqual(os.listdir(folder), ['second.rec'])
+        self.assertTrue(second.close(timeout=T))
+        self.assertEqual(os.listdir(folder), [])
+
+
+class MistakesTest(ApiTestCase):
+
+    def test_closure_is_refused_naming_the_variable(self):
+        with self.assertRaises(ValueError) as caught:
+            self.cluster(make_closure_computation(3))
+        self.assertIn("'factor'", str(caught.exception))
+        self.assertIn('closure', str(caught.exception))
+
+    def test_main_script_classes_in_arguments(self):
+        """Instances of a class of the main script, not in depends, reach the node
+        (the class travels with the job) and come back as results; a class whose
+        source cannot be found is refused at submit, naming the fix."""
+        env = dict(os.environ, PYTHONPATH=support.ROOT)
+        proc = support.run_client(MAIN_CLASS_CLIENT, env, timeout=60, cwd=self.tmpdir(),
+                                  args=[NODE_IP, str(self.port), CLIENT_IP])
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertIn('NORM 25', proc.stdout)
+        self.assertIn('MOVED Point(4, 6) True', proc.stdout)
+        self.assertIn('DYNAMIC None', proc.stdout)
+        self.assertRegex(proc.stderr, r'refers to Dynamic of the main script.*add it to '
+                                      r'depends=')
+
+
+MAIN_CLASS_CLIENT = r"""
+import sys
+import dispy
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __repr__(self):
+        return 'Point(%d, %d)' % (self.x, self.y)
+
+def norm(p, shift=None):
+    if shift is not None:
+        return shift(p)
+    return p.x * p.x + p.y * p.y
+
+def moved(p):
+    return Point(p.x + 1, p.y + 2)
+
+Dynamic = type('Dynamic', (), {})
+
+if __name__ == '__main__':
+    node, port, ip = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    cluster = dispy.JobCluster(norm, nodes=[node], node_port=port, ip_addr=ip, port=0)
+    print('NORM %s' % cluster.submit(Point(3, 4))(timeout=30), flush=True)
+    result = cluster.submit(Point(3, 4), shift=moved)(timeout=30)
+    print('MOVED %r %s' % (result, isinstance(result, Point)), flush=True)
+    print('DYNAMIC %s' % cluster.submit(Dynamic()), flush=True)
+    cluster.close(timeout=30)
+"""
 
 
 # ================================================================================
