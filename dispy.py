@@ -14,9 +14,11 @@ Place in the system::
 
 Threads of a client process (all daemon threads; none keeps a finished script alive):
 
-    user threads      submit(): pickle the arguments, place the job on a node's outbox.
+    user threads      submit(): pickle the arguments, record the job in its cluster's
+                      recover file (RecoverLog), place it on a node's outbox.
     hub loop          one per process (ClientHub): UDP discovery (selectors), timers:
-                      pings, re-dials, pulses, liveness, the "no node found" warning.
+                      pings, re-dials, pulses, liveness, the "no node found" warning,
+                      ids and big arguments for the recover files.
     dialer            short-lived, one per TCP connect + handshake.
     conn-writer       one per node: drains the outbox, batching many messages per frame.
     conn-reader       one per node: verifies frames, updates jobs, wakes waiters.

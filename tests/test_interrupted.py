@@ -56,12 +56,26 @@ RECOVER_FILE_RE = re.compile(r'^_dispy_\d{14}')
 # Client scripts
 # ================================================================================
 
-# argv: seconds per job, number of jobs, how it ends (kill | wait).  Ids: a tuple, a
-# string, or an object (not a plain value: recovered as the automatic number).
-WORKING_CLIENT = r'''
+RUNNING_WATCH = r'''
 import os, signal, sys, threading, time
 import dispy
 
+def running_watch(count):
+    """A cluster_status callback, and an Event set once ``count`` jobs run."""
+    lock, running, started = threading.Lock(), set(), threading.Event()
+
+    def status(st, node, job):
+        if job is not None and st == dispy.DispyJob.Running:
+            with lock:
+                running.add(job.id)
+                if len(running) >= count:
+                    started.set()
+    return status, started
+'''
+
+# argv: seconds per job, number of jobs, how it ends (kill | wait).  Ids: a tuple, a
+# string, or an object (not a plain value: recovered as the automatic number).
+WORKING_CLIENT = RUNNING_WATCH + r'''
 class Token:
     pass
 
@@ -71,17 +85,7 @@ def compute(i, seconds, scale=1):
 
 if __name__ == '__main__':
     seconds, count, how = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    lock = threading.Lock()
-    running = set()
-    started = threading.Event()
-
-    def status(st, node, job):
-        if job is not None and st == dispy.DispyJob.Running:
-            with lock:
-                running.add(job.id)
-                if len(running) >= 2:
-                    started.set()
-
+    status, started = running_watch(2)
     cluster = dispy.JobCluster(compute, cluster_status=status)
     for i in range(count):
         job = cluster.submit(i, seconds, scale=7)
@@ -96,10 +100,7 @@ if __name__ == '__main__':
     cluster.wait()          # interrupted by the test (SIGINT)
 '''
 
-TWO_CLUSTERS_CLIENT = r'''
-import os, signal, sys, threading, time
-import dispy
-
+TWO_CLUSTERS_CLIENT = RUNNING_WATCH + r'''
 def first(i):
     time.sleep(1.0)
     return 'first-%d' % i
@@ -109,17 +110,7 @@ def second(i):
     return 'second-%d' % i
 
 if __name__ == '__main__':
-    lock = threading.Lock()
-    running = set()
-    started = threading.Event()
-
-    def status(st, node, job):
-        if job is not None and st == dispy.DispyJob.Running:
-            with lock:
-                running.add(job.id)
-                if len(running) >= 4:
-                    started.set()
-
+    status, started = running_watch(4)
     a = dispy.JobCluster(first, cluster_status=status, recover_file='first.rec')
     b = dispy.JobCluster(second, cluster_status=status, recover_file='second.rec')
     for i in range(2):
@@ -193,6 +184,14 @@ def recover(test, cwd, env, limit=30, resubmit_to=None, **kwargs):
     return {(tuple(j['id']) if isinstance(j['id'], list) else j['id']): j for j in jobs}, out
 
 
+def launch(test, script, cpus=2, args=(), node_args=()):
+    """A node on NODE_A and a client script using it: (node, cwd, env, client)."""
+    node = start_node(test, NODE_A, cpus=cpus, args=node_args)
+    cwd = tempdir(test)
+    env = support.client_env([NODE_A], node_port=node.port)
+    return node, cwd, env, ClientScript(test, script, env, cwd, args=args)
+
+
 def recover_files(cwd):
     return sorted(name for name in os.listdir(cwd) if RECOVER_FILE_RE.match(name))
 
@@ -206,10 +205,8 @@ class FreedNodeTest(unittest.TestCase):
     timeout = 90
 
     def test_killed_client_frees_the_node_and_every_job_is_accounted_for(self):
-        node = start_node(self, NODE_A, cpus=2)         # default --zombie_interval: 60 min
-        cwd = tempdir(self)
-        env = support.client_env([NODE_A], node_port=node.port)
-        client = ClientScript(self, WORKING_CLIENT, env, cwd, args=[1.5, 8, 'kill'])
+        # default --zombie_interval: 60 minutes
+        node, cwd, env, client = launch(self, WORKING_CLIENT, args=[1.5, 8, 'kill'])
         self.assertTrue(client.wait_for(r'^STARTED True$', 30), client.output())
         self.assertEqual(client.wait(10), -signal.SIGKILL, client.output())
         t_kill = time.monotonic()
@@ -260,10 +257,7 @@ class OwnJobsOnlyTest(unittest.TestCase):
     timeout = 90
 
     def test_each_recovery_collects_only_its_recover_file_jobs(self):
-        node = start_node(self, NODE_A, cpus=4)
-        cwd = tempdir(self)
-        env = support.client_env([NODE_A], node_port=node.port)
-        client = ClientScript(self, TWO_CLUSTERS_CLIENT, env, cwd)
+        node, cwd, env, client = launch(self, TWO_CLUSTERS_CLIENT, cpus=4)
         self.assertTrue(client.wait_for(r'^STARTED True$', 30), client.output())
         client.wait(10)
         for name in ('first.rec', 'second.rec'):
@@ -286,10 +280,8 @@ class ZombieCapTest(unittest.TestCase):
     timeout = 60
 
     def test_zombie_interval_caps_the_work_for_a_vanished_client(self):
-        node = start_node(self, NODE_A, cpus=2, args=['--zombie_interval', '0.02'])
-        cwd = tempdir(self)
-        env = support.client_env([NODE_A], node_port=node.port)
-        client = ClientScript(self, WORKING_CLIENT, env, cwd, args=[60, 2, 'kill'])
+        node, cwd, env, client = launch(self, WORKING_CLIENT, args=[60, 2, 'kill'],
+                                        node_args=['--zombie_interval', '0.02'])
         self.assertTrue(client.wait_for(r'^STARTED True$', 30), client.output())
         t_kill = time.monotonic()
         client.wait(10)
@@ -312,10 +304,7 @@ class InterruptTest(unittest.TestCase):
     timeout = 60
 
     def test_ctrl_c_warning_is_exact(self):
-        node = start_node(self, NODE_A, cpus=2)
-        cwd = tempdir(self)
-        env = support.client_env([NODE_A], node_port=node.port)
-        client = ClientScript(self, WORKING_CLIENT, env, cwd, args=[0.5, 8, 'wait'])
+        node, cwd, env, client = launch(self, WORKING_CLIENT, args=[0.5, 8, 'wait'])
         self.assertTrue(client.wait_for(r'^WAITING$', 30), client.output())
         os.kill(client.pid, signal.SIGINT)
         # Python ends a KeyboardInterrupt by SIGINT itself (exit status -2)
