@@ -57,9 +57,10 @@ from dispy import DispyJob, logger
 __version__ = dispy.__version__
 
 # A vanished client whose jobs have all ended keeps this node this long (seconds), so
-# a client that only lost its connection reconnects to its computations; then the node
-# is free for other programs.
-DETACHED_GRACE = 3.0
+# a client that only lost its connection reconnects to its computations and results;
+# then the node is free for other programs.  Longer than a client's reconnect attempts
+# (dispy.RECONNECT_DELAYS, 4 s in all), after which the client gives the node up anyway.
+DETACHED_GRACE = sum(dispy.RECONNECT_DELAYS) + 1.0
 
 
 # ================================================================================
