@@ -937,7 +937,7 @@ class NodeAllocate:
     ``allocate`` to choose (return 0 to skip the node).
     """
 
-    def __init__(self, host, port=None, cpus=0, depends=[], setup_args=()):
+    def __init__(self, host, port=None, cpus=0, depends=(), setup_args=()):
         self.host = str(host)
         self.port = int(port) if port else None
         self.cpus = int(cpus or 0)
@@ -1008,15 +1008,15 @@ def _function_source(func, what):
     if getattr(func, '__name__', '') == '<lambda>':
         raise ComputationError('%s is a lambda: give it a name with def so its source can be '
                                'shipped' % what)
-    free = getattr(getattr(func, '__code__', None), 'co_freevars', ())
+    code = getattr(inspect.unwrap(func), '__code__', None)    # the def, not a decorator's
+    free = getattr(code, 'co_freevars', ())
     if free:
+        names = ', '.join(repr(v) for v in free)
         raise ComputationError(
             '%s %s uses %s of the function it is defined in (a closure); only its source '
             'reaches the nodes, where %s would be undefined: define %s at module level and '
-            'pass %s as arguments (or make them module globals listed in depends)'
-            % (what, func.__name__, ', '.join(repr(v) for v in free),
-               'that name' if len(free) == 1 else 'those names', func.__name__,
-               'it' if len(free) == 1 else 'them'))
+            'pass %s as arguments, or make %s module globals listed in depends'
+            % (what, func.__name__, names, names, func.__name__, names, names))
     try:
         source = inspect.getsource(func)
     except (OSError, TypeError) as exc:
@@ -2190,35 +2190,40 @@ class RecoverLog:
         S  key(8) time(8) id_len(4) size(8) | id | args
                                   a submitted job, written by submit() itself; its
                                   pickled arguments inline when small
+        D  key(8) | address       the job was sent to that node
         A  key(8) | args          the arguments of a big job, written by the hub tick
                                   once the job has been open RECOVER_DEFER seconds
-        I  key(8) | id            ``job.id`` set after submit (hub tick)
+        I  key(8) | id            ``job.id`` set after submit (hub tick, and at exit)
         E  key(8)                 a job ended, written before its result is
                                   acknowledged to the node
-        0                         a record being written (skipped); 0 0: the end
+        0                         (kind 0, length N) a record not written to the end:
+                                  skipped; length 0 too: the end
 
-    The file is mapped in memory (``mmap``, grown in chunks), so a record costs a
-    memory copy and no system call: a write would release the GIL in the middle of
-    ``submit`` and hand it to a busy thread for up to a switch interval (measured: 6%
-    of W3).  The pages are the file's own, so a record is in the file the moment it is
-    copied, whatever kills the process after.  The kind byte goes last, so a record
-    cut short is read as one being written.  Big arguments are written with
-    ``pwritev`` (outside every lock) into a region reserved for them.
+    The file is mapped in memory (``mmap``; its blocks allocated ahead, so a full disk
+    is an error here, not a crash), so a record costs a memory copy and no system
+    call: a write would release the GIL in the middle of ``submit`` and hand it to a
+    busy thread for up to a switch interval (measured: 6% of W3).  The pages are the
+    file's own, so a record is in the file the moment it is copied, whatever kills the
+    process after.  The length is written when the room is reserved and the kind byte
+    last, so an interrupted record reads as one to skip.  Big arguments are written
+    with ``pwritev`` (outside every lock) into room reserved for them.
     """
 
     CHUNK = 1 << 20
+    ARGS_PER_TICK = 32 << 20   # big arguments written per hub tick, at most
 
     def __init__(self, path, header):
         self.path = path
         self.nodes = set()
-        self.recent = []           # jobs submitted since the last tick (their ids)
+        self.recent = []           # jobs submitted since the last tick (their ids) ...
+        self.older = []            # ... and in the tick before: an id set a bit late
         self.deferred = []         # (job, submit time) whose big arguments are not written
         self.lock = threading.Lock()     # the end offset; submit() runs in user threads
+        self.map = None
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(self.fd, self.CHUNK)
-            self.map = mmap.mmap(self.fd, self.CHUNK)
-        except (OSError, ValueError):
+            self._map(self.CHUNK)
+        except (OSError, ValueError, SystemError):
             os.close(self.fd)
             os.unlink(path)
             raise
@@ -2237,44 +2242,53 @@ class RecoverLog:
                 path = '_dispy_%s_%d' % (stamp, n)
         try:
             return cls(os.path.abspath(path), header)
-        except OSError as exc:
+        except (OSError, ValueError, SystemError) as exc:
             logger.warning('cannot create recover file %s (%s): jobs of this cluster cannot '
                            'be recovered after a crash', path, exc)
             return None
 
-    @staticmethod
-    def _record(kind, *parts):
-        return struct.pack('!I', sum(len(p) for p in parts)) + kind + b''.join(parts)
+    def _map(self, size):
+        """(Re)maps the file at ``size`` bytes, its blocks allocated (lock held)."""
+        if hasattr(os, 'posix_fallocate'):
+            os.posix_fallocate(self.fd, 0, size)
+        else:
+            os.ftruncate(self.fd, size)
+        if self.map is not None:
+            self.map.close()
+        self.map = mmap.mmap(self.fd, size)
 
     def _reserve(self, size):
-        """Room for a record of ``size`` payload bytes: its offset (lock held)."""
+        """Room for a record of ``size`` payload bytes, its length written and its kind
+        still 0; returns its offset (lock held)."""
         start = self.end
         if start + 5 + size + 5 > len(self.map):     # keep a 0 0 end mark after it
-            self.map.resize(max(2 * len(self.map), start + size + self.CHUNK))
+            self._map(max(2 * len(self.map), start + size + self.CHUNK))
+        self.map[start:start + 5] = struct.pack('!I', size) + b'\0'
         self.end = start + 5 + size
         return start
 
     def _append(self, kind, *parts):
-        if self.fd is None:
-            return
         with self.lock:
+            if self.fd is None:
+                return
             try:
-                size = sum(len(p) for p in parts)
-                start = self._reserve(size)
-                at = start + 5
-                for part in parts:
-                    self.map[at:at + len(part)] = part
-                    at += len(part)
-                self.map[start:start + 4] = struct.pack('!I', size)
+                data = b''.join(parts) if len(parts) > 1 else parts[0]
+                start = self._reserve(len(data))
+                self.map[start + 5:start + 5 + len(data)] = data
                 self.map[start + 4:start + 5] = kind
-            except (OSError, ValueError) as exc:
-                logger.warning('recover file %s: %s; no more jobs are recorded', self.path, exc)
-                self._close_locked(remove=False)
+            except (OSError, ValueError, SystemError) as exc:
+                self._failed(exc)
+
+    def _failed(self, exc):
+        """Recording is impossible (disk full, ...): say so once and stop (lock held)."""
+        logger.warning('recover file %s: %s; no more jobs of this cluster are recorded',
+                       self.path, exc)
+        self._close_locked(remove=False)
 
     # -- events (scheduler lock held) --------------------------------------------------
     def submitted(self, job):
         blob = job._blob
-        id_text = _id_text(job.id) if job.id != job._key else b''
+        id_text = _custom_id(job)
         inline = len(blob) <= RECOVER_INLINE
         self._append(b'S', struct.pack('!QdIQ', job._key, job.submit_time, len(id_text),
                                        len(blob)), id_text, blob if inline else b'')
@@ -2282,28 +2296,34 @@ class RecoverLog:
         if not inline:
             self.deferred.append((job, time.monotonic()))
 
-    def dispatched(self, link):
+    def dispatched(self, job, link):
         if link.ip_addr not in self.nodes:
             self.nodes.add(link.ip_addr)
             self._append(b'N', json.dumps([link.ip_addr, link.port]).encode())
+        self._append(b'D', struct.pack('!Q', job._key), link.ip_addr.encode())
 
     def ended(self, job):
         self._append(b'E', struct.pack('!Q', job._key))
 
+    def write_ids(self, jobs):
+        for job in jobs:
+            id_text = _custom_id(job)
+            if id_text and job.status not in FINAL_STATUSES:
+                self._append(b'I', struct.pack('!Q', job._key), id_text)
+
     def tick(self, now):
-        """Writes ids set since the last tick; returns [(self, job, blob)] of big
-        arguments now due, for the caller to write outside the lock."""
-        if self.recent:
-            recent, self.recent = self.recent, []
-            for job in recent:
-                if job.id != job._key and _plain_id(job.id):
-                    self._append(b'I', struct.pack('!Q', job._key), _id_text(job.id))
-        due, keep = [], []
+        """Writes ids set since submit; returns [(self, job, blob)] of big arguments
+        now due (at most ARGS_PER_TICK bytes), for the caller to write outside locks."""
+        if self.older:
+            self.write_ids(self.older)
+        self.older, self.recent = self.recent, []
+        due, keep, budget = [], [], self.ARGS_PER_TICK
         for job, since in self.deferred:
             if job._blob is None or job.status in FINAL_STATUSES:
                 continue
-            if now - since >= RECOVER_DEFER:
+            if now - since >= RECOVER_DEFER and budget > 0:
                 due.append((self, job, job._blob))
+                budget -= len(job._blob)
             else:
                 keep.append((job, since))
         self.deferred = keep
@@ -2317,11 +2337,10 @@ class RecoverLog:
                 return
             try:
                 start = self._reserve(len(head) + len(blob))
-                self.map[start:start + 4] = struct.pack('!I', len(head) + len(blob))
-            except (OSError, ValueError) as exc:
-                logger.warning('recover file %s: %s', self.path, exc)
+                fd = os.dup(self.fd)        # a close() meanwhile cannot reuse its number
+            except (OSError, ValueError, SystemError) as exc:
+                self._failed(exc)
                 return
-            fd = self.fd
         try:
             if hasattr(os, 'pwritev'):
                 os.pwritev(fd, [head, blob], start + 5)
@@ -2331,6 +2350,8 @@ class RecoverLog:
             logger.warning('recover file %s: arguments of job %s not saved: %s', self.path,
                            job.id, exc)
             return
+        finally:
+            os.close(fd)
         with self.lock:
             if self.fd is not None:
                 self.map[start + 4:start + 5] = b'A'
@@ -2338,6 +2359,11 @@ class RecoverLog:
     def close(self, remove):
         with self.lock:
             self._close_locked(remove)
+            if remove:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
 
     def _close_locked(self, remove):
         fd, self.fd = self.fd, None
@@ -2345,14 +2371,20 @@ class RecoverLog:
             return
         try:
             self.map.close()
-            if remove:
-                os.unlink(self.path)
-            else:
+            if not remove:
                 os.ftruncate(fd, self.end)
-        except (OSError, ValueError):
+        except (OSError, ValueError, SystemError):
             pass
         finally:
             os.close(fd)
+
+
+def _custom_id(job):
+    """The id the program gave a job, as text for the recover file (b'' if it kept
+    the automatic number or its id is not a plain value)."""
+    if type(job.id) is int and job.id == job._key:
+        return b''
+    return _id_text(job.id)
 
 
 class _RecoverFile:
@@ -2376,21 +2408,21 @@ class _RecoverFile:
         if len(head) < 5:
             return False
         length, kind = struct.unpack('!I', head[:4])[0], head[4:]
-        if kind == b'\0':        # 0 0: the end; 0 N: a record cut short (skipped)
-            if length:
-                f.seek(length, os.SEEK_CUR)
-            return length != 0
+        if kind == b'\0' and not length:
+            return False        # the end
         start = f.tell()
         want = length
-        if not with_args and kind in (b'S', b'A'):     # counting jobs: skip the arguments
-            want = min({b'S': 28, b'A': 8}[kind], length)
+        if kind == b'\0' or (not with_args and kind in (b'S', b'A')):
+            want = min({b'S': 28, b'A': 8}.get(kind, 0), length)   # skip the rest
         body = f.read(want)
         if len(body) < want:
-            return False        # torn last record
+            return False        # cut short by the end of the file
         try:
-            self._apply(kind, body, want == length)
+            if kind != b'\0':
+                self._apply(kind, body, want == length)
         except (ValueError, struct.error, KeyError, IndexError, TypeError):
-            return False
+            logger.warning('recover file %s: a malformed record at offset %d skipped',
+                           self.path, start - 5)
         f.seek(start + length)
         return True
 
@@ -2405,15 +2437,18 @@ class _RecoverFile:
             id_text = body[28:28 + id_len]
             blob = body[28 + id_len:] if whole and len(body) > 28 + id_len else None
             self.jobs[key] = {'id': _parse_id(id_text, key), 'time': submitted, 'size': size,
-                              'blob': blob}
-        elif kind == b'A':
+                              'blob': blob, 'node': None}
+        elif kind in (b'A', b'I', b'D'):
             key = struct.unpack('!Q', body[:8])[0]
-            if key in self.jobs:
-                self.jobs[key]['blob'] = body[8:] if whole else None
-        elif kind == b'I':
-            key = struct.unpack('!Q', body[:8])[0]
-            if key in self.jobs:
-                self.jobs[key]['id'] = _parse_id(body[8:], key)
+            job = self.jobs.get(key)
+            if job is None:
+                return
+            if kind == b'A':
+                job['blob'] = body[8:] if whole else None
+            elif kind == b'I':
+                job['id'] = _parse_id(body[8:], key)
+            else:
+                job['node'] = body[8:].decode()
         elif kind == b'E':
             self.ended.add(struct.unpack('!Q', body)[0])
 
@@ -2459,8 +2494,10 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
     ``terminate_pending``), collects the results they kept and returns one DispyJob per
     job the program had not got back, with the id it had.  A job that never ran (it
     never reached a node, or its node lost it) is ``DispyJob.Abandoned``, with its
-    ``args`` and ``kwargs`` so that ``cluster.resubmit(jobs)`` can run it again.  The
-    file is removed once every job in it is accounted for.
+    ``args`` and ``kwargs`` so that ``cluster.resubmit(jobs)`` can run it again.  A job
+    sent to a node that did not answer stays ``Created`` (unknown: it may still be
+    there) and the file is kept for another call; otherwise the file is removed once
+    every job in it is accounted for.
     """
     setup_logging()
     path = recover_file or _newest_recover_file()
@@ -2470,16 +2507,17 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
     deadline = None if timeout is None else time.monotonic() + timeout
     ctx = make_ssl_context(False, header.get('certfile'), header.get('keyfile'),
                            header.get('cafile'))
-    results, threads = {}, []
+    results, answered, threads = {}, set(), []
     for addr, port in (record.nodes.items() if keys else ()):
         t = threading.Thread(target=_recover_from_node, daemon=True,
                              args=(addr, port, header, ctx, keys, deadline,
-                                   terminate_pending, results))
+                                   terminate_pending, results, answered))
         t.start()
         threads.append(t)
     for t in threads:
         t.join()
-    jobs = [_recovered_job(key, record.jobs[key], results.get(key)) for key in keys]
+    jobs = [_recovered_job(key, record.jobs[key], results.get(key), answered)
+            for key in keys]
     if all(job.status in FINAL_STATUSES for job in jobs):   # nothing left to recover
         try:
             os.unlink(path)
@@ -2488,7 +2526,7 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
     return jobs
 
 
-def _recovered_job(key, entry, reply):
+def _recovered_job(key, entry, reply, answered):
     job = DispyJob(key, _RecoveredCluster, None)
     job.id = entry['id']
     job.submit_time = entry['time']
@@ -2501,6 +2539,12 @@ def _recovered_job(key, entry, reply):
     if reply is not None:
         _fill_recovered(job, reply)
         return job
+    if entry['node'] is not None and entry['node'] not in answered:
+        job.ip_addr = entry['node']
+        job.exception = ('unknown: node %s did not answer the recovery; the job may still '
+                         'run or be kept there (the recover file is kept: call recover_jobs '
+                         'again when the node is reachable)' % entry['node'])
+        return job      # status Created
     job.status = DispyJob.Abandoned
     job.exception = 'Abandoned: the job never ran (no node holds it)'
     if job.args is None:
@@ -2523,14 +2567,17 @@ def _fill_recovered(job, reply):
             job.exception = 'result could not be unpickled: %r' % exc
 
 
-def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, results):
+def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, results,
+                       answered):
     """Reconnects to one node as the vanished program and collects what it holds of
-    ``keys`` (the node keeps whatever else it has)."""
+    ``keys`` (the node keeps whatever else it has); ``addr`` joins ``answered`` if the
+    node told everything it holds."""
     try:
         sock = socket.create_connection((addr, port), timeout=MsgTimeout)
         if ctx is not None:
             sock = ctx.wrap_socket(sock, server_side=False)
-        channel = handshake(sock, header.get('secret', ''), True, {'role': 'client'})
+        channel = handshake(sock, header.get('secret', ''), True, {'role': 'client'},
+                            timeout=MsgTimeout)
         channel.send([('CLIENT', {'id': header['client'], 'name': socket.gethostname(),
                                   'pid': os.getpid(), 'recover': keys})])
         channel.sock.settimeout(MsgTimeout)
@@ -2581,6 +2628,7 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
                                             None, None, None, None, None)))
         if not waiting or terminate:
             channel.send([('RELEASE',)])
+        answered.add(addr)
     except (OSError, ProtocolError) as exc:
         logger.warning('recover_jobs: node %s: %s', addr, exc)
     finally:
@@ -2796,7 +2844,11 @@ class JobCluster:
         deps = Dependencies(self._package.caller_globals)
         deps.add_all(depends)
         extra = []
-        for ref in main_refs:
+        # A class needs its bases of the main script too, defined before it.
+        refs = [base for ref in main_refs for base in
+                (reversed(ref.__mro__) if isinstance(ref, type) else (ref,))
+                if getattr(base, '__module__', None) == '__main__']
+        for ref in dict.fromkeys(refs):
             if ref.__name__ in self._package.names or ref.__name__ in deps.names:
                 continue
             source = self._main_sources.get(ref)
@@ -2967,14 +3019,19 @@ class JobCluster:
         self._hub.remove_cluster(self)
         return True
 
+    def _jobs_open(self):
+        """Jobs of this cluster queued here or on nodes (lock held)."""
+        jobs = [j for j in self._pending if j.status not in FINAL_STATUSES]
+        for queue in self._pinned.values():
+            jobs.extend(queue)
+        for link in self._hub.links.values():
+            jobs.extend(j for j in link.jobs.values() if j._cluster is self)
+        return jobs
+
     def _cancel_all(self, grace=5.0):
         scheduler = self._hub.scheduler
         with self._cond:
-            jobs = [j for j in self._pending if j.status not in FINAL_STATUSES]
-            for queue in self._pinned.values():
-                jobs.extend(queue)
-            for link in self._hub.links.values():
-                jobs.extend(j for j in link.jobs.values() if j._cluster is self)
+            jobs = self._jobs_open()
             for job in jobs:
                 scheduler.cancel(job, 'Cancelled: cluster closed')
             # Nodes answer with the killed jobs; one that does not answer in time
@@ -3017,7 +3074,7 @@ class JobCluster:
 
     def _job_dispatched(self, job, link):
         if self._recover is not None:
-            self._recover.dispatched(link)
+            self._recover.dispatched(job, link)
 
     def _job_changed(self, job, status):
         if self._notifier is None:
@@ -3136,8 +3193,8 @@ def _at_exit():
                 idle = cluster._open_jobs == 0
                 if not idle:
                     logger.warning(cluster._interrupted_text())
-                    if cluster._recover is not None:
-                        cluster._recover.close(remove=False)
+                    if cluster._recover is not None:     # ids set since the last tick
+                        cluster._recover.write_ids(cluster._jobs_open())
             if idle:
                 cluster.close(timeout=5)
         except Exception:

@@ -61,6 +61,8 @@ __version__ = dispy.__version__
 # then the node is free for other programs.  Longer than a client's reconnect attempts
 # (dispy.RECONNECT_DELAYS, 4 s in all), after which the client gives the node up anyway.
 DETACHED_GRACE = sum(dispy.RECONNECT_DELAYS) + 1.0
+MAX_RECOVERIES = 16         # recover_jobs connections served at once
+RECOVERY_IDLE = 60.0        # a recover_jobs connection silent this long is closed
 
 
 # ================================================================================
@@ -561,7 +563,10 @@ class ClientSession:
     def busy_text(self, zombie_interval):
         """What a client turned away is told about this session."""
         text = self.describe()
-        if self.conn is None and self.disconnected_at is not None:
+        if self.conn is None and self.disconnected_at is not None and not self.jobs:
+            text += (', which disconnected and has no job left here; this node is free for '
+                     'others within seconds')
+        elif self.conn is None and self.disconnected_at is not None:
             gone = time.monotonic() - self.disconnected_at
             left = max(0.0, zombie_interval - gone)
             text += (', which disconnected %.0f s ago; this node finishes its %d job(s) '
@@ -602,13 +607,15 @@ class ResultStore:
             logger.warning('cannot keep a result on disk: %s', exc)
             return False
 
-    def load(self, client_id):
+    def load(self, client_id, keys=None):
+        """The kept results of a client (only those of ``keys``, if given)."""
         folder = self._client_dir(client_id)
         replies = []
         if folder is None or not os.path.isdir(folder):
             return replies
         for name in os.listdir(folder):
-            if not re.fullmatch(r'\d+-\d+', name):
+            match = re.fullmatch(r'(\d+)-\d+', name)
+            if not match or (keys is not None and int(match.group(1)) not in keys):
                 continue
             try:
                 with open(os.path.join(folder, name), 'rb') as f:
@@ -656,8 +663,7 @@ class RecoveryHandler:
         self.conn = dispy.Connection(channel, self, 'recover-%s' % address)
 
     def start(self):
-        """(node lock held)"""
-        replies = [r for r in self.server.store.load(self.client_id) if r[1] in self.wanted]
+        replies = self.server.store.load(self.client_id, self.wanted)
         logger.info('recover_jobs from %s: %d kept result(s) of %d job(s) asked for',
                     self.address, len(replies), len(self.wanted))
         self.conn.start()
@@ -678,7 +684,8 @@ class RecoveryHandler:
             # PULSE, CANCEL (nothing of this client runs here any more): nothing to do
 
     def on_closed(self, conn, reason):
-        pass
+        with self.server.lock:
+            self.server.recoveries.discard(self)
 
 
 def _safe_name(name):
@@ -736,6 +743,7 @@ class NodeServer:
         self.handshakes_from = collections.Counter()    # address -> handshakes running
         self.zygote_lock = threading.Lock()
         self.hosts_done = threading.Condition(self.lock)
+        self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
 
     # -- startup ---------------------------------------------------------------------------
     def bind(self):
@@ -875,38 +883,58 @@ class NodeServer:
             if wanted is not None and (session is None or session.client_id != client_id):
                 # recover_jobs of a program this node no longer serves: its results are
                 # on disk; served beside whatever program the node serves now.
-                RecoveryHandler(self, channel, addr[0], client_id, wanted).start()
-                return
-            conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
-            if session is not None and session.client_id != client_id:
-                desc = session.busy_text(self.config.zombie_interval)
-                logger.info('client %s turned away: serving %s', addr[0], desc)
-                self.turned_away[addr[0]] = info.get('udp_port')
-                conn.start()
-                conn.send(('BUSY', desc))
-                conn.close('busy', flush=True)
-                return
-            if session is None:
-                session = self.session = ClientSession(client_id, info, addr[0])
-                for reply in self.store.load(client_id):    # kept from before
-                    key = (reply[1], reply[2])
-                    session.results[key] = reply
-                    session.stored.add(key)
-                logger.info('serving client %s%s', session.describe(),
-                            ' (%d result(s) kept for it)' % len(session.results)
-                            if session.results else '')
-            elif session.conn is not None:
-                session.conn.close('replaced by a new connection')
-            session.conn = conn
-            session.disconnected_at = session.idle_since = None
-            session.wanted = wanted
+                recovery = self._new_recovery(channel, addr[0], client_id, wanted)
+            else:
+                recovery = None
+                self._attach_session(channel, addr, info, client_id, wanted)
+        if recovery is not None:
+            recovery.start()        # reads the disk: outside the lock
+
+    def _new_recovery(self, channel, address, client_id, wanted):
+        """A RecoveryHandler, unless too many run already (lock held)."""
+        if len(self.recoveries) >= MAX_RECOVERIES:
+            logger.warning('recover_jobs from %s refused: %d recoveries in progress',
+                           address, len(self.recoveries))
+            channel.close()
+            return None
+        recovery = RecoveryHandler(self, channel, address, client_id, wanted)
+        self.recoveries.add(recovery)
+        return recovery
+
+    def _attach_session(self, channel, addr, info, client_id, wanted):
+        """A client (or recover_jobs of the client in session) connects (lock held)."""
+        session = self.session
+        conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
+        if session is not None and session.client_id != client_id:
+            desc = session.busy_text(self.config.zombie_interval)
+            logger.info('client %s turned away: serving %s', addr[0], desc)
+            self.turned_away[addr[0]] = info.get('udp_port')
             conn.start()
-            held = [[j.key, j.attempt] for j in session.jobs.values() if session.wants(j.key)]
-            held += [list(k) for k in session.results if session.wants(k[0])]
-            conn.send(self._node_info(held, list(session.comps)))
-            for key, msg in session.results.items():   # not acknowledged yet: send again
-                if session.wants(key[0]):
-                    conn.send(msg, len(msg[4] or b''))
+            conn.send(('BUSY', desc))
+            conn.close('busy', flush=True)
+            return
+        if session is None:
+            session = self.session = ClientSession(client_id, info, addr[0])
+            for reply in self.store.load(client_id):    # kept from before
+                key = (reply[1], reply[2])
+                session.results[key] = reply
+                session.stored.add(key)
+            logger.info('serving client %s%s', session.describe(),
+                        ' (%d result(s) kept for it)' % len(session.results)
+                        if session.results else '')
+        elif session.conn is not None:
+            session.conn.close('replaced by a new connection')
+        session.conn = conn
+        if wanted is None:      # the client is back (a recovery keeps its clocks running)
+            session.disconnected_at = session.idle_since = None
+        session.wanted = wanted
+        conn.start()
+        held = [[j.key, j.attempt] for j in session.jobs.values() if session.wants(j.key)]
+        held += [list(k) for k in session.results if session.wants(k[0])]
+        conn.send(self._node_info(held, list(session.comps)))
+        for key, msg in session.results.items():   # not acknowledged yet: send again
+            if session.wants(key[0]):
+                conn.send(msg, len(msg[4] or b''))
 
     def _node_info(self, held, computations):
         return ('NODE', {'name': self.name, 'cpus': self.config.cpus,
@@ -948,14 +976,14 @@ class NodeServer:
             session.conn.close(reason, flush=True)
         session.conn = None
         session.wanted = None
-        session.disconnected_at = time.monotonic()
+        session.disconnected_at = session.disconnected_at or time.monotonic()
         self._store_results(session)
         if session.jobs:
             logger.warning('client %s disconnected (%s); its %d job(s) run to the end and '
                            'their results are kept; this node is free once they end',
                            session.address, reason, len(session.jobs))
         elif session.results:
-            session.idle_since = session.disconnected_at
+            session.idle_since = session.idle_since or time.monotonic()
             logger.info('client %s disconnected (%s); %d result(s) kept for it',
                         session.address, reason, len(session.results))
         else:   # nothing to keep for it: free for other clients now
@@ -1549,6 +1577,9 @@ class NodeServer:
                 self._tick()
 
     def _tick(self):
+        for recovery in list(self.recoveries):
+            if time.monotonic() - recovery.conn.last_recv > RECOVERY_IDLE:
+                recovery.conn.close('recover_jobs connection idle')
         session = self.session
         if session is None:
             if self.quitting and not self.queue and self.running == 0:
@@ -1609,6 +1640,8 @@ class NodeServer:
                     self._cancel_job(session, job)
                 self._end_session(session)
                 self.hosts_done.wait_for(lambda: all(c.host_ended for c in comps), grace)
+            for recovery in list(self.recoveries):
+                recovery.conn.close('node stopping')
         for sock in self.tcp_socks + self.udp_socks:
             sock.close()
 

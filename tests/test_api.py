@@ -1115,7 +1115,11 @@ MAIN_CLASS_CLIENT = r"""
 import sys
 import dispy
 
-class Point:
+class Shape:                    # a base class of the main script travels too
+    def norm2(self):
+        return self.x * self.x + self.y * self.y
+
+class Point(Shape):
     def __init__(self, x, y):
         self.x, self.y = x, y
 
@@ -1125,7 +1129,7 @@ class Point:
 def norm(p, shift=None):
     if shift is not None:
         return shift(p)
-    return p.x * p.x + p.y * p.y
+    return p.norm2()
 
 def moved(p):
     return Point(p.x + 1, p.y + 2)

@@ -14,6 +14,8 @@ Classes:
                          collects its own jobs; the other's stay on the node
     ZombieCapTest        --zombie_interval still caps how long the node works for a
                          vanished client: its jobs are cancelled, the node freed
+    UnansweredNodeTest   a node down at recovery: its jobs stay unknown, the file kept
+    RecordTest           torn and malformed records of the recover file
     InterruptTest        Ctrl-C (SIGINT): the exit warning is exact and names the
                          recover_jobs call
     NeverReachedTest     jobs that never reached a node come back Abandoned with their
@@ -106,7 +108,7 @@ def first(i):
     return 'first-%d' % i
 
 def second(i):
-    time.sleep(1.0)
+    time.sleep(4.0)
     return 'second-%d' % i
 
 if __name__ == '__main__':
@@ -133,8 +135,11 @@ if __name__ == '__main__':
     cluster = dispy.JobCluster(compute, nodes=[sys.argv[1]])
     cluster.submit_job_id('small-0', 0)
     cluster.submit_job_id('small-1', 1, data=b'xy')
-    cluster.submit_job_id('big-saved', 2, data=b'z' * 300000)
-    time.sleep(1.0)
+    saved = cluster.submit_job_id('big-saved', 2, data=b'z' * 300000)
+    deadline = time.monotonic() + 20        # until the hub wrote its arguments
+    while time.monotonic() < deadline and dispy._RecoverFile(
+            cluster._recover.path).jobs[saved._key]['blob'] is None:
+        time.sleep(0.05)
     cluster.submit_job_id('big-unsaved', 3, data=b'w' * 300000)
     print('SUBMITTED', flush=True)
     os._exit(1)
@@ -257,22 +262,90 @@ class OwnJobsOnlyTest(unittest.TestCase):
     timeout = 90
 
     def test_each_recovery_collects_only_its_recover_file_jobs(self):
+        """The first cluster's jobs (1 s) are recovered while the second's (4 s) still
+        run for the vanished session; the second's, later, from disk beside no one."""
         node, cwd, env, client = launch(self, TWO_CLUSTERS_CLIENT, cpus=4)
         self.assertTrue(client.wait_for(r'^STARTED True$', 30), client.output())
         client.wait(10)
         for name in ('first.rec', 'second.rec'):
             self.assertTrue(os.path.exists(os.path.join(cwd, name)), os.listdir(cwd))
         self.assertEqual(recover_files(cwd), [], 'default recover file made besides')
-        ok, text = wait_node_status(node, r'0 running, 0 queued.*\n  no client', 20)
-        self.assertTrue(ok, 'node not free after the jobs ended:\n%s\n%s' % (text, node.output()))
         first, _ = recover(self, cwd, env, recover_file='first.rec')
         self.assertEqual({jid: j['result'] for jid, j in first.items()},
                          {'a0': 'first-0', 'a1': 'first-1'})
+        text = node.stdout() + node.stderr()
+        self.assertNotIn('nothing runs for it any more', text,
+                         'the first recovery did not meet the session still running jobs')
+        ok, text = wait_node_status(node, r'0 running, 0 queued.*\n  no client', 20)
+        self.assertTrue(ok, 'node not free after the jobs ended:\n%s\n%s' % (text, node.output()))
         second, _ = recover(self, cwd, env, recover_file='second.rec')
         self.assertEqual({jid: j['result'] for jid, j in second.items()},
                          {'b0': 'second-0', 'b1': 'second-1'})
         for job in list(first.values()) + list(second.values()):
             self.assertEqual(job['status'], DispyJob.Finished, job)
+
+
+class UnansweredNodeTest(unittest.TestCase):
+
+    timeout = 90
+
+    def test_jobs_of_a_node_that_does_not_answer_stay_unknown(self):
+        """A node down at recovery: its jobs are not called Abandoned (status Created,
+        the reason in exception) and the file is kept; once the node is back, the next
+        recover_jobs gets their results."""
+        dest = tempdir(self)
+        node = start_node(self, NODE_A, cpus=2, dest_path_prefix=dest)
+        cwd = tempdir(self)
+        env = support.client_env([NODE_A], node_port=node.port)
+        client = ClientScript(self, WORKING_CLIENT, env, cwd, args=[0.5, 2, 'kill'])
+        self.assertTrue(client.wait_for(r'^STARTED True$', 30), client.output())
+        client.wait(10)
+        ok, text = wait_node_status(node, r'0 running, 0 queued.*\n  no client', 20)
+        self.assertTrue(ok, text)
+        node.signal(signal.SIGTERM)
+        self.assertEqual(node.wait(20), 0, node.output())
+        jobs, _ = recover(self, cwd, env)
+        self.assertEqual([j['status'] for j in jobs.values()], [DispyJob.Created] * 2, jobs)
+        for job in jobs.values():
+            self.assertIn('did not answer', job['exception'])
+        self.assertEqual(len(recover_files(cwd)), 1, 'recover file removed too early')
+        start_node(self, NODE_A, port=node.port, cpus=2, dest_path_prefix=dest)
+        jobs, _ = recover(self, cwd, env)
+        self.assertEqual(sorted(j['result'] for j in jobs.values()), ['value-0', 'value-7'])
+        self.assertEqual(recover_files(cwd), [])
+
+
+class RecordTest(unittest.TestCase):
+    """The recover file's records, without a network: torn and malformed ones."""
+
+    def setUp(self):
+        self.path = os.path.join(tempdir(self), 'rec')
+        self.log = dispy.RecoverLog.create(self.path, {'client': 'ab' * 8})
+        self.jobs = [dispy.DispyJob(key, None, b'args-%d' % key) for key in (1, 2, 3)]
+        for job in self.jobs:
+            self.log.submitted(job)
+
+    def test_interrupted_and_malformed_records_are_skipped(self):
+        with self.log.lock:
+            self.log._reserve(40)         # as if Ctrl-C hit a record half written
+        self.log._append(b'E', b'short')  # an E record too short to read
+        self.log.ended(self.jobs[0])
+        self.jobs[1].id = ('mine', 2.5)
+        self.log.write_ids(self.jobs)
+        self.log.close(remove=False)
+        with self.assertLogs('dispy', 'WARNING'):
+            record = dispy._RecoverFile(self.path)
+        self.assertEqual(sorted(record.jobs), [2, 3])
+        self.assertEqual(record.jobs[2]['id'], ('mine', 2.5))
+        self.assertEqual(record.jobs[3]['id'], 3)
+        self.assertEqual(record.jobs[3]['blob'], b'args-3')
+
+    def test_not_a_recover_file(self):
+        self.log.close(remove=True)
+        with open(self.path, 'wb') as f:
+            f.write(b'{"client": "x"}\n')
+        with self.assertRaises(ValueError):
+            dispy._RecoverFile(self.path)
 
 
 class ZombieCapTest(unittest.TestCase):
@@ -304,7 +377,7 @@ class InterruptTest(unittest.TestCase):
     timeout = 60
 
     def test_ctrl_c_warning_is_exact(self):
-        node, cwd, env, client = launch(self, WORKING_CLIENT, args=[0.5, 8, 'wait'])
+        node, cwd, env, client = launch(self, WORKING_CLIENT, args=[3, 8, 'wait'])
         self.assertTrue(client.wait_for(r'^WAITING$', 30), client.output())
         os.kill(client.pid, signal.SIGINT)
         # Python ends a KeyboardInterrupt by SIGINT itself (exit status -2)
