@@ -2248,11 +2248,14 @@ class RecoverLog:
             return None
 
     def _map(self, size):
-        """(Re)maps the file at ``size`` bytes, its blocks allocated (lock held)."""
-        if hasattr(os, 'posix_fallocate'):
-            os.posix_fallocate(self.fd, 0, size)
-        else:
-            os.ftruncate(self.fd, size)
+        """(Re)maps the file at ``size`` bytes, its new blocks allocated (lock held)."""
+        old = len(self.map) if self.map is not None else 0
+        try:
+            os.posix_fallocate(self.fd, old, size - old)
+        except (AttributeError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise               # ENOSPC and the like: recording stops, cleanly
+            os.ftruncate(self.fd, size)     # no fallocate here: a sparse file
         if self.map is not None:
             self.map.close()
         self.map = mmap.mmap(self.fd, size)
@@ -2276,7 +2279,7 @@ class RecoverLog:
                 start = self._reserve(len(data))
                 self.map[start + 5:start + 5 + len(data)] = data
                 self.map[start + 4:start + 5] = kind
-            except (OSError, ValueError, SystemError) as exc:
+            except (OSError, ValueError, SystemError, struct.error) as exc:
                 self._failed(exc)
 
     def _failed(self, exc):
@@ -2292,7 +2295,7 @@ class RecoverLog:
         inline = len(blob) <= RECOVER_INLINE
         self._append(b'S', struct.pack('!QdIQ', job._key, job.submit_time, len(id_text),
                                        len(blob)), id_text, blob if inline else b'')
-        self.recent.append(job)
+        self.recent.append((job, id_text))
         if not inline:
             self.deferred.append((job, time.monotonic()))
 
@@ -2306,9 +2309,10 @@ class RecoverLog:
         self._append(b'E', struct.pack('!Q', job._key))
 
     def write_ids(self, jobs):
-        for job in jobs:
+        """I records for ``(job, id text already written)`` whose id has changed."""
+        for job, written in jobs:
             id_text = _custom_id(job)
-            if id_text and job.status not in FINAL_STATUSES:
+            if id_text and id_text != written and job.status not in FINAL_STATUSES:
                 self._append(b'I', struct.pack('!Q', job._key), id_text)
 
     def tick(self, now):
@@ -2338,14 +2342,21 @@ class RecoverLog:
             try:
                 start = self._reserve(len(head) + len(blob))
                 fd = os.dup(self.fd)        # a close() meanwhile cannot reuse its number
-            except (OSError, ValueError, SystemError) as exc:
+            except (OSError, ValueError, SystemError, struct.error) as exc:
                 self._failed(exc)
                 return
         try:
-            if hasattr(os, 'pwritev'):
-                os.pwritev(fd, [head, blob], start + 5)
-            else:
-                os.pwrite(fd, head + blob, start + 5)
+            parts, at = [memoryview(head), memoryview(blob).cast('B')], start + 5
+            while parts:        # a write may be short (over 2 GiB, a signal)
+                if hasattr(os, 'pwritev'):
+                    written = os.pwritev(fd, parts, at)
+                else:
+                    written = os.pwrite(fd, parts[0], at)
+                at += written
+                while parts and written >= len(parts[0]):
+                    written -= len(parts.pop(0))
+                if parts and written:
+                    parts[0] = parts[0][written:]
         except OSError as exc:
             logger.warning('recover file %s: arguments of job %s not saved: %s', self.path,
                            job.id, exc)
@@ -2393,17 +2404,19 @@ class _RecoverFile:
     def __init__(self, path, with_args=True):
         self.path = path
         self.header, self.nodes, self.jobs, self.ended = None, {}, {}, set()
+        self.end = None            # where the records end (the next one would go)
         with open(path, 'rb') as f:
             if f.read(len(RECOVER_MAGIC)) != RECOVER_MAGIC:
                 raise ValueError('%s is not a dispy recover file' % path)
             while self._read_record(f, with_args):
                 pass
-        if self.header is None or 'client' not in self.header:
+        if not isinstance(self.header, dict) or 'client' not in self.header:
             raise ValueError('%s is not a dispy recover file (no header)' % path)
         for key in self.ended:
             self.jobs.pop(key, None)
 
     def _read_record(self, f, with_args):
+        self.end = f.tell()
         head = f.read(5)
         if len(head) < 5:
             return False
@@ -2420,11 +2433,25 @@ class _RecoverFile:
         try:
             if kind != b'\0':
                 self._apply(kind, body, want == length)
-        except (ValueError, struct.error, KeyError, IndexError, TypeError):
+        except (ValueError, struct.error, KeyError, IndexError, TypeError, OverflowError,
+                RecursionError, AttributeError):
             logger.warning('recover file %s: a malformed record at offset %d skipped',
                            self.path, start - 5)
         f.seek(start + length)
         return True
+
+    def mark_ended(self, keys):
+        """Appends E records for jobs a recovery accounted for, so that a later call
+        (the file is kept while a node did not answer) does not list them again."""
+        if not keys or self.end is None:
+            return
+        data = b''.join(struct.pack('!I', 8) + b'E' + struct.pack('!Q', k) for k in keys)
+        try:
+            with open(self.path, 'r+b') as f:
+                f.seek(self.end)
+                f.write(data + b'\0' * 5)
+        except OSError as exc:
+            logger.warning('recover file %s: %s', self.path, exc)
 
     def _apply(self, kind, body, whole):
         if kind == b'H':
@@ -2471,7 +2498,7 @@ def _newest_recover_file():
         try:
             if _RecoverFile(name, with_args=False).jobs:
                 return name
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             continue
     raise FileNotFoundError('no _dispy_* recover file with jobs to recover in %s'
                             % os.getcwd())
@@ -2523,6 +2550,8 @@ def recover_jobs(recover_file=None, timeout=None, terminate_pending=False):
             os.unlink(path)
         except OSError:
             pass
+    else:
+        record.mark_ended([job._key for job in jobs if job.status in FINAL_STATUSES])
     return jobs
 
 
@@ -3194,7 +3223,8 @@ def _at_exit():
                 if not idle:
                     logger.warning(cluster._interrupted_text())
                     if cluster._recover is not None:     # ids set since the last tick
-                        cluster._recover.write_ids(cluster._jobs_open())
+                        cluster._recover.write_ids([(job, None)
+                                                    for job in cluster._jobs_open()])
             if idle:
                 cluster.close(timeout=5)
         except Exception:

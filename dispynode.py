@@ -613,7 +613,11 @@ class ResultStore:
         replies = []
         if folder is None or not os.path.isdir(folder):
             return replies
-        for name in os.listdir(folder):
+        try:
+            names = os.listdir(folder)
+        except OSError:         # removed meanwhile: its last result was acknowledged
+            return replies
+        for name in names:
             match = re.fullmatch(r'(\d+)-\d+', name)
             if not match or (keys is not None and int(match.group(1)) not in keys):
                 continue
@@ -888,7 +892,13 @@ class NodeServer:
                 recovery = None
                 self._attach_session(channel, addr, info, client_id, wanted)
         if recovery is not None:
-            recovery.start()        # reads the disk: outside the lock
+            try:
+                recovery.start()        # reads the disk: outside the lock
+            except Exception as exc:
+                logger.warning('recover_jobs from %s failed: %r', addr[0], exc)
+                with self.lock:
+                    self.recoveries.discard(recovery)
+                recovery.conn.close('recovery failed')
 
     def _new_recovery(self, channel, address, client_id, wanted):
         """A RecoveryHandler, unless too many run already (lock held)."""
@@ -1577,8 +1587,9 @@ class NodeServer:
                 self._tick()
 
     def _tick(self):
-        for recovery in list(self.recoveries):
-            if time.monotonic() - recovery.conn.last_recv > RECOVERY_IDLE:
+        for recovery in list(self.recoveries):     # silent both ways: the client is gone
+            if (time.monotonic() - recovery.conn.last_recv > RECOVERY_IDLE
+                    and recovery.conn.idle_send > RECOVERY_IDLE):
                 recovery.conn.close('recover_jobs connection idle')
         session = self.session
         if session is None:

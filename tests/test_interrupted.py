@@ -331,7 +331,7 @@ class RecordTest(unittest.TestCase):
         self.log._append(b'E', b'short')  # an E record too short to read
         self.log.ended(self.jobs[0])
         self.jobs[1].id = ('mine', 2.5)
-        self.log.write_ids(self.jobs)
+        self.log.write_ids([(job, b"") for job in self.jobs])
         self.log.close(remove=False)
         with self.assertLogs('dispy', 'WARNING'):
             record = dispy._RecoverFile(self.path)
@@ -339,6 +339,12 @@ class RecordTest(unittest.TestCase):
         self.assertEqual(record.jobs[2]['id'], ('mine', 2.5))
         self.assertEqual(record.jobs[3]['id'], 3)
         self.assertEqual(record.jobs[3]['blob'], b'args-3')
+
+    def test_a_partial_recovery_marks_what_it_accounted_for(self):
+        self.log.close(remove=False)
+        record = dispy._RecoverFile(self.path)
+        record.mark_ended([1, 3])
+        self.assertEqual(sorted(dispy._RecoverFile(self.path).jobs), [2])
 
     def test_not_a_recover_file(self):
         self.log.close(remove=True)
