@@ -34,6 +34,7 @@ datagrams are JSON with an HMAC and are never unpickled.
 """
 
 import argparse
+import ast
 import atexit
 import collections
 import errno
@@ -2215,8 +2216,8 @@ class RecoverLog:
     def __init__(self, path, header):
         self.path = path
         self.nodes = set()
-        self.recent = []           # jobs submitted since the last tick (their ids) ...
-        self.older = []            # ... and in the tick before: an id set a bit late
+        self.recent = []           # (job, id text in the file) submitted since the last
+        self.older = []            # tick, and in the tick before (an id set a bit late)
         self.deferred = []         # (job, submit time) whose big arguments are not written
         self.lock = threading.Lock()     # the end offset; submit() runs in user threads
         self.map = None
@@ -2309,18 +2310,22 @@ class RecoverLog:
         self._append(b'E', struct.pack('!Q', job._key))
 
     def write_ids(self, jobs):
-        """I records for ``(job, id text already written)`` whose id has changed."""
+        """I records for ``(job, id text in the file)`` whose id has changed; returns
+        the pairs with the text now in the file."""
+        now_written = []
         for job, written in jobs:
             id_text = _custom_id(job)
             if id_text and id_text != written and job.status not in FINAL_STATUSES:
                 self._append(b'I', struct.pack('!Q', job._key), id_text)
+                written = id_text
+            now_written.append((job, written))
+        return now_written
 
     def tick(self, now):
         """Writes ids set since submit; returns [(self, job, blob)] of big arguments
         now due (at most ARGS_PER_TICK bytes), for the caller to write outside locks."""
-        if self.older:
-            self.write_ids(self.older)
-        self.older, self.recent = self.recent, []
+        self.write_ids(self.older)
+        self.older, self.recent = self.write_ids(self.recent), []
         due, keep, budget = [], [], self.ARGS_PER_TICK
         for job, since in self.deferred:
             if job._blob is None or job.status in FINAL_STATUSES:
@@ -2484,7 +2489,6 @@ def _parse_id(text, key):
     if not text:
         return key
     try:
-        import ast
         value = ast.literal_eval(text.decode('utf-8'))
     except (ValueError, SyntaxError, UnicodeDecodeError, MemoryError, RecursionError):
         return key
@@ -2841,7 +2845,7 @@ class JobCluster:
             if kwargs:
                 logger.error('job not created: a program takes no keyword arguments')
                 return None
-            args = tuple(a if isinstance(a, str) else str(a) for a in args)
+            args = tuple(map(str, args))
         try:
             blob, main_refs = dumps_args((args, kwargs))
         except Exception as exc:

@@ -1336,16 +1336,12 @@ class NodeServer:
                                  % (len(blob), conn.channel.peer_max_frame)) + reply[8:]
         session.results[(reply[1], reply[2])] = reply
         self.jobs_done += 1
-        if conn is not None:
-            if session.wants(reply[1]):
-                conn.send(reply, len(reply[4] or b''))
-            elif self.store.save(session.client_id, reply):  # another recover file's job
-                session.stored.add((reply[1], reply[2]))
-        else:
-            if self.store.save(session.client_id, reply):    # client away: keep on disk
-                session.stored.add((reply[1], reply[2]))
-            if not session.jobs:
-                session.idle_since = time.monotonic()
+        if conn is not None and session.wants(reply[1]):
+            conn.send(reply, len(reply[4] or b''))
+        elif self.store.save(session.client_id, reply):  # client away (or another
+            session.stored.add((reply[1], reply[2]))     # recover file's job): keep on disk
+        if conn is None and not session.jobs:
+            session.idle_since = time.monotonic()
 
     # -- worker and host readers (their own threads) ---------------------------------------
     def _worker_reader(self, worker):
@@ -1615,13 +1611,13 @@ class NodeServer:
     def _tick_detached(self, session, now):
         """A vanished client's session ends once nothing is left to run for it."""
         if session.jobs:
-            if now - session.disconnected_at > self.config.zombie_interval:
+            running = [job for job in session.jobs.values() if not job.cancelled]
+            if running and now - session.disconnected_at > self.config.zombie_interval:
                 logger.warning('client %s did not come back in %.1f minutes: its %d job(s) '
                                'are cancelled (results kept)', session.address,
-                               self.config.zombie_interval / 60, len(session.jobs))
-                for job in list(session.jobs.values()):
-                    if not job.cancelled:
-                        self._cancel_job(session, job)
+                               self.config.zombie_interval / 60, len(running))
+                for job in running:
+                    self._cancel_job(session, job)
             return
         if session.idle_since is None or now - session.idle_since < DETACHED_GRACE:
             return      # a client that only lost its connection comes back by then
