@@ -519,8 +519,10 @@ class Connection:
     def idle_send(self):
         return time.monotonic() - self._last_send
 
-    def send(self, msg, size=0):
-        """Queues a message; ``size`` hints at its bulk (blob bytes) for batching."""
+    def send(self, msg, size=None):
+        """Queues a message; ``size`` (by default its catalog bulk) guides batching."""
+        if size is None:
+            size = message_bulk(msg)
         with self._cond:
             if self._closing or self._closed:
                 return False
@@ -610,6 +612,132 @@ class Connection:
                 self.handler.on_closed(self, reason)
             except Exception:
                 logger.exception('%s: error in close handler', self.name)
+
+
+# ================================================================================
+# Message catalog: every message the programs exchange, with its fields
+# ================================================================================
+#
+# On the wire a message is a plain tuple ``(KIND, field, ...)`` (frames admit only plain
+# data); in code it is built and read only through its ``MessageKind`` here, so the
+# fields of a kind are written down once.  ``Msg.JOB(key, ...)`` builds one;
+# ``Msg.parse(msg)`` checks a received one and gives a record with named fields.
+#
+#   client → node                              node → client
+#   CLIENT        first message: who we are    NODE          first answer: CPUs, jobs held
+#   COMPUTE       a computation's spec         BUSY          serving another client
+#   FILE          a chunk of one of its files  SETUP         setup done (or failed)
+#   JOB           run one job                  STARTED       a job began running
+#   CANCEL        kill / drop one job          RESULT        a job ended (kept until ACK)
+#   ACK           a result is safe here        PROVISIONAL   dispy_provisional_result
+#   SET_CPUS      a computation's CPU share    SEND_FILE     dispy_send_file chunk
+#   PUT_FILE      cluster.send_file chunk      PUT_FILE_DONE a send_file ended
+#   CLOSE_COMPUTE end a computation (cleanup)  CLOSED        confirms CLOSE_COMPUTE
+#   RELEASE       the client is done here      PULSE         liveness (+ availability)
+#   PULSE         liveness
+
+class MessageKind:
+    """One kind of message: a name, its fields, and the field whose length is the
+    message's bulk (the size hint that makes its bytes travel out of band)."""
+
+    def __init__(self, name, fields, bulk=None):
+        self.name = name
+        self.fields = tuple(fields)
+        self.record = collections.namedtuple(name.title().replace('_', ''), self.fields)
+        self._bulk = self.fields.index(bulk) + 1 if bulk else None
+
+    def __call__(self, *values):
+        if len(values) != len(self.fields):
+            raise TypeError('%s takes %d fields (%s), got %d' % (
+                self.name, len(self.fields), ', '.join(self.fields), len(values)))
+        return (self.name,) + values
+
+    def read(self, msg):
+        """The named fields of a received message; malformed → ProtocolError."""
+        if len(msg) != len(self.fields) + 1:
+            raise ProtocolError('%s message with %d fields, expected %d'
+                                % (self.name, len(msg) - 1, len(self.fields)))
+        return self.record._make(msg[1:])
+
+    def replace(self, msg, **changes):
+        """The message with some fields changed (a node rewriting a result it keeps)."""
+        return (self.name,) + tuple(self.read(msg)._replace(**changes))
+
+    def bulk(self, msg):
+        data = msg[self._bulk] if self._bulk else None
+        return len(data) if data is not None else 0
+
+
+class Msg:
+    """The catalog: every kind of connection message (see the table above)."""
+    # client → node
+    CLIENT = MessageKind('CLIENT', ['info'])
+    COMPUTE = MessageKind('COMPUTE', ['cluster', 'spec'])
+    FILE = MessageKind('FILE', ['cluster', 'name', 'mode', 'offset', 'data', 'last'], 'data')
+    JOB = MessageKind('JOB', ['key', 'cluster', 'attempt', 'blob', 'options'], 'blob')
+    CANCEL = MessageKind('CANCEL', ['key', 'attempt'])
+    ACK = MessageKind('ACK', ['key', 'attempt'])
+    SET_CPUS = MessageKind('SET_CPUS', ['cluster', 'cpus'])
+    PUT_FILE = MessageKind('PUT_FILE', ['cluster', 'name', 'mode', 'offset', 'data', 'last'],
+                           'data')
+    CLOSE_COMPUTE = MessageKind('CLOSE_COMPUTE', ['cluster'])
+    RELEASE = MessageKind('RELEASE', [])
+    PULSE = MessageKind('PULSE', ['time'])
+    # node → client
+    NODE = MessageKind('NODE', ['info'])
+    BUSY = MessageKind('BUSY', ['serving'])
+    SETUP = MessageKind('SETUP', ['cluster', 'ok', 'error'])
+    STARTED = MessageKind('STARTED', ['key', 'attempt', 'start_time'])
+    RESULT = MessageKind('RESULT', ['key', 'attempt', 'status', 'blob', 'stdout', 'stderr',
+                                    'exception', 'start_time', 'end_time'], 'blob')
+    PROVISIONAL = MessageKind('PROVISIONAL', ['key', 'attempt', 'blob'], 'blob')
+    SEND_FILE = MessageKind('SEND_FILE', ['key', 'attempt', 'path', 'mode', 'offset', 'data',
+                                          'last'], 'data')
+    PUT_FILE_DONE = MessageKind('PUT_FILE_DONE', ['cluster', 'name', 'error'])
+    CLOSED = MessageKind('CLOSED', ['cluster'])
+    NODE_PULSE = MessageKind('PULSE', ['time', 'avail'])
+
+    @classmethod
+    def result(cls, key, attempt, status, exception, blob=None, stdout='', stderr='',
+               start_time=None, end_time=None):
+        """A RESULT, with the fields a job that never ran leaves empty."""
+        return cls.RESULT(key, attempt, status, blob, stdout, stderr, exception, start_time,
+                          end_time or time.time())
+
+
+# The kinds each side accepts, by name (PULSE differs by direction).
+TO_NODE = {k.name: k for k in (Msg.CLIENT, Msg.COMPUTE, Msg.FILE, Msg.JOB, Msg.CANCEL,
+                               Msg.ACK, Msg.SET_CPUS, Msg.PUT_FILE, Msg.CLOSE_COMPUTE,
+                               Msg.RELEASE, Msg.PULSE)}
+TO_CLIENT = {k.name: k for k in (Msg.NODE, Msg.BUSY, Msg.SETUP, Msg.STARTED, Msg.RESULT,
+                                 Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
+                                 Msg.CLOSED, Msg.NODE_PULSE)}
+
+
+def message_bulk(msg):
+    """Size hint of any catalogued message (its bulk field's length)."""
+    kind = TO_NODE.get(msg[0]) or TO_CLIENT.get(msg[0])
+    return kind.bulk(msg) if kind is not None else 0
+
+
+class Datagram:
+    """Discovery datagrams (JSON dicts with an HMAC, never unpickled): ``t`` names the
+    kind.  A node's answer always carries the address it is reachable at, so a relay
+    can forward it unchanged."""
+
+    @staticmethod
+    def ping(client, port):
+        """client → nodes: who is there?  ``port`` is where to answer."""
+        return {'t': 'ping', 'client': client, 'port': port}
+
+    @staticmethod
+    def pong(kind, ip, port, name, cpus, busy, instance):
+        """node → client: an answer to a ping (``kind='pong'``) or unasked
+        (``'announce'``: the node started, or became free)."""
+        return {'t': kind, 'ip': ip, 'port': port, 'name': name, 'cpus': cpus,
+                'busy': busy, 'instance': instance}
+
+    NAK = {'t': 'nak'}      # sent unauthenticated to a peer whose datagram failed the HMAC
 
 
 # ================================================================================
@@ -1255,9 +1383,9 @@ class NodeLink:
         cpus = self.alloc_cpus.get(ckey, 0)
         return cpus + max(2, cpus) if cpus else 0
 
-    def send(self, msg, size=0):
+    def send(self, msg):
         conn = self.conn
-        return conn.send(msg, size) if conn is not None else False
+        return conn.send(msg) if conn is not None else False
 
     # -- Connection handler --------------------------------------------------------------
     def on_messages(self, conn, msgs):
@@ -1298,7 +1426,7 @@ class Scheduler:
                 state = link.setups.pop(cluster._key)
                 link.alloc_cpus.pop(cluster._key, None)
                 if state != 'failed':
-                    link.send(('CLOSE_COMPUTE', cluster._key))
+                    link.send(Msg.CLOSE_COMPUTE(cluster._key))
 
     # -- jobs ------------------------------------------------------------------------------
     def submit(self, job):
@@ -1322,7 +1450,7 @@ class Scheduler:
                 self._end_job(job, DispyJob.Cancelled, exception=reason)
                 return 0
             link.cancels.add((job._key, job._attempt))
-            link.send(('CANCEL', job._key, job._attempt))
+            link.send(Msg.CANCEL(job._key, job._attempt))
             return 0
 
     def _dispatch(self):
@@ -1371,8 +1499,7 @@ class Scheduler:
         link.jobs[job._key] = job
         link.in_flight[ckey] += 1
         job._cluster._job_dispatched(job, link)
-        link.send(('JOB', job._key, ckey, job._attempt, job._blob, job._options),
-                  len(job._blob))
+        link.send(Msg.JOB(job._key, ckey, job._attempt, job._blob, job._options))
 
     # -- node events -------------------------------------------------------------------------
     def node_ready(self, link, info):
@@ -1391,14 +1518,14 @@ class Scheduler:
                 for key, attempt in held:       # attempts superseded while it was away,
                     job = link.jobs.get(key)      # or cancelled while we were cut off
                     if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
-                        link.send(('CANCEL', key, attempt))
+                        link.send(Msg.CANCEL(key, attempt))
                 kept = set(info.get('computations', ()))
                 for ckey in [k for k in link.setups if k not in kept]:
                     del link.setups[ckey]
                     link.alloc_cpus.pop(ckey, None)
                 for ckey, state in link.setups.items():   # a SETUP reply may have been lost
                     if state == 'pending':
-                        link.send(('COMPUTE', ckey, None))
+                        link.send(Msg.COMPUTE(ckey, None))
             link.instance = info.get('instance')
             link.name = info.get('name', '')
             link.cpus = int(info.get('cpus', 1))
@@ -1443,10 +1570,10 @@ class Scheduler:
     def _send_computation(self, link, cluster, spec, files):
         """Sends the spec, then streams the files (a thread: files may be big); the
         node runs setup once the last file has arrived."""
-        link.send(('COMPUTE', cluster._key, spec))
+        link.send(Msg.COMPUTE(cluster._key, spec))
         try:
             for name, path in files:
-                send_file_chunks(link.send, ('FILE', cluster._key), name, path)
+                send_file_chunks(link.send, Msg.FILE, cluster._key, name, path)
         except OSError as exc:
             logger.error('cannot send %s to node %s: %s', exc.filename, link.ip_addr, exc)
             with self.lock:
@@ -1457,21 +1584,21 @@ class Scheduler:
             if conn is not link.conn:
                 return      # a connection we already replaced
             for msg in msgs:
-                handler = self.handlers.get(msg[0])
-                if handler is None:
-                    logger.warning('node %s sent unknown message %r', link.ip_addr, msg[0])
+                kind = TO_CLIENT.get(msg[0]) if isinstance(msg, tuple) and msg else None
+                if kind is None:
+                    logger.warning('node %s sent an unknown message', link.ip_addr)
                     continue
-                handler(self, link, msg)
+                self.handlers[kind.name](self, link, kind.read(msg))
             self._dispatch()
 
     def _on_node_info(self, link, msg):
-        self.hub.on_node_info(link, msg[1])
+        self.hub.on_node_info(link, msg.info)
 
     def _on_busy(self, link, msg):
-        self.hub.on_node_busy(link, msg[1])
+        self.hub.on_node_busy(link, msg.serving)
 
     def _on_setup(self, link, msg):
-        _, ckey, ok, error = msg
+        ckey, ok, error = msg
         cluster = self.clusters.get(ckey)
         if cluster is None or link.setups.get(ckey) not in ('pending', 'ready'):
             return
@@ -1492,7 +1619,7 @@ class Scheduler:
         cluster._node_changed(link, DispyNode.Initialized)
 
     def _on_started(self, link, msg):
-        _, key, attempt, start_time = msg
+        key, attempt, start_time = msg
         job = link.jobs.get(key)
         if job is None or job._attempt != attempt or job.status in FINAL_STATUSES:
             return
@@ -1501,10 +1628,10 @@ class Scheduler:
         job._cluster._job_changed(job, DispyJob.Running)
 
     def _on_result(self, link, msg):
-        _, key, attempt, status, blob, stdout, stderr, exception, start, end = msg
+        key, attempt, status, blob, stdout, stderr, exception, start, end = msg
         job = link.jobs.get(key)
         if job is None or job._attempt != attempt:
-            link.send(('ACK', key, attempt))
+            link.send(Msg.ACK(key, attempt))
             return      # a stale attempt (the job was resubmitted): already accounted for
         del link.jobs[key]
         link.cancels.discard((key, attempt))
@@ -1520,10 +1647,10 @@ class Scheduler:
         job.start_time = start or job.start_time
         # Ended (and so written to the recover file) before the node may drop the result.
         self._end_job(job, status, result, stdout, stderr, exception, end)
-        link.send(('ACK', key, attempt))
+        link.send(Msg.ACK(key, attempt))
 
     def _on_provisional(self, link, msg):
-        _, key, attempt, blob = msg
+        key, attempt, blob = msg
         job = link.jobs.get(key)
         if job is None or job._attempt != attempt or job.status in FINAL_STATUSES:
             return
@@ -1541,7 +1668,7 @@ class Scheduler:
         pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
 
     def _on_pulse(self, link, msg):
-        avail = _avail_info(msg[2] if len(msg) > 2 else None)
+        avail = _avail_info(msg.avail)
         if avail is not None:
             link.avail_info = avail
             for ckey in link.setups:
@@ -1552,7 +1679,7 @@ class Scheduler:
     def _on_send_file(self, link, msg):
         """A file a job sent with dispy_send_file: saved under the client's working
         directory at the same relative path; never outside it."""
-        _, key, attempt, relpath, mode, offset, data, last = msg
+        key, attempt, relpath, mode, offset, data, last = msg
         job = link.jobs.get(key)
         if job is None or job._attempt != attempt:
             return
@@ -1573,7 +1700,7 @@ class Scheduler:
             logger.warning('cannot save file %s sent by job %s: %s', path, key, exc)
 
     def _on_put_file_done(self, link, msg):
-        _, ckey, name, error = msg
+        ckey, name, error = msg
         link.put_replies[(ckey, name)] = error
         self.hub.cond.notify_all()
 
@@ -1612,7 +1739,7 @@ class Scheduler:
         link.alloc_cpus[ckey] = 0 if not resetup else link.alloc_cpus.get(ckey, 0)
         if terminate:
             for job in [j for j in link.jobs.values() if j._cluster is cluster]:
-                link.send(('CANCEL', job._key, job._attempt))
+                link.send(Msg.CANCEL(job._key, job._attempt))
         self.finish_close_node(link, cluster)
         return 0
 
@@ -1624,7 +1751,7 @@ class Scheduler:
         state = link.setups.pop(ckey, None)
         link.alloc_cpus.pop(ckey, None)
         if state != 'failed':
-            link.send(('CLOSE_COMPUTE', ckey))
+            link.send(Msg.CLOSE_COMPUTE(ckey))
         if state == 'ready' and not resetup:
             cluster._node_changed(link, DispyNode.Closed)
         if resetup and link.state == 'ready':
@@ -1675,15 +1802,15 @@ def _avail_info(data):
         return None
 
 
-def send_file_chunks(send, prefix, name, path, chunk=1 << 20):
-    """Sends a file as ``prefix + (name, mode, offset, data, last)`` messages."""
+def send_file_chunks(send, kind, ckey, name, path, chunk=1 << 20):
+    """Sends a file as ``kind(ckey, name, mode, offset, data, last)`` messages."""
     mode = os.stat(path).st_mode & 0o777
     with open(path, 'rb') as f:
         offset = 0
         while True:
             data = f.read(chunk)
             last = len(data) < chunk
-            send(prefix + (name, mode, offset, data, last), len(data))
+            send(kind(ckey, name, mode, offset, data, last))
             offset += len(data)
             if last:
                 return offset
@@ -1838,7 +1965,7 @@ class ClientHub:
             links = list(self.links.values())
         conns = [link.conn for link in links if link.conn is not None]
         for conn in conns:
-            conn.send(('RELEASE',))
+            conn.send(Msg.RELEASE())
             conn.close('released', flush=True)
         for conn in conns:
             conn.writer.join(5.0)
@@ -1900,7 +2027,7 @@ class ClientHub:
             conn = link.conn = Connection(channel, link, link.ip_addr)
             link.pulse_interval = self.pulse_interval
             conn.start()
-            conn.send(('CLIENT', {'id': self.client_id, 'name': socket.gethostname(),
+            conn.send(Msg.CLIENT({'id': self.client_id, 'name': socket.gethostname(),
                                   'pid': os.getpid(), 'udp_port': self.port,
                                   'pulse_interval': self.pulse_interval}))
 
@@ -2094,7 +2221,7 @@ class ClientHub:
     def _tick_link(self, link, now):
         if link.state == 'ready' and link.conn is not None:
             if link.conn.idle_send >= self.pulse_interval:
-                link.send(('PULSE', time.time()))
+                link.send(Msg.PULSE(time.time()))
             silent = time.monotonic() - link.conn.last_recv
             # the node pulses at the interval it was told when it connected
             if silent > DEAD_PULSES * max(self.pulse_interval, link.pulse_interval or 0):
@@ -2115,8 +2242,7 @@ class ClientHub:
         else:   # no interval given: ping again (backing off) only while nothing answers
             self.next_ping = now + (self.ping_backoff if not ready else 3600)
             self.ping_backoff = min(self.ping_backoff * 2, 30.0)
-        data = pack_datagram(self.secret, {'t': 'ping', 'client': self.client_id,
-                                           'port': self.port})
+        data = pack_datagram(self.secret, Datagram.ping(self.client_id, self.port))
         dests = list(self.targets)
         if self.broadcast:
             ip_addrs = self.options['ip_addrs']
@@ -2587,14 +2713,14 @@ def _recovered_job(key, entry, reply, answered):
 
 
 def _fill_recovered(job, reply):
-    addr, (_, _key, _attempt, status, blob, stdout, stderr, exception, start, end) = reply
+    addr, result = reply
     job.ip_addr = addr
-    job.status = status
-    job.stdout, job.stderr, job.exception = stdout, stderr, exception
-    job.start_time, job.end_time = start, end
-    if blob is not None:
+    job.status = result.status
+    job.stdout, job.stderr, job.exception = result.stdout, result.stderr, result.exception
+    job.start_time, job.end_time = result.start_time, result.end_time
+    if result.blob is not None:
         try:
-            job.result = pickle.loads(blob)
+            job.result = pickle.loads(result.blob)
         except Exception as exc:
             job.status = DispyJob.Terminated
             job.exception = 'result could not be unpickled: %r' % exc
@@ -2611,7 +2737,7 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
             sock = ctx.wrap_socket(sock, server_side=False)
         channel = handshake(sock, header.get('secret', ''), True, {'role': 'client'},
                             timeout=MsgTimeout)
-        channel.send([('CLIENT', {'id': header['client'], 'name': socket.gethostname(),
+        channel.send([Msg.CLIENT({'id': header['client'], 'name': socket.gethostname(),
                                   'pid': os.getpid(), 'recover': keys})])
         channel.sock.settimeout(MsgTimeout)
         msgs = channel.recv()
@@ -2633,7 +2759,7 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
             if deadline is not None and now >= deadline and not cancelled:
                 if not terminate:
                     break
-                channel.send([('CANCEL', key, attempt) for key, attempt in waiting])
+                channel.send([Msg.CANCEL(key, attempt) for key, attempt in waiting])
                 cancelled = True
                 deadline = now + 10     # bounded wait for the killed jobs' replies
             elif cancelled and now >= deadline:
@@ -2648,19 +2774,20 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
             acks = []
             for msg in msgs:
                 if msg[0] == 'RESULT' and msg[1] in wanted:
-                    waiting.discard((msg[1], msg[2]))
-                    results[msg[1]] = (addr, msg)
-                    acks.append(('ACK', msg[1], msg[2]))
+                    result = Msg.RESULT.read(msg)
+                    waiting.discard((result.key, result.attempt))
+                    results[result.key] = (addr, result)
+                    acks.append(Msg.ACK(result.key, result.attempt))
                 elif msg[0] == 'PULSE':
-                    acks.append(('PULSE', time.time()))
+                    acks.append(Msg.PULSE(time.time()))
             msgs = []
             if acks:
                 channel.send(acks)
         for key, attempt in waiting:        # still running: reported as such
-            results.setdefault(key, (addr, ('RESULT', key, attempt, DispyJob.Running, None,
-                                            None, None, None, None, None)))
+            results.setdefault(key, (addr, Msg.RESULT.record(
+                key, attempt, DispyJob.Running, None, None, None, None, None, None)))
         if not waiting or terminate:
-            channel.send([('RELEASE',)])
+            channel.send([Msg.RELEASE()])
         answered.add(addr)
     except (OSError, ProtocolError) as exc:
         logger.warning('recover_jobs: node %s: %s', addr, exc)
@@ -2967,7 +3094,7 @@ class JobCluster:
             cpus = int(cpus)
             cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
             link.alloc_cpus[self._key] = cpus
-            link.send(('SET_CPUS', self._key, cpus))
+            link.send(Msg.SET_CPUS(self._key, cpus))
             node = self._nodes.get(link.ip_addr)
             if node is not None:
                 node.cpus = cpus
@@ -2994,7 +3121,7 @@ class JobCluster:
         with self._cond:
             link.put_replies.pop((self._key, name), None)
         try:
-            send_file_chunks(link.send, ('PUT_FILE', self._key), name, path)
+            send_file_chunks(link.send, Msg.PUT_FILE, self._key, name, path)
         except OSError as exc:
             logger.error('send_file: %s', exc)
             return -1

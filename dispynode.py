@@ -52,7 +52,7 @@ import types
 import uuid
 
 import dispy
-from dispy import DispyJob, logger
+from dispy import DispyJob, Msg, logger
 
 __version__ = dispy.__version__
 
@@ -595,9 +595,10 @@ class ResultStore:
             return False
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            path = os.path.join(folder, '%d-%d' % (reply[1], reply[2]))
-            if reply[4] is not None:        # a received buffer: store plain bytes
-                reply = reply[:4] + (bytes(reply[4]),) + reply[5:]
+            result = Msg.RESULT.read(reply)
+            path = os.path.join(folder, '%d-%d' % (result.key, result.attempt))
+            if result.blob is not None:        # a received buffer: store plain bytes
+                reply = Msg.RESULT.replace(reply, blob=bytes(result.blob))
             fd = os.open(path + '.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, 'wb') as f:
                 f.write(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
@@ -623,7 +624,9 @@ class ResultStore:
                 continue
             try:
                 with open(os.path.join(folder, name), 'rb') as f:
-                    replies.append(dispy.loads_frame(f.read()))
+                    reply = dispy.loads_frame(f.read())
+                Msg.RESULT.read(reply)
+                replies.append(reply)
             except Exception as exc:
                 logger.warning('stored result %s unreadable: %s', name, exc)
         return replies
@@ -671,17 +674,21 @@ class RecoveryHandler:
         logger.info('recover_jobs from %s: %d kept result(s) of %d job(s) asked for',
                     self.address, len(replies), len(self.wanted))
         self.conn.start()
-        self.conn.send(self.server._node_info([[r[1], r[2]] for r in replies], []))
+        held = [list(Msg.RESULT.read(r)[:2]) for r in replies]
+        self.conn.send(self.server._node_info(held, []))
         for reply in replies:
-            self.conn.send(reply, len(reply[4] or b''))
+            self.conn.send(reply)
 
     # -- Connection handler (reader thread) ----------------------------------------------
     def on_messages(self, conn, msgs):
         for msg in msgs:
             kind = msg[0] if isinstance(msg, tuple) and msg else None
-            if kind == 'ACK' and len(msg) == 3 and msg[1] in self.wanted:
-                with self.server.lock:
-                    self.server.store.remove(self.client_id, int(msg[1]), int(msg[2]))
+            if kind == 'ACK':
+                ack = Msg.ACK.read(msg)
+                if ack.key in self.wanted:
+                    with self.server.lock:
+                        self.server.store.remove(self.client_id, int(ack.key),
+                                                 int(ack.attempt))
             elif kind == 'RELEASE':
                 conn.close('recovery done', flush=True)
                 return
@@ -862,10 +869,11 @@ class NodeServer:
             first = channel.recv()
             sock.settimeout(None)
             if (not isinstance(first, list) or len(first) != 1
-                    or not isinstance(first[0], tuple) or len(first[0]) != 2
-                    or first[0][0] != 'CLIENT' or not isinstance(first[0][1], dict)):
+                    or not isinstance(first[0], tuple) or first[0][:1] != ('CLIENT',)):
                 raise dispy.ProtocolError('first message is not CLIENT')
-            info = first[0][1]
+            info = Msg.CLIENT.read(first[0]).info
+            if not isinstance(info, dict):
+                raise dispy.ProtocolError('malformed CLIENT message')
             float(info.get('pulse_interval') or 1)
             if not isinstance(info.get('id', ''), str):
                 raise dispy.ProtocolError('malformed CLIENT message')
@@ -877,7 +885,7 @@ class NodeServer:
             except OSError:
                 pass
             return
-        self._attach(channel, addr, first[0][1])
+        self._attach(channel, addr, info)
 
     def _attach(self, channel, addr, info):
         client_id = str(info.get('id', ''))
@@ -920,13 +928,13 @@ class NodeServer:
             logger.info('client %s turned away: serving %s', addr[0], desc)
             self.turned_away[addr[0]] = info.get('udp_port')
             conn.start()
-            conn.send(('BUSY', desc))
+            conn.send(Msg.BUSY(desc))
             conn.close('busy', flush=True)
             return
         if session is None:
             session = self.session = ClientSession(client_id, info, addr[0])
             for reply in self.store.load(client_id):    # kept from before
-                key = (reply[1], reply[2])
+                key = tuple(Msg.RESULT.read(reply)[:2])
                 session.results[key] = reply
                 session.stored.add(key)
             logger.info('serving client %s%s', session.describe(),
@@ -944,10 +952,10 @@ class NodeServer:
         conn.send(self._node_info(held, list(session.comps)))
         for key, msg in session.results.items():   # not acknowledged yet: send again
             if session.wants(key[0]):
-                conn.send(msg, len(msg[4] or b''))
+                conn.send(msg)
 
     def _node_info(self, held, computations):
-        return ('NODE', {'name': self.name, 'cpus': self.config.cpus,
+        return Msg.NODE({'name': self.name, 'cpus': self.config.cpus,
                          'platform': platform.platform(), 'instance': self.instance,
                          'jobs': held, 'computations': computations,
                          'avail': self.avail_fn()})
@@ -960,13 +968,14 @@ class NodeServer:
                 return
             for msg in msgs:
                 kind = msg[0] if isinstance(msg, tuple) and msg else None
-                handler = self.handlers.get(kind) if isinstance(kind, str) else None
-                if handler is None:
+                kind = dispy.TO_NODE.get(kind) if isinstance(kind, str) else None
+                if kind is None or kind.name == 'CLIENT':
                     logger.warning('client %s sent an unknown message; ignored', session.address)
                     continue
                 try:
-                    handler(self, session, msg)
-                except (ValueError, TypeError, IndexError, KeyError) as exc:
+                    self.handlers[kind.name](self, session, kind.read(msg))
+                except (ValueError, TypeError, IndexError, KeyError,
+                        dispy.ProtocolError) as exc:
                     logger.warning('client %s sent a malformed %s message: %s',
                                    session.address, msg[0], exc)
                 except Exception:
@@ -1007,13 +1016,14 @@ class NodeServer:
 
     # -- client messages (lock held) ---------------------------------------------------------
     def _on_compute(self, session, msg):
-        _, ckey, spec = msg
+        ckey, spec = msg
         comp = session.comps.get(ckey)
         if comp is not None:
             # The client lost track of it (it thought this node dead): answer again.
             if comp.state in ('ready', 'failed') and session.conn is not None:
-                session.conn.send(('SETUP', ckey, comp.state == 'ready',
-                                   None if comp.state == 'ready' else 'setup failed earlier'))
+                session.conn.send(Msg.SETUP(ckey, comp.state == 'ready',
+                                            None if comp.state == 'ready'
+                                            else 'setup failed earlier'))
             return
         if not isinstance(spec, dict):
             return
@@ -1023,7 +1033,7 @@ class NodeServer:
                 directory = os.path.join(prefix, _safe_relative(spec['dest_path']))
             except ValueError as exc:
                 logger.warning('client %s: %s', session.address, exc)
-                session.conn.send(('SETUP', ckey, False, str(exc)))
+                session.conn.send(Msg.SETUP(ckey, False, str(exc)))
                 return
         else:
             directory = tempfile.mkdtemp(prefix='%s_' % re.sub(r'[^\w.-]', '_', spec['name']),
@@ -1036,14 +1046,14 @@ class NodeServer:
         except Exception as exc:    # a malformed spec leaves nothing behind
             shutil.rmtree(directory, ignore_errors=True)
             logger.warning('client %s: computation refused: %s', session.address, exc)
-            session.conn.send(('SETUP', ckey, False, 'refused: %s' % exc))
+            session.conn.send(Msg.SETUP(ckey, False, 'refused: %s' % exc))
             return
         session.comps[ckey] = comp
         if not comp.missing_files:
             self._start_host(session, comp)
 
     def _on_file(self, session, msg):
-        _, ckey, name, mode, offset, data, last = msg
+        ckey, name, mode, offset, data, last = msg
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'files':
             return
@@ -1052,7 +1062,7 @@ class NodeServer:
         except (ValueError, OSError) as exc:
             logger.warning('client %s: file %r refused: %s', session.address, name, exc)
             comp.state = 'failed'
-            session.conn.send(('SETUP', ckey, False, 'file %r refused: %s' % (name, exc)))
+            session.conn.send(Msg.SETUP(ckey, False, 'file %r refused: %s' % (name, exc)))
             return
         if last:
             comp.missing_files.discard(name)
@@ -1106,8 +1116,8 @@ class NodeServer:
             logger.error('cannot start a process for %s: %s', spec['name'], exc)
             comp.state = 'failed'
             if session.conn is not None:
-                session.conn.send(('SETUP', comp.key, False, 'node cannot start processes: '
-                                   '%s' % exc))
+                session.conn.send(Msg.SETUP(comp.key, False, 'node cannot start processes: '
+                                            '%s' % exc))
             return
         finally:
             host_end.close()
@@ -1115,18 +1125,17 @@ class NodeServer:
                          name='dispynode-host').start()
 
     def _on_job(self, session, msg):
-        _, key, ckey, attempt, blob, options = msg
+        key, ckey, attempt, blob, options = msg
         if self.quitting:
-            self._finish(session, None, ('RESULT', key, attempt, DispyJob.Cancelled, None, '',
-                                         '', 'Cancelled: node is shutting down', None,
-                                         time.time()))
+            self._finish(session, None, Msg.result(key, attempt, DispyJob.Cancelled,
+                                                   'Cancelled: node is shutting down'))
             return
         timeout = float(options['timeout']) if options and options.get('timeout') else None
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'ready':
-            self._finish(session, None, ('RESULT', key, attempt, DispyJob.Cancelled, None, '', '',
-                                         'Cancelled: computation is not set up on this node',
-                                         None, time.time()))
+            self._finish(session, None, Msg.result(
+                key, attempt, DispyJob.Cancelled,
+                'Cancelled: computation is not set up on this node'))
             return
         old = session.jobs.get(key)
         if old is not None:          # a resubmission supersedes an older attempt
@@ -1137,14 +1146,14 @@ class NodeServer:
         self._pump()
 
     def _on_cancel(self, session, msg):
-        _, key, attempt = msg
+        key, attempt = msg
         job = session.jobs.get(key)
         if job is not None and job.attempt == attempt:
             self._cancel_job(session, job)
 
     def _on_put_file(self, session, msg):
         """cluster.send_file: a file for a computation that is already set up."""
-        _, ckey, name, mode, offset, data, last = msg
+        ckey, name, mode, offset, data, last = msg
         comp = session.comps.get(ckey)
         error = None
         try:
@@ -1169,27 +1178,27 @@ class NodeServer:
             error = str(exc)
             logger.warning('client %s: file %r refused: %s', session.address, name, exc)
         if (last or error) and session.conn is not None:
-            session.conn.send(('PUT_FILE_DONE', ckey, name, error))
+            session.conn.send(Msg.PUT_FILE_DONE(ckey, name, error))
 
     def _on_set_cpus(self, session, msg):
-        comp = session.comps.get(msg[1])
+        comp = session.comps.get(msg.cluster)
         if comp is not None:
-            comp.cpus = max(0, min(int(msg[2]), self.config.cpus))
+            comp.cpus = max(0, min(int(msg.cpus), self.config.cpus))
             self._pump()
 
     def _on_ack(self, session, msg):
-        key = (msg[1], msg[2])
+        key = (msg.key, msg.attempt)
         session.results.pop(key, None)
         if key in session.stored:
             session.stored.discard(key)
             self.store.remove(session.client_id, *key)
 
     def _on_close_compute(self, session, msg):
-        comp = session.comps.pop(msg[1], None)
+        comp = session.comps.pop(msg.cluster, None)
         if comp is not None:
             self._close_computation(session, comp)
         if session.conn is not None:
-            session.conn.send(('CLOSED', msg[1]))
+            session.conn.send(Msg.CLOSED(msg.cluster))
 
     def _on_release(self, session, msg):
         if session.wanted is not None:      # recover_jobs is done: other jobs go on
@@ -1326,20 +1335,22 @@ class NodeServer:
                 except OSError:
                     pass
             job.files = ()
-        blob = reply[4]
+        result = Msg.RESULT.read(reply)
         conn = session.conn
-        if blob is not None and conn is not None and \
-                len(blob) > conn.channel.peer_max_frame - 65536:
-            reply = reply[:3] + (DispyJob.Terminated, None, reply[5], reply[6],
-                                 'result of %d bytes exceeds the client\'s frame limit of %d '
-                                 '(max_frame_size); send big data with dispy_send_file'
-                                 % (len(blob), conn.channel.peer_max_frame)) + reply[8:]
-        session.results[(reply[1], reply[2])] = reply
+        if result.blob is not None and conn is not None and \
+                len(result.blob) > conn.channel.peer_max_frame - 65536:
+            reply = Msg.RESULT.replace(
+                reply, status=DispyJob.Terminated, blob=None, exception=(
+                    'result of %d bytes exceeds the client\'s frame limit of %d '
+                    '(max_frame_size); send big data with dispy_send_file'
+                    % (len(result.blob), conn.channel.peer_max_frame)))
+        key = (result.key, result.attempt)
+        session.results[key] = reply
         self.jobs_done += 1
-        if conn is not None and session.wants(reply[1]):
-            conn.send(reply, len(reply[4] or b''))
+        if conn is not None and session.wants(result.key):
+            conn.send(reply)
         elif self.store.save(session.client_id, reply):  # client away (or another
-            session.stored.add((reply[1], reply[2]))     # recover file's job): keep on disk
+            session.stored.add(key)                      # recover file's job): keep on disk
         if conn is None and not session.jobs:
             session.idle_since = time.monotonic()
 
@@ -1444,7 +1455,7 @@ class NodeServer:
                     self._release_cpu(comp)
                     self._end_unrunnable(job)
                 if session.conn is not None and self.session is session:
-                    session.conn.send(('SETUP', comp.key, False, 'its setup process ended'))
+                    session.conn.send(Msg.SETUP(comp.key, False, 'its setup process ended'))
                 self._pump()
             closing = comp.state == 'closing'
             comp.host_ended = True
@@ -1462,7 +1473,7 @@ class NodeServer:
             if not ok:
                 logger.warning('setup of %s failed: %s', comp.spec['name'], error)
             if session.conn is not None:
-                session.conn.send(('SETUP', comp.key, ok, error))
+                session.conn.send(Msg.SETUP(comp.key, ok, error))
             self._pump()
         elif msg[0] == 'cleaned' and msg[1]:
             logger.warning('cleanup of %s failed: %s', comp.spec['name'], msg[1])
@@ -1535,16 +1546,16 @@ class NodeServer:
                     if now - last_nak.get(addr[0], 0) > 1.0 and len(last_nak) < 10000:
                         last_nak[addr[0]] = now
                         logger.info('ping from %s failed authentication', addr[0])
-                        self._sendto(key.fileobj, dispy.pack_unauthenticated({'t': 'nak'}), addr)
+                        self._sendto(key.fileobj, dispy.pack_unauthenticated(dispy.Datagram.NAK),
+                                     addr)
                     continue
                 self._sendto(key.fileobj, dispy.pack_datagram(self.config.secret,
                                                               self._pong('pong')), addr)
 
     def _pong(self, kind):
-        return {'t': kind, 'ip': (self.config.ext_ip_addrs or [None])[0],
-                'port': self.config.ext_port or self.config.port, 'name': self.name,
-                'cpus': self.config.cpus, 'busy': self.session is not None,
-                'instance': self.instance}
+        return dispy.Datagram.pong(kind, (self.config.ext_ip_addrs or [None])[0],
+                                   self.config.ext_port or self.config.port, self.name,
+                                   self.config.cpus, self.session is not None, self.instance)
 
     @staticmethod
     def _sendto(sock, data, addr):
@@ -1599,7 +1610,7 @@ class NodeServer:
             if conn.idle_send >= session.pulse_interval or (
                     self.avail_fn.psutil and now - self.avail_sent >= session.pulse_interval):
                 self.avail_sent = now
-                conn.send(('PULSE', time.time(), self.avail_fn()))
+                conn.send(Msg.NODE_PULSE(time.time(), self.avail_fn()))
             silent = now - conn.last_recv
             if silent > dispy.DEAD_PULSES * session.pulse_interval:
                 conn.close('no message from client for %.1f s' % silent)
