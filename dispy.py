@@ -2,35 +2,57 @@
 """dispy: distribute Python functions and programs over the processors of many machines.
 
 This module is both the client API (``JobCluster``, ``DispyJob``, ...) and the core that
-every program of the project shares: the wire format, authentication, discovery and the
-job scheduler.  ``dispynode.py`` imports it for the wire format; ``dispyscheduler.py``
-hosts the same ``Scheduler`` for many clients.
+every program of the project shares: the wire format and message catalog, the I/O loop,
+the node pool and the job scheduler.  ``dispynode.py`` imports it for the wire format;
+``dispyscheduler.py`` is to host the same ``Scheduler`` and ``NodePool`` for many clients.
 
-Place in the system::
+The path a job takes (who owns each queue, which thread moves it)::
 
-    user script ──► JobCluster ──► Scheduler ──► NodeLink ══ TCP (HMAC frames) ══► dispynode.py
-        ▲              │ (one per         (one per node: Connection with           │ workers run
-        └── callbacks ◄┘  cluster)         a reader and a writer thread)           ▼ the jobs
+    user thread   cluster.submit(args): pickles them, records the job in the recover
+        │         file (RecoverLog), Scheduler.submit: queue of its cluster
+        ▼         (_ClusterQueue.pending) → _dispatch: a NodeLink with a free slot
+    LoopConnection.send: the connection's outbox → one frame; written by the caller
+        │         itself when the connection is idle, else by the I/O loop
+        ▼  TCP, HMAC-authenticated frames (Channel)
+    dispynode     its session's queue → a CPU → a warm worker process runs the job;
+        │         the result is kept on the node until acknowledged
+        ▼  RESULT frame
+    I/O loop      reads and verifies the frame, hands it to NodePool.on_messages →
+        │         Scheduler.node_messages: unpickles the result (outside the lock; big
+        │         frames on a worker thread, in order), then under the lock ends the
+        ▼         job (ClusterHooks.job_ended), sends ACK and the next jobs
+    user thread   job() / cluster.wait() wake on the scheduler's condition; callbacks
+                  run on the notifier thread
 
 Threads of a client process (all daemon threads; none keeps a finished script alive):
 
-    user threads      submit(): pickle the arguments, record the job in its cluster's
-                      recover file (RecoverLog), place it on a node's outbox.
-    hub loop          one per process (ClientHub): UDP discovery (selectors), timers:
-                      pings, re-dials, pulses, liveness, the "no node found" warning,
-                      ids and big arguments for the recover files.
-    dialer            short-lived, one per TCP connect + handshake.
-    conn-writer       one per node: drains the outbox, batching many messages per frame.
-    conn-reader       one per node: verifies frames, updates jobs, wakes waiters.
-    notifier          one per cluster with callback/cluster_status: calls them in order.
+    user threads    submit(), job(), wait(), cluster methods
+    dispy-hub       the IOLoop: every node connection, the UDP discovery socket(s),
+                    and timers every 0.1 s (pings, pulses, liveness, re-dials, the
+                    "no node answered" warning, the recover files' ids and big args)
+    dispy-worker-N  at most 8 (WorkerThreads): dials (connect + TLS + handshake),
+                    big frames and files jobs send (per connection in order),
+                    allocate() and shipping a computation's files
+    dispy-notifier  one per scheduler whose clusters have callbacks: calls them in order
+
+So a client with 48 nodes has the same threads as one with one node.  Layers, each a
+section below::
+
+    JobCluster (ClusterHooks) ──► Scheduler ──► NodePool ──► NodeLink ──► LoopConnection
+         one per computation      one per        dialing,     one node    on the IOLoop
+                                  NodePool       liveness,
+                                                 discovery
+    ClientHub: per process; the IOLoop, the WorkerThreads, the UDP port, and one
+    Scheduler + NodePool per (secret, TLS files) its clusters use
 
 Wire format (shared by every program): see ``Channel``.  A connection starts with a
 nonce handshake in which both sides prove knowledge of the secret; every later frame is
 ``length(4) | body | HMAC-SHA256(session key, sequence number | length | body)``.  Nothing
 received is unpickled before its HMAC is verified, and frames are unpickled with a
 restricted unpickler that admits only plain data (user objects travel as opaque blobs
-that only the job process, or the client that owns them, unpickles).  UDP discovery
-datagrams are JSON with an HMAC and are never unpickled.
+that only the job process, or the client that owns them, unpickles).  Every message is
+listed in the message catalog (``Msg``).  UDP discovery datagrams are JSON with an HMAC
+and are never unpickled.
 """
 
 import argparse
@@ -372,7 +394,8 @@ class Channel:
         self._recv_mac = hmac.new(recv_key, digestmod=hashlib.sha256)
 
     # -- sending -----------------------------------------------------------------------
-    def send_body(self, meta, buffers=()):
+    def frame(self, meta, buffers=()):
+        """The byte parts of the next frame (its sequence number is taken)."""
         table = struct.pack('!H%dQ' % len(buffers), len(buffers), *(len(b) for b in buffers))
         parts = [table, meta]
         parts.extend(buffers)
@@ -387,8 +410,11 @@ class Channel:
         for part in parts:
             mac.update(part)
         self.send_seq += 1
-        send_parts(self.sock, [header] + parts + [mac.digest()])
         self.bytes_sent += length + 36
+        return [header] + parts + [mac.digest()]
+
+    def send_body(self, meta, buffers=()):
+        send_parts(self.sock, self.frame(meta, buffers))
 
     def send(self, obj):
         self.send_body(*dumps_oob(obj, self.pickle_protocol))
@@ -418,25 +444,36 @@ class Channel:
     def _touch(self):
         self.last_recv = time.monotonic()
 
-    def recv_body(self):
-        """(pickle, [buffers]) of the next frame, verified; raises on anything else."""
-        header = self._read(4)
+    def begin_frame(self, header):
+        """(body length, running MAC) for a received frame header; refuses one over
+        our limit before anything is allocated for it."""
         (length,) = struct.unpack('!I', header)
         if length > self.max_frame:
             raise ProtocolError('peer sent a frame of %d bytes, over the limit of %d '
                                 '(raise max_frame_size on this side if this is legitimate)'
                                 % (length, self.max_frame))
-        data = self._read(length + 32)
-        body = memoryview(data)[:length]
         mac = self._recv_mac.copy()
         mac.update(struct.pack('!Q', self.recv_seq))
         mac.update(header)
-        mac.update(body)
-        if not hmac.compare_digest(mac.digest(), bytes(data[length:])):
+        return length, mac
+
+    def end_frame(self, mac, body, tag):
+        """(pickle, [buffers]) of a frame whose body ``mac`` has seen; raises unless
+        ``tag`` proves it."""
+        if not hmac.compare_digest(mac.digest(), bytes(tag)):
             raise AuthError('frame failed authentication (corrupted, replayed or forged)')
         self.recv_seq += 1
-        self.bytes_received += length + 36
+        self.bytes_received += len(body) + 36
+        self.last_recv = time.monotonic()
         return _split_body(body)
+
+    def recv_body(self):
+        """(pickle, [buffers]) of the next frame, verified; raises on anything else."""
+        length, mac = self.begin_frame(self._read(4))
+        data = self._read(length + 32)
+        body = memoryview(data)[:length]
+        mac.update(body)
+        return self.end_frame(mac, body, data[length:])
 
     def recv(self):
         return loads_frame(*self.recv_body())
@@ -1339,15 +1376,529 @@ def _split_list(text):
 
 
 # ================================================================================
-# Scheduler: jobs ↔ nodes (hosted by JobCluster here, by dispyscheduler.py later)
+# Client core: the I/O loop, worker threads and connections on the loop
+# ================================================================================
+#
+# A client process runs one ``IOLoop`` thread for every connection and datagram socket
+# it has, so its thread count does not grow with its nodes.  The loop reads, verifies
+# and decodes frames itself (each hand-off between threads costs 50-60 µs); work that
+# must not stall it goes to ``WorkerThreads``, in order per connection (a ``Strand``):
+# big frames (unpickling large results, saving files jobs send), dials (connect +
+# handshake), shipping a computation's files, user code such as ``allocate()``.
+#
+# Lock order (outer first): Scheduler.lock → LoopConnection._lock → IOLoop._lock and
+# WorkerThreads._cond.  The loop never waits on the scheduler's lock while it holds a
+# connection's lock.
+
+LOOP_TICK = 0.1             # timers of the loop (pings, pulses, re-dials) run this often
+BIG_FRAME = 256 << 10       # frames bigger than this are handled on the worker threads
+POOL_THREADS = 8            # bound of a client's worker threads
+
+
+class WorkerThreads:
+    """A bounded pool of daemon threads, started on demand and ended when idle.
+
+    Not ``concurrent.futures.ThreadPoolExecutor``: its threads are joined when the
+    interpreter exits, so a dial waiting out ``MsgTimeout`` would keep a finished
+    script alive; these are daemon threads.
+    """
+
+    IDLE_EXIT = 30.0        # an idle thread ends after this many seconds
+
+    def __init__(self, size, name):
+        self.size = size
+        self.name = name
+        self._tasks = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._threads = 0
+        self._idle = 0
+
+    def submit(self, func, *args):
+        with self._cond:
+            self._tasks.append((func, args))
+            if self._idle:
+                self._cond.notify()
+                return
+            if self._threads < self.size:
+                self._threads += 1
+                threading.Thread(target=self._work, daemon=True,
+                                 name='%s-%d' % (self.name, self._threads)).start()
+
+    def _work(self):
+        while True:
+            with self._cond:
+                self._idle += 1
+                if not self._tasks:
+                    self._cond.wait(self.IDLE_EXIT)
+                self._idle -= 1
+                if not self._tasks:
+                    self._threads -= 1
+                    return
+                func, args = self._tasks.popleft()
+            try:
+                func(*args)
+            except Exception:
+                logger.exception('dispy: task %s failed', getattr(func, '__qualname__', func))
+
+
+class Strand:
+    """Tasks run one at a time, in the order given, on a WorkerThreads pool: what one
+    connection hands off stays in order without a thread of its own."""
+
+    def __init__(self, threads):
+        self._threads = threads
+        self._tasks = collections.deque()
+        self._lock = threading.Lock()
+        self._running = False
+
+    @property
+    def busy(self):
+        return self._running
+
+    def submit(self, func, *args):
+        with self._lock:
+            self._tasks.append((func, args))
+            if self._running:
+                return
+            self._running = True
+        self._threads.submit(self._drain)
+
+    def _drain(self):
+        while True:
+            with self._lock:
+                if not self._tasks:
+                    self._running = False
+                    return
+                func, args = self._tasks.popleft()
+            try:
+                func(*args)
+            except Exception:
+                logger.exception('dispy: task %s failed', getattr(func, '__qualname__', func))
+
+
+class IOLoop:
+    """One thread and one ``selectors`` selector: sockets call back when ready, other
+    threads hand it calls (``call_soon``), and tickers run every LOOP_TICK seconds.
+    Registrations are changed only on the loop thread (``in_loop``)."""
+
+    def __init__(self, name):
+        self.selector = selectors.DefaultSelector()
+        self._calls = collections.deque()
+        self._tickers = []
+        self._stopped = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self.thread.start()
+
+    def on_loop(self):
+        return threading.current_thread() is self.thread
+
+    def call_soon(self, func, *args):
+        """Runs ``func`` on the loop thread after the events being handled."""
+        self._calls.append((func, args))
+        if not self.on_loop() and not self._woken:
+            self._woken = True
+            try:
+                self._wake_w.send(b'x')
+            except OSError:
+                pass
+
+    def in_loop(self, func, *args):
+        """Runs ``func`` now if on the loop thread, else soon on it."""
+        if self.on_loop():
+            func(*args)
+        else:
+            self.call_soon(func, *args)
+
+    def add_ticker(self, func):
+        self.call_soon(self._tickers.append, func)
+
+    def remove_ticker(self, func):
+        self.call_soon(lambda: func in self._tickers and self._tickers.remove(func))
+
+    def stop(self):
+        self._stopped = True
+        self.call_soon(lambda: None)
+
+    def _drain_wake(self, _events):
+        self._woken = False
+        try:
+            self._wake_r.recv(4096)
+        except OSError:
+            pass
+
+    def _run(self):
+        next_tick = time.monotonic()
+        try:
+            while not self._stopped:
+                timeout = 0 if self._calls else max(0.0, next_tick - time.monotonic())
+                for key, events in self.selector.select(timeout):
+                    self._guarded(key.data, events)
+                for _ in range(len(self._calls)):
+                    func, args = self._calls.popleft()
+                    self._guarded(func, *args)
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + LOOP_TICK
+                    for ticker in list(self._tickers):
+                        self._guarded(ticker)
+        finally:
+            for key in list(self.selector.get_map().values()):
+                if key.fileobj not in (self._wake_r,):
+                    try:
+                        key.fileobj.close()
+                    except OSError:
+                        pass
+            self._wake_r.close()
+            self._wake_w.close()
+            self.selector.close()
+
+    @staticmethod
+    def _guarded(func, *args):
+        try:
+            func(*args)
+        except Exception:
+            logger.exception('dispy: I/O loop call %s failed', getattr(func, '__qualname__',
+                                                                       func))
+
+
+class LoopConnection:
+    """A ``Channel`` served by the IOLoop instead of threads of its own.
+
+    Reading (loop thread): bytes are gathered into frames (a big frame straight into a
+    buffer of its final size, its HMAC computed as it arrives), verified, decoded and
+    given to ``handler.on_messages(conn, msgs)`` there; a frame over BIG_FRAME, and
+    every later one until the strand is idle again, is given on the connection's
+    Strand instead, so the loop never waits on a big result and order is kept.
+
+    Writing: ``send`` queues a message; everything queued packs into one frame.  A
+    caller on another thread writes the frame itself when the connection is idle
+    (nothing queued, nothing left unwritten); otherwise, and on the loop thread, the
+    loop flushes after the events at hand, so the replies to one frame leave in one.
+    Bytes the socket does not take at once are written when it is writable.
+    ``handler.on_closed(conn, reason)`` is called exactly once.
+
+    TLS works the same way: an ``SSLSocket`` in non-blocking mode raises
+    ``SSLWantReadError``/``SSLWantWriteError`` where a plain one would block, and
+    decrypted bytes waiting in it (``pending()``) are read before the loop selects again.
+    """
+
+    BATCH_BYTES = 1 << 20       # stop adding messages to a frame past this size hint
+    READ_BURST = 16             # reads per readiness event before other sockets' turn
+
+    def __init__(self, channel, handler, name, loop, threads):
+        self.channel = channel
+        self.handler = handler
+        self.name = name
+        self.peer_info = channel.peer_info
+        self.sock = channel.sock
+        self._loop = loop
+        self._strand = Strand(threads)
+        self._tls = isinstance(self.sock, ssl.SSLSocket)
+        self._lock = threading.Lock()       # outbox, flags, the channel's send state
+        self._outbox = collections.deque()
+        self._unsent = []                   # byte parts of frames the socket did not take
+        self._flush_due = False
+        self._want_write = False
+        self._closing = False               # no more sends; flush, then close
+        self._closed = False
+        self._close_reason = None
+        self._last_send = time.monotonic()
+        self._rbuf = bytearray()
+        self._big = None                    # (body buffer, bytes in, length, mac)
+        self._ended = threading.Event()
+
+    # -- life -------------------------------------------------------------------------------
+    def start(self):
+        self.sock.setblocking(False)
+        self._loop.in_loop(self._register)
+        return self
+
+    def _register(self):
+        if not self._closed:
+            self._loop.selector.register(self.sock, selectors.EVENT_READ, self._on_ready)
+            if self._rbuf or (self._tls and self.sock.pending()):
+                self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
+
+    @property
+    def closed(self):
+        return self._closing or self._closed
+
+    @property
+    def last_recv(self):
+        return self.channel.last_recv
+
+    @property
+    def idle_send(self):
+        return time.monotonic() - self._last_send
+
+    def wait_closed(self, timeout):
+        return self._ended.wait(max(0.0, timeout))
+
+    def close(self, reason='closed', flush=False):
+        """Closes the connection; with ``flush`` after sending what is queued."""
+        with self._lock:
+            if self._closed or self._closing and flush:
+                return
+            self._close_reason = self._close_reason or reason
+            self._closing = True
+            pending = bool(self._outbox or self._unsent)
+        if flush and pending:
+            self._schedule_flush()
+        else:
+            self._loop.in_loop(self._fail, reason)
+
+    # -- sending ----------------------------------------------------------------------------
+    def send(self, msg, size=None):
+        """Queues a message; ``size`` (by default its catalog bulk) guides batching."""
+        if size is None:
+            size = message_bulk(msg)
+        with self._lock:
+            if self._closing or self._closed:
+                return False
+            self._outbox.append((msg, size))
+            if self._flush_due or self._unsent or len(self._outbox) > 1:
+                return True
+            direct = not self._loop.on_loop()
+            if not direct:
+                self._flush_due = True
+        if direct:
+            self._flush()
+        else:
+            self._loop.call_soon(self._flush)
+        return True
+
+    def _schedule_flush(self):
+        with self._lock:
+            if self._flush_due:
+                return
+            self._flush_due = True
+        self._loop.call_soon(self._flush)
+
+    def _flush(self):
+        """Packs what is queued into frames and writes what the socket takes."""
+        try:
+            with self._lock:
+                self._flush_due = False
+                if self._closed:
+                    return
+                while self._outbox and not self._unsent:
+                    self._unsent = self._pack_batch()
+                done = self._write_unsent()
+                more = bool(self._outbox)
+                finished = done and not more and self._closing
+        except (OSError, ProtocolError, ValueError) as exc:
+            self._loop.in_loop(self._fail, 'send failed: %s' % exc)
+            return
+        if finished:
+            self._loop.in_loop(self._fail, self._close_reason or 'closed')
+        elif not done:
+            self._loop.in_loop(self._watch_writable, True)
+        elif more:
+            self._schedule_flush()
+
+    def _pack_batch(self):
+        batch, size = [], 0
+        while self._outbox and size < self.BATCH_BYTES:
+            msg, hint = self._outbox.popleft()
+            batch.append(out_of_band(msg) if hint >= OOB_MIN else msg)
+            size += hint
+        channel = self.channel
+        meta, buffers = dumps_oob(batch, channel.pickle_protocol)
+        if len(meta) + sum(len(b) for b in buffers) <= channel.peer_max_frame - 65536:
+            return channel.frame(meta, buffers)
+        parts = []
+        for msg in batch:   # too big together: one frame each
+            meta, buffers = dumps_oob([msg], channel.pickle_protocol)
+            size = len(meta) + sum(len(b) for b in buffers)
+            if size > channel.peer_max_frame:
+                logger.error('%s: %s message of %d bytes exceeds the peer\'s frame limit of %d;'
+                             ' dropped', self.name, msg[0], size, channel.peer_max_frame)
+                continue
+            parts += channel.frame(meta, buffers)
+        return parts
+
+    def _write_unsent(self):
+        """Writes queued parts without blocking; True when all are written."""
+        parts = self._unsent
+        while parts:
+            try:
+                if self._tls:
+                    sent = self.sock.send(memoryview(parts[0])[:1 << 20])
+                else:
+                    sent = self.sock.sendmsg(parts[:512])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError,
+                    ssl.SSLWantReadError):
+                return False
+            self._last_send = time.monotonic()
+            while sent and parts:
+                first = parts[0]
+                if sent >= len(first):
+                    sent -= len(first)
+                    parts.pop(0)
+                else:
+                    parts[0] = memoryview(first).cast('B')[sent:]
+                    sent = 0
+        return True
+
+    def _watch_writable(self, on):
+        if self._closed or on == self._want_write:
+            return
+        self._want_write = on
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
+        self._loop.selector.modify(self.sock, events, self._on_ready)
+
+    # -- the loop's side ----------------------------------------------------------------
+    def _on_ready(self, events):
+        if events & selectors.EVENT_WRITE:
+            self._watch_writable(False)
+            self._flush()
+        if events & selectors.EVENT_READ and not self._closed:
+            self._read()
+
+    def _read(self):
+        try:
+            for _ in range(self.READ_BURST):
+                if not self._read_once():
+                    return
+            if self._tls and self.sock.pending() or self._rbuf:
+                self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
+        except AuthError as exc:
+            logger.warning('%s: %s', self.name, exc)
+            self._fail(str(exc))
+        except (OSError, ProtocolError, EOFError, pickle.UnpicklingError) as exc:
+            self._fail(str(exc) or exc.__class__.__name__)
+
+    def _read_once(self):
+        """Reads what the socket has and handles every complete frame; False when
+        the socket has nothing more for now."""
+        big = self._big
+        try:
+            if big is not None:
+                view = memoryview(big[0])
+                got = self.sock.recv_into(view[big[1]:], min(len(view) - big[1], 1 << 22))
+            else:
+                data = self.sock.recv(262144)
+                got = len(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            return False
+        if not got:
+            raise ProtocolError('connection closed by peer')
+        self.channel.last_recv = time.monotonic()
+        if big is not None:
+            self._big_received(view, got)
+        else:
+            self._rbuf += data
+        self._frames()
+        return not self._closed
+
+    def _big_received(self, view, got):
+        buf, have, length, mac = self._big
+        end = min(have + got, length)
+        if end > have:
+            mac.update(view[have:end])      # the HMAC keeps pace with the bytes
+        have += got
+        self._big = (buf, have, length, mac)
+        if have == length + 32:
+            self._big = None
+            body = view[:length]
+            self._deliver(self.channel.end_frame(mac, body, view[length:]), length)
+
+    def _frames(self):
+        buf = self._rbuf
+        while len(buf) >= 4 and self._big is None and not self._closed:
+            length, mac = self.channel.begin_frame(bytes(buf[:4]))
+            if len(buf) < 4 + length + 32:
+                if length > (1 << 20):     # a large frame: into one buffer of its size
+                    body = bytearray(length + 32)
+                    have = len(buf) - 4
+                    body[:have] = buf[4:]
+                    del buf[:]
+                    self._big = (body, 0, length, mac)
+                    self._big_received(memoryview(body), have)
+                return
+            with memoryview(buf) as view:
+                body = memoryview(bytes(view[4:4 + length + 32]))
+            del buf[:4 + length + 32]
+            mac.update(body[:length])
+            self._deliver(self.channel.end_frame(mac, body[:length], body[length:]), length)
+
+    def _deliver(self, frame, length):
+        msgs = loads_frame(*frame)
+        if not isinstance(msgs, list):
+            raise ProtocolError('malformed frame')
+        offload = getattr(self.handler, 'OFFLOAD', ())
+        if length > BIG_FRAME or self._strand.busy or any(m[0] in offload for m in msgs
+                                                          if isinstance(m, tuple) and m):
+            self._strand.submit(self._handle, msgs)
+        else:
+            self._handle(msgs)
+
+    def _handle(self, msgs):
+        if self._closed:
+            return
+        try:
+            self.handler.on_messages(self, msgs)
+        except Exception:
+            logger.exception('%s: error handling a message; closing the connection', self.name)
+            self._loop.in_loop(self._fail, 'internal error')
+
+    def _fail(self, reason):
+        """Closes the socket and reports once (loop thread), after the messages
+        already handed to the strand."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = self._closing = True
+            self._outbox.clear()
+            self._unsent = []
+            reason = self._close_reason or reason
+        try:
+            self._loop.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.channel.close()
+        self._ended.set()
+        if self._strand.busy:
+            self._strand.submit(self._report_closed, reason)
+        else:
+            self._report_closed(reason)
+
+    def _report_closed(self, reason):
+        try:
+            self.handler.on_closed(self, reason)
+        except Exception:
+            logger.exception('%s: error in close handler', self.name)
+
+
+
+# ================================================================================
+# Node pool: dialing, liveness and discovery of a set of nodes
 # ================================================================================
 
 class NodeLink:
-    """The scheduler's view of one node: its connection, CPUs, the jobs dispatched to it
-    and which clusters are set up there.  It handles the node's messages."""
+    """One node as a pool and its scheduler see it: its address and connection, what
+    it said of itself, and (the scheduler's part) the jobs dispatched to it and the
+    clusters set up there.
 
-    def __init__(self, hub, ip_addr, port):
-        self.hub = hub
+    Its life is a few transitions, each a method called by the pool (lock held)::
+
+        NEW ─dial─► CONNECTING ─NODE─► READY ─connection lost─► RECONNECTING ─NODE─► READY
+         ▲             │ failed          │ silent                 │ retries spent
+         └─ backoff ───┘                 ▼                        ▼
+                                        DEAD ◄────────────────────┘  (dialed again later)
+        BUSY: serving another client (dialed again every 2 s); ALIAS: another address
+        of a node already connected (never dialed again)
+    """
+
+    NEW, CONNECTING, READY, RECONNECTING = 'new', 'connecting', 'ready', 'reconnecting'
+    BUSY, ALIAS, DEAD = 'busy', 'alias', 'dead'
+
+    def __init__(self, ip_addr, port):
         self.ip_addr = ip_addr
         self.port = port
         self.name = ''
@@ -1356,26 +1907,31 @@ class NodeLink:
         self.instance = None      # changes when the node restarts
         self.avail_info = None
         self.conn = None
-        self.state = 'new'        # new, connecting, ready, reconnecting, busy, alias, dead
-        self.jobs = {}            # job key -> DispyJob dispatched here
-        self.setups = {}          # cluster key -> 'pending' | 'ready' | 'failed'
-        self.in_flight = collections.Counter()   # cluster key -> jobs dispatched
-        self.alloc_cpus = {}      # cluster key -> CPUs the cluster may use here
+        self.state = NodeLink.NEW
+        self.dialing = False      # a dial is under way
         self.retry = 0            # index in RECONNECT_DELAYS while reconnecting
-        self.put_replies = {}     # (cluster key, file name) -> error or None (send_file)
-        self.closing = {}         # cluster key -> re-setup after closing? (close_node)
         self.next_dial = 0.0
         self.lost_reason = None
-        self.busy_warned = False
-        self.busy_with = ''        # what the node said of the client it serves instead
-        self.dialing = False      # a dial thread is running
-        self.seen_instance = None # node instance its discovery answer named
         self.silent = False       # closed because no pulse came: dead at once
+        self.busy_warned = False
+        self.busy_with = ''       # what the node said of the client it serves instead
+        self.seen_instance = None  # node instance its discovery answer named
         self.pulse_interval = None  # what the node was told when it connected
+        # the scheduler's part
+        self.jobs = {}            # job key -> DispyJob dispatched here
+        self.setups = {}          # cluster key -> 'allocating'|'pending'|'ready'|'failed'
+        self.in_flight = collections.Counter()   # cluster key -> jobs dispatched
+        self.alloc_cpus = {}      # cluster key -> CPUs the cluster may use here
+        self.put_replies = {}     # (cluster key, file name) -> error or None (send_file)
+        self.closing = {}         # cluster key -> re-setup after closing? (close_node)
         self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
 
     def __repr__(self):
         return '<NodeLink %s:%s %s>' % (self.ip_addr, self.port, self.state)
+
+    @property
+    def ready(self):
+        return self.state == NodeLink.READY
 
     def capacity(self, ckey):
         """Jobs of a cluster that may be in flight here: its CPUs plus a few queued on
@@ -1387,58 +1943,571 @@ class NodeLink:
         conn = self.conn
         return conn.send(msg) if conn is not None else False
 
-    # -- Connection handler --------------------------------------------------------------
+    # -- transitions ----------------------------------------------------------------------
+    def dial_started(self, port):
+        self.port = port or self.port
+        if self.state != NodeLink.RECONNECTING:
+            self.state = NodeLink.CONNECTING
+        self.dialing = True
+
+    def dial_failed(self, now):
+        """A dial of a node not connected before failed: try again, backing off."""
+        self.dialing = False
+        if self.state == NodeLink.CONNECTING:
+            self.state = NodeLink.NEW
+            self.retry = min(self.retry + 1, 6)
+            self.next_dial = now + min(2 ** self.retry * 0.25, 10.0)
+
+    def connected(self, conn, pulse_interval):
+        self.dialing = False
+        self.conn = conn
+        self.pulse_interval = pulse_interval
+
+    def answered(self, info):
+        """The node's NODE message: it is ready (again); True if it restarted since."""
+        restarted = self.instance is not None and self.instance != info.get('instance')
+        self.instance = info.get('instance')
+        self.name = info.get('name', '')
+        self.cpus = int(info.get('cpus', 1))
+        self.platform = info.get('platform', '')
+        self.avail_info = _avail_info(info.get('avail'))
+        self.state = NodeLink.READY
+        self.retry = 0
+        self.busy_warned = False
+        return restarted
+
+    def turned_away(self, desc, now):
+        self.busy_with = desc
+        self.state = NodeLink.BUSY
+        self.next_dial = now + 2.0
+
+    def aliased(self):
+        self.state = NodeLink.ALIAS
+
+    def went_silent(self):
+        self.silent = True
+
+    def connection_closed(self, now):
+        """The connection ended: 'lost' (dead now), 'reconnect', or None (nothing to
+        do: it is busy, an alias, or never became ready)."""
+        self.conn = None
+        if self.state in (NodeLink.BUSY, NodeLink.ALIAS):
+            return None
+        if self.silent:
+            self.silent = False
+            return 'lost'
+        if self.state == NodeLink.READY or self.jobs:
+            self.state = NodeLink.RECONNECTING
+            self.retry = 0
+            return 'reconnect'
+        self.state = NodeLink.NEW
+        self.next_dial = now + 1.0
+        return None
+
+    def reconnect_failed(self, now):
+        """One more reconnect attempt failed; True when they are all spent."""
+        self.dialing = False
+        self.retry += 1
+        if self.retry > len(RECONNECT_DELAYS):
+            self.retry = 0
+            return True
+        self.next_dial = now + RECONNECT_DELAYS[self.retry - 1]
+        return False
+
+    def lost(self, reason, redial_after):
+        """Dead: its jobs were given back; it is dialed again after ``redial_after``."""
+        self.state = NodeLink.DEAD
+        self.lost_reason = reason
+        self.instance = None
+        self.next_dial = time.monotonic() + redial_after
+        self.forget_work()
+
+    def forget_work(self):
+        """Its jobs and set-up clusters are gone (lost, or another client took it)."""
+        self.jobs.clear()
+        self.setups.clear()
+        self.alloc_cpus.clear()
+        self.in_flight.clear()
+
+
+class NodePool:
+    """Dials, watches and finds the nodes of one secret and TLS setting, and reports
+    them to its owner (the scheduler) through these hooks::
+
+        owner.wants_node(ip, name)            -> bool   a discovered node: dial it?
+        owner.node_ready(link, restarted, info)          NODE received (lock held)
+        owner.node_messages(link, msgs)                  any other message (no lock)
+        owner.node_lost(link, reason)                    gone for good (lock held)
+        owner.has_clusters()                  -> bool   worth warning when no node?
+
+    A client program has one pool per (secret, TLS files) its clusters use;
+    dispyscheduler has one towards its nodes.  Dials (TCP connect, TLS, handshake) run
+    on the worker threads; connections then live on the I/O loop; ``tick`` runs on
+    the loop: pulses, liveness, re-dials, pings and the "no node answered" warning.
+    The lock is the owner's (``lock``): NodeLinks are shared state of both.
+    """
+
+    OFFLOAD = frozenset(('SEND_FILE',))    # frames with these are handled off the loop
+
+    def __init__(self, owner, lock, secret, ssl_context, options, loop, threads, client,
+                 sendto):
+        self.owner = owner
+        self.lock = lock
+        self.secret = secret
+        self.ssl_context = ssl_context
+        self.max_frame = options['max_frame']
+        self.pulse_interval = options['pulse_interval']
+        self.ping_interval = options['ping_interval']
+        self.node_port = options['node_port']
+        self.ip_addrs = options['ip_addrs']
+        self.loop = loop
+        self.threads = threads
+        self.client = client        # who we are: id, name, pid, udp_port
+        self.sendto = sendto        # (data, (addr, port)) -> sends a datagram
+        self.links = {}             # node address -> NodeLink
+        self.targets = {}           # (address, port) named by a cluster's nodes
+        self.broadcast = False      # some cluster has a pattern: ping by broadcast
+        self.auth_failures = set()
+        self.refused = set()        # nodes that failed the handshake (warned once)
+        self.closed = False
+        self.started = time.monotonic()
+        self.next_ping = 0.0
+        self.ping_backoff = 1.0
+        self.next_warning = self.started + NO_NODE_WARN_AFTER
+
+    # -- what to look for --------------------------------------------------------------------
+    def add_allocations(self, allocs):
+        """Dials the hosts named in ``allocs``; patterns make the pings broadcast."""
+        with self.lock:
+            for alloc in allocs:
+                if alloc.ip_addr is None:
+                    self.broadcast = True
+                else:
+                    self.targets[(alloc.ip_addr, alloc.port)] = True
+                    link = self.links.get(alloc.ip_addr)
+                    if link is None or link.state in (NodeLink.NEW, NodeLink.DEAD):
+                        self._dial(alloc.ip_addr, alloc.port)
+            self.next_ping = 0.0
+
+    def ready_links(self):
+        return [link for link in self.links.values() if link.ready]
+
+    def link(self, addr):
+        return self.links.get(addr)
+
+    # -- dialing -----------------------------------------------------------------------------
+    def _dial(self, addr, port):
+        """Starts a connection to a node (lock held)."""
+        link = self.links.get(addr)
+        if link is None:
+            link = self.links[addr] = NodeLink(addr, port)
+        if link.state in (NodeLink.CONNECTING, NodeLink.READY) or link.dialing or self.closed:
+            return
+        link.dial_started(port)
+        self.threads.submit(self._dial_and_handshake, link)
+
+    def _dial_and_handshake(self, link):
+        timeout = MsgTimeout
+        if link.state == NodeLink.RECONNECTING:
+            timeout = min(timeout, max(1.0, 2 * self.pulse_interval))
+        try:
+            channel = self._connect(link, timeout)
+        except (OSError, ProtocolError, ValueError) as exc:
+            self._dial_failed(link, exc)
+            return
+        with self.lock:
+            if self.closed:
+                channel.close()
+                return
+            conn = LoopConnection(channel, self, link.ip_addr, self.loop, self.threads)
+            link.connected(conn, self.pulse_interval)
+            conn.send(Msg.CLIENT(dict(self.client, pulse_interval=self.pulse_interval)))
+            conn.start()
+
+    def _connect(self, link, timeout):
+        family = node_address_family(link.ip_addr)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr(link.ip_addr, link.port))
+        except OSError:
+            sock.close()
+            raise
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=False)
+            return handshake(sock, self.secret, True, {'role': 'client'}, self.max_frame,
+                             timeout)
+        except (OSError, ProtocolError, ValueError) as exc:
+            sock.close()
+            if isinstance(exc, ProtocolError):
+                raise
+            # Connected, then dropped during the handshake: the usual cause is TLS on one
+            # side only (or a different certificate).
+            raise ProtocolError('node closed the connection during the handshake (%s); '
+                                'is it overloaded, or does it use TLS (certfile) while '
+                                'this client does%s?' % (exc, '' if self.ssl_context else ' not'))
+
+    def _dial_failed(self, link, exc):
+        with self.lock:
+            self._warn_dial_failure(link, exc)
+            if link.state == NodeLink.RECONNECTING:
+                self._reconnect_failed(link, 'reconnect failed: %s' % exc)
+            else:
+                link.dial_failed(time.monotonic())
+
+    def _warn_dial_failure(self, link, exc):
+        if isinstance(exc, AuthError):
+            if link.ip_addr not in self.auth_failures:
+                logger.warning('node %s:%s failed authentication: %s; check that it runs '
+                               'with the same secret', link.ip_addr, link.port, exc)
+            self.auth_failures.add(link.ip_addr)
+        elif isinstance(exc, ProtocolError):
+            if link.ip_addr not in self.refused:
+                logger.warning('cannot use node %s:%s: %s', link.ip_addr, link.port, exc)
+            self.refused.add(link.ip_addr)
+        else:
+            logger.debug('connecting to node %s:%s failed: %s', link.ip_addr, link.port, exc)
+
+    def _reconnect_failed(self, link, reason):
+        if link.reconnect_failed(time.monotonic()):
+            reason = link.lost_reason or reason
+            logger.warning('node %s is lost: %s', link.ip_addr, reason)
+            self._lose(link, reason, 2.0)
+
+    def _lose(self, link, reason, redial_after):
+        self.owner.node_lost(link, reason)
+        link.lost(reason, redial_after)
+
+    # -- a connection's messages and end (LoopConnection handler) ---------------------------
     def on_messages(self, conn, msgs):
-        self.hub.scheduler.on_node_messages(self, conn, msgs)
+        link = self.links.get(conn.name)
+        if link is None or conn is not link.conn:
+            return      # a connection already replaced
+        first = msgs[0] if msgs and isinstance(msgs[0], tuple) and msgs[0] else None
+        if first is not None and first[0] in ('NODE', 'BUSY'):
+            with self.lock:
+                if conn is not link.conn:
+                    return
+                if first[0] == 'BUSY':
+                    self._node_busy(link, Msg.BUSY.read(first).serving)
+                    return
+                if not self._node_answered(link, Msg.NODE.read(first).info):
+                    return
+            msgs = msgs[1:]
+        if msgs:
+            self.owner.node_messages(link, conn, msgs)
+
+    def _node_answered(self, link, info):
+        instance = info.get('instance')
+        for other in self.links.values():
+            if (other is not link and instance and other.instance == instance
+                    and other.state in (NodeLink.READY, NodeLink.RECONNECTING)):
+                # The same node under a second address (two names, IPv4 and IPv6):
+                # keep the first; never dial this one again.
+                logger.info('node %s is %s under another address; using %s', link.ip_addr,
+                            other.ip_addr, other.ip_addr)
+                link.aliased()
+                link.conn.close('same node as %s' % other.ip_addr)
+                return False
+        if link.state == NodeLink.RECONNECTING:
+            logger.info('reconnected to node %s', link.ip_addr)
+        self.auth_failures.discard(link.ip_addr)
+        self.refused.discard(link.ip_addr)
+        restarted = link.answered(info)
+        self.owner.node_ready(link, restarted, info)
+        return True
+
+    def _node_busy(self, link, desc):
+        if not link.busy_warned:
+            logger.warning('node %s is busy with another client: %s; it will be used as soon '
+                           'as it is free', link.ip_addr, desc)
+            link.busy_warned = True
+        had_jobs = bool(link.jobs)
+        link.turned_away(desc, time.monotonic())
+        if had_jobs:       # it restarted and another client took it: our jobs are gone
+            self.owner.node_lost(link, 'node serves another client now')
+            link.forget_work()
 
     def on_closed(self, conn, reason):
-        self.hub.on_link_closed(self, conn, reason)
+        with self.lock:
+            link = self.links.get(conn.name)
+            if link is None or conn is not link.conn:
+                return
+            if self.closed:
+                link.conn = None
+                link.state = NodeLink.DEAD
+                return
+            what = link.connection_closed(time.monotonic())
+            if what == 'lost':
+                # Silent for 5 pulses already: dead now; dialed again later and used
+                # again if it comes back.
+                logger.warning('node %s is lost: %s', link.ip_addr, reason)
+                self._lose(link, reason, self.pulse_interval)
+            elif what == 'reconnect':
+                logger.warning('connection to node %s lost (%s); reconnecting', link.ip_addr,
+                               reason)
+                link.lost_reason = reason
+                self._reconnect_failed(link, reason)
+
+    # -- discovery -----------------------------------------------------------------------------
+    def datagram(self, msg, good, addr):
+        """A discovery datagram that this pool's secret does (``good``) or does not
+        authenticate (loop thread)."""
+        if not good:
+            if (msg.get('t') == 'nak' and addr[0] not in self.auth_failures
+                    and len(self.auth_failures) < 1024):
+                logger.warning('node %s answered but failed authentication: check that '
+                               'it runs with the same secret', addr[0])
+                self.auth_failures.add(addr[0])
+            return
+        if msg.get('t') in ('pong', 'announce'):
+            self._found_node(msg, addr)
+
+    def _found_node(self, msg, addr):
+        ip = msg.get('ip') or _address_with_scope(addr)
+        try:
+            port = int(msg.get('port') or NODE_PORT)
+        except (TypeError, ValueError):
+            return
+        name = str(msg.get('name', ''))
+        instance = msg.get('instance')
+        with self.lock:
+            if not self.owner.wants_node(ip, name):
+                return
+            # One node answers on each of its addresses (IPv4, IPv6 link-local, ...):
+            # use the first address that reached it.
+            if instance and any(l.ip_addr != ip and l.seen_instance == instance
+                                and l.state not in (NodeLink.NEW, NodeLink.DEAD)
+                                for l in self.links.values()):
+                return
+            link = self.links.get(ip)
+            if link is not None and link.state in (NodeLink.CONNECTING, NodeLink.READY,
+                                                   NodeLink.RECONNECTING):
+                return
+            if link is not None and link.state == NodeLink.BUSY and msg.get('busy'):
+                return
+            self._dial(ip, port)
+            self.links[ip].seen_instance = instance
+
+    # -- timers (loop thread) ------------------------------------------------------------------
+    def tick(self, now):
+        with self.lock:
+            if self.closed:
+                return
+            if now >= self.next_ping:
+                self._ping(now)
+            for link in list(self.links.values()):
+                self._tick_link(link, now)
+            if now >= self.next_warning:
+                self._warn_no_nodes(now)
+
+    def _tick_link(self, link, now):
+        if link.ready and link.conn is not None:
+            if link.conn.idle_send >= self.pulse_interval:
+                link.send(Msg.PULSE(time.time()))
+            silent = now - link.conn.last_recv
+            # the node pulses at the interval it was told when it connected
+            if silent > DEAD_PULSES * max(self.pulse_interval, link.pulse_interval or 0):
+                link.went_silent()
+                link.conn.close('no message from node for %.1f s' % silent)
+        elif link.dialing:
+            return
+        elif link.state == NodeLink.RECONNECTING and now >= link.next_dial:
+            self._dial(link.ip_addr, link.port)
+        elif link.state in (NodeLink.NEW, NodeLink.BUSY, NodeLink.DEAD) and \
+                now >= link.next_dial and ((link.ip_addr, link.port) in self.targets
+                                           or link.state == NodeLink.BUSY):
+            self._dial(link.ip_addr, link.port)
+
+    def _ping(self, now):
+        if self.ping_interval:
+            self.next_ping = now + self.ping_interval
+        else:   # no interval given: ping again (backing off) only while nothing answers
+            ready = any(link.ready for link in self.links.values())
+            self.next_ping = now + (self.ping_backoff if not ready else 3600)
+            self.ping_backoff = min(self.ping_backoff * 2, 30.0)
+        data = pack_datagram(self.secret, Datagram.ping(self.client['id'],
+                                                        self.client['udp_port']))
+        dests = list(self.targets)
+        if self.broadcast:
+            dests += [(bcast, self.node_port)
+                      for bcast in broadcast_addresses(self.ip_addrs or None)]
+            if any(':' in a and not is_loopback(a) for a in self.ip_addrs or ['::']):
+                dests += multicast_destinations(self.node_port)
+        for dest in dests:
+            self.sendto(data, dest)
+
+    def _warn_no_nodes(self, now):
+        self.next_warning = now + max(NO_NODE_WARN_AFTER, (now - self.started))
+        if any(link.ready for link in self.links.values()) or not self.owner.has_clusters():
+            return
+        busy = [l for l in self.links.values() if l.state == NodeLink.BUSY]
+        if busy:    # the cause is known: say that first
+            msg = ('waiting %.0f s for %d node(s) busy with another client: %s; each is used '
+                   'as soon as it is free' % (now - self.started, len(busy), '; '.join(
+                       '%s serves %s' % (l.ip_addr, l.busy_with) for l in busy)))
+        else:
+            where = ', '.join('%s:%s' % t for t in self.targets) or 'broadcast'
+            msg = ('no dispy node has answered after %.0f s (looked for: %s). Check that '
+                   'dispynode.py runs on the nodes, that the ports (client %s, node %s) are '
+                   'open and that ip_addr/nodes are right'
+                   % (now - self.started, where, self.client['udp_port'], self.node_port))
+        if self.auth_failures:
+            msg += ('; %d node(s) answered but failed authentication (secret mismatch?): %s'
+                    % (len(self.auth_failures), ', '.join(sorted(self.auth_failures))))
+        logger.warning(msg)
+
+    # -- the end -------------------------------------------------------------------------------
+    def close(self, grace=5.0):
+        """Releases every node: RELEASE, then the connection closes once flushed."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            conns = [link.conn for link in self.links.values() if link.conn is not None]
+        for conn in conns:
+            conn.send(Msg.RELEASE())
+            conn.close('released', flush=True)
+        deadline = time.monotonic() + grace
+        for conn in conns:      # bounded: a node that takes nothing cannot hold us
+            conn.wait_closed(deadline - time.monotonic())
+
+# ================================================================================
+# Scheduler: jobs ↔ nodes (hosted by JobCluster here, by dispyscheduler.py later)
+# ================================================================================
+
+class ClusterHooks:
+    """What the Scheduler asks of each cluster it hosts, as hook methods in the manner
+    of ``socketserver.BaseRequestHandler``: ``JobCluster`` implements them in a
+    program, dispyscheduler's clusters of remote clients forward them to their client.
+
+    Attributes read: ``allocations`` (NodeAllocate list), ``reentrant`` (resubmit the
+    jobs of a lost node), ``name``; ``key`` is set by ``Scheduler.add_cluster``.
+
+    Called with the scheduler's lock held; they must not block or run user code:
+        job_submitted(job), job_dispatched(job, link), job_changed(job, status),
+        job_ended(job, link), node_changed(link, status)
+    Called without the lock on a worker thread; they may block and run user code:
+        allocate(alloc, link) -> CPUs for this cluster on the node (0: not used)
+        computation(alloc)    -> (spec, [(file name, path)]) to set up on a node
+        job_file(job, path, mode, offset, data, last)   a chunk of a file a job sent
+    """
+
+    key = None
+    allocations = ()
+    reentrant = False
+    name = ''
+
+    def job_submitted(self, job):
+        pass
+
+    def job_dispatched(self, job, link):
+        pass
+
+    def job_changed(self, job, status):
+        pass
+
+    def job_ended(self, job, link):
+        pass
+
+    def node_changed(self, link, status):
+        pass
+
+    def allocate(self, alloc, link):
+        return link.cpus
+
+    def computation(self, alloc):
+        raise NotImplementedError
+
+    def job_file(self, job, path, mode, offset, data, last):
+        pass
+
+
+class _ClusterQueue:
+    """A hosted cluster's jobs not yet on a node."""
+    __slots__ = ('cluster', 'key', 'pending', 'pinned')
+
+    def __init__(self, cluster, key):
+        self.cluster = cluster
+        self.key = key
+        self.pending = collections.deque()
+        self.pinned = {}            # node address -> deque of jobs for submit_node
 
 
 class Scheduler:
-    """Places jobs of every cluster on the least-loaded node that has the cluster's
-    computation set up, and follows each job to its end.
+    """Places the jobs of every hosted cluster on the least-loaded node that has the
+    cluster's computation set up, and follows each job to its end.
 
-    All state is guarded by one lock, ``self.lock``; each cluster's condition shares it,
-    so a reply that ends a job and the user waiting for it see one consistent state.
-    A cluster is any object with the small interface used here (``_key``, ``_package``,
-    ``_allocs``, ``_pending``, ``_pinned``, ``_reentrant``, ``_job_changed``,
-    ``_node_changed``), so dispyscheduler.py can host clusters of remote clients.
+    Hosts: a client program's ``ClientHub`` (one scheduler per node pool) and
+    dispyscheduler.py.  Cluster and job keys come from the counters it is given, so
+    they are unique among every cluster it hosts, whichever program made them.
+
+    One lock, ``self.lock`` (reentrant), guards the scheduler, its node pool's links
+    and every job's state; ``self.cond`` shares it: the user waiting for a job and the
+    reply that ends it see one state.  Outside it run: unpickling results, saving files
+    jobs send, ``allocate()``, reading a computation's files (see ClusterHooks).
     """
 
-    def __init__(self, hub):
-        self.hub = hub
+    def __init__(self, threads, cluster_keys=None, job_keys=None):
         self.lock = threading.RLock()
-        self.clusters = {}         # cluster key -> cluster
-        self.links = {}            # node address -> NodeLink
+        self.cond = threading.Condition(self.lock)
+        self.threads = threads
+        self.pool = None            # NodePool, given by the host (attach_pool)
+        self.queues = {}            # cluster key -> _ClusterQueue
+        self._cluster_keys = cluster_keys or itertools.count(1)
+        self._job_keys = job_keys or itertools.count(1)
+
+    def attach_pool(self, pool):
+        self.pool = pool
 
     # -- clusters ------------------------------------------------------------------------
     def add_cluster(self, cluster):
+        """Hosts a cluster: gives it its key and offers it every matching node."""
         with self.lock:
-            self.clusters[cluster._key] = cluster
+            cluster.key = next(self._cluster_keys)
+            self.queues[cluster.key] = _ClusterQueue(cluster, cluster.key)
+        self.add_allocations(cluster, cluster.allocations)
+        return cluster.key
+
+    def add_allocations(self, cluster, allocs):
+        """More nodes for a cluster (already in ``cluster.allocations``)."""
+        self.pool.add_allocations(allocs)
+        with self.lock:
+            queue = self.queues.get(cluster.key)
+            for link in self.pool.ready_links():
+                if queue is not None and cluster.key not in link.setups:
+                    self._offer(link, queue)
 
     def remove_cluster(self, cluster):
         """Closes the cluster's computation on every node (they run cleanup)."""
         with self.lock:
-            self.clusters.pop(cluster._key, None)
-            links = [link for link in self.links.values() if cluster._key in link.setups]
-            for link in links:
-                state = link.setups.pop(cluster._key)
-                link.alloc_cpus.pop(cluster._key, None)
-                if state != 'failed':
-                    link.send(Msg.CLOSE_COMPUTE(cluster._key))
+            self.queues.pop(cluster.key, None)
+            for link in self.pool.links.values():
+                state = link.setups.pop(cluster.key, None)
+                link.alloc_cpus.pop(cluster.key, None)
+                if state in ('pending', 'ready'):
+                    link.send(Msg.CLOSE_COMPUTE(cluster.key))
+
+    def has_clusters(self):
+        return bool(self.queues)
 
     # -- jobs ------------------------------------------------------------------------------
     def submit(self, job):
+        """Queues a job (its key is given here); returns it."""
         with self.lock:
-            cluster = job._cluster
+            queue = self.queues[job._cluster.key]
+            job._key = next(self._job_keys)
+            if job.id is None:
+                job.id = job._key
             if job._pin is not None:
-                cluster._pinned.setdefault(job._pin, collections.deque()).append(job)
+                queue.pinned.setdefault(job._pin, collections.deque()).append(job)
             else:
-                cluster._pending.append(job)
-            cluster._open_jobs += 1
-            cluster._job_submitted(job)
+                queue.pending.append(job)
+            job._cluster.job_submitted(job)
             self._dispatch()
+        return job
 
     def cancel(self, job, reason='Cancelled'):
         """Cancels a job: queued here → ends now; on a node → the node kills it."""
@@ -1453,35 +2522,67 @@ class Scheduler:
             link.send(Msg.CANCEL(job._key, job._attempt))
             return 0
 
+    def open_jobs(self, cluster):
+        """The cluster's jobs not ended: queued here or on nodes."""
+        with self.lock:
+            queue = self.queues.get(cluster.key)
+            jobs = []
+            if queue is not None:
+                jobs = [j for j in queue.pending if j.status not in FINAL_STATUSES]
+                for pinned in queue.pinned.values():
+                    jobs.extend(pinned)
+            for link in self.pool.links.values():
+                jobs.extend(j for j in link.jobs.values() if j._cluster is cluster)
+            return jobs
+
+    def jobs_on_nodes(self, cluster):
+        with self.lock:
+            return sum(1 for link in self.pool.links.values() for job in link.jobs.values()
+                       if job._cluster is cluster)
+
+    def abort(self, cluster, reason, grace=5.0):
+        """Cancels every open job of a cluster; nodes that do not confirm within
+        ``grace`` seconds cannot hold it up: those jobs end here."""
+        with self.lock:
+            jobs = self.open_jobs(cluster)
+            for job in jobs:
+                self.cancel(job, reason)
+            self.cond.wait_for(lambda: all(j.status in FINAL_STATUSES for j in jobs), grace)
+            for job in jobs:
+                self._end_job(job, DispyJob.Cancelled, exception=reason)
+
     def _dispatch(self):
-        """Fills free job slots on ready nodes, least-loaded node first."""
-        ready = [link for link in self.links.values() if link.state == 'ready']
-        if not ready:
-            return
-        for cluster in list(self.clusters.values()):
-            if not cluster._pending and not cluster._pinned:
+        """Fills free job slots on ready nodes, least-loaded node first (lock held)."""
+        ready = None
+        for queue in self.queues.values():
+            if not queue.pending and not queue.pinned:
                 continue
-            ckey = cluster._key
-            candidates = [l for l in ready if l.setups.get(ckey) == 'ready'
-                          and ckey not in l.closing]
+            if ready is None:
+                ready = self.pool.ready_links()
+                if not ready:
+                    return
+            self._dispatch_queue(queue, ready)
+
+    def _dispatch_queue(self, queue, ready):
+        ckey = queue.key
+        candidates = [l for l in ready if l.setups.get(ckey) == 'ready'
+                      and ckey not in l.closing]
+        for link in candidates:
+            pinned = queue.pinned.get(link.ip_addr)
+            while pinned and link.in_flight[ckey] < link.capacity(ckey):
+                self._send_job(link, pinned.popleft())
+        while queue.pending:
+            best, best_load = None, None
             for link in candidates:
-                pinned = cluster._pinned.get(link.ip_addr)
-                while pinned and link.in_flight[ckey] < link.capacity(ckey):
-                    self._send_job(link, pinned.popleft())
-            if not cluster._pending:
-                continue
-            while cluster._pending:
-                best, best_load = None, None
-                for link in candidates:
-                    cap = link.capacity(ckey)
-                    if link.in_flight[ckey] >= cap:
-                        continue
-                    load = link.in_flight[ckey] / cap
-                    if best is None or load < best_load:
-                        best, best_load = link, load
-                if best is None:
-                    break
-                self._send_job(best, cluster._pending.popleft())
+                cap = link.capacity(ckey)
+                if link.in_flight[ckey] >= cap:
+                    continue
+                load = link.in_flight[ckey] / cap
+                if best is None or load < best_load:
+                    best, best_load = link, load
+            if best is None:
+                break
+            self._send_job(best, queue.pending.popleft())
 
     def _send_job(self, link, job):
         if job.status in FINAL_STATUSES:    # cancelled while queued
@@ -1495,219 +2596,11 @@ class Scheduler:
         job._attempt += 1
         job._node = link
         job.ip_addr = link.ip_addr
-        ckey = job._cluster._key
+        ckey = job._cluster.key
         link.jobs[job._key] = job
         link.in_flight[ckey] += 1
-        job._cluster._job_dispatched(job, link)
+        job._cluster.job_dispatched(job, link)
         link.send(Msg.JOB(job._key, ckey, job._attempt, job._blob, job._options))
-
-    # -- node events -------------------------------------------------------------------------
-    def node_ready(self, link, info):
-        """A node answered (first time, or again after a dropped connection)."""
-        with self.lock:
-            restarted = link.instance is not None and link.instance != info.get('instance')
-            held = {tuple(x) for x in info.get('jobs', ())}
-            if restarted:       # running jobs died with it; kept results come again
-                self._lose_jobs(link, [j for j in link.jobs.values()
-                                       if (j._key, j._attempt) not in held], 'node restarted')
-                link.setups.clear()
-                link.alloc_cpus.clear()
-            else:   # jobs and computations the node no longer has are lost
-                lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
-                self._lose_jobs(link, lost, 'node lost the job')
-                for key, attempt in held:       # attempts superseded while it was away,
-                    job = link.jobs.get(key)      # or cancelled while we were cut off
-                    if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
-                        link.send(Msg.CANCEL(key, attempt))
-                kept = set(info.get('computations', ()))
-                for ckey in [k for k in link.setups if k not in kept]:
-                    del link.setups[ckey]
-                    link.alloc_cpus.pop(ckey, None)
-                for ckey, state in link.setups.items():   # a SETUP reply may have been lost
-                    if state == 'pending':
-                        link.send(Msg.COMPUTE(ckey, None))
-            link.instance = info.get('instance')
-            link.name = info.get('name', '')
-            link.cpus = int(info.get('cpus', 1))
-            link.platform = info.get('platform', '')
-            link.avail_info = _avail_info(info.get('avail'))
-            link.state = 'ready'
-            link.retry = 0
-            for cluster in list(self.clusters.values()):
-                if cluster._key not in link.setups:
-                    self._setup_on(link, cluster)
-            self._dispatch()
-
-    def _setup_on(self, link, cluster):
-        """Sends the cluster's computation to a node its ``nodes`` list selects."""
-        for alloc in cluster._allocs:
-            if alloc.matches(link.ip_addr, link.name):
-                break
-        else:
-            return
-        try:
-            cpus = alloc.allocate(cluster, link.ip_addr, link.name, link.cpus,
-                                  link.avail_info, link.platform)
-        except Exception:
-            logger.exception('allocate() of %r failed for node %s', alloc, link.ip_addr)
-            cpus = 0
-        cpus = min(int(cpus or 0), link.cpus)
-        if cpus <= 0:
-            return
-        link.setups[cluster._key] = 'pending'
-        link.alloc_cpus[cluster._key] = cpus
-        try:
-            spec, files = cluster._package.for_node(alloc)
-        except (ComputationError, OSError) as exc:
-            logger.error('cannot set up %s on node %s: %s', cluster._package.name,
-                         link.ip_addr, exc)
-            link.setups[cluster._key] = 'failed'
-            return
-        spec.update(key=cluster._key, cpus=cpus)
-        threading.Thread(target=self._send_computation, args=(link, cluster, spec, files),
-                         daemon=True, name='dispy-setup-%s' % link.ip_addr).start()
-
-    def _send_computation(self, link, cluster, spec, files):
-        """Sends the spec, then streams the files (a thread: files may be big); the
-        node runs setup once the last file has arrived."""
-        link.send(Msg.COMPUTE(cluster._key, spec))
-        try:
-            for name, path in files:
-                send_file_chunks(link.send, Msg.FILE, cluster._key, name, path)
-        except OSError as exc:
-            logger.error('cannot send %s to node %s: %s', exc.filename, link.ip_addr, exc)
-            with self.lock:
-                link.setups[cluster._key] = 'failed'
-
-    def on_node_messages(self, link, conn, msgs):
-        with self.lock:
-            if conn is not link.conn:
-                return      # a connection we already replaced
-            for msg in msgs:
-                kind = TO_CLIENT.get(msg[0]) if isinstance(msg, tuple) and msg else None
-                if kind is None:
-                    logger.warning('node %s sent an unknown message', link.ip_addr)
-                    continue
-                self.handlers[kind.name](self, link, kind.read(msg))
-            self._dispatch()
-
-    def _on_node_info(self, link, msg):
-        self.hub.on_node_info(link, msg.info)
-
-    def _on_busy(self, link, msg):
-        self.hub.on_node_busy(link, msg.serving)
-
-    def _on_setup(self, link, msg):
-        ckey, ok, error = msg
-        cluster = self.clusters.get(ckey)
-        if cluster is None or link.setups.get(ckey) not in ('pending', 'ready'):
-            return
-        if not ok and link.setups[ckey] == 'ready':   # its host died: no more jobs there
-            link.setups[ckey] = 'failed'
-            logger.warning('computation %s failed on node %s: %s', cluster._package.name,
-                           link.ip_addr, error)
-            cluster._node_changed(link, DispyNode.Closed)
-            return
-        if link.setups[ckey] == 'ready':
-            return
-        if not ok:
-            link.setups[ckey] = 'failed'
-            logger.warning('setup of computation %s failed on node %s: %s',
-                           cluster._package.name, link.ip_addr, error)
-            return
-        link.setups[ckey] = 'ready'
-        cluster._node_changed(link, DispyNode.Initialized)
-
-    def _on_started(self, link, msg):
-        key, attempt, start_time = msg
-        job = link.jobs.get(key)
-        if job is None or job._attempt != attempt or job.status in FINAL_STATUSES:
-            return
-        job.status = DispyJob.Running
-        job.start_time = start_time
-        job._cluster._job_changed(job, DispyJob.Running)
-
-    def _on_result(self, link, msg):
-        key, attempt, status, blob, stdout, stderr, exception, start, end = msg
-        job = link.jobs.get(key)
-        if job is None or job._attempt != attempt:
-            link.send(Msg.ACK(key, attempt))
-            return      # a stale attempt (the job was resubmitted): already accounted for
-        del link.jobs[key]
-        link.cancels.discard((key, attempt))
-        ckey = job._cluster._key
-        link.in_flight[ckey] -= 1
-        result = None
-        if blob is not None:
-            try:
-                result = pickle.loads(blob)
-            except Exception as exc:
-                status = DispyJob.Terminated
-                exception = 'result could not be unpickled at the client: %r' % exc
-        job.start_time = start or job.start_time
-        # Ended (and so written to the recover file) before the node may drop the result.
-        self._end_job(job, status, result, stdout, stderr, exception, end)
-        link.send(Msg.ACK(key, attempt))
-
-    def _on_provisional(self, link, msg):
-        key, attempt, blob = msg
-        job = link.jobs.get(key)
-        if job is None or job._attempt != attempt or job.status in FINAL_STATUSES:
-            return
-        try:
-            result = pickle.loads(blob)
-        except Exception as exc:
-            logger.warning('provisional result of job %s could not be unpickled: %r', key, exc)
-            return
-        job.result = result
-        job.status = DispyJob.ProvisionalResult
-        job._cluster._job_changed(job, DispyJob.ProvisionalResult)
-        job.status = DispyJob.Running
-
-    def _on_closed_compute(self, link, msg):
-        pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
-
-    def _on_pulse(self, link, msg):
-        avail = _avail_info(msg.avail)
-        if avail is not None:
-            link.avail_info = avail
-            for ckey in link.setups:
-                cluster = self.clusters.get(ckey)
-                if cluster is not None and link.setups[ckey] == 'ready':
-                    cluster._node_changed(link, DispyNode.AvailInfo)
-
-    def _on_send_file(self, link, msg):
-        """A file a job sent with dispy_send_file: saved under the client's working
-        directory at the same relative path; never outside it."""
-        key, attempt, relpath, mode, offset, data, last = msg
-        job = link.jobs.get(key)
-        if job is None or job._attempt != attempt:
-            return
-        base = job._cluster._cwd
-        path = os.path.normpath(os.path.join(base, str(relpath).lstrip('/\\')))
-        if os.path.commonpath([base, path]) != base or path == base:
-            logger.warning('node %s: job %s sent a file with a refused path %r', link.ip_addr,
-                           key, relpath)
-            return
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, 'r+b' if offset else 'wb') as f:
-                f.seek(offset)
-                f.write(data)
-            if last:
-                os.chmod(path, int(mode) & 0o755 | 0o600)
-        except OSError as exc:
-            logger.warning('cannot save file %s sent by job %s: %s', path, key, exc)
-
-    def _on_put_file_done(self, link, msg):
-        ckey, name, error = msg
-        link.put_replies[(ckey, name)] = error
-        self.hub.cond.notify_all()
-
-    handlers = {'NODE': _on_node_info, 'BUSY': _on_busy, 'SETUP': _on_setup,
-                'SEND_FILE': _on_send_file, 'PUT_FILE_DONE': _on_put_file_done,
-                'STARTED': _on_started, 'RESULT': _on_result, 'PROVISIONAL': _on_provisional,
-                'CLOSED': _on_closed_compute, 'PULSE': _on_pulse}
 
     def _end_job(self, job, status, result=None, stdout=None, stderr=None, exception=None,
                  end_time=None):
@@ -1723,74 +2616,359 @@ class Scheduler:
         link, job._node = job._node, None
         if link is not None and link.jobs.get(job._key) is job:
             del link.jobs[job._key]
-            link.in_flight[job._cluster._key] -= 1
-        job._cluster._job_ended(job, link)
-        if link is not None and job._cluster._key in link.closing:
-            self.finish_close_node(link, job._cluster)
+            link.in_flight[job._cluster.key] -= 1
+        job._cluster.job_ended(job, link)
+        if link is not None and job._cluster.key in link.closing:
+            self._finish_close_node(link, job._cluster)
 
-    # -- per-node control (cluster methods) ------------------------------------------------------
-    def close_node(self, link, cluster, terminate, resetup=False):
-        """Stops sending the cluster's jobs to a node; once none is in flight there the
-        node closes the computation (and sets it up again if ``resetup``)."""
-        ckey = cluster._key
-        if ckey not in link.setups:
-            return -1
-        link.closing[ckey] = resetup
-        link.alloc_cpus[ckey] = 0 if not resetup else link.alloc_cpus.get(ckey, 0)
-        if terminate:
-            for job in [j for j in link.jobs.values() if j._cluster is cluster]:
-                link.send(Msg.CANCEL(job._key, job._attempt))
-        self.finish_close_node(link, cluster)
-        return 0
-
-    def finish_close_node(self, link, cluster):
-        ckey = cluster._key
-        if link.in_flight[ckey] > 0 or ckey not in link.closing:
+    # -- setting clusters up on nodes -----------------------------------------------------
+    def _offer(self, link, queue):
+        """Offers a node to a cluster whose ``nodes`` select it (lock held): its
+        ``allocate()`` decides, on a worker thread, how many CPUs it takes."""
+        for alloc in queue.cluster.allocations:
+            if alloc.matches(link.ip_addr, link.name):
+                break
+        else:
             return
-        resetup = link.closing.pop(ckey)
-        state = link.setups.pop(ckey, None)
-        link.alloc_cpus.pop(ckey, None)
-        if state != 'failed':
-            link.send(Msg.CLOSE_COMPUTE(ckey))
-        if state == 'ready' and not resetup:
-            cluster._node_changed(link, DispyNode.Closed)
-        if resetup and link.state == 'ready':
-            self._setup_on(link, cluster)
+        link.setups[queue.key] = 'allocating'
+        self.threads.submit(self._allocate_and_set_up, link, queue, alloc, link.instance)
 
-    # -- node loss -----------------------------------------------------------------------------
-    def node_lost(self, link, reason):
-        """The node is gone for good: its jobs are resubmitted or cancelled."""
+    def _allocate_and_set_up(self, link, queue, alloc, instance):
+        cluster = queue.cluster
+        try:
+            cpus = cluster.allocate(alloc, link)
+        except Exception:
+            logger.exception('allocate() of %r failed for node %s', alloc, link.ip_addr)
+            cpus = 0
+        cpus = min(int(cpus or 0), link.cpus)
+        spec = files = error = None
+        if cpus > 0:
+            try:
+                spec, files = cluster.computation(alloc)
+            except (ComputationError, OSError) as exc:
+                error = exc
         with self.lock:
-            link.state = 'dead'
-            link.lost_reason = reason
-            self._lose_jobs(link, list(link.jobs.values()), reason)
-            for ckey, state in list(link.setups.items()):
-                cluster = self.clusters.get(ckey)
-                if cluster is not None and state == 'ready':
-                    cluster._node_changed(link, DispyNode.Closed)
+            if (link.setups.get(queue.key) != 'allocating' or link.instance != instance
+                    or self.queues.get(queue.key) is not queue):
+                return      # the node went, restarted, or the cluster closed meanwhile
+            if cpus <= 0:
+                del link.setups[queue.key]
+                return
+            if error is not None:
+                logger.error('cannot set up %s on node %s: %s', cluster.name, link.ip_addr,
+                             error)
+                link.setups[queue.key] = 'failed'
+                return
+            link.setups[queue.key] = 'pending'
+            link.alloc_cpus[queue.key] = cpus
+            link.send(Msg.COMPUTE(queue.key, dict(spec, key=queue.key, cpus=cpus)))
+        try:    # queued on the connection; the node runs setup after the last file
+            for name, path in files:
+                send_file_chunks(link.send, Msg.FILE, queue.key, name, path)
+        except OSError as exc:
+            logger.error('cannot send %s to node %s: %s', exc.filename, link.ip_addr, exc)
+            with self.lock:
+                link.setups[queue.key] = 'failed'
+
+    # -- node events (NodePool hooks) -------------------------------------------------------
+    def wants_node(self, ip, name):
+        return any(alloc.matches(ip, name) for queue in self.queues.values()
+                   for alloc in queue.cluster.allocations)
+
+    def node_ready(self, link, restarted, info):
+        """A node answered: first time, or again after a dropped connection (lock held)."""
+        held = {tuple(x) for x in info.get('jobs', ())}
+        lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
+        if restarted:       # running jobs died with it; kept results come again
+            self._lose_jobs(link, lost, 'node restarted')
             link.setups.clear()
             link.alloc_cpus.clear()
-            link.in_flight.clear()
-            link.instance = None
-            self._dispatch()
+        else:   # jobs and computations the node no longer has are lost
+            self._lose_jobs(link, lost, 'node lost the job')
+            self._resync(link, held, set(info.get('computations', ())))
+        for queue in list(self.queues.values()):
+            if queue.key not in link.setups:
+                self._offer(link, queue)
+        self._dispatch()
+
+    def _resync(self, link, held, kept):
+        """After a reconnect: cancels attempts superseded while the node was away (or
+        cancelled while cut off); forgets computations it no longer has."""
+        for key, attempt in held:
+            job = link.jobs.get(key)
+            if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
+                link.send(Msg.CANCEL(key, attempt))
+        for ckey in [k for k, state in link.setups.items()
+                     if k not in kept and state != 'allocating']:
+            del link.setups[ckey]
+            link.alloc_cpus.pop(ckey, None)
+        for ckey, state in link.setups.items():   # a SETUP reply may have been lost
+            if state == 'pending':
+                link.send(Msg.COMPUTE(ckey, None))
+
+    def node_lost(self, link, reason):
+        """The node is gone for good: its jobs are resubmitted or cancelled (lock
+        held; the pool then clears the link)."""
+        self._lose_jobs(link, list(link.jobs.values()), reason)
+        for ckey, state in list(link.setups.items()):
+            queue = self.queues.get(ckey)
+            if queue is not None and state == 'ready':
+                queue.cluster.node_changed(link, DispyNode.Closed)
+        link.setups.clear()
+        self._dispatch()
 
     def _lose_jobs(self, link, jobs, reason):
         for job in sorted(jobs):
             if link.jobs.get(job._key) is job:
                 del link.jobs[job._key]
-                link.in_flight[job._cluster._key] -= 1
+                link.in_flight[job._cluster.key] -= 1
             job._node = None
             cluster = job._cluster
-            if cluster._reentrant and job._pin is None and job.status not in FINAL_STATUSES:
+            queue = self.queues.get(cluster.key)
+            if (cluster.reentrant and queue is not None and job._pin is None
+                    and job.status not in FINAL_STATUSES):
                 logger.info('job %s: node %s lost (%s); resubmitting', job._key, link.ip_addr,
                             reason)
                 job.status = DispyJob.Created
                 job.ip_addr = None
-                cluster._pending.appendleft(job)
-                cluster._job_changed(job, DispyJob.Created)
+                queue.pending.appendleft(job)
+                cluster.job_changed(job, DispyJob.Created)
             else:
                 self._end_job(job, DispyJob.Cancelled,
                               exception='Cancelled: node %s lost (%s)' % (link.ip_addr, reason))
+
+    # -- node messages ------------------------------------------------------------------------
+    def node_messages(self, link, conn, msgs):
+        """Messages of a ready node (loop thread, or the connection's strand for big
+        frames): results are unpickled and files saved before the lock is taken."""
+        records = []
+        for msg in msgs:
+            kind = TO_CLIENT.get(msg[0]) if isinstance(msg, tuple) and msg else None
+            if kind is None:
+                logger.warning('node %s sent an unknown message', link.ip_addr)
+                continue
+            record = kind.read(msg)
+            if kind is Msg.SEND_FILE:
+                self._save_file(link, record)
+                continue
+            records.append((kind.name, record, _load_blob(record)))
+        with self.lock:
+            if conn is not link.conn:
+                return      # a connection we already replaced
+            for name, record, loaded in records:
+                self.handlers[name](self, link, record, loaded)
+            self._dispatch()
+
+    def _save_file(self, link, msg):
+        """A file a job sent with dispy_send_file: its cluster saves it (no lock)."""
+        with self.lock:
+            job = link.jobs.get(msg.key)
+            if job is None or job._attempt != msg.attempt:
+                return
+        job._cluster.job_file(job, msg.path, msg.mode, msg.offset, msg.data, msg.last)
+
+    def _on_setup(self, link, msg, _loaded):
+        ckey, ok, error = msg
+        queue = self.queues.get(ckey)
+        if queue is None or link.setups.get(ckey) not in ('pending', 'ready'):
+            return
+        cluster = queue.cluster
+        if not ok and link.setups[ckey] == 'ready':   # its host died: no more jobs there
+            link.setups[ckey] = 'failed'
+            logger.warning('computation %s failed on node %s: %s', cluster.name,
+                           link.ip_addr, error)
+            cluster.node_changed(link, DispyNode.Closed)
+            return
+        if link.setups[ckey] == 'ready':
+            return
+        if not ok:
+            link.setups[ckey] = 'failed'
+            logger.warning('setup of computation %s failed on node %s: %s', cluster.name,
+                           link.ip_addr, error)
+            return
+        link.setups[ckey] = 'ready'
+        cluster.node_changed(link, DispyNode.Initialized)
+
+    def _on_started(self, link, msg, _loaded):
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
+            return
+        job.status = DispyJob.Running
+        job.start_time = msg.start_time
+        job._cluster.job_changed(job, DispyJob.Running)
+
+    def _on_result(self, link, msg, loaded):
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt:
+            link.send(Msg.ACK(msg.key, msg.attempt))
+            return      # a stale attempt (the job was resubmitted): already accounted for
+        del link.jobs[msg.key]
+        link.cancels.discard((msg.key, msg.attempt))
+        link.in_flight[job._cluster.key] -= 1
+        status, exception = msg.status, msg.exception
+        result, error = loaded
+        if error is not None:
+            status = DispyJob.Terminated
+            exception = 'result could not be unpickled at the client: %s' % error
+        job.start_time = msg.start_time or job.start_time
+        # Ended (and so written to the recover file) before the node may drop the result.
+        self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
+        link.send(Msg.ACK(msg.key, msg.attempt))
+
+    def _on_provisional(self, link, msg, loaded):
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
+            return
+        result, error = loaded
+        if error is not None:
+            logger.warning('provisional result of job %s could not be unpickled: %s',
+                           msg.key, error)
+            return
+        job.result = result
+        job.status = DispyJob.ProvisionalResult
+        job._cluster.job_changed(job, DispyJob.ProvisionalResult)
+        job.status = DispyJob.Running
+
+    def _on_closed_compute(self, link, msg, _loaded):
+        pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
+
+    def _on_pulse(self, link, msg, _loaded):
+        avail = _avail_info(msg.avail)
+        if avail is not None:
+            link.avail_info = avail
+            for ckey, state in link.setups.items():
+                queue = self.queues.get(ckey)
+                if queue is not None and state == 'ready':
+                    queue.cluster.node_changed(link, DispyNode.AvailInfo)
+
+    def _on_put_file_done(self, link, msg, _loaded):
+        link.put_replies[(msg.cluster, msg.name)] = msg.error
+        self.cond.notify_all()
+
+    def _on_unexpected(self, link, msg, _loaded):
+        logger.warning('node %s sent an unexpected message', link.ip_addr)
+
+    handlers = {'SETUP': _on_setup, 'STARTED': _on_started, 'RESULT': _on_result,
+                'PROVISIONAL': _on_provisional, 'CLOSED': _on_closed_compute,
+                'PULSE': _on_pulse, 'PUT_FILE_DONE': _on_put_file_done,
+                'NODE': _on_unexpected, 'BUSY': _on_unexpected}
+
+    # -- per-node control (cluster methods) --------------------------------------------------
+    def _link_of(self, cluster, addr, state=None):
+        link = self.pool.links.get(addr)
+        if link is None or cluster.key not in link.setups:
+            return None
+        if state is not None and link.setups[cluster.key] != state:
+            return None
+        return link
+
+    def deallocate(self, cluster, addr):
+        """Sends no more of the cluster's jobs to the node (running ones finish)."""
+        with self.lock:
+            link = self._link_of(cluster, addr)
+            if link is None:
+                return -1
+            link.alloc_cpus[cluster.key] = 0
+            return 0
+
+    def set_node_cpus(self, cluster, addr, cpus):
+        """CPUs the cluster uses on a node (negative: leave that many free); returns
+        the CPUs now used, or -1."""
+        with self.lock:
+            link = self._link_of(cluster, addr, 'ready')
+            if link is None:
+                return -1
+            cpus = int(cpus)
+            cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
+            link.alloc_cpus[cluster.key] = cpus
+            link.send(Msg.SET_CPUS(cluster.key, cpus))
+            self._dispatch()
+            return cpus
+
+    def node_jobs(self, cluster, addr):
+        """The cluster's jobs running on a node."""
+        with self.lock:
+            link = self.pool.links.get(addr)
+            if link is None:
+                return []
+            return [j for j in link.jobs.values()
+                    if j._cluster is cluster and j.status == DispyJob.Running]
+
+    def close_node(self, cluster, addr, terminate, resetup=False):
+        """Stops sending the cluster's jobs to a node; once none is in flight there the
+        node closes the computation (and sets it up again if ``resetup``)."""
+        with self.lock:
+            link = self._link_of(cluster, addr)
+            if link is None:
+                return -1
+            ckey = cluster.key
+            link.closing[ckey] = resetup
+            link.alloc_cpus[ckey] = 0 if not resetup else link.alloc_cpus.get(ckey, 0)
+            if terminate:
+                for job in [j for j in link.jobs.values() if j._cluster is cluster]:
+                    link.send(Msg.CANCEL(job._key, job._attempt))
+            self._finish_close_node(link, cluster)
+            return 0
+
+    def _finish_close_node(self, link, cluster):
+        ckey = cluster.key
+        if link.in_flight[ckey] > 0 or ckey not in link.closing:
+            return
+        resetup = link.closing.pop(ckey)
+        state = link.setups.pop(ckey, None)
+        link.alloc_cpus.pop(ckey, None)
+        if state in ('pending', 'ready'):
+            link.send(Msg.CLOSE_COMPUTE(ckey))
+        if state == 'ready' and not resetup:
+            cluster.node_changed(link, DispyNode.Closed)
+        queue = self.queues.get(ckey)
+        if resetup and link.ready and queue is not None:
+            self._offer(link, queue)
+
+    def send_file(self, cluster, addr, path, timeout):
+        """Copies a file into the cluster's folder on a node; 0, or -1 (logged)."""
+        name = os.path.basename(path)
+        with self.lock:
+            link = self._link_of(cluster, addr, 'ready')
+            if link is None:
+                logger.error('send_file: node %s is not set up for this cluster', addr)
+                return -1
+            link.put_replies.pop((cluster.key, name), None)
+        try:
+            send_file_chunks(link.send, Msg.PUT_FILE, cluster.key, name, path)
+        except OSError as exc:
+            logger.error('send_file: %s', exc)
+            return -1
+        with self.lock:
+            if not self.cond.wait_for(lambda: (cluster.key, name) in link.put_replies,
+                                      timeout):
+                return -1
+            error = link.put_replies.pop((cluster.key, name))
+        if error:
+            logger.error('send_file: node %s refused %s: %s', link.ip_addr, name, error)
+            return -1
+        return 0
+
+    def traffic(self, addr):
+        """(bytes sent, bytes received) on the connection to a node now."""
+        with self.lock:
+            link = self.pool.links.get(addr)
+            if link is None or link.conn is None:
+                return 0, 0
+            return link.conn.channel.bytes_sent, link.conn.channel.bytes_received
+
+
+def _load_blob(msg):
+    """(object, None) or (None, error text) for a message's pickled ``blob``; (None,
+    None) for a message without one.  User classes may run code as they load: never
+    under the scheduler's lock."""
+    blob = getattr(msg, 'blob', None)
+    if blob is None:
+        return None, None
+    try:
+        return pickle.loads(blob), None
+    except Exception as exc:
+        return None, repr(exc)
 
 
 def _avail_info(data):
@@ -1815,19 +2993,19 @@ def send_file_chunks(send, kind, ckey, name, path, chunk=1 << 20):
             if last:
                 return offset
 
-
 # ================================================================================
-# Client hub: one per process — port, discovery, connections, scheduler
+# Client hub: one per process — the loop, the port, a pool and scheduler per secret
 # ================================================================================
 
 class ClientHub:
-    """Everything a client process shares among its clusters.
+    """What a client process shares among its clusters: the I/O loop thread (the
+    hub), the worker threads, the client's UDP port and identity; and one
+    ``Scheduler`` with its ``NodePool`` per (secret, TLS files) its clusters use, so
+    clusters with different secrets or certificates each reach their own nodes.
 
-    The hub loop thread owns the UDP socket(s) (a ``selectors`` loop) and the timers:
-    discovery pings (broadcast on the interfaces in use when a cluster's ``nodes`` has a
-    pattern, unicast to every named host), dials of named hosts until they answer,
-    reconnects with backoff, pulses and liveness, and the "no node answered" warning.
-    Dials (TCP connect + handshake) run in short-lived threads.
+    The loop owns the UDP socket(s): a datagram is offered to every pool, each
+    checking it with its own secret; each pool sends its own pings.  Cluster and job
+    keys are process-wide, so a job's default ``id`` is unique in the program.
     """
 
     _current = None
@@ -1835,54 +3013,38 @@ class ClientHub:
 
     @classmethod
     def acquire(cls, options):
-        """The process's hub, created on first use; later clusters must agree with it."""
+        """The process's hub, created on first use; clusters share its address and
+        port (the nodes know a client by them)."""
         with cls._current_lock:
             hub = cls._current
             if hub is not None and not hub.closed:
-                for name in ('ip_addrs', 'port', 'secret', 'certfile'):
+                for name in ('ip_addrs', 'port'):
                     if options[name] != hub.options[name] and options.get('explicit_' + name):
-                        raise ValueError('all clusters of one program share one client: %s=%r '
-                                         'differs from %r' % (name, options[name],
-                                                              hub.options[name]))
-                hub.pulse_interval = min(hub.pulse_interval, options['pulse_interval'])
+                        raise ValueError('all clusters of one program share one client '
+                                         'address and port: %s=%r differs from %r'
+                                         % (name, options[name], hub.options[name]))
                 return hub
             hub = cls._current = ClientHub(options)
             return hub
 
     def __init__(self, options):
         self.options = options
-        self.secret = options['secret']
         self.client_id = uuid.uuid4().hex
-        self.scheduler = Scheduler(self)
-        self.lock = self.scheduler.lock
-        self.cond = threading.Condition(self.lock)     # every cluster waits on this
-        self.notifier = None
-        self.links = self.scheduler.links
-        self.ssl_context = make_ssl_context(False, options['certfile'], options['keyfile'],
-                                            options.get('cafile'))
-        self.max_frame = options['max_frame']
-        self.pulse_interval = options['pulse_interval']
-        self.ping_interval = options['ping_interval']
-        self.clusters = []
-        self.targets = {}          # (address, port) named in some cluster's nodes
-        self.broadcast = False     # some cluster has a pattern: ping by broadcast
-        self.auth_failures = set()
-        self.refused = set()        # nodes that failed the handshake (warned once)
-        self.closed = False
-        self.started = time.monotonic()
-        self.next_ping = 0.0
-        self.ping_backoff = 1.0
-        self.next_warning = self.started + NO_NODE_WARN_AFTER
-        self.selector = selectors.DefaultSelector()
         self.udp_socks = self._bind_udp(options['ip_addrs'], options['port'])
         self.port = self.udp_socks[0].getsockname()[1]
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
-        for sock in self.udp_socks:
-            self.selector.register(sock, selectors.EVENT_READ, sock)
-        self.thread = threading.Thread(target=self._loop, daemon=True, name='dispy-hub')
-        self.thread.start()
+        self.client = {'id': self.client_id, 'name': socket.gethostname(),
+                       'pid': os.getpid(), 'udp_port': self.port}
+        self.threads = WorkerThreads(POOL_THREADS, 'dispy-worker')
+        self.lock = threading.Lock()        # pools, clusters, notifiers (leaf lock)
+        self.schedulers = {}        # (secret, certfile, keyfile, cafile) -> Scheduler
+        self.notifiers = {}         # Scheduler -> _Notifier
+        self.clusters = []
+        self.keys = (itertools.count(1), itertools.count(1))   # cluster, job keys
+        self.closed = False
+        self.loop = IOLoop('dispy-hub')
+        self.thread = self.loop.thread
+        self.loop.call_soon(self._register_udp)
+        self.loop.add_ticker(self._tick)
 
     def _bind_udp(self, ip_addrs, port):
         socks = []
@@ -1913,40 +3075,43 @@ class ClientHub:
                 socks.append(v6)
         return socks
 
-    def callback_notifier(self):
+    # -- schedulers and clusters -----------------------------------------------------------
+    def scheduler_for(self, options):
+        """The scheduler (and node pool) for a cluster's secret and TLS files."""
+        key = (options['secret'], options['certfile'], options['keyfile'],
+               options.get('cafile'))
         with self.lock:
-            if self.notifier is None:
-                self.notifier = _Notifier(self.cond)
-            return self.notifier
+            scheduler = self.schedulers.get(key)
+            if scheduler is not None:
+                pool = scheduler.pool
+                pool.pulse_interval = min(pool.pulse_interval, options['pulse_interval'])
+                return scheduler
+            scheduler = Scheduler(self.threads, *self.keys)
+            context = make_ssl_context(False, options['certfile'], options['keyfile'],
+                                       options.get('cafile'))
+            scheduler.attach_pool(NodePool(scheduler, scheduler.lock, options['secret'],
+                                           context, dict(options, ip_addrs=self.options[
+                                               'ip_addrs']), self.loop, self.threads,
+                                           self.client, self._sendto))
+            self.schedulers[key] = scheduler
+            return scheduler
 
-    # -- clusters ----------------------------------------------------------------------------
-    def add_cluster(self, cluster):
+    def notifier_for(self, scheduler):
+        """The callback thread of a scheduler's clusters (created on first use)."""
+        with self.lock:
+            notifier = self.notifiers.get(scheduler)
+            if notifier is None:
+                notifier = self.notifiers[scheduler] = _Notifier(scheduler.cond)
+            return notifier
+
+    def add_cluster(self, cluster, scheduler):
         with self.lock:
             self.clusters.append(cluster)
-            self.scheduler.add_cluster(cluster)
-        self.add_nodes(cluster, cluster._allocs)
+        scheduler.add_cluster(cluster)      # its pings go out at the loop's next tick
 
-    def add_nodes(self, cluster, allocs):
-        """More nodes for a cluster: dial the named ones, ping for patterns, and set
-        the cluster up on matching nodes already connected."""
+    def remove_cluster(self, cluster, scheduler):
+        scheduler.remove_cluster(cluster)
         with self.lock:
-            for alloc in allocs:
-                if alloc.ip_addr is None:
-                    self.broadcast = True
-                else:
-                    self.targets[(alloc.ip_addr, alloc.port)] = True
-                    link = self.links.get(alloc.ip_addr)
-                    if link is None or link.state in ('new', 'dead'):
-                        self._dial(alloc.ip_addr, alloc.port)
-            for link in self.links.values():
-                if link.state == 'ready' and cluster._key not in link.setups:
-                    self.scheduler._setup_on(link, cluster)
-            self.next_ping = 0.0
-        self.wake()
-
-    def remove_cluster(self, cluster):
-        with self.lock:
-            self.scheduler.remove_cluster(cluster)
             if cluster in self.clusters:
                 self.clusters.remove(cluster)
             last = not self.clusters
@@ -1962,326 +3127,53 @@ class ClientHub:
             if self.closed:
                 return
             self.closed = True
-            links = list(self.links.values())
-        conns = [link.conn for link in links if link.conn is not None]
-        for conn in conns:
-            conn.send(Msg.RELEASE())
-            conn.close('released', flush=True)
-        for conn in conns:
-            conn.writer.join(5.0)
-        if self.notifier is not None:
-            self.notifier.stop()        # after the calls already queued
-        self.wake()
-        self.thread.join(5.0)
+            schedulers = list(self.schedulers.values())
+            notifiers = list(self.notifiers.values())
+        for scheduler in schedulers:
+            scheduler.pool.close()
+        for notifier in notifiers:
+            notifier.stop()        # after the calls already queued
+        self.loop.stop()
+        self.loop.thread.join(5.0)
 
-    # -- dialing -------------------------------------------------------------------------------
-    def _dial(self, addr, port):
-        """Starts a connection to a node (lock held)."""
-        link = self.links.get(addr)
-        if link is None:
-            link = self.links[addr] = NodeLink(self, addr, port)
-        if link.state in ('connecting', 'ready') or self.closed:
-            return
-        link.port = port or link.port
-        if link.state != 'reconnecting':
-            link.state = 'connecting'
-        link.dialing = True
-        threading.Thread(target=self._dial_thread, args=(link,), daemon=True,
-                         name='dispy-dial-%s' % addr).start()
+    # -- datagrams and timers (loop thread) --------------------------------------------------
+    def _register_udp(self):
+        for sock in self.udp_socks:
+            self.loop.selector.register(sock, selectors.EVENT_READ,
+                                        functools.partial(self._read_datagrams, sock))
 
-    def _dial_thread(self, link):
-        family = node_address_family(link.ip_addr)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        timeout = MsgTimeout
-        if link.state == 'reconnecting':
-            timeout = min(timeout, max(1.0, 2 * self.pulse_interval))
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr(link.ip_addr, link.port))
-        except OSError as exc:
-            sock.close()
-            self._dial_failed(link, exc)
-            return
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=False)
-            channel = handshake(sock, self.secret, True, {'role': 'client'},
-                                self.max_frame, timeout)
-        except (OSError, ProtocolError, ValueError) as exc:
-            sock.close()
-            if not isinstance(exc, ProtocolError):
-                # Connected, then dropped during the handshake: the usual cause is TLS on
-                # one side only (or a different certificate).
-                exc = ProtocolError('node closed the connection during the handshake (%s); '
-                                    'is it overloaded, or does it use TLS (certfile) while '
-                                    'this client does%s?'
-                                    % (exc, '' if self.ssl_context else ' not'))
-            self._dial_failed(link, exc)
-            return
-        with self.lock:
-            link.dialing = False
-            if self.closed:
-                channel.close()
-                return
-            conn = link.conn = Connection(channel, link, link.ip_addr)
-            link.pulse_interval = self.pulse_interval
-            conn.start()
-            conn.send(Msg.CLIENT({'id': self.client_id, 'name': socket.gethostname(),
-                                  'pid': os.getpid(), 'udp_port': self.port,
-                                  'pulse_interval': self.pulse_interval}))
-
-    def _dial_failed(self, link, exc):
-        now = time.monotonic()
-        with self.lock:
-            link.dialing = False
-            if isinstance(exc, AuthError):
-                if link.ip_addr not in self.auth_failures:
-                    logger.warning('node %s:%s failed authentication: %s; check that it runs '
-                                   'with the same secret', link.ip_addr, link.port, exc)
-                self.auth_failures.add(link.ip_addr)
-            elif isinstance(exc, ProtocolError):
-                if link.ip_addr not in self.refused:
-                    logger.warning('cannot use node %s:%s: %s', link.ip_addr, link.port, exc)
-                self.refused.add(link.ip_addr)
-            else:
-                logger.debug('connecting to node %s:%s failed: %s', link.ip_addr, link.port, exc)
-            if link.state == 'reconnecting':
-                self._retry_reconnect(link, 'reconnect failed: %s' % exc)
-            elif link.state == 'connecting':
-                link.state = 'new'
-                link.retry = min(link.retry + 1, 6)
-                link.next_dial = now + min(2 ** link.retry * 0.25, 10.0)
-
-    def _retry_reconnect(self, link, reason):
-        link.retry += 1
-        if link.retry > len(RECONNECT_DELAYS):
-            logger.warning('node %s is lost: %s', link.ip_addr, link.lost_reason or reason)
-            link.retry = 0
-            self.scheduler.node_lost(link, link.lost_reason or reason)
-            link.next_dial = time.monotonic() + 2.0
-        else:
-            link.next_dial = time.monotonic() + RECONNECT_DELAYS[link.retry - 1]
-
-    # -- events from links ------------------------------------------------------------------
-    def on_node_info(self, link, info):
-        instance = info.get('instance')
-        for other in self.links.values():
-            if (other is not link and instance and other.instance == instance
-                    and other.state in ('ready', 'reconnecting')):
-                # The same node under a second address (two names, IPv4 and IPv6):
-                # keep the first; never dial this one again.
-                logger.info('node %s is %s under another address; using %s', link.ip_addr,
-                            other.ip_addr, other.ip_addr)
-                link.state = 'alias'
-                link.conn.close('same node as %s' % other.ip_addr)
-                return
-        if link.state == 'reconnecting':
-            logger.info('reconnected to node %s', link.ip_addr)
-        link.busy_warned = False
-        self.auth_failures.discard(link.ip_addr)
-        self.refused.discard(link.ip_addr)
-        self.scheduler.node_ready(link, info)
-
-    def on_node_busy(self, link, desc):
-        link.busy_with = desc
-        if not link.busy_warned:
-            logger.warning('node %s is busy with another client: %s; it will be used as soon '
-                           'as it is free', link.ip_addr, desc)
-            link.busy_warned = True
-        link.state = 'busy'
-        link.next_dial = time.monotonic() + 2.0
-        if link.jobs:       # it restarted and another client took it: our jobs are gone
-            self.scheduler.node_lost(link, 'node serves another client now')
-            link.state = 'busy'
-
-    def on_link_closed(self, link, conn, reason):
-        with self.lock:
-            if conn is not link.conn:
-                return
-            link.conn = None
-            if self.closed:
-                link.state = 'dead'
-                return
-            if link.state in ('busy', 'alias'):
-                return
-            if link.silent:
-                # Silent for 5 pulses already: dead now; it is dialed again later and
-                # used again if it comes back.
-                link.silent = False
-                logger.warning('node %s is lost: %s', link.ip_addr, reason)
-                self.scheduler.node_lost(link, reason)
-                link.next_dial = time.monotonic() + self.pulse_interval
-            elif link.state == 'ready' or link.jobs:
-                logger.warning('connection to node %s lost (%s); reconnecting', link.ip_addr,
-                               reason)
-                link.state = 'reconnecting'
-                link.lost_reason = reason
-                link.retry = 0
-                self._retry_reconnect(link, reason)
-            else:
-                link.state = 'new'
-                link.next_dial = time.monotonic() + 1.0
-        self.wake()
-
-    # -- the loop ----------------------------------------------------------------------------
-    def wake(self):
-        try:
-            self._wake_w.send(b'x')
-        except OSError:
-            pass
-
-    def _loop(self):
-        try:
-            while not self.closed:
-                for key, _events in self.selector.select(0.1):
-                    if key.data is None:
-                        try:
-                            self._wake_r.recv(4096)
-                        except OSError:
-                            pass
-                    else:
-                        self._read_datagrams(key.data)
-                self._tick()
-        except Exception:
-            logger.exception('dispy hub loop failed')
-        finally:
-            for sock in self.udp_socks + [self._wake_r, self._wake_w]:
-                sock.close()
-            self.selector.close()
-
-    def _read_datagrams(self, sock):
+    def _read_datagrams(self, sock, _events):
+        pools = [s.pool for s in list(self.schedulers.values())]
         for _ in range(64):
             try:
                 data, addr = sock.recvfrom(MAX_HANDSHAKE_MSG + 64)
-            except (BlockingIOError, InterruptedError):
+            except OSError:     # nothing more now (or an ICMP error reported late)
                 return
-            except OSError:
-                return
-            msg, good = unpack_datagram(self.secret, data)
-            if msg is None:
-                continue
-            if not good:
-                if (msg.get('t') == 'nak' and addr[0] not in self.auth_failures
-                        and len(self.auth_failures) < 1024):
-                    logger.warning('node %s answered but failed authentication: check that '
-                                   'it runs with the same secret', addr[0])
-                    self.auth_failures.add(addr[0])
-                continue
-            if msg.get('t') in ('pong', 'announce'):
-                self._found_node(msg, addr)
+            for pool in pools:
+                msg, good = unpack_datagram(pool.secret, data)
+                if msg is None:
+                    break
+                pool.datagram(msg, good, addr)
 
-    def _found_node(self, msg, addr):
-        ip = msg.get('ip') or _address_with_scope(addr)
-        try:
-            port = int(msg.get('port') or NODE_PORT)
-        except (TypeError, ValueError):
+    def _sendto(self, data, dest):
+        for sock in self.udp_socks:
+            if sock.family != node_address_family(dest[0]):
+                continue
+            try:
+                sock.sendto(data, dest)
+            except OSError as exc:
+                logger.debug('datagram to %s:%s failed: %s', dest[0], dest[1], exc)
             return
-        name = str(msg.get('name', ''))
-        instance = msg.get('instance')
-        with self.lock:
-            if not any(alloc.matches(ip, name) for cluster in self.clusters
-                       for alloc in cluster._allocs):
-                return
-            # One node answers on each of its addresses (IPv4, IPv6 link-local, ...):
-            # use the first address that reached it.
-            if instance and any(l.ip_addr != ip and l.seen_instance == instance
-                                and l.state not in ('new', 'dead')
-                                for l in self.links.values()):
-                return
-            link = self.links.get(ip)
-            if link is not None and link.state in ('connecting', 'ready', 'reconnecting'):
-                return
-            if link is not None and link.state == 'busy' and msg.get('busy'):
-                return
-            self._dial(ip, port)
-            self.links[ip].seen_instance = instance
 
     def _tick(self):
         now = time.monotonic()
+        for scheduler in list(self.schedulers.values()):
+            scheduler.pool.tick(now)
         deferred = []
-        with self.lock:
-            if self.closed:
-                return
-            for cluster in self.clusters:
-                if cluster._recover is not None:
-                    deferred += cluster._recover.tick(now)
-            self._tick_nodes(now)
+        for cluster in list(self.clusters):
+            deferred += cluster._recover_tick(now)
         for recover, job, blob in deferred:     # big arguments: written outside the lock
             recover.write_args(job, blob)
-
-    def _tick_nodes(self, now):
-        if now >= self.next_ping:
-            self._ping(now)
-        for link in list(self.links.values()):
-            self._tick_link(link, now)
-        if now >= self.next_warning:
-            self._warn_no_nodes(now)
-
-    def _tick_link(self, link, now):
-        if link.state == 'ready' and link.conn is not None:
-            if link.conn.idle_send >= self.pulse_interval:
-                link.send(Msg.PULSE(time.time()))
-            silent = time.monotonic() - link.conn.last_recv
-            # the node pulses at the interval it was told when it connected
-            if silent > DEAD_PULSES * max(self.pulse_interval, link.pulse_interval or 0):
-                link.silent = True
-                link.conn.close('no message from node for %.1f s' % silent)
-        elif link.dialing:
-            return
-        elif link.state == 'reconnecting' and now >= link.next_dial:
-            self._dial(link.ip_addr, link.port)
-        elif link.state in ('new', 'busy', 'dead') and now >= link.next_dial and (
-                (link.ip_addr, link.port) in self.targets or link.state == 'busy'):
-            self._dial(link.ip_addr, link.port)
-
-    def _ping(self, now):
-        ready = any(link.state == 'ready' for link in self.links.values())
-        if self.ping_interval:
-            self.next_ping = now + self.ping_interval
-        else:   # no interval given: ping again (backing off) only while nothing answers
-            self.next_ping = now + (self.ping_backoff if not ready else 3600)
-            self.ping_backoff = min(self.ping_backoff * 2, 30.0)
-        data = pack_datagram(self.secret, Datagram.ping(self.client_id, self.port))
-        dests = list(self.targets)
-        if self.broadcast:
-            ip_addrs = self.options['ip_addrs']
-            dests += [(bcast, self._node_port())
-                      for bcast in broadcast_addresses(ip_addrs or None)]
-            if any(':' in a and not is_loopback(a) for a in ip_addrs or ['::']):
-                dests += multicast_destinations(self._node_port())
-        for dest in dests:
-            for sock in self.udp_socks:
-                if sock.family != node_address_family(dest[0]):
-                    continue
-                try:
-                    sock.sendto(data, dest)
-                except OSError as exc:
-                    logger.debug('ping to %s:%s failed: %s', dest[0], dest[1], exc)
-                break
-
-    def _node_port(self):
-        return self.options['node_port']
-
-    def _warn_no_nodes(self, now):
-        self.next_warning = now + max(NO_NODE_WARN_AFTER, (now - self.started))
-        if any(link.state == 'ready' for link in self.links.values()) or not self.clusters:
-            return
-        busy = [l for l in self.links.values() if l.state == 'busy']
-        if busy:    # the cause is known: say that first
-            msg = ('waiting %.0f s for %d node(s) busy with another client: %s; each is used '
-                   'as soon as it is free' % (now - self.started, len(busy), '; '.join(
-                       '%s serves %s' % (l.ip_addr, l.busy_with) for l in busy)))
-        else:
-            where = ', '.join('%s:%s' % t for t in self.targets) or 'broadcast'
-            msg = ('no dispy node has answered after %.0f s (looked for: %s). Check that '
-                   'dispynode.py runs on the nodes, that the ports (client %s, node %s) are '
-                   'open and that ip_addr/nodes are right'
-                   % (now - self.started, where, self.port, self._node_port()))
-        if self.auth_failures:
-            msg += ('; %d node(s) answered but failed authentication (secret mismatch?): %s'
-                    % (len(self.auth_failures), ', '.join(sorted(self.auth_failures))))
-        logger.warning(msg)
 
 
 # ================================================================================
@@ -2849,15 +3741,14 @@ class _Notifier:
                     self.cond.notify_all()
 
 
-class JobCluster:
+class JobCluster(ClusterHooks):
     """A computation (Python function or program) distributed to nodes running dispynode.
 
     ``submit(*args, **kwargs)`` creates a job and returns it at once; the scheduler runs
     it on the least-loaded node that has the computation set up.  See the module
-    docstring for the threads involved and README.md for the options.
+    docstring for the threads involved and README.md for the options.  The cluster is
+    the host of its jobs for the Scheduler: it implements ``ClusterHooks``.
     """
-
-    _keys = itertools.count(1)
 
     def __init__(self, computation, nodes=None, depends=[], callback=None, cluster_status=None,
                  ip_addr=None, port=None, node_port=None, ext_ip_addr=None, dest_path=None,
@@ -2895,14 +3786,11 @@ class JobCluster:
         # Strict isolation: each job in a process of its own, forked from the one that
         # ran setup (slower: ~2 ms more per job), instead of warm reused workers.
         self._package.spec['fresh_process'] = bool(fresh_process)
-        self._allocs = _node_allocations(nodes, node_port)
-        self._key = next(JobCluster._keys)
-        self._reentrant = bool(reentrant)
+        self.allocations = _node_allocations(nodes, node_port)
+        self.reentrant = bool(reentrant)
         self._callback = callback or job_status
         self._status_cb = cluster_status
         self._job_timeout = job_timeout
-        self._pending = collections.deque()
-        self._pinned = {}
         self._open_jobs = 0
         self._nodes = {}            # address -> DispyNode, for this cluster
         self._closed = False
@@ -2913,20 +3801,22 @@ class JobCluster:
         self._main_sources = {}        # __main__ class/function -> source (job arguments)
         self.name = '%s @ %s' % (self._package.name, ip_addrs[0] if ip_addrs
                                  else socket.gethostname())
-        self._hub = ClientHub.acquire({
+        self._options = {
             'ip_addrs': ip_addrs, 'explicit_ip_addrs': bool(ip_addrs), 'port': port,
-            'explicit_port': port != CLIENT_PORT, 'secret': secret, 'explicit_secret': True,
-            'certfile': certfile, 'explicit_certfile': bool(certfile), 'keyfile': keyfile,
-            'cafile': cafile, 'node_port': node_port,
+            'explicit_port': port != CLIENT_PORT, 'secret': secret, 'certfile': certfile,
+            'keyfile': keyfile, 'cafile': cafile, 'node_port': node_port,
             'ext_ip_addrs': _as_list(ext_ip_addr if ext_ip_addr is not None else ext_host),
             'max_frame': int(max_frame_size or DEFAULT_MAX_FRAME),
             'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
-            'ping_interval': ping_interval})
-        self._cond = self._hub.cond
-        self._notifier = (self._hub.callback_notifier()
+            'ping_interval': ping_interval}
+        self._hub = ClientHub.acquire(self._options)
+        self._scheduler = self._hub.scheduler_for(self._options)
+        self._pool = self._scheduler.pool
+        self._cond = self._scheduler.cond
+        self._notifier = (self._hub.notifier_for(self._scheduler)
                           if (self._callback or self._status_cb) else None)
         _live_clusters.add(self)
-        self._hub.add_cluster(self)
+        self._hub.add_cluster(self, self._scheduler)
 
     @staticmethod
     def _local_address(addr):
@@ -2978,9 +3868,9 @@ class JobCluster:
         except Exception as exc:
             logger.error('job not created: its arguments cannot be pickled: %s', exc)
             return None
-        if len(blob) > self._hub.max_frame - 65536:
+        if len(blob) > self._pool.max_frame - 65536:
             logger.error('job not created: its arguments take %d bytes, over the frame limit '
-                         'of %d (max_frame_size)', len(blob), self._hub.max_frame)
+                         'of %d (max_frame_size)', len(blob), self._pool.max_frame)
             return None
         options = {}
         if timeout:
@@ -2991,11 +3881,10 @@ class JobCluster:
             except (ComputationError, OSError) as exc:
                 logger.error('job not created: %s', exc)
                 return None
-        job = DispyJob(next(_job_keys), self, blob, pin, options or None, args, kwargs)
-        if job_id is not None:
-            job.id = job_id
-        self._hub.scheduler.submit(job)
-        return job
+        job = DispyJob(None, self, blob, pin, options or None, args, kwargs)
+        job.id = job_id
+        self._open_recover_file()
+        return self._scheduler.submit(job)
 
     def _job_depends(self, depends, main_refs):
         """The job's own dependencies: ``dispy_job_depends``, plus the source of the
@@ -3031,26 +3920,28 @@ class JobCluster:
 
     def cancel(self, job):
         """Cancels a job: removed if queued, killed (with its processes) if running."""
-        return self._hub.scheduler.cancel(job)
+        return self._scheduler.cancel(job)
 
     # -- nodes ---------------------------------------------------------------------------------
-    def _link(self, node):
-        """The NodeLink for a DispyNode, address or host name (None if unknown)."""
+    @staticmethod
+    def _node_addr(node):
+        """The address of a DispyNode, NodeAllocate, address or host name."""
         if isinstance(node, (DispyNode, NodeAllocate)):
             node = node.ip_addr if isinstance(node, DispyNode) else node.host
-        addr = resolve_host(str(node)) or str(node)
-        return self._hub.links.get(addr)
+        return resolve_host(str(node)) or str(node)
 
     def allocate_node(self, node):
         """Adds a node (host name, address, pattern or NodeAllocate) to this cluster."""
         try:
             allocs = _node_allocations(node if isinstance(node, list) else [node],
-                                       self._allocs[0].port if self._allocs else NODE_PORT)
+                                       self.allocations[0].port if self.allocations
+                                       else NODE_PORT)
         except ValueError as exc:
             logger.error('allocate_node: %s', exc)
             return -1
-        self._allocs.extend(allocs)
-        self._hub.add_nodes(self, allocs)
+        with self._cond:
+            self.allocations.extend(allocs)
+        self._scheduler.add_allocations(self, allocs)
         return 0
 
     def discover_nodes(self, nodes):
@@ -3059,80 +3950,38 @@ class JobCluster:
 
     def deallocate_node(self, node):
         """Sends no more jobs of this cluster to the node (running ones finish)."""
-        with self._cond:
-            link = self._link(node)
-            if link is None or self._key not in link.setups:
-                return -1
-            link.alloc_cpus[self._key] = 0
-            return 0
+        return self._scheduler.deallocate(self, self._node_addr(node))
 
     def close_node(self, node, terminate_pending=False):
         """Closes this cluster's computation on a node (after its jobs there end, or
         cancelling them with ``terminate_pending``)."""
-        with self._cond:
-            link = self._link(node)
-            if link is None:
-                return -1
-            return self._hub.scheduler.close_node(link, self, terminate_pending)
+        return self._scheduler.close_node(self, self._node_addr(node), terminate_pending)
 
     def resetup_node(self, node, terminate_pending=False):
         """Runs cleanup and then setup again on a node (after its running jobs end, or
         cancelling them with ``terminate_pending``)."""
-        with self._cond:
-            link = self._link(node)
-            if link is None:
-                return -1
-            return self._hub.scheduler.close_node(link, self, terminate_pending, resetup=True)
+        return self._scheduler.close_node(self, self._node_addr(node), terminate_pending,
+                                          resetup=True)
 
     def set_node_cpus(self, node, cpus):
         """CPUs this cluster uses on a node (negative: leave that many free); returns
         the CPUs now used, or -1."""
+        addr = self._node_addr(node)
         with self._cond:
-            link = self._link(node)
-            if link is None or link.setups.get(self._key) != 'ready':
-                return -1
-            cpus = int(cpus)
-            cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
-            link.alloc_cpus[self._key] = cpus
-            link.send(Msg.SET_CPUS(self._key, cpus))
-            node = self._nodes.get(link.ip_addr)
-            if node is not None:
-                node.cpus = cpus
-            self._hub.scheduler._dispatch()
+            cpus = self._scheduler.set_node_cpus(self, addr, cpus)
+            known = self._nodes.get(addr)
+            if cpus >= 0 and known is not None:
+                known.cpus = cpus
             return cpus
 
     def node_jobs(self, node, from_node=False):
         """Jobs of this cluster running on a node."""
-        with self._cond:
-            link = self._link(node)
-            if link is None:
-                return []
-            return [j for j in link.jobs.values()
-                    if j._cluster is self and j.status == DispyJob.Running]
+        return self._scheduler.node_jobs(self, self._node_addr(node))
 
     def send_file(self, path, node, timeout=60):
         """Copies a file into the computation's folder on a node (by base name).
         Returns 0 on success, -1 otherwise."""
-        link = self._link(node)
-        if link is None or link.setups.get(self._key) != 'ready':
-            logger.error('send_file: node %s is not set up for this cluster', node)
-            return -1
-        name = os.path.basename(path)
-        with self._cond:
-            link.put_replies.pop((self._key, name), None)
-        try:
-            send_file_chunks(link.send, Msg.PUT_FILE, self._key, name, path)
-        except OSError as exc:
-            logger.error('send_file: %s', exc)
-            return -1
-        with self._cond:
-            if not self._cond.wait_for(lambda: (self._key, name) in link.put_replies, timeout):
-                return -1
-            error = link.put_replies.pop((self._key, name))
-        if error:
-            logger.error('send_file: node %s refused %s: %s', link.ip_addr, name, error)
-            return -1
-        return 0
+        return self._scheduler.send_file(self, self._node_addr(node), path, timeout)
 
     # -- waiting -------------------------------------------------------------------------------
     def _wait_job(self, job, timeout):
@@ -3174,32 +4023,20 @@ class JobCluster:
         self._closed = True
         _live_clusters.discard(self)
         with self._cond:
-            if self._recover is not None:
-                self._recover.close(remove=True)    # closed cleanly: nothing to recover
-        self._hub.remove_cluster(self)
+            recover, self._recover = self._recover, None
+        if recover is not None:
+            recover.close(remove=True)    # closed cleanly: nothing to recover
+        self._hub.remove_cluster(self, self._scheduler)
         return True
 
     def _jobs_open(self):
-        """Jobs of this cluster queued here or on nodes (lock held)."""
-        jobs = [j for j in self._pending if j.status not in FINAL_STATUSES]
-        for queue in self._pinned.values():
-            jobs.extend(queue)
-        for link in self._hub.links.values():
-            jobs.extend(j for j in link.jobs.values() if j._cluster is self)
-        return jobs
+        """Jobs of this cluster queued here or on nodes."""
+        return self._scheduler.open_jobs(self)
 
     def _cancel_all(self, grace=5.0):
-        scheduler = self._hub.scheduler
-        with self._cond:
-            jobs = self._jobs_open()
-            for job in jobs:
-                scheduler.cancel(job, 'Cancelled: cluster closed')
-            # Nodes answer with the killed jobs; one that does not answer in time
-            # cannot hold close() hostage.
-            self._cond.wait_for(lambda: self._open_jobs == 0, grace)
-            for job in jobs:
-                scheduler._end_job(job, DispyJob.Cancelled,
-                                   exception='Cancelled: cluster closed')
+        # Nodes answer with the killed jobs; one that does not answer in time cannot
+        # hold close() hostage.
+        self._scheduler.abort(self, 'Cancelled: cluster closed', grace)
 
     def __enter__(self):
         return self
@@ -3208,35 +4045,78 @@ class JobCluster:
         self.close(terminate=exc_type is not None)
         return False
 
-    # -- scheduler callbacks (lock held) -----------------------------------------------------
+    # -- ClusterHooks: what the scheduler asks of this cluster ---------------------------------
+    def allocate(self, alloc, link):
+        """CPUs for this cluster on a new node: its NodeAllocate's ``allocate()``."""
+        return alloc.allocate(self, link.ip_addr, link.name, link.cpus, link.avail_info,
+                              link.platform)
+
+    def computation(self, alloc):
+        return self._package.for_node(alloc)
+
+    def job_file(self, job, path, mode, offset, data, last):
+        """A file a job sent with dispy_send_file: saved under the client's working
+        directory at the same relative path; never outside it."""
+        base = self._cwd
+        full = os.path.normpath(os.path.join(base, str(path).lstrip('/\\')))
+        if os.path.commonpath([base, full]) != base or full == base:
+            logger.warning('job %s sent a file with a refused path %r', job.id, path)
+            return
+        try:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(full, 'r+b' if offset else 'wb') as f:
+                f.seek(offset)
+                f.write(data)
+            if last:
+                os.chmod(full, int(mode) & 0o755 | 0o600)
+        except OSError as exc:
+            logger.warning('cannot save file %s sent by job %s: %s', full, job.id, exc)
+
+    # -- ClusterHooks: events (scheduler lock held) -------------------------------------------
     def _dispy_node(self, link):
         node = self._nodes.get(link.ip_addr)
         if node is None:
             node = self._nodes[link.ip_addr] = DispyNode(link.ip_addr, link.name,
-                                                          link.alloc_cpus.get(self._key, 0),
+                                                          link.alloc_cpus.get(self.key, 0),
                                                           link.platform)
         return node
 
-    def _job_submitted(self, job):
-        if self._recover is None and self._recover_path is not False:
-            hub = self._hub
-            self._recover = RecoverLog.create(self._recover_path, {
-                'client': hub.client_id, 'secret': hub.secret,
-                'certfile': hub.options.get('certfile'), 'keyfile': hub.options.get('keyfile'),
-                'cafile': hub.options.get('cafile'), 'created': time.time(),
-                'cluster': self.name})
-            if self._recover is None:
+    def _open_recover_file(self):
+        """The recover file, created at the first submit (outside the scheduler lock)."""
+        if self._recover is not None or self._recover_path is False:
+            return
+        options = self._options
+        recover = RecoverLog.create(self._recover_path, {
+            'client': self._hub.client_id, 'secret': options['secret'],
+            'certfile': options['certfile'], 'keyfile': options['keyfile'],
+            'cafile': options['cafile'], 'created': time.time(), 'cluster': self.name})
+        with self._cond:
+            if recover is None:
                 self._recover_path = False      # warned once; not tried again
+            elif self._recover is None:
+                self._recover = recover
+                return
+        if recover is not None:     # another thread's submit made one first
+            recover.close(remove=True)
+
+    def _recover_tick(self, now):
+        """Ids set since the last tick, and big arguments due (written by the caller,
+        outside the lock)."""
+        with self._cond:
+            return self._recover.tick(now) if self._recover is not None else []
+
+    def job_submitted(self, job):
+        self._open_jobs += 1
         if self._recover is not None:
             self._recover.submitted(job)
         if self._status_cb:
-            self._job_changed(job, DispyJob.Created)
+            self.job_changed(job, DispyJob.Created)
 
-    def _job_dispatched(self, job, link):
+    def job_dispatched(self, job, link):
         if self._recover is not None:
             self._recover.dispatched(job, link)
 
-    def _job_changed(self, job, status):
+    def job_changed(self, job, status):
         if self._notifier is None:
             return
         if self._callback and status == DispyJob.ProvisionalResult:
@@ -3247,7 +4127,7 @@ class JobCluster:
                 node.busy += 1
             self._notifier.put(self, self._status_cb, (status, node, job._snapshot()))
 
-    def _job_ended(self, job, link):
+    def job_ended(self, job, link):
         self._open_jobs -= 1
         if self._recover is not None:
             self._recover.ended(job)
@@ -3265,11 +4145,11 @@ class JobCluster:
                 self._notifier.put(self, self._status_cb, (job.status, node, job))
         self._cond.notify_all()
 
-    def _node_changed(self, link, status):
+    def node_changed(self, link, status):
         node = self._dispy_node(link)
         node.name = link.name
         node.avail_cpus = link.cpus
-        node.cpus = link.alloc_cpus.get(self._key, node.cpus)
+        node.cpus = link.alloc_cpus.get(self.key, node.cpus)
         node.avail_info = link.avail_info
         node.update_time = time.time()
         if status == DispyNode.Initialized:
@@ -3281,8 +4161,7 @@ class JobCluster:
 
     def _interrupted_text(self):
         """What the program is told when it ends with jobs of this cluster open."""
-        on_nodes = sum(1 for link in self._hub.links.values() for job in link.jobs.values()
-                       if job._cluster is self)
+        on_nodes = self._scheduler.jobs_on_nodes(self)
         queued = self._open_jobs - on_nodes
         text = ('cluster %s was not closed: %d job(s) keep running on nodes, %d never reached '
                 'a node' % (self.name, on_nodes, queued))
@@ -3298,15 +4177,12 @@ class JobCluster:
         with self._cond:
             nodes = []
             for addr, node in sorted(self._nodes.items()):
-                link = self._hub.links.get(addr)
+                sent, received = self._scheduler.traffic(addr)
                 nodes.append({'ip_addr': addr, 'name': node.name, 'cpus': node.cpus,
                               'jobs_done': node.jobs_done, 'cpu_time': node.cpu_time,
                               'sec_per_job': node.cpu_time / node.jobs_done
                               if node.jobs_done else 0.0,
-                              'bytes_sent': link.conn.channel.bytes_sent
-                              if link is not None and link.conn else 0,
-                              'bytes_received': link.conn.channel.bytes_received
-                              if link is not None and link.conn else 0})
+                              'bytes_sent': sent, 'bytes_received': received})
             total = sum(n['cpu_time'] for n in nodes)
             wall = time.time() - self._start_time
             return {'nodes': nodes, 'total_job_time': total, 'wall_time': wall,
@@ -3339,7 +4215,6 @@ def _human_bytes(n):
         n /= 1024.0
 
 
-_job_keys = itertools.count(1)
 _live_clusters = set()
 
 

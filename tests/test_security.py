@@ -1327,7 +1327,7 @@ class SecretLeakTest(unittest.TestCase):
                                    node_port=node.port, secret=wrong)
             try:
                 bad.submit(1)
-                self.assertTrue(wait_until(lambda: NODE_IP in bad._hub.auth_failures, 15))
+                self.assertTrue(wait_until(lambda: NODE_IP in bad._pool.auth_failures, 15))
                 self.assertTrue(wait_until(lambda: 'failed authentication' in node.stderr(), 10))
             finally:
                 bad.close(timeout=5, terminate=True)

@@ -271,7 +271,7 @@ class NodeSecurityTest(unittest.TestCase):
         self.assertTrue(warnings, logs.output)
         self.assertIn('failed authentication', warnings[0])
         self.assertIn('127.0.0.2', warnings[0])
-        self.assertNotEqual(c._hub.scheduler.links['127.0.0.2'].state, 'ready')
+        self.assertNotEqual(c._pool.links['127.0.0.2'].state, 'ready')
 
     def test_garbage_connections_do_not_hurt_the_node(self):
         for payload in (b'', b'GET / HTTP/1.1\r\n\r\n', b'DSPY\xff\xff' + b'x' * 100,
