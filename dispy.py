@@ -1538,9 +1538,8 @@ class IOLoop:
                 timeout = 0 if self._calls else max(0.0, next_tick - time.monotonic())
                 for key, events in self.selector.select(timeout):
                     self._guarded(key.data, events)
-                for _ in range(len(self._calls)):
-                    func, args = self._calls.popleft()
-                    self._guarded(func, *args)
+                    self._run_calls()   # the replies to a frame leave before the next is read
+                self._run_calls()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + LOOP_TICK
                     for ticker in list(self._tickers):
@@ -1555,6 +1554,11 @@ class IOLoop:
             self._wake_r.close()
             self._wake_w.close()
             self.selector.close()
+
+    def _run_calls(self):
+        for _ in range(len(self._calls)):
+            func, args = self._calls.popleft()
+            self._guarded(func, *args)
 
     @staticmethod
     def _guarded(func, *args):
@@ -1587,7 +1591,6 @@ class LoopConnection:
     """
 
     BATCH_BYTES = 1 << 20       # stop adding messages to a frame past this size hint
-    READ_BURST = 16             # reads per readiness event before other sockets' turn
 
     def __init__(self, channel, handler, name, loop, threads):
         self.channel = channel
@@ -1760,11 +1763,10 @@ class LoopConnection:
             self._read()
 
     def _read(self):
+        """One read per readiness event: what it brings is handled, and the replies
+        flushed, before the loop reads again (from this socket or another)."""
         try:
-            for _ in range(self.READ_BURST):
-                if not self._read_once():
-                    return
-            if self._tls and self.sock.pending() or self._rbuf:
+            if self._read_once() and self._tls and self.sock.pending():
                 self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
         except AuthError as exc:
             logger.warning('%s: %s', self.name, exc)

@@ -130,9 +130,12 @@ def main():
     procs = []
     try:
         procs = start_nodes(tree, addrs, port, args.cpus, folder)
+        client = os.path.join(folder, 'scale_client.py')   # a file: dispy ships its source
+        with open(client, 'w') as f:
+            f.write(CLIENT)
         runs = []
         for _ in range(args.runs):
-            out = subprocess.run([sys.executable, '-c', CLIENT, tree, ','.join(addrs),
+            out = subprocess.run([sys.executable, client, tree, ','.join(addrs),
                                   str(port), str(args.jobs)], capture_output=True,
                                  text=True, timeout=300, cwd=folder)
             if out.returncode:
