@@ -30,9 +30,10 @@ Threads of a client process (all daemon threads; none keeps a finished script al
     dispy-hub       the IOLoop: every node connection, the UDP discovery socket(s),
                     and timers every 0.1 s (pings, pulses, liveness, re-dials, the
                     "no node answered" warning, the recover files' ids and big args)
-    dispy-worker-N  at most 8 (WorkerThreads): dials (connect + TLS + handshake),
-                    big frames and files jobs send (per connection in order),
-                    allocate() and shipping a computation's files
+    dispy-worker-N  at most 8 (WorkerThreads): big frames and files jobs send (per
+                    connection, in order), allocate() and shipping a computation's
+                    files.  Dials (connect, TLS and dispy handshakes) run on the
+                    loop without blocking (LoopDial).
     dispy-notifier  one per scheduler whose clusters have callbacks: calls them in order
 
 So a client with 48 nodes has the same threads as one with one node.  Layers, each a
@@ -282,12 +283,13 @@ def _recv_exact(sock, n, deadline=None):
     return bytes(buf)
 
 
-def _send_hs(sock, payload):
-    sock.sendall(struct.pack('!4sH', b'DSPY', len(payload)) + payload)
+def _hello_frame(payload):
+    return struct.pack('!4sH', b'DSPY', len(payload)) + payload
 
 
-def _recv_hs(sock, deadline=None):
-    head = _recv_exact(sock, 6, deadline)
+def _peer_hello_steps():
+    """Steps that read the peer's hello (see ``handshake_steps``)."""
+    head = yield ('recv', 6)
     magic, length = struct.unpack('!4sH', head)
     if magic != b'DSPY':
         if head[:1] in (b'\x15', b'\x16'):
@@ -296,12 +298,14 @@ def _recv_hs(sock, deadline=None):
         raise ProtocolError('peer is not a dispy program (got %r)' % head[:4])
     if length > MAX_HANDSHAKE_MSG:
         raise ProtocolError('handshake message of %d bytes exceeds %d' % (length, MAX_HANDSHAKE_MSG))
-    return _recv_exact(sock, length, deadline)
+    return (yield ('recv', length))
 
 
-def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=HANDSHAKE_TIMEOUT,
-              version=None):
-    """Authenticates both ends of a connected socket; returns a ready ``Channel``.
+def handshake_steps(secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, version=None):
+    """The handshake without I/O: a generator that yields ``('send', data)``,
+    ``('send_quietly', data)`` (errors ignored) and ``('recv', n)`` (the driver sends
+    the n bytes back in), and returns the ``Channel`` keyword arguments.  ``handshake``
+    drives it on a blocking socket, ``LoopDial`` on the I/O loop.
 
     1. each side sends a hello (JSON: protocol version, pickle protocol, a fresh
        nonce, its frame limit and ``info``); the listener answers even a mismatched
@@ -313,18 +317,16 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
        frames of one connection (or direction) cannot be replayed on another.
     """
     key = secret_key(secret)
-    deadline = time.monotonic() + timeout
-    sock.settimeout(timeout)
     version = PROTOCOL_VERSION if version is None else version
     mine = dict(info, magic='dispy', version=version, pickle=pickle.HIGHEST_PROTOCOL,
                 nonce=os.urandom(16).hex(), max_frame=max_frame)
     my_hello = json.dumps(mine, sort_keys=True).encode()
     if dialer:
-        _send_hs(sock, my_hello)
-        peer_hello = _recv_hs(sock, deadline)
+        yield ('send', _hello_frame(my_hello))
+        peer_hello = yield from _peer_hello_steps()
     else:
-        peer_hello = _recv_hs(sock, deadline)
-        _send_hs(sock, my_hello)
+        peer_hello = yield from _peer_hello_steps()
+        yield ('send', _hello_frame(my_hello))
     try:
         peer = json.loads(peer_hello)
         peer_version = int(peer['version'])
@@ -338,28 +340,63 @@ def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=H
     dialer_proof = _mac(key, b'dispy-proof-dialer', transcript)
     listener_proof = _mac(key, b'dispy-proof-listener', transcript)
     if dialer:
-        sock.sendall(b'P' + dialer_proof)
-        answer = _recv_exact(sock, 33, deadline)
+        yield ('send', b'P' + dialer_proof)
+        answer = yield ('recv', 33)
         if answer[:1] == b'F':
             raise AuthError('peer rejected our authentication (secrets differ)')
         if not hmac.compare_digest(answer[1:], listener_proof):
             raise AuthError('peer failed authentication (secrets differ)')
     else:
-        answer = _recv_exact(sock, 33, deadline)
+        answer = yield ('recv', 33)
         if not hmac.compare_digest(answer[1:], dialer_proof):
-            try:
-                sock.sendall(b'F' + bytes(32))
-            except OSError:
-                pass
+            yield ('send_quietly', b'F' + bytes(32))
             raise AuthError('peer failed authentication (secrets differ)')
-        sock.sendall(b'P' + listener_proof)
+        yield ('send', b'P' + listener_proof)
     d2l = _mac(key, b'dispy-key-d2l', transcript)
     l2d = _mac(key, b'dispy-key-l2d', transcript)
+    return dict(send_key=d2l if dialer else l2d, recv_key=l2d if dialer else d2l,
+                max_frame=max_frame, peer_max_frame=int(peer['max_frame']),
+                pickle_protocol=min(pickle.HIGHEST_PROTOCOL, int(peer['pickle'])),
+                peer_info=peer)
+
+
+def handshake(sock, secret, dialer, info, max_frame=DEFAULT_MAX_FRAME, timeout=HANDSHAKE_TIMEOUT,
+              version=None):
+    """Authenticates both ends of a connected blocking socket (``handshake_steps``)
+    within ``timeout`` seconds; returns a ready ``Channel``."""
+    sock.settimeout(timeout)
+    params = _run_steps(sock, handshake_steps(secret, dialer, info, max_frame, version),
+                        time.monotonic() + timeout)
     sock.settimeout(None)
-    return Channel(sock, send_key=d2l if dialer else l2d, recv_key=l2d if dialer else d2l,
-                   max_frame=max_frame, peer_max_frame=int(peer['max_frame']),
-                   pickle_protocol=min(pickle.HIGHEST_PROTOCOL, int(peer['pickle'])),
-                   peer_info=peer)
+    return Channel(sock, **params)
+
+
+def _run_steps(sock, steps, deadline=None):
+    """Drives handshake steps on a blocking socket; returns what they return."""
+    reply = None
+    try:
+        while True:
+            op, arg = steps.send(reply)
+            reply = None
+            if op == 'recv':
+                reply = _recv_exact(sock, arg, deadline)
+            elif op == 'send':
+                sock.sendall(arg)
+            else:
+                try:
+                    sock.sendall(arg)
+                except OSError:
+                    pass
+    except StopIteration as done:
+        return done.value
+
+
+def _send_hs(sock, payload):
+    sock.sendall(_hello_frame(payload))
+
+
+def _recv_hs(sock, deadline=None):
+    return _run_steps(sock, _peer_hello_steps(), deadline)
 
 
 class Channel:
@@ -1383,8 +1420,9 @@ def _split_list(text):
 # it has, so its thread count does not grow with its nodes.  The loop reads, verifies
 # and decodes frames itself (each hand-off between threads costs 50-60 µs); work that
 # must not stall it goes to ``WorkerThreads``, in order per connection (a ``Strand``):
-# big frames (unpickling large results, saving files jobs send), dials (connect +
-# handshake), shipping a computation's files, user code such as ``allocate()``.
+# big frames (unpickling large results, saving files jobs send), shipping a
+# computation's files, user code such as ``allocate()``.  Connections are made on the
+# loop too, without blocking (``LoopDial``).
 #
 # Lock order (outer first): Scheduler.lock → LoopConnection._lock → IOLoop._lock and
 # WorkerThreads._cond.  The loop never waits on the scheduler's lock while it holds a
@@ -1569,6 +1607,172 @@ class IOLoop:
                                                                        func))
 
 
+class LoopDial:
+    """A connection being made on the I/O loop, nothing blocking: a non-blocking
+    ``connect``, the TLS handshake (``do_handshake`` until it stops asking for
+    ``SSLWantReadError``/``SSLWantWriteError``), then dispy's own handshake
+    (``handshake_steps``), all within ``timeout``.  Ends with ``done(channel, extra)``
+    (``extra``: bytes read past the handshake) or ``failed(exc)``, on the loop thread.
+    """
+
+    def __init__(self, loop, addr, port, ssl_context, steps, max_frame, timeout, done,
+                 failed):
+        self.loop = loop
+        self.addr = (addr, port)
+        self.ssl_context = ssl_context
+        self.steps = steps
+        self.max_frame = max_frame
+        self.deadline = time.monotonic() + timeout
+        self.done = done
+        self.failed = failed
+        self.sock = None
+        self.connected = False
+        self.stage = None           # the readiness handler of the current stage
+        self.out = b''              # handshake bytes not written yet
+        self.inbuf = b''
+        self.need = 0               # bytes the current 'recv' step waits for
+        self.over = False
+
+    def start(self):
+        self.loop.in_loop(self._connect)
+        return self
+
+    # -- stages ------------------------------------------------------------------------
+    def _connect(self):
+        self.loop.add_ticker(self._check_deadline)
+        try:
+            self.sock = socket.socket(node_address_family(self.addr[0]), socket.SOCK_STREAM)
+            self.sock.setblocking(False)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            err = self.sock.connect_ex(sockaddr(*self.addr))
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
+            self._fail(OSError(err, os.strerror(err)))
+            return
+        self._wait(selectors.EVENT_WRITE, self._on_connected)
+
+    def _on_connected(self, _events):
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, os.strerror(err)))
+            return
+        self.connected = True
+        if self.ssl_context is None:
+            self._advance(None)
+            return
+        try:
+            self.sock = self.ssl_context.wrap_socket(self.sock, server_side=False,
+                                                     do_handshake_on_connect=False)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+            return
+        self._tls_handshake(None)
+
+    def _tls_handshake(self, _events):
+        try:
+            self.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(selectors.EVENT_READ, self._tls_handshake)
+        except ssl.SSLWantWriteError:
+            self._wait(selectors.EVENT_WRITE, self._tls_handshake)
+        except (OSError, ValueError) as exc:
+            self._fail(exc)
+        else:
+            self._advance(None)
+
+    def _advance(self, reply):
+        """Runs the handshake steps until one needs bytes that have not come yet."""
+        while True:
+            try:
+                op, arg = self.steps.send(reply)
+            except StopIteration as end:
+                self._finish(end.value)
+                return
+            except (ProtocolError, ValueError) as exc:
+                self._fail(exc)
+                return
+            reply = None
+            if op != 'recv':
+                self.out += arg
+                continue
+            self.need = arg
+            if len(self.inbuf) >= arg:
+                reply, self.inbuf = self.inbuf[:arg], self.inbuf[arg:]
+                continue
+            break
+        self._exchange(None)
+
+    def _exchange(self, _events):
+        """Writes pending handshake bytes, reads what the current step waits for."""
+        try:
+            while self.out:
+                sent = self.sock.send(self.out)
+                self.out = self.out[sent:]
+            while len(self.inbuf) < self.need:
+                chunk = self.sock.recv(self.need - len(self.inbuf))
+                if not chunk:
+                    raise ProtocolError('connection closed by peer during handshake')
+                self.inbuf += chunk
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+            self._wait(selectors.EVENT_WRITE if self.out else selectors.EVENT_READ,
+                       self._exchange)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(selectors.EVENT_WRITE, self._exchange)
+            return
+        except (OSError, ProtocolError) as exc:
+            self._fail(exc)
+            return
+        reply, self.inbuf = self.inbuf[:self.need], self.inbuf[self.need:]
+        self._advance(reply)
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _wait(self, events, stage):
+        selector = self.loop.selector
+        if self.stage is None:
+            selector.register(self.sock, events, self._on_ready)
+        else:
+            selector.modify(self.sock, events, self._on_ready)
+        self.stage = stage
+
+    def _on_ready(self, events):
+        if not self.over:
+            self.stage(events)
+
+    def _unwatch(self):
+        self.over = True
+        self.loop.remove_ticker(self._check_deadline)
+        if self.stage is not None:
+            try:
+                self.loop.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+
+    def _check_deadline(self):
+        if not self.over and time.monotonic() > self.deadline:
+            self._fail(socket.timeout('no answer in time'))
+
+    def _finish(self, params):
+        self._unwatch()
+        self.done(Channel(self.sock, **params), self.inbuf)
+
+    def _fail(self, exc):
+        if self.over:
+            return
+        self._unwatch()
+        if self.sock is not None:
+            self.sock.close()
+        if self.connected and not isinstance(exc, ProtocolError):
+            # Connected, then dropped during the handshake: the usual cause is TLS on
+            # one side only (or a different certificate).
+            exc = ProtocolError('node closed the connection during the handshake (%s); is '
+                                'it overloaded, or does it use TLS (certfile) while this '
+                                'client does%s?' % (exc, '' if self.ssl_context else ' not'))
+        self.failed(exc)
+
+
 class LoopConnection:
     """A ``Channel`` served by the IOLoop instead of threads of its own.
 
@@ -1592,7 +1796,7 @@ class LoopConnection:
 
     BATCH_BYTES = 1 << 20       # stop adding messages to a frame past this size hint
 
-    def __init__(self, channel, handler, name, loop, threads):
+    def __init__(self, channel, handler, name, loop, threads, received=b''):
         self.channel = channel
         self.handler = handler
         self.name = name
@@ -1610,7 +1814,7 @@ class LoopConnection:
         self._closed = False
         self._close_reason = None
         self._last_send = time.monotonic()
-        self._rbuf = bytearray()
+        self._rbuf = bytearray(received)    # bytes read past the handshake
         self._big = None                    # (body buffer, bytes in, length, mac)
         self._ended = threading.Event()
 
@@ -1623,8 +1827,10 @@ class LoopConnection:
     def _register(self):
         if not self._closed:
             self._loop.selector.register(self.sock, selectors.EVENT_READ, self._on_ready)
-            if self._rbuf or (self._tls and self.sock.pending()):
+            if self._tls and self.sock.pending():
                 self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
+            elif self._rbuf:
+                self._loop.call_soon(self._read, False)
 
     @property
     def closed(self):
@@ -1762,11 +1968,14 @@ class LoopConnection:
         if events & selectors.EVENT_READ and not self._closed:
             self._read()
 
-    def _read(self):
+    def _read(self, receive=True):
         """One read per readiness event: what it brings is handled, and the replies
-        flushed, before the loop reads again (from this socket or another)."""
+        flushed, before the loop reads again (from this socket or another).  Without
+        ``receive``: only the frames already in the buffer."""
         try:
-            if self._read_once() and self._tls and self.sock.pending():
+            if not receive:
+                self._frames()
+            elif self._read_once() and self._tls and self.sock.pending():
                 self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
         except AuthError as exc:
             logger.warning('%s: %s', self.name, exc)
@@ -2038,14 +2247,14 @@ class NodePool:
 
         owner.wants_node(ip, name)            -> bool   a discovered node: dial it?
         owner.node_ready(link, restarted, info)          NODE received (lock held)
-        owner.node_messages(link, msgs)                  any other message (no lock)
+        owner.node_messages(link, conn, msgs)            any other message (no lock)
         owner.node_lost(link, reason)                    gone for good (lock held)
         owner.has_clusters()                  -> bool   worth warning when no node?
 
     A client program has one pool per (secret, TLS files) its clusters use;
-    dispyscheduler has one towards its nodes.  Dials (TCP connect, TLS, handshake) run
-    on the worker threads; connections then live on the I/O loop; ``tick`` runs on
-    the loop: pulses, liveness, re-dials, pings and the "no node answered" warning.
+    dispyscheduler has one towards its nodes.  Dials (TCP connect, TLS, handshake)
+    and connections live on the I/O loop; so does ``tick``: pulses, liveness,
+    re-dials, pings and the "no node answered" warning.
     The lock is the owner's (``lock``): NodeLinks are shared state of both.
     """
 
@@ -2106,50 +2315,26 @@ class NodePool:
         if link.state in (NodeLink.CONNECTING, NodeLink.READY) or link.dialing or self.closed:
             return
         link.dial_started(port)
-        self.threads.submit(self._dial_and_handshake, link)
+        self.loop.in_loop(self._start_dial, link)
 
-    def _dial_and_handshake(self, link):
+    def _start_dial(self, link):
         timeout = MsgTimeout
         if link.state == NodeLink.RECONNECTING:
             timeout = min(timeout, max(1.0, 2 * self.pulse_interval))
-        try:
-            channel = self._connect(link, timeout)
-        except (OSError, ProtocolError, ValueError) as exc:
-            self._dial_failed(link, exc)
-            return
+        steps = handshake_steps(self.secret, True, {'role': 'client'}, self.max_frame)
+        LoopDial(self.loop, link.ip_addr, link.port, self.ssl_context, steps, self.max_frame,
+                 timeout, functools.partial(self._dialed, link),
+                 functools.partial(self._dial_failed, link)).start()
+
+    def _dialed(self, link, channel, extra):
         with self.lock:
             if self.closed:
                 channel.close()
                 return
-            conn = LoopConnection(channel, self, link.ip_addr, self.loop, self.threads)
+            conn = LoopConnection(channel, self, link.ip_addr, self.loop, self.threads, extra)
             link.connected(conn, self.pulse_interval)
             conn.send(Msg.CLIENT(dict(self.client, pulse_interval=self.pulse_interval)))
             conn.start()
-
-    def _connect(self, link, timeout):
-        family = node_address_family(link.ip_addr)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr(link.ip_addr, link.port))
-        except OSError:
-            sock.close()
-            raise
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock = self.ssl_context.wrap_socket(sock, server_side=False)
-            return handshake(sock, self.secret, True, {'role': 'client'}, self.max_frame,
-                             timeout)
-        except (OSError, ProtocolError, ValueError) as exc:
-            sock.close()
-            if isinstance(exc, ProtocolError):
-                raise
-            # Connected, then dropped during the handshake: the usual cause is TLS on one
-            # side only (or a different certificate).
-            raise ProtocolError('node closed the connection during the handshake (%s); '
-                                'is it overloaded, or does it use TLS (certfile) while '
-                                'this client does%s?' % (exc, '' if self.ssl_context else ' not'))
 
     def _dial_failed(self, link, exc):
         with self.lock:
