@@ -31,6 +31,10 @@ received is unpickled before its HMAC is verified, and frames are unpickled with
 restricted unpickler that admits only plain data (user objects travel as opaque blobs
 that only the job process, or the client that owns them, unpickles).  UDP discovery
 datagrams are JSON with an HMAC and are never unpickled.
+
+Receivers (shared by client, node and a relay): ``FileReceiver`` writes the files peers
+send under one set of rules (names, modes, size, chunk order, no partial copies, stalled
+transfers dropped).
 """
 
 import argparse
@@ -926,6 +930,210 @@ def unpack_datagram(secret, data):
 
 
 # ================================================================================
+# Receivers: files that arrive in chunks (client, node, relay)
+# ================================================================================
+#
+# Shared by every program that takes files from peers, so each rule (path check, mode
+# mask, size limit, chunk order) is written once.
+
+FILE_STALL_TIMEOUT = 120.0   # a partial file whose next chunk is this late is dropped
+_PART_MARK = '.dispy-part-'  # in the temporary name of a file being received
+
+
+class FileRefused(ValueError):
+    """A file, or one chunk of it, breaks a receiver's rules; the text says which."""
+
+
+class PathRefused(FileRefused):
+    """A file's name or path is not allowed (it would leave the folder)."""
+
+
+class _PartialFile:
+    """A file being received: written under a temporary name, renamed when complete."""
+
+    __slots__ = ('final', 'temp', 'file', 'size', 'last_chunk')
+
+    def __init__(self, final, now):
+        self.final = final
+        head, tail = os.path.split(final)
+        self.temp = os.path.join(head, '.%s%s%s' % (tail, _PART_MARK, uuid.uuid4().hex[:8]))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+        self.file = os.fdopen(os.open(self.temp, flags, 0o600), 'wb')
+        self.size = 0
+        self.last_chunk = now
+
+    def discard(self):
+        self.file.close()
+        try:
+            os.unlink(self.temp)
+        except OSError:
+            pass
+
+
+class FileReceiver:
+    """Writes the files peers send into one folder, under one set of rules:
+
+    * names: ``paths='plain'`` admits only plain base names (a node's computation files,
+      ``cluster.send_file``, ``dispy_job_depends``); ``paths='relative'`` admits relative
+      paths that stay under the folder, a leading ``/`` dropped (files jobs send back
+      to the client), with folders made as needed;
+    * mode: ``(mode & 0o755) | 0o600``: never setuid/setgid/sticky, the owner may
+      always read and write, the user's other rwx bits kept;
+    * size: at most ``max_size`` bytes (0: no limit), counting the bytes received,
+      not the offsets claimed;
+    * order: each chunk's offset is the number of bytes received so far, so the first
+      is 0 and a second "first" chunk of a file being received is refused;
+    * a file is written under a temporary name beside its path and renamed there when
+      its last chunk arrives: the path only ever holds a whole file, and a refused or
+      failed file leaves nothing behind;
+    * liveness: a partial file whose next chunk is more than ``stall_timeout`` seconds
+      late (its sender vanished) is dropped by ``expire(now)``, which every chunk runs
+      too; ``close()`` drops every partial file (its owner is done).
+
+    Files in transit are told apart by ``(source, name)``: two senders of one name
+    (jobs of one cluster sending back the same path) never mix their chunks.
+    Thread-safe.
+    """
+
+    def __init__(self, folder, max_size=0, paths='plain', stall_timeout=FILE_STALL_TIMEOUT):
+        if paths not in ('plain', 'relative'):
+            raise ValueError('paths must be "plain" or "relative", not %r' % (paths,))
+        self.folder = os.path.abspath(folder)
+        self.max_size = max_size
+        self.paths = paths
+        self.stall_timeout = stall_timeout
+        self._partial = {}          # (source, name) -> _PartialFile
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def plain_name(name):
+        """``name`` if it is a plain base name, nothing that leaves a folder."""
+        if (not isinstance(name, str) or not name or name in ('.', '..') or '/' in name
+                or '\\' in name or '\0' in name):
+            raise PathRefused('refused file name %r: only plain base names are accepted'
+                              % (name,))
+        return name
+
+    def path_for(self, name):
+        """The absolute path a file of this name is written at; PathRefused if none."""
+        if self.paths == 'plain':
+            return os.path.join(self.folder, self.plain_name(name))
+        if not isinstance(name, str) or '\0' in name:
+            raise PathRefused('refused path %r' % (name,))
+        path = os.path.normpath(os.path.join(self.folder, name.lstrip('/\\')))
+        if os.path.commonpath([self.folder, path]) != self.folder or path == self.folder:
+            raise PathRefused('refused path %r: it would leave the destination folder'
+                              % (name,))
+        return path
+
+    def chunk(self, name, mode, offset, data, last, source=None, now=None):
+        """Takes one chunk of a file; returns the file's path once ``last`` arrived,
+        else None.  A refused chunk (FileRefused) or a failed write (OSError) drops the
+        whole file."""
+        now = time.monotonic() if now is None else now
+        path = self.path_for(name)      # a refused name never holds a file
+        with self._lock:
+            self._expire(now)
+            key = (source, name)
+            try:
+                return self._take(key, path, mode, offset, data, last, now)
+            except (ValueError, OSError):
+                partial = self._partial.pop(key, None)
+                if partial is not None:
+                    partial.discard()
+                raise
+
+    def whole(self, name, mode, data):
+        """Takes a file sent in one message; returns its path."""
+        return self.chunk(name, mode, 0, data, True, source=object())   # never a partial's
+
+    def _take(self, key, path, mode, offset, data, last, now):
+        mode = self._mode(mode)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise FileRefused('malformed file chunk')
+        partial = self._partial.get(key)
+        received = partial.size if partial is not None else 0
+        if type(offset) is not int or offset != received:
+            raise FileRefused('file chunk out of order')
+        if self.max_size and received + len(data) > self.max_size:
+            raise FileRefused("file is bigger than this node's --max_file_size (%d bytes)"
+                              % self.max_size)
+        if partial is None:
+            if self.paths == 'relative':
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = self._partial[key] = _PartialFile(path, now)
+        partial.file.write(data)
+        partial.size += len(data)
+        partial.last_chunk = now
+        if not last:
+            return None
+        del self._partial[key]
+        try:
+            partial.file.close()
+            os.chmod(partial.temp, mode)
+            os.replace(partial.temp, path)
+        except OSError:
+            partial.discard()
+            raise
+        return path
+
+    @staticmethod
+    def _mode(mode):
+        try:
+            return (int(mode) & 0o755) | 0o600
+        except (TypeError, ValueError, OverflowError):
+            raise FileRefused('malformed file mode %r' % (mode,))
+
+    def expire(self, now=None):
+        """Drops the partial files whose next chunk is overdue; returns their names."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return self._expire(now)
+
+    def _expire(self, now):
+        late = [key for key, partial in self._partial.items()
+                if now - partial.last_chunk > self.stall_timeout]
+        for key in late:
+            self._partial.pop(key).discard()
+        return [name for _source, name in late]
+
+    def close(self):
+        """Drops every partial file (the owner of this folder is done)."""
+        with self._lock:
+            partials, self._partial = list(self._partial.values()), {}
+        for partial in partials:
+            partial.discard()
+
+    def __len__(self):
+        """Files being received."""
+        return len(self._partial)
+
+
+_folder_receivers = {}      # folder -> FileReceiver: files jobs send back (SEND_FILE)
+_folder_receivers_lock = threading.Lock()
+
+
+def folder_receiver(folder):
+    """This process's receiver of the files jobs send back into ``folder`` (a
+    cluster's working directory; clusters sharing one share its receiver).  Its
+    partial files are removed at exit at the latest."""
+    folder = os.path.abspath(folder)
+    with _folder_receivers_lock:
+        receiver = _folder_receivers.get(folder)
+        if receiver is None:
+            receiver = _folder_receivers[folder] = FileReceiver(folder, paths='relative')
+        return receiver
+
+
+@atexit.register
+def _close_folder_receivers():
+    with _folder_receivers_lock:
+        receivers = list(_folder_receivers.values())
+    for receiver in receivers:
+        receiver.close()
+
+
+# ================================================================================
 # Public data classes
 # ================================================================================
 
@@ -1683,21 +1891,14 @@ class Scheduler:
         job = link.jobs.get(key)
         if job is None or job._attempt != attempt:
             return
-        base = job._cluster._cwd
-        path = os.path.normpath(os.path.join(base, str(relpath).lstrip('/\\')))
-        if os.path.commonpath([base, path]) != base or path == base:
+        receiver = folder_receiver(job._cluster._cwd)
+        try:
+            receiver.chunk(relpath, mode, offset, data, last, source=(link.ip_addr, key, attempt))
+        except PathRefused:
             logger.warning('node %s: job %s sent a file with a refused path %r', link.ip_addr,
                            key, relpath)
-            return
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, 'r+b' if offset else 'wb') as f:
-                f.seek(offset)
-                f.write(data)
-            if last:
-                os.chmod(path, int(mode) & 0o755 | 0o600)
-        except OSError as exc:
-            logger.warning('cannot save file %s sent by job %s: %s', path, key, exc)
+        except (ValueError, OSError) as exc:
+            logger.warning('cannot save file %s sent by job %s: %s', relpath, key, exc)
 
     def _on_put_file_done(self, link, msg):
         ckey, name, error = msg

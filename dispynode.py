@@ -3,12 +3,14 @@
 
 Copy ``dispy.py`` and this file to a machine and run ``python dispynode.py``; clients
 find the node by UDP (port 51348) and connect to it over TCP (same port).  The wire
-format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``).
+format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``),
+so are the rules for the files clients send (``FileReceiver``).
 
 Processes (jobs never run inside the node process, so a crash cannot take it down)::
 
     dispynode  ── threads: main (stdin commands), udp (discovery), accept, per client
      │            connection a reader and a writer, per worker/host a reader, manager
+     │            (timers; partial files of a vanished sender dropped)
      └─ zygote       forked at start while the node is still single-threaded, so its
         │            children never inherit locks held by node threads; it only forks
         └─ host      one per computation: loads the shipped code, runs ``setup`` in the
@@ -699,14 +701,6 @@ class RecoveryHandler:
             self.server.recoveries.discard(self)
 
 
-def _safe_name(name):
-    """A file name from a peer: a plain base name, nothing that leaves the folder."""
-    if (not isinstance(name, str) or not name or name in ('.', '..') or '/' in name
-            or '\\' in name or '\0' in name):
-        raise ValueError('refused file name %r: only plain base names are accepted' % (name,))
-    return name
-
-
 def _safe_relative(path):
     if not isinstance(path, str) or not path:
         raise ValueError('refused path %r' % (path,))
@@ -755,6 +749,7 @@ class NodeServer:
         self.zygote_lock = threading.Lock()
         self.hosts_done = threading.Condition(self.lock)
         self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
+        self.receivers = {}          # NodeComputation -> FileReceiver of its folder
 
     # -- startup ---------------------------------------------------------------------------
     def bind(self):
@@ -1042,7 +1037,7 @@ class NodeServer:
         try:
             comp = NodeComputation(ckey, spec, directory)
             for name in comp.missing_files:
-                _safe_name(name)
+                dispy.FileReceiver.plain_name(name)
         except Exception as exc:    # a malformed spec leaves nothing behind
             shutil.rmtree(directory, ignore_errors=True)
             logger.warning('client %s: computation refused: %s', session.address, exc)
@@ -1053,15 +1048,20 @@ class NodeServer:
             self._start_host(session, comp)
 
     def _on_file(self, session, msg):
+        """A chunk of one of a computation's files; the last one lets its setup start."""
         ckey, name, mode, offset, data, last = msg
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'files':
             return
+        receiver = self._receiver(comp)
         try:
-            self._write_file_chunk(comp, _safe_name(name), mode, offset, data, last)
+            if dispy.FileReceiver.plain_name(name) not in comp.missing_files:
+                raise ValueError('not a file of this computation')
+            receiver.chunk(name, mode, offset, data, last)
         except (ValueError, OSError) as exc:
             logger.warning('client %s: file %r refused: %s', session.address, name, exc)
             comp.state = 'failed'
+            receiver.close()        # its other files are of no use now
             session.conn.send(Msg.SETUP(ckey, False, 'file %r refused: %s' % (name, exc)))
             return
         if last:
@@ -1069,38 +1069,26 @@ class NodeServer:
             if not comp.missing_files:
                 self._start_host(session, comp)
 
-    def _write_file_chunk(self, comp, name, mode, offset, data, last):
-        try:
-            self._write_chunk(comp, name, mode, offset, data, last)
-        except (ValueError, OSError):      # a refused file leaves no partial copy
-            f = comp.partial.pop(name, None)
-            if f is not None:
-                f.close()
-                try:
-                    os.unlink(os.path.join(comp.dir, name))
-                except OSError:
-                    pass
-            raise
+    def _receiver(self, comp):
+        """The FileReceiver of a computation's folder, made with its first file."""
+        receiver = self.receivers.get(comp)
+        if receiver is None:
+            receiver = self.receivers[comp] = dispy.FileReceiver(comp.dir,
+                                                                 self.config.max_file_size)
+        return receiver
 
-    def _write_chunk(self, comp, name, mode, offset, data, last):
-        if name not in comp.missing_files:
-            raise ValueError('not a file of this computation')
-        limit = self.config.max_file_size
-        if limit and offset + len(data) > limit:
-            raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
-                             % limit)
-        f = comp.partial.get(name)
-        if f is None:
-            if offset != 0:
-                raise ValueError('file chunk out of order')
-            f = comp.partial[name] = open(os.path.join(comp.dir, name), 'wb')
-        elif offset != f.tell():
-            raise ValueError('file chunk out of order')
-        f.write(data)
-        if last:
-            comp.partial.pop(name).close()
-            # Never setuid/setgid/sticky bits from a peer; keep the user's rwx bits.
-            os.chmod(os.path.join(comp.dir, name), (int(mode) & 0o755) | 0o600)
+    def _expire_files(self):
+        """Partial files whose sender went quiet are dropped (FileReceiver.expire); a
+        closing computation's receiver goes with it (lock held)."""
+        now = time.monotonic()
+        for comp, receiver in list(self.receivers.items()):
+            if comp.state == 'closing':
+                receiver.close()
+                del self.receivers[comp]
+                continue
+            for name in receiver.expire(now):
+                logger.warning('file %r of %s dropped: no chunk of it for %.0f s', name,
+                               comp.spec.get('name'), receiver.stall_timeout)
 
     def _start_host(self, session, comp):
         comp.state = 'setup'
@@ -1159,22 +1147,8 @@ class NodeServer:
         try:
             if comp is None or comp.state != 'ready':
                 raise ValueError('computation is not set up here')
-            name = _safe_name(name)
-            limit = self.config.max_file_size
-            if limit and offset + len(data) > limit:
-                raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
-                                 % limit)
-            path = os.path.join(comp.dir, name)
-            if offset and (not os.path.exists(path) or os.path.getsize(path) != offset):
-                raise ValueError('file chunk out of order')
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0),
-                         0o600)
-            with os.fdopen(fd, 'r+b') as f:
-                f.seek(offset)
-                f.write(data)
-            if last:
-                os.chmod(path, (int(mode) & 0o755) | 0o600)
-        except (ValueError, OSError, TypeError) as exc:
+            self._receiver(comp).chunk(name, mode, offset, data, last)
+        except (ValueError, OSError) as exc:
             error = str(exc)
             logger.warning('client %s: file %r refused: %s', session.address, name, exc)
         if (last or error) and session.conn is not None:
@@ -1294,18 +1268,25 @@ class NodeServer:
             session.conn.send(('STARTED', job.key, job.attempt, job.start_time))
 
     def _write_job_files(self, comp, files):
+        """A job's dispy_job_depends files, whole, in its computation's folder; all or
+        none of them."""
+        receiver = self._receiver(comp)
         written = []
-        limit = self.config.max_file_size
-        for name, mode, data in files:
-            _safe_name(name)
-            if limit and len(data) > limit:
-                raise ValueError('%s is bigger than --max_file_size (%d bytes)' % (name, limit))
-            path = os.path.join(comp.dir, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.chmod(path, (int(mode) & 0o755) | 0o600)
-            written.append(path)
+        try:
+            for name, mode, data in files:
+                try:
+                    written.append(receiver.whole(name, mode, data))
+                except dispy.PathRefused:
+                    raise
+                except dispy.FileRefused as exc:      # the text names the file
+                    raise ValueError('%s: %s' % (name, exc))
+        except (ValueError, OSError):
+            for path in written:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
         return written
 
     def _cancel_job(self, session, job):
@@ -1592,6 +1573,7 @@ class NodeServer:
         while not self.done.wait(0.2):
             with self.lock:
                 self._tick()
+                self._expire_files()
 
     def _tick(self):
         for recovery in list(self.recoveries):     # silent both ways: the client is gone
