@@ -34,7 +34,8 @@ datagrams are JSON with an HMAC and are never unpickled.
 
 Receivers (shared by client, node and a relay): ``FileReceiver`` writes the files peers
 send under one set of rules (names, modes, size, chunk order, no partial copies, stalled
-transfers dropped).
+transfers dropped); ``DiscoveryEndpoint`` owns a program's UDP sockets, verifies what
+they read and answers forged pings with a rate-limited NAK.
 """
 
 import argparse
@@ -726,8 +727,8 @@ def message_bulk(msg):
 
 class Datagram:
     """Discovery datagrams (JSON dicts with an HMAC, never unpickled): ``t`` names the
-    kind.  A node's answer always carries the address it is reachable at, so a relay
-    can forward it unchanged."""
+    kind.  A node's answer always carries the address it is reachable at (``addr``),
+    so a relay can forward it unchanged."""
 
     @staticmethod
     def ping(client, port):
@@ -735,11 +736,15 @@ class Datagram:
         return {'t': 'ping', 'client': client, 'port': port}
 
     @staticmethod
-    def pong(kind, ip, port, name, cpus, busy, instance):
+    def pong(kind, ip, port, name, cpus, busy, instance, addr):
         """node → client: an answer to a ping (``kind='pong'``) or unasked
-        (``'announce'``: the node started, or became free)."""
+        (``'announce'``: the node started, or became free).  ``ip`` is the node's
+        configured external address (``--ext_ip_addr``) or None: a client answers a
+        node without one at the datagram's source address.  ``addr`` is always an
+        address of the node: ``ip`` if given, else the one it serves on (bound with
+        ``-i``), else the one it reaches the asker from."""
         return {'t': kind, 'ip': ip, 'port': port, 'name': name, 'cpus': cpus,
-                'busy': busy, 'instance': instance}
+                'busy': busy, 'instance': instance, 'addr': addr}
 
     NAK = {'t': 'nak'}      # sent unauthenticated to a peer whose datagram failed the HMAC
 
@@ -930,11 +935,11 @@ def unpack_datagram(secret, data):
 
 
 # ================================================================================
-# Receivers: files that arrive in chunks (client, node, relay)
+# Receivers: files that arrive in chunks, discovery datagrams (client, node, relay)
 # ================================================================================
 #
-# Shared by every program that takes files from peers, so each rule (path check, mode
-# mask, size limit, chunk order) is written once.
+# Both are shared by every program that takes files or datagrams from peers, so each
+# rule (path check, mode mask, size limit, chunk order, NAK rate limit) is written once.
 
 FILE_STALL_TIMEOUT = 120.0   # a partial file whose next chunk is this late is dropped
 _PART_MARK = '.dispy-part-'  # in the temporary name of a file being received
@@ -1131,6 +1136,175 @@ def _close_folder_receivers():
         receivers = list(_folder_receivers.values())
     for receiver in receivers:
         receiver.close()
+
+
+NAK_INTERVAL = 1.0          # at most one NAK a second to one address ...
+NAK_TABLE_LIMIT = 10000     # ... remembered for this many addresses at most
+
+
+class DiscoveryEndpoint:
+    """The UDP sockets of one program's discovery, and the rules for what they read.
+
+    Reading never blocks: ``handle_readable(sock)`` reads what is queued on a socket.
+    An authenticated datagram goes to ``on_datagram(msg, addr, sock)``; an
+    unauthenticated ping is answered with a bare NAK (no secret-derived bytes; at most
+    one a second per address, the table of addresses bounded) when ``nak_pings``; any
+    other unauthenticated datagram goes to ``on_unauthenticated(msg, addr, sock)`` if
+    given (a client warns on NAKs).  Datagrams that are not ours are dropped.
+
+    Use it in a thread of its own (``serve_forever``, until ``close``), or in a
+    caller's selector loop: ``register(selector)`` registers every socket with the
+    endpoint as the key's data, and the loop calls ``handle_readable(key.fileobj)``.
+    The callbacks run in the reading thread.
+    """
+
+    def __init__(self, secret, on_datagram, on_unauthenticated=None, nak_pings=True):
+        self.secret = secret
+        self.on_datagram = on_datagram
+        self.on_unauthenticated = on_unauthenticated
+        self.nak_pings = nak_pings
+        self.socks = []
+        self.closed = False
+        self._last_nak = {}         # address -> monotonic time of the last NAK sent to it
+
+    # -- sockets ------------------------------------------------------------------------------
+    def bind(self, addr, port):
+        """A socket bound on ``addr`` ('' = every IPv4 interface) and ``port`` (0: any
+        free one); OSError as the system gave it (the caller words it)."""
+        family = node_address_family(addr) if addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.bind(sockaddr(addr, port) if addr else ('', port))
+        except OSError:
+            sock.close()
+            raise
+        return self.add_socket(sock)
+
+    def bind_any_v6(self, port):
+        """The IPv6 any-address socket beside an all-interfaces IPv4 one, or None when
+        the host has no IPv6."""
+        sock = bind_udp_any_v6(port)
+        return self.add_socket(sock) if sock is not None else None
+
+    def add_socket(self, sock):
+        """Takes a bound datagram socket (a relay's, a test's)."""
+        sock.setblocking(False)
+        self.socks.append(sock)
+        return sock
+
+    @property
+    def port(self):
+        return self.socks[0].getsockname()[1] if self.socks else None
+
+    def register(self, selector, data=None):
+        """Registers every socket in a caller's selector (``data`` defaults to self)."""
+        for sock in self.socks:
+            selector.register(sock, selectors.EVENT_READ, self if data is None else data)
+
+    def unregister(self, selector):
+        for sock in self.socks:
+            try:
+                selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+    # -- reading ------------------------------------------------------------------------------
+    def handle_readable(self, sock, limit=64):
+        """Reads and dispatches up to ``limit`` queued datagrams, without blocking."""
+        for _ in range(limit):
+            try:
+                data, addr = sock.recvfrom(MAX_HANDSHAKE_MSG + 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:         # closed, or an ICMP error reported on this socket
+                return
+            self._dispatch(data, addr, sock)
+
+    def _dispatch(self, data, addr, sock):
+        msg, good = unpack_datagram(self.secret, data)
+        if msg is None:
+            return
+        try:
+            if good:
+                self.on_datagram(msg, addr, sock)
+            elif msg.get('t') == 'ping':
+                if self.nak_pings:
+                    self._nak(addr, sock)
+            elif self.on_unauthenticated is not None:
+                self.on_unauthenticated(msg, addr, sock)
+        except Exception:           # a bad datagram must not stop discovery
+            logger.exception('error handling a datagram from %s', addr[0])
+
+    def _nak(self, addr, sock):
+        now = time.monotonic()
+        if len(self._last_nak) > NAK_TABLE_LIMIT // 2:
+            self._last_nak = {a: t for a, t in self._last_nak.items()
+                              if now - t <= NAK_INTERVAL}
+        if now - self._last_nak.get(addr[0], 0) <= NAK_INTERVAL or \
+                len(self._last_nak) >= NAK_TABLE_LIMIT:
+            return
+        self._last_nak[addr[0]] = now
+        logger.info('ping from %s failed authentication', addr[0])
+        self.sendto(pack_unauthenticated(Datagram.NAK), addr, sock)
+
+    def serve_forever(self, poll_interval=0.5):
+        """Reads until ``close()`` (in a thread of its own)."""
+        with selectors.DefaultSelector() as selector:
+            self.register(selector)
+            while not self.closed:
+                for key, _events in selector.select(poll_interval):
+                    self.handle_readable(key.fileobj)
+
+    # -- sending ------------------------------------------------------------------------------
+    def pack(self, msg):
+        return pack_datagram(self.secret, msg)
+
+    def sock_for(self, host):
+        """The first socket of the address family of ``host``, or None."""
+        family = node_address_family(host)
+        return next((s for s in self.socks if s.family == family), None)
+
+    def sendto(self, data, addr, sock=None):
+        """Sends packed ``data``; False (logged at debug level) when it could not go."""
+        sock = sock or self.sock_for(addr[0])
+        if sock is None:
+            return False
+        try:
+            sock.sendto(data, addr)
+            return True
+        except OSError as exc:
+            logger.debug('UDP send to %s:%s failed: %s', addr[0], addr[1], exc)
+            return False
+
+    def broadcast(self, data, port, local_addrs=None):
+        """To the IPv4 broadcast address of every interface holding ``local_addrs``
+        (all if None), never loopback's."""
+        for bcast in broadcast_addresses(local_addrs):
+            self.sendto(data, (bcast, port))
+
+    def multicast(self, data, port):
+        """To ff02::1 on every interface but loopback (IPv6's broadcast)."""
+        for dest in multicast_destinations(port):
+            self.sendto(data, dest)
+
+    def close(self):
+        self.closed = True
+        for sock in self.socks:
+            sock.close()
+
+
+def local_address_towards(addr):
+    """The address this host would send from to reach socket address ``addr`` (a
+    route lookup: no packet is sent), or None."""
+    family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)
+            return _address_with_scope(probe.getsockname())
+    except OSError:
+        return None
 
 
 # ================================================================================
