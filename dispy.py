@@ -54,6 +54,11 @@ restricted unpickler that admits only plain data (user objects travel as opaque 
 that only the job process, or the client that owns them, unpickles).  Every message is
 listed in the message catalog (``Msg``).  UDP discovery datagrams are JSON with an HMAC
 and are never unpickled.
+
+Receivers (shared by client, node and a relay): ``FileReceiver`` writes the files peers
+send under one set of rules (names, modes, size, chunk order, no partial copies, stalled
+transfers dropped); ``DiscoveryEndpoint`` owns a program's UDP sockets, verifies what
+they read and answers forged pings with a rate-limited NAK.
 """
 
 import argparse
@@ -796,8 +801,8 @@ def message_bulk(msg):
 
 class Datagram:
     """Discovery datagrams (JSON dicts with an HMAC, never unpickled): ``t`` names the
-    kind.  A node's answer always carries the address it is reachable at, so a relay
-    can forward it unchanged."""
+    kind.  A node's answer always carries the address it is reachable at (``addr``),
+    so a relay can forward it unchanged."""
 
     @staticmethod
     def ping(client, port):
@@ -805,11 +810,15 @@ class Datagram:
         return {'t': 'ping', 'client': client, 'port': port}
 
     @staticmethod
-    def pong(kind, ip, port, name, cpus, busy, instance):
+    def pong(kind, ip, port, name, cpus, busy, instance, addr):
         """node → client: an answer to a ping (``kind='pong'``) or unasked
-        (``'announce'``: the node started, or became free)."""
+        (``'announce'``: the node started, or became free).  ``ip`` is the node's
+        configured external address (``--ext_ip_addr``) or None: a client answers a
+        node without one at the datagram's source address.  ``addr`` is always an
+        address of the node: ``ip`` if given, else the one it serves on (bound with
+        ``-i``), else the one it reaches the asker from."""
         return {'t': kind, 'ip': ip, 'port': port, 'name': name, 'cpus': cpus,
-                'busy': busy, 'instance': instance}
+                'busy': busy, 'instance': instance, 'addr': addr}
 
     NAK = {'t': 'nak'}      # sent unauthenticated to a peer whose datagram failed the HMAC
 
@@ -997,6 +1006,357 @@ def unpack_datagram(secret, data):
         return None, False
     good = hmac.compare_digest(mac, _mac(secret_key(secret), b'dispy-udp', payload))
     return msg, good
+
+
+# ================================================================================
+# Receivers: files that arrive in chunks, discovery datagrams (client, node, relay)
+# ================================================================================
+#
+# Both are shared by every program that takes files or datagrams from peers, so each
+# rule (path check, mode mask, size limit, chunk order, NAK rate limit) is written once.
+
+FILE_STALL_TIMEOUT = 120.0   # a partial file whose next chunk is this late is dropped
+_PART_MARK = '.dispy-part-'  # in the temporary name of a file being received
+
+
+class FileRefused(ValueError):
+    """A file, or one chunk of it, breaks a receiver's rules; the text says which."""
+
+
+class PathRefused(FileRefused):
+    """A file's name or path is not allowed (it would leave the folder)."""
+
+
+class _PartialFile:
+    """A file being received: written under a temporary name, renamed when complete."""
+
+    __slots__ = ('final', 'temp', 'file', 'size', 'last_chunk')
+
+    def __init__(self, final, now):
+        self.final = final
+        head, tail = os.path.split(final)
+        self.temp = os.path.join(head, '.%s%s%s' % (tail, _PART_MARK, uuid.uuid4().hex[:8]))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_NOFOLLOW', 0)
+        self.file = os.fdopen(os.open(self.temp, flags, 0o600), 'wb')
+        self.size = 0
+        self.last_chunk = now
+
+    def discard(self):
+        self.file.close()
+        try:
+            os.unlink(self.temp)
+        except OSError:
+            pass
+
+
+class FileReceiver:
+    """Writes the files peers send into one folder, under one set of rules:
+
+    * names: ``paths='plain'`` admits only plain base names (a node's computation files,
+      ``cluster.send_file``, ``dispy_job_depends``); ``paths='relative'`` admits relative
+      paths that stay under the folder, a leading ``/`` dropped (files jobs send back
+      to the client), with folders made as needed;
+    * mode: ``(mode & 0o755) | 0o600``: never setuid/setgid/sticky, the owner may
+      always read and write, the user's other rwx bits kept;
+    * size: at most ``max_size`` bytes (0: no limit), counting the bytes received,
+      not the offsets claimed;
+    * order: each chunk's offset is the number of bytes received so far, so the first
+      is 0 and a second "first" chunk of a file being received is refused;
+    * a file is written under a temporary name beside its path and renamed there when
+      its last chunk arrives: the path only ever holds a whole file, and a refused or
+      failed file leaves nothing behind;
+    * liveness: a partial file whose next chunk is more than ``stall_timeout`` seconds
+      late (its sender vanished) is dropped by ``expire(now)``, which every chunk runs
+      too; ``close()`` drops every partial file (its owner is done).
+
+    Files in transit are told apart by ``(source, name)``: two senders of one name
+    (jobs of one cluster sending back the same path) never mix their chunks.
+    Thread-safe.
+    """
+
+    def __init__(self, folder, max_size=0, paths='plain', stall_timeout=FILE_STALL_TIMEOUT):
+        if paths not in ('plain', 'relative'):
+            raise ValueError('paths must be "plain" or "relative", not %r' % (paths,))
+        self.folder = os.path.abspath(folder)
+        self.max_size = max_size
+        self.paths = paths
+        self.stall_timeout = stall_timeout
+        self._partial = {}          # (source, name) -> _PartialFile
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def plain_name(name):
+        """``name`` if it is a plain base name, nothing that leaves a folder."""
+        if (not isinstance(name, str) or not name or name in ('.', '..') or '/' in name
+                or '\\' in name or '\0' in name):
+            raise PathRefused('refused file name %r: only plain base names are accepted'
+                              % (name,))
+        return name
+
+    def path_for(self, name):
+        """The absolute path a file of this name is written at; PathRefused if none."""
+        if self.paths == 'plain':
+            return os.path.join(self.folder, self.plain_name(name))
+        if not isinstance(name, str) or '\0' in name:
+            raise PathRefused('refused path %r' % (name,))
+        path = os.path.normpath(os.path.join(self.folder, name.lstrip('/\\')))
+        if os.path.commonpath([self.folder, path]) != self.folder or path == self.folder:
+            raise PathRefused('refused path %r: it would leave the destination folder'
+                              % (name,))
+        return path
+
+    def chunk(self, name, mode, offset, data, last, source=None, now=None):
+        """Takes one chunk of a file; returns the file's path once ``last`` arrived,
+        else None.  A refused chunk (FileRefused) or a failed write (OSError) drops the
+        whole file."""
+        now = time.monotonic() if now is None else now
+        path = self.path_for(name)      # a refused name never holds a file
+        with self._lock:
+            self._expire(now)
+            key = (source, name)
+            try:
+                return self._take(key, path, mode, offset, data, last, now)
+            except (ValueError, OSError):
+                partial = self._partial.pop(key, None)
+                if partial is not None:
+                    partial.discard()
+                raise
+
+    def whole(self, name, mode, data):
+        """Takes a file sent in one message; returns its path."""
+        return self.chunk(name, mode, 0, data, True, source=object())   # never a partial's
+
+    def _take(self, key, path, mode, offset, data, last, now):
+        mode = self._mode(mode)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise FileRefused('malformed file chunk')
+        partial = self._partial.get(key)
+        received = partial.size if partial is not None else 0
+        if type(offset) is not int or offset != received:
+            raise FileRefused('file chunk out of order')
+        if self.max_size and received + len(data) > self.max_size:
+            raise FileRefused("file is bigger than this node's --max_file_size (%d bytes)"
+                              % self.max_size)
+        if partial is None:
+            if self.paths == 'relative':
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            partial = self._partial[key] = _PartialFile(path, now)
+        partial.file.write(data)
+        partial.size += len(data)
+        partial.last_chunk = now
+        if not last:
+            return None
+        del self._partial[key]
+        try:
+            partial.file.close()
+            os.chmod(partial.temp, mode)
+            os.replace(partial.temp, path)
+        except OSError:
+            partial.discard()
+            raise
+        return path
+
+    @staticmethod
+    def _mode(mode):
+        try:
+            return (int(mode) & 0o755) | 0o600
+        except (TypeError, ValueError, OverflowError):
+            raise FileRefused('malformed file mode %r' % (mode,))
+
+    def expire(self, now=None):
+        """Drops the partial files whose next chunk is overdue; returns their names."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            return self._expire(now)
+
+    def _expire(self, now):
+        late = [key for key, partial in self._partial.items()
+                if now - partial.last_chunk > self.stall_timeout]
+        for key in late:
+            self._partial.pop(key).discard()
+        return [name for _source, name in late]
+
+    def close(self):
+        """Drops every partial file (the owner of this folder is done)."""
+        with self._lock:
+            partials, self._partial = list(self._partial.values()), {}
+        for partial in partials:
+            partial.discard()
+
+    def __len__(self):
+        """Files being received."""
+        return len(self._partial)
+
+
+NAK_INTERVAL = 1.0          # at most one NAK a second to one address ...
+NAK_TABLE_LIMIT = 10000     # ... remembered for this many addresses at most
+
+
+class DiscoveryEndpoint:
+    """The UDP sockets of one program's discovery, and the rules for what they read.
+
+    Reading never blocks: ``handle_readable(sock)`` reads what is queued on a socket.
+    An authenticated datagram goes to ``on_datagram(msg, addr, sock)``; an
+    unauthenticated ping is answered with a bare NAK (no secret-derived bytes; at most
+    one a second per address, the table of addresses bounded) when ``nak_pings``; any
+    other unauthenticated datagram goes to ``on_unauthenticated(msg, addr, sock)`` if
+    given (a client warns on NAKs).  Datagrams that are not ours are dropped.
+
+    Use it in a thread of its own (``serve_forever``, until ``close``), or in a
+    caller's selector loop: ``register(selector)`` registers every socket with the
+    endpoint as the key's data, and the loop calls ``handle_readable(key.fileobj)``.
+    The callbacks run in the reading thread.
+    """
+
+    def __init__(self, secret, on_datagram, on_unauthenticated=None, nak_pings=True):
+        self.secret = secret
+        self.on_datagram = on_datagram
+        self.on_unauthenticated = on_unauthenticated
+        self.nak_pings = nak_pings
+        self.socks = []
+        self.closed = False
+        self._last_nak = {}         # address -> monotonic time of the last NAK sent to it
+
+    # -- sockets ------------------------------------------------------------------------------
+    def bind(self, addr, port):
+        """A socket bound on ``addr`` ('' = every IPv4 interface) and ``port`` (0: any
+        free one); OSError as the system gave it (the caller words it)."""
+        family = node_address_family(addr) if addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.bind(sockaddr(addr, port) if addr else ('', port))
+        except OSError:
+            sock.close()
+            raise
+        return self.add_socket(sock)
+
+    def bind_any_v6(self, port):
+        """The IPv6 any-address socket beside an all-interfaces IPv4 one, or None when
+        the host has no IPv6."""
+        sock = bind_udp_any_v6(port)
+        return self.add_socket(sock) if sock is not None else None
+
+    def add_socket(self, sock):
+        """Takes a bound datagram socket (a relay's, a test's)."""
+        sock.setblocking(False)
+        self.socks.append(sock)
+        return sock
+
+    @property
+    def port(self):
+        return self.socks[0].getsockname()[1] if self.socks else None
+
+    def register(self, selector, data=None):
+        """Registers every socket in a caller's selector (``data`` defaults to self)."""
+        for sock in self.socks:
+            selector.register(sock, selectors.EVENT_READ, self if data is None else data)
+
+    def unregister(self, selector):
+        for sock in self.socks:
+            try:
+                selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+    # -- reading ------------------------------------------------------------------------------
+    def handle_readable(self, sock, limit=64):
+        """Reads and dispatches up to ``limit`` queued datagrams, without blocking."""
+        for _ in range(limit):
+            try:
+                data, addr = sock.recvfrom(MAX_HANDSHAKE_MSG + 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:         # closed, or an ICMP error reported on this socket
+                return
+            self.dispatch(data, addr, sock)
+
+    def dispatch(self, data, addr, sock):
+        """Verifies one datagram and hands it on (a hook: a client with several
+        secrets offers it to each of its node pools instead)."""
+        msg, good = unpack_datagram(self.secret, data)
+        if msg is None:
+            return
+        try:
+            if good:
+                self.on_datagram(msg, addr, sock)
+            elif msg.get('t') == 'ping':
+                if self.nak_pings:
+                    self._nak(addr, sock)
+            elif self.on_unauthenticated is not None:
+                self.on_unauthenticated(msg, addr, sock)
+        except Exception:           # a bad datagram must not stop discovery
+            logger.exception('error handling a datagram from %s', addr[0])
+
+    def _nak(self, addr, sock):
+        now = time.monotonic()
+        if len(self._last_nak) > NAK_TABLE_LIMIT // 2:
+            self._last_nak = {a: t for a, t in self._last_nak.items()
+                              if now - t <= NAK_INTERVAL}
+        if now - self._last_nak.get(addr[0], 0) <= NAK_INTERVAL or \
+                len(self._last_nak) >= NAK_TABLE_LIMIT:
+            return
+        self._last_nak[addr[0]] = now
+        logger.info('ping from %s failed authentication', addr[0])
+        self.sendto(pack_unauthenticated(Datagram.NAK), addr, sock)
+
+    def serve_forever(self, poll_interval=0.5):
+        """Reads until ``close()`` (in a thread of its own)."""
+        with selectors.DefaultSelector() as selector:
+            self.register(selector)
+            while not self.closed:
+                for key, _events in selector.select(poll_interval):
+                    self.handle_readable(key.fileobj)
+
+    # -- sending ------------------------------------------------------------------------------
+    def pack(self, msg):
+        return pack_datagram(self.secret, msg)
+
+    def sock_for(self, host):
+        """The first socket of the address family of ``host``, or None."""
+        family = node_address_family(host)
+        return next((s for s in self.socks if s.family == family), None)
+
+    def sendto(self, data, addr, sock=None):
+        """Sends packed ``data``; False (logged at debug level) when it could not go."""
+        sock = sock or self.sock_for(addr[0])
+        if sock is None:
+            return False
+        try:
+            sock.sendto(data, addr)
+            return True
+        except OSError as exc:
+            logger.debug('UDP send to %s:%s failed: %s', addr[0], addr[1], exc)
+            return False
+
+    def broadcast(self, data, port, local_addrs=None):
+        """To the IPv4 broadcast address of every interface holding ``local_addrs``
+        (all if None), never loopback's."""
+        for bcast in broadcast_addresses(local_addrs):
+            self.sendto(data, (bcast, port))
+
+    def multicast(self, data, port):
+        """To ff02::1 on every interface but loopback (IPv6's broadcast)."""
+        for dest in multicast_destinations(port):
+            self.sendto(data, dest)
+
+    def close(self):
+        self.closed = True
+        for sock in self.socks:
+            sock.close()
+
+
+def local_address_towards(addr):
+    """The address this host would send from to reach socket address ``addr`` (a
+    route lookup: no packet is sent), or None."""
+    family = socket.AF_INET6 if len(addr) == 4 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(addr)
+            return _address_with_scope(probe.getsockname())
+    except OSError:
+        return None
 
 
 # ================================================================================
@@ -3190,8 +3550,8 @@ class ClientHub:
     ``Scheduler`` with its ``NodePool`` per (secret, TLS files) its clusters use, so
     clusters with different secrets or certificates each reach their own nodes.
 
-    The loop owns the UDP socket(s): a datagram is offered to every pool, each
-    checking it with its own secret; each pool sends its own pings.  Cluster and job
+    The loop serves the UDP socket(s) (a ``DiscoveryEndpoint``): a datagram is offered
+    to every pool, each checking it with its own secret; each pool sends its own pings.  Cluster and job
     keys are process-wide, so a job's default ``id`` is unique in the program.
     """
 
@@ -3217,8 +3577,8 @@ class ClientHub:
     def __init__(self, options):
         self.options = options
         self.client_id = uuid.uuid4().hex
-        self.udp_socks = self._bind_udp(options['ip_addrs'], options['port'])
-        self.port = self.udp_socks[0].getsockname()[1]
+        self.discovery = self._bind_udp(options['ip_addrs'], options['port'])
+        self.port = self.discovery.port
         self.client = {'id': self.client_id, 'name': socket.gethostname(),
                        'pid': os.getpid(), 'udp_port': self.port}
         self.threads = WorkerThreads(POOL_THREADS, 'dispy-worker')
@@ -3234,33 +3594,22 @@ class ClientHub:
         self.loop.add_ticker(self._tick)
 
     def _bind_udp(self, ip_addrs, port):
-        socks = []
-        for addr in ip_addrs or ['']:
-            family = node_address_family(addr) if addr else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            try:
-                if family == socket.AF_INET:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-                sock.bind(sockaddr(addr, port))
-            except OSError as exc:
-                sock.close()
-                for s in socks:
-                    s.close()
-                if exc.errno == errno.EADDRINUSE:
-                    raise OSError(exc.errno, 'dispy client port %s on %s is in use (another '
-                                  'dispy client?); give JobCluster a different port, or '
-                                  'port=0 for any free port' % (port, addr or '*'))
-                raise OSError(exc.errno, 'cannot bind dispy client to %s:%s: %s'
-                              % (addr or '*', port, exc.strerror))
-            sock.setblocking(False)
-            socks.append(sock)
-            port = sock.getsockname()[1]    # port=0: the others take the same one
+        endpoint = _HubDiscovery(self)
+        try:
+            for addr in ip_addrs or ['']:
+                endpoint.bind(addr, port)
+                port = endpoint.port        # port=0: the others take the same one
+        except OSError as exc:
+            endpoint.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, 'dispy client port %s on %s is in use (another '
+                              'dispy client?); give JobCluster a different port, or '
+                              'port=0 for any free port' % (port, addr or '*'))
+            raise OSError(exc.errno, 'cannot bind dispy client to %s:%s: %s'
+                          % (addr or '*', port, exc.strerror))
         if not ip_addrs:        # all interfaces: IPv6 too, where the host has it
-            v6 = bind_udp_any_v6(port)
-            if v6 is not None:
-                v6.setblocking(False)
-                socks.append(v6)
-        return socks
+            endpoint.bind_any_v6(port)
+        return endpoint
 
     # -- schedulers and clusters -----------------------------------------------------------
     def scheduler_for(self, options):
@@ -3279,7 +3628,7 @@ class ClientHub:
             scheduler.attach_pool(NodePool(scheduler, scheduler.lock, options['secret'],
                                            context, dict(options, ip_addrs=self.options[
                                                'ip_addrs']), self.loop, self.threads,
-                                           self.client, self._sendto))
+                                           self.client, self.discovery.sendto))
             self.schedulers[key] = scheduler
             return scheduler
 
@@ -3325,32 +3674,9 @@ class ClientHub:
 
     # -- datagrams and timers (loop thread) --------------------------------------------------
     def _register_udp(self):
-        for sock in self.udp_socks:
-            self.loop.selector.register(sock, selectors.EVENT_READ,
-                                        functools.partial(self._read_datagrams, sock))
-
-    def _read_datagrams(self, sock, _events):
-        pools = [s.pool for s in list(self.schedulers.values())]
-        for _ in range(64):
-            try:
-                data, addr = sock.recvfrom(MAX_HANDSHAKE_MSG + 64)
-            except OSError:     # nothing more now (or an ICMP error reported late)
-                return
-            for pool in pools:
-                msg, good = unpack_datagram(pool.secret, data)
-                if msg is None:
-                    break
-                pool.datagram(msg, good, addr)
-
-    def _sendto(self, data, dest):
-        for sock in self.udp_socks:
-            if sock.family != node_address_family(dest[0]):
-                continue
-            try:
-                sock.sendto(data, dest)
-            except OSError as exc:
-                logger.debug('datagram to %s:%s failed: %s', dest[0], dest[1], exc)
-            return
+        for sock in self.discovery.socks:
+            self.loop.selector.register(sock, selectors.EVENT_READ, functools.partial(
+                lambda sock, _events: self.discovery.handle_readable(sock), sock))
 
     def _tick(self):
         now = time.monotonic()
@@ -3361,6 +3687,23 @@ class ClientHub:
             deferred += cluster._recover_tick(now)
         for recover, job, blob in deferred:     # big arguments: written outside the lock
             recover.write_args(job, blob)
+
+
+class _HubDiscovery(DiscoveryEndpoint):
+    """A client's discovery endpoint: every datagram is offered to each node pool,
+    verified with that pool's secret (a pool warns about NAKs itself)."""
+
+    def __init__(self, hub):
+        super().__init__(None, None, nak_pings=False)
+        self.hub = hub
+
+    def dispatch(self, data, addr, sock):
+        for scheduler in list(self.hub.schedulers.values()):
+            pool = scheduler.pool
+            msg, good = unpack_datagram(pool.secret, data)
+            if msg is None:
+                return
+            pool.datagram(msg, good, addr)
 
 
 # ================================================================================
@@ -3983,6 +4326,7 @@ class JobCluster(ClusterHooks):
         self._closed = False
         self._start_time = time.time()
         self._cwd = os.getcwd()        # where files sent by jobs land
+        self._receiver = FileReceiver(self._cwd, paths='relative')
         self._recover_path = recover_file
         self._recover = None           # RecoverLog, created at the first submit
         self._main_sources = {}        # __main__ class/function -> source (job arguments)
@@ -4214,6 +4558,7 @@ class JobCluster(ClusterHooks):
         if recover is not None:
             recover.close(remove=True)    # closed cleanly: nothing to recover
         self._hub.remove_cluster(self, self._scheduler)
+        self._receiver.close()            # a file a job did not finish sending: removed
         return True
 
     def _jobs_open(self):
@@ -4244,20 +4589,14 @@ class JobCluster(ClusterHooks):
     def job_file(self, job, path, mode, offset, data, last):
         """A file a job sent with dispy_send_file: saved under the client's working
         directory at the same relative path; never outside it."""
-        base = self._cwd
-        full = os.path.normpath(os.path.join(base, str(path).lstrip('/\\')))
-        if os.path.commonpath([base, full]) != base or full == base:
-            logger.warning('job %s sent a file with a refused path %r', job.id, path)
-            return
         try:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(full, 'r+b' if offset else 'wb') as f:
-                f.seek(offset)
-                f.write(data)
-            if last:
-                os.chmod(full, int(mode) & 0o755 | 0o600)
-        except OSError as exc:
-            logger.warning('cannot save file %s sent by job %s: %s', full, job.id, exc)
+            self._receiver.chunk(path, mode, offset, data, last,
+                                 source=(job.ip_addr, job._key, job._attempt))
+        except PathRefused:
+            logger.warning('node %s: job %s sent a file with a refused path %r', job.ip_addr,
+                           job.id, path)
+        except (ValueError, OSError) as exc:
+            logger.warning('cannot save file %s sent by job %s: %s', path, job.id, exc)
 
     # -- ClusterHooks: events (scheduler lock held) -------------------------------------------
     def _dispy_node(self, link):
@@ -4420,6 +4759,8 @@ def _at_exit():
                                                     for job in cluster._jobs_open()])
             if idle:
                 cluster.close(timeout=5)
+            else:
+                cluster._receiver.close()
         except Exception:
             pass
 

@@ -3,12 +3,18 @@
 
 Copy ``dispy.py`` and this file to a machine and run ``python dispynode.py``; clients
 find the node by UDP (port 51348) and connect to it over TCP (same port).  The wire
-format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``).
+format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``),
+so are the rules for the files clients send (``FileReceiver``) and for discovery
+datagrams (``DiscoveryEndpoint``); the TCP listener is a ``socketserver`` server
+(``NodeListener``) that admits, authenticates and hands each client to ``NodeServer``.
 
 Processes (jobs never run inside the node process, so a crash cannot take it down)::
 
-    dispynode  ── threads: main (stdin commands), udp (discovery), accept, per client
+    dispynode  ── threads: main (stdin commands), udp (DiscoveryEndpoint.serve_forever),
+     │            listen (one NodeListener.serve_forever per bound address), handshake
+     │            (one per connection being authenticated, at most 32), per client
      │            connection a reader and a writer, per worker/host a reader, manager
+     │            (timers; partial files of a vanished sender dropped)
      └─ zygote       forked at start while the node is still single-threaded, so its
         │            children never inherit locks held by node threads; it only forks
         └─ host      one per computation: loads the shipped code, runs ``setup`` in the
@@ -31,6 +37,7 @@ if it still has one here, else by a ``RecoveryHandler`` beside the current sessi
 
 import argparse
 import collections
+import errno
 import io
 import importlib
 import linecache
@@ -42,6 +49,7 @@ import selectors
 import shutil
 import signal
 import socket
+import socketserver
 import struct
 import sys
 import tempfile
@@ -699,14 +707,6 @@ class RecoveryHandler:
             self.server.recoveries.discard(self)
 
 
-def _safe_name(name):
-    """A file name from a peer: a plain base name, nothing that leaves the folder."""
-    if (not isinstance(name, str) or not name or name in ('.', '..') or '/' in name
-            or '\\' in name or '\0' in name):
-        raise ValueError('refused file name %r: only plain base names are accepted' % (name,))
-    return name
-
-
 def _safe_relative(path):
     if not isinstance(path, str) or not path:
         raise ValueError('refused path %r' % (path,))
@@ -715,6 +715,209 @@ def _safe_relative(path):
             or norm.split(os.sep)[0].startswith('.dispy') or '\0' in norm):
         raise ValueError('refused path %r: it would leave the destination folder' % (path,))
     return norm
+
+
+# ================================================================================
+# Node side: the TCP listener (socketserver)
+# ================================================================================
+
+class HandshakeAdmission:
+    """Bounds the handshakes in progress: a flood of connections must not become a
+    flood of threads, and one address cannot take every slot."""
+
+    def __init__(self, total=32, per_address=16):
+        self.total = total
+        self.per_address = per_address
+        self._from = collections.Counter()      # address -> handshakes in progress
+        self._lock = threading.Lock()
+
+    def admit(self, host):
+        with self._lock:
+            if self._from[host] >= self.per_address or sum(self._from.values()) >= self.total:
+                return False
+            self._from[host] += 1
+            return True
+
+    def release(self, host):
+        with self._lock:
+            self._from[host] -= 1
+            if self._from[host] <= 0:
+                del self._from[host]
+
+    def __len__(self):
+        with self._lock:
+            return sum(self._from.values())
+
+
+class ClientHandshake(socketserver.BaseRequestHandler):
+    """One accepted connection, in a thread of its own: TLS, ``dispy.handshake`` and
+    the first CLIENT message; then the channel goes to ``NodeServer._attach``."""
+
+    def handle(self):
+        threading.current_thread().name = 'dispynode-handshake'
+        listener, addr = self.server, self.client_address
+        authenticated = listener.authenticate(self.request, addr)
+        if authenticated is None:
+            return
+        channel, info = authenticated
+        listener.hand_off(self.request)     # the channel owns the socket now
+        try:
+            listener.node._attach(channel, addr, info)
+        except Exception:
+            channel.close()
+            raise
+
+
+class NodeListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """The node's TCP listener on one address: each connection is admitted (see
+    ``HandshakeAdmission``, shared by every listener of the node), authenticated in a
+    daemon thread within ``dispy.HANDSHAKE_TIMEOUT`` in all, and handed to the node.
+
+    ``serve_forever`` in a thread of its own; ``close()`` stops and closes it.
+    """
+
+    daemon_threads = True
+    block_on_close = False      # closing never waits on handshakes in progress
+    allow_reuse_address = True
+    request_queue_size = 128
+    poll_interval = 0.5         # also how often overdue handshakes are cut off
+
+    def __init__(self, node, addr, port, admission, v6only=False):
+        self.node = node
+        self.admission = admission
+        self.v6only = v6only
+        self.address_family = dispy.node_address_family(addr) if addr else socket.AF_INET
+        self._handed_off = set()    # accepted sockets that belong to a channel now
+        self._deadlines = {}        # socket in handshake -> (monotonic deadline, dup)
+        self._lock = threading.Lock()
+        self._serving = False
+        super().__init__(dispy.sockaddr(addr, port) if addr else ('', port),
+                         ClientHandshake, bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def server_bind(self):
+        if self.v6only:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    # -- socketserver hooks ------------------------------------------------------------------
+    def verify_request(self, request, client_address):
+        if self.admission.admit(client_address[0]):
+            return True
+        logger.warning('connection from %s dropped: too many handshakes in progress',
+                       client_address[0])
+        return False            # socketserver closes it
+
+    def finish_request(self, request, client_address):
+        try:
+            self._watch(request)
+            super().finish_request(request, client_address)
+        finally:
+            self._unwatch(request)
+            self.admission.release(client_address[0])
+
+    def shutdown_request(self, request):
+        with self._lock:
+            if request in self._handed_off:
+                self._handed_off.discard(request)
+                return
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        logger.warning('connection from %s refused: %r', client_address[0], sys.exc_info()[1])
+
+    def service_actions(self):
+        """Runs in the serving thread every ``poll_interval``: a handshake past its
+        deadline is shut down, so a peer trickling bytes (TLS records, a hello, a first
+        frame) cannot hold a slot however it paces them."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [dup for deadline, dup in self._deadlines.values() if now > deadline]
+        for dup in overdue:
+            try:
+                dup.shutdown(socket.SHUT_RDWR)      # the handshake's read fails at once
+            except OSError:
+                pass
+
+    def serve_forever(self, poll_interval=None):
+        self._serving = True
+        super().serve_forever(poll_interval or self.poll_interval)
+
+    def close(self):
+        """Stops serving and closes the listening socket (like a socket's close)."""
+        if self._serving:
+            self.shutdown()
+        self.server_close()
+
+    # -- the handshake -----------------------------------------------------------------------
+    def _watch(self, request):
+        # A duplicate descriptor: shutting it down reaches the connection even after TLS
+        # took the socket over, and its number cannot be reused while it is watched.
+        with self._lock:
+            self._deadlines[request] = (time.monotonic() + dispy.HANDSHAKE_TIMEOUT,
+                                        request.dup())
+
+    def _unwatch(self, request):
+        with self._lock:
+            _deadline, dup = self._deadlines.pop(request, (None, None))
+        if dup is not None:
+            dup.close()
+
+    def hand_off(self, request):
+        with self._lock:
+            self._handed_off.add(request)
+
+    def authenticate(self, sock, addr):
+        """(channel, CLIENT info) of an authenticated client, or None (logged, closed)."""
+        node = self.node
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if node.ssl_context is not None:
+                sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
+                sock = node.ssl_context.wrap_socket(sock, server_side=True)
+            channel = dispy.handshake(sock, node.config.secret, False,
+                                      {'role': 'node', 'name': node.name},
+                                      node.config.max_frame)
+            sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
+            info = self._client_info(channel.recv())
+            sock.settimeout(None)
+            return channel, info
+        except Exception as exc:     # never a socket left open by a failed handshake
+            try:
+                sock.close()
+            except OSError:
+                pass
+            if not isinstance(exc, self.REFUSALS):
+                raise       # handle_error logs it
+            logger.warning('connection from %s refused: %s', addr[0], exc)
+            return None
+
+    # what a hostile or mismatched peer causes (anything else is logged with its type)
+    REFUSALS = (OSError, dispy.ProtocolError, ValueError, TypeError, EOFError,
+                pickle.UnpicklingError)
+
+    @staticmethod
+    def _client_info(first):
+        """The info of the first frame, which must hold just a well-formed CLIENT."""
+        if (not isinstance(first, list) or len(first) != 1
+                or not isinstance(first[0], tuple) or first[0][:1] != ('CLIENT',)):
+            raise dispy.ProtocolError('first message is not CLIENT')
+        info = Msg.CLIENT.read(first[0]).info
+        if not isinstance(info, dict):
+            raise dispy.ProtocolError('malformed CLIENT message')
+        float(info.get('pulse_interval') or 1)
+        if not isinstance(info.get('id', ''), str):
+            raise dispy.ProtocolError('malformed CLIENT message')
+        return info
 
 
 # ================================================================================
@@ -744,63 +947,73 @@ class NodeServer:
         self.done = threading.Event()
         self.ssl_context = dispy.make_ssl_context(True, config.certfile, config.keyfile,
                                                   config.cafile)
-        self.tcp_socks = []
-        self.udp_socks = []
+        self.listeners = []          # NodeListener per bound address
+        self.discovery = dispy.DiscoveryEndpoint(config.secret, self._on_datagram)
+        self.admission = HandshakeAdmission(total=32, per_address=16)
         self.name = config.name or socket.gethostname()
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
         self.store = ResultStore(config.dest_path_prefix)
         self.avail_sent = 0.0
-        self.handshake_slots = threading.BoundedSemaphore(32)
-        self.handshakes_from = collections.Counter()    # address -> handshakes running
         self.zygote_lock = threading.Lock()
         self.hosts_done = threading.Condition(self.lock)
         self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
+        self.receivers = {}          # NodeComputation -> FileReceiver of its folder
 
     # -- startup ---------------------------------------------------------------------------
     def bind(self):
-        addrs = self.config.ip_addrs or ['']
-        for addr in addrs:
-            family = socket.AF_INET6 if ':' in addr else socket.AF_INET
-            tcp = socket.socket(family, socket.SOCK_STREAM)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            udp = socket.socket(family, socket.SOCK_DGRAM)
+        """A listener and a discovery socket on each address (``-i``), on the same port;
+        on all interfaces (IPv4, and IPv6 where the host has it) without ``-i``."""
+        for addr in self.config.ip_addrs or ['']:
             try:
-                tcp.bind(dispy.sockaddr(addr, self.config.port))
-                port = tcp.getsockname()[1]
-                udp.bind(dispy.sockaddr(addr, port))
+                listener = NodeListener(self, addr, self.config.port, self.admission)
             except OSError as exc:
-                tcp.close()
-                udp.close()
-                raise SystemExit('dispynode: cannot listen on %s:%s: %s%s'
-                                 % (addr or '*', self.config.port, exc.strerror,
-                                    ' (another dispynode running?)'
-                                    if exc.errno == 98 else ''))
-            self.config.port = port
-            tcp.listen(128)
-            self.tcp_socks.append(tcp)
-            self.udp_socks.append(udp)
+                self._cannot_listen(addr, exc)
+            self.listeners.append(listener)
+            self.config.port = listener.port        # port 0: every socket takes this one
+            try:
+                self.discovery.bind(addr, self.config.port)
+            except OSError as exc:
+                self._cannot_listen(addr, exc)
         if not self.config.ip_addrs:
             self._bind_any_v6()
+
+    def _cannot_listen(self, addr, exc):
+        self.shutdown_network()
+        raise SystemExit('dispynode: cannot listen on %s:%s: %s%s'
+                         % (addr or '*', self.config.port, exc.strerror,
+                            ' (another dispynode running?)'
+                            if exc.errno == errno.EADDRINUSE else ''))
 
     def _bind_any_v6(self):
         """All interfaces: serve IPv6 clients too (pinged by multicast), if the host
         has IPv6."""
-        udp = dispy.bind_udp_any_v6(self.config.port)
-        if udp is None:
+        if not socket.has_ipv6:
             return
-        tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         try:
-            tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.bind(('::', self.config.port))
-            tcp.listen(128)
+            listener = NodeListener(self, '::', self.config.port, self.admission, v6only=True)
         except OSError as exc:
             logger.info('no IPv6 service: %s', exc)
-            tcp.close()
-            udp.close()
             return
-        self.tcp_socks.append(tcp)
-        self.udp_socks.append(udp)
+        if self.discovery.bind_any_v6(self.config.port) is None:
+            listener.close()
+            return
+        self.listeners.append(listener)
+
+    def shutdown_network(self):
+        """Closes the listeners and the discovery sockets."""
+        for listener in self.listeners:
+            listener.close()
+        self.discovery.close()
+
+    # shutdown() closes every item of these two lists (the job-process side owns
+    # shutdown; after the merge it can call shutdown_network instead).
+    @property
+    def tcp_socks(self):
+        return list(self.listeners)
+
+    @property
+    def udp_socks(self):
+        return [self.discovery]
 
     def addresses(self):
         """Addresses to show and announce."""
@@ -811,81 +1024,11 @@ class NodeServer:
         return found or ['0.0.0.0']
 
     def start(self):
-        for target, name in ((self._accept_loop, 'accept'), (self._udp_loop, 'udp'),
-                             (self._manager_loop, 'manager')):
+        threads = [(listener.serve_forever, 'listen') for listener in self.listeners]
+        threads += [(self.discovery.serve_forever, 'udp'), (self._manager_loop, 'manager')]
+        for target, name in threads:
             threading.Thread(target=target, daemon=True, name='dispynode-' + name).start()
         self._announce()
-
-    # -- TCP: accepting clients -----------------------------------------------------------------
-    def _accept_loop(self):
-        selector = selectors.DefaultSelector()
-        for sock in self.tcp_socks:
-            selector.register(sock, selectors.EVENT_READ)
-        while not self.stopping:
-            for key, _ in selector.select(0.5):
-                try:
-                    conn, addr = key.fileobj.accept()
-                except OSError:
-                    continue
-                # A flood of connections must not become a flood of threads, and one
-                # address cannot take every handshake slot.
-                if self.handshakes_from[addr[0]] >= 16 or \
-                        not self.handshake_slots.acquire(blocking=False):
-                    logger.warning('connection from %s dropped: too many handshakes in '
-                                   'progress', addr[0])
-                    conn.close()
-                    continue
-                with self.lock:
-                    self.handshakes_from[addr[0]] += 1
-                threading.Thread(target=self._handshake, args=(conn, addr), daemon=True,
-                                 name='dispynode-handshake').start()
-
-    def _handshake(self, sock, addr):
-        try:
-            self._handshake_and_attach(sock, addr)
-        except Exception as exc:        # never a dead thread holding a socket
-            logger.warning('connection from %s refused: %r', addr[0], exc)
-            try:
-                sock.close()
-            except OSError:
-                pass
-        finally:
-            with self.lock:
-                self.handshakes_from[addr[0]] -= 1
-                if not self.handshakes_from[addr[0]]:
-                    del self.handshakes_from[addr[0]]
-            self.handshake_slots.release()
-
-    def _handshake_and_attach(self, sock, addr):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ssl_context is not None:
-                sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            channel = dispy.handshake(sock, self.config.secret, False,
-                                      {'role': 'node', 'name': self.name},
-                                      self.config.max_frame)
-            sock.settimeout(dispy.HANDSHAKE_TIMEOUT)
-            first = channel.recv()
-            sock.settimeout(None)
-            if (not isinstance(first, list) or len(first) != 1
-                    or not isinstance(first[0], tuple) or first[0][:1] != ('CLIENT',)):
-                raise dispy.ProtocolError('first message is not CLIENT')
-            info = Msg.CLIENT.read(first[0]).info
-            if not isinstance(info, dict):
-                raise dispy.ProtocolError('malformed CLIENT message')
-            float(info.get('pulse_interval') or 1)
-            if not isinstance(info.get('id', ''), str):
-                raise dispy.ProtocolError('malformed CLIENT message')
-        except (OSError, dispy.ProtocolError, ValueError, TypeError, EOFError,
-                pickle.UnpicklingError) as exc:
-            logger.warning('connection from %s refused: %s', addr[0], exc)
-            try:
-                sock.close()
-            except OSError:
-                pass
-            return
-        self._attach(channel, addr, info)
 
     def _attach(self, channel, addr, info):
         client_id = str(info.get('id', ''))
@@ -1042,7 +1185,7 @@ class NodeServer:
         try:
             comp = NodeComputation(ckey, spec, directory)
             for name in comp.missing_files:
-                _safe_name(name)
+                dispy.FileReceiver.plain_name(name)
         except Exception as exc:    # a malformed spec leaves nothing behind
             shutil.rmtree(directory, ignore_errors=True)
             logger.warning('client %s: computation refused: %s', session.address, exc)
@@ -1053,15 +1196,20 @@ class NodeServer:
             self._start_host(session, comp)
 
     def _on_file(self, session, msg):
+        """A chunk of one of a computation's files; the last one lets its setup start."""
         ckey, name, mode, offset, data, last = msg
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'files':
             return
+        receiver = self._receiver(comp)
         try:
-            self._write_file_chunk(comp, _safe_name(name), mode, offset, data, last)
+            if dispy.FileReceiver.plain_name(name) not in comp.missing_files:
+                raise ValueError('not a file of this computation')
+            receiver.chunk(name, mode, offset, data, last)
         except (ValueError, OSError) as exc:
             logger.warning('client %s: file %r refused: %s', session.address, name, exc)
             comp.state = 'failed'
+            receiver.close()        # its other files are of no use now
             session.conn.send(Msg.SETUP(ckey, False, 'file %r refused: %s' % (name, exc)))
             return
         if last:
@@ -1069,38 +1217,26 @@ class NodeServer:
             if not comp.missing_files:
                 self._start_host(session, comp)
 
-    def _write_file_chunk(self, comp, name, mode, offset, data, last):
-        try:
-            self._write_chunk(comp, name, mode, offset, data, last)
-        except (ValueError, OSError):      # a refused file leaves no partial copy
-            f = comp.partial.pop(name, None)
-            if f is not None:
-                f.close()
-                try:
-                    os.unlink(os.path.join(comp.dir, name))
-                except OSError:
-                    pass
-            raise
+    def _receiver(self, comp):
+        """The FileReceiver of a computation's folder, made with its first file."""
+        receiver = self.receivers.get(comp)
+        if receiver is None:
+            receiver = self.receivers[comp] = dispy.FileReceiver(comp.dir,
+                                                                 self.config.max_file_size)
+        return receiver
 
-    def _write_chunk(self, comp, name, mode, offset, data, last):
-        if name not in comp.missing_files:
-            raise ValueError('not a file of this computation')
-        limit = self.config.max_file_size
-        if limit and offset + len(data) > limit:
-            raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
-                             % limit)
-        f = comp.partial.get(name)
-        if f is None:
-            if offset != 0:
-                raise ValueError('file chunk out of order')
-            f = comp.partial[name] = open(os.path.join(comp.dir, name), 'wb')
-        elif offset != f.tell():
-            raise ValueError('file chunk out of order')
-        f.write(data)
-        if last:
-            comp.partial.pop(name).close()
-            # Never setuid/setgid/sticky bits from a peer; keep the user's rwx bits.
-            os.chmod(os.path.join(comp.dir, name), (int(mode) & 0o755) | 0o600)
+    def _expire_files(self):
+        """Partial files whose sender went quiet are dropped (FileReceiver.expire); a
+        closing computation's receiver goes with it (lock held)."""
+        now = time.monotonic()
+        for comp, receiver in list(self.receivers.items()):
+            if comp.state == 'closing':
+                receiver.close()
+                del self.receivers[comp]
+                continue
+            for name in receiver.expire(now):
+                logger.warning('file %r of %s dropped: no chunk of it for %.0f s', name,
+                               comp.spec.get('name'), receiver.stall_timeout)
 
     def _start_host(self, session, comp):
         comp.state = 'setup'
@@ -1159,22 +1295,8 @@ class NodeServer:
         try:
             if comp is None or comp.state != 'ready':
                 raise ValueError('computation is not set up here')
-            name = _safe_name(name)
-            limit = self.config.max_file_size
-            if limit and offset + len(data) > limit:
-                raise ValueError('file is bigger than this node\'s --max_file_size (%d bytes)'
-                                 % limit)
-            path = os.path.join(comp.dir, name)
-            if offset and (not os.path.exists(path) or os.path.getsize(path) != offset):
-                raise ValueError('file chunk out of order')
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if offset == 0 else 0),
-                         0o600)
-            with os.fdopen(fd, 'r+b') as f:
-                f.seek(offset)
-                f.write(data)
-            if last:
-                os.chmod(path, (int(mode) & 0o755) | 0o600)
-        except (ValueError, OSError, TypeError) as exc:
+            self._receiver(comp).chunk(name, mode, offset, data, last)
+        except (ValueError, OSError) as exc:
             error = str(exc)
             logger.warning('client %s: file %r refused: %s', session.address, name, exc)
         if (last or error) and session.conn is not None:
@@ -1294,18 +1416,25 @@ class NodeServer:
             session.conn.send(('STARTED', job.key, job.attempt, job.start_time))
 
     def _write_job_files(self, comp, files):
+        """A job's dispy_job_depends files, whole, in its computation's folder; all or
+        none of them."""
+        receiver = self._receiver(comp)
         written = []
-        limit = self.config.max_file_size
-        for name, mode, data in files:
-            _safe_name(name)
-            if limit and len(data) > limit:
-                raise ValueError('%s is bigger than --max_file_size (%d bytes)' % (name, limit))
-            path = os.path.join(comp.dir, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.chmod(path, (int(mode) & 0o755) | 0o600)
-            written.append(path)
+        try:
+            for name, mode, data in files:
+                try:
+                    written.append(receiver.whole(name, mode, data))
+                except dispy.PathRefused:
+                    raise
+                except dispy.FileRefused as exc:      # the text names the file
+                    raise ValueError('%s: %s' % (name, exc))
+        except (ValueError, OSError):
+            for path in written:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            raise
         return written
 
     def _cancel_job(self, session, job):
@@ -1524,74 +1653,65 @@ class NodeServer:
             self.session = None
             self._announce(to_waiting=True)
 
-    # -- UDP discovery -------------------------------------------------------------------------
-    def _udp_loop(self):
-        selector = selectors.DefaultSelector()
-        for sock in self.udp_socks:
-            selector.register(sock, selectors.EVENT_READ)
-        last_nak = {}
-        while not self.stopping:
-            for key, _ in selector.select(0.5):
-                try:
-                    data, addr = key.fileobj.recvfrom(dispy.MAX_HANDSHAKE_MSG + 64)
-                except OSError:
-                    continue
-                msg, good = dispy.unpack_datagram(self.config.secret, data)
-                if msg is None or msg.get('t') != 'ping':
-                    continue
-                if not good:
-                    now = time.monotonic()
-                    if len(last_nak) > 4096:
-                        last_nak = {a: t for a, t in last_nak.items() if now - t <= 1.0}
-                    if now - last_nak.get(addr[0], 0) > 1.0 and len(last_nak) < 10000:
-                        last_nak[addr[0]] = now
-                        logger.info('ping from %s failed authentication', addr[0])
-                        self._sendto(key.fileobj, dispy.pack_unauthenticated(dispy.Datagram.NAK),
-                                     addr)
-                    continue
-                self._sendto(key.fileobj, dispy.pack_datagram(self.config.secret,
-                                                              self._pong('pong')), addr)
+    # -- UDP discovery (the endpoint's thread) -------------------------------------------------
+    def _on_datagram(self, msg, addr, sock):
+        """An authenticated datagram: a client's ping gets our pong."""
+        if msg.get('t') == 'ping':
+            pong = self._pong('pong', self._own_address(sock, addr))
+            self.discovery.sendto(self.discovery.pack(pong), addr, sock)
 
-    def _pong(self, kind):
+    def _pong(self, kind, own_address):
         return dispy.Datagram.pong(kind, (self.config.ext_ip_addrs or [None])[0],
                                    self.config.ext_port or self.config.port, self.name,
-                                   self.config.cpus, self.session is not None, self.instance)
+                                   self.config.cpus, self.session is not None, self.instance,
+                                   own_address)
 
-    @staticmethod
-    def _sendto(sock, data, addr):
-        try:
-            sock.sendto(data, addr)
-        except OSError as exc:
-            logger.debug('UDP send to %s failed: %s', addr[0], exc)
+    def _own_address(self, sock=None, peer=None, local=None):
+        """Our address as a peer (or a relay forwarding our answer) can reach it: the
+        external one if configured, else the one ``sock`` is bound to (``-i``), else
+        ``local``, else the one the route to ``peer`` leaves from, else our first."""
+        if self.config.ext_ip_addrs:
+            return self.config.ext_ip_addrs[0]
+        if sock is not None and self.config.ip_addrs:
+            return dispy._address_with_scope(sock.getsockname())
+        return (local or (peer and dispy.local_address_towards(peer))
+                or self.addresses()[0])
 
     def _announce(self, to_waiting=False):
         """Tells clients we are here: broadcast at start; unicast to clients that were
         turned away when we become free."""
-        data = dispy.pack_datagram(self.config.secret, self._pong('announce'))
-        sock = self.udp_socks[0] if self.udp_socks else None
-        if sock is None:
-            return
+        endpoint, port = self.discovery, self.config.client_port
         if to_waiting:
-            for addr, port in list(self.turned_away.items()):
-                if port:
-                    self._sendto(sock, data, (addr, int(port)))
+            for addr, udp_port in list(self.turned_away.items()):
+                if isinstance(udp_port, int) and 0 < udp_port < 65536:
+                    peer = (addr, udp_port)
+                    pong = self._pong('announce', self._own_address(peer=peer))
+                    endpoint.sendto(endpoint.pack(pong), peer)
             self.turned_away.clear()
             return
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-            local = [a for a in self.addresses() if a != '0.0.0.0']
-            for bcast in dispy.broadcast_addresses(None if not self.config.ip_addrs else local):
-                self._sendto(sock, data, (bcast, self.config.client_port))
-        for v6 in self.udp_socks:
-            if v6.family == socket.AF_INET6 and not self.config.ip_addrs:
-                for dest in dispy.multicast_destinations(self.config.client_port):
-                    self._sendto(v6, data, dest)
+        for local, bcast in self._broadcast_interfaces():
+            pong = self._pong('announce', self._own_address(local=local))
+            endpoint.sendto(endpoint.pack(pong), (bcast, port))
+        if not self.config.ip_addrs:
+            endpoint.multicast(endpoint.pack(self._pong('announce', self._own_address())), port)
+
+    def _broadcast_interfaces(self):
+        """(our address, its broadcast address) of the IPv4 interfaces we serve on;
+        loopback never broadcasts."""
+        ours = self.config.ip_addrs
+        found = {}
+        for family, addr, bcast in dispy.interface_addresses():
+            if (family == socket.AF_INET and bcast and not dispy.is_loopback(addr)
+                    and (not ours or addr in ours)):
+                found.setdefault(bcast, addr)
+        return [(addr, bcast) for bcast, addr in found.items()]
 
     # -- timers -----------------------------------------------------------------------------------
     def _manager_loop(self):
         while not self.done.wait(0.2):
             with self.lock:
                 self._tick()
+                self._expire_files()
 
     def _tick(self):
         for recovery in list(self.recoveries):     # silent both ways: the client is gone

@@ -1145,6 +1145,8 @@ class UdpTest(SecretNodeTestCase):
         self.assertTrue(good)
         self.assertEqual(msg['t'], 'pong')
         self.assertEqual(msg['port'], self.node.port)
+        # bound with -i: it says where it serves (for a relay); ip is only --ext_ip_addr's
+        self.assertEqual((msg['addr'], msg['ip']), (self.node.ip, None))
 
     def test_bad_mac_gets_bare_nak_and_naks_are_rate_limited(self):
         sock = self.udp('127.0.0.%d' % random.Random().randint(20, 250))   # fresh limiter
