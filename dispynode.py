@@ -1915,6 +1915,20 @@ def _resolve_or_exit(host):
     return addr
 
 
+def _start_forkserver():
+    """Starts multiprocessing's fork server now, while this process has one thread
+    (computation hosts are forked from it, never from the node), with dispy imported:
+    started in dispy.py's folder, it finds dispy there, so a host only runs this file
+    again (as ``__mp_main__``) instead of importing all of dispy each time."""
+    multiprocessing.set_forkserver_preload(['dispy'])
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(dispy.__file__)))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.chdir(here)
+
+
 def _read_commands(server):
     """stdin commands; EOF (e.g. started with no terminal) just stops reading."""
     for line in sys.stdin:
@@ -1939,9 +1953,7 @@ def main(argv=None):
     if config.clean:
         shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
     os.makedirs(config.dest_path_prefix, exist_ok=True)
-    # Our fork server (its own interpreter): computation hosts are forked from it, never
-    # from this process once it has threads.
-    multiprocessing.forkserver.ensure_running()
+    _start_forkserver()
     server = NodeServer(config)
     server.bind()
     if not config.secret and not all(dispy.is_loopback(a) for a in config.ip_addrs or ['*']):
