@@ -13,18 +13,25 @@ Processes (jobs never run inside the node process, so a crash cannot take it dow
     dispynode  ── threads: main (stdin commands), udp (DiscoveryEndpoint.serve_forever),
      │            listen (one NodeListener.serve_forever per bound address), handshake
      │            (one per connection being authenticated, at most 32), per client
-     │            connection a reader and a writer, per worker/host a reader, manager
-     │            (timers; partial files of a vanished sender dropped)
-     └─ zygote       forked at start while the node is still single-threaded, so its
-        │            children never inherit locks held by node threads; it only forks
-        └─ host      one per computation: loads the shipped code, runs ``setup`` in the
-           │         computation's folder, then forks workers that inherit its globals
-           └─ worker one job at a time, warm (reused); its own process group, so a
-                     cancel kills the job and every process it started
+     │            connection a reader and a writer, per computation host a reader, per
+     │            worker a reader, manager (timers; partial files of a vanished sender
+     │            dropped)
+     ├─ forkserver   multiprocessing's fork server, started with the node (its own
+     │  │            interpreter: it never inherits a lock held by a node thread)
+     │  └─ host      one per computation, a forkserver ``Process`` (``WorkerPool``):
+     │     │         loads the shipped code, runs ``setup`` in the computation's
+     │     │         folder, then forks workers (``fork`` context) that inherit its
+     │     │         globals; ends them all if the node is gone; cleanup at close
+     │     └─ worker one job at a time, warm (reused); its own process group, so a
+     │               cancel kills the job and every process it started
+     └─ resource tracker   multiprocessing's (dispy registers nothing with it)
 
-Node ↔ zygote/host/worker talk over Unix socket pairs (``LocalLink``); the node creates
-each worker's socket pair and passes one end down with SCM_RIGHTS, so job messages go
-straight between node and worker.
+The node talks to each host and each worker over its own ``multiprocessing`` Pipe
+(``LocalLink``); the node makes each worker's Pipe and passes one end through the host
+(``multiprocessing.reduction.send_handle``), so job messages go straight between node
+and worker.  No job process outlives the node: a host whose node link closes kills its
+workers' process groups and exits (a watcher thread covers the time setup runs), and a
+worker dies with its host (``PR_SET_PDEATHSIG``).
 
 A node serves one client program at a time (``ClientSession``).  Results stay on the
 node until the client acknowledges them, so a dropped connection loses nothing; a client
@@ -41,11 +48,15 @@ import errno
 import io
 import importlib
 import linecache
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
+import multiprocessing.reduction as reduction
 import os
 import pickle
 import platform
 import re
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -74,78 +85,91 @@ RECOVERY_IDLE = 60.0        # a recover_jobs connection silent this long is clos
 
 
 # ================================================================================
-# Local links: framed pickles over Unix socket pairs (trusted: same machine, our
-# own processes), with optional file-descriptor passing
+# Local links: pickled messages over multiprocessing Connections (Unix socket pairs;
+# trusted: same machine, our own processes), with optional descriptor passing
 # ================================================================================
 
+FORKSERVER = multiprocessing.get_context('forkserver')   # starts computation hosts
+FORK = multiprocessing.get_context('fork')               # a host starts its workers
+
+
 class LocalLink:
-    """Pickled messages over a Unix stream socket: ``size(4) | fd?(1) | count(2) |
-    count × size(8) | pickle | buffers``; big bytes fields of a message (arguments,
-    results) travel as out-of-band buffers, read straight into their own memory.
+    """Messages over a ``multiprocessing.connection.Connection``: one ``send_bytes`` of
+    ``fd?(1) | count(2) | count × size(8) | pickle``, then each big bytes field of the
+    message (arguments, results) out of band, one ``send_bytes`` each, read straight
+    into its own bytearray (``_recv_buffer``); then, if the message carries one, a file
+    descriptor (``multiprocessing.reduction.send_handle``).  Reads never go past the current
+    message, so a descriptor that follows one arrives intact."""
 
-    Reads are exact (never past the current message), because a message may be
-    followed by a byte that carries a file descriptor as ancillary data.
-    """
-
-    def __init__(self, sock):
-        self.sock = sock
+    def __init__(self, conn):
+        self.conn = conn
         self.send_lock = threading.Lock()
 
     def send(self, msg, fd=None):
         data, buffers = dispy.dumps_oob(dispy.out_of_band(msg), pickle.HIGHEST_PROTOCOL)
-        head = struct.pack('!IBH%dQ' % len(buffers), len(data), fd is not None, len(buffers),
+        head = struct.pack('!?H%dQ' % len(buffers), fd is not None, len(buffers),
                            *(len(b) for b in buffers))
         with self.send_lock:
-            dispy.send_parts(self.sock, [head, data] + buffers)
+            self.conn.send_bytes(head + data)
+            for buf in buffers:
+                self.conn.send_bytes(buf)
             if fd is not None:
-                socket.send_fds(self.sock, [b'F'], [fd])
+                reduction.send_handle(self.conn, fd, None)
 
     def recv(self):
         """(message, fd or None); raises EOFError when the peer is gone."""
-        length, has_fd, count = struct.unpack('!IBH', self._exact(7))
-        sizes = struct.unpack('!%dQ' % count, self._exact(8 * count)) if count else ()
-        data = self._exact(length)
-        buffers = []
-        for size in sizes:
-            buf = bytearray(size)
-            try:
-                dispy.recv_into_exact(self.sock, memoryview(buf))
-            except (OSError, dispy.ProtocolError) as exc:
-                raise EOFError(str(exc))
-            buffers.append(buf)
-        msg = pickle.loads(data, buffers=buffers)
-        fd = None
-        if has_fd:
-            _data, fds, _flags, _addr = socket.recv_fds(self.sock, 1, 1)
-            if not fds:
-                raise EOFError('descriptor missing')
-            fd = fds[0]
+        try:
+            head = self.conn.recv_bytes()
+            has_fd, count = struct.unpack_from('!?H', head)
+            sizes = struct.unpack_from('!%dQ' % count, head, 3)
+            buffers = [self._recv_buffer(size) for size in sizes]
+            fd = reduction.recv_handle(self.conn) if has_fd else None
+        except (OSError, RuntimeError) as exc:
+            raise EOFError(str(exc))
+        if fd is not None:
             os.set_inheritable(fd, False)
-        return msg, fd
+        return pickle.loads(memoryview(head)[3 + 8 * count:], buffers=buffers), fd
 
-    def _exact(self, n):
-        buf = bytearray()
-        while len(buf) < n:
-            try:
-                chunk = self.sock.recv(n - len(buf))
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise EOFError(str(exc))
-            if not chunk:
+    def _recv_buffer(self, size):
+        """One ``send_bytes`` of ``size`` bytes, read straight into a new bytearray
+        (``recv_bytes_into`` copies it twice on the way, through a BytesIO: big
+        arguments and results went a fifth slower with it).  Connection frames are a
+        ``!i`` size, or -1 then a ``!Q`` size from 2 GiB on; a size other than the one
+        announced means the stream is not what we think: the link is broken."""
+        fd = self.conn.fileno()
+        framed, = struct.unpack('!i', _read_exact(fd, 4))
+        if framed == -1:
+            framed, = struct.unpack('!Q', _read_exact(fd, 8))
+        if framed != size:
+            raise EOFError('link out of step: %d bytes framed, %d announced' % (framed, size))
+        buf = bytearray(size)
+        view, have = memoryview(buf), 0
+        while have < size:
+            got = os.readv(fd, [view[have:]])
+            if not got:
                 raise EOFError('peer closed')
-            buf += chunk
-        return bytes(buf)
+            have += got
+        return buf
 
     def close(self):
         try:
-            self.sock.close()
+            self.conn.close()
         except OSError:
             pass
 
 
+def _read_exact(fd, n):
+    data = b''
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise EOFError('peer closed')
+        data += chunk
+    return data
+
+
 def _set_parent_death_signal():
-    """Linux: die with the parent, so no job outlives a killed node."""
+    """Linux: die with the parent process (a worker with its host)."""
     try:
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
@@ -153,50 +177,147 @@ def _set_parent_death_signal():
         pass
 
 
-def _describe_exit(status):
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
+def _describe_exit(exitcode):
+    """How a process ended, from its multiprocessing exit code (-N: killed by signal N)."""
+    if exitcode is not None and exitcode < 0:
         try:
-            name = signal.Signals(sig).name
+            name = signal.Signals(-exitcode).name
         except ValueError:
-            name = str(sig)
-        return 'killed by signal %s (%s)' % (sig, name)
-    return 'exited with status %s' % os.WEXITSTATUS(status)
+            name = str(-exitcode)
+        return 'killed by signal %s (%s)' % (-exitcode, name)
+    return 'exited with status %s' % exitcode
+
+
+class _NodeWatch:
+    """While a host runs user code before it has a loop (setup), a thread ends the host
+    when the node's end of its link closes (the node died); stopped before the host
+    forks a worker, so the host is single-threaded then."""
+
+    def __init__(self, conn):
+        self.fd = conn.fileno()
+        self.stop_r, self.stop_w = os.pipe()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        poller = select.poll()
+        poller.register(self.fd, 0)             # hang-up and errors only, never data
+        poller.register(self.stop_r, select.POLLIN)
+        if any(fd == self.fd for fd, _events in poller.poll()):
+            os._exit(1)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        os.write(self.stop_w, b'x')
+        self.thread.join()
+        os.close(self.stop_r)
+        os.close(self.stop_w)
 
 
 # ================================================================================
-# Job processes: zygote → computation host → workers (code run after fork)
+# Job processes: forkserver → computation host → workers
 # ================================================================================
 
-def zygote_main(sock):
-    """Forks a computation host for each request; never runs user code itself."""
+def host_main(conn, spec):
+    """A computation host, started by the forkserver: loads the computation and runs
+    its setup in the computation's folder, then serves the node (``_serve_workers``).
+    It always ends with ``os._exit``: nothing of multiprocessing's exit handling (which
+    would wait for the workers) runs in it."""
+    try:
+        _run_host(conn, spec)
+    except Exception:
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+def _run_host(conn, spec):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # hosts are reaped automatically
-    _set_parent_death_signal()
     devnull = os.open(os.devnull, os.O_RDONLY)        # jobs never read the node's console
     os.dup2(devnull, 0)
     os.close(devnull)
-    link = LocalLink(sock)
+    os.set_inheritable(conn.fileno(), False)          # programs a job runs never get it
+    link = LocalLink(conn)
+    os.chdir(spec['dir'])
+    sys.path.insert(0, spec['dir'])
+    with _NodeWatch(conn):
+        ns, error = _load_computation(spec)
+    link.send(('setup', error is None, error))
+    if error is not None:
+        os._exit(1)
+    _serve_workers(link, ns, spec)
+
+
+def _serve_workers(link, ns, spec):
+    """The host's loop (single-threaded): forks a warm worker for each ``fork`` request,
+    with the worker's end of its link to the node that came along; reports how each
+    worker ended; runs cleanup when asked.  When the node is gone (its end of the link
+    closed) every worker is killed with the processes it started."""
+    workers = {}        # sentinel -> worker Process
     while True:
-        try:
-            msg, fd = link.recv()
-        except EOFError:
-            os._exit(0)
-        if msg[0] != 'host' or fd is None:
-            continue
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(fd)        # the node sees the host's link end: setup failed
-            continue
-        if pid == 0:
+        for ready in multiprocessing.connection.wait([link.conn] + list(workers)):
+            if ready is not link.conn:
+                _report_exit(link, workers.pop(ready))
+                continue
             try:
-                sock.close()
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                host_main(socket.socket(fileno=fd), msg[1])
-            finally:
+                msg, fd = link.recv()
+            except EOFError:
+                _stop_workers(None, workers)
                 os._exit(0)
-        os.close(fd)
+            if msg[0] == 'fork' and fd is not None:
+                worker = _start_worker(fd, link, ns, spec)
+                if worker is not None:
+                    workers[worker.sentinel] = worker
+            elif msg[0] == 'cleanup':
+                _stop_workers(link, workers)
+                error = _run_cleanup(ns, spec)
+                try:
+                    link.send(('cleaned', error))
+                except OSError:
+                    pass
+                os._exit(0)
+
+
+def _start_worker(fd, link, ns, spec):
+    """Forks a worker (it inherits the computation's globals); None if that fails (the
+    node then sees the worker's end of its link close)."""
+    worker = FORK.Process(target=worker_main, args=(fd, link, ns, spec),
+                          name='dispy-worker')
+    try:
+        worker.start()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)            # the worker has its copy
+    return worker
+
+
+def _report_exit(link, worker):
+    worker.join()
+    try:
+        link.send(('exited', worker.pid, _describe_exit(worker.exitcode)))
+    except OSError:
+        pass                    # the node is gone: the loop sees the link's end next
+    worker.close()
+
+
+def _stop_workers(link, workers):
+    """Kills every worker with the processes it started (their process group); reports
+    how they ended when ``link`` is given."""
+    for worker in workers.values():
+        for kill in (os.killpg, os.kill):   # a worker not yet in its own group: by pid
+            try:
+                kill(worker.pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for worker in workers.values():
+        if link is not None:
+            _report_exit(link, worker)
+        else:
+            worker.join()
+    workers.clear()
 
 
 class _JobContext:
@@ -295,92 +416,6 @@ def _load_computation(spec):
     return ns, None
 
 
-def host_main(sock, spec):
-    """A computation host: loads the computation, then forks workers on request."""
-    _set_parent_death_signal()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    link = LocalLink(sock)
-    os.chdir(spec['dir'])
-    sys.path.insert(0, spec['dir'])
-    ns, error = _load_computation(spec)
-    link.send(('setup', error is None, error, os.getpid()))
-    if error is not None:
-        os._exit(1)
-    workers = set()
-    wake_r, wake_w = socket.socketpair()
-    wake_r.setblocking(False)
-    wake_w.setblocking(False)
-    signal.set_wakeup_fd(wake_w.fileno())
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ, 'ctl')
-    selector.register(wake_r, selectors.EVENT_READ, 'child')
-    while True:
-        for key, _ in selector.select():
-            if key.data == 'child':
-                try:
-                    wake_r.recv(4096)
-                except OSError:
-                    pass
-                _reap_workers(link, workers)
-                continue
-            try:
-                msg, fd = link.recv()
-            except EOFError:
-                _stop_workers(workers)
-                os._exit(0)
-            if msg[0] == 'fork':
-                try:
-                    pid = os.fork()
-                except OSError:
-                    os.close(fd)    # the node sees that worker's link end
-                    continue
-                if pid == 0:
-                    signal.set_wakeup_fd(-1)
-                    for s in (sock, wake_r, wake_w):
-                        s.close()
-                    try:
-                        worker_main(socket.socket(fileno=fd), ns, spec)
-                    finally:
-                        os._exit(0)
-                os.close(fd)
-                workers.add(pid)
-            elif msg[0] == 'cleanup':
-                _stop_workers(workers)
-                link.send(('cleaned', _run_cleanup(ns, spec)))
-                os._exit(0)
-
-
-def _reap_workers(link, workers):
-    """Reports workers that ended (only ours: setup may have children of its own)."""
-    for pid in list(workers):
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            workers.discard(pid)
-            continue
-        if done == 0:
-            continue
-        workers.discard(pid)
-        try:
-            link.send(('exited', pid, _describe_exit(status)))
-        except OSError:
-            os._exit(0)
-
-
-def _stop_workers(workers):
-    for pid in workers:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    for pid in list(workers):
-        try:
-            os.waitpid(pid, 0)
-        except OSError:
-            pass
-
-
 def _run_cleanup(ns, spec):
     if not spec['cleanup']:
         return None
@@ -393,13 +428,28 @@ def _run_cleanup(ns, spec):
     return None
 
 
-def worker_main(sock, ns, spec):
-    """Runs jobs one at a time, each from a fresh copy of the computation's globals."""
+def worker_main(fd, host_link, ns, spec):
+    """A warm worker (forked by its host): runs jobs one at a time, each from a fresh
+    copy of the computation's globals, talking straight to the node over its own link.
+    Its own process group, so killing the group kills the job and all it started."""
+    try:
+        _run_worker(fd, host_link, ns, spec)
+    except OSError:
+        pass                    # the node is gone
+    except Exception:
+        traceback.print_exc()
+    finally:
+        os._exit(0)
+
+
+def _run_worker(fd, host_link, ns, spec):
     os.setpgid(0, 0)
     _set_parent_death_signal()
+    if os.getppid() != multiprocessing.parent_process().pid:
+        os._exit(1)                     # the host died before we could follow it
+    host_link.close()                   # the host's own link stays the host's
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    link = LocalLink(sock)
+    link = LocalLink(multiprocessing.connection.Connection(fd))
     _JobContext.link = link
     _JobContext.max_file_size = spec.get('max_file_size', 0)
     link.send(('ready', os.getpid()))
@@ -499,36 +549,227 @@ class NodeJob:
 
 
 class Worker:
-    """The node's handle on one worker process."""
+    """The node's handle on one worker process: its link, its pid (known once it is
+    ready) and the job it runs."""
 
-    def __init__(self, comp, link):
-        self.comp = comp
+    def __init__(self, link):
         self.link = link
         self.pid = None
         self.job = None
 
+    def kill(self):
+        """SIGKILL to its process group: the job and every process it started."""
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+class WorkerPool:
+    """One computation's processes: its host (a forkserver child that loaded the code and
+    ran setup) and the warm workers the host forks; which workers are idle, which jobs
+    hold a CPU waiting for one, how many are being started, how each one ended.
+
+    Called with the server's lock held.  Its reader threads (one for the host, one per
+    worker) take that lock to call the server back: ``_start_job``,
+    ``_on_worker_message``, ``_on_worker_lost``, ``_on_host_message``, ``_on_host_ended``."""
+
+    def __init__(self, server, session, comp):
+        self.server = server
+        self.session = session          # whose computation it is (for the callbacks)
+        self.comp = comp
+        self.host = None                # multiprocessing Process
+        self.host_link = None
+        self.ended = False              # the host has exited (after cleanup, or died)
+        self.workers = []               # ready workers, idle or not
+        self.idle = []
+        self.waiting = collections.deque()
+        self.spawning = 0
+        self.exits = {}                 # worker pid -> how it ended (from the host)
+        self.exit_cond = threading.Condition()
+        self.host_gone = False          # no more exits will be reported
+
+    def start(self, spec):
+        """Starts the host through the forkserver; raises OSError if it cannot."""
+        node_end, host_end = multiprocessing.Pipe()
+        self.host = FORKSERVER.Process(target=host_main, args=(host_end, spec),
+                                       name='dispy-host')
+        try:
+            self.host.start()
+        except Exception as exc:
+            node_end.close()
+            self.ended = True
+            raise OSError(str(exc)) from exc
+        finally:
+            host_end.close()
+        self.host_link = LocalLink(node_end)
+        self._thread(self._read_host, 'host')
+
+    def take_worker(self, job):
+        """An idle worker for ``job``, else None: the job waits for the next ready worker
+        and one is started if the computation's share allows."""
+        if self.idle:
+            return self.idle.pop()
+        self.waiting.append(job)
+        if len(self.workers) + self.spawning < self.comp.cpus:
+            self._spawn()
+        return None
+
+    def drop_waiting(self, job):
+        """Whether ``job`` was waiting for a worker (it no longer is)."""
+        if job in self.waiting:
+            self.waiting.remove(job)
+            return True
+        return False
+
+    def take_waiting(self):
+        """The jobs still waiting for a worker (the computation has ended)."""
+        jobs = list(self.waiting)
+        self.waiting.clear()
+        return jobs
+
+    def job_done(self, worker):
+        """The worker sent its job's result: its job, and the worker is idle again
+        (unless each job gets a fresh process)."""
+        job, worker.job = worker.job, None
+        if self.comp.state == 'ready' and not self.comp.spec.get('fresh_process'):
+            self.idle.append(worker)
+        return job
+
+    def close(self):
+        """Asks the host to kill the workers and run cleanup, then exit."""
+        if self.host_link is None:
+            self.ended = True
+            return
+        try:
+            self.host_link.send(('cleanup',))
+        except OSError:
+            pass
+
+    def kill(self):
+        """Kills the workers and the host at once (the node is stopping)."""
+        for worker in self.workers:
+            worker.kill()
+        if self.host is not None and not self.ended:
+            self.host.kill()
+
+    # -- internals --------------------------------------------------------------------
+    def _thread(self, target, name, *args):
+        threading.Thread(target=target, args=args, daemon=True,
+                         name='dispynode-' + name).start()
+
+    def _spawn(self):
+        node_end, worker_end = multiprocessing.Pipe()
+        self.spawning += 1
+        try:
+            self.host_link.send(('fork',), fd=worker_end.fileno())
+        except OSError as exc:
+            self.spawning -= 1
+            logger.warning('cannot start a worker for %s: %s', self.comp.spec['name'], exc)
+            node_end.close()
+            return
+        finally:
+            worker_end.close()
+        self._thread(self._read_worker, 'worker', Worker(LocalLink(node_end)))
+
+    def _read_worker(self, worker):
+        try:
+            while True:
+                try:
+                    msg, _ = worker.link.recv()
+                except EOFError:
+                    break
+                with self.server.lock:
+                    if msg[0] == 'ready':
+                        self._on_ready(worker, msg[1])
+                    else:
+                        self.server._on_worker_message(self.comp, worker, msg)
+        except Exception:
+            logger.exception('worker %s: unexpected error', worker.pid)
+        finally:
+            self._worker_ended(worker)
+
+    def _on_ready(self, worker, pid):
+        worker.pid = pid
+        self.spawning -= 1
+        self.workers.append(worker)
+        if self.waiting:
+            self.server._start_job(self.waiting.popleft(), worker)
+        else:
+            self.idle.append(worker)
+
+    def _worker_ended(self, worker):
+        how = self._exit_of(worker)
+        with self.server.lock:
+            if worker in self.workers:
+                self.workers.remove(worker)
+            if worker in self.idle:
+                self.idle.remove(worker)
+            if worker.pid is None:
+                self.spawning -= 1
+            job, worker.job = worker.job, None
+            worker.link.close()
+            if job is not None:
+                self.server._on_worker_lost(self.comp, job, worker.pid, how)
+            elif self.waiting and self.comp.state == 'ready':
+                self._spawn()
+
+    def _exit_of(self, worker):
+        """How the worker ended, as its host reports it (waited for only if it had a job:
+        its link may close before the host has seen it end)."""
+        if worker.pid is None:
+            return None
+        with self.exit_cond:
+            if worker.job is not None:
+                self.exit_cond.wait_for(lambda: worker.pid in self.exits or self.host_gone,
+                                        2.0)
+            return self.exits.pop(worker.pid, None)
+
+    def _read_host(self):
+        while True:
+            try:
+                msg, _ = self.host_link.recv()
+            except EOFError:
+                break
+            if msg[0] == 'exited':
+                with self.exit_cond:
+                    self.exits[msg[1]] = msg[2]
+                    self.exit_cond.notify_all()
+                continue
+            with self.server.lock:
+                self.server._on_host_message(self.session, self.comp, msg)
+        with self.exit_cond:
+            self.host_gone = True
+            self.exit_cond.notify_all()
+        self.host.join(5.0)
+        with self.server.lock:
+            self.host_link.close()
+            self.ended = True
+            remove_files = self.server._on_host_ended(self.session, self.comp)
+        if self.host.exitcode is not None:
+            self.host.close()
+        if remove_files:        # the host has run cleanup and exited: the files can go
+            self.server._remove_files(self.comp)
+
 
 class NodeComputation:
-    """One computation of the current client: its folder, host process and workers."""
+    """One computation of the current client: its folder, state and processes."""
 
     def __init__(self, key, spec, directory):
         self.key = key
         self.spec = spec
         self.dir = directory
         self.missing_files = set(spec.get('files') or ())
-        self.partial = {}          # file name -> open file being received
-        self.host = None           # LocalLink to the host process
-        self.host_pid = None
         self.state = 'files'       # files, setup, ready, failed, closing
-        self.workers = []          # all live Worker handles
-        self.idle = []
-        self.waiting = collections.deque()   # jobs holding a CPU, waiting for a worker
-        self.spawning = 0
-        self.exits = {}            # worker pid -> how it ended (from the host)
-        self.exit_cond = threading.Condition()
-        self.host_ended = False
+        self.pool = None           # WorkerPool, once its files are all here
         self.cpus = int(spec.get('cpus') or 1)   # the client's share of this node
         self.running = 0
+
+    @property
+    def ended(self):
+        """Whether no process of it is left (or none was ever started)."""
+        return self.pool is None or self.pool.ended
 
 
 class ClientSession:
@@ -932,9 +1173,8 @@ class NodeServer:
     (or to a worker being forked for it) and frees it when its result arrives.
     """
 
-    def __init__(self, config, zygote_link):
+    def __init__(self, config):
         self.config = config
-        self.zygote = zygote_link
         self.lock = threading.RLock()
         self.instance = uuid.uuid4().hex
         self.session = None
@@ -954,7 +1194,7 @@ class NodeServer:
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
         self.store = ResultStore(config.dest_path_prefix)
         self.avail_sent = 0.0
-        self.zygote_lock = threading.Lock()
+        self.pools = set()           # WorkerPool of every computation whose host runs
         self.hosts_done = threading.Condition(self.lock)
         self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
         self.receivers = {}          # NodeComputation -> FileReceiver of its folder
@@ -1004,16 +1244,6 @@ class NodeServer:
         for listener in self.listeners:
             listener.close()
         self.discovery.close()
-
-    # shutdown() closes every item of these two lists (the job-process side owns
-    # shutdown; after the merge it can call shutdown_network instead).
-    @property
-    def tcp_socks(self):
-        return list(self.listeners)
-
-    @property
-    def udp_socks(self):
-        return [self.discovery]
 
     def addresses(self):
         """Addresses to show and announce."""
@@ -1226,14 +1456,10 @@ class NodeServer:
         return receiver
 
     def _expire_files(self):
-        """Partial files whose sender went quiet are dropped (FileReceiver.expire); a
-        closing computation's receiver goes with it (lock held)."""
+        """Partial files whose sender went quiet are dropped (FileReceiver.expire;
+        lock held)."""
         now = time.monotonic()
         for comp, receiver in list(self.receivers.items()):
-            if comp.state == 'closing':
-                receiver.close()
-                del self.receivers[comp]
-                continue
             for name in receiver.expire(now):
                 logger.warning('file %r of %s dropped: no chunk of it for %.0f s', name,
                                comp.spec.get('name'), receiver.stall_timeout)
@@ -1243,11 +1469,9 @@ class NodeServer:
         spec = dict(comp.spec, dir=comp.dir, node_name=self.name,
                     max_file_size=self.config.max_file_size,
                     node_ip=(self.config.ext_ip_addrs or self.addresses())[0])
-        node_end, host_end = socket.socketpair()
-        comp.host = LocalLink(node_end)
+        comp.pool = WorkerPool(self, session, comp)
         try:
-            with self.zygote_lock:
-                self.zygote.send(('host', spec), fd=host_end.fileno())
+            comp.pool.start(spec)
         except OSError as exc:
             logger.error('cannot start a process for %s: %s', spec['name'], exc)
             comp.state = 'failed'
@@ -1255,10 +1479,7 @@ class NodeServer:
                 session.conn.send(Msg.SETUP(comp.key, False, 'node cannot start processes: '
                                             '%s' % exc))
             return
-        finally:
-            host_end.close()
-        threading.Thread(target=self._host_reader, args=(session, comp), daemon=True,
-                         name='dispynode-host').start()
+        self.pools.add(comp.pool)
 
     def _on_job(self, session, msg):
         key, ckey, attempt, blob, options = msg
@@ -1354,21 +1575,17 @@ class NodeServer:
                 skipped.append(job)     # its computation is at its share: keep its place
                 continue
             self._take_cpu(comp)
-            if comp.idle:
-                self._start_job(job, comp.idle.pop())
-            else:
-                comp.waiting.append(job)
-                if len(comp.workers) + comp.spawning < comp.cpus:
-                    self._spawn_worker(comp)
+            worker = comp.pool.take_worker(job)
+            if worker is not None:
+                self._start_job(job, worker)
         self.queue.extendleft(reversed(skipped))
 
     def _end_unrunnable(self, job):
         session = self.session
         if session is not None and session.jobs.get(job.key) is job:
-            self._finish(session, job, ('RESULT', job.key, job.attempt, DispyJob.Terminated,
-                                        None, '', '', 'Terminated: the computation ended on '
-                                        'this node (its setup process died)', None,
-                                        time.time()))
+            self._finish(session, job, Msg.result(
+                job.key, job.attempt, DispyJob.Terminated, 'Terminated: the computation '
+                'ended on this node (its setup process died)'))
 
     def _take_cpu(self, comp):
         self.running += 1
@@ -1377,22 +1594,6 @@ class NodeServer:
     def _release_cpu(self, comp):
         self.running -= 1
         comp.running -= 1
-
-    def _spawn_worker(self, comp):
-        node_end, worker_end = socket.socketpair()
-        comp.spawning += 1
-        try:
-            comp.host.send(('fork',), fd=worker_end.fileno())
-        except OSError as exc:
-            comp.spawning -= 1
-            logger.warning('cannot start a worker for %s: %s', comp.spec['name'], exc)
-            node_end.close()
-            return
-        finally:
-            worker_end.close()
-        worker = Worker(comp, LocalLink(node_end))
-        threading.Thread(target=self._worker_reader, args=(worker,), daemon=True,
-                         name='dispynode-worker').start()
 
     def _start_job(self, job, worker):
         job.worker = worker
@@ -1409,11 +1610,11 @@ class NodeServer:
         try:
             worker.link.send(('run', job.key, job.attempt, job.blob, extra))
         except OSError:
-            pass        # the worker died: its reader reports the job (_worker_died)
+            pass        # the worker died: its reader reports the job (_on_worker_lost)
         job.blob = job.depends = None
         session = self.session
         if session is not None and session.conn is not None:
-            session.conn.send(('STARTED', job.key, job.attempt, job.start_time))
+            session.conn.send(Msg.STARTED(job.key, job.attempt, job.start_time))
 
     def _write_job_files(self, comp, files):
         """A job's dispy_job_depends files, whole, in its computation's folder; all or
@@ -1440,17 +1641,13 @@ class NodeServer:
     def _cancel_job(self, session, job):
         job.cancelled = True
         if job.worker is not None:       # running: kill it with every process it started
-            try:
-                os.killpg(job.worker.pid, signal.SIGKILL)
-            except (OSError, TypeError):
-                pass
+            job.worker.kill()
             return
         comp = job.comp
-        if job in comp.waiting:
-            comp.waiting.remove(job)
+        if comp.pool is not None and comp.pool.drop_waiting(job):
             self._release_cpu(comp)
-        self._finish(session, job, ('RESULT', job.key, job.attempt, DispyJob.Cancelled, None,
-                                    '', '', 'Cancelled', None, time.time()))
+        self._finish(session, job, Msg.result(job.key, job.attempt, DispyJob.Cancelled,
+                                              'Cancelled'))
         self._pump()
 
     def _finish(self, session, job, reply):
@@ -1483,119 +1680,44 @@ class NodeServer:
         if conn is None and not session.jobs:
             session.idle_since = time.monotonic()
 
-    # -- worker and host readers (their own threads) ---------------------------------------
-    def _worker_reader(self, worker):
-        try:
-            while True:
-                try:
-                    msg, _ = worker.link.recv()
-                except EOFError:
-                    break
-                with self.lock:
-                    self._on_worker_message(worker, msg)
-        except Exception:
-            logger.exception('worker %s: unexpected error', worker.pid)
-        finally:
-            self._worker_died(worker)
-
-    def _on_worker_message(self, worker, msg):
-        comp = worker.comp
+    # -- what a WorkerPool reports (lock held) ---------------------------------------------
+    def _on_worker_message(self, comp, worker, msg):
         session = self.session
         kind = msg[0]
-        if kind == 'ready':
-            worker.pid = msg[1]
-            comp.spawning -= 1
-            comp.workers.append(worker)
-            if comp.waiting:
-                self._start_job(comp.waiting.popleft(), worker)
-            else:
-                comp.idle.append(worker)
-        elif kind == 'result':
-            job, worker.job = worker.job, None
+        if kind == 'result':
+            job = comp.pool.job_done(worker)
             self._release_cpu(comp)
             if session is not None and job is not None and session.jobs.get(job.key) is job:
-                reply = ('RESULT',) + msg[1:]
+                reply = Msg.RESULT(*msg[1:])
                 if job.cancelled:
-                    reply = reply[:3] + (DispyJob.Cancelled,) + reply[4:]
+                    reply = Msg.RESULT.replace(reply, status=DispyJob.Cancelled)
                 self._finish(session, job, reply)
-            if comp.state == 'ready' and not comp.spec.get('fresh_process'):
-                comp.idle.append(worker)
             self._pump()
         elif kind == 'provisional' and session is not None and session.conn is not None:
-            session.conn.send(('PROVISIONAL',) + msg[1:], len(msg[3]))
+            session.conn.send(Msg.PROVISIONAL(*msg[1:]))
         elif kind == 'send_file' and session is not None and session.conn is not None:
-            session.conn.send(('SEND_FILE',) + msg[1:], len(msg[6]))
+            session.conn.send(Msg.SEND_FILE(*msg[1:]))
 
-    def _worker_died(self, worker):
-        comp = worker.comp
-        how = None
-        if worker.pid is not None:
-            with comp.exit_cond:
-                if worker.job is not None:
-                    comp.exit_cond.wait_for(lambda: worker.pid in comp.exits, 2.0)
-                how = comp.exits.pop(worker.pid, None)
-        with self.lock:
-            if worker in comp.workers:
-                comp.workers.remove(worker)
-            if worker in comp.idle:
-                comp.idle.remove(worker)
-            if worker.pid is None:
-                comp.spawning -= 1
-            job, worker.job = worker.job, None
-            worker.link.close()
-            if job is None:
-                if comp.waiting and comp.state == 'ready':
-                    self._spawn_worker(comp)
-                return
-            self._release_cpu(comp)
-            session = self.session
-            if session is not None and session.jobs.get(job.key) is job:
-                if job.timed_out:
-                    status = DispyJob.Terminated
-                    text = 'Terminated: the job ran past its timeout of %s s' % job.timeout
-                elif job.cancelled:
-                    status, text = DispyJob.Cancelled, 'Cancelled'
-                else:
-                    status = DispyJob.Terminated
-                    text = 'job process %s %s' % (worker.pid, how or 'died')
-                self._finish(session, job, ('RESULT', job.key, job.attempt, status, None, '',
-                                            '', text, job.start_time, time.time()))
-            self._pump()
-
-    def _host_reader(self, session, comp):
-        while True:
-            try:
-                msg, _ = comp.host.recv()
-            except EOFError:
-                break
-            if msg[0] == 'exited':
-                with comp.exit_cond:
-                    comp.exits[msg[1]] = msg[2]
-                    comp.exit_cond.notify_all()
-                continue
-            with self.lock:
-                self._on_host_message(session, comp, msg)
-        with self.lock:
-            if comp.state in ('files', 'setup', 'ready'):
-                logger.warning('computation %s: its host process ended', comp.spec['name'])
-                comp.state = 'failed'
-                for job in list(comp.waiting):
-                    comp.waiting.remove(job)
-                    self._release_cpu(comp)
-                    self._end_unrunnable(job)
-                if session.conn is not None and self.session is session:
-                    session.conn.send(Msg.SETUP(comp.key, False, 'its setup process ended'))
-                self._pump()
-            closing = comp.state == 'closing'
-            comp.host_ended = True
-            self.hosts_done.notify_all()
-        if closing:        # the host has run cleanup and exited: the files can go
-            self._remove_files(comp)
+    def _on_worker_lost(self, comp, job, pid, how):
+        """The worker running ``job`` ended without its result (killed, crashed)."""
+        self._release_cpu(comp)
+        session = self.session
+        if session is not None and session.jobs.get(job.key) is job:
+            if job.timed_out:
+                status = DispyJob.Terminated
+                text = 'Terminated: the job ran past its timeout of %s s' % job.timeout
+            elif job.cancelled:
+                status, text = DispyJob.Cancelled, 'Cancelled'
+            else:
+                status = DispyJob.Terminated
+                text = 'job process %s %s' % (pid, how or 'died')
+            self._finish(session, job, Msg.result(job.key, job.attempt, status, text,
+                                                  start_time=job.start_time))
+        self._pump()
 
     def _on_host_message(self, session, comp, msg):
         if msg[0] == 'setup':
-            _, ok, error, pid = msg
-            comp.host_pid = pid
+            _, ok, error = msg
             if comp.state != 'setup':
                 return
             comp.state = 'ready' if ok else 'failed'
@@ -1607,10 +1729,28 @@ class NodeServer:
         elif msg[0] == 'cleaned' and msg[1]:
             logger.warning('cleanup of %s failed: %s', comp.spec['name'], msg[1])
 
+    def _on_host_ended(self, session, comp):
+        """The computation's host has exited: whether its files can go now."""
+        if comp.state in ('files', 'setup', 'ready'):
+            logger.warning('computation %s: its host process ended', comp.spec['name'])
+            comp.state = 'failed'
+            for job in comp.pool.take_waiting():
+                self._release_cpu(comp)
+                self._end_unrunnable(job)
+            if session.conn is not None and self.session is session:
+                session.conn.send(Msg.SETUP(comp.key, False, 'its setup process ended'))
+            self._pump()
+        self.pools.discard(comp.pool)
+        self.hosts_done.notify_all()
+        return comp.state == 'closing'
+
     # -- closing ----------------------------------------------------------------------------------
     def _close_computation(self, session, comp):
         """Ends a computation: its jobs are killed, its cleanup runs, its files go."""
         comp.state = 'closing'
+        receiver = self.receivers.pop(comp, None)
+        if receiver is not None:        # a file still arriving: its partial copy goes
+            receiver.close()
         if any(other.dir == comp.dir for other in session.comps.values() if other is not comp):
             # Another live computation shares this dest_path (as the docs suggest for
             # clusters using the same files): its files stay.
@@ -1627,16 +1767,10 @@ class NodeServer:
                 pass
         for job in [j for j in session.jobs.values() if j.comp is comp]:
             self._cancel_job(session, job)
-        for f in comp.partial.values():
-            f.close()
-        if comp.host is None:
-            comp.host_ended = True
+        if comp.ended:          # no host (or it died): nothing runs cleanup
             self._remove_files(comp)
             return
-        try:
-            comp.host.send(('cleanup',))
-        except OSError:
-            pass
+        comp.pool.close()
 
     @staticmethod
     def _remove_files(comp):
@@ -1773,15 +1907,15 @@ class NodeServer:
             self.stopping = True
             session = self.session
             if session is not None:
-                comps = list(session.comps.values())
                 for job in list(session.jobs.values()):
                     self._cancel_job(session, job)
                 self._end_session(session)
-                self.hosts_done.wait_for(lambda: all(c.host_ended for c in comps), grace)
+            self.hosts_done.wait_for(lambda: not self.pools, grace)
+            for pool in list(self.pools):       # still in cleanup after the grace time
+                pool.kill()
             for recovery in list(self.recoveries):
                 recovery.conn.close('node stopping')
-        for sock in self.tcp_socks + self.udp_socks:
-            sock.close()
+        self.shutdown_network()
 
     def status_text(self):
         with self.lock:
@@ -1895,18 +2029,18 @@ def _resolve_or_exit(host):
     return addr
 
 
-def _start_zygote():
-    """Forks the zygote while this process has a single thread."""
-    node_end, zygote_end = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        node_end.close()
-        try:
-            zygote_main(zygote_end)
-        finally:
-            os._exit(0)
-    zygote_end.close()
-    return pid, LocalLink(node_end)
+def _start_forkserver():
+    """Starts multiprocessing's fork server now, while this process has one thread
+    (computation hosts are forked from it, never from the node), with dispy imported:
+    started in dispy.py's folder, it finds dispy there, so a host only runs this file
+    again (as ``__mp_main__``) instead of importing all of dispy each time."""
+    multiprocessing.set_forkserver_preload(['dispy'])
+    here = os.getcwd()
+    os.chdir(os.path.dirname(os.path.abspath(dispy.__file__)))
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        os.chdir(here)
 
 
 def _read_commands(server):
@@ -1933,8 +2067,8 @@ def main(argv=None):
     if config.clean:
         shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
     os.makedirs(config.dest_path_prefix, exist_ok=True)
-    zygote_pid, zygote_link = _start_zygote()
-    server = NodeServer(config, zygote_link)
+    _start_forkserver()
+    server = NodeServer(config)
     server.bind()
     if not config.secret and not all(dispy.is_loopback(a) for a in config.ip_addrs or ['*']):
         logger.warning('WARNING: no secret given (-s): anyone who can reach this node can run '
@@ -1952,12 +2086,6 @@ def main(argv=None):
     while not server.done.wait(1.0):
         pass
     server.shutdown()
-    zygote_link.close()
-    try:
-        os.kill(zygote_pid, signal.SIGKILL)
-        os.waitpid(zygote_pid, 0)
-    except OSError:
-        pass
     print('dispynode: stopped', flush=True)
 
 
