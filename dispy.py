@@ -2983,7 +2983,239 @@ class _ClusterQueue:
         self.pinned = {}            # node address -> deque of jobs for submit_node
 
 
-class Scheduler:
+class _NodeMessages:
+    """The Scheduler's handling of what ready nodes send (a mixin of Scheduler: it
+    uses the scheduler's ``lock`` and ``queues`` and its ``_end_job`` and
+    ``_dispatch``).  Each handler gets the node's link, the message's record and its
+    pickled blob already loaded, outside the lock: ``(object, None)`` or ``(None,
+    error)``."""
+
+    def node_messages(self, link, conn, msgs):
+        """Messages of a ready node (loop thread, or the connection's strand for big
+        frames): results are unpickled and files saved before the lock is taken."""
+        records = []
+        for msg in msgs:
+            kind = TO_CLIENT.get(msg[0]) if isinstance(msg, tuple) and msg else None
+            if kind is None:
+                logger.warning('node %s sent an unknown message', link.ip_addr)
+                continue
+            record = kind.read(msg)
+            if kind is Msg.SEND_FILE:
+                self._save_file(link, record)
+                continue
+            records.append((kind.name, record, _load_blob(record)))
+        with self.lock:
+            if conn is not link.conn:
+                return      # a connection we already replaced
+            for name, record, loaded in records:
+                self.handlers[name](self, link, record, loaded)
+            self._dispatch()
+
+    def _save_file(self, link, msg):
+        """A file a job sent with dispy_send_file: its cluster saves it (no lock)."""
+        with self.lock:
+            job = link.jobs.get(msg.key)
+            if job is None or job._attempt != msg.attempt:
+                return
+        job._cluster.job_file(job, msg.path, msg.mode, msg.offset, msg.data, msg.last)
+
+    def _on_setup(self, link, msg, _loaded):
+        ckey, ok, error = msg
+        queue = self.queues.get(ckey)
+        if queue is None or link.setups.get(ckey) not in ('pending', 'ready'):
+            return
+        cluster = queue.cluster
+        if not ok and link.setups[ckey] == 'ready':   # its host died: no more jobs there
+            link.setups[ckey] = 'failed'
+            logger.warning('computation %s failed on node %s: %s', cluster.name,
+                           link.ip_addr, error)
+            cluster.node_changed(link, DispyNode.Closed)
+            return
+        if link.setups[ckey] == 'ready':
+            return
+        if not ok:
+            link.setups[ckey] = 'failed'
+            logger.warning('setup of computation %s failed on node %s: %s', cluster.name,
+                           link.ip_addr, error)
+            return
+        link.setups[ckey] = 'ready'
+        cluster.node_changed(link, DispyNode.Initialized)
+
+    def _on_started(self, link, msg, _loaded):
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
+            return
+        job.status = DispyJob.Running
+        job.start_time = msg.start_time
+        job._cluster.job_changed(job, DispyJob.Running)
+
+    def _on_result(self, link, msg, loaded):
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt:
+            link.send(Msg.ACK(msg.key, msg.attempt))
+            return      # a stale attempt (the job was resubmitted): already accounted for
+        del link.jobs[msg.key]
+        link.cancels.discard((msg.key, msg.attempt))
+        link.in_flight[job._cluster.key] -= 1
+        status, exception = msg.status, msg.exception
+        result, error = loaded
+        if error is not None:
+            status = DispyJob.Terminated
+            exception = 'result could not be unpickled at the client: %s' % error
+        job.start_time = msg.start_time or job.start_time
+        # Ended (and so written to the recover file) before the node may drop the result.
+        self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
+        link.send(Msg.ACK(msg.key, msg.attempt))
+
+    def _on_provisional(self, link, msg, loaded):
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
+            return
+        result, error = loaded
+        if error is not None:
+            logger.warning('provisional result of job %s could not be unpickled: %s',
+                           msg.key, error)
+            return
+        job.result = result
+        job.status = DispyJob.ProvisionalResult
+        job._cluster.job_changed(job, DispyJob.ProvisionalResult)
+        job.status = DispyJob.Running
+
+    def _on_closed_compute(self, link, msg, _loaded):
+        pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
+
+    def _on_pulse(self, link, msg, _loaded):
+        avail = _avail_info(msg.avail)
+        if avail is not None:
+            link.avail_info = avail
+            for ckey, state in link.setups.items():
+                queue = self.queues.get(ckey)
+                if queue is not None and state == 'ready':
+                    queue.cluster.node_changed(link, DispyNode.AvailInfo)
+
+    def _on_put_file_done(self, link, msg, _loaded):
+        link.put_replies[(msg.cluster, msg.name)] = msg.error
+        self.cond.notify_all()
+
+    def _on_unexpected(self, link, msg, _loaded):
+        logger.warning('node %s sent an unexpected message', link.ip_addr)
+
+    handlers = {'SETUP': _on_setup, 'STARTED': _on_started, 'RESULT': _on_result,
+                'PROVISIONAL': _on_provisional, 'CLOSED': _on_closed_compute,
+                'PULSE': _on_pulse, 'PUT_FILE_DONE': _on_put_file_done,
+                'NODE': _on_unexpected, 'BUSY': _on_unexpected}
+
+
+class _NodeControl:
+    """What a cluster's methods do to one node through the Scheduler (a mixin of
+    Scheduler: it uses the scheduler's ``lock``, ``cond``, ``pool`` and ``queues``):
+    CPUs, deallocation, closing or setting up again, files, traffic figures."""
+
+    def _link_of(self, cluster, addr, state=None):
+        link = self.pool.links.get(addr)
+        if link is None or cluster.key not in link.setups:
+            return None
+        if state is not None and link.setups[cluster.key] != state:
+            return None
+        return link
+
+    def deallocate(self, cluster, addr):
+        """Sends no more of the cluster's jobs to the node (running ones finish)."""
+        with self.lock:
+            link = self._link_of(cluster, addr)
+            if link is None:
+                return -1
+            link.alloc_cpus[cluster.key] = 0
+            return 0
+
+    def set_node_cpus(self, cluster, addr, cpus):
+        """CPUs the cluster uses on a node (negative: leave that many free); returns
+        the CPUs now used, or -1."""
+        with self.lock:
+            link = self._link_of(cluster, addr, 'ready')
+            if link is None:
+                return -1
+            cpus = int(cpus)
+            cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
+            link.alloc_cpus[cluster.key] = cpus
+            link.send(Msg.SET_CPUS(cluster.key, cpus))
+            self._dispatch()
+            return cpus
+
+    def node_jobs(self, cluster, addr):
+        """The cluster's jobs running on a node."""
+        with self.lock:
+            link = self.pool.links.get(addr)
+            if link is None:
+                return []
+            return [j for j in link.jobs.values()
+                    if j._cluster is cluster and j.status == DispyJob.Running]
+
+    def close_node(self, cluster, addr, terminate, resetup=False):
+        """Stops sending the cluster's jobs to a node; once none is in flight there the
+        node closes the computation (and sets it up again if ``resetup``)."""
+        with self.lock:
+            link = self._link_of(cluster, addr)
+            if link is None:
+                return -1
+            ckey = cluster.key
+            link.closing[ckey] = resetup
+            link.alloc_cpus[ckey] = 0 if not resetup else link.alloc_cpus.get(ckey, 0)
+            if terminate:
+                for job in [j for j in link.jobs.values() if j._cluster is cluster]:
+                    link.send(Msg.CANCEL(job._key, job._attempt))
+            self._finish_close_node(link, cluster)
+            return 0
+
+    def _finish_close_node(self, link, cluster):
+        ckey = cluster.key
+        if link.in_flight[ckey] > 0 or ckey not in link.closing:
+            return
+        resetup = link.closing.pop(ckey)
+        state = link.setups.pop(ckey, None)
+        link.alloc_cpus.pop(ckey, None)
+        if state in ('pending', 'ready'):
+            link.send(Msg.CLOSE_COMPUTE(ckey))
+        if state == 'ready' and not resetup:
+            cluster.node_changed(link, DispyNode.Closed)
+        queue = self.queues.get(ckey)
+        if resetup and link.ready and queue is not None:
+            self._offer(link, queue)
+
+    def send_file(self, cluster, addr, path, timeout):
+        """Copies a file into the cluster's folder on a node; 0, or -1 (logged)."""
+        name = os.path.basename(path)
+        with self.lock:
+            link = self._link_of(cluster, addr, 'ready')
+            if link is None:
+                logger.error('send_file: node %s is not set up for this cluster', addr)
+                return -1
+            link.put_replies.pop((cluster.key, name), None)
+        try:
+            send_file_chunks(link.send, Msg.PUT_FILE, cluster.key, name, path)
+        except OSError as exc:
+            logger.error('send_file: %s', exc)
+            return -1
+        with self.lock:
+            if not self.cond.wait_for(lambda: (cluster.key, name) in link.put_replies,
+                                      timeout):
+                return -1
+            error = link.put_replies.pop((cluster.key, name))
+        if error:
+            logger.error('send_file: node %s refused %s: %s', link.ip_addr, name, error)
+            return -1
+        return 0
+
+    def traffic(self, addr):
+        """(bytes sent, bytes received) on the connection to a node now."""
+        with self.lock:
+            link = self.pool.links.get(addr)
+            if link is None or link.conn is None:
+                return 0, 0
+            return link.conn.channel.bytes_sent, link.conn.channel.bytes_received
+
+
+class Scheduler(_NodeMessages, _NodeControl):
     """Places the jobs of every hosted cluster on the least-loaded node that has the
     cluster's computation set up, and follows each job to its end.
 
@@ -3283,226 +3515,6 @@ class Scheduler:
             else:
                 self._end_job(job, DispyJob.Cancelled,
                               exception='Cancelled: node %s lost (%s)' % (link.ip_addr, reason))
-
-    # -- node messages ------------------------------------------------------------------------
-    def node_messages(self, link, conn, msgs):
-        """Messages of a ready node (loop thread, or the connection's strand for big
-        frames): results are unpickled and files saved before the lock is taken."""
-        records = []
-        for msg in msgs:
-            kind = TO_CLIENT.get(msg[0]) if isinstance(msg, tuple) and msg else None
-            if kind is None:
-                logger.warning('node %s sent an unknown message', link.ip_addr)
-                continue
-            record = kind.read(msg)
-            if kind is Msg.SEND_FILE:
-                self._save_file(link, record)
-                continue
-            records.append((kind.name, record, _load_blob(record)))
-        with self.lock:
-            if conn is not link.conn:
-                return      # a connection we already replaced
-            for name, record, loaded in records:
-                self.handlers[name](self, link, record, loaded)
-            self._dispatch()
-
-    def _save_file(self, link, msg):
-        """A file a job sent with dispy_send_file: its cluster saves it (no lock)."""
-        with self.lock:
-            job = link.jobs.get(msg.key)
-            if job is None or job._attempt != msg.attempt:
-                return
-        job._cluster.job_file(job, msg.path, msg.mode, msg.offset, msg.data, msg.last)
-
-    def _on_setup(self, link, msg, _loaded):
-        ckey, ok, error = msg
-        queue = self.queues.get(ckey)
-        if queue is None or link.setups.get(ckey) not in ('pending', 'ready'):
-            return
-        cluster = queue.cluster
-        if not ok and link.setups[ckey] == 'ready':   # its host died: no more jobs there
-            link.setups[ckey] = 'failed'
-            logger.warning('computation %s failed on node %s: %s', cluster.name,
-                           link.ip_addr, error)
-            cluster.node_changed(link, DispyNode.Closed)
-            return
-        if link.setups[ckey] == 'ready':
-            return
-        if not ok:
-            link.setups[ckey] = 'failed'
-            logger.warning('setup of computation %s failed on node %s: %s', cluster.name,
-                           link.ip_addr, error)
-            return
-        link.setups[ckey] = 'ready'
-        cluster.node_changed(link, DispyNode.Initialized)
-
-    def _on_started(self, link, msg, _loaded):
-        job = link.jobs.get(msg.key)
-        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
-            return
-        job.status = DispyJob.Running
-        job.start_time = msg.start_time
-        job._cluster.job_changed(job, DispyJob.Running)
-
-    def _on_result(self, link, msg, loaded):
-        job = link.jobs.get(msg.key)
-        if job is None or job._attempt != msg.attempt:
-            link.send(Msg.ACK(msg.key, msg.attempt))
-            return      # a stale attempt (the job was resubmitted): already accounted for
-        del link.jobs[msg.key]
-        link.cancels.discard((msg.key, msg.attempt))
-        link.in_flight[job._cluster.key] -= 1
-        status, exception = msg.status, msg.exception
-        result, error = loaded
-        if error is not None:
-            status = DispyJob.Terminated
-            exception = 'result could not be unpickled at the client: %s' % error
-        job.start_time = msg.start_time or job.start_time
-        # Ended (and so written to the recover file) before the node may drop the result.
-        self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
-        link.send(Msg.ACK(msg.key, msg.attempt))
-
-    def _on_provisional(self, link, msg, loaded):
-        job = link.jobs.get(msg.key)
-        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
-            return
-        result, error = loaded
-        if error is not None:
-            logger.warning('provisional result of job %s could not be unpickled: %s',
-                           msg.key, error)
-            return
-        job.result = result
-        job.status = DispyJob.ProvisionalResult
-        job._cluster.job_changed(job, DispyJob.ProvisionalResult)
-        job.status = DispyJob.Running
-
-    def _on_closed_compute(self, link, msg, _loaded):
-        pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
-
-    def _on_pulse(self, link, msg, _loaded):
-        avail = _avail_info(msg.avail)
-        if avail is not None:
-            link.avail_info = avail
-            for ckey, state in link.setups.items():
-                queue = self.queues.get(ckey)
-                if queue is not None and state == 'ready':
-                    queue.cluster.node_changed(link, DispyNode.AvailInfo)
-
-    def _on_put_file_done(self, link, msg, _loaded):
-        link.put_replies[(msg.cluster, msg.name)] = msg.error
-        self.cond.notify_all()
-
-    def _on_unexpected(self, link, msg, _loaded):
-        logger.warning('node %s sent an unexpected message', link.ip_addr)
-
-    handlers = {'SETUP': _on_setup, 'STARTED': _on_started, 'RESULT': _on_result,
-                'PROVISIONAL': _on_provisional, 'CLOSED': _on_closed_compute,
-                'PULSE': _on_pulse, 'PUT_FILE_DONE': _on_put_file_done,
-                'NODE': _on_unexpected, 'BUSY': _on_unexpected}
-
-    # -- per-node control (cluster methods) --------------------------------------------------
-    def _link_of(self, cluster, addr, state=None):
-        link = self.pool.links.get(addr)
-        if link is None or cluster.key not in link.setups:
-            return None
-        if state is not None and link.setups[cluster.key] != state:
-            return None
-        return link
-
-    def deallocate(self, cluster, addr):
-        """Sends no more of the cluster's jobs to the node (running ones finish)."""
-        with self.lock:
-            link = self._link_of(cluster, addr)
-            if link is None:
-                return -1
-            link.alloc_cpus[cluster.key] = 0
-            return 0
-
-    def set_node_cpus(self, cluster, addr, cpus):
-        """CPUs the cluster uses on a node (negative: leave that many free); returns
-        the CPUs now used, or -1."""
-        with self.lock:
-            link = self._link_of(cluster, addr, 'ready')
-            if link is None:
-                return -1
-            cpus = int(cpus)
-            cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
-            link.alloc_cpus[cluster.key] = cpus
-            link.send(Msg.SET_CPUS(cluster.key, cpus))
-            self._dispatch()
-            return cpus
-
-    def node_jobs(self, cluster, addr):
-        """The cluster's jobs running on a node."""
-        with self.lock:
-            link = self.pool.links.get(addr)
-            if link is None:
-                return []
-            return [j for j in link.jobs.values()
-                    if j._cluster is cluster and j.status == DispyJob.Running]
-
-    def close_node(self, cluster, addr, terminate, resetup=False):
-        """Stops sending the cluster's jobs to a node; once none is in flight there the
-        node closes the computation (and sets it up again if ``resetup``)."""
-        with self.lock:
-            link = self._link_of(cluster, addr)
-            if link is None:
-                return -1
-            ckey = cluster.key
-            link.closing[ckey] = resetup
-            link.alloc_cpus[ckey] = 0 if not resetup else link.alloc_cpus.get(ckey, 0)
-            if terminate:
-                for job in [j for j in link.jobs.values() if j._cluster is cluster]:
-                    link.send(Msg.CANCEL(job._key, job._attempt))
-            self._finish_close_node(link, cluster)
-            return 0
-
-    def _finish_close_node(self, link, cluster):
-        ckey = cluster.key
-        if link.in_flight[ckey] > 0 or ckey not in link.closing:
-            return
-        resetup = link.closing.pop(ckey)
-        state = link.setups.pop(ckey, None)
-        link.alloc_cpus.pop(ckey, None)
-        if state in ('pending', 'ready'):
-            link.send(Msg.CLOSE_COMPUTE(ckey))
-        if state == 'ready' and not resetup:
-            cluster.node_changed(link, DispyNode.Closed)
-        queue = self.queues.get(ckey)
-        if resetup and link.ready and queue is not None:
-            self._offer(link, queue)
-
-    def send_file(self, cluster, addr, path, timeout):
-        """Copies a file into the cluster's folder on a node; 0, or -1 (logged)."""
-        name = os.path.basename(path)
-        with self.lock:
-            link = self._link_of(cluster, addr, 'ready')
-            if link is None:
-                logger.error('send_file: node %s is not set up for this cluster', addr)
-                return -1
-            link.put_replies.pop((cluster.key, name), None)
-        try:
-            send_file_chunks(link.send, Msg.PUT_FILE, cluster.key, name, path)
-        except OSError as exc:
-            logger.error('send_file: %s', exc)
-            return -1
-        with self.lock:
-            if not self.cond.wait_for(lambda: (cluster.key, name) in link.put_replies,
-                                      timeout):
-                return -1
-            error = link.put_replies.pop((cluster.key, name))
-        if error:
-            logger.error('send_file: node %s refused %s: %s', link.ip_addr, name, error)
-            return -1
-        return 0
-
-    def traffic(self, addr):
-        """(bytes sent, bytes received) on the connection to a node now."""
-        with self.lock:
-            link = self.pool.links.get(addr)
-            if link is None or link.conn is None:
-                return 0, 0
-            return link.conn.channel.bytes_sent, link.conn.channel.bytes_received
 
 
 def _load_blob(msg):

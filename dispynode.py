@@ -911,20 +911,20 @@ class RecoveryHandler:
     recover file's) stay.  Runs on its own connection, beside whatever program the
     node serves meanwhile."""
 
-    def __init__(self, server, channel, address, client_id, wanted):
-        self.server = server
+    def __init__(self, router, channel, address, client_id, wanted):
+        self.router = router
         self.address = address
         self.client_id = client_id
         self.wanted = wanted
         self.conn = dispy.Connection(channel, self, 'recover-%s' % address)
 
     def start(self):
-        replies = self.server.store.load(self.client_id, self.wanted)
+        replies = self.router.node.store.load(self.client_id, self.wanted)
         logger.info('recover_jobs from %s: %d kept result(s) of %d job(s) asked for',
                     self.address, len(replies), len(self.wanted))
         self.conn.start()
         held = [list(Msg.RESULT.read(r)[:2]) for r in replies]
-        self.conn.send(self.server._node_info(held, []))
+        self.conn.send(self.router.node._node_info(held, []))
         for reply in replies:
             self.conn.send(reply)
 
@@ -935,8 +935,8 @@ class RecoveryHandler:
             if kind == 'ACK':
                 ack = Msg.ACK.read(msg)
                 if ack.key in self.wanted:
-                    with self.server.lock:
-                        self.server.store.remove(self.client_id, int(ack.key),
+                    with self.router.lock:
+                        self.router.node.store.remove(self.client_id, int(ack.key),
                                                  int(ack.attempt))
             elif kind == 'RELEASE':
                 conn.close('recovery done', flush=True)
@@ -944,8 +944,8 @@ class RecoveryHandler:
             # PULSE, CANCEL (nothing of this client runs here any more): nothing to do
 
     def on_closed(self, conn, reason):
-        with self.server.lock:
-            self.server.recoveries.discard(self)
+        with self.router.lock:
+            self.router.recoveries.discard(self)
 
 
 def _safe_relative(path):
@@ -992,7 +992,8 @@ class HandshakeAdmission:
 
 class ClientHandshake(socketserver.BaseRequestHandler):
     """One accepted connection, in a thread of its own: TLS, ``dispy.handshake`` and
-    the first CLIENT message; then the channel goes to ``NodeServer._attach``."""
+    the first CLIENT message; then the channel goes to ``node.attach`` (the node's
+    SessionRouter)."""
 
     def handle(self):
         threading.current_thread().name = 'dispynode-handshake'
@@ -1003,7 +1004,7 @@ class ClientHandshake(socketserver.BaseRequestHandler):
         channel, info = authenticated
         listener.hand_off(self.request)     # the channel owns the socket now
         try:
-            listener.node._attach(channel, addr, info)
+            listener.node.attach(channel, addr, info)
         except Exception:
             channel.close()
             raise
@@ -1162,11 +1163,222 @@ class NodeListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
 
 # ================================================================================
+# Node side: the session router
+# ================================================================================
+
+class SessionRouter:
+    """Which client program each authenticated connection belongs to.
+
+    The node serves one program at a time (its ``ClientSession``)::
+
+        NodeListener ──channel──► attach ─┬─ the program in session (again): its
+                                          │  Connection; messages → NodeServer.handlers
+                                          ├─ recover_jobs of a program no longer
+                                          │  served → RecoveryHandler beside it
+                                          └─ another program → BUSY, closed; told by
+                                             datagram when the node is free
+
+    It also keeps each session alive or ends it: pulses and liveness of the
+    connection, and a detached session's end (``tick``).  Shares the node's lock.
+    """
+
+    def __init__(self, node):
+        self.node = node
+        self.lock = node.lock
+        self.session = None          # the ClientSession served now
+        self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
+        self.turned_away = {}        # client address -> udp port, told when we are free
+        self.avail_sent = 0.0
+
+    # -- connections ----------------------------------------------------------------------
+    def attach(self, channel, addr, info):
+        client_id = str(info.get('id', ''))
+        wanted = _recover_keys(info.get('recover'))
+        with self.lock:
+            session = self.session
+            if wanted is not None and (session is None or session.client_id != client_id):
+                # recover_jobs of a program this node no longer serves: its results are
+                # on disk; served beside whatever program the node serves now.
+                recovery = self._new_recovery(channel, addr[0], client_id, wanted)
+            else:
+                recovery = None
+                self._attach_session(channel, addr, info, client_id, wanted)
+        if recovery is not None:
+            try:
+                recovery.start()        # reads the disk: outside the lock
+            except Exception as exc:
+                logger.warning('recover_jobs from %s failed: %r', addr[0], exc)
+                with self.lock:
+                    self.recoveries.discard(recovery)
+                recovery.conn.close('recovery failed')
+
+    def _new_recovery(self, channel, address, client_id, wanted):
+        """A RecoveryHandler, unless too many run already (lock held)."""
+        if len(self.recoveries) >= MAX_RECOVERIES:
+            logger.warning('recover_jobs from %s refused: %d recoveries in progress',
+                           address, len(self.recoveries))
+            channel.close()
+            return None
+        recovery = RecoveryHandler(self, channel, address, client_id, wanted)
+        self.recoveries.add(recovery)
+        return recovery
+
+    def _attach_session(self, channel, addr, info, client_id, wanted):
+        """A client (or recover_jobs of the client in session) connects (lock held)."""
+        session = self.session
+        conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
+        if session is not None and session.client_id != client_id:
+            desc = session.busy_text(self.node.config.zombie_interval)
+            logger.info('client %s turned away: serving %s', addr[0], desc)
+            self.turned_away[addr[0]] = info.get('udp_port')
+            conn.start()
+            conn.send(Msg.BUSY(desc))
+            conn.close('busy', flush=True)
+            return
+        if session is None:
+            session = self.session = ClientSession(client_id, info, addr[0])
+            for reply in self.node.store.load(client_id):    # kept from before
+                key = tuple(Msg.RESULT.read(reply)[:2])
+                session.results[key] = reply
+                session.stored.add(key)
+            logger.info('serving client %s%s', session.describe(),
+                        ' (%d result(s) kept for it)' % len(session.results)
+                        if session.results else '')
+        elif session.conn is not None:
+            session.conn.close('replaced by a new connection')
+        session.conn = conn
+        if wanted is None:      # the client is back (a recovery keeps its clocks running)
+            session.disconnected_at = session.idle_since = None
+        session.wanted = wanted
+        conn.start()
+        held = [[j.key, j.attempt] for j in session.jobs.values() if session.wants(j.key)]
+        held += [list(k) for k in session.results if session.wants(k[0])]
+        conn.send(self.node._node_info(held, list(session.comps)))
+        for key, msg in session.results.items():   # not acknowledged yet: send again
+            if session.wants(key[0]):
+                conn.send(msg)
+
+    # -- Connection handler (reader thread) --------------------------------------------------
+    def on_messages(self, conn, msgs):
+        with self.lock:
+            session = self.session
+            if session is None or session.conn is not conn:
+                return
+            for msg in msgs:
+                kind = msg[0] if isinstance(msg, tuple) and msg else None
+                kind = dispy.TO_NODE.get(kind) if isinstance(kind, str) else None
+                if kind is None or kind.name == 'CLIENT':
+                    logger.warning('client %s sent an unknown message; ignored', session.address)
+                    continue
+                try:
+                    self.node.handlers[kind.name](self.node, session, kind.read(msg))
+                except (ValueError, TypeError, IndexError, KeyError,
+                        dispy.ProtocolError) as exc:
+                    logger.warning('client %s sent a malformed %s message: %s',
+                                   session.address, msg[0], exc)
+                except Exception:
+                    logger.exception('error handling %s from client %s', msg[0],
+                                     session.address)
+
+    def on_closed(self, conn, reason):
+        with self.lock:
+            session = self.session
+            if session is None or session.conn is not conn:
+                return
+            self.detach(session, reason)
+
+    def detach(self, session, reason):
+        """The client's connection is gone: what it left runs on (see ClientSession)."""
+        if session.conn is not None:
+            session.conn.close(reason, flush=True)
+        session.conn = None
+        session.wanted = None
+        session.disconnected_at = session.disconnected_at or time.monotonic()
+        self._store_results(session)
+        if session.jobs:
+            logger.warning('client %s disconnected (%s); its %d job(s) run to the end and '
+                           'their results are kept; this node is free once they end',
+                           session.address, reason, len(session.jobs))
+        elif session.results:
+            session.idle_since = session.idle_since or time.monotonic()
+            logger.info('client %s disconnected (%s); %d result(s) kept for it',
+                        session.address, reason, len(session.results))
+        else:   # nothing to keep for it: free for other clients now
+            logger.info('client %s disconnected (%s)', session.address, reason)
+            self.end_session(session)
+
+    def _store_results(self, session):
+        for key, reply in session.results.items():
+            if key not in session.stored and self.node.store.save(session.client_id, reply):
+                session.stored.add(key)
+
+    def end_session(self, session):
+        for comp in list(session.comps.values()):
+            self.node._close_computation(session, comp)
+        session.comps.clear()
+        if session.conn is not None:
+            session.conn.close('released', flush=True)
+        if self.session is session:
+            self.session = None
+            self.node._announce(to_waiting=True)
+
+    # -- timers (manager thread, lock held) --------------------------------------------------
+    def tick(self, now):
+        for recovery in list(self.recoveries):     # silent both ways: the client is gone
+            if (now - recovery.conn.last_recv > RECOVERY_IDLE
+                    and recovery.conn.idle_send > RECOVERY_IDLE):
+                recovery.conn.close('recover_jobs connection idle')
+        session = self.session
+        if session is None:
+            return
+        conn = session.conn
+        if conn is not None:
+            self._keep_alive(session, conn, now)
+        elif session.disconnected_at is not None:
+            self._tick_detached(session, now)
+
+    def _keep_alive(self, session, conn, now):
+        avail_fn = self.node.avail_fn
+        if conn.idle_send >= session.pulse_interval or (
+                avail_fn.psutil and now - self.avail_sent >= session.pulse_interval):
+            self.avail_sent = now
+            conn.send(Msg.NODE_PULSE(time.time(), avail_fn()))
+        silent = now - conn.last_recv
+        if silent > dispy.DEAD_PULSES * session.pulse_interval:
+            conn.close('no message from client for %.1f s' % silent)
+
+    def _tick_detached(self, session, now):
+        """A vanished client's session ends once nothing is left to run for it."""
+        zombie_interval = self.node.config.zombie_interval
+        if session.jobs:
+            running = [job for job in session.jobs.values() if not job.cancelled]
+            if running and now - session.disconnected_at > zombie_interval:
+                logger.warning('client %s did not come back in %.1f minutes: its %d job(s) '
+                               'are cancelled (results kept)', session.address,
+                               zombie_interval / 60, len(running))
+                for job in running:
+                    self.node._cancel_job(session, job)
+            return
+        if session.idle_since is None or now - session.idle_since < DETACHED_GRACE:
+            return      # a client that only lost its connection comes back by then
+        logger.warning('client %s is gone and nothing runs for it any more: this node is '
+                       'free (%d result(s) kept on disk under %s for recover_jobs)',
+                       session.address, len(session.stored), self.node.store.dir)
+        self.end_session(session)
+
+    def close_recoveries(self, reason):
+        for recovery in list(self.recoveries):
+            recovery.conn.close(reason)
+
+
+# ================================================================================
 # Node side: the server
 # ================================================================================
 
 class NodeServer:
-    """Accepts clients, sets up their computations and runs their jobs on workers.
+    """Sets up the computations of the client in session and runs their jobs on the
+    computations' WorkerPools; the listener, the discovery endpoint and the
+    SessionRouter (which client is served) are its parts.
 
     One lock (``self.lock``) guards the session, the job queue and the worker pools.
     ``running`` counts the CPUs in use: a job takes one when it is given to a worker
@@ -1177,11 +1389,11 @@ class NodeServer:
         self.config = config
         self.lock = threading.RLock()
         self.instance = uuid.uuid4().hex
-        self.session = None
+        self.router = SessionRouter(self)
+        self.attach = self.router.attach     # where the listener hands each client
         self.queue = collections.deque()
         self.running = 0
         self.jobs_done = 0
-        self.turned_away = {}        # client address -> udp port, told when we are free
         self.stopping = False
         self.quitting = False
         self.done = threading.Event()
@@ -1193,11 +1405,14 @@ class NodeServer:
         self.name = config.name or socket.gethostname()
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
         self.store = ResultStore(config.dest_path_prefix)
-        self.avail_sent = 0.0
         self.pools = set()           # WorkerPool of every computation whose host runs
         self.hosts_done = threading.Condition(self.lock)
-        self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
         self.receivers = {}          # NodeComputation -> FileReceiver of its folder
+
+    @property
+    def session(self):
+        """The client program served now (the router's)."""
+        return self.router.session
 
     # -- startup ---------------------------------------------------------------------------
     def bind(self):
@@ -1260,132 +1475,11 @@ class NodeServer:
             threading.Thread(target=target, daemon=True, name='dispynode-' + name).start()
         self._announce()
 
-    def _attach(self, channel, addr, info):
-        client_id = str(info.get('id', ''))
-        wanted = _recover_keys(info.get('recover'))
-        with self.lock:
-            session = self.session
-            if wanted is not None and (session is None or session.client_id != client_id):
-                # recover_jobs of a program this node no longer serves: its results are
-                # on disk; served beside whatever program the node serves now.
-                recovery = self._new_recovery(channel, addr[0], client_id, wanted)
-            else:
-                recovery = None
-                self._attach_session(channel, addr, info, client_id, wanted)
-        if recovery is not None:
-            try:
-                recovery.start()        # reads the disk: outside the lock
-            except Exception as exc:
-                logger.warning('recover_jobs from %s failed: %r', addr[0], exc)
-                with self.lock:
-                    self.recoveries.discard(recovery)
-                recovery.conn.close('recovery failed')
-
-    def _new_recovery(self, channel, address, client_id, wanted):
-        """A RecoveryHandler, unless too many run already (lock held)."""
-        if len(self.recoveries) >= MAX_RECOVERIES:
-            logger.warning('recover_jobs from %s refused: %d recoveries in progress',
-                           address, len(self.recoveries))
-            channel.close()
-            return None
-        recovery = RecoveryHandler(self, channel, address, client_id, wanted)
-        self.recoveries.add(recovery)
-        return recovery
-
-    def _attach_session(self, channel, addr, info, client_id, wanted):
-        """A client (or recover_jobs of the client in session) connects (lock held)."""
-        session = self.session
-        conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
-        if session is not None and session.client_id != client_id:
-            desc = session.busy_text(self.config.zombie_interval)
-            logger.info('client %s turned away: serving %s', addr[0], desc)
-            self.turned_away[addr[0]] = info.get('udp_port')
-            conn.start()
-            conn.send(Msg.BUSY(desc))
-            conn.close('busy', flush=True)
-            return
-        if session is None:
-            session = self.session = ClientSession(client_id, info, addr[0])
-            for reply in self.store.load(client_id):    # kept from before
-                key = tuple(Msg.RESULT.read(reply)[:2])
-                session.results[key] = reply
-                session.stored.add(key)
-            logger.info('serving client %s%s', session.describe(),
-                        ' (%d result(s) kept for it)' % len(session.results)
-                        if session.results else '')
-        elif session.conn is not None:
-            session.conn.close('replaced by a new connection')
-        session.conn = conn
-        if wanted is None:      # the client is back (a recovery keeps its clocks running)
-            session.disconnected_at = session.idle_since = None
-        session.wanted = wanted
-        conn.start()
-        held = [[j.key, j.attempt] for j in session.jobs.values() if session.wants(j.key)]
-        held += [list(k) for k in session.results if session.wants(k[0])]
-        conn.send(self._node_info(held, list(session.comps)))
-        for key, msg in session.results.items():   # not acknowledged yet: send again
-            if session.wants(key[0]):
-                conn.send(msg)
-
     def _node_info(self, held, computations):
         return Msg.NODE({'name': self.name, 'cpus': self.config.cpus,
                          'platform': platform.platform(), 'instance': self.instance,
                          'jobs': held, 'computations': computations,
                          'avail': self.avail_fn()})
-
-    # -- Connection handler (reader thread) --------------------------------------------------
-    def on_messages(self, conn, msgs):
-        with self.lock:
-            session = self.session
-            if session is None or session.conn is not conn:
-                return
-            for msg in msgs:
-                kind = msg[0] if isinstance(msg, tuple) and msg else None
-                kind = dispy.TO_NODE.get(kind) if isinstance(kind, str) else None
-                if kind is None or kind.name == 'CLIENT':
-                    logger.warning('client %s sent an unknown message; ignored', session.address)
-                    continue
-                try:
-                    self.handlers[kind.name](self, session, kind.read(msg))
-                except (ValueError, TypeError, IndexError, KeyError,
-                        dispy.ProtocolError) as exc:
-                    logger.warning('client %s sent a malformed %s message: %s',
-                                   session.address, msg[0], exc)
-                except Exception:
-                    logger.exception('error handling %s from client %s', msg[0],
-                                     session.address)
-
-    def on_closed(self, conn, reason):
-        with self.lock:
-            session = self.session
-            if session is None or session.conn is not conn:
-                return
-            self._detach(session, reason)
-
-    def _detach(self, session, reason):
-        """The client's connection is gone: what it left runs on (see ClientSession)."""
-        if session.conn is not None:
-            session.conn.close(reason, flush=True)
-        session.conn = None
-        session.wanted = None
-        session.disconnected_at = session.disconnected_at or time.monotonic()
-        self._store_results(session)
-        if session.jobs:
-            logger.warning('client %s disconnected (%s); its %d job(s) run to the end and '
-                           'their results are kept; this node is free once they end',
-                           session.address, reason, len(session.jobs))
-        elif session.results:
-            session.idle_since = session.idle_since or time.monotonic()
-            logger.info('client %s disconnected (%s); %d result(s) kept for it',
-                        session.address, reason, len(session.results))
-        else:   # nothing to keep for it: free for other clients now
-            logger.info('client %s disconnected (%s)', session.address, reason)
-            self._end_session(session)
-
-    def _store_results(self, session):
-        for key, reply in session.results.items():
-            if key not in session.stored and self.store.save(session.client_id, reply):
-                session.stored.add(key)
 
     # -- client messages (lock held) ---------------------------------------------------------
     def _on_compute(self, session, msg):
@@ -1545,10 +1639,10 @@ class NodeServer:
 
     def _on_release(self, session, msg):
         if session.wanted is not None:      # recover_jobs is done: other jobs go on
-            self._detach(session, 'recovery done')
+            self.router.detach(session, 'recovery done')
             return
         logger.info('client %s released this node', session.address)
-        self._end_session(session)
+        self.router.end_session(session)
 
     def _on_pulse(self, session, msg):
         pass
@@ -1777,16 +1871,6 @@ class NodeServer:
         if comp.spec.get('remove_files', True):
             shutil.rmtree(comp.dir, ignore_errors=True)
 
-    def _end_session(self, session):
-        for comp in list(session.comps.values()):
-            self._close_computation(session, comp)
-        session.comps.clear()
-        if session.conn is not None:
-            session.conn.close('released', flush=True)
-        if self.session is session:
-            self.session = None
-            self._announce(to_waiting=True)
-
     # -- UDP discovery (the endpoint's thread) -------------------------------------------------
     def _on_datagram(self, msg, addr, sock):
         """An authenticated datagram: a client's ping gets our pong."""
@@ -1816,12 +1900,12 @@ class NodeServer:
         turned away when we become free."""
         endpoint, port = self.discovery, self.config.client_port
         if to_waiting:
-            for addr, udp_port in list(self.turned_away.items()):
+            for addr, udp_port in list(self.router.turned_away.items()):
                 if isinstance(udp_port, int) and 0 < udp_port < 65536:
                     peer = (addr, udp_port)
                     pong = self._pong('announce', self._own_address(peer=peer))
                     endpoint.sendto(endpoint.pack(pong), peer)
-            self.turned_away.clear()
+            self.router.turned_away.clear()
             return
         for local, bcast in self._broadcast_interfaces():
             pong = self._pong('announce', self._own_address(local=local))
@@ -1848,48 +1932,12 @@ class NodeServer:
                 self._expire_files()
 
     def _tick(self):
-        for recovery in list(self.recoveries):     # silent both ways: the client is gone
-            if (time.monotonic() - recovery.conn.last_recv > RECOVERY_IDLE
-                    and recovery.conn.idle_send > RECOVERY_IDLE):
-                recovery.conn.close('recover_jobs connection idle')
         session = self.session
-        if session is None:
-            if self.quitting and not self.queue and self.running == 0:
-                self.done.set()
-            return
-        self._kill_overdue(session)
-        now = time.monotonic()
-        conn = session.conn
-        if conn is not None:
-            if conn.idle_send >= session.pulse_interval or (
-                    self.avail_fn.psutil and now - self.avail_sent >= session.pulse_interval):
-                self.avail_sent = now
-                conn.send(Msg.NODE_PULSE(time.time(), self.avail_fn()))
-            silent = now - conn.last_recv
-            if silent > dispy.DEAD_PULSES * session.pulse_interval:
-                conn.close('no message from client for %.1f s' % silent)
-        elif session.disconnected_at is not None:
-            self._tick_detached(session, now)
+        if session is not None:
+            self._kill_overdue(session)
+        self.router.tick(time.monotonic())
         if self.quitting and not self.queue and self.running == 0:
             self.done.set()
-
-    def _tick_detached(self, session, now):
-        """A vanished client's session ends once nothing is left to run for it."""
-        if session.jobs:
-            running = [job for job in session.jobs.values() if not job.cancelled]
-            if running and now - session.disconnected_at > self.config.zombie_interval:
-                logger.warning('client %s did not come back in %.1f minutes: its %d job(s) '
-                               'are cancelled (results kept)', session.address,
-                               self.config.zombie_interval / 60, len(running))
-                for job in running:
-                    self._cancel_job(session, job)
-            return
-        if session.idle_since is None or now - session.idle_since < DETACHED_GRACE:
-            return      # a client that only lost its connection comes back by then
-        logger.warning('client %s is gone and nothing runs for it any more: this node is '
-                       'free (%d result(s) kept on disk under %s for recover_jobs)',
-                       session.address, len(session.stored), self.store.dir)
-        self._end_session(session)
 
     def _kill_overdue(self, session):
         now = time.time()
@@ -1909,12 +1957,11 @@ class NodeServer:
             if session is not None:
                 for job in list(session.jobs.values()):
                     self._cancel_job(session, job)
-                self._end_session(session)
+                self.router.end_session(session)
             self.hosts_done.wait_for(lambda: not self.pools, grace)
             for pool in list(self.pools):       # still in cleanup after the grace time
                 pool.kill()
-            for recovery in list(self.recoveries):
-                recovery.conn.close('node stopping')
+            self.router.close_recoveries('node stopping')
         self.shutdown_network()
 
     def status_text(self):

@@ -297,7 +297,7 @@ class NodeKillTest(unittest.TestCase):
             jobs.append(job)
         self.assertTrue(rec.wait_for(lambda: rec.running_on(NODE_A), 30),
                         'no job ran on %s\n%s' % (NODE_A, node_a.output()))
-        processes = node_a.descendants()          # zygote, host, workers
+        processes = node_a.descendants()          # forkserver, resource tracker, host, workers
         self.addCleanup(kill_pids, processes)
         on_a = [job for job in jobs if job.ip_addr == NODE_A and job.status not in FINAL]
         t_kill = time.monotonic()

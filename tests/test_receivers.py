@@ -239,7 +239,7 @@ class _StubNode:
     def __init__(self):
         self.attached = queue.Queue()
 
-    def _attach(self, channel, addr, info):
+    def attach(self, channel, addr, info):
         self.attached.put((channel, addr, info))
 
 

@@ -369,7 +369,7 @@ class NodeProcessTest(unittest.TestCase):
         self.assertEqual(c.submit(1)(timeout=TIMEOUT), 2)
         node.command('status')
         self.assertTrue(wait_until(lambda: '1 done' in node.stdout(), 10), node.output())
-        self.assertTrue(node.descendants())         # zygote, host, worker
+        self.assertTrue(node.descendants())         # forkserver, host, worker
         c.close(timeout=TIMEOUT)
         node.command('quit')
         self.assertEqual(node.wait(TIMEOUT), 0)
