@@ -550,7 +550,57 @@ def _split_body(body):
     return body[start:end], buffers
 
 
-class Connection:
+class _ConnectionBase:
+    """What both kinds of connection share (``Connection`` with threads of its own,
+    ``LoopConnection`` on the I/O loop): the handler contract, liveness figures, and
+    how queued messages become frames within the peer's limit.  A subclass has
+    ``channel``, ``name``, ``_outbox`` (a deque of (message, size hint)), ``_closing``,
+    ``_closed`` and ``_last_send``."""
+
+    BATCH_BYTES = 1 << 20     # stop adding messages to a frame past this size hint
+
+    @property
+    def closed(self):
+        return self._closing or self._closed
+
+    @property
+    def last_recv(self):
+        return self.channel.last_recv
+
+    @property
+    def idle_send(self):
+        return time.monotonic() - self._last_send
+
+    def _take_batch(self):
+        """Queued messages for one frame (lock held); big bytes fields out of band."""
+        batch, size = [], 0
+        while self._outbox and size < self.BATCH_BYTES:
+            msg, hint = self._outbox.popleft()
+            batch.append(out_of_band(msg) if hint >= OOB_MIN else msg)
+            size += hint
+        return batch
+
+    def _frames_of(self, batch):
+        """The byte parts of the frame(s) of a batch: one frame, or one per message
+        when together they exceed the peer's limit (a message over it alone is
+        dropped, logged)."""
+        channel = self.channel
+        meta, buffers = dumps_oob(batch, channel.pickle_protocol)
+        if len(meta) + sum(len(b) for b in buffers) <= channel.peer_max_frame - 65536:
+            return channel.frame(meta, buffers)
+        parts = []
+        for msg in batch:
+            meta, buffers = dumps_oob([msg], channel.pickle_protocol)
+            size = len(meta) + sum(len(b) for b in buffers)
+            if size > channel.peer_max_frame:
+                logger.error('%s: %s message of %d bytes exceeds the peer\'s frame limit of %d;'
+                             ' dropped', self.name, msg[0], size, channel.peer_max_frame)
+                continue
+            parts += channel.frame(meta, buffers)
+        return parts
+
+
+class Connection(_ConnectionBase):
     """A ``Channel`` with a writer thread that batches outgoing messages and a reader
     thread that hands incoming ones to ``handler``.
 
@@ -561,8 +611,6 @@ class Connection:
     ``handler.on_messages(conn, msgs)`` from the reader thread and
     ``handler.on_closed(conn, reason)`` exactly once.
     """
-
-    BATCH_BYTES = 1 << 20     # stop adding messages to a frame past this size hint
 
     def __init__(self, channel, handler, name):
         self.channel = channel
@@ -585,18 +633,6 @@ class Connection:
         self.writer.start()
         self.reader.start()
         return self
-
-    @property
-    def closed(self):
-        return self._closing or self._closed
-
-    @property
-    def last_recv(self):
-        return self.channel.last_recv
-
-    @property
-    def idle_send(self):
-        return time.monotonic() - self._last_send
 
     def send(self, msg, size=None):
         """Queues a message; ``size`` (by default its catalog bulk) guides batching."""
@@ -631,33 +667,13 @@ class Connection:
                         self._cond.wait()
                     if self._closed or (self._closing and not self._outbox):
                         break
-                    batch, size = [], 0
-                    while self._outbox and size < self.BATCH_BYTES:
-                        msg, hint = self._outbox.popleft()
-                        batch.append(out_of_band(msg) if hint >= OOB_MIN else msg)
-                        size += hint
-                self._send_batch(batch)
+                    batch = self._take_batch()
+                send_parts(self.channel.sock, self._frames_of(batch))
                 self._last_send = time.monotonic()
         except (OSError, ProtocolError, ValueError) as exc:
             self._fail('send failed: %s' % exc)
             return
         self._fail(self._close_reason or 'closed')
-
-    def _send_batch(self, batch):
-        channel = self.channel
-        meta, buffers = dumps_oob(batch, channel.pickle_protocol)
-        size = len(meta) + sum(len(b) for b in buffers)
-        if size <= channel.peer_max_frame - 65536:
-            channel.send_body(meta, buffers)
-            return
-        for msg in batch:   # too big together: one frame each
-            meta, buffers = dumps_oob([msg], channel.pickle_protocol)
-            size = len(meta) + sum(len(b) for b in buffers)
-            if size > channel.peer_max_frame:
-                logger.error('%s: %s message of %d bytes exceeds the peer\'s frame limit of %d;'
-                             ' dropped', self.name, msg[0], size, channel.peer_max_frame)
-                continue
-            channel.send_body(meta, buffers)
 
     def _read_loop(self):
         reason = 'connection closed by peer'
@@ -1793,6 +1809,15 @@ BIG_FRAME = 256 << 10       # frames bigger than this are handled on the worker 
 POOL_THREADS = 8            # bound of a client's worker threads
 
 
+def _run_guarded(func, args):
+    """Runs a task of the loop or the worker threads; an error is logged, never lets
+    the thread die."""
+    try:
+        func(*args)
+    except Exception:
+        logger.exception('dispy: %s failed', getattr(func, '__qualname__', func))
+
+
 class WorkerThreads:
     """A bounded pool of daemon threads, started on demand and ended when idle.
 
@@ -1833,10 +1858,7 @@ class WorkerThreads:
                     self._threads -= 1
                     return
                 func, args = self._tasks.popleft()
-            try:
-                func(*args)
-            except Exception:
-                logger.exception('dispy: task %s failed', getattr(func, '__qualname__', func))
+            _run_guarded(func, args)
 
 
 class Strand:
@@ -1868,10 +1890,7 @@ class Strand:
                     self._running = False
                     return
                 func, args = self._tasks.popleft()
-            try:
-                func(*args)
-            except Exception:
-                logger.exception('dispy: task %s failed', getattr(func, '__qualname__', func))
+            _run_guarded(func, args)
 
 
 class IOLoop:
@@ -1935,13 +1954,13 @@ class IOLoop:
             while not self._stopped:
                 timeout = 0 if self._calls else max(0.0, next_tick - time.monotonic())
                 for key, events in self.selector.select(timeout):
-                    self._guarded(key.data, events)
+                    _run_guarded(key.data, (events,))
                     self._run_calls()   # the replies to a frame leave before the next is read
                 self._run_calls()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + LOOP_TICK
                     for ticker in list(self._tickers):
-                        self._guarded(ticker)
+                        _run_guarded(ticker, ())
         finally:
             for key in list(self.selector.get_map().values()):
                 if key.fileobj not in (self._wake_r,):
@@ -1956,15 +1975,8 @@ class IOLoop:
     def _run_calls(self):
         for _ in range(len(self._calls)):
             func, args = self._calls.popleft()
-            self._guarded(func, *args)
+            _run_guarded(func, args)
 
-    @staticmethod
-    def _guarded(func, *args):
-        try:
-            func(*args)
-        except Exception:
-            logger.exception('dispy: I/O loop call %s failed', getattr(func, '__qualname__',
-                                                                       func))
 
 
 class LoopDial:
@@ -2133,7 +2145,7 @@ class LoopDial:
         self.failed(exc)
 
 
-class LoopConnection:
+class LoopConnection(_ConnectionBase):
     """A ``Channel`` served by the IOLoop instead of threads of its own.
 
     Reading (loop thread): bytes are gathered into frames (a big frame straight into a
@@ -2153,8 +2165,6 @@ class LoopConnection:
     ``SSLWantReadError``/``SSLWantWriteError`` where a plain one would block, and
     decrypted bytes waiting in it (``pending()``) are read before the loop selects again.
     """
-
-    BATCH_BYTES = 1 << 20       # stop adding messages to a frame past this size hint
 
     def __init__(self, channel, handler, name, loop, threads, received=b''):
         self.channel = channel
@@ -2191,18 +2201,6 @@ class LoopConnection:
                 self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
             elif self._rbuf:
                 self._loop.call_soon(self._read, False)
-
-    @property
-    def closed(self):
-        return self._closing or self._closed
-
-    @property
-    def last_recv(self):
-        return self.channel.last_recv
-
-    @property
-    def idle_send(self):
-        return time.monotonic() - self._last_send
 
     def wait_closed(self, timeout):
         return self._ended.wait(max(0.0, timeout))
@@ -2255,7 +2253,7 @@ class LoopConnection:
                 if self._closed:
                     return
                 while self._outbox and not self._unsent:
-                    self._unsent = self._pack_batch()
+                    self._unsent = self._frames_of(self._take_batch())
                 done = self._write_unsent()
                 more = bool(self._outbox)
                 finished = done and not more and self._closing
@@ -2268,27 +2266,6 @@ class LoopConnection:
             self._loop.in_loop(self._watch_writable, True)
         elif more:
             self._schedule_flush()
-
-    def _pack_batch(self):
-        batch, size = [], 0
-        while self._outbox and size < self.BATCH_BYTES:
-            msg, hint = self._outbox.popleft()
-            batch.append(out_of_band(msg) if hint >= OOB_MIN else msg)
-            size += hint
-        channel = self.channel
-        meta, buffers = dumps_oob(batch, channel.pickle_protocol)
-        if len(meta) + sum(len(b) for b in buffers) <= channel.peer_max_frame - 65536:
-            return channel.frame(meta, buffers)
-        parts = []
-        for msg in batch:   # too big together: one frame each
-            meta, buffers = dumps_oob([msg], channel.pickle_protocol)
-            size = len(meta) + sum(len(b) for b in buffers)
-            if size > channel.peer_max_frame:
-                logger.error('%s: %s message of %d bytes exceeds the peer\'s frame limit of %d;'
-                             ' dropped', self.name, msg[0], size, channel.peer_max_frame)
-                continue
-            parts += channel.frame(meta, buffers)
-        return parts
 
     def _write_unsent(self):
         """Writes queued parts without blocking; True when all are written."""

@@ -9,7 +9,8 @@ Every helper here is bounded in time and cleans up what it started, by PID:
     run_client    -- runs a client script in a fresh interpreter with a timeout.
     wait_until    -- polls a predicate, bounded in time (for state owned by
                      another process, where no event can be waited on).
-    close_now, stop_node, read_file, pid_alive -- small helpers the test files share.
+    close_now, stop_node, read_file, pid_alive, kill_pids, self_signed_cert --
+                     small helpers the test files share.
 """
 
 import os
@@ -231,6 +232,25 @@ def stop_node(node):
 def read_file(path):
     with open(path) as f:
         return f.read()
+
+
+def kill_pids(pids):
+    """SIGKILL to each of ``pids`` still alive (processes a test itself started)."""
+    for pid in pids:
+        if pid_alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def self_signed_cert(folder):
+    """A self-signed key+certificate file made with openssl (the spec's usage)."""
+    path = os.path.join(folder, 'sskeycert.pem')
+    subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-keyout', path,
+                    '-nodes', '-out', path, '-sha256', '-days', '2', '-subj', '/CN=dispy-test'],
+                   check=True, capture_output=True, timeout=60)
+    return path
 
 
 def pid_alive(pid):

@@ -227,11 +227,7 @@ class TLSTest(unittest.TestCase):
     def setUpClass(cls):
         cls.dir = tempfile.mkdtemp(prefix='dispytest-tls-')
         cls.addClassCleanup(shutil.rmtree, cls.dir, True)
-        cls.certfile = os.path.join(cls.dir, 'sskeycert.pem')
-        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-keyout',
-                        cls.certfile, '-nodes', '-out', cls.certfile, '-sha256', '-days', '2',
-                        '-subj', '/CN=dispy-test'], check=True, capture_output=True,
-                       timeout=60)
+        cls.certfile = support.self_signed_cert(cls.dir)
 
     def test_same_certificate_on_both_sides(self):
         with NodeProcess('127.0.0.2', args=['--certfile', self.certfile]) as node:

@@ -4,10 +4,10 @@ not grow with its nodes, clusters with their own secrets and certificates in one
 program, and the Scheduler hosting a cluster that is not a JobCluster."""
 
 import hashlib
+import json
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -172,13 +172,11 @@ class LoopConnectionTest(unittest.TestCase):
     def test_small_and_big_frames_arrive_in_order(self):
         self.exchange(self.pair())
 
+    @unittest.skipUnless(shutil.which('openssl'), 'openssl command not available')
     def test_tls_on_the_loop(self):
         folder = tempfile.mkdtemp(prefix='dispytest-core-tls-')
         self.addCleanup(shutil.rmtree, folder, True)
-        cert = os.path.join(folder, 'cert.pem')
-        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-keyout', cert,
-                        '-nodes', '-out', cert, '-sha256', '-days', '2', '-subj',
-                        '/CN=dispy-test'], check=True, capture_output=True, timeout=60)
+        cert = support.self_signed_cert(folder)
         server = dispy.make_ssl_context(True, cert)
         client = dispy.make_ssl_context(False, cert)
 
@@ -205,38 +203,14 @@ class LoopConnectionTest(unittest.TestCase):
         self.assertFalse(a.send(dispy.Msg.RELEASE()))
 
 
-THREADS_SCRIPT = r'''
-import json, os, sys, threading, time
-import dispy
-
-def compute(n):
-    return n + 1
-
-peak = [0]
-stop = threading.Event()
-
-def sample():
-    while not stop.wait(0.002):
-        peak[0] = max(peak[0], threading.active_count())
-
-threading.Thread(target=sample, daemon=True).start()
-ready = threading.Semaphore(0)
-
-def status(state, node, job):
-    if state == dispy.DispyNode.Initialized:
-        ready.release()
-
-nodes = os.environ['DISPY_NODES'].split(',')
-cluster = dispy.JobCluster(compute, cluster_status=status)
-for _ in nodes:
-    assert ready.acquire(timeout=60), 'a node was not set up'
-jobs = [cluster.submit(i) for i in range(300)]
-assert [j() for j in jobs] == [i + 1 for i in range(300)]
-used = len({j.ip_addr for j in jobs})
-cluster.close()
-stop.set()
-print(json.dumps({'peak': peak[0], 'used': used}))
-'''
+def _scale_bench():
+    """bench/scale.py, whose client script measures the peak thread count."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'dispy_scale_bench', os.path.join(support.ROOT, 'bench', 'scale.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class ThreadCountTest(unittest.TestCase):
@@ -246,10 +220,18 @@ class ThreadCountTest(unittest.TestCase):
     NODES = 12
 
     def run_script(self, nodes, port):
-        proc = run_client(THREADS_SCRIPT, client_env(nodes, node_port=port), timeout=120)
+        """The client of bench/scale.py: 300 jobs over ``nodes`` once each is set up."""
+        folder = tempfile.mkdtemp(prefix='dispytest-core-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        script = os.path.join(folder, 'scale_client.py')    # a file: its source ships
+        with open(script, 'w') as f:
+            f.write(_scale_bench().CLIENT)
+        proc = run_client(script, client_env(nodes, node_port=port), timeout=120,
+                          args=[support.ROOT, ','.join(nodes), str(port), '300'])
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
-        import json
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        self.assertEqual(result['bad_results'], 0, result)
+        return result
 
     def test_twelve_nodes_cost_no_more_threads_than_the_bound(self):
         addrs = ['127.0.0.%d' % (40 + i) for i in range(self.NODES)]
@@ -260,10 +242,11 @@ class ThreadCountTest(unittest.TestCase):
             node.start()
         one = self.run_script(addrs[:1], port)
         many = self.run_script(addrs, port)
-        self.assertEqual(many['used'], self.NODES)
+        self.assertEqual(many['nodes_used'], self.NODES)
         # main, sampler, hub loop, notifier, and at most POOL_THREADS workers
-        self.assertLessEqual(many['peak'], 4 + dispy.POOL_THREADS, many)
-        self.assertLessEqual(many['peak'], one['peak'] + dispy.POOL_THREADS, (one, many))
+        self.assertLessEqual(many['peak_threads'], 4 + dispy.POOL_THREADS, many)
+        self.assertLessEqual(many['peak_threads'], one['peak_threads'] + dispy.POOL_THREADS,
+                             (one, many))
 
 
 TWO_SECRETS_SCRIPT = r'''
@@ -296,13 +279,11 @@ class ClusterParametersTest(unittest.TestCase):
 
     timeout = 180
 
+    @unittest.skipUnless(shutil.which('openssl'), 'openssl command not available')
     def test_clusters_with_different_secrets_and_tls(self):
         folder = tempfile.mkdtemp(prefix='dispytest-core-')
         self.addCleanup(shutil.rmtree, folder, True)
-        cert = os.path.join(folder, 'cert.pem')
-        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-keyout', cert,
-                        '-nodes', '-out', cert, '-sha256', '-days', '2', '-subj',
-                        '/CN=dispy-test'], check=True, capture_output=True, timeout=60)
+        cert = support.self_signed_cert(folder)
         alpha = NodeProcess('127.0.0.2', secret='alpha')
         beta = NodeProcess('127.0.0.3', secret='beta', args=['--certfile', cert])
         for node in (alpha, beta):

@@ -164,15 +164,6 @@ def tempdir(test, prefix='dispytest-faults-'):
     return path
 
 
-def kill_pids(pids):
-    for pid in pids:
-        if support.pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
 def kill_sleep_child(path):
     """Kills the ``sleep 60`` whose PID a job wrote to ``path`` (if it still runs)."""
     try:
@@ -298,7 +289,7 @@ class NodeKillTest(unittest.TestCase):
         self.assertTrue(rec.wait_for(lambda: rec.running_on(NODE_A), 30),
                         'no job ran on %s\n%s' % (NODE_A, node_a.output()))
         processes = node_a.descendants()          # forkserver, resource tracker, host, workers
-        self.addCleanup(kill_pids, processes)
+        self.addCleanup(support.kill_pids, processes)
         on_a = [job for job in jobs if job.ip_addr == NODE_A and job.status not in FINAL]
         t_kill = time.monotonic()
         node_a.signal(signal.SIGKILL)

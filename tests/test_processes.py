@@ -62,15 +62,6 @@ def read_pids(path):
         return [int(p) for p in f.read().split()]
 
 
-def kill_all(pids):
-    for pid in pids:
-        if support.pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-
 class NodeDeathTest(unittest.TestCase):
 
     timeout = 90
@@ -90,7 +81,7 @@ class NodeDeathTest(unittest.TestCase):
 
     def kill_node_and_check(self, pids):
         processes = self.node.descendants() + pids
-        self.addCleanup(kill_all, processes)
+        self.addCleanup(support.kill_pids, processes)
         self.node.signal(signal.SIGKILL)
         self.assertTrue(support.wait_until(
             lambda: not any(support.pid_alive(p) for p in processes), 10),
