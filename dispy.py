@@ -1800,13 +1800,29 @@ def _split_list(text):
 # computation's files, user code such as ``allocate()``.  Connections are made on the
 # loop too, without blocking (``LoopDial``).
 #
-# Lock order (outer first): Scheduler.lock → LoopConnection._lock → IOLoop._lock and
-# WorkerThreads._cond.  The loop never waits on the scheduler's lock while it holds a
-# connection's lock.
+# Lock order (outer first): Scheduler.lock → LoopConnection._lock → WorkerThreads._cond
+# and Strand._lock (the IOLoop's call queue is a deque: no lock).  Nothing takes the
+# scheduler's lock while it holds a connection's.
 
 LOOP_TICK = 0.1             # timers of the loop (pings, pulses, re-dials) run this often
 BIG_FRAME = 256 << 10       # frames bigger than this are handled on the worker threads
 POOL_THREADS = 8            # bound of a client's worker threads
+
+
+def _coalesce(parts, small=65536):
+    """Byte parts with every run of small ones joined into one."""
+    out, run = [], []
+    for part in parts:
+        if len(part) < small:
+            run.append(part)
+            continue
+        if run:
+            out.append(b''.join(run))
+            run = []
+        out.append(part)
+    if run:
+        out.append(b''.join(run))
+    return out
 
 
 def _run_guarded(func, args):
@@ -1841,8 +1857,9 @@ class WorkerThreads:
             self._tasks.append((func, args))
             if self._idle:
                 self._cond.notify()
-                return
-            if self._threads < self.size:
+            # an idle thread notified but not yet awake still counts as idle: a burst
+            # of tasks gets more threads, not a queue behind that one
+            if len(self._tasks) > self._idle and self._threads < self.size:
                 self._threads += 1
                 threading.Thread(target=self._work, daemon=True,
                                  name='%s-%d' % (self.name, self._threads)).start()
@@ -1942,11 +1959,13 @@ class IOLoop:
         self.call_soon(lambda: None)
 
     def _drain_wake(self, _events):
-        self._woken = False
         try:
             self._wake_r.recv(4096)
         except OSError:
             pass
+        # Cleared after the drain: a caller that saw it set left its call in the
+        # queue, which runs right after this (a byte sent meanwhile wakes us again).
+        self._woken = False
 
     def _run(self):
         next_tick = time.monotonic()
@@ -2254,6 +2273,8 @@ class LoopConnection(_ConnectionBase):
                     return
                 while self._outbox and not self._unsent:
                     self._unsent = self._frames_of(self._take_batch())
+                    if self._tls:       # one TLS record for the small parts, not one each
+                        self._unsent = _coalesce(self._unsent)
                 done = self._write_unsent()
                 more = bool(self._outbox)
                 finished = done and not more and self._closing
@@ -2396,8 +2417,10 @@ class LoopConnection(_ConnectionBase):
             self._loop.in_loop(self._fail, 'internal error')
 
     def _fail(self, reason):
-        """Closes the socket and reports once (loop thread), after the messages
-        already handed to the strand."""
+        """Closes the socket and reports once (loop thread); the report comes after
+        the messages already handed to the strand (which, the connection closed, are
+        then dropped: a node sends every unacknowledged result again when its client
+        reconnects)."""
         with self._lock:
             if self._closed:
                 return
@@ -2437,8 +2460,8 @@ class NodeLink:
 
         NEW ─dial─► CONNECTING ─NODE─► READY ─connection lost─► RECONNECTING ─NODE─► READY
          ▲             │ failed          │ silent                 │ retries spent
-         └─ backoff ───┘                 ▼                        ▼
-                                        DEAD ◄────────────────────┘  (dialed again later)
+         └─ backoff ───┘ (or closed      ▼                        ▼
+                         before NODE)   DEAD ◄────────────────────┘  (dialed again later)
         BUSY: serving another client (dialed again every 2 s); ALIAS: another address
         of a node already connected (never dialed again)
     """
@@ -2455,6 +2478,7 @@ class NodeLink:
         self.instance = None      # changes when the node restarts
         self.avail_info = None
         self.conn = None
+        self.connected_at = 0.0   # when conn was made (its NODE answer is due)
         self.state = NodeLink.NEW
         self.dialing = False      # a dial is under way
         self.retry = 0            # index in RECONNECT_DELAYS while reconnecting
@@ -2509,6 +2533,7 @@ class NodeLink:
     def connected(self, conn, pulse_interval):
         self.dialing = False
         self.conn = conn
+        self.connected_at = time.monotonic()
         self.pulse_interval = pulse_interval
 
     def answered(self, info):
@@ -2545,8 +2570,9 @@ class NodeLink:
             self.silent = False
             return 'lost'
         if self.state == NodeLink.READY or self.jobs:
+            if self.state == NodeLink.READY:    # else: one more failed attempt
+                self.retry = 0
             self.state = NodeLink.RECONNECTING
-            self.retry = 0
             return 'reconnect'
         self.state = NodeLink.NEW
         self.next_dial = now + 1.0
@@ -2576,6 +2602,9 @@ class NodeLink:
         self.setups.clear()
         self.alloc_cpus.clear()
         self.in_flight.clear()
+        self.closing.clear()
+        self.cancels.clear()
+        self.put_replies.clear()
 
 
 class NodePool:
@@ -2669,7 +2698,10 @@ class NodePool:
                 channel.close()
                 return
             conn = LoopConnection(channel, self, link.ip_addr, self.loop, self.threads, extra)
+            old = link.conn
             link.connected(conn, self.pulse_interval)
+            if old is not None:             # never two connections to one node
+                old.close('replaced by a new connection')
             conn.send(Msg.CLIENT(dict(self.client, pulse_interval=self.pulse_interval)))
             conn.start()
 
@@ -2838,6 +2870,9 @@ class NodePool:
                 link.conn.close('no message from node for %.1f s' % silent)
         elif link.dialing:
             return
+        elif link.conn is not None:     # connected: the node's NODE (or BUSY) is due
+            if not link.ready and now - link.connected_at > MsgTimeout:
+                link.conn.close('no answer from node %.0f s after connecting' % MsgTimeout)
         elif link.state == NodeLink.RECONNECTING and now >= link.next_dial:
             self._dial(link.ip_addr, link.port)
         elif link.state in (NodeLink.NEW, NodeLink.BUSY, NodeLink.DEAD) and \
@@ -3417,10 +3452,13 @@ class Scheduler(_NodeMessages, _NodeControl):
                 return
             link.setups[queue.key] = 'pending'
             link.alloc_cpus[queue.key] = cpus
+            conn = link.conn    # the files follow on this connection, or not at all
             link.send(Msg.COMPUTE(queue.key, dict(spec, key=queue.key, cpus=cpus)))
         try:    # queued on the connection; the node runs setup after the last file
             for name, path in files:
-                send_file_chunks(link.send, Msg.FILE, queue.key, name, path)
+                if conn is None or not send_file_chunks(conn.send, Msg.FILE, queue.key,
+                                                        name, path):
+                    return      # connection lost: offered again after the reconnect
         except OSError as exc:
             logger.error('cannot send %s to node %s: %s', exc.filename, link.ip_addr, exc)
             with self.lock:
@@ -3439,6 +3477,8 @@ class Scheduler(_NodeMessages, _NodeControl):
             self._lose_jobs(link, lost, 'node restarted')
             link.setups.clear()
             link.alloc_cpus.clear()
+            link.closing.clear()
+            link.cancels.clear()
         else:   # jobs and computations the node no longer has are lost
             self._lose_jobs(link, lost, 'node lost the job')
             self._resync(link, held, set(info.get('computations', ())))
@@ -3449,18 +3489,17 @@ class Scheduler(_NodeMessages, _NodeControl):
 
     def _resync(self, link, held, kept):
         """After a reconnect: cancels attempts superseded while the node was away (or
-        cancelled while cut off); forgets computations it no longer has."""
+        cancelled while cut off); forgets computations it no longer has, and those
+        still being set up: files of theirs may have been lost with the connection, so
+        they are offered again (the node answers one it has ready, or starts over)."""
         for key, attempt in held:
             job = link.jobs.get(key)
             if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
                 link.send(Msg.CANCEL(key, attempt))
         for ckey in [k for k, state in link.setups.items()
-                     if k not in kept and state != 'allocating']:
+                     if state == 'pending' or (k not in kept and state != 'allocating')]:
             del link.setups[ckey]
             link.alloc_cpus.pop(ckey, None)
-        for ckey, state in link.setups.items():   # a SETUP reply may have been lost
-            if state == 'pending':
-                link.send(Msg.COMPUTE(ckey, None))
 
     def node_lost(self, link, reason):
         """The node is gone for good: its jobs are resubmitted or cancelled (lock
@@ -3517,17 +3556,19 @@ def _avail_info(data):
 
 
 def send_file_chunks(send, kind, ckey, name, path, chunk=1 << 20):
-    """Sends a file as ``kind(ckey, name, mode, offset, data, last)`` messages."""
+    """Sends a file as ``kind(ckey, name, mode, offset, data, last)`` messages; True
+    when every chunk was queued (``send`` returns False once its connection closed)."""
     mode = os.stat(path).st_mode & 0o777
     with open(path, 'rb') as f:
         offset = 0
         while True:
             data = f.read(chunk)
             last = len(data) < chunk
-            send(kind(ckey, name, mode, offset, data, last))
+            if send(kind(ckey, name, mode, offset, data, last)) is False:
+                return False
             offset += len(data)
             if last:
-                return offset
+                return True
 
 # ================================================================================
 # Client hub: one per process — the loop, the port, a pool and scheduler per secret
@@ -3640,8 +3681,17 @@ class ClientHub:
             if cluster in self.clusters:
                 self.clusters.remove(cluster)
             last = not self.clusters
+            unused = not last and not scheduler.has_clusters()
+            if unused:      # its nodes are released for other programs
+                for key in [k for k, v in self.schedulers.items() if v is scheduler]:
+                    del self.schedulers[key]
+                notifier = self.notifiers.pop(scheduler, None)
         if last:
             self.shutdown()
+        elif unused:
+            scheduler.pool.close()
+            if notifier is not None:
+                notifier.stop()
 
     def shutdown(self):
         """Releases every node and stops the hub (the last cluster closed)."""
@@ -3674,7 +3724,12 @@ class ClientHub:
         deferred = []
         for cluster in list(self.clusters):
             deferred += cluster._recover_tick(now)
-        for recover, job, blob in deferred:     # big arguments: written outside the lock
+        if deferred:    # big arguments: written outside the lock, off the loop
+            self.threads.submit(self._write_args, deferred)
+
+    @staticmethod
+    def _write_args(deferred):
+        for recover, job, blob in deferred:
             recover.write_args(job, blob)
 
 
@@ -4211,8 +4266,8 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
 # ================================================================================
 
 class _Notifier:
-    """Calls every cluster's callbacks from one thread, in order, never concurrently,
-    outside every lock (one per client process, created with the first callback).
+    """Calls the callbacks of a scheduler's clusters from one thread, in order, never
+    concurrently, outside every lock (one per scheduler, made with its first callback).
 
     It shares the hub's condition, and counts the calls queued per cluster, so a
     cluster's ``wait()`` can tell when every callback of its finished jobs has run.

@@ -6,7 +6,23 @@ find the node by UDP (port 51348) and connect to it over TCP (same port).  The w
 format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``),
 so are the rules for the files clients send (``FileReceiver``) and for discovery
 datagrams (``DiscoveryEndpoint``); the TCP listener is a ``socketserver`` server
-(``NodeListener``) that admits, authenticates and hands each client to ``NodeServer``.
+(``NodeListener``) that admits, authenticates and hands each client to the node's
+``SessionRouter``.
+
+The path a job takes (who owns each queue, which thread moves it)::
+
+    client connection reader   JOB → NodeServer._on_job: NodeJob into ``queue`` (the
+        │                      node's, in arrival order) → _pump: a free CPU and the
+        │                      computation's share → its WorkerPool: an idle warm
+        ▼                      worker, or a new one forked (the job waits in the pool)
+    worker process             'run' over its LocalLink: the job runs in a fresh copy
+        │                      of the computation's globals; 'result' back
+        ▼
+    worker reader thread       _on_worker_message → _finish: RESULT kept in the
+        │                      session's ``results`` (on disk too if the client is
+        ▼                      away) and queued on the client Connection; the CPU is
+    connection writer          freed, _pump runs the next job; the RESULT leaves in
+                               the next frame; the client's ACK drops it
 
 Processes (jobs never run inside the node process, so a crash cannot take it down)::
 
@@ -33,7 +49,9 @@ and worker.  No job process outlives the node: a host whose node link closes kil
 workers' process groups and exits (a watcher thread covers the time setup runs), and a
 worker dies with its host (``PR_SET_PDEATHSIG``).
 
-A node serves one client program at a time (``ClientSession``).  Results stay on the
+A node serves one client program at a time (``ClientSession``, chosen by the
+``SessionRouter``: the program in session, a ``recover_jobs`` beside it, or another
+program turned away until the node is free).  Results stay on the
 node until the client acknowledges them, so a dropped connection loses nothing; a client
 that reconnects gets them again.  A client that vanishes leaves a detached session: its
 jobs run to the end (at most ``--zombie_interval``), their results go to disk
@@ -75,9 +93,10 @@ from dispy import DispyJob, Msg, logger
 
 __version__ = dispy.__version__
 
-# A vanished client whose jobs have all ended keeps this node this long (seconds), so
-# a client that only lost its connection reconnects to its computations and results;
-# then the node is free for other programs.  Longer than a client's reconnect attempts
+# A vanished client that left jobs or unacknowledged results here keeps this node this
+# long (seconds) after the last of its jobs ended, so a client that only lost its
+# connection reconnects to its computations and results; then the node is free for
+# other programs (a client that left nothing frees the node at once).  Longer than a client's reconnect attempts
 # (dispy.RECONNECT_DELAYS, 4 s in all), after which the client gives the node up anyway.
 DETACHED_GRACE = sum(dispy.RECONNECT_DELAYS) + 1.0
 MAX_RECOVERIES = 16         # recover_jobs connections served at once
@@ -1115,6 +1134,9 @@ class NodeListener(socketserver.ThreadingMixIn, socketserver.TCPServer):
             dup.close()
 
     def hand_off(self, request):
+        """The socket is the channel's now: no deadline on it any more (the session
+        may take long to attach), and socketserver must not close it."""
+        self._unwatch(request)
         with self._lock:
             self._handed_off.add(request)
 
@@ -1485,6 +1507,12 @@ class NodeServer:
     def _on_compute(self, session, msg):
         ckey, spec = msg
         comp = session.comps.get(ckey)
+        if comp is not None and comp.state == 'files' and isinstance(spec, dict):
+            # Offered again after a dropped connection that may have lost some of its
+            # files: start over.
+            session.comps.pop(ckey)
+            self._close_computation(session, comp)
+            comp = None
         if comp is not None:
             # The client lost track of it (it thought this node dead): answer again.
             if comp.state in ('ready', 'failed') and session.conn is not None:
@@ -1553,10 +1581,16 @@ class NodeServer:
         """Partial files whose sender went quiet are dropped (FileReceiver.expire;
         lock held)."""
         now = time.monotonic()
+        session = self.session
         for comp, receiver in list(self.receivers.items()):
             for name in receiver.expire(now):
                 logger.warning('file %r of %s dropped: no chunk of it for %.0f s', name,
                                comp.spec.get('name'), receiver.stall_timeout)
+                if comp.state == 'files':   # it cannot be set up without that file
+                    comp.state = 'failed'
+                    if session is not None and session.conn is not None:
+                        session.conn.send(Msg.SETUP(comp.key, False,
+                                                    'file %r stopped arriving' % name))
 
     def _start_host(self, session, comp):
         comp.state = 'setup'

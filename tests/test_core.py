@@ -269,13 +269,33 @@ for name, jobs in (('alpha', ja), ('beta', jb)):
         assert job(timeout=60) is not None, (name, job.status, job.exception)
         print(name, job.ip_addr, job.result[1] == 2 * i)
 a.close()
+# with b still open, a's node is released: another program gets it at once
+other = sys.argv[4]
+proc = __import__('subprocess').run([sys.executable, other, str(ports['alpha'])],
+                                    capture_output=True, text=True, timeout=90)
+print(proc.stdout.strip() or proc.stderr[-2000:])
+print('beta after', b.submit(21)(timeout=60)[1])
 b.close()
+'''
+
+OTHER_PROGRAM_SCRIPT = r'''
+import sys
+import dispy
+
+def where(n):
+    return dispy_node_name, n * 2
+
+c = dispy.JobCluster(where, nodes=['127.0.0.2'], ip_addr='127.0.0.1', port=0,
+                     node_port=int(sys.argv[1]), secret='alpha')
+job = c.submit(5)
+print('other program', job(timeout=60) and job.result[1], job.ip_addr)
+c.close()
 '''
 
 
 class ClusterParametersTest(unittest.TestCase):
     """Two clusters of one program, each with its own secret (and one with TLS),
-    each reaching its own node."""
+    each reaching its own node; closing one frees its node while the other runs."""
 
     timeout = 180
 
@@ -292,12 +312,17 @@ class ClusterParametersTest(unittest.TestCase):
         env = client_env(['127.0.0.2'])
         for name in ('DISPY_NODES', 'DISPY_IP_ADDR', 'DISPY_PORT'):
             env.pop(name)
-        proc = run_client(TWO_SECRETS_SCRIPT, env, timeout=120,
-                          args=[str(alpha.port), str(beta.port), cert])
+        other = os.path.join(folder, 'other_program.py')
+        with open(other, 'w') as f:
+            f.write(OTHER_PROGRAM_SCRIPT)
+        proc = run_client(TWO_SECRETS_SCRIPT, env, timeout=150,
+                          args=[str(alpha.port), str(beta.port), cert, other])
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
         lines = proc.stdout.split('\n')
         self.assertEqual(lines.count('alpha 127.0.0.2 True'), 5, proc.stdout + proc.stderr)
         self.assertEqual(lines.count('beta 127.0.0.3 True'), 5, proc.stdout + proc.stderr)
+        self.assertIn('other program 10 127.0.0.2', lines, proc.stdout + proc.stderr)
+        self.assertIn('beta after 42', lines, proc.stdout + proc.stderr)
 
 
 class _HostedCluster(dispy.ClusterHooks):
