@@ -486,9 +486,26 @@ def _run_worker(fd, host_link, ns, spec):
                 os._exit(0)        # strict isolation: one job per process
 
 
+def _environ_snapshot():
+    """The environment as ``os.environ`` keeps it underneath (encoded keys and values):
+    copied and compared at C speed, where ``dict(os.environ)`` decodes every entry
+    (measured: ~95 µs a job, most of a tiny job's cost in the worker)."""
+    data = getattr(os.environ, '_data', None)
+    return dict(data) if data is not None else dict(os.environ)
+
+
+def _restore_environ(snapshot):
+    """Puts back the environment a job changed (through ``os.environ``, so the C
+    environment that later subprocesses inherit follows)."""
+    decode = (os.environ.decodekey, os.environ.decodevalue) \
+        if hasattr(os.environ, '_data') else (str, str)
+    os.environ.clear()
+    os.environ.update({decode[0](k): decode[1](v) for k, v in snapshot.items()})
+
+
 def _run_function(key, attempt, blob, ns, spec, extra):
     saved_globals = dict(ns)
-    saved_environ = dict(os.environ)
+    saved_environ = _environ_snapshot()
     out, err = io.StringIO(), io.StringIO()
     real_out, real_err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
@@ -516,9 +533,8 @@ def _run_function(key, attempt, blob, ns, spec, extra):
         # in-place changes to objects setup created do persist in this worker.
         ns.clear()
         ns.update(saved_globals)
-        if os.environ != saved_environ:
-            os.environ.clear()
-            os.environ.update(saved_environ)
+        if _environ_snapshot() != saved_environ:
+            _restore_environ(saved_environ)
         try:
             os.chdir(spec['dir'])
         except OSError:

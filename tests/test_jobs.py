@@ -163,8 +163,14 @@ def mutate_table(key):
 
 
 def set_env_and_cwd(x):
-    seen = (os.environ.get('DISPY_TEST_VAR'), os.getcwd())
+    import subprocess
+    # what a program the job starts sees: the C environment, not only os.environ
+    inherited = subprocess.run(['/bin/sh', '-c', 'printf "%s|%s" "$DISPY_TEST_VAR" "$PATH"'],
+                               capture_output=True, text=True).stdout
+    seen = (os.environ.get('DISPY_TEST_VAR'), os.getcwd(), 'PATH' in os.environ, inherited,
+            os.getpid())
     os.environ['DISPY_TEST_VAR'] = 'leaked'
+    del os.environ['PATH']
     os.chdir('/')
     return seen
 
@@ -421,6 +427,9 @@ class SetupCleanupTest(NodeTestCase):
         self.assertEqual(first, second)
         self.assertIsNone(first[0])
         self.assertTrue(first[1].startswith(self.node.dest_path_prefix))
+        self.assertTrue(first[2])
+        self.assertEqual(first[3], '|' + os.environ['PATH'])
+        self.assertEqual(first[4], second[4], 'both jobs ran in one warm worker')
 
     def test_fresh_process_per_job(self):
         """fresh_process=True: every job in its own process, still seeing setup's
