@@ -2333,13 +2333,23 @@ class LoopConnection(_ConnectionBase):
         try:
             if not receive:
                 self._frames()
-            elif self._read_once() and self._tls and self.sock.pending():
+            elif self._read_big() and self._tls and self.sock.pending():
                 self._loop.call_soon(self._on_ready, selectors.EVENT_READ)
         except AuthError as exc:
             logger.warning('%s: %s', self.name, exc)
             self._fail(str(exc))
         except (OSError, ProtocolError, EOFError, pickle.UnpicklingError) as exc:
             self._fail(str(exc) or exc.__class__.__name__)
+
+    def _read_big(self, limit=64):
+        """One read; more while a big frame is still arriving (nothing to answer
+        before its end); False when the socket has nothing more for now."""
+        for _ in range(limit):
+            if not self._read_once():
+                return False
+            if self._big is None:
+                return True
+        return True
 
     def _read_once(self):
         """Reads what the socket has and handles every complete frame; False when
