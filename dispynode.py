@@ -26,7 +26,7 @@ The path a job takes (who owns each queue, which thread moves it)::
 
 Processes (jobs never run inside the node process, so a crash cannot take it down)::
 
-    dispynode  ── threads: main (stdin commands), udp (DiscoveryEndpoint.serve_forever),
+    dispynode  ── threads: main (stdin commands), udp (NodeDiscovery.serve_forever),
      │            listen (one NodeListener.serve_forever per bound address), handshake
      │            (one per connection being authenticated, at most 32), per client
      │            connection a reader and a writer, per computation host a reader, per
@@ -1358,7 +1358,7 @@ class SessionRouter:
             session.conn.close('released', flush=True)
         if self.session is session:
             self.session = None
-            self.node._announce(to_waiting=True)
+            self.node.discovery.announce(to_waiting=True)
 
     # -- timers (manager thread, lock held) --------------------------------------------------
     def tick(self, now):
@@ -1410,6 +1410,73 @@ class SessionRouter:
 
 
 # ================================================================================
+# Node side: discovery answers
+# ================================================================================
+
+class NodeDiscovery(dispy.DiscoveryEndpoint):
+    """The node's discovery endpoint: it answers clients' pings and announces the node
+    (at start, and, once it is free, to the clients it turned away).  Every answer
+    carries the address the asker can reach the node at (``addr``), so a relay can
+    forward it as it is.  Its datagrams are read in the endpoint's own thread."""
+
+    def __init__(self, node):
+        super().__init__(node.config.secret, self._on_datagram)
+        self.node = node
+
+    def _on_datagram(self, msg, addr, sock):
+        """An authenticated datagram: a client's ping gets our pong."""
+        if msg.get('t') == 'ping':
+            pong = self._pong('pong', self.own_address(sock, addr))
+            self.sendto(self.pack(pong), addr, sock)
+
+    def _pong(self, kind, own_address):
+        return dispy.Datagram.pong(kind, (self.node.config.ext_ip_addrs or [None])[0],
+                                   self.node.config.ext_port or self.node.config.port, self.node.name,
+                                   self.node.config.cpus, self.node.session is not None, self.node.instance,
+                                   own_address)
+
+    def own_address(self, sock=None, peer=None, local=None):
+        """Our address as a peer (or a relay forwarding our answer) can reach it: the
+        external one if configured, else the one ``sock`` is bound to (``-i``), else
+        ``local``, else the one the route to ``peer`` leaves from, else our first."""
+        if self.node.config.ext_ip_addrs:
+            return self.node.config.ext_ip_addrs[0]
+        if sock is not None and self.node.config.ip_addrs:
+            return dispy._address_with_scope(sock.getsockname())
+        return (local or (peer and dispy.local_address_towards(peer))
+                or self.node.addresses()[0])
+
+    def announce(self, to_waiting=False):
+        """Tells clients we are here: broadcast at start; unicast to clients that were
+        turned away when we become free."""
+        endpoint, port = self, self.node.config.client_port
+        if to_waiting:
+            for addr, udp_port in list(self.node.router.turned_away.items()):
+                if isinstance(udp_port, int) and 0 < udp_port < 65536:
+                    peer = (addr, udp_port)
+                    pong = self._pong('announce', self.own_address(peer=peer))
+                    endpoint.sendto(endpoint.pack(pong), peer)
+            self.node.router.turned_away.clear()
+            return
+        for local, bcast in self._broadcast_interfaces():
+            pong = self._pong('announce', self.own_address(local=local))
+            endpoint.sendto(endpoint.pack(pong), (bcast, port))
+        if not self.node.config.ip_addrs:
+            endpoint.multicast(endpoint.pack(self._pong('announce', self.own_address())), port)
+
+    def _broadcast_interfaces(self):
+        """(our address, its broadcast address) of the IPv4 interfaces we serve on;
+        loopback never broadcasts."""
+        ours = self.node.config.ip_addrs
+        found = {}
+        for family, addr, bcast in dispy.interface_addresses():
+            if (family == socket.AF_INET and bcast and not dispy.is_loopback(addr)
+                    and (not ours or addr in ours)):
+                found.setdefault(bcast, addr)
+        return [(addr, bcast) for bcast, addr in found.items()]
+
+
+# ================================================================================
 # Node side: the server
 # ================================================================================
 
@@ -1438,7 +1505,7 @@ class NodeServer:
         self.ssl_context = dispy.make_ssl_context(True, config.certfile, config.keyfile,
                                                   config.cafile)
         self.listeners = []          # NodeListener per bound address
-        self.discovery = dispy.DiscoveryEndpoint(config.secret, self._on_datagram)
+        self.discovery = NodeDiscovery(self)
         self.admission = HandshakeAdmission(total=32, per_address=16)
         self.name = config.name or socket.gethostname()
         self.avail_fn = _avail_info_function(config.dest_path_prefix)
@@ -1511,7 +1578,7 @@ class NodeServer:
         threads += [(self.discovery.serve_forever, 'udp'), (self._manager_loop, 'manager')]
         for target, name in threads:
             threading.Thread(target=target, daemon=True, name='dispynode-' + name).start()
-        self._announce()
+        self.discovery.announce()
 
     def _node_info(self, held, computations):
         return Msg.NODE({'name': self.name, 'cpus': self.config.cpus,
@@ -1920,59 +1987,6 @@ class NodeServer:
     def _remove_files(comp):
         if comp.spec.get('remove_files', True):
             shutil.rmtree(comp.dir, ignore_errors=True)
-
-    # -- UDP discovery (the endpoint's thread) -------------------------------------------------
-    def _on_datagram(self, msg, addr, sock):
-        """An authenticated datagram: a client's ping gets our pong."""
-        if msg.get('t') == 'ping':
-            pong = self._pong('pong', self._own_address(sock, addr))
-            self.discovery.sendto(self.discovery.pack(pong), addr, sock)
-
-    def _pong(self, kind, own_address):
-        return dispy.Datagram.pong(kind, (self.config.ext_ip_addrs or [None])[0],
-                                   self.config.ext_port or self.config.port, self.name,
-                                   self.config.cpus, self.session is not None, self.instance,
-                                   own_address)
-
-    def _own_address(self, sock=None, peer=None, local=None):
-        """Our address as a peer (or a relay forwarding our answer) can reach it: the
-        external one if configured, else the one ``sock`` is bound to (``-i``), else
-        ``local``, else the one the route to ``peer`` leaves from, else our first."""
-        if self.config.ext_ip_addrs:
-            return self.config.ext_ip_addrs[0]
-        if sock is not None and self.config.ip_addrs:
-            return dispy._address_with_scope(sock.getsockname())
-        return (local or (peer and dispy.local_address_towards(peer))
-                or self.addresses()[0])
-
-    def _announce(self, to_waiting=False):
-        """Tells clients we are here: broadcast at start; unicast to clients that were
-        turned away when we become free."""
-        endpoint, port = self.discovery, self.config.client_port
-        if to_waiting:
-            for addr, udp_port in list(self.router.turned_away.items()):
-                if isinstance(udp_port, int) and 0 < udp_port < 65536:
-                    peer = (addr, udp_port)
-                    pong = self._pong('announce', self._own_address(peer=peer))
-                    endpoint.sendto(endpoint.pack(pong), peer)
-            self.router.turned_away.clear()
-            return
-        for local, bcast in self._broadcast_interfaces():
-            pong = self._pong('announce', self._own_address(local=local))
-            endpoint.sendto(endpoint.pack(pong), (bcast, port))
-        if not self.config.ip_addrs:
-            endpoint.multicast(endpoint.pack(self._pong('announce', self._own_address())), port)
-
-    def _broadcast_interfaces(self):
-        """(our address, its broadcast address) of the IPv4 interfaces we serve on;
-        loopback never broadcasts."""
-        ours = self.config.ip_addrs
-        found = {}
-        for family, addr, bcast in dispy.interface_addresses():
-            if (family == socket.AF_INET and bcast and not dispy.is_loopback(addr)
-                    and (not ours or addr in ours)):
-                found.setdefault(bcast, addr)
-        return [(addr, bcast) for bcast, addr in found.items()]
 
     # -- timers -----------------------------------------------------------------------------------
     def _manager_loop(self):

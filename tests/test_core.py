@@ -394,5 +394,124 @@ class HostedSchedulerTest(unittest.TestCase):
         self.assertIn(('ended', 49), cluster.events)
 
 
+class _CuttingProxy:
+    """A TCP proxy on loopback between a client and a node that can cut every
+    connection through it once a given number of client bytes has passed."""
+
+    def __init__(self, listen_ip, target, cut_after):
+        self.target = target
+        self.cut_after = cut_after
+        self.forwarded = 0
+        self.cuts = 0
+        self.lock = threading.Lock()
+        self.socks = []
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((listen_ip, 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                down, _ = self.listener.accept()
+                up = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                return
+            up.settimeout(None)
+            with self.lock:
+                self.socks += [down, up]
+            threading.Thread(target=self._pump, args=(down, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, False), daemon=True).start()
+
+    def _pump(self, src, dst, from_client):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if from_client:
+                    with self.lock:
+                        self.forwarded += len(data)
+                        cut = self.cuts == 0 and self.forwarded >= self.cut_after
+                        if cut:
+                            self.cuts = 1
+                    if cut:
+                        self.cut()
+                        return
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self):
+        with self.lock:
+            socks, self.socks = self.socks, []
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        self.cut()
+
+
+def nap(seconds):
+    import time
+    time.sleep(seconds)
+    return seconds
+
+
+def file_digest(name):
+    import hashlib
+    with open(name, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+class ReconnectDuringSetupTest(unittest.TestCase):
+    """The connection drops while a computation's file is on its way, and the node
+    keeps the session (another cluster's job runs there): after the reconnect the
+    computation is set up again, whole, and its job runs."""
+
+    timeout = 120
+
+    def test_file_cut_in_transit_is_sent_again(self):
+        node = NodeProcess('127.0.0.2', args=['--max_file_size', '64m'])
+        self.addCleanup(node.stop)
+        node.start()
+        proxy = _CuttingProxy('127.0.0.7', ('127.0.0.2', node.port), cut_after=8 << 20)
+        self.addCleanup(proxy.close)
+        folder = tempfile.mkdtemp(prefix='dispytest-core-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        data = os.urandom(1 << 20) * 40          # 40 MB: still in transit at the cut
+        path = os.path.join(folder, 'big.bin')
+        with open(path, 'wb') as f:
+            f.write(data)
+        node_alloc = dispy.NodeAllocate('127.0.0.7', proxy.port)
+        sleeper = dispy.JobCluster(nap, nodes=[node_alloc], ip_addr='127.0.0.1', port=0)
+        self.addCleanup(sleeper.close, terminate=True)
+        napping = sleeper.submit(3)
+        self.assertTrue(support.wait_until(lambda: napping.status == dispy.DispyJob.Running,
+                                           30), napping.status)
+        cluster = dispy.JobCluster(file_digest, nodes=[node_alloc], depends=[path],
+                                   ip_addr='127.0.0.1', port=0)
+        self.addCleanup(cluster.close, terminate=True)
+        job = cluster.submit('big.bin')
+        self.assertEqual(job(timeout=90), hashlib.sha256(data).hexdigest(),
+                         (job.status, job.exception))
+        self.assertEqual(proxy.cuts, 1, 'the connection was not cut during the transfer')
+        self.assertEqual(napping(timeout=30), 3, (napping.status, napping.exception))
+
+
 if __name__ == '__main__':
     unittest.main()
