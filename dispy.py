@@ -55,10 +55,10 @@ that only the job process, or the client that owns them, unpickles).  Every mess
 listed in the message catalog (``Msg``).  UDP discovery datagrams are JSON with an HMAC
 and are never unpickled.
 
-Receivers (shared by client, node and a relay): ``FileReceiver`` writes the files peers
-send under one set of rules (names, modes, size, chunk order, no partial copies, stalled
-transfers dropped); ``DiscoveryEndpoint`` owns a program's UDP sockets, verifies what
-they read and answers forged pings with a rate-limited NAK.
+Receivers (shared by client and node; a relay is to use them too): ``FileReceiver``
+writes the files peers send under one set of rules (names, modes, size, chunk order, no
+partial copies, stalled transfers dropped); ``DiscoveryEndpoint`` owns a program's UDP
+sockets, verifies what they read and answers forged pings with a rate-limited NAK.
 """
 
 import argparse
@@ -1025,7 +1025,7 @@ def unpack_datagram(secret, data):
 
 
 # ================================================================================
-# Receivers: files that arrive in chunks, discovery datagrams (client, node, relay)
+# Receivers: files that arrive in chunks, discovery datagrams (client and node)
 # ================================================================================
 #
 # Both are shared by every program that takes files or datagrams from peers, so each
@@ -1952,7 +1952,11 @@ class IOLoop:
         self.call_soon(self._tickers.append, func)
 
     def remove_ticker(self, func):
-        self.call_soon(lambda: func in self._tickers and self._tickers.remove(func))
+        self.call_soon(self._drop_ticker, func)
+
+    def _drop_ticker(self, func):
+        if func in self._tickers:
+            self._tickers.remove(func)
 
     def stop(self):
         self._stopped = True
@@ -2193,6 +2197,7 @@ class LoopConnection(_ConnectionBase):
         self.sock = channel.sock
         self._loop = loop
         self._strand = Strand(threads)
+        self._offload = getattr(handler, 'OFFLOAD', ())     # kinds handled off the loop
         self._tls = isinstance(self.sock, ssl.SSLSocket)
         self._lock = threading.Lock()       # outbox, flags, the channel's send state
         self._outbox = collections.deque()
@@ -2410,9 +2415,9 @@ class LoopConnection(_ConnectionBase):
         msgs = loads_frame(*frame)
         if not isinstance(msgs, list):
             raise ProtocolError('malformed frame')
-        offload = getattr(self.handler, 'OFFLOAD', ())
-        if length > BIG_FRAME or self._strand.busy or any(m[0] in offload for m in msgs
-                                                          if isinstance(m, tuple) and m):
+        offload = self._offload
+        if length > BIG_FRAME or self._strand.busy or offload and any(
+                isinstance(m, tuple) and m and m[0] in offload for m in msgs):
             self._strand.submit(self._handle, msgs)
         else:
             self._handle(msgs)
@@ -2628,10 +2633,10 @@ class NodePool:
         owner.has_clusters()                  -> bool   worth warning when no node?
 
     A client program has one pool per (secret, TLS files) its clusters use;
-    dispyscheduler has one towards its nodes.  Dials (TCP connect, TLS, handshake)
-    and connections live on the I/O loop; so does ``tick``: pulses, liveness,
-    re-dials, pings and the "no node answered" warning.
-    The lock is the owner's (``lock``): NodeLinks are shared state of both.
+    dispyscheduler (not written yet) is to have one towards its nodes.  Dials (TCP
+    connect, TLS, handshake) and connections live on the I/O loop; so does ``tick``:
+    pulses, liveness, re-dials, pings and the "no node answered" warning.  The lock
+    is the owner's (``lock``): NodeLinks are shared state of both.
     """
 
     OFFLOAD = frozenset(('SEND_FILE',))    # frames with these are handled off the loop
@@ -2950,7 +2955,8 @@ class NodePool:
 class ClusterHooks:
     """What the Scheduler asks of each cluster it hosts, as hook methods in the manner
     of ``socketserver.BaseRequestHandler``: ``JobCluster`` implements them in a
-    program, dispyscheduler's clusters of remote clients forward them to their client.
+    program; dispyscheduler's clusters of remote clients (not written yet) are to
+    forward them to their client.
 
     Attributes read: ``allocations`` (NodeAllocate list), ``reentrant`` (resubmit the
     jobs of a lost node), ``name``; ``key`` is set by ``Scheduler.add_cluster``.
@@ -3241,7 +3247,7 @@ class Scheduler(_NodeMessages, _NodeControl):
     """Places the jobs of every hosted cluster on the least-loaded node that has the
     cluster's computation set up, and follows each job to its end.
 
-    Hosts: a client program's ``ClientHub`` (one scheduler per node pool) and
+    Hosts: a client program's ``ClientHub`` (one scheduler per node pool); later
     dispyscheduler.py.  Cluster and job keys come from the counters it is given, so
     they are unique among every cluster it hosts, whichever program made them.
 
