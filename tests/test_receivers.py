@@ -297,7 +297,10 @@ class NodeListenerTest(unittest.TestCase):
         self.assertEqual(info, {'id': 'x'})
         self.assertTrue(wait_until(lambda: len(self.listener.admission) == 0, 2),
                         'its slot is not free again')
-        time.sleep(0.2)     # the handshake thread has ended: the socket is the channel's
+        # once the handshake thread has ended (socketserver's shutdown_request ran),
+        # the socket must still be the channel's
+        self.assertTrue(wait_until(lambda: not any(
+            t.name == 'dispynode-handshake' for t in threading.enumerate()), 5))
         channel.send([dispy.Msg.NODE_PULSE(1.0, None)])
         self.client_channel.sock.settimeout(5)
         self.assertEqual(self.client_channel.recv(), [dispy.Msg.NODE_PULSE(1.0, None)])
