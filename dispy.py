@@ -486,6 +486,11 @@ class Channel:
     def _touch(self):
         self.last_recv = time.monotonic()
 
+    def take_buffered(self):
+        """Bytes read past the last frame, for whatever serves the socket next."""
+        data, self._rbuf = bytes(self._rbuf), bytearray()
+        return data
+
     def begin_frame(self, header):
         """(body length, running MAC) for a received frame header; refuses one over
         our limit before anything is allocated for it."""
@@ -551,9 +556,8 @@ def _split_body(body):
 
 
 class _ConnectionBase:
-    """What both kinds of connection share (``Connection`` with threads of its own,
-    ``LoopConnection`` on the I/O loop): the handler contract, liveness figures, and
-    how queued messages become frames within the peer's limit.  A subclass has
+    """The half of ``LoopConnection`` that does not touch the loop: liveness figures,
+    and how queued messages become frames within the peer's limit.  The subclass has
     ``channel``, ``name``, ``_outbox`` (a deque of (message, size hint)), ``_closing``,
     ``_closed`` and ``_last_send``."""
 
@@ -598,115 +602,6 @@ class _ConnectionBase:
                 continue
             parts += channel.frame(meta, buffers)
         return parts
-
-
-class Connection(_ConnectionBase):
-    """A ``Channel`` with a writer thread that batches outgoing messages and a reader
-    thread that hands incoming ones to ``handler``.
-
-    Messages are tuples ``(KIND, ...)`` of plain data.  ``send`` never blocks on the
-    network: the writer pickles everything queued so far into one frame, so a burst of
-    small messages costs one frame, and a big transfer on this connection never stalls
-    the caller or any other connection.  The handler gets
-    ``handler.on_messages(conn, msgs)`` from the reader thread and
-    ``handler.on_closed(conn, reason)`` exactly once.
-    """
-
-    def __init__(self, channel, handler, name):
-        self.channel = channel
-        self.handler = handler
-        self.name = name
-        self.peer_info = channel.peer_info
-        self._outbox = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
-        self._closing = False     # no more sends; writer flushes then closes
-        self._closed = False
-        self._close_reason = None
-        self._closed_reported = False
-        self._last_send = time.monotonic()
-        self.writer = threading.Thread(target=self._write_loop, daemon=True,
-                                       name='dispy-writer-%s' % name)
-        self.reader = threading.Thread(target=self._read_loop, daemon=True,
-                                       name='dispy-reader-%s' % name)
-
-    def start(self):
-        self.writer.start()
-        self.reader.start()
-        return self
-
-    def send(self, msg, size=None):
-        """Queues a message; ``size`` (by default its catalog bulk) guides batching."""
-        if size is None:
-            size = message_bulk(msg)
-        with self._cond:
-            if self._closing or self._closed:
-                return False
-            self._outbox.append((msg, size))
-            if len(self._outbox) == 1:
-                self._cond.notify()
-        return True
-
-    def close(self, reason='closed', flush=False):
-        """Closes the connection; with ``flush`` after sending what is queued."""
-        with self._cond:
-            if self._closed or (self._closing and flush):
-                return
-            self._close_reason = self._close_reason or reason
-            self._closing = True
-            if not flush:
-                self._closed = True
-            self._cond.notify()
-        if not flush:
-            self.channel.close()
-
-    def _write_loop(self):
-        try:
-            while True:
-                with self._cond:
-                    while not self._outbox and not self._closing:
-                        self._cond.wait()
-                    if self._closed or (self._closing and not self._outbox):
-                        break
-                    batch = self._take_batch()
-                send_parts(self.channel.sock, self._frames_of(batch))
-                self._last_send = time.monotonic()
-        except (OSError, ProtocolError, ValueError) as exc:
-            self._fail('send failed: %s' % exc)
-            return
-        self._fail(self._close_reason or 'closed')
-
-    def _read_loop(self):
-        reason = 'connection closed by peer'
-        try:
-            while True:
-                msgs = self.channel.recv()
-                if not isinstance(msgs, list):
-                    raise ProtocolError('malformed frame')
-                self.handler.on_messages(self, msgs)
-        except AuthError as exc:
-            reason = str(exc)
-            logger.warning('%s: %s', self.name, reason)
-        except (OSError, ProtocolError, EOFError, pickle.UnpicklingError) as exc:
-            if not self._closed:
-                reason = str(exc) or exc.__class__.__name__
-        except Exception:
-            logger.exception('%s: error handling a message; closing the connection', self.name)
-            reason = 'internal error'
-        self._fail(self._close_reason if self._closed else reason)
-
-    def _fail(self, reason):
-        with self._cond:
-            self._closed = self._closing = True
-            self._outbox.clear()
-            report = not self._closed_reported
-            self._closed_reported = True
-            self._cond.notify_all()
-        self.channel.close()
-        if report:
-            try:
-                self.handler.on_closed(self, reason)
-            except Exception:
-                logger.exception('%s: error in close handler', self.name)
 
 
 # ================================================================================

@@ -3,7 +3,7 @@
 
 Copy ``dispy.py`` and this file to a machine and run ``python dispynode.py``; clients
 find the node by UDP (port 51348) and connect to it over TCP (same port).  The wire
-format and authentication are dispy.py's (``handshake``, ``Channel``, ``Connection``),
+format and authentication are dispy.py's (``handshake``, ``Channel``, ``LoopConnection``),
 so are the rules for the files clients send (``FileReceiver``) and for discovery
 datagrams (``DiscoveryEndpoint``); the TCP listener is a ``socketserver`` server
 (``NodeListener``) that admits, authenticates and hands each client to the node's
@@ -11,27 +11,30 @@ datagrams (``DiscoveryEndpoint``); the TCP listener is a ``socketserver`` server
 
 The path a job takes (who owns each queue, which thread moves it)::
 
-    client connection reader   JOB → NodeServer._on_job: NodeJob into ``queue`` (the
+    I/O loop (client frame)    JOB → NodeServer._on_job: NodeJob into ``queue`` (the
         │                      node's, in arrival order) → _pump: a free CPU and the
         │                      computation's share → its WorkerPool: an idle warm
         ▼                      worker, or a new one forked (the job waits in the pool)
     worker process             'run' over its LocalLink: the job runs in a fresh copy
         │                      of the computation's globals; 'result' back
         ▼
-    worker reader thread       _on_worker_message → _finish: RESULT kept in the
+    I/O loop (worker link)     _on_worker_message → _finish: RESULT kept in the
         │                      session's ``results`` (on disk too if the client is
-        ▼                      away) and queued on the client Connection; the CPU is
-    connection writer          freed, _pump runs the next job; the RESULT leaves in
-                               the next frame; the client's ACK drops it
+        ▼                      away) and queued on the client's LoopConnection; the
+    I/O loop (flush)           CPU is freed, _pump runs the next job; what the event
+                               queued leaves in one frame (held up to RESULT_HOLD
+                               while other jobs of the client run, so results share
+                               frames); the client's ACK drops it
 
 Processes (jobs never run inside the node process, so a crash cannot take it down)::
 
     dispynode  ── threads: main (stdin commands), udp (NodeDiscovery.serve_forever),
      │            listen (one NodeListener.serve_forever per bound address), handshake
-     │            (one per connection being authenticated, at most 32), per client
-     │            connection a reader and a writer, per computation host a reader, per
-     │            worker a reader, manager (timers; partial files of a vanished sender
-     │            dropped)
+     │            (one per connection being authenticated, at most 32), io (the I/O
+     │            loop: every client connection and every worker's link), work (at
+     │            most 8, on demand: setting computations up, files, a worker's end),
+     │            per computation host a reader, manager (timers; partial files of a
+     │            vanished sender dropped)
      ├─ forkserver   multiprocessing's fork server, started with the node (its own
      │  │            interpreter: it never inherits a lock held by a node thread)
      │  └─ host      one per computation, a forkserver ``Process`` (``WorkerPool``):
@@ -75,6 +78,7 @@ import pickle
 import platform
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -606,9 +610,10 @@ class WorkerPool:
     ran setup) and the warm workers the host forks; which workers are idle, which jobs
     hold a CPU waiting for one, how many are being started, how each one ended.
 
-    Called with the server's lock held.  Its reader threads (one for the host, one per
-    worker) take that lock to call the server back: ``_start_job``,
-    ``_on_worker_message``, ``_on_worker_lost``, ``_on_host_message``, ``_on_host_ended``."""
+    Called with the server's lock held.  What reads its links (the host's reader
+    thread; the node's I/O loop for the workers) takes that lock to call the server
+    back: ``_start_job``, ``_on_worker_message``, ``_on_worker_lost``,
+    ``_on_host_message``, ``_on_host_ended``."""
 
     def __init__(self, server, session, comp):
         self.server = server
@@ -706,24 +711,31 @@ class WorkerPool:
             return
         finally:
             worker_end.close()
-        self._thread(self._read_worker, 'worker', Worker(LocalLink(node_end)))
+        worker = Worker(LocalLink(node_end))
+        self.server.loop.in_loop(self._watch_worker, worker)
+
+    # A worker's link is read on the node's I/O loop (no thread per worker, and no
+    # hand-off between threads per result): a message is read when its first bytes
+    # are there; the worker writes each one whole, so the loop waits at most for the
+    # copy of a big result.
+    def _watch_worker(self, worker):
+        self.server.loop.selector.register(worker.link.conn.fileno(), selectors.EVENT_READ,
+                                           lambda _events: self._read_worker(worker))
 
     def _read_worker(self, worker):
         try:
-            while True:
-                try:
-                    msg, _ = worker.link.recv()
-                except EOFError:
-                    break
-                with self.server.lock:
-                    if msg[0] == 'ready':
-                        self._on_ready(worker, msg[1])
-                    else:
-                        self.server._on_worker_message(self.comp, worker, msg)
+            msg, _ = worker.link.recv()
+            with self.server.lock:
+                if msg[0] == 'ready':
+                    self._on_ready(worker, msg[1])
+                else:
+                    self.server._on_worker_message(self.comp, worker, msg)
+        except EOFError:
+            self.server.loop.selector.unregister(worker.link.conn.fileno())
+            self.server.threads.submit(self._worker_ended, worker)   # may wait for its exit
         except Exception:
-            logger.exception('worker %s: unexpected error', worker.pid)
-        finally:
-            self._worker_ended(worker)
+            logger.exception('worker %s: unexpected error; killed', worker.pid)
+            worker.kill()       # its link then ends: _worker_ended reports its job
 
     def _on_ready(self, worker, pid):
         worker.pid = pid
@@ -951,7 +963,7 @@ class RecoveryHandler:
         self.address = address
         self.client_id = client_id
         self.wanted = wanted
-        self.conn = dispy.Connection(channel, self, 'recover-%s' % address)
+        self.conn = router.node.loop_connection(channel, self, 'recover-%s' % address)
 
     def start(self):
         replies = self.router.node.store.load(self.client_id, self.wanted)
@@ -963,7 +975,7 @@ class RecoveryHandler:
         for reply in replies:
             self.conn.send(reply)
 
-    # -- Connection handler (reader thread) ----------------------------------------------
+    # -- connection handler (the node's I/O loop) ---------------------------------------
     def on_messages(self, conn, msgs):
         for msg in msgs:
             kind = msg[0] if isinstance(msg, tuple) and msg else None
@@ -1210,7 +1222,7 @@ class SessionRouter:
     The node serves one program at a time (its ``ClientSession``)::
 
         NodeListener ──channel──► attach ─┬─ the program in session (again): its
-                                          │  Connection; messages → NodeServer.handlers
+                                          │  LoopConnection; messages → NodeServer.handlers
                                           ├─ recover_jobs of a program no longer
                                           │  served → RecoveryHandler beside it
                                           └─ another program → BUSY, closed; told by
@@ -1264,7 +1276,7 @@ class SessionRouter:
     def _attach_session(self, channel, addr, info, client_id, wanted):
         """A client (or recover_jobs of the client in session) connects (lock held)."""
         session = self.session
-        conn = dispy.Connection(channel, self, 'client-%s' % addr[0])
+        conn = self.node.loop_connection(channel, self, 'client-%s' % addr[0])
         if session is not None and session.client_id != client_id:
             desc = session.busy_text(self.node.config.zombie_interval)
             logger.info('client %s turned away: serving %s', addr[0], desc)
@@ -1296,7 +1308,11 @@ class SessionRouter:
             if session.wants(key[0]):
                 conn.send(msg)
 
-    # -- Connection handler (reader thread) --------------------------------------------------
+    # -- connection handler (the node's I/O loop; OFFLOAD kinds on its strand) ------------
+    # Setting a computation up (starting its host, writing its files) takes long: off the
+    # loop, in order with the connection's other messages.
+    OFFLOAD = ('COMPUTE', 'FILE', 'PUT_FILE')
+
     def on_messages(self, conn, msgs):
         with self.lock:
             session = self.session
@@ -1513,6 +1529,14 @@ class NodeServer:
         self.pools = set()           # WorkerPool of every computation whose host runs
         self.hosts_done = threading.Condition(self.lock)
         self.receivers = {}          # NodeComputation -> FileReceiver of its folder
+        self.loop = dispy.IOLoop('dispynode-io')     # client connections, worker links
+        self.threads = dispy.WorkerThreads(dispy.POOL_THREADS, 'dispynode-work')
+
+    def loop_connection(self, channel, handler, name):
+        """An authenticated client channel served by the node's I/O loop; bytes the
+        handshake read past its first frame are handed over with it."""
+        return dispy.LoopConnection(channel, handler, name, self.loop, self.threads,
+                                    channel.take_buffered())
 
     @property
     def session(self):
