@@ -68,11 +68,13 @@ import collections
 import errno
 import functools
 import hashlib
+import heapq
 import hmac
 import inspect
 import io
 import itertools
 import json
+import math
 import logging
 import mmap
 import os
@@ -99,7 +101,7 @@ __all__ = ['JobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo', 'NodeAll
 # Constants
 # ================================================================================
 
-PROTOCOL_VERSION = 1          # bump on any incompatible change of the wire format
+PROTOCOL_VERSION = 2          # bump on any incompatible change of the wire format
 CLIENT_PORT = 51347           # client (and later dispyscheduler) UDP + TCP
 NODE_PORT = 51348             # dispynode UDP + TCP
 MAX_HANDSHAKE_MSG = 4096      # limit on anything read from an unauthenticated peer
@@ -575,6 +577,8 @@ class _ConnectionBase:
     def idle_send(self):
         return time.monotonic() - self._last_send
 
+    compact = None      # optional: batch -> batch, what of a frame need not be sent
+
     def _take_batch(self):
         """Queued messages for one frame (lock held); big bytes fields out of band."""
         batch, size = [], 0
@@ -582,7 +586,7 @@ class _ConnectionBase:
             msg, hint = self._outbox.popleft()
             batch.append(out_of_band(msg) if hint >= OOB_MIN else msg)
             size += hint
-        return batch
+        return self.compact(batch) if self.compact is not None else batch
 
     def _frames_of(self, batch):
         """The byte parts of the frame(s) of a batch: one frame, or one per message
@@ -611,7 +615,7 @@ class _ConnectionBase:
 # On the wire a message is a plain tuple ``(KIND, field, ...)`` (frames admit only plain
 # data); in code it is built and read only through its ``MessageKind`` here, so the
 # fields of a kind are written down once.  ``Msg.JOB(key, ...)`` builds one;
-# ``Msg.parse(msg)`` checks a received one and gives a record with named fields.
+# ``Msg.JOB.read(msg)`` checks a received one and gives a record with named fields.
 #
 #   client → node                              node → client
 #   CLIENT        first message: who we are    NODE          first answer: CPUs, jobs held
@@ -619,7 +623,7 @@ class _ConnectionBase:
 #   FILE          a chunk of one of its files  SETUP         setup done (or failed)
 #   JOB           run one job                  STARTED       a job began running
 #   CANCEL        kill / drop one job          RESULT        a job ended (kept until ACK)
-#   ACK           a result is safe here        PROVISIONAL   dispy_provisional_result
+#   ACK           results safe here (a list)   PROVISIONAL   dispy_provisional_result
 #   SET_CPUS      a computation's CPU share    SEND_FILE     dispy_send_file chunk
 #   PUT_FILE      cluster.send_file chunk      PUT_FILE_DONE a send_file ended
 #   CLOSE_COMPUTE end a computation (cleanup)  CLOSED        confirms CLOSE_COMPUTE
@@ -666,7 +670,7 @@ class Msg:
     FILE = MessageKind('FILE', ['cluster', 'name', 'mode', 'offset', 'data', 'last'], 'data')
     JOB = MessageKind('JOB', ['key', 'cluster', 'attempt', 'blob', 'options'], 'blob')
     CANCEL = MessageKind('CANCEL', ['key', 'attempt'])
-    ACK = MessageKind('ACK', ['key', 'attempt'])
+    ACK = MessageKind('ACK', ['jobs'])     # [(key, attempt), ...] of results recorded
     SET_CPUS = MessageKind('SET_CPUS', ['cluster', 'cpus'])
     PUT_FILE = MessageKind('PUT_FILE', ['cluster', 'name', 'mode', 'offset', 'data', 'last'],
                            'data')
@@ -1814,6 +1818,8 @@ class IOLoop:
         self.selector = selectors.DefaultSelector()
         self._calls = collections.deque()
         self._tickers = []
+        self._timers = []           # heap of (due, sequence, func, args); loop thread only
+        self._timer_seq = itertools.count()
         self._stopped = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -1843,6 +1849,11 @@ class IOLoop:
         else:
             self.call_soon(func, *args)
 
+    def call_later(self, delay, func, *args):
+        """Runs ``func`` on the loop thread in ``delay`` seconds (call it there)."""
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq),
+                                      func, args))
+
     def add_ticker(self, func):
         self.call_soon(self._tickers.append, func)
 
@@ -1870,11 +1881,13 @@ class IOLoop:
         next_tick = time.monotonic()
         try:
             while not self._stopped:
-                timeout = 0 if self._calls else max(0.0, next_tick - time.monotonic())
+                due = min(next_tick, self._timers[0][0]) if self._timers else next_tick
+                timeout = 0 if self._calls else max(0.0, due - time.monotonic())
                 for key, events in self.selector.select(timeout):
                     _run_guarded(key.data, (events,))
                     self._run_calls()   # the replies to a frame leave before the next is read
                 self._run_calls()
+                self._run_timers()
                 if time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + LOOP_TICK
                     for ticker in list(self._tickers):
@@ -1893,6 +1906,12 @@ class IOLoop:
     def _run_calls(self):
         for _ in range(len(self._calls)):
             func, args = self._calls.popleft()
+            _run_guarded(func, args)
+
+    def _run_timers(self):
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, func, args = heapq.heappop(self._timers)
             _run_guarded(func, args)
 
 
@@ -2138,30 +2157,46 @@ class LoopConnection(_ConnectionBase):
             self._loop.in_loop(self._fail, reason)
 
     # -- sending ----------------------------------------------------------------------------
-    def send(self, msg, size=None):
-        """Queues a message; ``size`` (by default its catalog bulk) guides batching."""
+    HOLD = 0.001        # seconds a held message may wait for others to share its frame
+    HOLD_MAX = 256      # messages held at most
+
+    def send(self, msg, size=None, hold=False):
+        """Queues a message; ``size`` (by default its catalog bulk) guides batching.
+        With ``hold`` (on the loop thread) it may wait up to HOLD seconds for more
+        messages to share its frame: a node's results and job starts while other jobs
+        of its client run.  Any send without ``hold`` flushes what is held."""
         if size is None:
             size = message_bulk(msg)
+        on_loop = self._loop.on_loop()
         with self._lock:
             if self._closing or self._closed:
                 return False
             self._outbox.append((msg, size))
-            if self._flush_due or self._unsent or len(self._outbox) > 1:
-                return True
-            direct = not self._loop.on_loop()
-            if not direct:
-                self._flush_due = True
-        if direct:
+            if self._unsent or self._flush_due == 'soon':
+                return True     # a flush is on its way
+            if self._flush_due == 'held':
+                if hold and on_loop and len(self._outbox) < self.HOLD_MAX:
+                    return True
+                self._flush_due = action = 'soon'
+            elif len(self._outbox) > 1:
+                return True     # another thread's direct flush is under way: it takes this
+            elif on_loop:
+                self._flush_due = action = 'held' if hold else 'soon'
+            else:
+                action = 'direct'
+        if action == 'direct':
             self._flush()
+        elif action == 'held':
+            self._loop.call_later(self.HOLD, self._flush)
         else:
             self._loop.call_soon(self._flush)
         return True
 
     def _schedule_flush(self):
         with self._lock:
-            if self._flush_due:
+            if self._flush_due == 'soon':
                 return
-            self._flush_due = True
+            self._flush_due = 'soon'
         self._loop.call_soon(self._flush)
 
     def _flush(self):
@@ -2404,9 +2439,11 @@ class NodeLink:
         self.setups = {}          # cluster key -> 'allocating'|'pending'|'ready'|'failed'
         self.in_flight = collections.Counter()   # cluster key -> jobs dispatched
         self.alloc_cpus = {}      # cluster key -> CPUs the cluster may use here
+        self.service = {}         # cluster key -> mean seconds its jobs run here
         self.put_replies = {}     # (cluster key, file name) -> error or None (send_file)
         self.closing = {}         # cluster key -> re-setup after closing? (close_node)
         self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
+        self.acks = []            # (key, attempt) of results recorded, for the next ACK
 
     def __repr__(self):
         return '<NodeLink %s:%s %s>' % (self.ip_addr, self.port, self.state)
@@ -2415,11 +2452,35 @@ class NodeLink:
     def ready(self):
         return self.state == NodeLink.READY
 
+    # Jobs queued on a node beyond those running cover LEAD seconds of its work: the
+    # round trip of its next job and the node's hold on results (LoopConnection.HOLD);
+    # few for long jobs (a node that falls behind holds little that others could have
+    # run), many for tiny ones (so every frame carries many results and jobs).
+    LEAD = 0.003
+    MAX_QUEUED_PER_CPU = 32
+
     def capacity(self, ckey):
-        """Jobs of a cluster that may be in flight here: its CPUs plus a few queued on
-        the node, so the node never waits a round trip for its next job."""
+        """Jobs of a cluster that may be in flight here: its CPUs plus those queued on
+        the node, so that it never waits a round trip for its next job."""
         cpus = self.alloc_cpus.get(ckey, 0)
-        return cpus + max(2, cpus) if cpus else 0
+        if not cpus:
+            return 0
+        service = self.service.get(ckey)
+        if service is None:     # nothing measured yet
+            return cpus + max(2, cpus)
+        queued = math.ceil(cpus * self.LEAD / max(service, 1e-6))
+        return cpus + max(1, min(queued, cpus * self.MAX_QUEUED_PER_CPU))
+
+    def job_took(self, ckey, seconds):
+        """A job of the cluster ran this long here (the node's clock): the mean the
+        window follows, weighted to recent jobs."""
+        old = self.service.get(ckey)
+        self.service[ckey] = seconds if old is None else old + 0.25 * (seconds - old)
+
+    def takes_jobs(self, ckey):
+        """Whether the cluster's jobs may be sent here now (room aside)."""
+        return (self.conn is not None and self.state == NodeLink.READY
+                and self.setups.get(ckey) == 'ready' and ckey not in self.closing)
 
     def send(self, msg):
         conn = self.conn
@@ -2511,6 +2572,7 @@ class NodeLink:
         self.jobs.clear()
         self.setups.clear()
         self.alloc_cpus.clear()
+        self.service.clear()
         self.in_flight.clear()
         self.closing.clear()
         self.cancels.clear()
@@ -2896,14 +2958,42 @@ class ClusterHooks:
 
 
 class _ClusterQueue:
-    """A hosted cluster's jobs not yet on a node."""
-    __slots__ = ('cluster', 'key', 'pending', 'pinned')
+    """A hosted cluster's jobs not yet on a node, and the nodes with room for them.
+
+    ``free`` is a heap of (load, stamp, link): a link is pushed with its load (jobs in
+    flight / capacity) whenever that changes and it has room, and only its latest
+    entry counts; so finding the least-loaded node costs no more with 1,000 nodes than
+    with one, and nothing at all while every node is full."""
+    __slots__ = ('cluster', 'key', 'pending', 'pinned', 'free', 'stamps')
 
     def __init__(self, cluster, key):
         self.cluster = cluster
         self.key = key
         self.pending = collections.deque()
         self.pinned = {}            # node address -> deque of jobs for submit_node
+        self.free = []
+        self.stamps = {}            # link -> stamp of its latest entry in ``free``
+
+    def offer(self, link, stamp):
+        """The link may have room now (lock held)."""
+        cap = link.capacity(self.key)
+        in_flight = link.in_flight[self.key]
+        if in_flight < cap and link.takes_jobs(self.key):
+            self.stamps[link] = stamp
+            heapq.heappush(self.free, (in_flight / cap, stamp, link))
+
+    def least_loaded(self):
+        """The ready link with room and the lowest load, or None."""
+        free = self.free
+        while free:
+            _, stamp, link = free[0]
+            if (self.stamps.get(link) == stamp and link.takes_jobs(self.key)
+                    and link.in_flight[self.key] < link.capacity(self.key)):
+                return link
+            heapq.heappop(free)
+            if self.stamps.get(link) == stamp:
+                del self.stamps[link]
+        return None
 
 
 class _NodeMessages:
@@ -2932,6 +3022,9 @@ class _NodeMessages:
                 return      # a connection we already replaced
             for name, record, loaded in records:
                 self.handlers[name](self, link, record, loaded)
+            if link.acks:   # one ACK for every result of the frame, beside the next jobs
+                link.send(Msg.ACK(link.acks))
+                link.acks = []
             self._dispatch()
 
     def _save_file(self, link, msg):
@@ -2962,6 +3055,7 @@ class _NodeMessages:
                            link.ip_addr, error)
             return
         link.setups[ckey] = 'ready'
+        self._room_changed(link, ckey)
         cluster.node_changed(link, DispyNode.Initialized)
 
     def _on_started(self, link, msg, _loaded):
@@ -2975,20 +3069,27 @@ class _NodeMessages:
     def _on_result(self, link, msg, loaded):
         job = link.jobs.get(msg.key)
         if job is None or job._attempt != msg.attempt:
-            link.send(Msg.ACK(msg.key, msg.attempt))
+            link.acks.append((msg.key, msg.attempt))
             return      # a stale attempt (the job was resubmitted): already accounted for
         del link.jobs[msg.key]
         link.cancels.discard((msg.key, msg.attempt))
-        link.in_flight[job._cluster.key] -= 1
+        ckey = job._cluster.key
+        if msg.start_time and msg.end_time:
+            link.job_took(ckey, max(0.0, msg.end_time - msg.start_time))
+        self._slot_freed(link, ckey)
         status, exception = msg.status, msg.exception
         result, error = loaded
         if error is not None:
             status = DispyJob.Terminated
             exception = 'result could not be unpickled at the client: %s' % error
         job.start_time = msg.start_time or job.start_time
+        if job.status == DispyJob.Created and msg.start_time:
+            # its STARTED was folded into this frame (the node leaves it out)
+            job.status = DispyJob.Running
+            job._cluster.job_changed(job, DispyJob.Running)
         # Ended (and so written to the recover file) before the node may drop the result.
         self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
-        link.send(Msg.ACK(msg.key, msg.attempt))
+        link.acks.append((msg.key, msg.attempt))
 
     def _on_provisional(self, link, msg, loaded):
         job = link.jobs.get(msg.key)
@@ -3062,6 +3163,7 @@ class _NodeControl:
             cpus = max(0, link.cpus + cpus) if cpus < 0 else min(cpus, link.cpus)
             link.alloc_cpus[cluster.key] = cpus
             link.send(Msg.SET_CPUS(cluster.key, cpus))
+            self._room_changed(link, cluster.key)
             self._dispatch()
             return cpus
 
@@ -3160,6 +3262,16 @@ class Scheduler(_NodeMessages, _NodeControl):
         self.queues = {}            # cluster key -> _ClusterQueue
         self._cluster_keys = cluster_keys or itertools.count(1)
         self._job_keys = job_keys or itertools.count(1)
+        self._stamps = itertools.count()
+
+    def _room_changed(self, link, ckey=None):
+        """A link's load or capacity changed (for one cluster, or all): it is offered
+        again to the clusters' queues (lock held)."""
+        keys = (ckey,) if ckey is not None else list(link.setups)
+        for key in keys:
+            queue = self.queues.get(key)
+            if queue is not None:
+                queue.offer(link, next(self._stamps))
 
     def attach_pool(self, pool):
         self.pool = pool
@@ -3254,37 +3366,26 @@ class Scheduler(_NodeMessages, _NodeControl):
                 self._end_job(job, DispyJob.Cancelled, exception=reason)
 
     def _dispatch(self):
-        """Fills free job slots on ready nodes, least-loaded node first (lock held)."""
-        ready = None
+        """Fills free job slots, least-loaded node first (lock held).  Costs nothing
+        per node: only links whose room changed are looked at (_ClusterQueue.free)."""
         for queue in self.queues.values():
-            if not queue.pending and not queue.pinned:
-                continue
-            if ready is None:
-                ready = self.pool.ready_links()
-                if not ready:
-                    return
-            self._dispatch_queue(queue, ready)
+            if queue.pinned:
+                self._dispatch_pinned(queue)
+            while queue.pending:
+                link = queue.least_loaded()
+                if link is None:
+                    break
+                self._send_job(link, queue.pending.popleft())
 
-    def _dispatch_queue(self, queue, ready):
+    def _dispatch_pinned(self, queue):
         ckey = queue.key
-        candidates = [l for l in ready if l.setups.get(ckey) == 'ready'
-                      and ckey not in l.closing]
-        for link in candidates:
-            pinned = queue.pinned.get(link.ip_addr)
-            while pinned and link.in_flight[ckey] < link.capacity(ckey):
+        for addr, pinned in list(queue.pinned.items()):
+            link = self.pool.links.get(addr)
+            while (pinned and link is not None and link.takes_jobs(ckey)
+                   and link.in_flight[ckey] < link.capacity(ckey)):
                 self._send_job(link, pinned.popleft())
-        while queue.pending:
-            best, best_load = None, None
-            for link in candidates:
-                cap = link.capacity(ckey)
-                if link.in_flight[ckey] >= cap:
-                    continue
-                load = link.in_flight[ckey] / cap
-                if best is None or load < best_load:
-                    best, best_load = link, load
-            if best is None:
-                break
-            self._send_job(best, queue.pending.popleft())
+            if not pinned:
+                del queue.pinned[addr]
 
     def _send_job(self, link, job):
         if job.status in FINAL_STATUSES:    # cancelled while queued
@@ -3301,8 +3402,13 @@ class Scheduler(_NodeMessages, _NodeControl):
         ckey = job._cluster.key
         link.jobs[job._key] = job
         link.in_flight[ckey] += 1
+        self._room_changed(link, ckey)
         job._cluster.job_dispatched(job, link)
         link.send(Msg.JOB(job._key, ckey, job._attempt, job._blob, job._options))
+
+    def _slot_freed(self, link, ckey):
+        link.in_flight[ckey] -= 1
+        self._room_changed(link, ckey)
 
     def _end_job(self, job, status, result=None, stdout=None, stderr=None, exception=None,
                  end_time=None):
@@ -3318,7 +3424,7 @@ class Scheduler(_NodeMessages, _NodeControl):
         link, job._node = job._node, None
         if link is not None and link.jobs.get(job._key) is job:
             del link.jobs[job._key]
-            link.in_flight[job._cluster.key] -= 1
+            self._slot_freed(link, job._cluster.key)
         job._cluster.job_ended(job, link)
         if link is not None and job._cluster.key in link.closing:
             self._finish_close_node(link, job._cluster)
@@ -3396,6 +3502,7 @@ class Scheduler(_NodeMessages, _NodeControl):
         for queue in list(self.queues.values()):
             if queue.key not in link.setups:
                 self._offer(link, queue)
+        self._room_changed(link)
         self._dispatch()
 
     def _resync(self, link, held, kept):
@@ -3427,7 +3534,7 @@ class Scheduler(_NodeMessages, _NodeControl):
         for job in sorted(jobs):
             if link.jobs.get(job._key) is job:
                 del link.jobs[job._key]
-                link.in_flight[job._cluster.key] -= 1
+                self._slot_freed(link, job._cluster.key)
             job._node = None
             cluster = job._cluster
             queue = self.queues.get(cluster.key)
@@ -4148,18 +4255,20 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
                     continue
                 channel.sock.settimeout(None)      # a frame has begun: read it whole
                 msgs = channel.recv()
-            acks = []
+            acks, replies = [], []
             for msg in msgs:
                 if msg[0] == 'RESULT' and msg[1] in wanted:
                     result = Msg.RESULT.read(msg)
                     waiting.discard((result.key, result.attempt))
                     results[result.key] = (addr, result)
-                    acks.append(Msg.ACK(result.key, result.attempt))
+                    acks.append((result.key, result.attempt))
                 elif msg[0] == 'PULSE':
-                    acks.append(Msg.PULSE(time.time()))
+                    replies.append(Msg.PULSE(time.time()))
             msgs = []
             if acks:
-                channel.send(acks)
+                replies.append(Msg.ACK(acks))
+            if replies:
+                channel.send(replies)
         for key, attempt in waiting:        # still running: reported as such
             results.setdefault(key, (addr, Msg.RESULT.record(
                 key, attempt, DispyJob.Running, None, None, None, None, None, None)))

@@ -22,9 +22,9 @@ The path a job takes (who owns each queue, which thread moves it)::
         │                      session's ``results`` (on disk too if the client is
         ▼                      away) and queued on the client's LoopConnection; the
     I/O loop (flush)           CPU is freed, _pump runs the next job; what the event
-                               queued leaves in one frame (held up to RESULT_HOLD
-                               while other jobs of the client run, so results share
-                               frames); the client's ACK drops it
+                               queued leaves in one frame (held up to 1 ms while other
+                               jobs of the client run, so results share frames); the
+                               client's ACK drops it
 
 Processes (jobs never run inside the node process, so a crash cannot take it down)::
 
@@ -980,11 +980,10 @@ class RecoveryHandler:
         for msg in msgs:
             kind = msg[0] if isinstance(msg, tuple) and msg else None
             if kind == 'ACK':
-                ack = Msg.ACK.read(msg)
-                if ack.key in self.wanted:
-                    with self.router.lock:
-                        self.router.node.store.remove(self.client_id, int(ack.key),
-                                                 int(ack.attempt))
+                for key, attempt in acked_jobs(Msg.ACK.read(msg)):
+                    if key in self.wanted:
+                        with self.router.lock:
+                            self.router.node.store.remove(self.client_id, key, attempt)
             elif kind == 'RELEASE':
                 conn.close('recovery done', flush=True)
                 return
@@ -993,6 +992,23 @@ class RecoveryHandler:
     def on_closed(self, conn, reason):
         with self.router.lock:
             self.router.recoveries.discard(self)
+
+
+def acked_jobs(msg):
+    """The (key, attempt) pairs of an ACK; malformed → ValueError."""
+    jobs = msg.jobs
+    if not isinstance(jobs, (list, tuple)):
+        raise ValueError('ACK without a list of jobs')
+    return [(int(key), int(attempt)) for key, attempt in jobs]
+
+
+def fold_started(batch):
+    """A frame's messages without the STARTED of a job whose RESULT is in it: the
+    client marks such a job Running from its RESULT."""
+    ended = {(m[1], m[2]) for m in batch if m[0] == 'RESULT'}
+    if not ended:
+        return batch
+    return [m for m in batch if m[0] != 'STARTED' or (m[1], m[2]) not in ended]
 
 
 def _safe_relative(path):
@@ -1535,8 +1551,10 @@ class NodeServer:
     def loop_connection(self, channel, handler, name):
         """An authenticated client channel served by the node's I/O loop; bytes the
         handshake read past its first frame are handed over with it."""
-        return dispy.LoopConnection(channel, handler, name, self.loop, self.threads,
+        conn = dispy.LoopConnection(channel, handler, name, self.loop, self.threads,
                                     channel.take_buffered())
+        conn.compact = fold_started
+        return conn
 
     @property
     def session(self):
@@ -1765,11 +1783,11 @@ class NodeServer:
             self._pump()
 
     def _on_ack(self, session, msg):
-        key = (msg.key, msg.attempt)
-        session.results.pop(key, None)
-        if key in session.stored:
-            session.stored.discard(key)
-            self.store.remove(session.client_id, *key)
+        for key in acked_jobs(msg):
+            session.results.pop(key, None)
+            if key in session.stored:
+                session.stored.discard(key)
+                self.store.remove(session.client_id, *key)
 
     def _on_close_compute(self, session, msg):
         comp = session.comps.pop(msg.cluster, None)
@@ -1848,8 +1866,8 @@ class NodeServer:
             pass        # the worker died: its reader reports the job (_on_worker_lost)
         job.blob = job.depends = None
         session = self.session
-        if session is not None and session.conn is not None:
-            session.conn.send(Msg.STARTED(job.key, job.attempt, job.start_time))
+        if session is not None and session.conn is not None:    # may share a later frame
+            session.conn.send(Msg.STARTED(job.key, job.attempt, job.start_time), hold=True)
 
     def _write_job_files(self, comp, files):
         """A job's dispy_job_depends files, whole, in its computation's folder; all or
@@ -1909,7 +1927,7 @@ class NodeServer:
         session.results[key] = reply
         self.jobs_done += 1
         if conn is not None and session.wants(result.key):
-            conn.send(reply)
+            conn.send(reply, hold=bool(session.jobs))   # more results are coming: share frames
         elif self.store.save(session.client_id, reply):  # client away (or another
             session.stored.add(key)                      # recover file's job): keep on disk
         if conn is None and not session.jobs:

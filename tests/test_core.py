@@ -46,7 +46,7 @@ class CatalogTest(unittest.TestCase):
 
     def test_wrong_arity_is_refused_both_ways(self):
         with self.assertRaises(TypeError):
-            dispy.Msg.ACK(1)
+            dispy.Msg.ACK(1, 2)
         with self.assertRaises(dispy.ProtocolError):
             dispy.Msg.ACK.read(('ACK', 1, 2, 3))
 
@@ -156,7 +156,7 @@ class LoopConnectionTest(unittest.TestCase):
         big = os.urandom(5 << 20)
         sent = []
         for i in range(300):
-            sent.append(dispy.Msg.ACK(i, 1))
+            sent.append(dispy.Msg.CANCEL(i, 1))
             if i == 100:
                 sent.append(dispy.Msg.JOB(i, 1, 1, big, None))
         for msg in sent:
