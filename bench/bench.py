@@ -17,6 +17,12 @@ cluster), times the workload, verifies every result, closes the cluster and prin
 one JSON object on its last stdout line.  The driver collects the runs and prints
 one JSON line per workload figure (median/min/max over the runs).
 
+W7 and W8 have nodes of their own (``NodeSet``: several nodes on one port, each on
+its own loopback address, started and stopped together): W7 48 nodes of 1 CPU on
+127.0.0.11-58 and 1 node of 2 CPUs on 127.0.0.11 (another port), its runs alternating
+between the two; W8 a fast node on 127.0.0.21 and a slow one on 127.0.0.22.  Their
+clients wait (``cluster_status``) until every node is set up before timing.
+
 With ``--original PYTHON`` the driver re-executes itself as
 ``unshare -n <python> bench/bench.py --inside-netns ...``: a network namespace whose
 only interface is ``lo`` (the original dispy node broadcasts on every interface when
@@ -26,7 +32,7 @@ line per figure.  The original (dispy 4.15.2 installed for interpreter PYTHON) r
 its node as ``PYTHON <venv>/bin/dispynode.py`` (or ``PYTHON -m dispy.dispynode``) and
 its clients as ``PYTHON bench/bench.py --run-workload ... --impl original``.
 
-Safety: only 127.0.0.1 is used; every wait is bounded; the driver stops only the
+Safety: only loopback addresses (127.0.0.0/8) are used; every wait is bounded; the driver stops only the
 processes it started, by PID (SIGTERM, wait, SIGKILL, then any descendant left),
 also on Ctrl-C / SIGTERM; node and client processes also get SIGKILL if the driver
 dies (PR_SET_PDEATHSIG).  Temporary folders are removed.
@@ -68,12 +74,33 @@ FIGURES = {
             ('jobs', 'jobs_per_s', 'submit_s', 'rss_before_MB', 'rss_after_submit_MB',
              'rss_after_collect_MB', 'rss_after_drop_MB', 'after_drop_bytes_per_job',
              'returned_fraction', 'live_jobs_after_drop'))],
+    # W7 and W8 have their own nodes (MULTI_NODE); a W7 "run" is a pair of clients, one
+    # over 48 nodes and one over 1 node, and its figures compare the two.  A 7th
+    # element lists extras whose per-run values are also shown, as '<extra>_runs'.
+    'W7': [('W7-ratio', 'ratio', 'x', '>=', 0.8,
+            ('jobs_per_s_48', 'jobs_per_s_1', 'wall_s_48', 'wall_s_1', 'nodes_used_48',
+             'jobs'), ('jobs_per_s_48', 'jobs_per_s_1')),
+           ('W7-threads', 'thread_diff', 'threads', '<=', 4,
+            ('peak_threads_48', 'peak_threads_1'), ('peak_threads_48', 'peak_threads_1'))],
+    'W8': [('W8', 'makespan_ratio', 'x', '<=', 1.15,
+            ('makespan_s', 'ideal_s', 'tail_s', 'jobs_fast', 'jobs_slow', 'jobs', 'base_s'),
+            ('makespan_s', 'jobs_fast', 'jobs_slow', 'tail_s'))],
 }
 # workload -> (full size, --quick size): number of jobs
 SIZES = {'W1': (2000, 200), 'W2': (200, 50), 'W3': (20, 3), 'W4': (8, 4),
-         'W5': (1, 1), 'W6': (100000, 5000)}
+         'W5': (1, 1), 'W6': (100000, 5000), 'W7': (2000, 300), 'W8': (200, 60)}
 W4_JOB_SECONDS = (0.5, 0.2)  # (full, --quick) target duration of one W4 job
 ORIGINAL_NAME = 'dispy-4.15.2'
+MULTI_NODE = ('W7', 'W8')   # workloads with nodes of their own (not the one on 127.0.0.1)
+# not run for the original: 4.15.2 refuses every cluster_status callback under Python
+# 3.11+ (its check calls inspect.getargspec), and both wait through one for their nodes
+ORIGINAL_SKIPS = MULTI_NODE
+# W7: 48 nodes of 1 CPU on 127.0.0.11 ... 127.0.0.58 (one port) versus 1 node of 2 CPUs
+# on 127.0.0.11 (another port): the same 2 CPUs of this machine either way
+W7_NODES, W7_FIRST_ADDR = 48, 11
+# W8: a fast and a slow node (the slow one's jobs sleep W8_SLOWDOWN times longer)
+W8_FAST, W8_SLOW, W8_CPUS, W8_SLOWDOWN, W8_BASE = '127.0.0.21', '127.0.0.22', 2, 10, 0.01
+NODE_SETUP_TIMEOUT = 60.0   # a multi-node client waits at most this for every node's setup
 SIGN = {'>=': '\u2265', '<=': '\u2264'}
 
 
@@ -93,6 +120,12 @@ def burn(loops):
     return x
 
 
+def nap(i, base):
+    import os, time
+    time.sleep(base * float(os.environ.get('DISPY_BENCH_SLOWDOWN', '1')))
+    return i
+
+
 def transfer(data, size, seed):
     """With ``data``: returns its length (upload).  Without: returns ``size`` bytes
     of a seeded, incompressible pattern (download) that the client can regenerate."""
@@ -107,9 +140,9 @@ def transfer(data, size, seed):
 # Client side (runs in a fresh process: bench.py --run-workload W --impl I ...)
 # ======================================================================================
 
-def make_cluster(dispy, impl, computation, node_port):
+def make_cluster(dispy, impl, computation, node_port, nodes=('127.0.0.1',), **extra):
     """The only per-implementation difference in the client code."""
-    common = dict(nodes=['127.0.0.1'], loglevel=dispy.logger.WARNING)
+    common = dict(nodes=list(nodes), loglevel=dispy.logger.WARNING, **extra)
     if impl == 'original':
         # dispy 4.15.2: the client listens on dispy_port and nodes on dispy_port + 1;
         # 'host' is 4.15.2's name for the deprecated 'ip_addr' (same meaning).
@@ -171,6 +204,60 @@ def warm_up(cluster, check, args, expected):
 
 def _cluster(ctx, computation):
     return make_cluster(ctx.dispy, ctx.impl, computation, ctx.node_port)
+
+
+class ThreadPeak:
+    """Samples ``threading.active_count()`` every 2 ms on a thread of its own (counted
+    in the peak, the same for every setup) until ``stop()``."""
+
+    def __init__(self):
+        import threading
+        self.peak = threading.active_count()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(threading.active_count,),
+                                        daemon=True)
+        self._thread.start()
+
+    def _sample(self, count):
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, count())
+
+    def stop(self):
+        self._done.set()
+        self._thread.join(5)
+        return self.peak
+
+
+def ready_cluster(ctx, computation):
+    """A cluster over all of ``ctx.node_addrs``, returned once every one of them has been
+    set up (its DispyNode.Initialized reached ``cluster_status``), at most
+    NODE_SETUP_TIMEOUT s."""
+    import threading
+    cond, ready = threading.Condition(), set()
+
+    def status(state, node, job):
+        if state == ctx.dispy.DispyNode.Initialized:
+            with cond:
+                ready.add(node.ip_addr)
+                cond.notify_all()
+
+    cluster = make_cluster(ctx.dispy, ctx.impl, computation, ctx.node_port,
+                           nodes=ctx.node_addrs, cluster_status=status)
+    deadline = time.monotonic() + NODE_SETUP_TIMEOUT
+    with cond:
+        while not ready.issuperset(ctx.node_addrs):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(ctx.node_addrs) - ready)
+                try:
+                    cluster.close(timeout=10, terminate=True)
+                except Exception:
+                    pass
+                raise RuntimeError('%d of %d nodes not set up in %ss: %s' % (
+                    len(missing), len(ctx.node_addrs), NODE_SETUP_TIMEOUT,
+                    ', '.join(missing[:10])))
+            cond.wait(left)
+    return cluster
 
 
 def percentile(values, p):
@@ -318,6 +405,53 @@ def w6_many_pending(ctx, n):
                 **check.summary())
 
 
+def w7_scale(ctx, n):
+    """W1 over all of ``ctx.node_addrs`` once every node is set up (the client of W7 and
+    of bench/scale.py): n x double(i) submitted, then collected; jobs/s and the peak
+    thread count of this process from the cluster's creation to its close."""
+    check = Checker()
+    peak = ThreadPeak()
+    try:
+        with _Closing(ready_cluster(ctx, double)) as cluster:
+            t0 = time.perf_counter()
+            jobs = [cluster.submit(i) for i in range(n)]
+            results = [job() for job in jobs]
+            wall = time.perf_counter() - t0
+    finally:
+        peak_threads = peak.stop()
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        check(result, 2 * i, job, 'job %d' % i)
+    return dict(jobs_per_s=n / wall, wall_s=wall, peak_threads=peak_threads,
+                nodes_used=len({job.ip_addr for job in jobs}), nodes=len(ctx.node_addrs),
+                jobs=n, **check.summary())
+
+
+def w8_balance(ctx, n):
+    """n x nap(i, base) over a fast and a slow node (``ctx.node_addrs``), all submitted
+    at once when both are set up; makespan against the ideal share of the work."""
+    check = Checker()
+    fast, slow = ctx.node_addrs
+    base = W8_BASE
+    with _Closing(ready_cluster(ctx, nap)) as cluster:
+        t0 = time.perf_counter()
+        jobs = [cluster.submit(i, base) for i in range(n)]
+        results = [job() for job in jobs]
+        makespan = time.perf_counter() - t0
+        end_wall = time.time()
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        check(result, i, job, 'job %d' % i)
+    # the ideal: work spread in proportion to the speeds, no gaps, no overhead
+    ideal = n / (W8_CPUS / base + W8_CPUS / (W8_SLOWDOWN * base))
+    on_fast = [job for job in jobs if job.ip_addr == fast]
+    starts = [job.start_time for job in on_fast if job.start_time]
+    out = dict(makespan_ratio=makespan / ideal, makespan_s=makespan, ideal_s=ideal,
+               jobs_fast=len(on_fast), jobs_slow=sum(1 for j in jobs if j.ip_addr == slow),
+               jobs=n, base_s=base, **check.summary())
+    if starts:   # node clocks: this machine's, like end_wall
+        out['tail_s'] = end_wall - max(starts)
+    return out
+
+
 def warmup_client(ctx, n):
     """Not a workload: creates and closes one cluster so that the node has served a
     client before W5's cold starts are timed."""
@@ -328,7 +462,8 @@ def warmup_client(ctx, n):
 
 
 WORKLOADS = {'W1': w1_throughput, 'W2': w2_latency, 'W3': w3_transfer, 'W4': w4_cpu,
-             'W5': w5_cold_start, 'W6': w6_many_pending, 'warmup': warmup_client}
+             'W5': w5_cold_start, 'W6': w6_many_pending, 'W7': w7_scale, 'W8': w8_balance,
+             'warmup': warmup_client}
 
 
 def client_main(args):
@@ -346,7 +481,8 @@ def client_main(args):
     if (os.path.dirname(module) == args.repo) != (args.impl == 'this'):
         raise SystemExit('wrong dispy imported for impl %s: %s' % (args.impl, module))
     ctx = types.SimpleNamespace(dispy=dispy, impl=args.impl, node_port=args.node_port,
-                                quick=args.quick, import_ms=import_ms)
+                                node_addrs=args.node_addrs.split(','), quick=args.quick,
+                                import_ms=import_ms)
     result = WORKLOADS[args.run_workload](ctx, args.size)
     result['dispy_module'] = module
     sys.stdout.flush()
@@ -373,26 +509,29 @@ def emit(obj):
     sys.stdout.flush()
 
 
-def _port_free(port):
-    """True if TCP and UDP ``port`` can both be bound on 127.0.0.1."""
+def _port_free(port, addr='127.0.0.1'):
+    """True if TCP and UDP ``port`` can both be bound on ``addr``."""
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         with socket.socket(socket.AF_INET, kind) as s:
             try:
-                s.bind(('127.0.0.1', port))
+                s.bind((addr, port))
             except OSError:
                 return False
     return True
 
 
-def free_port(also_previous=False):
-    """A port free for TCP and UDP on 127.0.0.1 (and port - 1 too, if asked)."""
+def free_port(also_previous=False, addrs=('127.0.0.1',)):
+    """A port free for TCP and UDP on every one of ``addrs`` (loopback addresses), and
+    port - 1 too, if asked."""
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(('127.0.0.1', 0))
+            s.bind((addrs[0], 0))
             port = s.getsockname()[1]
-        if _port_free(port) and (not also_previous or (port > 1024 and _port_free(port - 1))):
+        if all(_port_free(port, a) and (not also_previous or
+                                        (port > 1024 and _port_free(port - 1, a)))
+               for a in addrs):
             return port
-    raise RuntimeError('no free port on 127.0.0.1')
+    raise RuntimeError('no free port on %s' % ', '.join(addrs[:3]))
 
 
 def _load_prctl():
@@ -433,42 +572,58 @@ def _descendants(pid):
 
 def stop_process(proc, grace=10.0):
     """SIGTERM ``proc``, wait up to ``grace`` s, then SIGKILL it and its descendants."""
-    if proc is None:
-        return
-    try:
-        kids = _descendants(proc.pid)
-    except OSError:
-        kids = []
-    if proc.poll() is None:
+    stop_processes([proc], grace)
+
+
+def stop_processes(procs, grace=10.0):
+    """stop_process for many processes at once: SIGTERM to all, one shared wait of at
+    most ``grace`` s, then SIGKILL to what is left and to their descendants."""
+    procs = [p for p in procs if p is not None]
+    kids = {}
+    for proc in procs:
         try:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(grace)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    for pid in [proc.pid] + kids:
-        if pid == proc.pid and proc.poll() is not None:
-            continue
-        try:
-            os.kill(pid, signal.SIGKILL)
+            kids[proc.pid] = _descendants(proc.pid)
         except OSError:
+            kids[proc.pid] = []
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
             pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
+    for proc in procs:
+        for pid in [proc.pid] + kids[proc.pid]:
+            if pid == proc.pid and proc.poll() is not None:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    for proc in procs:
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class Impl:
     """How to run the node and the clients of one implementation."""
 
-    def __init__(self, name, python, label):
+    def __init__(self, name, python, label, tree=ROOT):
         self.name = name          # 'this' or 'original'
         self.python = python
         self.label = label        # "impl" value in the JSON lines
+        self.tree = tree          # checkout whose dispy.py / dispynode.py 'this' runs
 
-    def node_command(self, port, cpus, dest):
+    def node_command(self, port, cpus, dest, addr='127.0.0.1'):
         if self.name == 'this':
-            return [self.python, os.path.join(ROOT, 'dispynode.py'), '-i', '127.0.0.1',
+            return [self.python, os.path.join(self.tree, 'dispynode.py'), '-i', addr,
                     '-p', str(port), '-c', str(cpus), '--dest_path_prefix', dest, '--daemon']
         # the original: node listens on dispy_port + 1, so give it port - 1.  Its node
         # script is installed beside the interpreter (venv); else '-m' (the node's cwd
@@ -476,65 +631,129 @@ class Impl:
         script = os.path.join(os.path.dirname(self.python), 'dispynode.py')
         start = [self.python, script] if os.path.isfile(script) else \
             [self.python, '-m', 'dispy.dispynode']
-        return start + ['-i', '127.0.0.1', '-p', str(port - 1), '-c', str(cpus),
+        return start + ['-i', addr, '-p', str(port - 1), '-c', str(cpus),
                         '--dest_path_prefix', dest, '--daemon']
 
-    def ready_re(self, port):
+    def ready_re(self, port, addr='127.0.0.1'):
         if self.name == 'this':
-            return re.compile(r'serving at \[?127\.0\.0\.1\]?:%d\b' % port)
+            return re.compile(r'serving at \[?%s\]?:%d\b' % (re.escape(addr), port))
         return re.compile(r'serving \d+ cpus')
 
 
 class Node:
     """The node process of one implementation, with its temporary folder."""
 
-    def __init__(self, impl, cpus, ready_timeout=20.0):
+    def __init__(self, impl, cpus, ready_timeout=20.0, addr='127.0.0.1', port=None,
+                 env=None):
         self.impl = impl
         self.cpus = cpus
         self.ready_timeout = ready_timeout
+        self.addr = addr
+        self.addrs = [addr]    # what its clients are given as nodes
+        self.env = env or {}   # added to the node's environment (its workers inherit it)
         self.dir = tempfile.mkdtemp(prefix='dispy-bench-%s-' % impl.name)
-        self.port = free_port(also_previous=(impl.name == 'original'))
+        try:
+            self.port = port or free_port(also_previous=(impl.name == 'original'),
+                                          addrs=(addr,))
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self.proc = None
         self.out = None
         self.suspect = False   # set when a client run failed without a result
 
     def start(self):
+        self.launch()
+        return self.wait_ready(time.monotonic() + self.ready_timeout)
+
+    def launch(self):
         dest = os.path.join(self.dir, 'dest')
         os.makedirs(dest)
         self.out = open(os.path.join(self.dir, 'node.out'), 'w+b')
-        env = dict(os.environ, PYTHONUNBUFFERED='1')
-        self.proc = subprocess.Popen(self.impl.node_command(self.port, self.cpus, dest),
-                                     stdin=subprocess.DEVNULL, stdout=self.out,
-                                     stderr=subprocess.STDOUT, cwd=self.dir, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-        ready = self.impl.ready_re(self.port)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
+        env = dict(os.environ, PYTHONUNBUFFERED='1', **self.env)
+        self.proc = subprocess.Popen(
+            self.impl.node_command(self.port, self.cpus, dest, self.addr),
+            stdin=subprocess.DEVNULL, stdout=self.out, stderr=subprocess.STDOUT,
+            cwd=self.dir, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+
+    def wait_ready(self, deadline):
+        ready = self.impl.ready_re(self.port, self.addr)
+        while True:
             if ready.search(self.output()):
                 return self
             if self.proc.poll() is not None:
-                raise RuntimeError('node exited with %s:\n%s' % (self.proc.returncode,
-                                                                 self.output()[-2000:]))
+                raise RuntimeError('node %s exited with %s:\n%s' % (
+                    self.addr, self.proc.returncode, self.output()[-2000:]))
+            if time.monotonic() >= deadline:
+                raise RuntimeError('node %s not ready in time:\n%s' % (
+                    self.addr, self.output()[-2000:]))
             time.sleep(0.05)
-        raise RuntimeError('node not ready in %ss:\n%s' % (self.ready_timeout,
-                                                           self.output()[-2000:]))
 
     def output(self):
+        if self.out is None:
+            return ''
         with open(self.out.name, 'rb') as f:
             return f.read().decode('utf-8', 'replace')
 
     def stop(self):
-        stop_process(self.proc)
-        if self.out:
-            self.out.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        stop_nodes([self])
+
+
+def stop_nodes(nodes, grace=10.0):
+    """Stops the nodes' processes (all at once, by PID) and removes their folders."""
+    stop_processes([n.proc for n in nodes], grace)
+    for n in nodes:
+        if n.out:
+            n.out.close()
+        shutil.rmtree(n.dir, ignore_errors=True)
+
+
+class NodeSet:
+    """Several nodes of one implementation on one port, each on its own loopback
+    address, started together and stopped together (by PID); a client of the set is
+    given all of their addresses."""
+
+    def __init__(self, impl, specs, ready_timeout=60.0):
+        """``specs``: (address, cpus, extra environment or None) per node."""
+        self.impl = impl
+        self.specs = specs
+        self.ready_timeout = ready_timeout
+        self.addrs = [addr for addr, _, _ in specs]
+        self.port = None
+        self.nodes = []
+        self.suspect = False
+
+    def start(self):
+        self.port = free_port(also_previous=(self.impl.name == 'original'),
+                              addrs=self.addrs)
+        try:
+            for addr, cpus, env in self.specs:
+                self.nodes.append(Node(self.impl, cpus, addr=addr, port=self.port, env=env))
+                self.nodes[-1].launch()
+            deadline = time.monotonic() + self.ready_timeout
+            for node in self.nodes:
+                node.wait_ready(deadline)
+        except BaseException:
+            self.stop()
+            raise
+        self.suspect = False
+        return self
+
+    def output(self):
+        """The end of every node's output, for error messages."""
+        return ''.join('[%s] %s\n' % (n.addr, n.output()[-300:]) for n in self.nodes)
+
+    def stop(self):
+        nodes, self.nodes = self.nodes, []
+        stop_nodes(nodes)
 
 
 def run_client(args, impl, node, workload, size):
     """Runs one workload in a fresh client process; returns (result dict, error)."""
     cwd = tempfile.mkdtemp(prefix='dispy-bench-client-')   # recover files etc. land here
     cmd = [impl.python, BENCH_FILE, '--run-workload', workload, '--impl', impl.name,
-           '--node-port', str(node.port), '--size', str(size), '--repo', ROOT]
+           '--node-port', str(node.port), '--node-addrs', ','.join(node.addrs),
+           '--size', str(size), '--repo', impl.tree]
     if args.quick:
         cmd.append('--quick')
     proc = None
@@ -589,7 +808,7 @@ def _num(x):
 def aggregate(workload, impl, runs, errors, size, args):
     """The JSON lines of one workload from its runs' result dicts."""
     lines = []
-    for line_id, key, unit, cmp_, target, extras in FIGURES[workload]:
+    for line_id, key, unit, cmp_, target, extras, *listed in FIGURES[workload]:
         values = [r[key] for r in runs if r and isinstance(r.get(key), (int, float))]
         line = {'workload': line_id, 'unit': unit}
         if values:
@@ -606,6 +825,8 @@ def aggregate(workload, impl, runs, errors, size, args):
                 if all(isinstance(x, int) for x in xs) and med == int(med):
                     med = int(med)
                 line[extra] = _num(med)
+        for extra in (listed[0] if listed else ()):
+            line[extra + '_runs'] = [_num(r.get(extra)) for r in runs if r]
         met = bool(values) and not errors and (
             line['median'] >= target if cmp_ == '>=' else line['median'] <= target)
         line['met'] = met
@@ -639,12 +860,24 @@ def start_node(args, impl):
 
 
 def bench_impl(args, impl, workloads):
-    """Runs the workloads of ``impl`` against its node; returns the JSON lines."""
+    """Runs the workloads of ``impl`` against its node (or, W7 and W8, their own
+    nodes); returns the JSON lines."""
     all_lines = []
-    node, node_error = start_node(args, impl)
+    node = node_error = None
     try:
         for w in workloads:
             size = _size(w, args)
+            if w in MULTI_NODE:
+                if impl.name == 'original' and w in ORIGINAL_SKIPS:
+                    log(args, '%s: %s skipped (not run for the original)' % (impl.label, w))
+                    continue
+                runs, errors = bench_multi(args, impl, w, size)
+                for line in aggregate(w, impl, runs, errors, size, args):
+                    emit(line)
+                    all_lines.append(line)
+                continue
+            if node is None and node_error is None:   # started when first needed
+                node, node_error = start_node(args, impl)
             runs, errors = [], []
             for i in range(args.runs):
                 if node is not None and node.suspect:
@@ -677,6 +910,97 @@ def bench_impl(args, impl, workloads):
 
 def _size(workload, args):
     return SIZES[workload][1 if args.quick else 0]
+
+
+def w7_addrs(count=W7_NODES):
+    """127.0.0.11, 127.0.0.12, ...: the addresses of W7's (and bench/scale.py's) nodes."""
+    if not 1 <= count <= 255 - W7_FIRST_ADDR:
+        raise ValueError('1 to %d nodes' % (255 - W7_FIRST_ADDR))
+    return ['127.0.0.%d' % (W7_FIRST_ADDR + i) for i in range(count)]
+
+
+def multi_setups(impl, workload):
+    """(name, NodeSet) of each setup a run of W7 / W8 uses (not started yet)."""
+    if workload == 'W7':
+        addrs = w7_addrs()
+        return [('48', NodeSet(impl, [(a, 1, None) for a in addrs])),
+                ('1', NodeSet(impl, [(addrs[0], 2, None)]))]
+    slowdown = {'DISPY_BENCH_SLOWDOWN': '1'}, {'DISPY_BENCH_SLOWDOWN': str(W8_SLOWDOWN)}
+    return [('', NodeSet(impl, [(W8_FAST, W8_CPUS, slowdown[0]),
+                                (W8_SLOW, W8_CPUS, slowdown[1])]))]
+
+
+def combine_runs(workload, parts):
+    """The result dict of one W7 / W8 run from its clients' results (setup -> dict)."""
+    if workload != 'W7':
+        return parts.get('')
+    many, one = parts.get('48'), parts.get('1')
+    out = {}
+    for name, part in (('48', many), ('1', one)):
+        for key in ('jobs_per_s', 'wall_s', 'peak_threads', 'nodes_used'):
+            if part and key in part:
+                out['%s_%s' % (key, name)] = part[key]
+        if part:
+            out['jobs'] = part.get('jobs')
+    if many and one:
+        out['ratio'] = many['jobs_per_s'] / one['jobs_per_s']
+        out['thread_diff'] = many['peak_threads'] - one['peak_threads']
+    return out or None
+
+
+def bench_multi(args, impl, workload, size):
+    """W7 / W8: starts the workload's node sets (all of them, for all its runs); each
+    run is one fresh client per setup, the order of the setups alternating from run to
+    run; returns (runs, errors) for ``aggregate``.  The nodes are stopped at the end,
+    also after an error or an interrupt."""
+    setups = multi_setups(impl, workload)
+    runs, errors = [], []
+    warm_size = {'W7': 4 * W7_NODES, 'W8': 10}[workload]
+    try:
+        for name, nodes in setups:
+            log(args, '%s %s: starting %d node(s) on %s%s' % (
+                impl.label, workload, len(nodes.addrs), nodes.addrs[0],
+                ' ... %s' % nodes.addrs[-1] if len(nodes.addrs) > 1 else ''))
+            try:
+                nodes.start()
+            except Exception as exc:
+                return runs, ['nodes did not start: %s' % exc]
+            # a throwaway client first, as for the single node (start_node)
+            result, error = run_client(args, impl, nodes, workload, warm_size)
+            if error:
+                log(args, '%s %s: warm-up client failed: %s' % (impl.label, workload,
+                                                                error[:500]))
+            nodes.suspect = result is None
+        for i in range(args.runs):
+            parts, run_errors, t0 = {}, [], time.monotonic()
+            for name, nodes in (setups if i % 2 == 0 else setups[::-1]):
+                if nodes.suspect:   # a client was killed or crashed: fresh nodes
+                    nodes.stop()
+                    try:
+                        nodes.start()
+                    except Exception as exc:
+                        run_errors.append('nodes did not start: %s' % exc)
+                        continue
+                result, error = run_client(args, impl, nodes, workload, size)
+                nodes.suspect = result is None
+                parts[name] = result
+                if error:
+                    run_errors.append(('%s node(s): %s' % (len(nodes.addrs), error))
+                                      if name else error)
+            combined = combine_runs(workload, parts)
+            runs.append(combined)
+            errors.extend('run %d: %s' % (i + 1, e) for e in run_errors)
+            shown = ', '.join('%s=%s' % (k, _num(combined[k])) for k in (
+                'ratio', 'jobs_per_s_48', 'jobs_per_s_1', 'thread_diff', 'peak_threads_48',
+                'peak_threads_1', 'makespan_ratio', 'makespan_s', 'jobs_fast', 'jobs_slow',
+                'tail_s') if combined and k in combined)
+            log(args, '%s %s run %d/%d (%.1f s): %s%s' % (
+                impl.label, workload, i + 1, args.runs, time.monotonic() - t0, shown,
+                (' ERROR ' + '; '.join(run_errors)[:300]) if run_errors else ''))
+    finally:
+        for _, nodes in setups:
+            nodes.stop()
+    return runs, errors
 
 
 def ratio_lines(this_lines, orig_lines):
@@ -828,7 +1152,7 @@ def driver_main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description='Benchmark the dispy reimplementation (one node, 127.0.0.1 only); '
+        description='Benchmark the dispy reimplementation (loopback nodes only); '
                     'prints one JSON line per workload figure.')
     p.add_argument('--workloads', default=','.join(FIGURES),
                    help='comma-separated subset of %s (default: all)' % ','.join(FIGURES))
@@ -849,6 +1173,7 @@ def parse_args(argv=None):
     p.add_argument('--impl', default='this', choices=('this', 'original'),
                    help=argparse.SUPPRESS)
     p.add_argument('--node-port', type=int, help=argparse.SUPPRESS)
+    p.add_argument('--node-addrs', default='127.0.0.1', help=argparse.SUPPRESS)
     p.add_argument('--size', type=int, help=argparse.SUPPRESS)
     p.add_argument('--repo', default=ROOT, help=argparse.SUPPRESS)
     p.add_argument('--inside-netns', action='store_true', help=argparse.SUPPRESS)
