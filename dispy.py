@@ -628,7 +628,8 @@ class _ConnectionBase:
 #   PUT_FILE      cluster.send_file chunk      PUT_FILE_DONE a send_file ended
 #   CLOSE_COMPUTE end a computation (cleanup)  CLOSED        confirms CLOSE_COMPUTE
 #   RELEASE       the client is done here      PULSE         liveness (+ availability)
-#   PULSE         liveness
+#   PULSE         liveness                     RECALLED      gives back a job not started
+#   RECALL        a queued job, back please
 
 class MessageKind:
     """One kind of message: a name, its fields, and the field whose length is the
@@ -677,6 +678,7 @@ class Msg:
     CLOSE_COMPUTE = MessageKind('CLOSE_COMPUTE', ['cluster'])
     RELEASE = MessageKind('RELEASE', [])
     PULSE = MessageKind('PULSE', ['time'])
+    RECALL = MessageKind('RECALL', ['key', 'attempt'])
     # node → client
     NODE = MessageKind('NODE', ['info'])
     BUSY = MessageKind('BUSY', ['serving'])
@@ -690,6 +692,7 @@ class Msg:
     PUT_FILE_DONE = MessageKind('PUT_FILE_DONE', ['cluster', 'name', 'error'])
     CLOSED = MessageKind('CLOSED', ['cluster'])
     NODE_PULSE = MessageKind('PULSE', ['time', 'avail'])
+    RECALLED = MessageKind('RECALLED', ['key', 'attempt'])
 
     @classmethod
     def result(cls, key, attempt, status, exception, blob=None, stdout='', stderr='',
@@ -702,10 +705,10 @@ class Msg:
 # The kinds each side accepts, by name (PULSE differs by direction).
 TO_NODE = {k.name: k for k in (Msg.CLIENT, Msg.COMPUTE, Msg.FILE, Msg.JOB, Msg.CANCEL,
                                Msg.ACK, Msg.SET_CPUS, Msg.PUT_FILE, Msg.CLOSE_COMPUTE,
-                               Msg.RELEASE, Msg.PULSE)}
+                               Msg.RELEASE, Msg.PULSE, Msg.RECALL)}
 TO_CLIENT = {k.name: k for k in (Msg.NODE, Msg.BUSY, Msg.SETUP, Msg.STARTED, Msg.RESULT,
                                  Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
-                                 Msg.CLOSED, Msg.NODE_PULSE)}
+                                 Msg.CLOSED, Msg.NODE_PULSE, Msg.RECALLED)}
 
 
 def message_bulk(msg):
@@ -1296,14 +1299,14 @@ class DispyJob:
     Abandoned = 10
     Finished = 11
 
-    __slots__ = ('id', 'status', 'ip_addr', 'result', 'stdout', 'stderr', 'exception',
-                 'submit_time', 'start_time', 'end_time', 'args', 'kwargs', '_key', '_cluster',
-                 '_blob', '_attempt', '_node', '_pin', '_options', '__weakref__')
+    __slots__ = ('_id', 'status', 'ip_addr', 'result', 'stdout', 'stderr', 'exception',
+                 'submit_time', 'start_time', 'end_time', 'args', '_kwargs', '_key',
+                 '_cluster', '_blob', '_attempt', '_node', '_pin', '_options', '__weakref__')
 
     def __init__(self, key, cluster, blob, pin=None, options=None, args=(), kwargs=None):
-        self.id = key
+        self._id = key
         self.args = args
-        self.kwargs = kwargs if kwargs is not None else {}
+        self._kwargs = kwargs if kwargs else _NO_KWARGS    # made when first read
         self.submit_time = time.time()
         self.status = DispyJob.Created
         self.ip_addr = None
@@ -1316,6 +1319,28 @@ class DispyJob:
         self._node = None          # NodeLink it is dispatched to
         self._pin = pin            # node address for submit_node
         self._options = options    # per-job extras for the node (timeout, ...) or None
+
+    @property
+    def id(self):
+        return self._id
+
+    @id.setter
+    def id(self, value):
+        """The program names the job: written to the recover file at once."""
+        self._id = value
+        recover = getattr(self._cluster, '_recover', None)
+        if recover is not None and self._key is not None and self.status not in FINAL_STATUSES:
+            recover.write_ids([self])
+
+    @property
+    def kwargs(self):
+        if self._kwargs is _NO_KWARGS:
+            self._kwargs = {}
+        return self._kwargs
+
+    @kwargs.setter
+    def kwargs(self, value):
+        self._kwargs = value
 
     def __call__(self, clear=False, timeout=None):
         """Waits for the job to end; returns its result (None on timeout)."""
@@ -1344,6 +1369,8 @@ class DispyJob:
         snap._blob = None
         return snap
 
+
+_NO_KWARGS = object()      # a job submitted without keyword arguments (no dict each)
 
 FINAL_STATUSES = frozenset((DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled,
                             DispyJob.Abandoned))
@@ -1778,32 +1805,35 @@ class WorkerThreads:
 
 
 class Strand:
-    """Tasks run one at a time, in the order given, on a WorkerThreads pool: what one
-    connection hands off stays in order without a thread of its own."""
+    """Tasks started in the order given on a WorkerThreads pool, at most ``width`` at
+    a time: with width 1 (one at a time, in order) what one connection hands off stays
+    in order without a thread of its own; a wider strand bounds the threads a burst
+    of tasks takes (setting up 1,000 nodes at once)."""
 
-    def __init__(self, threads):
+    def __init__(self, threads, width=1):
         self._threads = threads
+        self._width = width
         self._tasks = collections.deque()
         self._lock = threading.Lock()
-        self._running = False
+        self._running = 0
 
     @property
     def busy(self):
-        return self._running
+        return self._running > 0
 
     def submit(self, func, *args):
         with self._lock:
             self._tasks.append((func, args))
-            if self._running:
+            if self._running >= self._width:
                 return
-            self._running = True
+            self._running += 1
         self._threads.submit(self._drain)
 
     def _drain(self):
         while True:
             with self._lock:
                 if not self._tasks:
-                    self._running = False
+                    self._running -= 1
                     return
                 func, args = self._tasks.popleft()
             _run_guarded(func, args)
@@ -2444,6 +2474,7 @@ class NodeLink:
         self.closing = {}         # cluster key -> re-setup after closing? (close_node)
         self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
         self.acks = []            # (key, attempt) of results recorded, for the next ACK
+        self.recalling = set()    # keys of jobs asked back (RECALL), not answered yet
 
     def __repr__(self):
         return '<NodeLink %s:%s %s>' % (self.ip_addr, self.port, self.state)
@@ -2576,6 +2607,7 @@ class NodeLink:
         self.in_flight.clear()
         self.closing.clear()
         self.cancels.clear()
+        self.recalling.clear()
         self.put_replies.clear()
 
 
@@ -2964,7 +2996,7 @@ class _ClusterQueue:
     flight / capacity) whenever that changes and it has room, and only its latest
     entry counts; so finding the least-loaded node costs no more with 1,000 nodes than
     with one, and nothing at all while every node is full."""
-    __slots__ = ('cluster', 'key', 'pending', 'pinned', 'free', 'stamps')
+    __slots__ = ('cluster', 'key', 'pending', 'pinned', 'free', 'stamps', 'slow')
 
     def __init__(self, cluster, key):
         self.cluster = cluster
@@ -2973,6 +3005,7 @@ class _ClusterQueue:
         self.pinned = {}            # node address -> deque of jobs for submit_node
         self.free = []
         self.stamps = {}            # link -> stamp of its latest entry in ``free``
+        self.slow = set()           # links where its jobs take LEAD or longer
 
     def offer(self, link, stamp):
         """The link may have room now (lock held)."""
@@ -3075,7 +3108,7 @@ class _NodeMessages:
         link.cancels.discard((msg.key, msg.attempt))
         ckey = job._cluster.key
         if msg.start_time and msg.end_time:
-            link.job_took(ckey, max(0.0, msg.end_time - msg.start_time))
+            self._job_took(link, ckey, max(0.0, msg.end_time - msg.start_time))
         self._slot_freed(link, ckey)
         status, exception = msg.status, msg.exception
         result, error = loaded
@@ -3090,6 +3123,22 @@ class _NodeMessages:
         # Ended (and so written to the recover file) before the node may drop the result.
         self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
         link.acks.append((msg.key, msg.attempt))
+
+    def _on_recalled(self, link, msg, _loaded):
+        """The node gave back a job it had not started: queued here again, first."""
+        link.recalling.discard(msg.key)
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt:
+            return
+        del link.jobs[msg.key]
+        self._slot_freed(link, job._cluster.key)
+        job._node = job.ip_addr = None
+        queue = self.queues.get(job._cluster.key)
+        if (msg.key, msg.attempt) in link.cancels or queue is None:
+            link.cancels.discard((msg.key, msg.attempt))
+            self._end_job(job, DispyJob.Cancelled, exception='Cancelled')
+        elif job.status not in FINAL_STATUSES:
+            queue.pending.appendleft(job)
 
     def _on_provisional(self, link, msg, loaded):
         job = link.jobs.get(msg.key)
@@ -3125,6 +3174,7 @@ class _NodeMessages:
         logger.warning('node %s sent an unexpected message', link.ip_addr)
 
     handlers = {'SETUP': _on_setup, 'STARTED': _on_started, 'RESULT': _on_result,
+                'RECALLED': _on_recalled,
                 'PROVISIONAL': _on_provisional, 'CLOSED': _on_closed_compute,
                 'PULSE': _on_pulse, 'PUT_FILE_DONE': _on_put_file_done,
                 'NODE': _on_unexpected, 'BUSY': _on_unexpected}
@@ -3263,6 +3313,9 @@ class Scheduler(_NodeMessages, _NodeControl):
         self._cluster_keys = cluster_keys or itertools.count(1)
         self._job_keys = job_keys or itertools.count(1)
         self._stamps = itertools.count()
+        # allocate() and shipping computations: two nodes at a time, so many nodes
+        # found at once take two threads, not the pool (allocate() should be quick)
+        self._setups = Strand(threads, width=2)
 
     def _room_changed(self, link, ckey=None):
         """A link's load or capacity changed (for one cluster, or all): it is offered
@@ -3270,8 +3323,8 @@ class Scheduler(_NodeMessages, _NodeControl):
         keys = (ckey,) if ckey is not None else list(link.setups)
         for key in keys:
             queue = self.queues.get(key)
-            if queue is not None:
-                queue.offer(link, next(self._stamps))
+            if queue is not None:   # newest first among equals: the node that just sent
+                queue.offer(link, -next(self._stamps))  # a result gets the next job with its ACK
 
     def attach_pool(self, pool):
         self.pool = pool
@@ -3313,8 +3366,8 @@ class Scheduler(_NodeMessages, _NodeControl):
         with self.lock:
             queue = self.queues[job._cluster.key]
             job._key = next(self._job_keys)
-            if job.id is None:
-                job.id = job._key
+            if job._id is None:
+                job._id = job._key
             if job._pin is not None:
                 queue.pinned.setdefault(job._pin, collections.deque()).append(job)
             else:
@@ -3376,8 +3429,55 @@ class Scheduler(_NodeMessages, _NodeControl):
                 if link is None:
                     break
                 self._send_job(link, queue.pending.popleft())
+            if not queue.pending and queue.slow:
+                self._rebalance(queue)
 
-    def _dispatch_pinned(self, queue):
+    def _job_took(self, link, ckey, seconds):
+        link.job_took(ckey, seconds)
+        queue = self.queues.get(ckey)
+        if queue is not None:
+            if link.service[ckey] >= NodeLink.LEAD:
+                queue.slow.add(link)
+            else:
+                queue.slow.discard(link)
+
+    @staticmethod
+    def _finish_estimate(link, ckey, place):
+        """When the job ``place``-th in line on a link (its running ones first) would
+        end, in seconds from now: a coarse estimate from its mean job time."""
+        cpus = max(1, link.alloc_cpus.get(ckey, 1))
+        return math.ceil(place / cpus) * link.service.get(ckey, 0.0)
+
+    def _rebalance(self, queue):
+        """The cluster has nothing queued here and a node has room: a job still waiting
+        on another node (slow, or with much queued) that this one would finish clearly
+        sooner is asked back (RECALL); the node gives it back unless it has started it
+        (RECALLED), and it is sent here.  Only nodes whose jobs take LEAD or longer
+        are looked at: tiny jobs gain nothing from moving."""
+        ckey = queue.key
+        idle = queue.least_loaded()
+        if idle is None or idle.service.get(ckey) is None:
+            return
+        here = self._finish_estimate(idle, ckey, idle.in_flight[ckey] + 1)
+        best = None
+        for link in list(queue.slow):
+            if link is idle or not link.takes_jobs(ckey):
+                continue
+            mine = [j for j in link.jobs.values() if j._cluster is queue.cluster]
+            running = sum(1 for j in mine if j.status == DispyJob.Running)
+            waiting = [j for j in mine if j.status == DispyJob.Created
+                       and j._key not in link.recalling]
+            if not waiting:
+                continue
+            there = self._finish_estimate(link, ckey, running + len(link.recalling)
+                                          + len(waiting))
+            if there > here + NodeLink.LEAD and (best is None or there > best[0]):
+                best = (there, link, max(waiting, key=lambda j: j._key))
+        if best is not None:
+            _, link, job = best
+            link.recalling.add(job._key)
+            link.send(Msg.RECALL(job._key, job._attempt))
+
         ckey = queue.key
         for addr, pinned in list(queue.pinned.items()):
             link = self.pool.links.get(addr)
@@ -3439,7 +3539,7 @@ class Scheduler(_NodeMessages, _NodeControl):
         else:
             return
         link.setups[queue.key] = 'allocating'
-        self.threads.submit(self._allocate_and_set_up, link, queue, alloc, link.instance)
+        self._setups.submit(self._allocate_and_set_up, link, queue, alloc, link.instance)
 
     def _allocate_and_set_up(self, link, queue, alloc, instance):
         cluster = queue.cluster
@@ -3804,7 +3904,7 @@ class RecoverLog:
         D  key(8) | address       the job was sent to that node
         A  key(8) | args          the arguments of a big job, written by the hub tick
                                   once the job has been open RECOVER_DEFER seconds
-        I  key(8) | id            ``job.id`` set after submit (hub tick, and at exit)
+        I  key(8) | id            ``job.id`` set after submit (when set, and at exit)
         E  key(8)                 a job ended, written before its result is
                                   acknowledged to the node
         0                         (kind 0, length N) a record not written to the end:
@@ -3826,8 +3926,6 @@ class RecoverLog:
     def __init__(self, path, header):
         self.path = path
         self.nodes = set()
-        self.recent = []           # (job, id text in the file) submitted since the last
-        self.older = []            # tick, and in the tick before (an id set a bit late)
         self.deferred = []         # (job, submit time) whose big arguments are not written
         self.lock = threading.Lock()     # the end offset; submit() runs in user threads
         self.map = None
@@ -3906,7 +4004,6 @@ class RecoverLog:
         inline = len(blob) <= RECOVER_INLINE
         self._append(b'S', struct.pack('!QdIQ', job._key, job.submit_time, len(id_text),
                                        len(blob)), id_text, blob if inline else b'')
-        self.recent.append((job, id_text))
         if not inline:
             self.deferred.append((job, time.monotonic()))
 
@@ -3920,22 +4017,16 @@ class RecoverLog:
         self._append(b'E', struct.pack('!Q', job._key))
 
     def write_ids(self, jobs):
-        """I records for ``(job, id text in the file)`` whose id has changed; returns
-        the pairs with the text now in the file."""
-        now_written = []
-        for job, written in jobs:
+        """I records of the jobs' ids (``job.id`` set after submit: at once, and for
+        every open job at exit); the last record of a job counts."""
+        for job in jobs:
             id_text = _custom_id(job)
-            if id_text and id_text != written and job.status not in FINAL_STATUSES:
+            if id_text and job.status not in FINAL_STATUSES:
                 self._append(b'I', struct.pack('!Q', job._key), id_text)
-                written = id_text
-            now_written.append((job, written))
-        return now_written
 
     def tick(self, now):
-        """Writes ids set since submit; returns [(self, job, blob)] of big arguments
-        now due (at most ARGS_PER_TICK bytes), for the caller to write outside locks."""
-        self.write_ids(self.older)
-        self.older, self.recent = self.write_ids(self.recent), []
+        """[(self, job, blob)] of big arguments now due (at most ARGS_PER_TICK
+        bytes), for the caller to write outside locks."""
         due, keep, budget = [], [], self.ARGS_PER_TICK
         for job, since in self.deferred:
             if job._blob is None or job.status in FINAL_STATUSES:
@@ -4477,7 +4568,7 @@ class JobCluster(ClusterHooks):
                 logger.error('job not created: %s', exc)
                 return None
         job = DispyJob(None, self, blob, pin, options or None, args, kwargs)
-        job.id = job_id
+        job._id = job_id
         self._open_recover_file()
         return self._scheduler.submit(job)
 
@@ -4690,8 +4781,7 @@ class JobCluster(ClusterHooks):
             recover.close(remove=True)
 
     def _recover_tick(self, now):
-        """Ids set since the last tick, and big arguments due (written by the caller,
-        outside the lock)."""
+        """Big arguments due (written by the caller, outside the lock)."""
         with self._cond:
             return self._recover.tick(now) if self._recover is not None else []
 
@@ -4818,9 +4908,8 @@ def _at_exit():
                 idle = cluster._open_jobs == 0
                 if not idle:
                     logger.warning(cluster._interrupted_text())
-                    if cluster._recover is not None:     # ids set since the last tick
-                        cluster._recover.write_ids([(job, None)
-                                                    for job in cluster._jobs_open()])
+                    if cluster._recover is not None:     # ids changed in place too
+                        cluster._recover.write_ids(cluster._jobs_open())
             if idle:
                 cluster.close(timeout=5)
             else:

@@ -656,6 +656,15 @@ class WorkerPool:
             self._spawn()
         return None
 
+    def start_workers(self):
+        """Forks workers up to the computation's CPUs, so its first jobs need not
+        wait for a fork each."""
+        while len(self.workers) + self.spawning < self.comp.cpus:
+            before = self.spawning
+            self._spawn()
+            if self.spawning == before:
+                return      # the host cannot fork (logged)
+
     def drop_waiting(self, job):
         """Whether ``job`` was waiting for a worker (it no longer is)."""
         if job in self.waiting:
@@ -1755,6 +1764,19 @@ class NodeServer:
         self.queue.append(job)
         self._pump()
 
+    def _on_recall(self, session, msg):
+        """The client would rather run a queued job elsewhere: given back if it has
+        not started (else it runs here, and its STARTED is on the way)."""
+        job = session.jobs.get(msg.key)
+        if job is None or job.attempt != msg.attempt or job.worker is not None:
+            return
+        try:
+            self.queue.remove(job)
+        except ValueError:
+            return      # holding a CPU, waiting for a worker: as good as started
+        del session.jobs[job.key]
+        session.conn.send(Msg.RECALLED(job.key, job.attempt))
+
     def _on_cancel(self, session, msg):
         key, attempt = msg
         job = session.jobs.get(key)
@@ -1809,7 +1831,7 @@ class NodeServer:
     handlers = {'COMPUTE': _on_compute, 'FILE': _on_file, 'JOB': _on_job,
                 'PUT_FILE': _on_put_file, 'SET_CPUS': _on_set_cpus,
                 'CANCEL': _on_cancel, 'ACK': _on_ack, 'CLOSE_COMPUTE': _on_close_compute,
-                'RELEASE': _on_release, 'PULSE': _on_pulse}
+                'RELEASE': _on_release, 'PULSE': _on_pulse, 'RECALL': _on_recall}
 
     # -- running jobs (lock held) --------------------------------------------------------------
     def _pump(self):
@@ -1976,6 +1998,8 @@ class NodeServer:
             comp.state = 'ready' if ok else 'failed'
             if not ok:
                 logger.warning('setup of %s failed: %s', comp.spec['name'], error)
+            else:
+                comp.pool.start_workers()       # warm before the first jobs arrive
             if session.conn is not None:
                 session.conn.send(Msg.SETUP(comp.key, ok, error))
             self._pump()

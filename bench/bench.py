@@ -64,13 +64,13 @@ W3_JOB_BYTES = 5 * MB      # size of one W3 argument / result
 # 'extras' are further keys of the client result whose median over the runs is added
 # to the line.
 FIGURES = {
-    'W1': [('W1', 'jobs_per_s', 'jobs/s', '>=', 5000, ('wall_s', 'jobs'))],
+    'W1': [('W1', 'jobs_per_s', 'jobs/s', '>=', 10000, ('wall_s', 'jobs'))],
     'W2': [('W2', 'median_ms', 'ms', '<=', 0.5, ('p90_ms', 'mean_ms', 'max_ms', 'jobs'))],
-    'W3': [('W3-up', 'up_MBps', 'MB/s', '>=', 500, ('up_s', 'jobs', 'job_MB')),
-           ('W3-down', 'down_MBps', 'MB/s', '>=', 500, ('down_s', 'jobs', 'job_MB'))],
+    'W3': [('W3-up', 'up_MBps', 'MB/s', '>=', 700, ('up_s', 'jobs', 'job_MB')),
+           ('W3-down', 'down_MBps', 'MB/s', '>=', 700, ('down_s', 'jobs', 'job_MB'))],
     'W4': [('W4', 'speedup', 'x', '>=', 1.85, ('local_s', 'wall_s', 'loops', 'jobs'))],
     'W5': [('W5', 'first_result_ms', 'ms', '<=', 20, ('cluster_ms', 'import_ms'))],
-    'W6': [('W6', 'bytes_per_job', 'bytes/job', '<=', 1024,
+    'W6': [('W6', 'bytes_per_job', 'bytes/job', '<=', 350,
             ('jobs', 'jobs_per_s', 'submit_s', 'rss_before_MB', 'rss_after_submit_MB',
              'rss_after_collect_MB', 'rss_after_drop_MB', 'after_drop_bytes_per_job',
              'returned_fraction', 'live_jobs_after_drop'))],
@@ -81,7 +81,8 @@ FIGURES = {
             ('jobs_per_s_48', 'jobs_per_s_1', 'wall_s_48', 'wall_s_1', 'nodes_used_48',
              'jobs'), ('jobs_per_s_48', 'jobs_per_s_1')),
            ('W7-threads', 'thread_diff', 'threads', '<=', 4,
-            ('peak_threads_48', 'peak_threads_1'), ('peak_threads_48', 'peak_threads_1'))],
+            ('peak_threads_48', 'peak_threads_1'),
+            ('peak_threads_48', 'peak_threads_1', 'peak_thread_names_48'))],
     'W8': [('W8', 'makespan_ratio', 'x', '<=', 1.15,
             ('makespan_s', 'ideal_s', 'tail_s', 'jobs_fast', 'jobs_slow', 'jobs', 'base_s'),
             ('makespan_s', 'jobs_fast', 'jobs_slow', 'tail_s'))],
@@ -213,19 +214,30 @@ class ThreadPeak:
     def __init__(self):
         import threading
         self.peak = threading.active_count()
+        self.names = []         # of the threads at the peak (what a report can name)
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, args=(threading.active_count,),
+        self._thread = threading.Thread(target=self._sample, args=(threading,),
                                         daemon=True)
         self._thread.start()
 
-    def _sample(self, count):
+    def _sample(self, threading):
         while not self._done.wait(0.002):
-            self.peak = max(self.peak, count())
+            count = threading.active_count()
+            if count > self.peak:
+                self.peak = count
+                self.names = sorted(t.name for t in threading.enumerate())
 
     def stop(self):
         self._done.set()
         self._thread.join(5)
         return self.peak
+
+    def census(self):
+        """The threads at the peak by name, numbers folded: 'dispy-worker x8, ...'."""
+        import collections
+        import re
+        counts = collections.Counter(re.sub(r'[-_ ]?\d+$', '', n) for n in self.names)
+        return ', '.join('%s x%d' % kv if kv[1] > 1 else kv[0] for kv in sorted(counts.items()))
 
 
 def ready_cluster(ctx, computation):
@@ -422,6 +434,7 @@ def w7_scale(ctx, n):
     for i, (job, result) in enumerate(zip(jobs, results)):
         check(result, 2 * i, job, 'job %d' % i)
     return dict(jobs_per_s=n / wall, wall_s=wall, peak_threads=peak_threads,
+                peak_thread_names=peak.census(),
                 nodes_used=len({job.ip_addr for job in jobs}), nodes=len(ctx.node_addrs),
                 jobs=n, **check.summary())
 
@@ -937,7 +950,8 @@ def combine_runs(workload, parts):
     many, one = parts.get('48'), parts.get('1')
     out = {}
     for name, part in (('48', many), ('1', one)):
-        for key in ('jobs_per_s', 'wall_s', 'peak_threads', 'nodes_used'):
+        for key in ('jobs_per_s', 'wall_s', 'peak_threads', 'peak_thread_names',
+                    'nodes_used'):
             if part and key in part:
                 out['%s_%s' % (key, name)] = part[key]
         if part:

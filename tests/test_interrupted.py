@@ -345,7 +345,7 @@ class RecordTest(unittest.TestCase):
         self.log._append(b'E', b'short')  # an E record too short to read
         self.log.ended(self.jobs[0])
         self.jobs[1].id = ('mine', 2.5)
-        self.log.write_ids([(job, b"") for job in self.jobs])
+        self.log.write_ids(self.jobs)
         self.log.close(remove=False)
         with self.assertLogs('dispy', 'WARNING'):
             record = dispy._RecoverFile(self.path)
