@@ -3478,6 +3478,8 @@ class Scheduler(_NodeMessages, _NodeControl):
             link.recalling.add(job._key)
             link.send(Msg.RECALL(job._key, job._attempt))
 
+    def _dispatch_pinned(self, queue):
+        """Jobs of submit_node, each to its node when that has room."""
         ckey = queue.key
         for addr, pinned in list(queue.pinned.items()):
             link = self.pool.links.get(addr)

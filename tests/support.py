@@ -299,3 +299,60 @@ def run_client(script, env, timeout=60, cwd=None, args=(), python=None):
     finally:
         if tmp:
             os.unlink(tmp.name)
+
+
+class Collector:
+    """A LoopConnection handler that records what arrives and on which thread."""
+
+    OFFLOAD = ()
+
+    def __init__(self):
+        self.msgs = []
+        self.threads = set()
+        self.closed = threading.Event()
+        self.reason = None
+        self.cond = threading.Condition()
+
+    def on_messages(self, conn, msgs):
+        with self.cond:
+            self.msgs.extend(msgs)
+            self.threads.add(threading.current_thread().name)
+            self.cond.notify_all()
+
+    def on_closed(self, conn, reason):
+        self.reason = reason
+        self.closed.set()
+
+    def wait_for(self, count, timeout=20):
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.msgs) >= count, timeout)
+
+
+def loop_connection_pair(test, loop, threads, wrap=None):
+    """Two authenticated LoopConnections over a real loopback socket pair (``wrap``
+    may put TLS around the sockets): [(dialer conn, its Collector), (listener's)];
+    closed at the test's cleanup."""
+    import dispy
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(1)
+    test.addCleanup(listener.close)
+    dialer = socket.create_connection(listener.getsockname(), timeout=10)
+    accepted, _ = listener.accept()
+    if wrap is not None:
+        dialer, accepted = wrap(dialer, accepted)
+    channels = {}
+
+    def listen_side():
+        channels['listener'] = dispy.handshake(accepted, 's', False, {})
+    t = threading.Thread(target=listen_side)
+    t.start()
+    channels['dialer'] = dispy.handshake(dialer, 's', True, {})
+    t.join(10)
+    ends = []
+    for name in ('dialer', 'listener'):
+        handler = Collector()
+        conn = dispy.LoopConnection(channels[name], handler, name, loop, threads).start()
+        test.addCleanup(conn.close)
+        ends.append((conn, handler))
+    return ends

@@ -90,33 +90,6 @@ class WorkerThreadsTest(unittest.TestCase):
         self.assertEqual(seen, list(range(200)))
 
 
-class _Collector:
-    """A LoopConnection handler that records what arrives and on which thread."""
-
-    OFFLOAD = ()
-
-    def __init__(self):
-        self.msgs = []
-        self.threads = set()
-        self.closed = threading.Event()
-        self.reason = None
-        self.cond = threading.Condition()
-
-    def on_messages(self, conn, msgs):
-        with self.cond:
-            self.msgs.extend(msgs)
-            self.threads.add(threading.current_thread().name)
-            self.cond.notify_all()
-
-    def on_closed(self, conn, reason):
-        self.reason = reason
-        self.closed.set()
-
-    def wait_for(self, count, timeout=20):
-        with self.cond:
-            return self.cond.wait_for(lambda: len(self.msgs) >= count, timeout)
-
-
 class LoopConnectionTest(unittest.TestCase):
     """Two authenticated ends over real sockets, each on an I/O loop."""
 
@@ -126,30 +99,7 @@ class LoopConnectionTest(unittest.TestCase):
         self.threads = dispy.WorkerThreads(4, 'test-worker')
 
     def pair(self, wrap=None):
-        listener = socket.socket()
-        listener.bind(('127.0.0.1', 0))
-        listener.listen(1)
-        self.addCleanup(listener.close)
-        dialer = socket.create_connection(listener.getsockname(), timeout=10)
-        accepted, _ = listener.accept()
-        if wrap is not None:
-            dialer, accepted = wrap(dialer, accepted)
-        channels = {}
-
-        def listen_side():
-            channels['listener'] = dispy.handshake(accepted, 's', False, {})
-        t = threading.Thread(target=listen_side)
-        t.start()
-        channels['dialer'] = dispy.handshake(dialer, 's', True, {})
-        t.join(10)
-        ends = []
-        for name in ('dialer', 'listener'):
-            handler = _Collector()
-            conn = dispy.LoopConnection(channels[name], handler, name, self.loop,
-                                        self.threads).start()
-            self.addCleanup(conn.close)
-            ends.append((conn, handler))
-        return ends
+        return support.loop_connection_pair(self, self.loop, self.threads, wrap)
 
     def exchange(self, ends):
         (a, _), (_b, got) = ends
@@ -203,16 +153,6 @@ class LoopConnectionTest(unittest.TestCase):
         self.assertFalse(a.send(dispy.Msg.RELEASE()))
 
 
-def _scale_bench():
-    """bench/scale.py, whose client script measures the peak thread count."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        'dispy_scale_bench', os.path.join(support.ROOT, 'bench', 'scale.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class ThreadCountTest(unittest.TestCase):
     """The client's threads do not grow with its nodes (the I/O loop serves them all)."""
 
@@ -220,14 +160,15 @@ class ThreadCountTest(unittest.TestCase):
     NODES = 12
 
     def run_script(self, nodes, port):
-        """The client of bench/scale.py: 300 jobs over ``nodes`` once each is set up."""
+        """The W7 client of bench/bench.py (and scale.py): 300 jobs over ``nodes`` once
+        each is set up, and the client's peak thread count."""
         folder = tempfile.mkdtemp(prefix='dispytest-core-')
         self.addCleanup(shutil.rmtree, folder, True)
-        script = os.path.join(folder, 'scale_client.py')    # a file: its source ships
-        with open(script, 'w') as f:
-            f.write(_scale_bench().CLIENT)
-        proc = run_client(script, client_env(nodes, node_port=port), timeout=120,
-                          args=[support.ROOT, ','.join(nodes), str(port), '300'])
+        proc = run_client(os.path.join(support.ROOT, 'bench', 'bench.py'),
+                          client_env(nodes, node_port=port), timeout=120, cwd=folder,
+                          args=['--run-workload', 'W7', '--impl', 'this', '--node-port',
+                                str(port), '--node-addrs', ','.join(nodes), '--size', '300',
+                                '--repo', support.ROOT])
         self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         self.assertEqual(result['bad_results'], 0, result)

@@ -1,0 +1,262 @@
+"""How jobs flow between a client and its nodes, now that messages share frames: what
+users see is unchanged (every job reports Running, ``node_jobs()`` lists running
+jobs), the window of jobs sent ahead follows the measured job time, the scheduler
+finds the least-loaded node with room without looking at every node, and jobs
+waiting on a node that falls behind move to one that would finish them sooner."""
+
+import collections
+import os
+import threading
+import time
+import unittest
+
+from tests import support
+from tests.support import NodeProcess
+
+import dispy
+import dispynode
+from dispy import DispyJob, Msg
+
+TIMEOUT = 90
+
+
+def double(n):
+    return 2 * n
+
+
+def nap(i, base):
+    import os
+    import time
+    time.sleep(base * float(os.environ.get('DISPY_TEST_SLOWDOWN', '1')))
+    return i
+
+
+def _ready_link(ip, ckey, cpus):
+    link = dispy.NodeLink(ip, 0)
+    link.state = dispy.NodeLink.READY
+    link.conn = object()        # takes_jobs() only asks that there is one
+    link.cpus = cpus
+    link.setups[ckey] = 'ready'
+    link.alloc_cpus[ckey] = cpus
+    return link
+
+
+class WindowTest(unittest.TestCase):
+    """Jobs in flight per node: a few before anything is measured, many for tiny
+    jobs, one beyond the CPUs for long ones."""
+
+    def test_window_follows_the_job_time(self):
+        link = _ready_link('127.0.0.9', 1, 2)
+        self.assertEqual(link.capacity(1), 4)           # nothing measured: cpus + 2
+        link.job_took(1, 50e-6)
+        self.assertEqual(link.capacity(1), 2 + 2 * dispy.NodeLink.MAX_QUEUED_PER_CPU)
+        for _ in range(40):                             # the mean follows recent jobs
+            link.job_took(1, 1.0)
+        self.assertEqual(link.capacity(1), 3)
+        self.assertEqual(link.capacity(2), 0)           # a cluster not set up there
+
+
+class FreeSlotsTest(unittest.TestCase):
+    """_ClusterQueue's heap: the least-loaded link with room; stale entries and links
+    that cannot take jobs are skipped; among equals the newest offer wins."""
+
+    def test_least_loaded_with_stale_entries(self):
+        queue = dispy._ClusterQueue(None, 1)
+        links = [_ready_link('127.0.0.%d' % (10 + i), 1, 1) for i in range(3)]
+        stamps = iter(range(0, -100, -1))
+        for link in links:
+            queue.offer(link, next(stamps))
+        self.assertIs(queue.least_loaded(), links[2])   # all empty: the newest offer
+        links[2].in_flight[1] = 3                       # full (capacity 1 + 2)
+        queue.offer(links[2], next(stamps))
+        links[1].in_flight[1] = 1
+        queue.offer(links[1], next(stamps))
+        self.assertIs(queue.least_loaded(), links[0])
+        links[0].state = dispy.NodeLink.RECONNECTING    # cannot take jobs now
+        self.assertIs(queue.least_loaded(), links[1])
+        links[1].closing[1] = False                     # being closed for this cluster
+        self.assertIsNone(queue.least_loaded())
+        self.assertEqual(queue.free, [])
+
+    def test_a_full_pool_costs_nothing_per_node(self):
+        queue = dispy._ClusterQueue(None, 1)
+        links = [_ready_link('127.0.%d.%d' % (1 + i // 200, 1 + i % 200), 1, 1)
+                 for i in range(1000)]
+        for n, link in enumerate(links):
+            link.in_flight[1] = link.capacity(1)        # every node full
+            queue.offer(link, -n)
+        self.assertEqual(queue.free, [])                # nothing to look at
+        self.assertIsNone(queue.least_loaded())
+        links[500].in_flight[1] -= 1                    # one slot frees
+        queue.offer(links[500], -1000)
+        self.assertIs(queue.least_loaded(), links[500])
+
+
+class NodeFramingTest(unittest.TestCase):
+    """The node's side: a STARTED whose RESULT shares the frame is left out, and an
+    ACK names many results or is refused whole."""
+
+    def test_fold_started(self):
+        batch = [Msg.STARTED(1, 1, 5.0), Msg.STARTED(2, 1, 5.0),
+                 Msg.result(1, 1, DispyJob.Finished, None, start_time=5.0),
+                 Msg.STARTED(1, 2, 6.0)]
+        self.assertEqual(dispynode.fold_started(batch), batch[1:])
+        self.assertEqual(dispynode.fold_started(batch[:2]), batch[:2])
+
+    def test_acked_jobs(self):
+        self.assertEqual(dispynode.acked_jobs(Msg.ACK.read(Msg.ACK([(1, 2), [3, 4]]))),
+                         [(1, 2), (3, 4)])
+        for bad in (5, [(1,)], [('x', 1)], None):
+            with self.assertRaises((ValueError, TypeError)):
+                dispynode.acked_jobs(Msg.ACK.read(Msg.ACK(bad)))
+
+
+class HoldTest(unittest.TestCase):
+    """LoopConnection.send(hold=True): messages wait (at most HOLD) to share a frame,
+    a send without hold takes them along at once, order is kept."""
+
+    def test_held_messages_share_one_frame_in_order(self):
+        loop = dispy.IOLoop('test-hold')
+        self.addCleanup(loop.stop)
+        threads = dispy.WorkerThreads(2, 'test-hold-worker')
+        a, b = support.loop_connection_pair(self, loop, threads)
+        (conn, _), (_, got) = a, b
+        frames_before = conn.channel.send_seq
+        done = threading.Event()
+
+        def on_loop():
+            for i in range(50):
+                conn.send(Msg.CANCEL(i, 1), hold=True)
+            done.set()
+        loop.call_soon(on_loop)
+        self.assertTrue(done.wait(10))
+        self.assertTrue(got.wait_for(50), len(got.msgs))       # the timer flushed them
+        self.assertEqual(conn.channel.send_seq - frames_before, 1)
+        loop.call_soon(lambda: (conn.send(Msg.CANCEL(50, 1), hold=True),
+                                conn.send(Msg.CANCEL(51, 1))))
+        self.assertTrue(got.wait_for(52), len(got.msgs))
+        self.assertEqual([m[1] for m in got.msgs], list(range(52)))
+
+
+class StatusTest(unittest.TestCase):
+    """Batched frames keep what the program sees: every job passes through Running
+    (a STARTED folded into its RESULT included), and node_jobs() lists running
+    jobs."""
+
+    timeout = TIMEOUT
+
+    def test_every_job_reports_running_then_finished(self):
+        node = NodeProcess('127.0.0.2', cpus=2)
+        self.addCleanup(node.stop)
+        node.start()
+        seen = collections.defaultdict(list)
+        lock = threading.Lock()
+
+        def status(state, _node, job):
+            if job is not None:
+                with lock:
+                    seen[job.id].append(state)
+        cluster = dispy.JobCluster(double, nodes=['127.0.0.2'], ip_addr='127.0.0.1',
+                                   port=0, node_port=node.port, cluster_status=status)
+        self.addCleanup(support.close_now, cluster)
+        jobs = [cluster.submit(i) for i in range(500)]
+        self.assertEqual([j() for j in jobs], [2 * i for i in range(500)])
+        cluster.wait(timeout=30)        # every callback of the finished jobs has run
+        for job in jobs:
+            states = [s for s in seen[job.id] if s != DispyJob.Created]
+            self.assertEqual(states, [DispyJob.Running, DispyJob.Finished], job.id)
+        self.assertLess(cluster._pool.links["127.0.0.2"].conn.channel.recv_seq,
+                        250, 'results did not share frames')
+
+    def test_node_jobs_lists_running_jobs(self):
+        node = NodeProcess('127.0.0.2', cpus=2)
+        self.addCleanup(node.stop)
+        node.start()
+        cluster = dispy.JobCluster(nap, nodes=['127.0.0.2'], ip_addr='127.0.0.1', port=0,
+                                   node_port=node.port)
+        self.addCleanup(support.close_now, cluster)
+        jobs = [cluster.submit(i, 1.5) for i in range(2)]
+        self.assertTrue(support.wait_until(
+            lambda: all(j.status == DispyJob.Running for j in jobs), 30),
+            [j.status for j in jobs])
+        self.assertEqual(sorted(j.id for j in cluster.node_jobs('127.0.0.2')),
+                         sorted(j.id for j in jobs))
+        self.assertEqual([j() for j in jobs], [0, 1])
+
+
+class RecallTest(unittest.TestCase):
+    """A node ten times slower than another: the jobs still waiting there when the
+    fast node runs out of work are asked back and run on the fast node."""
+
+    timeout = TIMEOUT
+
+    def test_jobs_waiting_on_a_slow_node_move(self):
+        fast = NodeProcess('127.0.0.2', cpus=1)
+        env = dict(os.environ, DISPY_TEST_SLOWDOWN='20')
+        slow = NodeProcess('127.0.0.3', port=fast.port, cpus=1, env=env)
+        for node in (fast, slow):
+            self.addCleanup(node.stop)
+            node.start()
+        recalled = []
+        handler = dispy.Scheduler.handlers['RECALLED']
+
+        def counting(scheduler, link, msg, loaded):
+            recalled.append((link.ip_addr, msg.key))
+            return handler(scheduler, link, msg, loaded)
+        dispy.Scheduler.handlers['RECALLED'] = counting
+        self.addCleanup(dispy.Scheduler.handlers.__setitem__, 'RECALLED', handler)
+        ready = threading.Semaphore(0)
+
+        def status(state, _node, _job):
+            if state == dispy.DispyNode.Initialized:
+                ready.release()
+        cluster = dispy.JobCluster(nap, nodes=['127.0.0.2', '127.0.0.3'],
+                                   ip_addr='127.0.0.1', port=0, node_port=fast.port,
+                                   cluster_status=status)
+        self.addCleanup(support.close_now, cluster)
+        for _ in range(2):
+            self.assertTrue(ready.acquire(timeout=30), 'a node was not set up')
+        jobs = [cluster.submit(i, 0.05) for i in range(30)]
+        self.assertEqual([j(timeout=60) for j in jobs], list(range(30)))
+        on_slow = [j.id for j in jobs if j.ip_addr == '127.0.0.3']
+        self.assertTrue(recalled, 'no job was asked back from the slow node')
+        self.assertEqual({addr for addr, _ in recalled}, {'127.0.0.3'})
+        # the slow node (1 s a job) kept only what it had started: its first job and
+        # the one it started when that ended; the fast one ran the other 28 meanwhile
+        self.assertLessEqual(len(on_slow), 2, on_slow)
+        for key in (key for _, key in recalled):
+            job = [j for j in jobs if j._key == key][0]
+            self.assertEqual(job.ip_addr, '127.0.0.2')
+            self.assertEqual(job.status, DispyJob.Finished)
+
+
+class StrandWidthTest(unittest.TestCase):
+    """A strand of width 2 runs at most two tasks at once, started in order."""
+
+    def test_width_bounds_concurrency(self):
+        threads = dispy.WorkerThreads(8, 'test-strand')
+        strand = dispy.Strand(threads, width=2)
+        lock = threading.Lock()
+        state = {'now': 0, 'peak': 0, 'order': []}
+        done = threading.Semaphore(0)
+
+        def task(i):
+            with lock:
+                state['now'] += 1
+                state['peak'] = max(state['peak'], state['now'])
+                state['order'].append(i)
+            time.sleep(0.01)        # overlap, so that a wider strand would show
+            with lock:
+                state['now'] -= 1
+            done.release()
+        for i in range(10):
+            strand.submit(task, i)
+        for _ in range(10):
+            self.assertTrue(done.acquire(timeout=10))
+        self.assertEqual(state['peak'], 2)
+        self.assertEqual(sorted(state['order']), list(range(10)))
+        self.assertEqual(state['order'][:2], [0, 1])
+
+
+if __name__ == '__main__':
+    unittest.main()
