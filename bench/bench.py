@@ -141,14 +141,22 @@ def transfer(data, size, seed):
 # Client side (runs in a fresh process: bench.py --run-workload W --impl I ...)
 # ======================================================================================
 
+def original_setup():
+    """The original's setup function (see make_cluster): nothing to set up."""
+    return 0
+
+
 def make_cluster(dispy, impl, computation, node_port, nodes=('127.0.0.1',), **extra):
     """The only per-implementation difference in the client code."""
     common = dict(nodes=list(nodes), loglevel=dispy.logger.WARNING, **extra)
     if impl == 'original':
         # dispy 4.15.2: the client listens on dispy_port and nodes on dispy_port + 1;
         # 'host' is 4.15.2's name for the deprecated 'ip_addr' (same meaning).
+        # With a setup function its node forks each job from the set-up process; without
+        # one, many short jobs hit a race in dispynode 4.15.2 (jobs Terminated with
+        # "'NoneType' object has no attribute 'pid'") and runs sometimes hang.
         return dispy.JobCluster(computation, host='127.0.0.1', dispy_port=node_port - 1,
-                                **common)
+                                setup=original_setup, **common)
     return dispy.JobCluster(computation, ip_addr='127.0.0.1', port=0, node_port=node_port,
                             **common)
 
