@@ -188,11 +188,19 @@ def loads_frame(data, buffers=()):
 OOB_MIN = 65536     # bytes fields this big travel out of band: sent and received without copies
 
 
+def _oob_field(x):
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return pickle.PickleBuffer(x) if len(x) >= OOB_MIN else x
+    if type(x) is tuple and x and isinstance(x[0], (bytes, memoryview)):   # a parted blob
+        return tuple(_oob_field(part) for part in x)
+    return x
+
+
 def out_of_band(msg):
-    """The message with its big bytes fields wrapped so pickle (protocol 5) passes them
-    to ``buffer_callback`` instead of copying them into the pickle."""
-    return tuple(pickle.PickleBuffer(x) if isinstance(x, (bytes, bytearray, memoryview))
-                 and len(x) >= OOB_MIN else x for x in msg)
+    """The message with its big bytes fields (and the big parts of a parted blob)
+    wrapped so pickle (protocol 5) passes them to ``buffer_callback`` instead of
+    copying them into the pickle."""
+    return tuple(_oob_field(x) for x in msg)
 
 
 def dumps_oob(obj, protocol):
@@ -240,6 +248,75 @@ def dumps_blob(obj):
     return pickle.dumps(obj, BLOB_PICKLE_PROTOCOL)
 
 
+# A job's pickled arguments (its "blob") are bytes; or, when an argument is a big bytes
+# object, a *parted blob*: a tuple (pickle, data, ...) of a protocol-5 pickle and those
+# bytes objects themselves, out of band, so they reach the worker without being copied
+# into a pickle at the client (5 MB copied into fresh memory costs more than sending
+# it).  Stored (the recover file) as PARTED_MARK | count | sizes | pickle | data...: a
+# pickle never starts with 0.
+PARTED_MARK = b'\0'
+
+
+class _OutOfBand:
+    """A big bytes argument, pickled as a reference to itself (out of band)."""
+    __slots__ = ('data',)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _big_bytes(x):
+    return type(x) is bytes and len(x) >= OOB_MIN
+
+
+def _dumps_parted(args):
+    pos, kwargs = args
+    wrappers = {}       # one per object: an argument given twice travels once
+
+    def wrap(x):
+        if not _big_bytes(x):
+            return x
+        return wrappers.setdefault(id(x), _OutOfBand(x))
+    wrapped = (tuple(map(wrap, pos)), {k: wrap(v) for k, v in kwargs.items()})
+    buffers = []
+    meta = pickle.dumps(wrapped, 5, buffer_callback=buffers.append)
+    return (meta,) + tuple(b.raw().obj for b in buffers)
+
+
+def blob_size(blob):
+    """Bytes of a blob, parted or not."""
+    if type(blob) is tuple:
+        return sum(len(part) for part in blob)
+    return len(blob)
+
+
+def stored_blob(blob):
+    """Byte parts of a blob as the recover file keeps it."""
+    if type(blob) is not tuple:
+        return [blob]
+    sizes = [len(part) for part in blob]
+    return [PARTED_MARK + struct.pack('!H%dQ' % len(sizes), len(sizes), *sizes)] + list(blob)
+
+
+def loads_blob(blob):
+    """The object of a blob: bytes, a parted blob, or a stored parted blob."""
+    if type(blob) is tuple:
+        return pickle.loads(blob[0], buffers=blob[1:])
+    view = memoryview(blob)
+    if view[:1] != PARTED_MARK:
+        return pickle.loads(view)
+    (count,) = struct.unpack_from('!H', view, 1)
+    sizes = struct.unpack_from('!%dQ' % count, view, 3)
+    parts, at = [], 3 + 8 * count
+    for size in sizes:
+        parts.append(view[at:at + size])
+        at += size
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
 class _ArgsPickler(pickle.Pickler):
     """Pickles a job's arguments and notes the classes and functions of the client's
     ``__main__`` they refer to: nodes know those only if their source was shipped.
@@ -266,6 +343,8 @@ def dumps_args(args):
     ``(args, kwargs)``.  Plain arguments (bytes, str, numbers) take pickle's fast path."""
     if all(type(a) in _PLAIN_TYPES for a in args[0]) and \
             all(type(v) in _PLAIN_TYPES for v in args[1].values()):
+        if any(map(_big_bytes, args[0])) or any(map(_big_bytes, args[1].values())):
+            return _dumps_parted(args), []
         return pickle.dumps(args, BLOB_PICKLE_PROTOCOL), []
     buf = io.BytesIO()
     pickler = _ArgsPickler(buf)
@@ -660,7 +739,7 @@ class MessageKind:
 
     def bulk(self, msg):
         data = msg[self._bulk] if self._bulk else None
-        return len(data) if data is not None else 0
+        return blob_size(data) if data is not None else 0
 
 
 class Msg:
@@ -2210,8 +2289,10 @@ class LoopConnection(_ConnectionBase):
                 self._flush_due = action = 'soon'
             elif len(self._outbox) > 1:
                 return True     # another thread's direct flush is under way: it takes this
-            elif on_loop:
-                self._flush_due = action = 'held' if hold else 'soon'
+            elif on_loop or size > BIG_FRAME:
+                # a big message is framed (its HMAC) and written by the loop, while the
+                # caller goes on (pickling the next job's arguments, say)
+                self._flush_due = action = 'held' if hold and on_loop else 'soon'
             else:
                 action = 'direct'
         if action == 'direct':
@@ -3493,10 +3574,11 @@ class Scheduler(_NodeMessages, _NodeControl):
         if job.status in FINAL_STATUSES:    # cancelled while queued
             return
         limit = link.conn.channel.peer_max_frame - 65536 if link.conn is not None else None
-        if limit is not None and len(job._blob) > limit:
+        if limit is not None and blob_size(job._blob) > limit:
             self._end_job(job, DispyJob.Terminated, exception=(
                 'arguments of %d bytes exceed node %s\'s frame limit of %d bytes '
-                '(dispynode --max_frame_size)' % (len(job._blob), link.ip_addr, limit + 65536)))
+                '(dispynode --max_frame_size)' % (blob_size(job._blob), link.ip_addr,
+                                                   limit + 65536)))
             return
         job._attempt += 1
         job._node = link
@@ -4003,9 +4085,9 @@ class RecoverLog:
     def submitted(self, job):
         blob = job._blob
         id_text = _custom_id(job)
-        inline = len(blob) <= RECOVER_INLINE
+        inline = blob_size(blob) <= RECOVER_INLINE
         self._append(b'S', struct.pack('!QdIQ', job._key, job.submit_time, len(id_text),
-                                       len(blob)), id_text, blob if inline else b'')
+                                       blob_size(blob)), id_text, blob if inline else b'')
         if not inline:
             self.deferred.append((job, time.monotonic()))
 
@@ -4035,7 +4117,7 @@ class RecoverLog:
                 continue
             if now - since >= RECOVER_DEFER and budget > 0:
                 due.append((self, job, job._blob))
-                budget -= len(job._blob)
+                budget -= blob_size(job._blob)
             else:
                 keep.append((job, since))
         self.deferred = keep
@@ -4044,17 +4126,19 @@ class RecoverLog:
     def write_args(self, job, blob):
         """An A record for a big blob, copied by the kernel outside every lock."""
         head = struct.pack('!Q', job._key)
+        stored = stored_blob(blob)
         with self.lock:
             if self.fd is None:
                 return
             try:
-                start = self._reserve(len(head) + len(blob))
+                start = self._reserve(len(head) + sum(len(p) for p in stored))
                 fd = os.dup(self.fd)        # a close() meanwhile cannot reuse its number
             except (OSError, ValueError, SystemError, struct.error) as exc:
                 self._failed(exc)
                 return
         try:
-            parts, at = [memoryview(head), memoryview(blob).cast('B')], start + 5
+            parts = [memoryview(p).cast('B') for p in [head] + stored if len(p)]
+            at = start + 5
             while parts:        # a write may be short (over 2 GiB, a signal)
                 if hasattr(os, 'pwritev'):
                     written = os.pwritev(fd, parts, at)
@@ -4269,7 +4353,7 @@ def _recovered_job(key, entry, reply, answered):
     job.args = job.kwargs = None
     if entry['blob'] is not None:
         try:
-            job.args, job.kwargs = pickle.loads(entry['blob'])
+            job.args, job.kwargs = loads_blob(entry['blob'])
         except Exception as exc:
             logger.warning('recover_jobs: arguments of job %r cannot be loaded: %r', job.id, exc)
     if reply is not None:
@@ -4556,9 +4640,9 @@ class JobCluster(ClusterHooks):
         except Exception as exc:
             logger.error('job not created: its arguments cannot be pickled: %s', exc)
             return None
-        if len(blob) > self._pool.max_frame - 65536:
+        if blob_size(blob) > self._pool.max_frame - 65536:
             logger.error('job not created: its arguments take %d bytes, over the frame limit '
-                         'of %d (max_frame_size)', len(blob), self._pool.max_frame)
+                         'of %d (max_frame_size)', blob_size(blob), self._pool.max_frame)
             return None
         options = {}
         if timeout:

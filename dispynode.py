@@ -518,7 +518,7 @@ def _run_function(key, attempt, blob, ns, spec, extra):
     try:
         if extra:       # this job's own dependencies: gone with the globals after it
             _load_code(ns, extra, '<dispy job %s depends>' % key)
-        args, kwargs = pickle.loads(blob)
+        args, kwargs = dispy.loads_blob(blob)
         result = ns[spec['name']](*args, **kwargs)
         try:    # now, while classes the job brought along are still defined
             result_blob = dispy.dumps_blob(result)
@@ -549,7 +549,7 @@ def _run_function(key, attempt, blob, ns, spec, extra):
 
 def _run_program(key, attempt, blob, ns, spec, extra):
     import subprocess
-    args, _kwargs = pickle.loads(blob)
+    args, _kwargs = dispy.loads_blob(blob)
     path = os.path.join(spec['dir'], spec['name'])
     argv = ([sys.executable, path] if path.endswith('.py') else [path]) + list(args)
     start = time.time()

@@ -142,7 +142,10 @@ def transfer(data, size, seed):
 # ======================================================================================
 
 def original_setup():
-    """The original's setup function (see make_cluster): nothing to set up."""
+    """The original's setup function (see make_cluster); the global it sets is what
+    makes dispynode 4.15.2 keep its set-up process and fork each job from it."""
+    global bench_set_up
+    bench_set_up = True
     return 0
 
 
@@ -152,9 +155,9 @@ def make_cluster(dispy, impl, computation, node_port, nodes=('127.0.0.1',), **ex
     if impl == 'original':
         # dispy 4.15.2: the client listens on dispy_port and nodes on dispy_port + 1;
         # 'host' is 4.15.2's name for the deprecated 'ip_addr' (same meaning).
-        # With a setup function its node forks each job from the set-up process; without
-        # one, many short jobs hit a race in dispynode 4.15.2 (jobs Terminated with
-        # "'NoneType' object has no attribute 'pid'") and runs sometimes hang.
+        # With a setup function that sets a global, its node forks each job from the
+        # set-up process; otherwise many short jobs hit a race in dispynode 4.15.2
+        # (jobs Terminated with "'NoneType' object has no attribute 'pid'").
         return dispy.JobCluster(computation, host='127.0.0.1', dispy_port=node_port - 1,
                                 setup=original_setup, **common)
     return dispy.JobCluster(computation, ip_addr='127.0.0.1', port=0, node_port=node_port,

@@ -31,6 +31,12 @@ def nap(i, base):
     return i
 
 
+def digest_kinds(data, more=None, again=None):
+    import hashlib
+    return (type(data).__name__, hashlib.sha256(data).hexdigest(), type(more).__name__,
+            len(more or b''), again is data)
+
+
 def _ready_link(ip, ckey, cpus):
     link = dispy.NodeLink(ip, 0)
     link.state = dispy.NodeLink.READY
@@ -228,6 +234,43 @@ class RecallTest(unittest.TestCase):
             job = [j for j in jobs if j._key == key][0]
             self.assertEqual(job.ip_addr, '127.0.0.2')
             self.assertEqual(job.status, DispyJob.Finished)
+
+
+class PartedArgumentsTest(unittest.TestCase):
+    """A big bytes argument is not copied into the pickle at the client: the blob is
+    (pickle, the bytes object itself, ...); it is framed out of band, stored in the
+    recover file as one record, and the job gets plain bytes back."""
+
+    timeout = TIMEOUT
+
+    def test_blob_parts_round_trip(self):
+        data = os.urandom(300000)
+        blob, _ = dispy.dumps_args(((data, 1), {'more': data, 'small': b'x'}))
+        self.assertIsInstance(blob, tuple)
+        self.assertIs(blob[1], data)                 # the caller's object, not a copy
+        self.assertEqual(len(blob), 2)               # given twice, travels once
+        self.assertEqual(dispy.loads_blob(blob), ((data, 1), {'more': data, 'small': b'x'}))
+        stored = b''.join(dispy.stored_blob(blob))
+        self.assertEqual(dispy.loads_blob(stored), dispy.loads_blob(blob))
+        self.assertEqual(dispy.message_bulk(Msg.JOB(1, 1, 1, blob, None)),
+                         dispy.blob_size(blob))
+        small, _ = dispy.dumps_args(((b'x' * 100,), {}))
+        self.assertIsInstance(small, bytes)
+
+    def test_big_arguments_reach_the_job_as_bytes(self):
+        node = NodeProcess('127.0.0.2', cpus=2)
+        self.addCleanup(node.stop)
+        node.start()
+        cluster = dispy.JobCluster(digest_kinds, nodes=['127.0.0.2'], ip_addr='127.0.0.1',
+                                   port=0, node_port=node.port)
+        self.addCleanup(support.close_now, cluster)
+        import hashlib
+        datas = [os.urandom(1 << 20) for _ in range(4)]
+        jobs = [cluster.submit(d, more=d[:70000], again=d) for d in datas]
+        for data, job in zip(datas, jobs):
+            self.assertEqual(job(timeout=60), ('bytes', hashlib.sha256(data).hexdigest(),
+                                               'bytes', 70000, True),
+                             (job.status, job.exception))
 
 
 class StrandWidthTest(unittest.TestCase):
