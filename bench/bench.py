@@ -78,8 +78,8 @@ FIGURES = {
     # over 48 nodes and one over 1 node, and its figures compare the two.  A 7th
     # element lists extras whose per-run values are also shown, as '<extra>_runs'.
     'W7': [('W7-ratio', 'ratio', 'x', '>=', 0.8,
-            ('jobs_per_s_48', 'jobs_per_s_1', 'wall_s_48', 'wall_s_1', 'nodes_used_48',
-             'jobs'), ('jobs_per_s_48', 'jobs_per_s_1')),
+            ('nodes', 'jobs_per_s_48', 'jobs_per_s_1', 'wall_s_48', 'wall_s_1',
+             'nodes_used_48', 'jobs'), ('jobs_per_s_48', 'jobs_per_s_1')),
            ('W7-threads', 'thread_diff', 'threads', '<=', 4,
             ('peak_threads_48', 'peak_threads_1'),
             ('peak_threads_48', 'peak_threads_1', 'peak_thread_names_48'))],
@@ -967,6 +967,8 @@ def combine_runs(workload, parts):
                 out['%s_%s' % (key, name)] = part[key]
         if part:
             out['jobs'] = part.get('jobs')
+    if many:
+        out['nodes'] = many.get('nodes')
     if many and one:
         out['ratio'] = many['jobs_per_s'] / one['jobs_per_s']
         out['thread_diff'] = many['peak_threads'] - one['peak_threads']
