@@ -12,7 +12,8 @@ The path a job takes (who owns each queue, which thread moves it)::
         │         file (RecoverLog), Scheduler.submit: queue of its cluster
         ▼         (_ClusterQueue.pending) → _dispatch: a NodeLink with a free slot
     LoopConnection.send: the connection's outbox → one frame; written by the caller
-        │         itself when the connection is idle, else by the I/O loop
+        │         itself when the connection is idle (a small message), else by the
+        │         I/O loop
         ▼  TCP, HMAC-authenticated frames (Channel)
     dispynode     its session's queue → a CPU → a warm worker process runs the job;
         │         the result is kept on the node until acknowledged
@@ -20,7 +21,7 @@ The path a job takes (who owns each queue, which thread moves it)::
     I/O loop      reads and verifies the frame, hands it to NodePool.on_messages →
         │         Scheduler.node_messages: unpickles the result (outside the lock; big
         │         frames on a worker thread, in order), then under the lock ends the
-        ▼         job (ClusterHooks.job_ended), sends ACK and the next jobs
+        ▼         jobs (ClusterHooks.job_ended), sends one ACK and the next jobs
     user thread   job() / cluster.wait() wake on the scheduler's condition; callbacks
                   run on the notifier thread
 
@@ -107,7 +108,8 @@ NODE_PORT = 51348             # dispynode UDP + TCP
 MAX_HANDSHAKE_MSG = 4096      # limit on anything read from an unauthenticated peer
 DEFAULT_MAX_FRAME = 256 << 20  # limit on one authenticated frame (configurable)
 # Arguments and results are pickled once, as opaque blobs, with a protocol every
-# supported Python (3.4+) reads, so a blob made on one version loads on any other.
+# supported Python (3.4+) reads, so a blob made on one version loads on any other
+# (parted blobs of big bytes arguments use protocol 5: Python 3.8+, as every node is).
 BLOB_PICKLE_PROTOCOL = 4
 HANDSHAKE_TIMEOUT = 10.0      # a peer that sends nothing is dropped after this
 DEFAULT_PULSE_INTERVAL = 5.0  # liveness when the user gives no pulse_interval
@@ -252,8 +254,8 @@ def dumps_blob(obj):
 # object, a *parted blob*: a tuple (pickle, data, ...) of a protocol-5 pickle and those
 # bytes objects themselves, out of band, so they reach the worker without being copied
 # into a pickle at the client (5 MB copied into fresh memory costs more than sending
-# it).  Stored (the recover file) as PARTED_MARK | count | sizes | pickle | data...: a
-# pickle never starts with 0.
+# it).  The recover file stores one as PARTED_MARK | count(4) | sizes(8 each) | pickle
+# | data...: a pickle never starts with 0.
 PARTED_MARK = b'\0'
 
 
@@ -298,7 +300,7 @@ def stored_blob(blob):
     if type(blob) is not tuple:
         return [blob]
     sizes = [len(part) for part in blob]
-    return [PARTED_MARK + struct.pack('!H%dQ' % len(sizes), len(sizes), *sizes)] + list(blob)
+    return [PARTED_MARK + struct.pack('!I%dQ' % len(sizes), len(sizes), *sizes)] + list(blob)
 
 
 def loads_blob(blob):
@@ -308,9 +310,9 @@ def loads_blob(blob):
     view = memoryview(blob)
     if view[:1] != PARTED_MARK:
         return pickle.loads(view)
-    (count,) = struct.unpack_from('!H', view, 1)
-    sizes = struct.unpack_from('!%dQ' % count, view, 3)
-    parts, at = [], 3 + 8 * count
+    (count,) = struct.unpack_from('!I', view, 1)
+    sizes = struct.unpack_from('!%dQ' % count, view, 5)
+    parts, at = [], 5 + 8 * count
     for size in sizes:
         parts.append(view[at:at + size])
         at += size
@@ -707,7 +709,7 @@ class _ConnectionBase:
 #   PUT_FILE      cluster.send_file chunk      PUT_FILE_DONE a send_file ended
 #   CLOSE_COMPUTE end a computation (cleanup)  CLOSED        confirms CLOSE_COMPUTE
 #   RELEASE       the client is done here      PULSE         liveness (+ availability)
-#   PULSE         liveness                     RECALLED      gives back a job not started
+#   PULSE         liveness                     RECALLED      answers RECALL (given back?)
 #   RECALL        a queued job, back please
 
 class MessageKind:
@@ -771,7 +773,7 @@ class Msg:
     PUT_FILE_DONE = MessageKind('PUT_FILE_DONE', ['cluster', 'name', 'error'])
     CLOSED = MessageKind('CLOSED', ['cluster'])
     NODE_PULSE = MessageKind('PULSE', ['time', 'avail'])
-    RECALLED = MessageKind('RECALLED', ['key', 'attempt'])
+    RECALLED = MessageKind('RECALLED', ['key', 'attempt', 'given'])
 
     @classmethod
     def result(cls, key, attempt, status, exception, blob=None, stdout='', stderr='',
@@ -2003,7 +2005,7 @@ class IOLoop:
                         _run_guarded(ticker, ())
         finally:
             for key in list(self.selector.get_map().values()):
-                if key.fileobj not in (self._wake_r,):
+                if key.fileobj is not self._wake_r:
                     try:
                         key.fileobj.close()
                     except OSError:
@@ -2201,10 +2203,11 @@ class LoopConnection(_ConnectionBase):
     Strand instead, so the loop never waits on a big result and order is kept.
 
     Writing: ``send`` queues a message; everything queued packs into one frame.  A
-    caller on another thread writes the frame itself when the connection is idle
-    (nothing queued, nothing left unwritten); otherwise, and on the loop thread, the
-    loop flushes after the events at hand, so the replies to one frame leave in one.
-    Bytes the socket does not take at once are written when it is writable.
+    caller on another thread writes a small message's frame itself when the
+    connection is idle (nothing queued, nothing left unwritten); otherwise, and on
+    the loop thread, the loop flushes after the events at hand, so the replies to one
+    frame leave in one; a message sent with ``hold`` may wait up to HOLD seconds for
+    company.  Bytes the socket does not take at once are written when it is writable.
     ``handler.on_closed(conn, reason)`` is called exactly once.
 
     TLS works the same way: an ``SSLSocket`` in non-blocking mode raises
@@ -2225,7 +2228,7 @@ class LoopConnection(_ConnectionBase):
         self._lock = threading.Lock()       # outbox, flags, the channel's send state
         self._outbox = collections.deque()
         self._unsent = []                   # byte parts of frames the socket did not take
-        self._flush_due = False
+        self._flush_due = None              # None, 'held' (a timer flushes), 'soon'
         self._want_write = False
         self._closing = False               # no more sends; flush, then close
         self._closed = False
@@ -2314,7 +2317,7 @@ class LoopConnection(_ConnectionBase):
         """Packs what is queued into frames and writes what the socket takes."""
         try:
             with self._lock:
-                self._flush_due = False
+                self._flush_due = None
                 if self._closed:
                     return
                 while self._outbox and not self._unsent:
@@ -3077,7 +3080,8 @@ class _ClusterQueue:
     flight / capacity) whenever that changes and it has room, and only its latest
     entry counts; so finding the least-loaded node costs no more with 1,000 nodes than
     with one, and nothing at all while every node is full."""
-    __slots__ = ('cluster', 'key', 'pending', 'pinned', 'free', 'stamps', 'slow')
+    __slots__ = ('cluster', 'key', 'pending', 'pinned', 'free', 'stamps', 'slow',
+                 'rebalanced', 'rebalance_due')
 
     def __init__(self, cluster, key):
         self.cluster = cluster
@@ -3087,6 +3091,8 @@ class _ClusterQueue:
         self.free = []
         self.stamps = {}            # link -> stamp of its latest entry in ``free``
         self.slow = set()           # links where its jobs take LEAD or longer
+        self.rebalanced = 0.0       # when _rebalance last looked
+        self.rebalance_due = False  # a later look is planned
 
     def offer(self, link, stamp):
         """The link may have room now (lock held)."""
@@ -3095,6 +3101,17 @@ class _ClusterQueue:
         if in_flight < cap and link.takes_jobs(self.key):
             self.stamps[link] = stamp
             heapq.heappush(self.free, (in_flight / cap, stamp, link))
+        if len(self.free) > 2 * len(self.stamps) + 64:
+            self._compact()
+
+    def _compact(self):
+        """Only the latest entry of each link that may take jobs stays (a cluster
+        never full leaves stale entries below its top)."""
+        live = [e for e in self.free if self.stamps.get(e[2]) == e[1]
+                and e[2].takes_jobs(self.key)]
+        self.stamps = {e[2]: e[1] for e in live}
+        heapq.heapify(live)
+        self.free = live
 
     def least_loaded(self):
         """The ready link with room and the lowest load, or None."""
@@ -3206,17 +3223,22 @@ class _NodeMessages:
         link.acks.append((msg.key, msg.attempt))
 
     def _on_recalled(self, link, msg, _loaded):
-        """The node gave back a job it had not started: queued here again, first."""
+        """The node's answer to RECALL: a job it had not started is queued here
+        again, first; one it has started runs on there."""
         link.recalling.discard(msg.key)
         job = link.jobs.get(msg.key)
-        if job is None or job._attempt != msg.attempt:
+        if not msg.given or job is None or job._attempt != msg.attempt:
             return
-        del link.jobs[msg.key]
+        self._take_back(link, job)
+
+    def _take_back(self, link, job):
+        """A job the node no longer has, that never ran there: queued again."""
+        del link.jobs[job._key]
         self._slot_freed(link, job._cluster.key)
         job._node = job.ip_addr = None
         queue = self.queues.get(job._cluster.key)
-        if (msg.key, msg.attempt) in link.cancels or queue is None:
-            link.cancels.discard((msg.key, msg.attempt))
+        if (job._key, job._attempt) in link.cancels or queue is None:
+            link.cancels.discard((job._key, job._attempt))
             self._end_job(job, DispyJob.Cancelled, exception='Cancelled')
         elif job.status not in FINAL_STATUSES:
             queue.pending.appendleft(job)
@@ -3230,6 +3252,9 @@ class _NodeMessages:
             logger.warning('provisional result of job %s could not be unpickled: %s',
                            msg.key, error)
             return
+        if job.status == DispyJob.Created:      # its STARTED shares this frame, folded
+            job.status = DispyJob.Running
+            job._cluster.job_changed(job, DispyJob.Running)
         job.result = result
         job.status = DispyJob.ProvisionalResult
         job._cluster.job_changed(job, DispyJob.ProvisionalResult)
@@ -3394,9 +3419,9 @@ class Scheduler(_NodeMessages, _NodeControl):
         self._cluster_keys = cluster_keys or itertools.count(1)
         self._job_keys = job_keys or itertools.count(1)
         self._stamps = itertools.count()
-        # allocate() and shipping computations: two nodes at a time, so many nodes
-        # found at once take two threads, not the pool (allocate() should be quick)
-        self._setups = Strand(threads, width=2)
+        # allocate() and shipping computations: four nodes at a time, so many nodes
+        # found at once take four threads, not the pool (allocate() should be quick)
+        self._setups = Strand(threads, width=4)
 
     def _room_changed(self, link, ckey=None):
         """A link's load or capacity changed (for one cluster, or all): it is offered
@@ -3522,6 +3547,12 @@ class Scheduler(_NodeMessages, _NodeControl):
             else:
                 queue.slow.discard(link)
 
+    def _rebalance_later(self, queue):
+        with self.lock:
+            queue.rebalance_due = False
+            if self.queues.get(queue.key) is queue:
+                self._dispatch()
+
     @staticmethod
     def _finish_estimate(link, ckey, place):
         """When the job ``place``-th in line on a link (its running ones first) would
@@ -3536,22 +3567,35 @@ class Scheduler(_NodeMessages, _NodeControl):
         (RECALLED), and it is sent here.  Only nodes whose jobs take LEAD or longer
         are looked at: tiny jobs gain nothing from moving."""
         ckey = queue.key
+        now = time.monotonic()
+        if now < queue.rebalanced + NodeLink.LEAD:
+            # at most once per LEAD (it looks at every job on the slow nodes); and
+            # once more after it, as no frame may come to call it before long
+            if not queue.rebalance_due:
+                queue.rebalance_due = True
+                loop = self.pool.loop
+                loop.call_soon(loop.call_later, NodeLink.LEAD, self._rebalance_later, queue)
+            return
+        queue.rebalanced = now
         idle = queue.least_loaded()
         if idle is None or idle.service.get(ckey) is None:
             return
         here = self._finish_estimate(idle, ckey, idle.in_flight[ckey] + 1)
         best = None
         for link in list(queue.slow):
-            if link is idle or not link.takes_jobs(ckey):
+            if not link.takes_jobs(ckey):
+                queue.slow.discard(link)
+                continue
+            if link is idle:
                 continue
             mine = [j for j in link.jobs.values() if j._cluster is queue.cluster]
             running = sum(1 for j in mine if j.status == DispyJob.Running)
-            waiting = [j for j in mine if j.status == DispyJob.Created
+            asked = sum(1 for j in mine if j._key in link.recalling)
+            waiting = [j for j in mine if j.status == DispyJob.Created and j._pin is None
                        and j._key not in link.recalling]
             if not waiting:
                 continue
-            there = self._finish_estimate(link, ckey, running + len(link.recalling)
-                                          + len(waiting))
+            there = self._finish_estimate(link, ckey, running + asked + len(waiting))
             if there > here + NodeLink.LEAD and (best is None or there > best[0]):
                 best = (there, link, max(waiting, key=lambda j: j._key))
         if best is not None:
@@ -3673,6 +3717,10 @@ class Scheduler(_NodeMessages, _NodeControl):
     def node_ready(self, link, restarted, info):
         """A node answered: first time, or again after a dropped connection (lock held)."""
         held = {tuple(x) for x in info.get('jobs', ())}
+        for job in [j for j in link.jobs.values() if j._key in link.recalling]:
+            if not restarted and (job._key, job._attempt) not in held:
+                self._take_back(link, job)      # given back; the answer was lost
+        link.recalling.clear()
         lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
         if restarted:       # running jobs died with it; kept results come again
             self._lose_jobs(link, lost, 'node restarted')
@@ -4085,7 +4133,7 @@ class RecoverLog:
     def submitted(self, job):
         blob = job._blob
         id_text = _custom_id(job)
-        inline = blob_size(blob) <= RECOVER_INLINE
+        inline = type(blob) is not tuple and len(blob) <= RECOVER_INLINE
         self._append(b'S', struct.pack('!QdIQ', job._key, job.submit_time, len(id_text),
                                        blob_size(blob)), id_text, blob if inline else b'')
         if not inline:
@@ -4141,7 +4189,7 @@ class RecoverLog:
             at = start + 5
             while parts:        # a write may be short (over 2 GiB, a signal)
                 if hasattr(os, 'pwritev'):
-                    written = os.pwritev(fd, parts, at)
+                    written = os.pwritev(fd, parts[:1024], at)     # IOV_MAX
                 else:
                     written = os.pwrite(fd, parts[0], at)
                 at += written

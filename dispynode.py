@@ -32,7 +32,8 @@ Processes (jobs never run inside the node process, so a crash cannot take it dow
      │            listen (one NodeListener.serve_forever per bound address), handshake
      │            (one per connection being authenticated, at most 32), io (the I/O
      │            loop: every client connection and every worker's link), work (at
-     │            most 8, on demand: setting computations up, files, a worker's end),
+     │            most 8, on demand: setting computations up, files, frames over
+     │            256 KiB and those after them, a worker's end),
      │            per computation host a reader, manager (timers; partial files of a
      │            vanished sender dropped)
      ├─ forkserver   multiprocessing's fork server, started with the node (its own
@@ -179,6 +180,97 @@ class LocalLink:
             self.conn.close()
         except OSError:
             pass
+
+
+class LinkReader:
+    """LocalLink messages read as their bytes arrive (the node's I/O loop reads the
+    workers' links with it): each readiness event takes what the socket has, with
+    ``MSG_DONTWAIT`` (the link stays blocking for the node's writes), and yields the
+    messages it completed.  So a worker that stops in the middle of a message (killed
+    while a child it forked keeps the link open) cannot stall the loop.  A big buffer
+    is read straight into a bytearray of its size."""
+
+    BIG = 1 << 20
+
+    def __init__(self, conn):
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self._buf = bytearray()
+        self._big = None            # [bytearray, bytes in] of a big frame arriving
+        self._head = None           # (pickle view, buffer sizes) of the message read
+        self._buffers = []
+
+    def close(self):
+        self.sock.close()
+
+    def read(self):
+        """The messages completed now; EOFError once the link has closed (or is out
+        of step: a worker's end is only ever written by our LocalLink)."""
+        msgs = []
+        try:
+            while True:
+                if self._big is not None:
+                    buf, have = self._big
+                    got = self.sock.recv_into(memoryview(buf)[have:], 0, socket.MSG_DONTWAIT)
+                    if not got:
+                        raise EOFError('worker link closed')
+                    self._big[1] = have = have + got
+                    if have == len(buf):
+                        self._big = None
+                        self._frame(buf, msgs)
+                    continue
+                data = self.sock.recv(262144, socket.MSG_DONTWAIT)
+                if not data:
+                    raise EOFError('worker link closed')
+                self._buf += data
+                self._frames(msgs)
+        except (BlockingIOError, InterruptedError):
+            return msgs
+        except (OSError, struct.error, pickle.UnpicklingError, ValueError) as exc:
+            raise EOFError('worker link broken: %s' % exc)
+
+    def _frames(self, msgs):
+        """Whole multiprocessing frames (``!i`` size, or -1 and a ``!Q`` size) of the
+        buffer; the start of a big one becomes ``_big``."""
+        buf = self._buf
+        while len(buf) >= 4:
+            size, = struct.unpack_from('!i', buf)
+            start = 4
+            if size == -1:
+                if len(buf) < 12:
+                    return
+                size, = struct.unpack_from('!Q', buf, 4)
+                start = 12
+            if len(buf) - start >= size:
+                frame = bytes(buf[start:start + size])
+                del buf[:start + size]
+                self._frame(frame, msgs)
+            elif size > self.BIG:
+                big = bytearray(size)
+                have = len(buf) - start
+                big[:have] = buf[start:]
+                del buf[:]
+                self._big = [big, have]
+                return
+            else:
+                return
+
+    def _frame(self, frame, msgs):
+        if self._head is None:          # a message's first frame: its table, its pickle
+            has_fd, count = struct.unpack_from('!?H', frame)
+            if has_fd:
+                raise ValueError('a descriptor on a worker link')
+            sizes = struct.unpack_from('!%dQ' % count, frame, 3)
+            self._head = (memoryview(frame)[3 + 8 * count:], sizes)
+            self._buffers = []
+        else:
+            if len(frame) != self._head[1][len(self._buffers)]:
+                raise ValueError('buffer of %d bytes, %d announced'
+                                 % (len(frame), self._head[1][len(self._buffers)]))
+            self._buffers.append(frame)
+        data, sizes = self._head
+        if len(self._buffers) == len(sizes):
+            self._head = None
+            msgs.append(pickle.loads(data, buffers=self._buffers))
 
 
 def _read_exact(fd, n):
@@ -593,6 +685,7 @@ class Worker:
 
     def __init__(self, link):
         self.link = link
+        self.reader = LinkReader(link.conn)     # read on the node's I/O loop
         self.pid = None
         self.job = None
 
@@ -629,6 +722,7 @@ class WorkerPool:
         self.exits = {}                 # worker pid -> how it ended (from the host)
         self.exit_cond = threading.Condition()
         self.host_gone = False          # no more exits will be reported
+        self._when_warm = None          # start_workers' callback, until they are ready
 
     def start(self, spec):
         """Starts the host through the forkserver; raises OSError if it cannot."""
@@ -656,14 +750,21 @@ class WorkerPool:
             self._spawn()
         return None
 
-    def start_workers(self):
+    def start_workers(self, then):
         """Forks workers up to the computation's CPUs, so its first jobs need not
-        wait for a fork each."""
+        wait for a fork each; ``then()`` once none is being forked any more."""
+        self._when_warm = then
         while len(self.workers) + self.spawning < self.comp.cpus:
             before = self.spawning
             self._spawn()
             if self.spawning == before:
-                return      # the host cannot fork (logged)
+                break       # the host cannot fork (logged)
+        self._check_warm()
+
+    def _check_warm(self):
+        if self.spawning == 0 and self._when_warm is not None:
+            then, self._when_warm = self._when_warm, None
+            then()
 
     def drop_waiting(self, job):
         """Whether ``job`` was waiting for a worker (it no longer is)."""
@@ -724,27 +825,29 @@ class WorkerPool:
         self.server.loop.in_loop(self._watch_worker, worker)
 
     # A worker's link is read on the node's I/O loop (no thread per worker, and no
-    # hand-off between threads per result): a message is read when its first bytes
-    # are there; the worker writes each one whole, so the loop waits at most for the
-    # copy of a big result.
+    # hand-off between threads per result), without blocking (LinkReader).
     def _watch_worker(self, worker):
-        self.server.loop.selector.register(worker.link.conn.fileno(), selectors.EVENT_READ,
+        self.server.loop.selector.register(worker.reader.sock, selectors.EVENT_READ,
                                            lambda _events: self._read_worker(worker))
 
     def _read_worker(self, worker):
         try:
-            msg, _ = worker.link.recv()
-            with self.server.lock:
-                if msg[0] == 'ready':
-                    self._on_ready(worker, msg[1])
-                else:
-                    self.server._on_worker_message(self.comp, worker, msg)
+            msgs = worker.reader.read()
         except EOFError:
-            self.server.loop.selector.unregister(worker.link.conn.fileno())
+            self.server.loop.selector.unregister(worker.reader.sock)
+            worker.reader.close()
             self.server.threads.submit(self._worker_ended, worker)   # may wait for its exit
-        except Exception:
-            logger.exception('worker %s: unexpected error; killed', worker.pid)
-            worker.kill()       # its link then ends: _worker_ended reports its job
+            return
+        with self.server.lock:
+            for msg in msgs:
+                try:
+                    if msg[0] == 'ready':
+                        self._on_ready(worker, msg[1])
+                    else:
+                        self.server._on_worker_message(self.comp, worker, msg)
+                except Exception:
+                    logger.exception('worker %s: unexpected error; killed', worker.pid)
+                    worker.kill()       # its link then ends: _worker_ended reports its job
 
     def _on_ready(self, worker, pid):
         worker.pid = pid
@@ -754,6 +857,7 @@ class WorkerPool:
             self.server._start_job(self.waiting.popleft(), worker)
         else:
             self.idle.append(worker)
+        self._check_warm()
 
     def _worker_ended(self, worker):
         how = self._exit_of(worker)
@@ -764,6 +868,7 @@ class WorkerPool:
                 self.idle.remove(worker)
             if worker.pid is None:
                 self.spawning -= 1
+                self._check_warm()
             job, worker.job = worker.job, None
             worker.link.close()
             if job is not None:
@@ -989,7 +1094,12 @@ class RecoveryHandler:
         for msg in msgs:
             kind = msg[0] if isinstance(msg, tuple) and msg else None
             if kind == 'ACK':
-                for key, attempt in acked_jobs(Msg.ACK.read(msg)):
+                try:
+                    acked = acked_jobs(Msg.ACK.read(msg))
+                except (ValueError, TypeError, dispy.ProtocolError) as exc:
+                    logger.warning('recover_jobs from %s: malformed ACK: %s', self.address, exc)
+                    continue
+                for key, attempt in acked:
                     if key in self.wanted:
                         with self.router.lock:
                             self.router.node.store.remove(self.client_id, key, attempt)
@@ -1001,6 +1111,19 @@ class RecoveryHandler:
     def on_closed(self, conn, reason):
         with self.router.lock:
             self.router.recoveries.discard(self)
+
+
+def _job_blob(blob):
+    """A JOB's arguments as received: bytes, or a parted blob (pickle, buffers...)
+    whose parts can go on to the worker as they are; anything else → ValueError."""
+    if isinstance(blob, bytes):
+        return blob
+    if (type(blob) is not tuple or not blob
+            or not all(isinstance(p, (bytes, memoryview)) for p in blob)):
+        raise ValueError('malformed job arguments')
+    # a small part came in band as bytes; a memoryview is a slice of the frame
+    return tuple(p if isinstance(p, bytes) or len(p) >= dispy.OOB_MIN else bytes(p)
+                 for p in blob)
 
 
 def acked_jobs(msg):
@@ -1745,6 +1868,7 @@ class NodeServer:
 
     def _on_job(self, session, msg):
         key, ckey, attempt, blob, options = msg
+        blob = _job_blob(blob)      # refused (ValueError) before anything is kept
         if self.quitting:
             self._finish(session, None, Msg.result(key, attempt, DispyJob.Cancelled,
                                                    'Cancelled: node is shutting down'))
@@ -1766,16 +1890,19 @@ class NodeServer:
 
     def _on_recall(self, session, msg):
         """The client would rather run a queued job elsewhere: given back if it has
-        not started (else it runs here, and its STARTED is on the way)."""
+        not started (else it runs here, and its STARTED is on the way); answered
+        either way, so the client knows."""
         job = session.jobs.get(msg.key)
-        if job is None or job.attempt != msg.attempt or job.worker is not None:
-            return
-        try:
-            self.queue.remove(job)
-        except ValueError:
-            return      # holding a CPU, waiting for a worker: as good as started
-        del session.jobs[job.key]
-        session.conn.send(Msg.RECALLED(job.key, job.attempt))
+        given = False
+        if job is not None and job.attempt == msg.attempt and job.worker is None:
+            try:
+                self.queue.remove(job)      # not if it holds a CPU, waiting for a worker
+                given = True
+            except ValueError:
+                pass
+        if given:
+            del session.jobs[job.key]
+        session.conn.send(Msg.RECALLED(msg.key, msg.attempt, given))
 
     def _on_cancel(self, session, msg):
         key, attempt = msg
@@ -1998,13 +2125,19 @@ class NodeServer:
             comp.state = 'ready' if ok else 'failed'
             if not ok:
                 logger.warning('setup of %s failed: %s', comp.spec['name'], error)
-            else:
-                comp.pool.start_workers()       # warm before the first jobs arrive
-            if session.conn is not None:
-                session.conn.send(Msg.SETUP(comp.key, ok, error))
-            self._pump()
+                self._setup_done(session, comp, ok, error)
+            else:   # told once its workers are forked: its first jobs find them warm
+                comp.pool.start_workers(lambda: self._setup_done(session, comp, ok, error))
         elif msg[0] == 'cleaned' and msg[1]:
             logger.warning('cleanup of %s failed: %s', comp.spec['name'], msg[1])
+
+    def _setup_done(self, session, comp, ok, error):
+        if session.comps.get(comp.key) is not comp or comp.state != ('ready' if ok else
+                                                                     'failed'):
+            return      # closed meanwhile
+        if session.conn is not None:
+            session.conn.send(Msg.SETUP(comp.key, ok, error))
+        self._pump()
 
     def _on_host_ended(self, session, comp):
         """The computation's host has exited: whether its files can go now."""

@@ -98,6 +98,125 @@ class FreeSlotsTest(unittest.TestCase):
         self.assertIs(queue.least_loaded(), links[500])
 
 
+class _Cluster:
+    key = 1
+    reentrant = False
+
+
+class RebalanceTest(unittest.TestCase):
+    """_rebalance on a scheduler without a network: what is asked back, and what the
+    answer does."""
+
+    def setUp(self):
+        self.sent = collections.defaultdict(list)
+        self.scheduler = dispy.Scheduler(None)
+        self.queue = dispy._ClusterQueue(_Cluster, 1)
+        self.scheduler.queues = {1: self.queue}
+        self.slow = self.link('127.0.0.3', 1.0)
+        self.fast = self.link('127.0.0.2', 0.05)
+        self.queue.slow.update((self.slow, self.fast))
+        self.queue.offer(self.fast, -1)
+
+    def link(self, ip, seconds):
+        link = _ready_link(ip, 1, 1)
+        link.send = lambda msg: self.sent[ip].append(msg)
+        link.job_took(1, seconds)
+        return link
+
+    def jobs_on_slow(self, pin=None):
+        jobs = []
+        for key in (1, 2, 3):           # one running, two waiting
+            job = DispyJob(key, _Cluster, b'x', pin=pin)
+            job._attempt, job._node, job.ip_addr = 1, self.slow, self.slow.ip_addr
+            job.status = DispyJob.Running if key == 1 else DispyJob.Created
+            self.slow.jobs[key] = job
+            self.slow.in_flight[1] += 1
+            jobs.append(job)
+        return jobs
+
+    def test_waiting_job_asked_back_and_queued_again(self):
+        jobs = self.jobs_on_slow()
+        self.scheduler._rebalance(self.queue)
+        self.assertEqual(self.sent['127.0.0.3'], [Msg.RECALL(3, 1)])
+        self.assertEqual(self.slow.recalling, {3})
+        self.scheduler._on_recalled(self.slow, Msg.RECALLED.read(Msg.RECALLED(3, 1, True)),
+                                    None)
+        self.assertEqual(list(self.queue.pending), [jobs[2]])
+        self.assertIsNone(jobs[2].ip_addr)
+        self.assertEqual((self.slow.in_flight[1], self.slow.recalling), (2, set()))
+
+    def test_refused_recall_leaves_the_job_and_forgets_the_ask(self):
+        jobs = self.jobs_on_slow()
+        self.scheduler._rebalance(self.queue)
+        self.scheduler._on_recalled(self.slow, Msg.RECALLED.read(Msg.RECALLED(3, 1, False)),
+                                    None)
+        self.assertEqual(self.slow.recalling, set())
+        self.assertIs(self.slow.jobs[3], jobs[2])
+        self.assertEqual(list(self.queue.pending), [])
+
+    def test_submit_node_jobs_stay_on_their_node(self):
+        self.jobs_on_slow(pin='127.0.0.3')
+        self.scheduler._rebalance(self.queue)
+        self.assertEqual(self.sent['127.0.0.3'], [])
+
+    def test_heap_stays_small_when_never_full(self):
+        for n in range(5000):       # one job at a time: the link is never full
+            self.fast.in_flight[1] = n % 2
+            self.queue.offer(self.fast, -10 - n)
+        self.assertLess(len(self.queue.free), 200)
+        self.assertIs(self.queue.least_loaded(), self.fast)
+
+
+class LinkReaderTest(unittest.TestCase):
+    """The node's reader of worker links never blocks: half a message gives nothing
+    (at once), the rest gives the message; big buffers arrive whole; EOF ends it."""
+
+    def test_partial_messages_and_big_buffers(self):
+        import multiprocessing
+        import struct
+        node_end, worker_end = multiprocessing.Pipe()
+        self.addCleanup(node_end.close)
+        reader = dispynode.LinkReader(node_end)
+        self.addCleanup(reader.close)
+        self.assertEqual(reader.read(), [])             # nothing yet: no wait
+        big = os.urandom(3 << 20)
+        data, _ = dispy.dumps_oob(dispy.out_of_band(('ready', 7)), 5)
+        head = struct.pack('!?H', False, 0) + data
+        raw = struct.pack('!i', len(head)) + head
+
+        def write():    # as a worker does: a big message, then half of a small one
+            dispynode.LocalLink(worker_end).send(('result', 1, big, 'x' * 10))
+            worker_end._send(raw[:5])
+        writer = threading.Thread(target=write)
+        writer.start()
+        self.addCleanup(writer.join, 10)
+        msgs = []
+        for _ in range(500):        # bounded: ~5 s
+            msgs += reader.read()
+            if msgs:
+                break
+            time.sleep(0.01)
+        writer.join(10)
+        self.assertEqual(len(msgs), 1)
+        self.assertEqual(msgs[0][:2], ('result', 1))
+        self.assertEqual(bytes(msgs[0][2]), big)
+        self.assertEqual(reader.read(), [])             # the half message waits
+        worker_end._send(raw[5:])
+        self.assertTrue(support.wait_until(lambda: msgs.extend(reader.read()) or
+                                           len(msgs) == 2, 5))
+        self.assertEqual(msgs[1], ('ready', 7))
+        worker_end.close()
+        self.assertTrue(support.wait_until(lambda: self._eof(reader), 5))
+
+    @staticmethod
+    def _eof(reader):
+        try:
+            reader.read()
+        except EOFError:
+            return True
+        return False
+
+
 class NodeFramingTest(unittest.TestCase):
     """The node's side: a STARTED whose RESULT shares the frame is left out, and an
     ACK names many results or is refused whole."""

@@ -442,6 +442,8 @@ class Fuzzer:
                        ('FILE', 9, '../../x', 0o6755, 0, b'data', True),
                        ('COMPUTE', 10, {'name': 'f', 'files': 5}),
                        ('CANCEL', 1, 0), ('ACK', 1, 0), ('ACK', [(1, 0)]), ('ACK', 5),
+                       ('JOB', 5, 1, 1, (1, 2), None), ('JOB', 5, 1, 1, [b'x'], None),
+                       ('JOB', 5, 1, 1, (), None), ('RECALL', 'x', None),
                        ('ACK', [(1,), 'x']), ('PULSE', float('nan'))]
             if rng.random() < 0.03:     # these end the connection today: keep them rare
                 curated = [('COMPUTE', 11, {'name': 'n' * 300}), ('COMPUTE', 12, 'not a dict'),
