@@ -1030,8 +1030,8 @@ def bench_multi(args, impl, workload, size):
     return runs, errors
 
 
-def ratio_lines(this_lines, orig_lines):
-    """this / original per figure; 'this_better' reads the direction of the target."""
+def ratio_lines(this_lines, orig_lines, other='original'):
+    """this / other per figure; 'this_better' reads the direction of the target."""
     out = []
     orig = {l['workload']: l for l in orig_lines}
     for line in this_lines:
@@ -1041,9 +1041,9 @@ def ratio_lines(this_lines, orig_lines):
         a, b = line.get('median'), other.get('median')
         higher = line['target'].startswith(SIGN['>='])
         entry = {'workload': line['workload'], 'impl': 'ratio', 'unit': line['unit'],
-                 'this': a, 'original': b, 'higher_is_better': higher}
+                 'this': a, other: b, 'higher_is_better': higher}
         if a is not None and b:
-            entry['ratio'] = _num(a / b)    # this / original
+            entry['ratio'] = _num(a / b)    # this / other
             entry['this_better'] = (a > b) if higher else (a < b)
         else:
             entry['ratio'] = None
@@ -1148,6 +1148,11 @@ def driver_main(args):
         _interpreter(args.original)      # fail early, before the namespace
         return reexec_in_netns(args)
     impls = [Impl('this', sys.executable, 'this')]
+    if args.compare:    # another checkout, right after this one, same workloads
+        tree = os.path.abspath(args.compare)
+        if not os.path.isfile(os.path.join(tree, 'dispynode.py')):
+            raise SystemExit('no dispynode.py in %s' % tree)
+        impls.append(Impl('this', sys.executable, 'before', tree=tree))
     if args.original:
         bring_up_lo()
         check_loopback_only()
@@ -1157,10 +1162,11 @@ def driver_main(args):
     results = {}
     try:
         for impl in impls:
-            results[impl.name] = bench_impl(args, impl, args.workloads)
-        lines = results['this'] + results.get('original', [])
-        if args.original:
-            ratios = ratio_lines(results['this'], results['original'])
+            results[impl.label] = bench_impl(args, impl, args.workloads)
+        lines = [line for impl in impls for line in results[impl.label]]
+        for other in [impl.label for impl in impls[1:]]:
+            ratios = ratio_lines(results['this'], results[other],
+                                 'original' if other == ORIGINAL_NAME else other)
             for r in ratios:
                 emit(r)
             lines += ratios
@@ -1186,6 +1192,9 @@ def parse_args(argv=None):
     p.add_argument('--runs', type=int, default=3, help='fresh client processes per workload')
     p.add_argument('--cpus', type=int, default=2, help='CPUs of the node (default 2)')
     p.add_argument('--quick', action='store_true', help='scaled-down sizes (smoke test)')
+    p.add_argument('--compare', metavar='DIR',
+                   help='also run the same workloads on the checkout in DIR (labelled '
+                        '"before"), right after this one, and print ratios')
     p.add_argument('--original', metavar='PYTHON',
                    help='also run dispy 4.15.2 installed for interpreter PYTHON, in a '
                         'loopback-only network namespace (needs root and unshare)')
