@@ -1030,7 +1030,7 @@ def bench_multi(args, impl, workload, size):
     return runs, errors
 
 
-def ratio_lines(this_lines, orig_lines, other='original'):
+def ratio_lines(this_lines, orig_lines, other_name='original'):
     """this / other per figure; 'this_better' reads the direction of the target."""
     out = []
     orig = {l['workload']: l for l in orig_lines}
@@ -1041,7 +1041,7 @@ def ratio_lines(this_lines, orig_lines, other='original'):
         a, b = line.get('median'), other.get('median')
         higher = line['target'].startswith(SIGN['>='])
         entry = {'workload': line['workload'], 'impl': 'ratio', 'unit': line['unit'],
-                 'this': a, other: b, 'higher_is_better': higher}
+                 'this': a, other_name: b, 'higher_is_better': higher}
         if a is not None and b:
             entry['ratio'] = _num(a / b)    # this / other
             entry['this_better'] = (a > b) if higher else (a < b)
