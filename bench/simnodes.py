@@ -204,13 +204,16 @@ class FakeNode:
         self.files.clear()
         conn.close('released', flush=True)
 
+    def _on_recall(self, conn, msg):
+        conn.send(Msg.RECALLED(msg.key, msg.attempt, False))   # every job ran at once
+
     def _ignore(self, conn, msg):
         pass
 
     HANDLERS = {'CLIENT': _on_client, 'COMPUTE': _on_compute, 'FILE': _on_file,
                 'JOB': _on_job, 'PUT_FILE': _on_put_file, 'CLOSE_COMPUTE': _on_close_compute,
                 'RELEASE': _on_release, 'ACK': _ignore, 'CANCEL': _ignore,
-                'SET_CPUS': _ignore, 'PULSE': _ignore}
+                'SET_CPUS': _ignore, 'PULSE': _ignore, 'RECALL': _on_recall}
 
     def keep_alive(self):
         """NODE_PULSE on connections idle for their pulse interval."""

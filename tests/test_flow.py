@@ -392,6 +392,34 @@ class PartedArgumentsTest(unittest.TestCase):
                              (job.status, job.exception))
 
 
+class SimulatedNodesTest(unittest.TestCase):
+    """bench/simnodes.py (many fake nodes in one process, the real protocol) still
+    speaks what the client speaks: every fake node is set up and every result right."""
+
+    timeout = 120
+
+    def test_simulator_serves_a_real_client(self):
+        import json
+        import subprocess
+        import sys
+        proc = subprocess.run([sys.executable, os.path.join(support.ROOT, 'bench',
+                                                           'simnodes.py'),
+                               '--nodes', '1,20', '--jobs', '500', '--json-only'],
+                              capture_output=True, text=True, timeout=100)
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        lines = [json.loads(l) for l in proc.stdout.splitlines() if l.strip()]
+        runs = {l['nodes']: l for l in lines if 'nodes' in l and l.get('nodes')}
+        self.assertEqual(sorted(runs), [1, 20], lines)
+        for n, run in runs.items():
+            self.assertEqual((run['bad_results'], run['nodes_set_up']), (0, n), run)
+        sys.path.insert(0, os.path.join(support.ROOT, 'bench'))
+        try:
+            import simnodes
+        finally:
+            sys.path.pop(0)
+        self.assertEqual(simnodes.catalog_mismatch(), [], 'FakeNode misses message kinds')
+
+
 class StrandWidthTest(unittest.TestCase):
     """A strand of width 2 runs at most two tasks at once, started in order."""
 
