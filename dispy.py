@@ -254,7 +254,7 @@ def dumps_blob(obj):
 # object, a *parted blob*: a tuple (pickle, data, ...) of a protocol-5 pickle and those
 # bytes objects themselves, out of band, so they reach the worker without being copied
 # into a pickle at the client (5 MB copied into fresh memory costs more than sending
-# it).  The recover file stores one as PARTED_MARK | count(4) | sizes(8 each) | pickle
+# it).  A big bytes result travels the same way from the worker (dumps_result).  The recover file stores one as PARTED_MARK | count(4) | sizes(8 each) | pickle
 # | data...: a pickle never starts with 0.
 PARTED_MARK = b'\0'
 
@@ -286,6 +286,13 @@ def _dumps_parted(args):
     buffers = []
     meta = pickle.dumps(wrapped, 5, buffer_callback=buffers.append)
     return (meta,) + tuple(b.raw().obj for b in buffers)
+
+
+def dumps_result(obj):
+    """A job's result as a blob: a big bytes result travels out of band too."""
+    if _big_bytes(obj):
+        return (pickle.dumps(_OutOfBand(obj), 5, buffer_callback=lambda _buffer: None), obj)
+    return dumps_blob(obj)
 
 
 def blob_size(blob):
@@ -3791,7 +3798,7 @@ def _load_blob(msg):
     if blob is None:
         return None, None
     try:
-        return pickle.loads(blob), None
+        return loads_blob(blob), None
     except Exception as exc:
         return None, repr(exc)
 
@@ -4429,7 +4436,7 @@ def _fill_recovered(job, reply):
     job.start_time, job.end_time = result.start_time, result.end_time
     if result.blob is not None:
         try:
-            job.result = pickle.loads(result.blob)
+            job.result = loads_blob(result.blob)
         except Exception as exc:
             job.status = DispyJob.Terminated
             job.exception = 'result could not be unpickled: %r' % exc

@@ -614,7 +614,7 @@ def _run_function(key, attempt, blob, ns, spec, extra):
         args, kwargs = dispy.loads_blob(blob)
         result = ns[spec['name']](*args, **kwargs)
         try:    # now, while classes the job brought along are still defined
-            result_blob = dispy.dumps_blob(result)
+            result_blob = dispy.dumps_result(result)
         except Exception as exc:
             status = DispyJob.Terminated
             exception = 'the result cannot be pickled: %r' % exc
@@ -1009,8 +1009,9 @@ class ResultStore:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             result = Msg.RESULT.read(reply)
             path = os.path.join(folder, '%d-%d' % (result.key, result.attempt))
-            if result.blob is not None:        # a received buffer: store plain bytes
-                reply = Msg.RESULT.replace(reply, blob=bytes(result.blob))
+            if result.blob is not None:        # received buffers: store plain bytes
+                reply = Msg.RESULT.replace(reply,
+                                           blob=b''.join(dispy.stored_blob(result.blob)))
             fd = os.open(path + '.tmp', os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, 'wb') as f:
                 f.write(pickle.dumps(reply, pickle.HIGHEST_PROTOCOL))
@@ -2068,12 +2069,12 @@ class NodeServer:
         result = Msg.RESULT.read(reply)
         conn = session.conn
         if result.blob is not None and conn is not None and \
-                len(result.blob) > conn.channel.peer_max_frame - 65536:
+                dispy.blob_size(result.blob) > conn.channel.peer_max_frame - 65536:
             reply = Msg.RESULT.replace(
                 reply, status=DispyJob.Terminated, blob=None, exception=(
                     'result of %d bytes exceeds the client\'s frame limit of %d '
                     '(max_frame_size); send big data with dispy_send_file'
-                    % (len(result.blob), conn.channel.peer_max_frame)))
+                    % (dispy.blob_size(result.blob), conn.channel.peer_max_frame)))
         key = (result.key, result.attempt)
         session.results[key] = reply
         self.jobs_done += 1

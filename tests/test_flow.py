@@ -37,6 +37,11 @@ def digest_kinds(data, more=None, again=None):
             len(more or b''), again is data)
 
 
+def big_result(seed, size):
+    import random
+    return random.Random(seed).randbytes(size)
+
+
 def _ready_link(ip, ckey, cpus):
     link = dispy.NodeLink(ip, 0)
     link.state = dispy.NodeLink.READY
@@ -376,6 +381,22 @@ class PartedArgumentsTest(unittest.TestCase):
         small, _ = dispy.dumps_args(((b'x' * 100,), {}))
         self.assertIsInstance(small, bytes)
 
+    def test_big_result_out_of_band_and_kept_on_disk(self):
+        import tempfile
+        data = os.urandom(200000)
+        blob = dispy.dumps_result(data)
+        self.assertIsInstance(blob, tuple)
+        self.assertIs(blob[1], data)
+        self.assertEqual(dispy.loads_blob(blob), data)
+        self.assertIsInstance(dispy.dumps_result(b'small'), bytes)
+        folder = tempfile.mkdtemp(prefix='dispytest-flow-')
+        self.addCleanup(__import__('shutil').rmtree, folder, True)
+        store = dispynode.ResultStore(folder)
+        reply = Msg.result(7, 1, DispyJob.Finished, None, blob=(blob[0], memoryview(data)))
+        self.assertTrue(store.save('ab' * 8, reply))
+        kept = Msg.RESULT.read(store.load('ab' * 8)[0])
+        self.assertEqual(dispy.loads_blob(kept.blob), data)
+
     def test_big_arguments_reach_the_job_as_bytes(self):
         node = NodeProcess('127.0.0.2', cpus=2)
         self.addCleanup(node.stop)
@@ -390,6 +411,14 @@ class PartedArgumentsTest(unittest.TestCase):
             self.assertEqual(job(timeout=60), ('bytes', hashlib.sha256(data).hexdigest(),
                                                'bytes', 70000, True),
                              (job.status, job.exception))
+        maker = dispy.JobCluster(big_result, nodes=['127.0.0.2'], ip_addr='127.0.0.1',
+                                 port=0, node_port=node.port)
+        self.addCleanup(support.close_now, maker)
+        made = [maker.submit(i, 1 << 20) for i in range(3)]
+        for i, job in enumerate(made):
+            result = job(timeout=60)
+            self.assertIs(type(result), bytes, (job.status, job.exception))
+            self.assertEqual(result, big_result(i, 1 << 20))
 
 
 class SimulatedNodesTest(unittest.TestCase):
