@@ -199,13 +199,17 @@ class LinkReader:
         self._big = None            # [bytearray, bytes in] of a big frame arriving
         self._head = None           # (pickle view, buffer sizes) of the message read
         self._buffers = []
+        self._ended = None          # why the link ended, once it has
 
     def close(self):
         self.sock.close()
 
     def read(self):
         """The messages completed now; EOFError once the link has closed (or is out
-        of step: a worker's end is only ever written by our LocalLink)."""
+        of step: a worker's end is only ever written by our LocalLink), after the
+        messages that came before the end have been returned."""
+        if self._ended is not None:
+            raise EOFError(self._ended)
         msgs = []
         try:
             while True:
@@ -226,8 +230,12 @@ class LinkReader:
                 self._frames(msgs)
         except (BlockingIOError, InterruptedError):
             return msgs
-        except (OSError, struct.error, pickle.UnpicklingError, ValueError) as exc:
-            raise EOFError('worker link broken: %s' % exc)
+        except (OSError, struct.error, pickle.UnpicklingError, ValueError, EOFError) as exc:
+            self._ended = str(exc) if isinstance(exc, EOFError) else \
+                'worker link broken: %s' % exc
+            if msgs:
+                return msgs     # a worker's last result, then its end (the next read)
+            raise EOFError(self._ended)
 
     def _frames(self, msgs):
         """Whole multiprocessing frames (``!i`` size, or -1 and a ``!Q`` size) of the
@@ -2012,14 +2020,22 @@ class NodeServer:
             except (ValueError, OSError) as exc:
                 extra = dict(extra, code='raise RuntimeError(%r)' % (
                     'dispy_job_depends refused: %s' % exc), objects=None, modules=[])
-        try:
-            worker.link.send(('run', job.key, job.attempt, job.blob, extra))
-        except OSError:
-            pass        # the worker died: its reader reports the job (_on_worker_lost)
+        run = ('run', job.key, job.attempt, job.blob, extra)
+        if dispy.blob_size(job.blob) > dispy.BIG_FRAME:
+            self.threads.submit(self._send_run, worker, run)   # a big copy: off the lock
+        else:
+            self._send_run(worker, run)
         job.blob = job.depends = None
         session = self.session
         if session is not None and session.conn is not None:    # may share a later frame
             session.conn.send(Msg.STARTED(job.key, job.attempt, job.start_time), hold=True)
+
+    @staticmethod
+    def _send_run(worker, run):
+        try:
+            worker.link.send(run)
+        except OSError:
+            pass        # the worker died: its reader reports the job (_on_worker_lost)
 
     def _write_job_files(self, comp, files):
         """A job's dispy_job_depends files, whole, in its computation's folder; all or

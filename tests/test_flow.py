@@ -210,7 +210,9 @@ class LinkReaderTest(unittest.TestCase):
         self.assertTrue(support.wait_until(lambda: msgs.extend(reader.read()) or
                                            len(msgs) == 2, 5))
         self.assertEqual(msgs[1], ('ready', 7))
-        worker_end.close()
+        worker_end._send(raw)       # a last message, then the end, both already in the
+        worker_end.close()          # socket (a Unix socket pair delivers as it is written)
+        self.assertEqual(reader.read(), [('ready', 7)])     # the message comes first
         self.assertTrue(support.wait_until(lambda: self._eof(reader), 5))
 
     @staticmethod
