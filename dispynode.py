@@ -177,10 +177,11 @@ class LocalLink:
         return buf
 
     def close(self):
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+        with self.send_lock:    # not while another thread writes (a big job's arguments)
+            try:
+                self.conn.close()
+            except OSError:
+                pass
 
 
 class LinkReader:
@@ -192,6 +193,7 @@ class LinkReader:
     is read straight into a bytearray of its size."""
 
     BIG = 1 << 20
+    BUDGET = 16         # reads per call (a fast stream of file chunks must not hog the loop)
 
     def __init__(self, conn):
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -199,7 +201,8 @@ class LinkReader:
         self._big = None            # [bytearray, bytes in] of a big frame arriving
         self._head = None           # (pickle view, buffer sizes) of the message read
         self._buffers = []
-        self._ended = None          # why the link ended, once it has
+        self.ended = None           # why the link ended, once it has
+        self.broken = False         # ... if by bytes that are not our messages
 
     def close(self):
         self.sock.close()
@@ -208,11 +211,12 @@ class LinkReader:
         """The messages completed now; EOFError once the link has closed (or is out
         of step: a worker's end is only ever written by our LocalLink), after the
         messages that came before the end have been returned."""
-        if self._ended is not None:
-            raise EOFError(self._ended)
-        msgs = []
+        if self.ended is not None:
+            raise EOFError(self.ended)
+        msgs, budget = [], self.BUDGET
         try:
-            while True:
+            while budget > 0 and len(msgs) < 256:   # then the loop serves others first
+                budget -= 1
                 if self._big is not None:
                     buf, have = self._big
                     got = self.sock.recv_into(memoryview(buf)[have:], 0, socket.MSG_DONTWAIT)
@@ -228,14 +232,15 @@ class LinkReader:
                     raise EOFError('worker link closed')
                 self._buf += data
                 self._frames(msgs)
+            return msgs
         except (BlockingIOError, InterruptedError):
             return msgs
-        except (OSError, struct.error, pickle.UnpicklingError, ValueError, EOFError) as exc:
-            self._ended = str(exc) if isinstance(exc, EOFError) else \
-                'worker link broken: %s' % exc
+        except Exception as exc:    # the end, or bytes that are not our messages
+            self.broken = not isinstance(exc, EOFError)
+            self.ended = 'worker link broken: %r' % exc if self.broken else str(exc)
             if msgs:
                 return msgs     # a worker's last result, then its end (the next read)
-            raise EOFError(self._ended)
+            raise EOFError(self.ended)
 
     def _frames(self, msgs):
         """Whole multiprocessing frames (``!i`` size, or -1 and a ``!Q`` size) of the
@@ -736,7 +741,7 @@ class WorkerPool:
     def start(self, spec):
         """Starts the host through the forkserver; raises OSError if it cannot."""
         node_end, host_end = multiprocessing.Pipe()
-        self.host = FORKSERVER.Process(target=_importable(host_main), args=(host_end, spec),
+        self.host = FORKSERVER.Process(target=HOST_TARGET, args=(host_end, spec),
                                        name='dispy-host')
         try:
             self.host.start()
@@ -820,18 +825,21 @@ class WorkerPool:
                          name='dispynode-' + name).start()
 
     def _spawn(self):
-        node_end, worker_end = multiprocessing.Pipe()
-        self.spawning += 1
         try:
+            node_end, worker_end = multiprocessing.Pipe()
+        except OSError as exc:      # out of descriptors, say
+            logger.warning('cannot start a worker for %s: %s', self.comp.spec['name'], exc)
+            return
+        try:
+            worker = Worker(LocalLink(node_end))
             self.host_link.send(('fork',), fd=worker_end.fileno())
         except OSError as exc:
-            self.spawning -= 1
             logger.warning('cannot start a worker for %s: %s', self.comp.spec['name'], exc)
             node_end.close()
             return
         finally:
             worker_end.close()
-        worker = Worker(LocalLink(node_end))
+        self.spawning += 1
         self.server.loop.in_loop(self._watch_worker, worker)
 
     # A worker's link is read on the node's I/O loop (no thread per worker, and no
@@ -844,9 +852,7 @@ class WorkerPool:
         try:
             msgs = worker.reader.read()
         except EOFError:
-            self.server.loop.selector.unregister(worker.reader.sock)
-            worker.reader.close()
-            self.server.threads.submit(self._worker_ended, worker)   # may wait for its exit
+            self._link_ended(worker)
             return
         with self.server.lock:
             for msg in msgs:
@@ -858,6 +864,16 @@ class WorkerPool:
                 except Exception:
                     logger.exception('worker %s: unexpected error; killed', worker.pid)
                     worker.kill()       # its link then ends: _worker_ended reports its job
+        if worker.reader.ended:     # ended after these messages: no event may follow
+            if worker.reader.broken:
+                logger.warning('worker %s: %s; killed', worker.pid, worker.reader.ended)
+                worker.kill()
+            self._link_ended(worker)
+
+    def _link_ended(self, worker):
+        self.server.loop.selector.unregister(worker.reader.sock)
+        worker.reader.close()
+        self.server.threads.submit(self._worker_ended, worker)   # may wait for its exit
 
     def _on_ready(self, worker, pid):
         worker.pid = pid
@@ -1127,8 +1143,8 @@ class RecoveryHandler:
 def _job_blob(blob):
     """A JOB's arguments as received: bytes, or a parted blob (pickle, buffers...)
     whose parts can go on to the worker as they are; anything else → ValueError."""
-    if isinstance(blob, bytes):
-        return blob
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return blob         # a big one came out of band: a slice of the frame
     if (type(blob) is not tuple or not blob
             or not all(isinstance(p, (bytes, memoryview)) for p in blob)):
         raise ValueError('malformed job arguments')
@@ -1879,7 +1895,12 @@ class NodeServer:
 
     def _on_job(self, session, msg):
         key, ckey, attempt, blob, options = msg
-        blob = _job_blob(blob)      # refused (ValueError) before anything is kept
+        try:
+            blob = _job_blob(blob)
+        except ValueError as exc:
+            self._finish(session, None, Msg.result(key, attempt, DispyJob.Terminated,
+                                                   'Terminated: %s' % exc))
+            return
         if self.quitting:
             self._finish(session, None, Msg.result(key, attempt, DispyJob.Cancelled,
                                                    'Cancelled: node is shutting down'))
@@ -2358,30 +2379,49 @@ def _resolve_or_exit(host):
     return addr
 
 
-def _importable(func):
-    """``func`` as the module ``dispynode`` has it (this file may run as __main__),
-    so a fork server's child finds it by name."""
-    if func.__module__ == 'dispynode':
-        return func
-    return getattr(importlib.import_module('dispynode'), func.__name__)
+def _host_target():
+    """What the fork server's child runs for a computation host: this file's
+    ``host_main`` as the module ``dispynode``, imported once by the fork server, when
+    that module is this very file (dispynode.py beside dispy.py: the fork server
+    starts in dispy.py's folder); else ``host_main`` as it is here, and the child runs
+    the main script again (multiprocessing's way, 15-20 ms a host)."""
+    here = os.path.realpath(__file__)
+    if (os.path.basename(here) != 'dispynode.py'
+            or os.path.dirname(here) != os.path.dirname(os.path.realpath(dispy.__file__))):
+        return host_main
+    try:
+        module = sys.modules.get('dispynode') or importlib.import_module('dispynode')
+    except ImportError:
+        return host_main
+    if os.path.realpath(module.__file__) != here:
+        return host_main
+    return module.host_main
+
+
+HOST_TARGET = host_main     # set when the fork server starts (_start_forkserver)
 
 
 def _start_forkserver():
     """Starts multiprocessing's fork server now, while this process has one thread
-    (computation hosts are forked from it, never from the node), with dispy and this
-    file imported once (started in dispy.py's folder, it finds dispy there): a host
-    starts without compiling and running either again (this file again as
-    ``__mp_main__`` took 20 of the 45 ms from a new cluster to its first result).
+    (computation hosts are forked from it, never from the node), with dispy imported
+    (started in dispy.py's folder, it finds dispy there), and this file too where
+    ``_host_target`` can use it.
 
-    A fork server's child runs the parent's main script again unless the main module
-    has a spec named ``__main__`` (multiprocessing.spawn._fixup_main_from_name): so the
-    script gets one, and hosts are started with this file's functions as the module
-    ``dispynode`` (``_importable``), which the fork server has imported."""
-    main = sys.modules.get('__main__')
-    if getattr(main, '__file__', None) == __file__ and getattr(main, '__spec__', 1) is None:
-        main.__spec__ = importlib.machinery.ModuleSpec('__main__', None)
-    _importable(host_main)      # imported now, not when the first client comes
-    multiprocessing.set_forkserver_preload(['dispy', 'dispynode'])
+    A fork server's child runs the parent's main script again (15-20 ms of compiling
+    2,300 lines, a third of a new cluster's time to its first result) unless the main
+    module has a spec named ``__main__`` (multiprocessing.spawn._fixup_main_from_name);
+    so, when hosts start as ``dispynode.host_main``, the script gets one.  (Preloading
+    ``'__main__'`` does not help: the fork server is never told the main path.)"""
+    global HOST_TARGET
+    HOST_TARGET = _host_target()
+    preload = ['dispy']
+    if HOST_TARGET.__module__ == 'dispynode':
+        preload.append('dispynode')
+        main = sys.modules.get('__main__')
+        if getattr(main, '__file__', None) and getattr(main, '__spec__', 1) is None and \
+                os.path.realpath(main.__file__) == os.path.realpath(__file__):
+            main.__spec__ = importlib.machinery.ModuleSpec('__main__', None)
+    multiprocessing.set_forkserver_preload(preload)
     here = os.getcwd()
     os.chdir(os.path.dirname(os.path.abspath(dispy.__file__)))
     try:

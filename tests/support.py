@@ -64,7 +64,8 @@ class NodeProcess:
     """
 
     def __init__(self, ip='127.0.0.1', port=None, cpus=2, secret='', args=(),
-                 python=None, dest_path_prefix=None, ready_timeout=20.0, env=None):
+                 python=None, dest_path_prefix=None, ready_timeout=20.0, env=None,
+                 script=None):
         self.ip = ip
         self.port = port if port is not None else free_port(ip)
         self.cpus = cpus
@@ -75,12 +76,13 @@ class NodeProcess:
         self.dest_path_prefix = dest_path_prefix or os.path.join(self.dir, 'dest')
         self.ready_timeout = ready_timeout
         self.env = env
+        self.script = script or NODE_SCRIPT     # a copy elsewhere, under another name
         self.proc = None
         self._stdout = self._stderr = None
 
     # -- lifecycle --------------------------------------------------------------
     def start(self):
-        cmd = [self.python, NODE_SCRIPT, '-i', self.ip, '-p', str(self.port),
+        cmd = [self.python, self.script, '-i', self.ip, '-p', str(self.port),
                '--dest_path_prefix', self.dest_path_prefix, '-d']
         if self.cpus is not None:
             cmd += ['-c', str(self.cpus)]

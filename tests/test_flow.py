@@ -451,6 +451,32 @@ class SimulatedNodesTest(unittest.TestCase):
         self.assertEqual(simnodes.catalog_mismatch(), [], 'FakeNode misses message kinds')
 
 
+class NodeCopyTest(unittest.TestCase):
+    """The node works as a renamed copy in a folder of its own, beside its own
+    dispy.py (its computation hosts then run that file, not another dispynode.py),
+    and big arguments that are not bytes (a 1 MB str) reach the job."""
+
+    timeout = TIMEOUT
+
+    def test_renamed_copy_runs_jobs(self):
+        import shutil
+        import tempfile
+        folder = tempfile.mkdtemp(prefix='dispytest-copy-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        for name, as_name in (('dispy.py', 'dispy.py'), ('dispynode.py', 'node.py')):
+            shutil.copy(os.path.join(support.ROOT, name), os.path.join(folder, as_name))
+        node = NodeProcess('127.0.0.2', cpus=1, script=os.path.join(folder, 'node.py'))
+        self.addCleanup(node.stop)
+        node.start()
+        cluster = dispy.JobCluster(double, nodes=['127.0.0.2'], ip_addr='127.0.0.1',
+                                   port=0, node_port=node.port)
+        self.addCleanup(support.close_now, cluster)
+        text = 'x' * (1 << 20)
+        jobs = [cluster.submit(3), cluster.submit(text)]
+        self.assertEqual(jobs[0](timeout=60), 6, (jobs[0].status, jobs[0].exception))
+        self.assertEqual(jobs[1](timeout=60), text * 2, (jobs[1].status, jobs[1].exception))
+
+
 class StrandWidthTest(unittest.TestCase):
     """A strand of width 2 runs at most two tasks at once, started in order."""
 
