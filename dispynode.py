@@ -33,15 +33,16 @@ Processes (jobs never run inside the node process, so a crash cannot take it dow
      │            (one per connection being authenticated, at most 32), io (the I/O
      │            loop: every client connection and every worker's link), work (at
      │            most 8, on demand: setting computations up, files, frames over
-     │            256 KiB and those after them, a worker's end),
-     │            per computation host a reader, manager (timers; partial files of a
-     │            vanished sender dropped)
+     │            256 KiB and those after them, big job arguments to a worker, a
+     │            worker's end), per computation host a reader, manager (timers;
+     │            partial files of a vanished sender dropped)
      ├─ forkserver   multiprocessing's fork server, started with the node (its own
      │  │            interpreter: it never inherits a lock held by a node thread)
      │  └─ host      one per computation, a forkserver ``Process`` (``WorkerPool``):
      │     │         loads the shipped code, runs ``setup`` in the computation's
      │     │         folder, then forks workers (``fork`` context) that inherit its
-     │     │         globals; ends them all if the node is gone; cleanup at close
+     │     │         globals, as many as its CPUs once setup ends; ends them all if
+     │     │         the node is gone; cleanup at close
      │     └─ worker one job at a time, warm (reused); its own process group, so a
      │               cancel kills the job and every process it started
      └─ resource tracker   multiprocessing's (dispy registers nothing with it)

@@ -76,13 +76,13 @@ class NodeProcess:
         self.dest_path_prefix = dest_path_prefix or os.path.join(self.dir, 'dest')
         self.ready_timeout = ready_timeout
         self.env = env
-        self.script = script or NODE_SCRIPT     # a copy elsewhere, under another name
+        self.script = script        # a copy elsewhere, perhaps under another name
         self.proc = None
         self._stdout = self._stderr = None
 
     # -- lifecycle --------------------------------------------------------------
     def start(self):
-        cmd = [self.python, self.script, '-i', self.ip, '-p', str(self.port),
+        cmd = [self.python, self.script or NODE_SCRIPT, '-i', self.ip, '-p', str(self.port),
                '--dest_path_prefix', self.dest_path_prefix, '-d']
         if self.cpus is not None:
             cmd += ['-c', str(self.cpus)]

@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 import unittest
-from unittest import mock
 
 try:
     from tests import support
@@ -116,10 +115,10 @@ class StandaloneTest(unittest.TestCase):
             shutil.copy(os.path.join(support.ROOT, name), folder)
         env = dict(os.environ)
         env.pop('PYTHONPATH', None)
-        node = support.NodeProcess(NODE_IP, cpus=2, env=env)
+        node = support.NodeProcess(NODE_IP, cpus=2, env=env,
+                                   script=os.path.join(folder, 'dispynode.py'))
         self.addCleanup(node.stop)
-        with mock.patch.object(support, 'NODE_SCRIPT', os.path.join(folder, 'dispynode.py')):
-            node.start()
+        node.start()
         cluster = dispy.JobCluster(square, nodes=[NODE_IP], ip_addr='127.0.0.1', port=0,
                                    node_port=node.port)
         self.addCleanup(cluster.close, terminate=True, timeout=2)
