@@ -254,9 +254,11 @@ def dumps_blob(obj):
 # object, a *parted blob*: a tuple (pickle, data, ...) of a protocol-5 pickle and those
 # bytes objects themselves, out of band, so they reach the worker without being copied
 # into a pickle at the client (5 MB copied into fresh memory costs more than sending
-# it).  A big bytes result travels the same way from the worker (dumps_result).  The recover file stores one as PARTED_MARK | count(4) | sizes(8 each) | pickle
-# | data...: a pickle never starts with 0.
+# it).  A big bytes result travels the same way from the worker (dumps_result).  The
+# recover file stores one as PARTED_MARK and the layout of a frame's body (see
+# ``Channel``): count | sizes | pickle | data...; a pickle never starts with 0.
 PARTED_MARK = b'\0'
+PARTED_MAX = 1000       # big arguments out of band at most (the rest go in the pickle)
 
 
 class _OutOfBand:
@@ -279,19 +281,18 @@ def _dumps_parted(args):
     wrappers = {}       # one per object: an argument given twice travels once
 
     def wrap(x):
-        if not _big_bytes(x):
+        if not _big_bytes(x) or len(wrappers) >= PARTED_MAX:
             return x
         return wrappers.setdefault(id(x), _OutOfBand(x))
     wrapped = (tuple(map(wrap, pos)), {k: wrap(v) for k, v in kwargs.items()})
-    buffers = []
-    meta = pickle.dumps(wrapped, 5, buffer_callback=buffers.append)
-    return (meta,) + tuple(b.raw().obj for b in buffers)
+    meta, views = dumps_oob(wrapped, 5)
+    return (meta,) + tuple(view.obj for view in views)     # the bytes objects themselves
 
 
 def dumps_result(obj):
     """A job's result as a blob: a big bytes result travels out of band too."""
     if _big_bytes(obj):
-        return (pickle.dumps(_OutOfBand(obj), 5, buffer_callback=lambda _buffer: None), obj)
+        return (dumps_oob(_OutOfBand(obj), 5)[0], obj)
     return dumps_blob(obj)
 
 
@@ -306,8 +307,8 @@ def stored_blob(blob):
     """Byte parts of a blob as the recover file keeps it."""
     if type(blob) is not tuple:
         return [blob]
-    sizes = [len(part) for part in blob]
-    return [PARTED_MARK + struct.pack('!I%dQ' % len(sizes), len(sizes), *sizes)] + list(blob)
+    meta, buffers = blob[0], blob[1:]
+    return [PARTED_MARK + _buffer_table(buffers), meta] + list(buffers)
 
 
 def loads_blob(blob):
@@ -317,13 +318,8 @@ def loads_blob(blob):
     view = memoryview(blob)
     if view[:1] != PARTED_MARK:
         return pickle.loads(view)
-    (count,) = struct.unpack_from('!I', view, 1)
-    sizes = struct.unpack_from('!%dQ' % count, view, 5)
-    parts, at = [], 5 + 8 * count
-    for size in sizes:
-        parts.append(view[at:at + size])
-        at += size
-    return pickle.loads(parts[0], buffers=parts[1:])
+    meta, buffers = _split_body(view[1:])
+    return pickle.loads(meta, buffers=buffers)
 
 
 class _ArgsPickler(pickle.Pickler):
@@ -528,8 +524,7 @@ class Channel:
     # -- sending -----------------------------------------------------------------------
     def frame(self, meta, buffers=()):
         """The byte parts of the next frame (its sequence number is taken)."""
-        table = struct.pack('!H%dQ' % len(buffers), len(buffers), *(len(b) for b in buffers))
-        parts = [table, meta]
+        parts = [_buffer_table(buffers), meta]
         parts.extend(buffers)
         length = sum(len(p) for p in parts)
         if length > self.peer_max_frame:
@@ -624,6 +619,11 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def _buffer_table(buffers):
+    """count(2) | count × size(8) of a body's out-of-band buffers (see Channel)."""
+    return struct.pack('!H%dQ' % len(buffers), len(buffers), *(len(b) for b in buffers))
 
 
 def _split_body(body):
