@@ -145,16 +145,14 @@ class LocalLink:
     def recv(self):
         """(message, fd or None); raises EOFError when the peer is gone."""
         try:
-            head = self.conn.recv_bytes()
-            has_fd, count = struct.unpack_from('!?H', head)
-            sizes = struct.unpack_from('!%dQ' % count, head, 3)
+            has_fd, sizes, data = split_link_head(self.conn.recv_bytes())
             buffers = [self._recv_buffer(size) for size in sizes]
             fd = reduction.recv_handle(self.conn) if has_fd else None
         except (OSError, RuntimeError) as exc:
             raise EOFError(str(exc))
         if fd is not None:
             os.set_inheritable(fd, False)
-        return pickle.loads(memoryview(head)[3 + 8 * count:], buffers=buffers), fd
+        return pickle.loads(data, buffers=buffers), fd
 
     def _recv_buffer(self, size):
         """One ``send_bytes`` of ``size`` bytes, read straight into a new bytearray
@@ -183,6 +181,14 @@ class LocalLink:
                 self.conn.close()
             except OSError:
                 pass
+
+
+def split_link_head(head):
+    """(descriptor follows?, sizes of the buffers that follow, pickle) of the first
+    ``send_bytes`` of a LocalLink message."""
+    has_fd, count = struct.unpack_from('!?H', head)
+    sizes = struct.unpack_from('!%dQ' % count, head, 3)
+    return has_fd, sizes, memoryview(head)[3 + 8 * count:]
 
 
 class LinkReader:
@@ -271,11 +277,10 @@ class LinkReader:
 
     def _frame(self, frame, msgs):
         if self._head is None:          # a message's first frame: its table, its pickle
-            has_fd, count = struct.unpack_from('!?H', frame)
+            has_fd, sizes, data = split_link_head(frame)
             if has_fd:
                 raise ValueError('a descriptor on a worker link')
-            sizes = struct.unpack_from('!%dQ' % count, frame, 3)
-            self._head = (memoryview(frame)[3 + 8 * count:], sizes)
+            self._head = (data, sizes)
             self._buffers = []
         else:
             if len(frame) != self._head[1][len(self._buffers)]:

@@ -196,11 +196,7 @@ class LinkReaderTest(unittest.TestCase):
         writer.start()
         self.addCleanup(writer.join, 10)
         msgs = []
-        for _ in range(500):        # bounded: ~5 s
-            msgs += reader.read()
-            if msgs:
-                break
-            time.sleep(0.01)
+        self.assertTrue(support.wait_until(lambda: msgs.extend(reader.read()) or msgs, 10))
         writer.join(10)
         self.assertEqual(len(msgs), 1)
         self.assertEqual(msgs[0][:2], ('result', 1))
