@@ -85,6 +85,7 @@ import select
 import selectors
 import shlex
 import socket
+import socketserver
 import ssl
 import struct
 import sys
@@ -1363,6 +1364,221 @@ def local_address_towards(addr):
             return _address_with_scope(probe.getsockname())
     except OSError:
         return None
+
+
+# ================================================================================
+# Listener: authenticated TCP connections (socketserver), for nodes and schedulers
+# ================================================================================
+
+class HandshakeAdmission:
+    """Bounds the handshakes in progress: a flood of connections must not become a
+    flood of threads, and one address cannot take every slot."""
+
+    def __init__(self, total=32, per_address=16):
+        self.total = total
+        self.per_address = per_address
+        self._from = collections.Counter()      # address -> handshakes in progress
+        self._lock = threading.Lock()
+
+    def admit(self, host):
+        with self._lock:
+            if self._from[host] >= self.per_address or sum(self._from.values()) >= self.total:
+                return False
+            self._from[host] += 1
+            return True
+
+    def release(self, host):
+        with self._lock:
+            self._from[host] -= 1
+            if self._from[host] <= 0:
+                del self._from[host]
+
+    def __len__(self):
+        with self._lock:
+            return sum(self._from.values())
+
+
+class _ListenerHandshake(socketserver.BaseRequestHandler):
+    """One accepted connection, in a thread of its own: TLS, ``handshake`` and
+    the first CLIENT message; then the channel goes to ``owner.attach``."""
+
+    def handle(self):
+        threading.current_thread().name = self.server.thread_name
+        listener, addr = self.server, self.client_address
+        authenticated = listener.authenticate(self.request, addr)
+        if authenticated is None:
+            return
+        channel, info = authenticated
+        listener.hand_off(self.request)     # the channel owns the socket now
+        try:
+            listener.owner.attach(channel, addr, info)
+        except Exception:
+            channel.close()
+            raise
+
+
+class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """A TCP listener on one address (a node's, a scheduler's): each connection is
+    admitted (see ``HandshakeAdmission``, shared by every listener of the program),
+    authenticated in a daemon thread within ``HANDSHAKE_TIMEOUT`` in all, and handed
+    to ``owner.attach(channel, addr, CLIENT info)``.
+
+    Hooks: ``credentials()`` -> (ssl context or None, secret, max frame, hello info),
+    by default the owner's ``ssl_context``, ``secret``, ``max_frame`` and ``name``.
+
+    ``serve_forever`` in a thread of its own; ``close()`` stops and closes it.
+    """
+
+    daemon_threads = True
+    block_on_close = False      # closing never waits on handshakes in progress
+    allow_reuse_address = True
+    request_queue_size = 128
+    poll_interval = 0.5         # also how often overdue handshakes are cut off
+
+    thread_name = 'dispy-handshake'
+
+    def __init__(self, owner, addr, port, admission, v6only=False):
+        self.owner = owner
+        self.admission = admission
+        self.v6only = v6only
+        self.address_family = node_address_family(addr) if addr else socket.AF_INET
+        self._handed_off = set()    # accepted sockets that belong to a channel now
+        self._deadlines = {}        # socket in handshake -> (monotonic deadline, dup)
+        self._lock = threading.Lock()
+        self._serving = False
+        super().__init__(sockaddr(addr, port) if addr else ('', port),
+                         _ListenerHandshake, bind_and_activate=False)
+        try:
+            self.server_bind()
+            self.server_activate()
+        except OSError:
+            self.server_close()
+            raise
+
+    @property
+    def port(self):
+        return self.server_address[1]
+
+    def server_bind(self):
+        if self.v6only:
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+    # -- socketserver hooks ------------------------------------------------------------------
+    def verify_request(self, request, client_address):
+        if self.admission.admit(client_address[0]):
+            return True
+        logger.warning('connection from %s dropped: too many handshakes in progress',
+                       client_address[0])
+        return False            # socketserver closes it
+
+    def finish_request(self, request, client_address):
+        try:
+            self._watch(request)
+            super().finish_request(request, client_address)
+        finally:
+            self._unwatch(request)
+            self.admission.release(client_address[0])
+
+    def shutdown_request(self, request):
+        with self._lock:
+            if request in self._handed_off:
+                self._handed_off.discard(request)
+                return
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        logger.warning('connection from %s refused: %r', client_address[0], sys.exc_info()[1])
+
+    def service_actions(self):
+        """Runs in the serving thread every ``poll_interval``: a handshake past its
+        deadline is shut down, so a peer trickling bytes (TLS records, a hello, a first
+        frame) cannot hold a slot however it paces them."""
+        now = time.monotonic()
+        with self._lock:
+            overdue = [dup for deadline, dup in self._deadlines.values() if now > deadline]
+        for dup in overdue:
+            try:
+                dup.shutdown(socket.SHUT_RDWR)      # the handshake's read fails at once
+            except OSError:
+                pass
+
+    def serve_forever(self, poll_interval=None):
+        self._serving = True
+        super().serve_forever(poll_interval or self.poll_interval)
+
+    def close(self):
+        """Stops serving and closes the listening socket (like a socket's close)."""
+        if self._serving:
+            self.shutdown()
+        self.server_close()
+
+    def credentials(self):
+        owner = self.owner
+        return (owner.ssl_context, owner.secret, owner.max_frame,
+                {'role': 'scheduler', 'name': owner.name})
+
+    # -- the handshake -----------------------------------------------------------------------
+    def _watch(self, request):
+        # A duplicate descriptor: shutting it down reaches the connection even after TLS
+        # took the socket over, and its number cannot be reused while it is watched.
+        with self._lock:
+            self._deadlines[request] = (time.monotonic() + HANDSHAKE_TIMEOUT,
+                                        request.dup())
+
+    def _unwatch(self, request):
+        with self._lock:
+            _deadline, dup = self._deadlines.pop(request, (None, None))
+        if dup is not None:
+            dup.close()
+
+    def hand_off(self, request):
+        """The socket is the channel's now: no deadline on it any more (the session
+        may take long to attach), and socketserver must not close it."""
+        self._unwatch(request)
+        with self._lock:
+            self._handed_off.add(request)
+
+    def authenticate(self, sock, addr):
+        """(channel, CLIENT info) of an authenticated client, or None (logged, closed)."""
+        ssl_context, secret, max_frame, hello = self.credentials()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if ssl_context is not None:
+                sock.settimeout(HANDSHAKE_TIMEOUT)
+                sock = ssl_context.wrap_socket(sock, server_side=True)
+            channel = handshake(sock, secret, False, hello, max_frame)
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            info = self._client_info(channel.recv())
+            sock.settimeout(None)
+            return channel, info
+        except Exception as exc:     # never a socket left open by a failed handshake
+            try:
+                sock.close()
+            except OSError:
+                pass
+            if not isinstance(exc, self.REFUSALS):
+                raise       # handle_error logs it
+            logger.warning('connection from %s refused: %s', addr[0], exc)
+            return None
+
+    # what a hostile or mismatched peer causes (anything else is logged with its type)
+    REFUSALS = (OSError, ProtocolError, ValueError, TypeError, EOFError,
+                pickle.UnpicklingError)
+
+    @staticmethod
+    def _client_info(first):
+        """The info of the first frame, which must hold just a well-formed CLIENT."""
+        if (not isinstance(first, list) or len(first) != 1
+                or not isinstance(first[0], tuple) or first[0][:1] != ('CLIENT',)):
+            raise ProtocolError('first message is not CLIENT')
+        info = Msg.CLIENT.read(first[0]).info
+        if not isinstance(info, dict):
+            raise ProtocolError('malformed CLIENT message')
+        float(info.get('pulse_interval') or 1)
+        if not isinstance(info.get('id', ''), str):
+            raise ProtocolError('malformed CLIENT message')
+        return info
 
 
 # ================================================================================
