@@ -96,7 +96,7 @@ import types
 import uuid
 
 __version__ = '5.0.0'
-__all__ = ['JobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo', 'NodeAllocate',
+__all__ = ['JobCluster', 'SharedJobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo', 'NodeAllocate',
            'recover_jobs', 'logger', 'MsgTimeout']
 
 # ================================================================================
@@ -719,6 +719,20 @@ class _ConnectionBase:
 #   RELEASE       the client is done here      PULSE         liveness (+ availability)
 #   PULSE         liveness                     RECALLED      answers RECALL (given back?)
 #   RECALL        a queued job, back please
+#
+#   SharedJobCluster → dispyscheduler          dispyscheduler → SharedJobCluster
+#   (one connection per cluster)
+#   CLIENT        who we are (+ cluster uid)   NODE          first answer (cluster known?)
+#   CLUSTER       computation, nodes, options  CLUSTER_READY files in, or why refused
+#   FILE          a chunk of one of its files  STATE         a job runs (on which node) or
+#   JOB, CANCEL, ACK, PULSE  as to a node                    is queued again
+#   NODE_OP       a cluster method on a node   DONE          a job ended (kept until ACK)
+#   PUT_FILE      send_file chunk (cluster     PROVISIONAL, SEND_FILE, PUT_FILE_DONE, PULSE
+#                 field: the node's address)                 as from a node
+#   ALLOCATED     answers ALLOCATE             NODE_STATUS   a node joined, left, ...
+#   RELEASE       the cluster is closed        ALLOCATE      asks a NodeAllocate subclass
+#                                              OP_DONE       answers NODE_OP
+#   recover_jobs talks to a scheduler as to a node: CLIENT, NODE, RESULT, ACK, RELEASE.
 
 class MessageKind:
     """One kind of message: a name, its fields, and the field whose length is the
@@ -782,6 +796,17 @@ class Msg:
     CLOSED = MessageKind('CLOSED', ['cluster'])
     NODE_PULSE = MessageKind('PULSE', ['time', 'avail'])
     RECALLED = MessageKind('RECALLED', ['key', 'attempt', 'given'])
+    # SharedJobCluster ↔ dispyscheduler
+    CLUSTER = MessageKind('CLUSTER', ['info'])
+    NODE_OP = MessageKind('NODE_OP', ['token', 'op', 'node', 'arg'])
+    ALLOCATED = MessageKind('ALLOCATED', ['token', 'cpus'])
+    CLUSTER_READY = MessageKind('CLUSTER_READY', ['error'])
+    STATE = MessageKind('STATE', ['key', 'status', 'ip', 'start_time'])
+    DONE = MessageKind('DONE', ['key', 'ip', 'status', 'blob', 'stdout', 'stderr',
+                                'exception', 'start_time', 'end_time'], 'blob')
+    NODE_STATUS = MessageKind('NODE_STATUS', ['status', 'node'])
+    ALLOCATE = MessageKind('ALLOCATE', ['token', 'index', 'node'])
+    OP_DONE = MessageKind('OP_DONE', ['token', 'value'])
 
     @classmethod
     def result(cls, key, attempt, status, exception, blob=None, stdout='', stderr='',
@@ -800,9 +825,18 @@ TO_CLIENT = {k.name: k for k in (Msg.NODE, Msg.BUSY, Msg.SETUP, Msg.STARTED, Msg
                                  Msg.CLOSED, Msg.NODE_PULSE, Msg.RECALLED)}
 
 
+TO_SCHEDULER = {k.name: k for k in (Msg.CLIENT, Msg.CLUSTER, Msg.FILE, Msg.JOB, Msg.CANCEL,
+                                    Msg.ACK, Msg.NODE_OP, Msg.PUT_FILE, Msg.ALLOCATED,
+                                    Msg.PULSE, Msg.RELEASE)}
+FROM_SCHEDULER = {k.name: k for k in (Msg.NODE, Msg.CLUSTER_READY, Msg.STATE, Msg.DONE,
+                                      Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
+                                      Msg.NODE_STATUS, Msg.ALLOCATE, Msg.OP_DONE,
+                                      Msg.NODE_PULSE, Msg.RESULT)}
+
+
 def message_bulk(msg):
     """Size hint of any catalogued message (its bulk field's length)."""
-    kind = TO_NODE.get(msg[0]) or TO_CLIENT.get(msg[0])
+    kind = TO_NODE.get(msg[0]) or TO_CLIENT.get(msg[0]) or FROM_SCHEDULER.get(msg[0])
     return kind.bulk(msg) if kind is not None else 0
 
 
@@ -946,13 +980,15 @@ def multicast_destinations(port):
     return [(IPV6_ALL_NODES, port, 0, index) for index, name in names if name != 'lo']
 
 
-def bind_udp_any_v6(port):
+def bind_udp_any_v6(port, reuse=False):
     """An IPv6-only UDP socket on [::]:port, or None when the host has no IPv6."""
     if not socket.has_ipv6:
         return None
     sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(('::', port))
     except OSError:
         sock.close()
@@ -1225,12 +1261,15 @@ class DiscoveryEndpoint:
         self._last_nak = {}         # address -> monotonic time of the last NAK sent to it
 
     # -- sockets ------------------------------------------------------------------------------
-    def bind(self, addr, port):
+    def bind(self, addr, port, reuse=False):
         """A socket bound on ``addr`` ('' = every IPv4 interface) and ``port`` (0: any
-        free one); OSError as the system gave it (the caller words it)."""
+        free one), shared with other programs' sockets with ``reuse``; OSError as the
+        system gave it (the caller words it)."""
         family = node_address_family(addr) if addr else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if reuse:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             sock.bind(sockaddr(addr, port) if addr else ('', port))
@@ -1239,10 +1278,10 @@ class DiscoveryEndpoint:
             raise
         return self.add_socket(sock)
 
-    def bind_any_v6(self, port):
+    def bind_any_v6(self, port, reuse=False):
         """The IPv6 any-address socket beside an all-interfaces IPv4 one, or None when
         the host has no IPv6."""
-        sock = bind_udp_any_v6(port)
+        sock = bind_udp_any_v6(port, reuse)
         return self.add_socket(sock) if sock is not None else None
 
     def add_socket(self, sock):
@@ -2815,6 +2854,17 @@ class NodeLink:
         old = self.service.get(ckey)
         self.service[ckey] = seconds if old is None else old + 0.25 * (seconds - old)
 
+    shared = False      # dispyscheduler: the clusters share the node's window
+
+    def shared_room(self):
+        """Whether the node takes one more job of any cluster: always, unless the
+        clusters share it (dispyscheduler), and then while the jobs in flight of all
+        of them are fewer than the largest window of one."""
+        if not self.shared:
+            return True
+        caps = [self.capacity(k) for k, state in self.setups.items() if state == 'ready']
+        return sum(self.in_flight.values()) < max(caps, default=0)
+
     def takes_jobs(self, ckey):
         """Whether the cluster's jobs may be sent here now (room aside)."""
         return (self.conn is not None and self.state == NodeLink.READY
@@ -3304,7 +3354,7 @@ class _ClusterQueue:
     entry counts; so finding the least-loaded node costs no more with 1,000 nodes than
     with one, and nothing at all while every node is full."""
     __slots__ = ('cluster', 'key', 'pending', 'pinned', 'free', 'stamps', 'slow',
-                 'rebalanced', 'rebalance_due')
+                 'rebalanced', 'rebalance_due', 'served', 'blocked')
 
     def __init__(self, cluster, key):
         self.cluster = cluster
@@ -3316,12 +3366,14 @@ class _ClusterQueue:
         self.slow = set()           # links where its jobs take LEAD or longer
         self.rebalanced = 0.0       # when _rebalance last looked
         self.rebalance_due = False  # a later look is planned
+        self.served = 0             # when it last got a slot (dispyscheduler's fair policy)
+        self.blocked = False        # no node has room for it now (in one dispatch)
 
     def offer(self, link, stamp):
         """The link may have room now (lock held)."""
         cap = link.capacity(self.key)
         in_flight = link.in_flight[self.key]
-        if in_flight < cap and link.takes_jobs(self.key):
+        if in_flight < cap and link.takes_jobs(self.key) and link.shared_room():
             self.stamps[link] = stamp
             heapq.heappush(self.free, (in_flight / cap, stamp, link))
         if len(self.free) > 2 * len(self.stamps) + 64:
@@ -3342,7 +3394,8 @@ class _ClusterQueue:
         while free:
             _, stamp, link = free[0]
             if (self.stamps.get(link) == stamp and link.takes_jobs(self.key)
-                    and link.in_flight[self.key] < link.capacity(self.key)):
+                    and link.in_flight[self.key] < link.capacity(self.key)
+                    and link.shared_room()):
                 return link
             heapq.heappop(free)
             if self.stamps.get(link) == stamp:
@@ -3370,7 +3423,7 @@ class _NodeMessages:
             if kind is Msg.SEND_FILE:
                 self._save_file(link, record)
                 continue
-            records.append((kind.name, record, _load_blob(record)))
+            records.append((kind.name, record, self.load_blob(record)))
         with self.lock:
             if conn is not link.conn:
                 return      # a connection we already replaced
@@ -3420,11 +3473,16 @@ class _NodeMessages:
         job.start_time = msg.start_time
         job._cluster.job_changed(job, DispyJob.Running)
 
+    def load_blob(self, msg):
+        """What a handler gets for a message's blob (a hook: dispyscheduler passes
+        blobs on to its clients unopened)."""
+        return _load_blob(msg)
+
     def _on_result(self, link, msg, loaded):
         job = link.jobs.get(msg.key)
         if job is None or job._attempt != msg.attempt:
-            link.acks.append((msg.key, msg.attempt))
-            return      # a stale attempt (the job was resubmitted): already accounted for
+            self._unknown_result(link, msg, loaded)
+            return
         del link.jobs[msg.key]
         link.cancels.discard((msg.key, msg.attempt))
         ckey = job._cluster.key
@@ -3443,6 +3501,16 @@ class _NodeMessages:
             job._cluster.job_changed(job, DispyJob.Running)
         # Ended (and so written to the recover file) before the node may drop the result.
         self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
+        self._result_recorded(link, job, msg)
+
+    # Hooks of the result's acknowledgement (dispyscheduler acknowledges a result to the
+    # node only once its client has it, and keeps results of jobs it does not know).
+    def _result_recorded(self, link, job, msg):
+        """The result is safe here: the node may drop it (sent with the next ACK)."""
+        link.acks.append((msg.key, msg.attempt))
+
+    def _unknown_result(self, link, msg, loaded):
+        """A result of a stale attempt (the job was resubmitted): accounted for."""
         link.acks.append((msg.key, msg.attempt))
 
     def _on_recalled(self, link, msg, _loaded):
@@ -3662,7 +3730,8 @@ class Scheduler(_NodeMessages, _NodeControl):
     def add_cluster(self, cluster):
         """Hosts a cluster: gives it its key and offers it every matching node."""
         with self.lock:
-            cluster.key = next(self._cluster_keys)
+            if cluster.key is None:     # dispyscheduler gives a returning cluster its own
+                cluster.key = next(self._cluster_keys)
             self.queues[cluster.key] = _ClusterQueue(cluster, cluster.key)
         self.add_allocations(cluster, cluster.allocations)
         return cluster.key
@@ -3689,12 +3758,17 @@ class Scheduler(_NodeMessages, _NodeControl):
     def has_clusters(self):
         return bool(self.queues)
 
+    def close(self):
+        """Releases the nodes (the host's last cluster of this pool closed)."""
+        self.pool.close()
+
     # -- jobs ------------------------------------------------------------------------------
     def submit(self, job):
         """Queues a job (its key is given here); returns it."""
         with self.lock:
             queue = self.queues[job._cluster.key]
-            job._key = next(self._job_keys)
+            if job._key is None:
+                job._key = next(self._job_keys)
             if job._id is None:
                 job._id = job._key
             if job._pin is not None:
@@ -3832,7 +3906,7 @@ class Scheduler(_NodeMessages, _NodeControl):
         for addr, pinned in list(queue.pinned.items()):
             link = self.pool.links.get(addr)
             while (pinned and link is not None and link.takes_jobs(ckey)
-                   and link.in_flight[ckey] < link.capacity(ckey)):
+                   and link.in_flight[ckey] < link.capacity(ckey) and link.shared_room()):
                 self._send_job(link, pinned.popleft())
             if not pinned:
                 del queue.pinned[addr]
@@ -3967,12 +4041,18 @@ class Scheduler(_NodeMessages, _NodeControl):
         they are offered again (the node answers one it has ready, or starts over)."""
         for key, attempt in held:
             job = link.jobs.get(key)
-            if job is None or job._attempt != attempt or (key, attempt) in link.cancels:
+            if job is None and (key, attempt) not in link.cancels:
+                self._unknown_job(link, key, attempt)
+            elif job is None or job._attempt != attempt or (key, attempt) in link.cancels:
                 link.send(Msg.CANCEL(key, attempt))
         for ckey in [k for k, state in link.setups.items()
                      if state == 'pending' or (k not in kept and state != 'allocating')]:
             del link.setups[ckey]
             link.alloc_cpus.pop(ckey, None)
+
+    def _unknown_job(self, link, key, attempt):
+        """The node holds a job this scheduler does not know (a hook): cancelled."""
+        link.send(Msg.CANCEL(key, attempt))
 
     def node_lost(self, link, reason):
         """The node is gone for good: its jobs are resubmitted or cancelled (lock
@@ -4068,6 +4148,8 @@ class ClientHub:
         with cls._current_lock:
             hub = cls._current
             if hub is not None and not hub.closed:
+                if hub.discovery is None:   # no node pool yet (SharedJobClusters only)
+                    return hub
                 for name in ('ip_addrs', 'port'):
                     if options[name] != hub.options[name] and options.get('explicit_' + name):
                         raise ValueError('all clusters of one program share one client '
@@ -4080,10 +4162,10 @@ class ClientHub:
     def __init__(self, options):
         self.options = options
         self.client_id = uuid.uuid4().hex
-        self.discovery = self._bind_udp(options['ip_addrs'], options['port'])
-        self.port = self.discovery.port
+        self.discovery = None       # the UDP port: bound with the first node pool
+        self.port = None
         self.client = {'id': self.client_id, 'name': socket.gethostname(),
-                       'pid': os.getpid(), 'udp_port': self.port}
+                       'pid': os.getpid(), 'udp_port': None}
         self.threads = WorkerThreads(POOL_THREADS, 'dispy-worker')
         self.lock = threading.Lock()        # pools, clusters, notifiers (leaf lock)
         self.schedulers = {}        # (secret, certfile, keyfile, cafile) -> Scheduler
@@ -4093,15 +4175,40 @@ class ClientHub:
         self.closed = False
         self.loop = IOLoop('dispy-hub')
         self.thread = self.loop.thread
-        self.loop.call_soon(self._register_udp)
         self.loop.add_ticker(self._tick)
+        if options.get('port') is not None:     # a program's clusters reach nodes
+            self._bind_discovery(options)
 
-    def _bind_udp(self, ip_addrs, port):
+    def _bind_discovery(self, options):
+        """The client's UDP port (a SharedJobCluster needs none: it only dials its
+        scheduler, so it can run beside a dispyscheduler on 51347)."""
+        try:
+            self.discovery = self._bind_udp(
+                options['ip_addrs'], options['port'],
+                options.get('explicit_port') or bool(options.get('ext_ip_addrs')))
+        except OSError:
+            if self.discovery is None and not self.clusters:
+                self.shutdown()
+            raise
+        self.options = options
+        self.port = self.client['udp_port'] = self.discovery.port
+        self.loop.call_soon(self._register_udp)
+
+    def _bind_udp(self, ip_addrs, port, exclusive=True):
+        """The client's UDP sockets.  ``exclusive`` (a port given, or NAT): pings
+        leave from ``port`` and answers come to it, as a forwarded port needs.
+        Otherwise pings leave from a port of this program's own (any free one) and
+        the broadcasts nodes send to ``port`` when they start are heard on sockets
+        that share it (SO_REUSEADDR): a dispyscheduler and client programs on one
+        host all hear them, and each gets its own answers."""
         endpoint = _HubDiscovery(self)
+        shared, port = (None, port) if exclusive or not port else (port, 0)
         try:
             for addr in ip_addrs or ['']:
                 endpoint.bind(addr, port)
                 port = endpoint.port        # port=0: the others take the same one
+            for addr in (ip_addrs or ['']) if shared else ():
+                endpoint.bind(addr, shared, reuse=True)
         except OSError as exc:
             endpoint.close()
             if exc.errno == errno.EADDRINUSE:
@@ -4112,20 +4219,26 @@ class ClientHub:
                           % (addr or '*', port, exc.strerror))
         if not ip_addrs:        # all interfaces: IPv6 too, where the host has it
             endpoint.bind_any_v6(port)
+            if shared:
+                endpoint.bind_any_v6(shared, reuse=True)
         return endpoint
 
     # -- schedulers and clusters -----------------------------------------------------------
-    def scheduler_for(self, options):
-        """The scheduler (and node pool) for a cluster's secret and TLS files."""
+    def scheduler_for(self, options, scheduler_class=None):
+        """The scheduler (and node pool) for a cluster's secret and TLS files
+        (dispyscheduler asks for its own ``Scheduler`` subclass)."""
+        scheduler_class = scheduler_class or Scheduler
         key = (options['secret'], options['certfile'], options['keyfile'],
                options.get('cafile'))
         with self.lock:
+            if self.discovery is None:
+                self._bind_discovery(options)
             scheduler = self.schedulers.get(key)
             if scheduler is not None:
                 pool = scheduler.pool
                 pool.pulse_interval = min(pool.pulse_interval, options['pulse_interval'])
                 return scheduler
-            scheduler = Scheduler(self.threads, *self.keys)
+            scheduler = scheduler_class(self.threads, *self.keys)
             context = make_ssl_context(False, options['certfile'], options['keyfile'],
                                        options.get('cafile'))
             scheduler.attach_pool(NodePool(scheduler, scheduler.lock, options['secret'],
@@ -4154,17 +4267,20 @@ class ClientHub:
             if cluster in self.clusters:
                 self.clusters.remove(cluster)
             last = not self.clusters
-            unused = not last and not scheduler.has_clusters()
-            if unused:      # its nodes are released for other programs
+            # a scheduler without clusters releases its nodes for other programs
+            unused = not scheduler.has_clusters()
+            notifier = None
+            if unused:
                 for key in [k for k, v in self.schedulers.items() if v is scheduler]:
                     del self.schedulers[key]
-                notifier = self.notifiers.pop(scheduler, None)
+                if not last:
+                    notifier = self.notifiers.pop(scheduler, None)
+        if unused:
+            scheduler.close()
+        if notifier is not None:
+            notifier.stop()
         if last:
             self.shutdown()
-        elif unused:
-            scheduler.pool.close()
-            if notifier is not None:
-                notifier.stop()
 
     def shutdown(self):
         """Releases every node and stops the hub (the last cluster closed)."""
@@ -4178,7 +4294,7 @@ class ClientHub:
             schedulers = list(self.schedulers.values())
             notifiers = list(self.notifiers.values())
         for scheduler in schedulers:
-            scheduler.pool.close()
+            scheduler.close()
         for notifier in notifiers:
             notifier.stop()        # after the calls already queued
         self.loop.stop()
@@ -4804,6 +4920,8 @@ class JobCluster(ClusterHooks):
         else:
             setup_logging(logging.WARNING if logger.level == logging.NOTSET else None)
         caller = sys._getframe(1)
+        if caller.f_code is SharedJobCluster.__init__.__code__:
+            caller = caller.f_back      # the user's frame, not the subclass's
         caller_globals = [caller.f_globals, getattr(sys.modules.get('__main__'), '__dict__', {})]
         if dispy_port is not None:
             port = dispy_port if port is None else port
@@ -4852,14 +4970,23 @@ class JobCluster(ClusterHooks):
             'max_frame': int(max_frame_size or DEFAULT_MAX_FRAME),
             'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
             'ping_interval': ping_interval}
-        self._hub = ClientHub.acquire(self._options)
-        self._scheduler = self._hub.scheduler_for(self._options)
+        self._max_frame = self._options['max_frame']
+        self._hub = ClientHub.acquire(self._hub_options())
+        self._scheduler = self._make_scheduler()
         self._pool = self._scheduler.pool
         self._cond = self._scheduler.cond
         self._notifier = (self._hub.notifier_for(self._scheduler)
                           if (self._callback or self._status_cb) else None)
         _live_clusters.add(self)
         self._hub.add_cluster(self, self._scheduler)
+
+    def _hub_options(self):
+        return self._options
+
+    def _make_scheduler(self):
+        """The scheduler of this cluster's jobs: the hub's for its secret and TLS files
+        (a hook: a SharedJobCluster's is a dispyscheduler)."""
+        return self._hub.scheduler_for(self._options)
 
     @staticmethod
     def _local_address(addr):
@@ -4911,9 +5038,9 @@ class JobCluster(ClusterHooks):
         except Exception as exc:
             logger.error('job not created: its arguments cannot be pickled: %s', exc)
             return None
-        if blob_size(blob) > self._pool.max_frame - 65536:
+        if blob_size(blob) > self._max_frame - 65536:
             logger.error('job not created: its arguments take %d bytes, over the frame limit '
-                         'of %d (max_frame_size)', blob_size(blob), self._pool.max_frame)
+                         'of %d (max_frame_size)', blob_size(blob), self._max_frame)
             return None
         options = {}
         if timeout:
@@ -5276,6 +5403,557 @@ def _at_exit():
 
 
 atexit.register(_at_exit)
+
+
+# ================================================================================
+# Client API: SharedJobCluster (its jobs go through a dispyscheduler)
+# ================================================================================
+
+SCHEDULER_PORT = 51349          # dispyscheduler's TCP port for SharedJobClusters
+SCHEDULER_REDIAL = (0.5, 1.0, 2.0, 5.0)    # seconds between dials of a lost scheduler
+
+
+class _NodeView:
+    """A node as a dispyscheduler describes it: what ``ClusterHooks`` events read
+    of a ``NodeLink`` (address, name, CPUs, platform, availability)."""
+
+    __slots__ = ('ip_addr', 'port', 'name', 'cpus', 'platform', 'avail_info', 'alloc_cpus')
+
+    def __init__(self, ip_addr, port=None, name='', cpus=0, platform='', avail=None,
+                 used=None, key=None):
+        self.ip_addr = ip_addr
+        self.port = port
+        self.name = name
+        self.cpus = cpus
+        self.platform = platform
+        self.avail_info = _avail_info(avail)
+        self.alloc_cpus = {key: used} if used is not None else {}
+
+    @staticmethod
+    def describe(link, key):
+        """A NodeLink as the dict NODE_STATUS and ALLOCATE carry."""
+        avail = link.avail_info
+        return {'ip_addr': link.ip_addr, 'name': link.name, 'cpus': link.cpus,
+                'platform': link.platform, 'used': link.alloc_cpus.get(key),
+                'avail': None if avail is None else [avail.cpu, avail.memory, avail.disk,
+                                                     avail.swap]}
+
+    @classmethod
+    def read(cls, node, key):
+        if not isinstance(node, dict) or not isinstance(node.get('ip_addr'), str):
+            raise ProtocolError('malformed node description')
+        return cls(node['ip_addr'], None, str(node.get('name') or ''),
+                   int(node.get('cpus') or 0), str(node.get('platform') or ''),
+                   node.get('avail'), node.get('used'), key)
+
+
+class RemoteScheduler:
+    """A SharedJobCluster's scheduler: a dispyscheduler, over one authenticated
+    connection on the process's I/O loop.  It offers the cluster what a ``Scheduler``
+    does (submit, cancel, the node methods), so ``JobCluster``'s code serves both; the
+    scheduler's reports become the same ``ClusterHooks`` calls::
+
+        JobCluster._submit ─► submit: JOB ─────────► dispyscheduler ─► its nodes
+        job_changed / job_ended ◄─ STATE, DONE ◄────┘   (ACK once the result is here:
+                                                         only then does the node drop it)
+
+    A lost connection is dialed again (SCHEDULER_REDIAL) for as long as the cluster
+    is open; a scheduler that still has the cluster goes on with it, one that
+    restarted gets the cluster again and every job not ended (a job its nodes still
+    hold is not run twice: the scheduler finds it by its key).
+    """
+
+    OFFLOAD = frozenset(('SEND_FILE',))    # files jobs send are saved off the loop
+
+    def __init__(self, hub, options, addr, port):
+        self.hub = hub
+        self.loop = hub.loop
+        self.threads = hub.threads
+        self.addr, self.port = addr, port
+        self.secret = options['secret']
+        self.ssl_context = make_ssl_context(False, options['certfile'], options['keyfile'],
+                                            options.get('cafile'))
+        self.max_frame = options['max_frame']
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.pool = None            # no node pool of its own
+        self.view = _NodeView(addr, port, 'dispyscheduler')  # where the recover file points
+        self.cluster = None
+        self.uid = uuid.uuid4().hex
+        self.number = None          # the scheduler's number for the cluster (its key there)
+        self.jobs = {}              # key -> DispyJob not ended
+        self.conn = None
+        self.ready = False          # the scheduler has the cluster and its files
+        self.closing = False
+        self.error = None           # why the scheduler refused the cluster
+        self.replies = {}           # token -> answer of NODE_OP / PUT_FILE
+        self.tokens = itertools.count(1)
+        self.nodes = {}             # address -> _NodeView
+        self.retry = 0
+        self.next_dial = 0.0
+        self.dialing = False
+        self.warned = False
+        self.pulse_interval = DEFAULT_PULSE_INTERVAL   # the scheduler's (its NODE says)
+
+    # -- the cluster -------------------------------------------------------------------------
+    def add_cluster(self, cluster):
+        self.cluster = cluster
+        cluster.key = 0             # one cluster per connection
+        self.loop.add_ticker(self._tick)
+        self.loop.call_soon(self._dial)
+        return cluster.key
+
+    def has_clusters(self):
+        return self.cluster is not None and not self.closing
+
+    def remove_cluster(self, cluster, grace=5.0):
+        with self.lock:
+            self.closing = True
+            conn = self.conn
+        self.loop.remove_ticker(self._tick)
+        if conn is not None:
+            conn.send(Msg.RELEASE())
+            conn.close('cluster closed', flush=True)
+            conn.wait_closed(grace)
+
+    def close(self):
+        with self.lock:
+            self.closing = True
+            conn = self.conn
+        if conn is not None:
+            conn.close('closed')
+
+    def add_allocations(self, cluster, allocs):
+        self._node_op('allocate', None, [self._alloc_entry(cluster, a) for a in allocs])
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, job):
+        with self.lock:
+            job._key = next(self.hub.keys[1])
+            if job._id is None:
+                job._id = job._key
+            self.jobs[job._key] = job
+            job._cluster.job_submitted(job)
+            if self.ready:
+                self._send_job(job)
+        return job
+
+    def _send_job(self, job):
+        """To the scheduler (lock held); ``_attempt`` 1: it has the job."""
+        options = dict(job._options or {})
+        if job._pin is not None:
+            options['node'] = job._pin
+        if self.conn is not None and self.conn.send(Msg.JOB(job._key, 0, 0, job._blob,
+                                                            options or None)):
+            job._attempt = 1
+            job._cluster.job_dispatched(job, self.view)
+
+    def cancel(self, job, reason='Cancelled'):
+        with self.lock:
+            if job.status in FINAL_STATUSES:
+                return -1
+            if job._attempt == 0:       # the scheduler never had it
+                self._end_job(job, DispyJob.Cancelled, exception=reason)
+            elif self.conn is not None:
+                self.conn.send(Msg.CANCEL(job._key, 0))
+            return 0
+
+    def open_jobs(self, cluster):
+        with self.lock:
+            return list(self.jobs.values())
+
+    def jobs_on_nodes(self, cluster):
+        with self.lock:
+            return sum(1 for job in self.jobs.values() if job.status == DispyJob.Running)
+
+    def abort(self, cluster, reason, grace=5.0):
+        with self.lock:
+            jobs = list(self.jobs.values())
+            for job in jobs:
+                self.cancel(job, reason)
+            self.cond.wait_for(lambda: all(j.status in FINAL_STATUSES for j in jobs), grace)
+            for job in jobs:
+                self._end_job(job, DispyJob.Cancelled, exception=reason)
+
+    def _end_job(self, job, status, result=None, stdout=None, stderr=None, exception=None,
+                 end_time=None, ip=None):
+        if job.status in FINAL_STATUSES:
+            return
+        self.jobs.pop(job._key, None)
+        job.status, job.result = status, result
+        job.stdout, job.stderr, job.exception = stdout, stderr, exception
+        job.end_time = end_time or time.time()
+        job.ip_addr = ip or job.ip_addr
+        job._blob = job._options = None
+        view = self.nodes.get(job.ip_addr) if job.ip_addr else None
+        job._cluster.job_ended(job, view)
+
+    # -- node methods: asked of the scheduler -------------------------------------------------
+    def _node_op(self, op, addr, arg, timeout=None):
+        """Sends NODE_OP and waits for its OP_DONE (-1 when none comes in time)."""
+        token = next(self.tokens)
+        with self.lock:
+            if self.conn is None or not self.ready:
+                logger.error('%s: not connected to dispyscheduler %s:%s', op, self.addr,
+                             self.port)
+                return -1
+            self.conn.send(Msg.NODE_OP(token, op, addr, arg))
+            if not self.cond.wait_for(lambda: token in self.replies, timeout or 2 * MsgTimeout):
+                return -1
+            return self.replies.pop(token)
+
+    def deallocate(self, cluster, addr):
+        return self._node_op('deallocate', addr, None)
+
+    def set_node_cpus(self, cluster, addr, cpus):
+        cpus = self._node_op('set_cpus', addr, int(cpus))
+        if cpus == -2:
+            logger.warning('set_node_cpus(%s): the nodes of a SharedJobCluster are shared with '
+                           'other programs, so their CPUs stay as they are (dispyscheduler '
+                           'changes them only when started with --cooperative)', addr)
+            return -1
+        return cpus
+
+    def node_jobs(self, cluster, addr):
+        with self.lock:
+            return [j for j in self.jobs.values()
+                    if j.ip_addr == addr and j.status == DispyJob.Running]
+
+    def close_node(self, cluster, addr, terminate, resetup=False):
+        return self._node_op('resetup' if resetup else 'close', addr, bool(terminate))
+
+    def send_file(self, cluster, addr, path, timeout):
+        name = os.path.basename(path)
+        token = ('put', addr, name)
+        with self.lock:
+            conn = self.conn if self.ready else None
+            self.replies.pop(token, None)
+        if conn is None:
+            logger.error('send_file: not connected to dispyscheduler %s:%s', self.addr,
+                         self.port)
+            return -1
+        try:
+            if not send_file_chunks(conn.send, Msg.PUT_FILE, addr, name, path):
+                return -1
+        except OSError as exc:
+            logger.error('send_file: %s', exc)
+            return -1
+        with self.lock:
+            if not self.cond.wait_for(lambda: token in self.replies, timeout):
+                return -1
+            error = self.replies.pop(token)
+        if error:
+            logger.error('send_file: %s refused by node %s: %s', name, addr, error)
+            return -1
+        return 0
+
+    def traffic(self, addr):
+        return 0, 0     # the scheduler's connections to nodes are its own
+
+    # -- the connection (loop thread) --------------------------------------------------------
+    def _dial(self):
+        with self.lock:
+            if self.closing or self.dialing or self.conn is not None:
+                return
+            self.dialing = True
+        steps = handshake_steps(self.secret, True, {'role': 'client'}, self.max_frame)
+        LoopDial(self.loop, self.addr, self.port, self.ssl_context, steps, self.max_frame,
+                 MsgTimeout, self._dialed, self._dial_failed).start()
+
+    def _dialed(self, channel, extra):
+        with self.lock:
+            self.dialing = False
+            if self.closing:
+                channel.close()
+                return
+            self.conn = LoopConnection(channel, self, 'dispyscheduler', self.loop,
+                                       self.threads, extra)
+            self.conn.send(Msg.CLIENT(dict(self.hub.client, cluster=self.uid,
+                                           number=self.number)))
+            self.pulse_interval = DEFAULT_PULSE_INTERVAL
+            self.conn.start()
+
+    def _dial_failed(self, exc):
+        with self.lock:
+            self.dialing = False
+            self._redial_later('cannot connect to dispyscheduler %s:%s: %s'
+                               % (self.addr, self.port, exc), exc)
+
+    def _redial_later(self, text, exc=None):
+        self.next_dial = time.monotonic() + SCHEDULER_REDIAL[min(self.retry,
+                                                                 len(SCHEDULER_REDIAL) - 1)]
+        self.retry += 1
+        if isinstance(exc, AuthError):
+            text += ' (is cluster_secret of dispyscheduler the secret of this cluster?)'
+        if not self.warned or self.retry % 20 == 0:
+            logger.warning('%s; trying again', text)
+            self.warned = True
+
+    def on_closed(self, conn, reason):
+        with self.lock:
+            if conn is not self.conn:
+                return
+            self.conn = None
+            self.ready = False
+            if not self.closing:
+                self.retry = 0
+                self._redial_later('connection to dispyscheduler %s:%s lost (%s)'
+                                   % (self.addr, self.port, reason))
+
+    def _tick(self):
+        now = time.monotonic()
+        with self.lock:
+            conn = self.conn
+            if conn is None:
+                if not self.dialing and not self.closing and now >= self.next_dial:
+                    self.loop.call_soon(self._dial)
+                return
+        if conn.idle_send >= DEFAULT_PULSE_INTERVAL:
+            conn.send(Msg.PULSE(time.time()))
+        if now - conn.last_recv > DEAD_PULSES * max(self.pulse_interval, DEFAULT_PULSE_INTERVAL):
+            conn.close('no message from dispyscheduler for %.0f s' % (now - conn.last_recv))
+
+    # -- what the scheduler sends ----------------------------------------------------------
+    def on_messages(self, conn, msgs):
+        loaded = []
+        for msg in msgs:
+            kind = FROM_SCHEDULER.get(msg[0]) if isinstance(msg, tuple) and msg else None
+            if kind is None:
+                logger.warning('dispyscheduler sent an unknown message')
+                continue
+            try:
+                record = kind.read(msg)
+                if kind is Msg.SEND_FILE:
+                    self._save_file(record)
+                    continue
+                loaded.append((kind.name, record, _load_blob(record)))
+            except (ProtocolError, TypeError, ValueError) as exc:
+                logger.warning('dispyscheduler sent a malformed %s: %s', msg[0], exc)
+        acks = []
+        with self.lock:
+            if conn is not self.conn:
+                return
+            for name, record, blob in loaded:
+                try:
+                    self.handlers[name](self, record, blob, acks)
+                except (ProtocolError, TypeError, ValueError, KeyError) as exc:
+                    logger.warning('dispyscheduler sent a malformed %s: %s', name, exc)
+            if acks:
+                conn.send(Msg.ACK(acks))
+
+    def _save_file(self, msg):
+        with self.lock:
+            job = self.jobs.get(msg.key)
+        if job is not None:
+            self.cluster.job_file(job, msg.path, msg.mode, msg.offset, msg.data, msg.last)
+
+    def _on_node(self, msg, _blob, _acks):
+        info = msg.info if isinstance(msg.info, dict) else {}
+        self.retry = 0
+        if self.warned:
+            logger.warning('connected to dispyscheduler %s:%s again', self.addr, self.port)
+            self.warned = False
+        self.number = info.get('number', self.number)
+        try:
+            self.pulse_interval = float(info.get('pulse_interval') or DEFAULT_PULSE_INTERVAL)
+        except (TypeError, ValueError):
+            pass
+        if info.get('known'):       # it kept the cluster: what it never got follows
+            self._cluster_ready()
+            return
+        for job in self.jobs.values():  # a scheduler that restarted: every open job again
+            job._attempt = 0
+        self.threads.submit(self._send_cluster, self.conn)
+
+    def _send_cluster(self, conn):
+        """CLUSTER and its files (a worker thread: files may be big)."""
+        cluster = self.cluster
+        package = cluster._package
+        info = cluster._shared_info()
+        specs, files, entries = [package.spec], dict(package.files), []
+        for alloc in list(cluster.allocations):
+            index = 0       # the common spec, unless the NodeAllocate adds its own parts
+            if getattr(alloc, 'setup_args', None) is not None or getattr(alloc, 'depends', None):
+                spec, alloc_files = package.for_node(alloc)
+                files.update(alloc_files)
+                specs.append(spec)
+                index = len(specs) - 1
+            entries.append(self._alloc_entry(cluster, alloc, index))
+        info.update(specs=specs, allocations=entries, files=sorted(files))
+        conn.send(Msg.CLUSTER(info))
+        try:
+            for name in info['files']:
+                if not send_file_chunks(conn.send, Msg.FILE, 0, name, files[name]):
+                    return
+        except OSError as exc:
+            logger.error('cannot send %s to dispyscheduler: %s', exc.filename, exc)
+            conn.close('cannot send the computation\'s files')
+
+    @staticmethod
+    def _alloc_entry(cluster, alloc, spec=0):
+        """A NodeAllocate as the scheduler gets it: host, port, CPUs, whether the
+        scheduler must ask this program (a subclass's own ``allocate``), its index
+        here, and which of the cluster's specs its nodes get."""
+        custom = type(alloc).allocate is not NodeAllocate.allocate
+        return [alloc.host, alloc.port, alloc.cpus, custom,
+                cluster.allocations.index(alloc) if alloc in cluster.allocations else -1,
+                spec]
+
+    def _on_cluster_ready(self, msg, _blob, _acks):
+        if msg.error:
+            self.error = msg.error
+            logger.error('dispyscheduler %s:%s refused cluster %s: %s', self.addr, self.port,
+                         self.cluster.name, msg.error)
+            for job in list(self.jobs.values()):
+                self._end_job(job, DispyJob.Terminated, exception='dispyscheduler refused the '
+                              'cluster: %s' % msg.error)
+            return
+        self._cluster_ready()
+
+    def _cluster_ready(self):
+        self.ready = True
+        for job in sorted(self.jobs.values()):
+            if job._attempt == 0:
+                self._send_job(job)
+        self.cond.notify_all()
+
+    def _on_state(self, msg, _blob, _acks):
+        job = self.jobs.get(msg.key)
+        if job is None:
+            return
+        job.status = msg.status
+        job.ip_addr = msg.ip
+        job.start_time = msg.start_time or job.start_time
+        job._cluster.job_changed(job, msg.status)
+
+    def _on_done(self, msg, loaded, acks):
+        acks.append((msg.key, 0))
+        job = self.jobs.get(msg.key)
+        if job is None:
+            return      # had it already (sent again after a reconnect)
+        result, error = loaded
+        status, exception = msg.status, msg.exception
+        if error is not None:
+            status = DispyJob.Terminated
+            exception = 'result could not be unpickled at the client: %s' % error
+        job.start_time = msg.start_time or job.start_time
+        self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time,
+                      msg.ip)
+
+    def _on_provisional(self, msg, loaded, _acks):
+        job = self.jobs.get(msg.key)
+        result, error = loaded
+        if job is None or error is not None:
+            return
+        job.result = result
+        job.status = DispyJob.ProvisionalResult
+        job._cluster.job_changed(job, DispyJob.ProvisionalResult)
+        job.status = DispyJob.Running
+
+    def _on_node_status(self, msg, _blob, _acks):
+        view = _NodeView.read(msg.node, self.cluster.key)
+        self.nodes[view.ip_addr] = view
+        self.cluster.node_changed(view, msg.status)
+
+    def _on_allocate(self, msg, _blob, _acks):
+        self.threads.submit(self._allocate, self.conn, msg.token, msg.index,
+                            _NodeView.read(msg.node, self.cluster.key))
+
+    def _allocate(self, conn, token, index, view):
+        """A NodeAllocate subclass's ``allocate()`` (user code: here, not at the
+        scheduler), on a worker thread."""
+        cpus = 0
+        try:
+            alloc = self.cluster.allocations[index]
+            cpus = int(alloc.allocate(self.cluster, view.ip_addr, view.name, view.cpus,
+                                      view.avail_info, view.platform) or 0)
+        except Exception:
+            logger.exception('allocate() failed for node %s', view.ip_addr)
+        conn.send(Msg.ALLOCATED(token, cpus))
+
+    def _on_op_done(self, msg, _blob, _acks):
+        self.replies[msg.token] = msg.value
+        self.cond.notify_all()
+
+    def _on_put_file_done(self, msg, _blob, _acks):
+        self.replies[('put', msg.cluster, msg.name)] = msg.error
+        self.cond.notify_all()
+
+    def _on_pulse(self, msg, _blob, _acks):
+        pass
+
+    def _on_unexpected(self, msg, _blob, _acks):
+        logger.warning('dispyscheduler sent an unexpected message')
+
+    handlers = {'NODE': _on_node, 'CLUSTER_READY': _on_cluster_ready, 'STATE': _on_state,
+                'DONE': _on_done, 'PROVISIONAL': _on_provisional,
+                'NODE_STATUS': _on_node_status, 'ALLOCATE': _on_allocate,
+                'OP_DONE': _on_op_done, 'PUT_FILE_DONE': _on_put_file_done,
+                'PULSE': _on_pulse, 'RESULT': _on_unexpected}
+
+
+class SharedJobCluster(JobCluster):
+    """A JobCluster whose jobs a dispyscheduler places on nodes that many programs
+    share (``scheduler_node``, default this host; ``scheduler_port``, default 51349).
+
+    Every JobCluster keyword and method works; the program talks only to the
+    scheduler (one outgoing connection: it listens on no port).  ``exclusive=True``:
+    the scheduler runs this cluster's jobs alone, once the clusters running before it
+    have closed.  ``pulse_interval`` and ``ping_interval`` belong to the scheduler's
+    command line here; ``set_node_cpus`` changes nothing unless the scheduler runs
+    ``--cooperative`` (the nodes are shared).
+    """
+
+    def __init__(self, computation, nodes=None, depends=[], callback=None,
+                 cluster_status=None, ip_addr=None, port=None, scheduler_node=None,
+                 scheduler_port=None, ext_ip_addr=None, dest_path=None, recover_file=None,
+                 loglevel=None, setup=None, cleanup=True, reentrant=False, exclusive=False,
+                 secret=None, keyfile=None, certfile=None, cafile=None, job_timeout=None,
+                 max_frame_size=None, job_status=None, fresh_process=False,
+                 pulse_interval=None, ping_interval=None, node_port=None, **ignored):
+        for name, value in (('pulse_interval', pulse_interval), ('ping_interval',
+                            ping_interval), ('port', port), ('ip_addr', ip_addr),
+                            ('ext_ip_addr', ext_ip_addr)):
+            if value is not None:
+                logger.warning('SharedJobCluster: %s is not used: %s', name,
+                               self._IGNORED_WHY.get(name))
+        for name in ignored:
+            logger.warning('SharedJobCluster: %s is not used', name)
+        self._exclusive = bool(exclusive)
+        host = scheduler_node or os.environ.get('DISPY_SCHEDULER_NODE') or socket.gethostname()
+        self._scheduler_addr = resolve_host(host)
+        if self._scheduler_addr is None:
+            raise ValueError('scheduler_node %r is not a usable address or host name' % host)
+        self._scheduler_port = int(_env_default(scheduler_port, 'DISPY_SCHEDULER_PORT',
+                                                SCHEDULER_PORT, int))
+        self._shared_node_port = node_port
+        JobCluster.__init__(self, computation, nodes=nodes, depends=depends,
+                            callback=callback, cluster_status=cluster_status,
+                            node_port=node_port, dest_path=dest_path,
+                            recover_file=recover_file, loglevel=loglevel, setup=setup,
+                            cleanup=cleanup, reentrant=reentrant, secret=secret,
+                            keyfile=keyfile, certfile=certfile, cafile=cafile,
+                            job_timeout=job_timeout, max_frame_size=max_frame_size,
+                            job_status=job_status, fresh_process=fresh_process)
+
+    _IGNORED_WHY = {
+        'pulse_interval': 'dispyscheduler watches the nodes (its --pulse_interval)',
+        'ping_interval': 'dispyscheduler looks for nodes (its --ping_interval)',
+        'port': 'a SharedJobCluster listens on no port (it connects to the scheduler)',
+        'ip_addr': 'a SharedJobCluster listens on no address (it connects to the scheduler)',
+        'ext_ip_addr': 'nodes never connect to a SharedJobCluster (only to the scheduler)'}
+
+    def _make_scheduler(self):
+        return RemoteScheduler(self._hub, self._options, self._scheduler_addr,
+                               self._scheduler_port)
+
+    def _hub_options(self):
+        return dict(self._options, port=None, explicit_port=False, explicit_ip_addrs=False)
+
+    def _shared_info(self):
+        """What CLUSTER tells the scheduler of this cluster (specs filled by the caller)."""
+        return {'name': self.name, 'exclusive': self._exclusive, 'reentrant': self.reentrant,
+                'status': bool(self._status_cb), 'specs': []}
 
 
 # ================================================================================

@@ -1,0 +1,1011 @@
+#!/usr/bin/env python3
+"""dispyscheduler: one scheduler for many client programs that share the same nodes.
+
+Run ``python dispyscheduler.py`` on any host (beside dispy.py); programs use
+``dispy.SharedJobCluster(..., scheduler_node=HOST)`` instead of ``JobCluster``.  Towards
+the nodes it is one dispy client (UDP and TCP 51347, one session on each node for
+every program's computations); towards the programs it serves TCP 51349.  It hosts the
+very ``Scheduler`` and ``NodePool`` a ``JobCluster`` program does (imported from
+dispy.py): only the cluster end differs, a ``RemoteCluster`` that forwards the
+scheduler's ``ClusterHooks`` calls to its program::
+
+    SharedJobCluster ──JOB──► Listener ─► ClientRouter ─► RemoteCluster ─► SharedScheduler
+      (RemoteScheduler,       (dispy.py,   which cluster    its jobs,        (dispy.Scheduler:
+       dispy.py)               socketserver) a connection    results until    policy between
+          ▲                                 is            the client ACKs  clusters, windows
+          │                                               them             shared per node)
+          └───────────── STATE, DONE ◄──────────────────────┘                  │ JOB
+                                                                                 ▼
+                                                                 NodePool ─► dispynode
+
+The path a job takes: the program's JOB arrives on the I/O loop → RemoteCluster.on_job
+gives it the scheduler's key (the cluster's number × 2**40 + the program's key, so a
+restarted scheduler recognises it) → SharedScheduler.submit → a node; the node's
+RESULT → job_ended → DONE to the program, the result kept here (and not acknowledged to
+the node) until the program's ACK; then the node's ACK.  So a result is always held by
+the node, by this scheduler or by the program, and a crash of any one loses none.
+
+Threads: dispy-hub (the I/O loop: node connections, program connections, UDP, timers),
+dispy-worker-N (files, allocate() round trips, big frames), one handshake thread per
+connection being authenticated (dispy.Listener), main (stdin commands or a wait).
+
+Between clusters (``--early_cluster_scheduler``, ``--fair_cluster_scheduler``, default
+oldest job first) every cluster set up on a node shares that node's window of jobs in
+flight, so the node's CPUs go where the policy says.  ``exclusive=True`` clusters wait
+until every running cluster has closed, then run alone (``ClusterAdmission``).
+"""
+
+import argparse
+import collections
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+
+import dispy
+from dispy import DispyJob, Msg, logger
+
+__version__ = dispy.__version__
+
+SCHEDULER_PORT = dispy.SCHEDULER_PORT
+KEY_BITS = 40                   # a program's job key below, the cluster's number above
+ALLOCATE_TIMEOUT = 30.0         # seconds a program has to answer ALLOCATE
+RETURN_GRACE = 3.0              # a restarted scheduler waits this long for its nodes
+MAX_ORPHANS = 100000            # jobs of clusters not (yet) back after a restart
+
+
+# ================================================================================
+# The scheduler: dispy.Scheduler, shared between clusters
+# ================================================================================
+
+class SharedJob(DispyJob):
+    """A program's job as the scheduler keeps it: its key there, and the node whose
+    result waits for the program's ACK."""
+
+    __slots__ = ('client_key', 'ack')
+
+    def __init__(self, cluster, client_key, blob, pin, options):
+        super().__init__(None, cluster, blob, pin, options)
+        self._key = (cluster.key << KEY_BITS) | client_key
+        self.client_key = client_key
+        self.ack = None             # (link, key, attempt) to acknowledge to the node
+
+
+class SharedScheduler(dispy.Scheduler):
+    """``dispy.Scheduler`` with the hooks a shared scheduler needs:
+
+    * blobs (arguments, results) pass through unopened (``load_blob``);
+    * a result is acknowledged to its node once the program has it (``RemoteCluster``
+      does; ``_result_recorded`` only for jobs no program waits for);
+    * the clusters set up on a node share one window of jobs in flight there
+      (``NodeLink.shared``), and a freed slot goes to the cluster the policy names;
+    * jobs a node holds that this scheduler does not know (it restarted) are kept for
+      their cluster's return instead of cancelled (``orphans``).
+    """
+
+    POLICIES = ('oldest_job', 'fair', 'early')
+
+    def __init__(self, threads, cluster_keys=None, job_keys=None):
+        super().__init__(threads, cluster_keys, job_keys)
+        self.policy = 'oldest_job'
+        self.served = itertools.count(1)
+        self.orphans = {}           # node key -> (link, attempt, since): running there
+        self.orphan_results = {}    # node key -> (link, RESULT record, since)
+
+    def load_blob(self, msg):
+        return getattr(msg, 'blob', None), None
+
+    def _result_recorded(self, link, job, msg):
+        if job.ack is None:         # nobody will acknowledge it
+            link.acks.append((msg.key, msg.attempt))
+
+    def _room_changed(self, link, ckey=None):
+        super()._room_changed(link, None)   # a freed slot may go to any cluster
+
+    def node_ready(self, link, restarted, info):
+        link.shared = True
+        super().node_ready(link, restarted, info)
+
+    # -- which cluster's job goes next -------------------------------------------------------
+    def _dispatch(self):
+        if self.policy == 'early' or len(self.queues) < 2:
+            super()._dispatch()         # clusters in the order they came
+            return
+        for queue in list(self.queues.values()):
+            if queue.pinned:
+                self._dispatch_pinned(queue)
+        while True:
+            queue = self._next_queue()
+            if queue is None:
+                break
+            link = queue.least_loaded()
+            if link is None:
+                queue.blocked = True
+                continue
+            queue.served = next(self.served)
+            self._send_job(link, queue.pending.popleft())
+        for queue in self.queues.values():
+            queue.blocked = False
+            if not queue.pending and queue.slow:
+                self._rebalance(queue)
+
+    def _next_queue(self):
+        """The cluster whose job the policy sends next, among those with jobs queued
+        and a node with room: least recently served (fair), or oldest first job."""
+        best, best_rank = None, None
+        for queue in self.queues.values():
+            if not queue.pending or queue.blocked:
+                continue
+            while queue.pending and queue.pending[0].status in dispy.FINAL_STATUSES:
+                queue.pending.popleft()     # cancelled while queued
+            if not queue.pending:
+                continue
+            rank = queue.served if self.policy == 'fair' else queue.pending[0].submit_time
+            if best is None or rank < best_rank:
+                best, best_rank = queue, rank
+        return best
+
+    # -- jobs of a scheduler that restarted ---------------------------------------------------
+    def _unknown_job(self, link, key, attempt):
+        if len(self.orphans) < MAX_ORPHANS:
+            self.orphans[key] = (link, attempt, time.monotonic())
+        else:
+            link.send(Msg.CANCEL(key, attempt))
+
+    def _unknown_result(self, link, msg, loaded):
+        job = link.jobs.get(msg.key)
+        if job is not None or len(self.orphan_results) >= MAX_ORPHANS:
+            link.acks.append((msg.key, msg.attempt))    # a stale attempt
+            return
+        self.orphans.pop(msg.key, None)
+        self.orphan_results[msg.key] = (link, msg, time.monotonic())
+
+    def adopt(self, job):
+        """A returning cluster's job that its node still holds (running, or its
+        result kept) is taken over instead of run again (lock held); True if so."""
+        key = job._key
+        kept = self.orphan_results.pop(key, None)
+        if kept is not None:
+            link, msg, _ = kept
+            job.ack = (link, msg.key, msg.attempt)
+            job._attempt = msg.attempt
+            job.ip_addr = link.ip_addr
+            job.start_time = msg.start_time
+            self._end_job(job, msg.status, msg.blob, msg.stdout, msg.stderr, msg.exception,
+                          msg.end_time)
+            return True
+        held = self.orphans.pop(key, None)
+        if held is None:
+            return False
+        link, attempt, _ = held
+        if link.conn is None or not link.ready:
+            return False
+        job._attempt = attempt
+        job._node = link
+        job.ip_addr = link.ip_addr
+        link.jobs[key] = job
+        link.in_flight[job._cluster.key] += 1
+        return True
+
+    def expire_orphans(self, age):
+        """Orphans no cluster came back for within ``age`` seconds: cancelled, their
+        results acknowledged (lock held)."""
+        now = time.monotonic()
+        for key, (link, attempt, since) in list(self.orphans.items()):
+            if now - since > age:
+                del self.orphans[key]
+                link.send(Msg.CANCEL(key, attempt))
+        for key, (link, msg, since) in list(self.orphan_results.items()):
+            if now - since > age:
+                del self.orphan_results[key]
+                link.send(Msg.ACK([(msg.key, msg.attempt)]))
+
+
+# ================================================================================
+# A program's cluster, as the scheduler hosts it
+# ================================================================================
+
+class RemoteCluster(dispy.ClusterHooks):
+    """One SharedJobCluster of one program: the ``ClusterHooks`` the scheduler calls,
+    forwarded over the program's connection, and what the program sends, handled.
+
+    Its life: ``files`` (CLUSTER came, its files arrive) → ``waiting`` (for its turn:
+    ClusterAdmission) → ``active`` (in the scheduler) → ``closed``.  The connection may
+    drop at any point: the cluster goes on detached (its jobs run, results are kept)
+    until the program comes back or ``--zombie_interval`` passes.
+    """
+
+    def __init__(self, program, uid, client_id, number, address):
+        self.program = program
+        self.scheduler = program.scheduler
+        self.lock = program.scheduler.lock
+        self.uid = uid
+        self.client_id = client_id
+        self.key = number
+        self.address = address
+        self.name = uid
+        self.state = 'new'
+        self.conn = None
+        self.recovering = False     # the connection is recover_jobs'
+        self.detached_at = None
+        self.exclusive = False
+        self.reentrant = False
+        self.allocations = []
+        self.specs = []
+        self.files = []
+        self.folder = os.path.join(program.config.dest_path_prefix, 'cluster-%d' % number)
+        self.receiver = None        # its files (FileReceiver)
+        self.put_receiver = None    # files of cluster.send_file on their way to a node
+        self.jobs = {}              # program's key -> SharedJob not ended
+        self.held = []              # jobs that came before the cluster's turn
+        self.results = {}           # program's key -> DONE, until the program's ACK
+        self.starts = {}            # program's key -> job whose STATE Running is due
+        self.replies = {}           # token -> cpus (ALLOCATED)
+        self.tokens = itertools.count(1)
+        self.returning = False      # it existed before this scheduler restarted
+
+    def __repr__(self):
+        return '<RemoteCluster %s %s>' % (self.key, self.name)
+
+    # -- what the program sends (loop thread; ClientRouter holds the lock) ----------------------
+    def send(self, msg, hold=False):
+        conn = self.conn
+        if conn is not None:
+            conn.send(msg, hold=hold)
+
+    def on_cluster(self, info):
+        if self.state != 'new':
+            return
+        specs, allocations = info.get('specs'), info.get('allocations')
+        if not isinstance(specs, list) or not specs or not isinstance(allocations, list):
+            raise dispy.ProtocolError('malformed CLUSTER')
+        self.name = '%s @ %s' % (str(info.get('name', ''))[:200], self.address)
+        self.exclusive = bool(info.get('exclusive'))
+        self.reentrant = bool(info.get('reentrant'))
+        self.specs = [self._checked_spec(spec) for spec in specs]
+        self.allocations = [self._allocation(entry) for entry in allocations]
+        self.files = [dispy.FileReceiver.plain_name(str(name)) for name in info.get('files', ())]
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.makedirs(self.folder, mode=0o700)
+        self.receiver = dispy.FileReceiver(self.folder, self.program.config.max_file_size)
+        self.state = 'files'
+        self._files_arrived()
+
+    def _checked_spec(self, spec):
+        if not isinstance(spec, dict) or not isinstance(spec.get('name'), str):
+            raise dispy.ProtocolError('malformed computation')
+        spec = dict(spec)
+        if self.program.config.cleanup_nodes:
+            spec['remove_files'] = True
+        return spec
+
+    def _allocation(self, entry):
+        host, port, cpus, custom, index, spec = entry
+        alloc = dispy.NodeAllocate(str(host), port or self.program.config.node_port, cpus)
+        alloc.custom, alloc.index = bool(custom), int(index)
+        alloc.spec = int(spec) if 0 <= int(spec) < len(self.specs) else 0
+        return alloc
+
+    def on_file(self, msg):
+        """A chunk of the computation's files (no lock: a disk write)."""
+        if self.state != 'files' or msg.name not in self.files:
+            raise dispy.ProtocolError('unexpected file %r' % (msg.name,))
+        if self.receiver.chunk(msg.name, msg.mode, msg.offset, msg.data, msg.last):
+            with self.lock:
+                self._files_arrived()
+
+    def _files_arrived(self):
+        if self.state == 'files' and all(os.path.isfile(os.path.join(self.folder, name)) for name in self.files):
+            self.state = 'waiting'
+            self.send(Msg.CLUSTER_READY(None))
+            self.program.admission.request(self)
+
+    def on_job(self, msg):
+        key = msg.key
+        if type(key) is not int or not 0 < key < 1 << KEY_BITS:
+            raise dispy.ProtocolError('malformed job key')
+        if key in self.jobs or key in self.results:
+            return      # sent again after a reconnect: it has it already
+        options = msg.options if isinstance(msg.options, dict) else None
+        pin = options.pop('node', None) if options else None
+        job = SharedJob(self, key, msg.blob, pin if isinstance(pin, str) else None,
+                        options or None)
+        self.jobs[key] = job
+        if self.state == 'active':
+            self._submit(job)
+        else:
+            self.held.append(job)
+
+    def _submit(self, job):
+        if not self.scheduler.adopt(job):
+            self.scheduler.submit(job)
+
+    def activate(self):
+        """Its turn came (lock held): into the scheduler, with the jobs held."""
+        self.state = 'active'
+        self.scheduler.add_cluster(self)
+        held, self.held = self.held, []
+        for job in held:
+            if job.status not in dispy.FINAL_STATUSES:
+                self._submit(job)
+
+    def on_cancel(self, msg):
+        job = self.jobs.get(msg.key)
+        if job is None:
+            return
+        if self.state == 'active':
+            self.scheduler.cancel(job)
+        else:
+            self.scheduler._end_job(job, DispyJob.Cancelled, exception='Cancelled')
+
+    def on_ack(self, msg):
+        """The program has these results: their nodes may drop them now."""
+        by_link = collections.defaultdict(list)
+        for entry in msg.jobs:
+            key = entry[0] if isinstance(entry, (list, tuple)) and entry else None
+            done = self.results.pop(key, None)
+            if done is None:
+                continue
+            ack = done[1]
+            if ack is not None:
+                by_link[ack[0]].append((ack[1], ack[2]))
+        for link, keys in by_link.items():
+            link.send(Msg.ACK(keys))
+        if self.recovering and not self.jobs and not self.results:
+            self.program.admission.close(self)      # all recovered
+
+    def on_node_op(self, msg):
+        """A cluster method on a node (on a worker thread: some wait for the node)."""
+        self.program.hub.threads.submit(self._node_op, self.conn, msg.token, msg.op,
+                                        msg.node, msg.arg)
+
+    def _node_op(self, conn, token, op, node, arg):
+        scheduler, value = self.scheduler, -1
+        try:
+            addr = dispy.resolve_host(str(node)) if node is not None else None
+            if op == 'deallocate':
+                value = scheduler.deallocate(self, addr)
+            elif op in ('close', 'resetup'):
+                value = scheduler.close_node(self, addr, bool(arg), resetup=op == 'resetup')
+            elif op == 'set_cpus':
+                value = (scheduler.set_node_cpus(self, addr, int(arg))
+                         if self.program.config.cooperative else -2)
+            elif op == 'allocate':
+                allocs = [self._allocation(entry) for entry in arg]
+                with self.lock:
+                    self.allocations.extend(allocs)
+                if self.state == 'active':
+                    scheduler.add_allocations(self, allocs)
+                value = 0
+        except (TypeError, ValueError) as exc:
+            logger.warning('cluster %s: malformed %s request: %s', self.name, op, exc)
+        conn.send(Msg.OP_DONE(token, value))
+
+    def on_put_file(self, msg):
+        """A chunk of ``cluster.send_file`` for a node: kept here, then sent on."""
+        node = msg.cluster
+        if self.put_receiver is None:
+            folder = os.path.join(self.folder, 'put')
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            self.put_receiver = dispy.FileReceiver(folder, self.program.config.max_file_size)
+        try:
+            path = self.put_receiver.chunk(msg.name, msg.mode, msg.offset, msg.data, msg.last,
+                                  source=node)
+        except (ValueError, OSError) as exc:
+            self.send(Msg.PUT_FILE_DONE(node, msg.name, str(exc)))
+            return
+        if path is not None:
+            self.program.hub.threads.submit(self._put_file, self.conn, node, msg.name, path)
+
+    def _put_file(self, conn, node, name, path):
+        addr = dispy.resolve_host(str(node)) or str(node)
+        with self.lock:
+            known = self.scheduler._link_of(self, addr, 'ready') is not None
+        error = None if known else 'node %s is not set up for this cluster' % node
+        if known and self.scheduler.send_file(self, addr, path, 60) != 0:
+            error = 'node %s did not take the file' % node
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        conn.send(Msg.PUT_FILE_DONE(node, name, error))
+
+    def on_allocated(self, msg):
+        self.replies[msg.token] = msg.cpus
+        self.scheduler.cond.notify_all()
+
+    # -- the program comes and goes ---------------------------------------------------------------
+    def attach(self, conn, recovering=False):
+        """A connection of the program (again, lock held): what it has not got yet
+        follows the NODE answer."""
+        if self.conn is not None and self.conn is not conn:
+            self.conn.close('replaced by a new connection')
+        self.conn, self.recovering, self.detached_at = conn, recovering, None
+        for key, (done, _ack) in self.results.items():
+            conn.send(done if not recovering else _as_result(done))
+        if not recovering:
+            for job in self.jobs.values():
+                if job.status == DispyJob.Running:
+                    conn.send(Msg.STATE(job.client_key, DispyJob.Running, job.ip_addr,
+                                        job.start_time))
+
+    def detach(self):
+        self.conn = None
+        self.recovering = False
+        self.detached_at = time.monotonic()
+
+    # -- ClusterHooks (scheduler lock held) --------------------------------------------------------
+    def allocate(self, alloc, link):
+        if not alloc.custom:
+            return alloc.allocate(None, link.ip_addr, link.name, link.cpus, link.avail_info,
+                                  link.platform)
+        token = next(self.tokens)
+        with self.lock:
+            conn = self.conn
+            if conn is None or self.recovering:
+                return 0        # the program is away: no answer, no node
+            conn.send(Msg.ALLOCATE(token, alloc.index, dispy._NodeView.describe(link,
+                                                                                 self.key)))
+            self.scheduler.cond.wait_for(lambda: token in self.replies, ALLOCATE_TIMEOUT)
+            cpus = self.replies.pop(token, 0)
+        return int(cpus) if isinstance(cpus, int) else 0
+
+    def computation(self, alloc):
+        spec = self.specs[alloc.spec]
+        return spec, [(name, os.path.join(self.folder, name)) for name in spec.get('files', ())]
+
+    def job_changed(self, job, status):
+        if status == DispyJob.Running:
+            if not self.starts:     # sent after this frame's events: a result in the same
+                self.program.hub.loop.call_soon(self._send_starts)  # frame makes it moot
+            self.starts[job.client_key] = job
+        elif status == DispyJob.Created:
+            self.send(Msg.STATE(job.client_key, DispyJob.Created, None, None))
+        elif status == DispyJob.ProvisionalResult:
+            self.send(Msg.PROVISIONAL(job.client_key, job._attempt, job.result))
+
+    def _send_starts(self):
+        with self.lock:
+            starts, self.starts = self.starts, {}
+            for job in starts.values():
+                if job.status == DispyJob.Running:
+                    self.send(Msg.STATE(job.client_key, DispyJob.Running, job.ip_addr,
+                                        job.start_time), hold=True)
+
+    def job_ended(self, job, link):
+        key = job.client_key
+        self.jobs.pop(key, None)
+        self.starts.pop(key, None)
+        if job.ack is None and link is not None and self.state != 'closed':
+            job.ack = (link, job._key, job._attempt)    # acknowledged once the program has it
+        done = Msg.DONE(key, link.ip_addr if link is not None else job.ip_addr, job.status,
+                        job.result, job.stdout, job.stderr, job.exception, job.start_time,
+                        job.end_time)
+        self.results[key] = (done, job.ack)
+        job.result = None
+        if self.conn is not None:
+            self.conn.send(done if not self.recovering else _as_result(done), hold=True)
+
+    def node_changed(self, link, status):
+        self.send(Msg.NODE_STATUS(status, dispy._NodeView.describe(link, self.key)))
+
+    def job_file(self, job, path, mode, offset, data, last):
+        self.send(Msg.SEND_FILE(job.client_key, job._attempt, path, mode, offset, data, last))
+
+    # -- the end ------------------------------------------------------------------------------------
+    def close(self):
+        """Out of the scheduler: computations closed on the nodes, files removed, kept
+        results acknowledged to their nodes (lock held)."""
+        if self.state == 'active':
+            for job in list(self.jobs.values()):
+                self.scheduler.cancel(job, 'Cancelled: cluster closed')
+            self.scheduler.remove_cluster(self)
+        self.state = 'closed'
+        for done, ack in self.results.values():
+            if ack is not None:
+                ack[0].send(Msg.ACK([(ack[1], ack[2])]))
+        self.results.clear()
+        for receiver in (self.receiver, self.put_receiver):
+            if receiver is not None:
+                receiver.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _as_result(done):
+    """A DONE as the RESULT a node would send (recover_jobs reads those)."""
+    rec = Msg.DONE.read(done)
+    return Msg.RESULT(rec.key, 0, rec.status, rec.blob, rec.stdout, rec.stderr, rec.exception,
+                      rec.start_time, rec.end_time)
+
+
+# ================================================================================
+# Admission: whose turn it is (exclusive clusters run alone)
+# ================================================================================
+
+class ClusterAdmission:
+    """Clusters enter the scheduler in the order they are ready, except that an
+    exclusive one waits until every cluster in it has closed and then runs alone, and
+    clusters ready after a waiting exclusive one wait behind it (seed 002 §1.2)."""
+
+    def __init__(self, program):
+        self.program = program
+        self.active = []
+        self.waiting = collections.deque()
+
+    def request(self, cluster):
+        self.waiting.append(cluster)
+        self._admit()
+
+    def close(self, cluster):
+        """The cluster is done (lock held): the next ones may enter."""
+        if cluster in self.waiting:
+            self.waiting.remove(cluster)
+        if cluster in self.active:
+            self.active.remove(cluster)
+        self.program.router.forget(cluster)
+        cluster.close()
+        self._admit()
+
+    def _admit(self):
+        program = self.program
+        while self.waiting:
+            cluster = self.waiting[0]
+            if cluster.returning and time.monotonic() < program.started + RETURN_GRACE:
+                # after a restart: the nodes first, so their jobs are found, not rerun
+                program.hub.loop.call_later(RETURN_GRACE, self._admit_later)
+                return
+            if any(c.exclusive for c in self.active):
+                return
+            if cluster.exclusive and self.active:
+                return
+            self.waiting.popleft()
+            self.active.append(cluster)
+            if cluster.exclusive:
+                logger.info('cluster %s runs alone (exclusive)', cluster.name)
+            cluster.activate()
+
+    def _admit_later(self):
+        with self.program.scheduler.lock:
+            self._admit()
+
+
+# ================================================================================
+# Program connections: which cluster each one is
+# ================================================================================
+
+class ClientRouter:
+    """Takes each authenticated connection from the Listener: a SharedJobCluster
+    (new, or back after a dropped connection or a restart of this scheduler), or
+    ``recover_jobs`` of a program that vanished.  Handles their messages on the loop,
+    and ends the clusters of programs that never come back."""
+
+    OFFLOAD = frozenset(('FILE', 'PUT_FILE'))     # written to disk off the loop
+
+    def __init__(self, program):
+        self.program = program
+        self.lock = program.scheduler.lock
+        self.clusters = {}          # uid -> RemoteCluster
+        self.by_conn = {}           # LoopConnection -> RemoteCluster(s)
+
+    # -- connections (handshake threads) ----------------------------------------------------------
+    def attach(self, channel, addr, info):
+        program = self.program
+        conn = dispy.LoopConnection(channel, self, 'client-%s' % addr[0], program.hub.loop,
+                                    program.hub.threads, channel.take_buffered())
+        client_id, uid = str(info.get('id', '')), info.get('cluster')
+        with self.lock:
+            if info.get('recover') is not None:
+                self._recover(conn, client_id, info.get('recover'))
+                return
+            if not isinstance(uid, str) or not uid:
+                raise dispy.ProtocolError('CLIENT names no cluster')
+            cluster = self.clusters.get(uid)
+            known = cluster is not None and cluster.state != 'closed'
+            if not known:
+                cluster = self._new_cluster(uid, client_id, info.get('number'), addr[0])
+            self.by_conn[conn] = [cluster]
+            conn.start()
+            conn.send(Msg.NODE({'scheduler': program.name, 'known': known,
+                                'number': cluster.key, 'instance': program.instance,
+                                'pulse_interval': program.config.pulse_interval}))
+            cluster.attach(conn)
+        logger.info('%s cluster %s of %s (%s)', 'resumed' if known else 'new', cluster.key,
+                    addr[0], info.get('name', ''))
+
+    def _new_cluster(self, uid, client_id, number, address):
+        used = {c.key for c in self.clusters.values()}
+        returning = isinstance(number, int) and 0 < number < 1 << 20 and number not in used
+        if not returning:
+            number = random.randrange(1, 1 << 20)
+            while number in used:
+                number = random.randrange(1, 1 << 20)
+        cluster = RemoteCluster(self.program, uid, client_id, number, address)
+        cluster.returning = returning
+        self.clusters[uid] = cluster
+        return cluster
+
+    def _recover(self, conn, client_id, keys):
+        """recover_jobs of a program: its clusters here answer as a node would."""
+        wanted = set(k for k in keys if type(k) is int) if isinstance(keys, list) else set()
+        mine = [c for c in self.clusters.values()
+                if c.client_id == client_id and c.state != 'closed']
+        self.by_conn[conn] = mine
+        conn.start()
+        held = [[k, 0] for c in mine for k in c.jobs if k in wanted]
+        conn.send(Msg.NODE({'scheduler': self.program.name, 'jobs': held,
+                            'instance': self.program.instance}))
+        for cluster in mine:
+            cluster.attach(conn, recovering=True)
+
+    def forget(self, cluster):
+        self.clusters.pop(cluster.uid, None)
+
+    # -- messages (loop thread; FILE and PUT_FILE on the connection's strand) ---------------------
+    def on_messages(self, conn, msgs):
+        clusters = self.by_conn.get(conn)
+        if not clusters:
+            return
+        for msg in msgs:
+            kind = msg[0] if isinstance(msg, tuple) and msg else None
+            kind = dispy.TO_SCHEDULER.get(kind) if isinstance(kind, str) else None
+            if kind is None:
+                logger.warning('%s sent an unknown message; ignored', conn.name)
+                continue
+            try:
+                if kind.name in self.OFFLOAD:   # disk writes: not under the lock
+                    self._handle(conn, clusters, kind, kind.read(msg))
+                    continue
+                with self.lock:
+                    if conn in self.by_conn:
+                        self._handle(conn, clusters, kind, kind.read(msg))
+            except (ValueError, TypeError, IndexError, KeyError, OSError,
+                    dispy.ProtocolError) as exc:
+                logger.warning('%s sent a malformed or refused %s: %s', conn.name,
+                               kind.name, exc)
+                with self.lock:
+                    if clusters[0].state in ('new', 'files') and not clusters[0].recovering:
+                        conn.send(Msg.CLUSTER_READY('refused: %s' % exc))
+                        self.program.admission.close(clusters[0])
+                        conn.close('cluster refused', flush=True)
+                        return
+
+    def _handle(self, conn, clusters, kind, msg):
+        name = kind.name
+        if name == 'PULSE' or name == 'CLIENT':
+            return
+        if clusters[0].recovering:      # recover_jobs: ACK, CANCEL, RELEASE only
+            for cluster in clusters:
+                if name == 'ACK':
+                    cluster.on_ack(msg)
+                elif name == 'CANCEL':
+                    cluster.on_cancel(msg)
+            return
+        cluster = clusters[0]
+        if name == 'RELEASE':
+            logger.info('cluster %s closed by its program', cluster.name)
+            self.program.admission.close(cluster)
+            conn.close('released', flush=True)
+            return
+        handler = {'CLUSTER': lambda m: cluster.on_cluster(m.info), 'FILE': cluster.on_file,
+                   'JOB': cluster.on_job, 'CANCEL': cluster.on_cancel, 'ACK': cluster.on_ack,
+                   'NODE_OP': cluster.on_node_op, 'PUT_FILE': cluster.on_put_file,
+                   'ALLOCATED': cluster.on_allocated}[name]
+        handler(msg)
+
+    def on_closed(self, conn, reason):
+        with self.lock:
+            for cluster in self.by_conn.pop(conn, ()):
+                if cluster.conn is conn:
+                    if not cluster.recovering and cluster.state != 'closed':
+                        logger.warning('program of cluster %s went away (%s): its %d job(s) '
+                                       'go on, results are kept', cluster.name, reason,
+                                       len(cluster.jobs))
+                    cluster.detach()
+
+    # -- timers (loop thread) ---------------------------------------------------------------------
+    def tick(self, now):
+        config = self.program.config
+        with self.lock:
+            for cluster in list(self.clusters.values()):
+                if cluster.conn is None and cluster.detached_at is not None:
+                    self._tick_detached(cluster, now, config.zombie_interval)
+                elif cluster.conn is not None and not cluster.recovering:
+                    self._keep_alive(cluster, now)
+            if now >= self.program.next_expiry:
+                self.program.next_expiry = now + 5.0
+                self.program.scheduler.expire_orphans(max(config.zombie_interval, 60.0))
+
+    def _keep_alive(self, cluster, now):
+        conn = cluster.conn
+        if conn.idle_send >= self.program.config.pulse_interval:
+            conn.send(Msg.NODE_PULSE(time.time(), None))
+        if now - conn.last_recv > dispy.DEAD_PULSES * max(self.program.config.pulse_interval,
+                                                           dispy.DEFAULT_PULSE_INTERVAL):
+            conn.close('no message from the program for %.0f s' % (now - conn.last_recv))
+
+    def _tick_detached(self, cluster, now, zombie_interval):
+        gone = now - cluster.detached_at
+        if cluster.state != 'active' and gone > dispy.HANDSHAKE_TIMEOUT * 3:
+            self.program.admission.close(cluster)      # never got going
+        elif gone > zombie_interval:
+            if cluster.jobs:
+                logger.warning('program of cluster %s did not come back in %.1f minutes: '
+                               'its jobs are cancelled', cluster.name, zombie_interval / 60)
+            self.program.admission.close(cluster)
+
+
+# ================================================================================
+# The program
+# ================================================================================
+
+class DispyScheduler:
+    """The dispyscheduler program: a ``dispy.ClientHub`` towards the nodes (its I/O
+    loop, worker threads, UDP port and the SharedScheduler with its NodePool), a
+    ``dispy.Listener`` per address towards the programs, the ClientRouter and
+    ClusterAdmission between them."""
+
+    def __init__(self, config):
+        self.config = config
+        self.name = socket.gethostname()
+        self.instance = os.urandom(8).hex()
+        self.started = time.monotonic()
+        self.secret = config.cluster_secret
+        self.max_frame = config.max_frame
+        self.ssl_context = dispy.make_ssl_context(True, config.cluster_certfile,
+                                                  config.cluster_keyfile)
+        self.hub = dispy.ClientHub(self._node_options())
+        # The same identity towards the nodes after a restart: they keep its jobs and
+        # results for it (see the module docstring).
+        self.hub.client_id = self.hub.client['id'] = self._identity()
+        self.scheduler = self.hub.scheduler_for(self._node_options(), SharedScheduler)
+        self.scheduler.policy = config.policy
+        self.router = ClientRouter(self)
+        self.admission = ClusterAdmission(self)
+        self.listeners = []
+        self.admission_limits = dispy.HandshakeAdmission(total=64, per_address=16)
+        self.node_allocations = dispy._node_allocations(config.nodes or ['*'],
+                                                        config.node_port)
+        self.scheduler.wants_node = self._wants_node
+        self.next_expiry = 0.0
+        self.hub.loop.add_ticker(self._tick)
+
+    def _node_options(self):
+        config = self.config
+        return {'ip_addrs': config.ip_addrs, 'explicit_ip_addrs': bool(config.ip_addrs),
+                'port': config.client_port, 'explicit_port': False,
+                'ext_ip_addrs': config.ext_ip_addrs, 'secret': config.node_secret,
+                'certfile': config.node_certfile, 'keyfile': config.node_keyfile,
+                'cafile': None, 'node_port': config.node_port, 'max_frame': config.max_frame,
+                'pulse_interval': config.pulse_interval, 'ping_interval': config.ping_interval}
+
+    def _identity(self):
+        path = os.path.join(self.config.dest_path_prefix, 'scheduler-id')
+        try:
+            with open(path) as f:
+                ident = f.read().strip()
+            if len(ident) == 32:
+                return ident
+        except OSError:
+            pass
+        ident = self.hub.client_id
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            f.write(ident)
+        return ident
+
+    def _wants_node(self, ip, name):
+        """Every node the scheduler's ``-n`` (default: all) names is dialed, clusters
+        or not: a restarted scheduler must hear what they hold."""
+        return any(alloc.matches(ip, name) for alloc in self.node_allocations)
+
+    def start(self):
+        config = self.config
+        for addr in config.ip_addrs or ['']:
+            try:
+                listener = dispy.Listener(self, addr, config.port, self.admission_limits)
+            except OSError as exc:
+                self.shutdown()
+                raise SystemExit('dispyscheduler: cannot listen on %s:%s: %s'
+                                 % (addr or '*', config.port, exc.strerror))
+            self.listeners.append(listener)
+            config.port = listener.port
+            threading.Thread(target=listener.serve_forever, daemon=True,
+                             name='dispyscheduler-listen').start()
+        self.scheduler.pool.add_allocations(self.node_allocations)
+
+    def attach(self, channel, addr, info):
+        self.router.attach(channel, addr, info)
+
+    def _tick(self):
+        self.router.tick(time.monotonic())
+
+    def status_text(self):
+        with self.scheduler.lock:
+            links = [l for l in self.scheduler.pool.links.values() if l.ready]
+            clusters = list(self.router.clusters.values())
+            lines = ['%d node(s), %d cluster(s)' % (len(links), len(clusters))]
+            for link in links:
+                lines.append('  node %s (%s): %d CPUs, %d job(s) in flight'
+                             % (link.ip_addr, link.name, link.cpus, len(link.jobs)))
+            for c in clusters:
+                lines.append('  cluster %s %s: %s, %d job(s) open, %d result(s) kept%s'
+                             % (c.key, c.name, c.state, len(c.jobs), len(c.results),
+                                ' (detached)' if c.conn is None else ''))
+        return '\n'.join(lines)
+
+    def shutdown(self):
+        for listener in self.listeners:
+            listener.close()
+        self.hub.shutdown()
+
+
+# ================================================================================
+# Command line
+# ================================================================================
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog='dispyscheduler.py',
+        description='Schedule the jobs of many dispy programs (SharedJobCluster) on the '
+                    'same nodes.  Programs connect to TCP port 51349; the scheduler finds '
+                    'and uses nodes as a dispy client does (port 51347).',
+        epilog='Without --daemon, commands are read on stdin: status, quit.')
+    add = parser.add_argument
+    add('--config', help='read options from this JSON file (written by --save_config)')
+    add('--save_config', help='write the options to this file and exit')
+    add('-d', '--debug', action='store_true', help='log debug messages')
+    add('-n', '--node', '--nodes', dest='nodes', action='append', default=[],
+        help='node name, address or pattern to use (repeatable; default: every node that '
+        'answers a broadcast; name nodes beyond the LAN here)')
+    add('-i', '--host', '--ip_addr', dest='ip_addrs', action='append', default=[],
+        help='address to serve on and reach nodes from (repeatable; default all)')
+    add('--ext_host', '--ext_ip_addr', dest='ext_ip_addrs', action='append', default=[],
+        help='address nodes and programs should use for this host (NAT)')
+    add('-p', '--port', '--scheduler_port', dest='port', type=int, default=SCHEDULER_PORT,
+        help='TCP port for programs (SharedJobCluster scheduler_port; default %(default)s)')
+    add('--client_port', type=int, default=dispy.CLIENT_PORT,
+        help='UDP port where node announcements arrive (default %(default)s, shared with '
+        'client programs on this host; 0: none)')
+    add('--node_port', type=int, default=dispy.NODE_PORT,
+        help='nodes\' port (default %(default)s)')
+    add('--ipv4_udp_multicast', action='store_true',
+        help='accepted for 4.15 scripts (IPv4 discovery uses broadcast here)')
+    add('--node_secret', default='', help='secret shared with the nodes')
+    add('--node_keyfile', help='TLS private key towards nodes, if not in --node_certfile')
+    add('--node_certfile', help='TLS certificate towards nodes')
+    add('--cluster_secret', default='', help='secret SharedJobClusters must know')
+    add('--cluster_keyfile', help='TLS private key towards programs')
+    add('--cluster_certfile', help='TLS certificate towards programs')
+    add('--pulse_interval', type=float, default=dispy.DEFAULT_PULSE_INTERVAL,
+        help='seconds between liveness messages with nodes and programs (1-600)')
+    add('--ping_interval', type=float, default=None,
+        help='seconds between discovery broadcasts (default: only until a node answers)')
+    add('--zombie_interval', type=float, default=60.0,
+        help='minutes a vanished program\'s cluster is kept (its jobs run, results kept '
+        'for recover_jobs) before it is closed (default %(default)s)')
+    add('--msg_timeout', type=float, default=dispy.MsgTimeout,
+        help='seconds to wait for a peer\'s answer (default %(default)s)')
+    add('--dest_path_prefix', default=os.path.join(tempfile.gettempdir(), 'dispy',
+                                                   'scheduler'),
+        help='folder for the clusters\' files and the scheduler\'s identity '
+        '(default %(default)s)')
+    add('--max_file_size', type=_parse_size, default=0,
+        help='largest file a program may send, with k/m/g suffix (default 0: unlimited)')
+    add('--max_frame_size', type=_parse_size, default=dispy.DEFAULT_MAX_FRAME,
+        help='largest message accepted (default 256m)')
+    add('--clean', action='store_true',
+        help='remove the files and identity of an earlier run at start (its nodes\' jobs '
+        'are not recognised then)')
+    add('--httpd', action='store_true',
+        help='web monitor for all clusters: not available yet (accepted)')
+    add('--fair_cluster_scheduler', action='store_true',
+        help='a freed CPU takes the next job of the cluster least recently served')
+    add('--early_cluster_scheduler', action='store_true',
+        help='a freed CPU takes the next job of the cluster created first')
+    add('--cooperative', action='store_true',
+        help='programs may change the CPUs they use on a node (set_node_cpus)')
+    add('--cleanup_nodes', action='store_true',
+        help='nodes remove a cluster\'s files at its end even if it asked cleanup=False')
+    add('--daemon', action='store_true', help='do not read commands on stdin')
+    return parser
+
+
+def _parse_size(text):
+    text = str(text).strip().lower()
+    scale = {'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def configure(argv=None):
+    parser = build_parser()
+    config = parser.parse_args(argv)
+    if config.config:
+        with open(config.config) as f:
+            saved = json.load(f)
+        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ('config',
+                                                                            'save_config')})
+        config = parser.parse_args(argv)
+    if config.save_config:
+        values = {k: v for k, v in vars(config).items() if k not in ('config', 'save_config')}
+        fd = os.open(config.save_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'w') as f:
+            json.dump(values, f, indent=2)
+        raise SystemExit(0)
+    if config.fair_cluster_scheduler and config.early_cluster_scheduler:
+        parser.error('--fair_cluster_scheduler and --early_cluster_scheduler exclude each '
+                     'other')
+    if not 0 < config.pulse_interval <= 600:
+        parser.error('--pulse_interval must be more than 0 and at most 600 seconds')
+    config.policy = ('fair' if config.fair_cluster_scheduler else
+                     'early' if config.early_cluster_scheduler else 'oldest_job')
+    config.ip_addrs = [_resolve_or_exit(a) for a in config.ip_addrs]
+    config.ext_ip_addrs = [_resolve_or_exit(a) for a in config.ext_ip_addrs]
+    config.zombie_interval = max(0.0, config.zombie_interval) * 60
+    config.max_frame = config.max_frame_size
+    config.dest_path_prefix = os.path.abspath(config.dest_path_prefix)
+    return config
+
+
+def _resolve_or_exit(host):
+    addr = dispy.resolve_host(host)
+    if addr is None:
+        raise SystemExit('dispyscheduler: %r is not an address or a known host name' % host)
+    return addr
+
+
+def _prepare_folder(config):
+    if config.clean:
+        shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
+    os.makedirs(config.dest_path_prefix, mode=0o700, exist_ok=True)
+    for name in os.listdir(config.dest_path_prefix):     # files of an earlier run's clusters
+        if name.startswith('cluster-'):
+            shutil.rmtree(os.path.join(config.dest_path_prefix, name), ignore_errors=True)
+
+
+def _read_commands(program, stop):
+    for line in sys.stdin:
+        command = line.strip().lower()
+        if command == 'status':
+            print(program.status_text(), flush=True)
+        elif command in ('quit', 'exit', 'terminate'):
+            break
+        elif command:
+            print('commands: status, quit', flush=True)
+    stop.set()
+
+
+def main(argv=None):
+    config = configure(argv)
+    dispy.setup_logging(logger.DEBUG if config.debug else logger.INFO, 'dispyscheduler')
+    dispy.MsgTimeout = config.msg_timeout
+    if config.httpd:
+        logger.warning('--httpd: the web monitor is not available yet; going on without it')
+    _prepare_folder(config)
+    program = DispyScheduler(config)
+    program.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    where = ', '.join(config.ip_addrs) or '*'
+    logger.info('dispyscheduler %s serving programs at %s:%s (policy %s)', __version__,
+                where, config.port, config.policy)
+    print('dispyscheduler serving at %s:%s' % (where, config.port), file=sys.stderr, flush=True)
+    if not config.daemon and sys.stdin is not None and sys.stdin.isatty():
+        threading.Thread(target=_read_commands, args=(program, stop), daemon=True).start()
+    elif not config.daemon and sys.stdin is not None:
+        threading.Thread(target=_read_commands, args=(program, stop), daemon=True).start()
+    while not stop.wait(1.0):
+        pass
+    logger.info('dispyscheduler stopping')
+    program.shutdown()
+
+
+if __name__ == '__main__':
+    main()
