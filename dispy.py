@@ -5534,7 +5534,9 @@ class RemoteScheduler:
                 job._id = job._key
             self.jobs[job._key] = job
             job._cluster.job_submitted(job)
-            if self.ready:
+            if self.error is not None:
+                self._end_job(job, DispyJob.Terminated, exception=self.error)
+            elif self.ready:
                 self._send_job(job)
         return job
 
@@ -5676,8 +5678,25 @@ class RemoteScheduler:
     def _dial_failed(self, exc):
         with self.lock:
             self.dialing = False
+            if isinstance(exc, ProtocolError) and self.number is None:
+                # never got in: a wrong secret or TLS file, or not a dispyscheduler there
+                self._refused('dispyscheduler %s:%s refused the connection: %s%s' % (
+                    self.addr, self.port, exc, ' (the cluster\'s secret must be the '
+                    'scheduler\'s --cluster_secret)' if isinstance(exc, AuthError) else ''))
+                return
             self._redial_later('cannot connect to dispyscheduler %s:%s: %s'
                                % (self.addr, self.port, exc), exc)
+
+    def _refused(self, text):
+        """The cluster cannot run (lock held): its jobs, and any submitted later, end
+        Terminated with ``text``; nothing is dialed again."""
+        if self.error is None:
+            logger.error('cluster %s: %s', self.cluster.name, text)
+        self.error = text
+        self.closing = True
+        for job in list(self.jobs.values()):
+            self._end_job(job, DispyJob.Terminated, exception=text)
+        self.cond.notify_all()
 
     def _redial_later(self, text, exc=None):
         self.next_dial = time.monotonic() + SCHEDULER_REDIAL[min(self.retry,
@@ -5801,12 +5820,8 @@ class RemoteScheduler:
 
     def _on_cluster_ready(self, msg, _blob, _acks):
         if msg.error:
-            self.error = msg.error
-            logger.error('dispyscheduler %s:%s refused cluster %s: %s', self.addr, self.port,
-                         self.cluster.name, msg.error)
-            for job in list(self.jobs.values()):
-                self._end_job(job, DispyJob.Terminated, exception='dispyscheduler refused the '
-                              'cluster: %s' % msg.error)
+            self._refused('dispyscheduler %s:%s refused the cluster: %s'
+                          % (self.addr, self.port, msg.error))
             return
         self._cluster_ready()
 

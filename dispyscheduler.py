@@ -266,7 +266,7 @@ class RemoteCluster(dispy.ClusterHooks):
         specs, allocations = info.get('specs'), info.get('allocations')
         if not isinstance(specs, list) or not specs or not isinstance(allocations, list):
             raise dispy.ProtocolError('malformed CLUSTER')
-        self.name = '%s @ %s' % (str(info.get('name', ''))[:200], self.address)
+        self.name = str(info.get('name', ''))[:200] or self.address
         self.exclusive = bool(info.get('exclusive'))
         self.reentrant = bool(info.get('reentrant'))
         self.specs = [self._checked_spec(spec) for spec in specs]
