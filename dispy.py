@@ -3309,7 +3309,7 @@ class ClusterHooks:
 
     Called with the scheduler's lock held; they must not block or run user code:
         job_submitted(job), job_dispatched(job, link), job_changed(job, status),
-        job_ended(job, link), node_changed(link, status)
+        job_ended(job, link), node_changed(link, status), setup_failed(link, error)
     Called without the lock on a worker thread; they may block and run user code:
         allocate(alloc, link) -> CPUs for this cluster on the node (0: not used)
         computation(alloc)    -> (spec, [(file name, path)]) to set up on a node
@@ -3334,6 +3334,9 @@ class ClusterHooks:
         pass
 
     def node_changed(self, link, status):
+        pass
+
+    def setup_failed(self, link, error):
         pass
 
     def allocate(self, alloc, link):
@@ -3460,6 +3463,7 @@ class _NodeMessages:
             link.setups[ckey] = 'failed'
             logger.warning('setup of computation %s failed on node %s: %s', cluster.name,
                            link.ip_addr, error)
+            cluster.setup_failed(link, error)
             return
         link.setups[ckey] = 'ready'
         self._room_changed(link, ckey)
@@ -5411,6 +5415,7 @@ atexit.register(_at_exit)
 
 SCHEDULER_PORT = 51349          # dispyscheduler's TCP port for SharedJobClusters
 SCHEDULER_REDIAL = (0.5, 1.0, 2.0, 5.0)    # seconds between dials of a lost scheduler
+SETUP_FAILED = -1               # NODE_STATUS: the cluster's setup failed on that node
 
 
 class _NodeView:
@@ -5866,6 +5871,10 @@ class RemoteScheduler:
         job.status = DispyJob.Running
 
     def _on_node_status(self, msg, _blob, _acks):
+        if msg.status == SETUP_FAILED:
+            logger.error('setup of cluster %s failed on node %s: %s', self.cluster.name,
+                         msg.node.get('ip_addr'), msg.node.get('error'))
+            return
         view = _NodeView.read(msg.node, self.cluster.key)
         self.nodes[view.ip_addr] = view
         self.cluster.node_changed(view, msg.status)

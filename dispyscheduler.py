@@ -496,6 +496,10 @@ class RemoteCluster(dispy.ClusterHooks):
     def node_changed(self, link, status):
         self.send(Msg.NODE_STATUS(status, dispy._NodeView.describe(link, self.key)))
 
+    def setup_failed(self, link, error):
+        self.send(Msg.NODE_STATUS(dispy.SETUP_FAILED, {'ip_addr': link.ip_addr,
+                                                       'error': str(error)[:2000]}))
+
     def job_file(self, job, path, mode, offset, data, last):
         self.send(Msg.SEND_FILE(job.client_key, job._attempt, path, mode, offset, data, last))
 

@@ -23,6 +23,13 @@ its own loopback address, started and stopped together): W7 48 nodes of 1 CPU on
 between the two; W8 a fast node on 127.0.0.21 and a slow one on 127.0.0.22.  Their
 clients wait (``cluster_status``) until every node is set up before timing.
 
+W1s and W2s are W1 and W2 through a dispyscheduler: the driver starts
+``dispyscheduler.py -i 127.0.0.1 -p PORT --client_port 0 -n 127.0.0.31 --node_port P
+--daemon --dest_path_prefix TMPDIR`` and a node of its own on 127.0.0.31 (the scheduler
+is that node's one client for as long as it runs); each run is a pair of fresh clients,
+the direct W1 / W2 on the 127.0.0.1 node and a ``dispy.SharedJobCluster`` client through
+the scheduler, one right after the other, and a ratio line compares the two.
+
 With ``--original PYTHON`` the driver re-executes itself as
 ``unshare -n <python> bench/bench.py --inside-netns ...``: a network namespace whose
 only interface is ``lo`` (the original dispy node broadcasts on every interface when
@@ -65,7 +72,19 @@ W3_JOB_BYTES = 5 * MB      # size of one W3 argument / result
 # to the line.
 FIGURES = {
     'W1': [('W1', 'jobs_per_s', 'jobs/s', '>=', 10000, ('wall_s', 'jobs'))],
+    # W1s / W2s: W1 / W2 through a dispyscheduler (SharedJobCluster), each run a pair of
+    # clients (direct on W1's node, then through the scheduler to a node of its own, or
+    # the other way round); targets: 0.6 x W1's, W2's 0.5 ms / 0.6, and the pair ratio
+    'W1s': [('W1s', 'jobs_per_s', 'jobs/s', '>=', 6000,
+             ('wall_s', 'jobs', 'jobs_per_s_direct')),
+            ('W1s-ratio', 'ratio', 'x', '>=', 0.6, ('jobs_per_s', 'jobs_per_s_direct'),
+             ('jobs_per_s', 'jobs_per_s_direct'))],
     'W2': [('W2', 'median_ms', 'ms', '<=', 0.5, ('p90_ms', 'mean_ms', 'max_ms', 'jobs'))],
+    'W2s': [('W2s', 'median_ms', 'ms', '<=', 0.83,
+             ('p90_ms', 'mean_ms', 'max_ms', 'jobs', 'median_ms_direct')),
+            ('W2s-ratio', 'ratio', 'x', '>=', 0.6,
+             ('median_ms', 'median_ms_direct', 'slowdown'),
+             ('median_ms', 'median_ms_direct'))],
     'W3': [('W3-up', 'up_MBps', 'MB/s', '>=', 700, ('up_s', 'jobs', 'job_MB')),
            ('W3-down', 'down_MBps', 'MB/s', '>=', 700, ('down_s', 'jobs', 'job_MB'))],
     'W4': [('W4', 'speedup', 'x', '>=', 1.85, ('local_s', 'wall_s', 'loops', 'jobs'))],
@@ -89,13 +108,20 @@ FIGURES = {
 }
 # workload -> (full size, --quick size): number of jobs
 SIZES = {'W1': (2000, 200), 'W2': (200, 50), 'W3': (20, 3), 'W4': (8, 4),
+         'W1s': (2000, 200), 'W2s': (200, 50),
          'W5': (1, 1), 'W6': (100000, 5000), 'W7': (2000, 300), 'W8': (200, 60)}
 W4_JOB_SECONDS = (0.5, 0.2)  # (full, --quick) target duration of one W4 job
 ORIGINAL_NAME = 'dispy-4.15.2'
 MULTI_NODE = ('W7', 'W8')   # workloads with nodes of their own (not the one on 127.0.0.1)
 # not run for the original: 4.15.2 refuses every cluster_status callback under Python
 # 3.11+ (its check calls inspect.getargspec), and both wait through one for their nodes
-ORIGINAL_SKIPS = MULTI_NODE
+# W1s / W2s: the workload through a dispyscheduler -> the direct workload it compares
+# with.  The scheduler listens on 127.0.0.1 and holds a node of its own, on SHARED_NODE
+# (a node serves one client at a time and the scheduler is that client from its start),
+# with W1's CPUs; the direct half of a run uses W1's node on 127.0.0.1.
+SHARED = {'W1s': 'W1', 'W2s': 'W2'}
+SHARED_NODE, SCHEDULER_ADDR = '127.0.0.31', '127.0.0.1'
+ORIGINAL_SKIPS = MULTI_NODE + tuple(SHARED)   # the original's scheduler is not run
 # W7: 48 nodes of 1 CPU on 127.0.0.11 ... 127.0.0.58 (one port) versus 1 node of 2 CPUs
 # on 127.0.0.11 (another port): the same 2 CPUs of this machine either way
 W7_NODES, W7_FIRST_ADDR = 48, 11
@@ -149,9 +175,18 @@ def original_setup():
     return 0
 
 
-def make_cluster(dispy, impl, computation, node_port, nodes=('127.0.0.1',), **extra):
-    """The only per-implementation difference in the client code."""
+def make_cluster(dispy, impl, computation, node_port, nodes=('127.0.0.1',),
+                 scheduler_port=None, **extra):
+    """The only per-implementation difference in the client code.  With
+    ``scheduler_port``: a SharedJobCluster through the dispyscheduler on
+    SCHEDULER_ADDR:scheduler_port (W1s, W2s), to ``nodes`` on ``node_port``."""
     common = dict(nodes=list(nodes), loglevel=dispy.logger.WARNING, **extra)
+    if scheduler_port:
+        if impl == 'original':
+            raise SystemExit('W1s / W2s are not run for the original')
+        return dispy.SharedJobCluster(computation, scheduler_node=SCHEDULER_ADDR,
+                                      scheduler_port=scheduler_port, node_port=node_port,
+                                      **common)
     if impl == 'original':
         # dispy 4.15.2: the client listens on dispy_port and nodes on dispy_port + 1;
         # 'host' is 4.15.2's name for the deprecated 'ip_addr' (same meaning).
@@ -215,7 +250,10 @@ def warm_up(cluster, check, args, expected):
 
 
 def _cluster(ctx, computation):
-    return make_cluster(ctx.dispy, ctx.impl, computation, ctx.node_port)
+    """W1-W6 (and the warm-up client): one node, ``ctx.node_addrs`` (127.0.0.1, or the
+    scheduler's node); through the scheduler if the driver gave its port."""
+    return make_cluster(ctx.dispy, ctx.impl, computation, ctx.node_port,
+                        nodes=ctx.node_addrs, scheduler_port=ctx.scheduler_port)
 
 
 class ThreadPeak:
@@ -487,7 +525,9 @@ def warmup_client(ctx, n):
 
 WORKLOADS = {'W1': w1_throughput, 'W2': w2_latency, 'W3': w3_transfer, 'W4': w4_cpu,
              'W5': w5_cold_start, 'W6': w6_many_pending, 'W7': w7_scale, 'W8': w8_balance,
-             'warmup': warmup_client}
+             'warmup': warmup_client,
+             # the same clients; _cluster makes a SharedJobCluster (--scheduler-port)
+             'W1s': w1_throughput, 'W2s': w2_latency}
 
 
 def client_main(args):
@@ -504,9 +544,13 @@ def client_main(args):
     module = os.path.abspath(dispy.__file__)
     if (os.path.dirname(module) == args.repo) != (args.impl == 'this'):
         raise SystemExit('wrong dispy imported for impl %s: %s' % (args.impl, module))
+    if args.run_workload in SHARED and not args.scheduler_port:
+        raise SystemExit('%s needs --scheduler-port' % args.run_workload)
+    if args.scheduler_port and args.run_workload not in tuple(SHARED) + ('warmup',):
+        raise SystemExit('%s takes no --scheduler-port' % args.run_workload)
     ctx = types.SimpleNamespace(dispy=dispy, impl=args.impl, node_port=args.node_port,
                                 node_addrs=args.node_addrs.split(','), quick=args.quick,
-                                import_ms=import_ms)
+                                import_ms=import_ms, scheduler_port=args.scheduler_port)
     result = WORKLOADS[args.run_workload](ctx, args.size)
     result['dispy_module'] = module
     sys.stdout.flush()
@@ -772,12 +816,130 @@ class NodeSet:
         stop_nodes(nodes)
 
 
+class Scheduler:
+    """A ``dispyscheduler.py`` process of ``impl``'s tree serving programs on
+    SCHEDULER_ADDR, using only the nodes it is given (``-n``, so it dials them and never
+    broadcasts; ``--client_port 0``: no announcement port), with a temporary folder of
+    its own; stopped by PID."""
+
+    def __init__(self, impl, node_addrs, node_port, ready_timeout=20.0):
+        self.impl = impl
+        self.node_addrs = list(node_addrs)
+        self.node_port = node_port
+        self.ready_timeout = ready_timeout
+        self.dir = tempfile.mkdtemp(prefix='dispy-bench-scheduler-')
+        self.port = None
+        self.proc = None
+        self.out = None
+
+    def command(self, port, dest):
+        cmd = [self.impl.python, os.path.join(self.impl.tree, 'dispyscheduler.py'),
+               '-i', SCHEDULER_ADDR, '-p', str(port), '--client_port', '0']
+        for addr in self.node_addrs:
+            cmd += ['-n', addr]
+        return cmd + ['--node_port', str(self.node_port), '--daemon',
+                      '--dest_path_prefix', dest]
+
+    def start(self):
+        port = free_port(addrs=(SCHEDULER_ADDR,))
+        dest = os.path.join(self.dir, 'dest')
+        os.makedirs(dest)
+        self.out = open(os.path.join(self.dir, 'scheduler.out'), 'w+b')
+        self.proc = subprocess.Popen(
+            self.command(port, dest), stdin=subprocess.DEVNULL, stdout=self.out,
+            stderr=subprocess.STDOUT, cwd=self.dir, env=dict(os.environ, PYTHONUNBUFFERED='1'),
+            start_new_session=True, preexec_fn=_die_with_parent)
+        # its stderr line once it listens (the port it reports is the one it bound)
+        ready = re.compile(r'dispyscheduler serving at \[?%s\]?:(\d+)\b'
+                           % re.escape(SCHEDULER_ADDR))
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            found = ready.search(self.output())
+            if found:
+                self.port = int(found.group(1))
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError('dispyscheduler exited with %s:\n%s' % (
+                    self.proc.returncode, self.output()[-2000:]))
+            if time.monotonic() >= deadline:
+                raise RuntimeError('dispyscheduler not ready in %ss:\n%s' % (
+                    self.ready_timeout, self.output()[-2000:]))
+            time.sleep(0.05)
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def output(self):
+        if self.out is None:
+            return ''
+        with open(self.out.name, 'rb') as f:
+            return f.read().decode('utf-8', 'replace')
+
+    def stop(self, grace=10.0):
+        stop_processes([self.proc], grace)
+        self.proc = None
+        if self.out:
+            self.out.close()
+            self.out = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SharedSetup:
+    """W1s / W2s: a node on SHARED_NODE with ``cpus`` CPUs (as W1's node) and a
+    dispyscheduler that uses it, started and stopped together (the scheduler first);
+    to ``run_client`` it is a node with a ``scheduler_port``."""
+
+    def __init__(self, impl, cpus):
+        self.impl = impl
+        self.nodes = NodeSet(impl, [(SHARED_NODE, cpus, None)], ready_timeout=20.0)
+        self.addrs = self.nodes.addrs
+        self.scheduler = None
+        self.suspect = False
+
+    @property
+    def port(self):            # the node's: what SharedJobCluster's node_port names
+        return self.nodes.port
+
+    @property
+    def scheduler_port(self):
+        return self.scheduler.port if self.scheduler else None
+
+    def start(self):
+        try:
+            self.nodes.start()
+            self.scheduler = Scheduler(self.impl, self.addrs, self.nodes.port)
+            self.scheduler.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.suspect = False
+        return self
+
+    def alive(self):
+        return (self.scheduler is not None and self.scheduler.alive() and
+                all(n.proc.poll() is None for n in self.nodes.nodes))
+
+    def output(self):
+        return '%s[dispyscheduler] %s\n' % (
+            self.nodes.output(), self.scheduler.output()[-600:] if self.scheduler else '')
+
+    def stop(self):
+        scheduler, self.scheduler = self.scheduler, None
+        try:
+            if scheduler is not None:
+                scheduler.stop()
+        finally:
+            self.nodes.stop()
+
+
 def run_client(args, impl, node, workload, size):
     """Runs one workload in a fresh client process; returns (result dict, error)."""
     cwd = tempfile.mkdtemp(prefix='dispy-bench-client-')   # recover files etc. land here
     cmd = [impl.python, BENCH_FILE, '--run-workload', workload, '--impl', impl.name,
            '--node-port', str(node.port), '--node-addrs', ','.join(node.addrs),
            '--size', str(size), '--repo', impl.tree]
+    if getattr(node, 'scheduler_port', None):    # W1s / W2s: through the scheduler
+        cmd += ['--scheduler-port', str(node.scheduler_port)]
     if args.quick:
         cmd.append('--quick')
     proc = None
@@ -888,9 +1050,34 @@ def bench_impl(args, impl, workloads):
     nodes); returns the JSON lines."""
     all_lines = []
     node = node_error = None
+
+    def direct_node():
+        """The 127.0.0.1 node: started when first needed, replaced if the previous
+        client was killed or crashed (it may still hold the node); (node, error)."""
+        nonlocal node, node_error
+        if node is not None and node.suspect:
+            node.stop()
+            node, node_error = start_node(args, impl)
+        elif node is None and node_error is None:
+            node, node_error = start_node(args, impl)
+        return node, node_error
+
     try:
         for w in workloads:
             size = _size(w, args)
+            if w in SHARED:
+                if impl.name == 'original' and w in ORIGINAL_SKIPS:
+                    log(args, '%s: %s skipped (not run for the original)' % (impl.label, w))
+                    continue
+                if not os.path.isfile(os.path.join(impl.tree, 'dispyscheduler.py')):
+                    log(args, '%s: %s skipped (no dispyscheduler.py in %s)' % (
+                        impl.label, w, impl.tree))
+                    continue
+                runs, errors = bench_shared(args, impl, w, size, direct_node)
+                for line in aggregate(w, impl, runs, errors, size, args):
+                    emit(line)
+                    all_lines.append(line)
+                continue
             if w in MULTI_NODE:
                 if impl.name == 'original' and w in ORIGINAL_SKIPS:
                     log(args, '%s: %s skipped (not run for the original)' % (impl.label, w))
@@ -900,15 +1087,9 @@ def bench_impl(args, impl, workloads):
                     emit(line)
                     all_lines.append(line)
                 continue
-            if node is None and node_error is None:   # started when first needed
-                node, node_error = start_node(args, impl)
             runs, errors = [], []
             for i in range(args.runs):
-                if node is not None and node.suspect:
-                    # the previous client was killed or crashed and may still hold
-                    # the node: go on with a fresh node
-                    node.stop()
-                    node, node_error = start_node(args, impl)
+                direct_node()
                 if node is None:
                     errors.append('run %d: %s' % (i + 1, node_error))
                     continue
@@ -1030,6 +1211,86 @@ def bench_multi(args, impl, workload, size):
     return runs, errors
 
 
+def combine_shared(workload, parts):
+    """The result dict of one W1s / W2s run from its two clients' results: the one
+    through the scheduler's keys, the direct one's figures as '<key>_direct', and
+    ``ratio``, the scheduler's speed over the direct one's: jobs/s through / jobs/s
+    direct (W1s), latency direct / latency through (W2s; ``slowdown`` is its inverse)."""
+    shared, direct = parts.get('shared'), parts.get('direct')
+    out = dict(shared) if shared else {}
+    key = FIGURES[SHARED[workload]][0][1]         # jobs_per_s, median_ms
+    if direct:
+        for k in (key, 'wall_s', 'p90_ms', 'mean_ms'):
+            if k in direct:
+                out[k + '_direct'] = direct[k]
+    if shared and direct and shared.get(key) and direct.get(key):
+        if key == 'jobs_per_s':
+            out['ratio'] = shared[key] / direct[key]
+        else:
+            out['ratio'] = direct[key] / shared[key]
+            out['slowdown'] = shared[key] / direct[key]
+    return out or None
+
+
+def bench_shared(args, impl, workload, size, direct_node):
+    """W1s / W2s: starts the scheduler's setup (SharedSetup), then every run is a pair
+    of fresh clients one right after the other, the direct workload (W1 / W2) on the
+    127.0.0.1 node from ``direct_node()`` and the same workload through the scheduler,
+    the order alternating from run to run; returns (runs, errors) for ``aggregate``.
+    The scheduler and its node are stopped at the end, also after an error or an
+    interrupt."""
+    base = SHARED[workload]
+    setup = SharedSetup(impl, args.cpus)
+    runs, errors = [], []
+    try:
+        log(args, '%s %s: starting a node on %s and dispyscheduler on %s' % (
+            impl.label, workload, SHARED_NODE, SCHEDULER_ADDR))
+        try:
+            setup.start()
+        except Exception as exc:
+            return runs, ['scheduler or its node did not start: %s' % exc]
+        # a throwaway client first, as for the single node (start_node)
+        result, error = run_client(args, impl, setup, 'warmup', 1)
+        if error:
+            log(args, '%s %s: warm-up client failed: %s' % (impl.label, workload, error[:500]))
+        setup.suspect = result is None
+        for i in range(args.runs):
+            parts, run_errors, t0 = {}, [], time.monotonic()
+            for side in (('direct', 'shared') if i % 2 == 0 else ('shared', 'direct')):
+                if side == 'direct':
+                    node, node_error = direct_node()
+                    if node is None:
+                        run_errors.append('direct: %s' % node_error)
+                        continue
+                    result, error = run_client(args, impl, node, base, size)
+                    node.suspect = result is None
+                else:
+                    if setup.suspect or not setup.alive():   # fresh scheduler and node
+                        setup.stop()
+                        try:
+                            setup.start()
+                        except Exception as exc:
+                            run_errors.append('scheduler did not start: %s' % exc)
+                            continue
+                    result, error = run_client(args, impl, setup, workload, size)
+                    setup.suspect = result is None
+                parts[side] = result
+                if error:
+                    run_errors.append('%s: %s' % (side, error))
+            combined = combine_shared(workload, parts)
+            runs.append(combined)
+            errors.extend('run %d: %s' % (i + 1, e) for e in run_errors)
+            shown = ', '.join('%s=%s' % (k, _num(combined[k])) for k in (
+                'jobs_per_s', 'jobs_per_s_direct', 'median_ms', 'median_ms_direct',
+                'ratio') if combined and k in combined)
+            log(args, '%s %s run %d/%d (%.1f s): %s%s' % (
+                impl.label, workload, i + 1, args.runs, time.monotonic() - t0, shown,
+                (' ERROR ' + '; '.join(run_errors)[:300]) if run_errors else ''))
+    finally:
+        setup.stop()
+    return runs, errors
+
+
 def ratio_lines(this_lines, orig_lines, other_name='original'):
     """this / other per figure; 'this_better' reads the direction of the target."""
     out = []
@@ -1114,7 +1375,8 @@ def reexec_in_netns(args):
     if not unshare:
         raise SystemExit('--original needs unshare (util-linux)')
     cmd = [unshare, '-n', sys.executable, BENCH_FILE] + sys.argv[1:] + ['--inside-netns']
-    n_clients = (len(args.workloads) * args.runs + 1) * 2
+    pairs = ('W7',) + tuple(SHARED)     # a run of these is two client processes
+    n_clients = (sum(2 if w in pairs else 1 for w in args.workloads) * args.runs + 1) * 2
     bound = n_clients * (args.timeout + 30) + 300
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
     try:
@@ -1210,11 +1472,14 @@ def parse_args(argv=None):
                    help=argparse.SUPPRESS)
     p.add_argument('--node-port', type=int, help=argparse.SUPPRESS)
     p.add_argument('--node-addrs', default='127.0.0.1', help=argparse.SUPPRESS)
+    p.add_argument('--scheduler-port', type=int, help=argparse.SUPPRESS)
     p.add_argument('--size', type=int, help=argparse.SUPPRESS)
     p.add_argument('--repo', default=ROOT, help=argparse.SUPPRESS)
     p.add_argument('--inside-netns', action='store_true', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.workloads = [w.strip().upper() for w in args.workloads.split(',') if w.strip()]
+    known = {w.upper(): w for w in FIGURES}       # case-insensitive: w1s -> W1s
+    args.workloads = [known.get(w.strip().upper(), w.strip())
+                      for w in args.workloads.split(',') if w.strip()]
     if args.runs < 1:
         p.error('--runs must be at least 1')
     return args

@@ -5,6 +5,7 @@ Every helper here is bounded in time and cleans up what it started, by PID:
     NodeProcess   -- a context manager that starts ``python dispynode.py`` on one
                      loopback address, waits for its "serving at" line and stops it
                      (SIGTERM, then SIGKILL) on exit, even when the test failed.
+    SchedulerProcess -- the same for ``python dispyscheduler.py``.
     free_port     -- a TCP+UDP port that is free on a given address.
     run_client    -- runs a client script in a fresh interpreter with a timeout.
     wait_until    -- polls a predicate, bounded in time (for state owned by
@@ -26,6 +27,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE_SCRIPT = os.path.join(ROOT, 'dispynode.py')
+SCHEDULER_SCRIPT = os.path.join(ROOT, 'dispyscheduler.py')
 READY_RE = re.compile(r'serving at \[?([^\]\s]+?)\]?:(\d+)')
 sys.path.insert(0, ROOT)
 
@@ -81,16 +83,29 @@ class NodeProcess:
         self._stdout = self._stderr = None
 
     # -- lifecycle --------------------------------------------------------------
-    def start(self):
+    what = 'dispynode'
+    ready_re = READY_RE
+
+    def _command(self):
         cmd = [self.python, self.script or NODE_SCRIPT, '-i', self.ip, '-p', str(self.port),
                '--dest_path_prefix', self.dest_path_prefix, '-d']
         if self.cpus is not None:
             cmd += ['-c', str(self.cpus)]
         if self.secret:
             cmd += ['-s', self.secret]
-        cmd += self.args
-        self._stdout = open(os.path.join(self.dir, 'stdout'), 'w+b')
-        self._stderr = open(os.path.join(self.dir, 'stderr'), 'w+b')
+        return cmd + self.args
+
+    def _ready_text(self):
+        return self.stdout()
+
+    def start(self):
+        cmd = self._command()
+        for f in (self._stdout, self._stderr):      # started again after kill()
+            if f:
+                f.close()
+        self._stdout = open(os.path.join(self.dir, 'stdout'), 'a+b')
+        self._stderr = open(os.path.join(self.dir, 'stderr'), 'a+b')
+        mark = len(self._ready_text())
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault('PYTHONUNBUFFERED', '1')
         # If the test process dies (e.g. the watchdog in tests/__init__.py ends a hung
@@ -101,16 +116,22 @@ class NodeProcess:
                                      stderr=self._stderr, cwd=self.dir, env=env,
                                      start_new_session=True,
                                      preexec_fn=_die_with_parent if die_with_us else None)
-        if not wait_until(lambda: READY_RE.search(self.stdout()) or self.proc.poll() is not None,
-                          self.ready_timeout):
+        if not wait_until(lambda: self.ready_re.search(self._ready_text()[mark:])
+                          or self.proc.poll() is not None, self.ready_timeout):
             self.stop()
-            raise RuntimeError('dispynode did not start in %ss:\n%s' % (self.ready_timeout,
-                                                                        self.output()))
+            raise RuntimeError('%s did not start in %ss:\n%s' % (self.what, self.ready_timeout,
+                                                                 self.output()))
         if self.proc.poll() is not None:
             out = self.output()
             self.stop()
-            raise RuntimeError('dispynode exited with %s:\n%s' % (self.proc.returncode, out))
+            raise RuntimeError('%s exited with %s:\n%s' % (self.what, self.proc.returncode,
+                                                           out))
         return self
+
+    def kill(self):
+        """SIGKILL, its folder kept (``start()`` again restarts it on it)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._kill_leftovers()
 
     def command(self, text):
         """Writes a line to the node's stdin (status, quit, terminate)."""
@@ -177,6 +198,32 @@ class NodeProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class SchedulerProcess(NodeProcess):
+    """``python dispyscheduler.py -i IP -p PORT --client_port 0 -n NODE ...`` (loopback:
+    the nodes named, no announcement port) as a context manager, like NodeProcess."""
+
+    what = 'dispyscheduler'
+    ready_re = re.compile(r'dispyscheduler serving at (\S+):(\d+)')
+
+    def __init__(self, ip='127.0.0.1', nodes=(), node_port=None, port=None, args=(), **kw):
+        super().__init__(ip, port, cpus=None, args=args, **kw)
+        self.nodes = list(nodes)
+        self.node_port = node_port
+
+    def _command(self):
+        cmd = [self.python, SCHEDULER_SCRIPT, '-i', self.ip, '-p', str(self.port),
+               '--client_port', '0', '--dest_path_prefix', self.dest_path_prefix, '-d',
+               '--daemon']
+        for node in self.nodes:
+            cmd += ['-n', node]
+        if self.node_port:
+            cmd += ['--node_port', str(self.node_port)]
+        return cmd + self.args
+
+    def _ready_text(self):
+        return self.stderr()
 
 
 def _die_with_parent():
