@@ -1315,17 +1315,17 @@ def ratio_lines(this_lines, orig_lines, other_name='original'):
 
 
 def print_summary(lines):
-    sys.stdout.write('# %-8s %-14s %12s %12s %12s  %-10s %s\n' % (
+    sys.stdout.write('# %-10s %-14s %12s %12s %12s  %-10s %s\n' % (
         'figure', 'impl', 'median', 'min', 'max', 'target', 'status'))
     for l in lines:
         if l.get('impl') == 'ratio':
-            sys.stdout.write('# %-8s %-14s %12s  (this/original%s)\n' % (
+            sys.stdout.write('# %-10s %-14s %12s  (this/original%s)\n' % (
                 l['workload'], 'ratio', l.get('ratio'),
                 '' if l.get('ratio') is None else
                 ', this better' if l.get('this_better') else ', original better'))
             continue
         status = 'ERROR' if l.get('error') else ('met' if l.get('met') else 'MISSED')
-        sys.stdout.write('# %-8s %-14s %12s %12s %12s  %-10s %s %s\n' % (
+        sys.stdout.write('# %-10s %-14s %12s %12s %12s  %-10s %s %s\n' % (
             l['workload'], l['impl'], l['median'], l['min'], l['max'], l['target'],
             status, l['unit']))
     sys.stdout.flush()

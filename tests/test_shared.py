@@ -20,7 +20,9 @@ Classes, by topic:
                        restarted
 """
 
+import contextlib
 import functools
+import io
 import os
 import shutil
 import socket
@@ -84,6 +86,15 @@ def logged_nap(x, seconds, log):
         f.write('%s\n' % x)
     time.sleep(seconds)
     return x
+
+
+def echo_big(data):
+    return data[::-1]
+
+
+def read_with_depends(name):
+    with open(name) as f:
+        return f.read()
 
 
 def read_sent(name):
@@ -193,6 +204,9 @@ class SharedApiTest(SchedulerTestCase):
         nodes; job ids set by submit_job_id stay."""
         done, recorder = [], Recorder()
         cluster = self.cluster(where, callback=done.append, cluster_status=recorder)
+        self.assertTrue(recorder.wait_for(lambda ev: {ip for s, ip, _ in ev
+                                                      if s == DispyNode.Initialized}
+                                          == set(self.node_ips)))
         jobs = [cluster.submit(i) for i in range(30)]
         jobs.append(cluster.submit_job_id('named', 'x'))
         results = [self.finished(job) for job in jobs]
@@ -281,6 +295,20 @@ class SharedApiTest(SchedulerTestCase):
         status = cluster.status()
         self.assertEqual([(n['ip_addr'], n['cpus']) for n in status['nodes']], [(NODE_IP, 1)])
 
+    def test_big_arguments_and_results_and_job_depends(self):
+        """20 MB each way through the scheduler; a per-job dispy_job_depends file."""
+        cluster = self.cluster(echo_big)
+        data = os.urandom(20 << 20)
+        job = cluster.submit(data)
+        self.assertEqual(self.finished(job, 60), data[::-1])
+        folder = self.tmpdir()
+        path = os.path.join(folder, 'dispytest_job_dep.txt')
+        with open(path, 'w') as f:
+            f.write('per job')
+        other = self.cluster(read_with_depends)
+        job = other.submit('dispytest_job_dep.txt', dispy_job_depends=[path])
+        self.assertEqual(self.finished(job), 'per job')
+
     def test_cancel_queued_and_running(self):
         """cancel: a running job is killed on its node, a queued one never runs."""
         cluster = self.cluster(nap, nodes=[NODE_IP])
@@ -292,6 +320,72 @@ class SharedApiTest(SchedulerTestCase):
             job(timeout=T)
             self.assertEqual(job.status, DispyJob.Cancelled)
         self.assertTrue(cluster.close(timeout=T))
+
+
+@unittest.skipUnless(shutil.which('openssl'), 'openssl not installed: no certificate for TLS')
+class SharedTlsTest(SchedulerTestCase):
+    """TLS both ways: program ↔ scheduler (--cluster_certfile) and scheduler ↔ nodes
+    (--node_certfile, the nodes' --certfile)."""
+
+    node_ips = (NODE_IP,)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.certdir = tempfile.mkdtemp(prefix='dispytest-tls-')
+        cls.cert = support.self_signed_cert(cls.certdir)
+        port = support.free_port(NODE_IP)
+        cls.nodes = [support.NodeProcess(NODE_IP, port=port, cpus=1, secret='n',
+                                         args=['--certfile', cls.cert]).start()]
+        try:
+            cls.sched = support.SchedulerProcess(
+                SCHED_IP, nodes=[NODE_IP], node_port=port,
+                args=['--node_certfile', cls.cert, '--node_secret', 'n',
+                      '--cluster_certfile', cls.cert, '--cluster_secret', 'c']).start()
+        except Exception:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        shutil.rmtree(cls.certdir, ignore_errors=True)
+
+    def test_jobs_over_tls(self):
+        cluster = self.cluster(where, certfile=self.cert, secret='c')
+        self.assertEqual(self.finished(cluster.submit(5)), (5, NODE_IP))
+        plain = self.cluster(where, secret='c')
+        job = plain.submit(6)
+        job(timeout=T)
+        self.assertEqual(job.status, DispyJob.Terminated, 'a plain program got in')
+
+
+class ConfigTest(unittest.TestCase):
+    """--save_config writes the options (mode 0600: secrets) and exits; --config reads
+    them back; the 4.15 option names parse."""
+
+    def test_save_and_load_config(self):
+        import dispyscheduler
+        folder = tempfile.mkdtemp(prefix='dispytest-conf-')
+        self.addCleanup(shutil.rmtree, folder, True)
+        path = os.path.join(folder, 'sched.conf')
+        argv = ['--save_config', path, '--cluster_secret', 's1', '--node_secret', 's2',
+                '-n', '127.0.0.2', '--fair_cluster_scheduler', '--zombie_interval', '2',
+                '--cooperative', '--cleanup_nodes', '--httpd', '--ipv4_udp_multicast',
+                '--pulse_interval', '3', '--ping_interval', '4', '--msg_timeout', '7',
+                '--max_file_size', '1m', '-p', '5555', '--daemon', '-d']
+        with self.assertRaises(SystemExit) as done:
+            dispyscheduler.configure(argv)
+        self.assertEqual(done.exception.code, 0)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        config = dispyscheduler.configure(['--config', path])
+        self.assertEqual((config.cluster_secret, config.node_secret, config.nodes,
+                          config.policy, config.zombie_interval, config.port,
+                          config.max_file_size, config.cooperative, config.cleanup_nodes),
+                         ('s1', 's2', ['127.0.0.2'], 'fair', 120.0, 5555, 1 << 20, True, True))
+        # the command line wins over the file
+        self.assertEqual(dispyscheduler.configure(['--config', path, '-p', '6666']).port, 6666)
+        with self.assertRaises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            dispyscheduler.configure(['--fair_cluster_scheduler', '--early_cluster_scheduler'])
 
 
 class CooperativeTest(SchedulerTestCase):

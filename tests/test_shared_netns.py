@@ -51,7 +51,9 @@ TAIL = 6000                                 # characters of each log in a failur
 #   scheduler   the scheduler's address (shared)
 #   kwargs      more keywords for the cluster (secret, exclusive, reentrant, nodes, ...)
 #   wait_nodes  wait (bounded) until this many nodes are initialized, before submitting
-#   count, delay, marks   jobs compute(n, delay, marks) for n in range(count)
+#   count, delay, marks, gate   jobs compute(n, delay, marks, gate) for n in range(count):
+#               each waits (bounded) for the file ``gate`` if given, marks its start in
+#               the folder ``marks`` if given, then sleeps ``delay`` s
 #   running     after submitting, wait (bounded) until this many jobs run, print 'running'
 #   job_timeout seconds each job() may take
 # Prints 'cluster created', 'nodes ...', 'submitted N', 'running N', one 'RESULT {json}'
@@ -60,9 +62,13 @@ CLIENT = r'''
 import json, os, sys, threading, time
 import dispy
 
-def compute(n, delay, marks):
+def compute(n, delay, marks, gate):
     import os, time
     node = os.environ.get('DISPY_TEST_NODE', '?')
+    if gate:                    # held until the test creates this file (at most 60 s)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
     start = time.time()
     if marks:
         name = 'start-%d-%s-%d-%d' % (n, node, os.getpid(), int(start * 1e6))
@@ -109,7 +115,7 @@ def main():
             sys.exit('only %d node(s) initialized in 40 s' % len(nodes))
     jobs = []
     for n in range(cfg['count']):
-        job = cluster.submit(n, cfg['delay'], cfg.get('marks'))
+        job = cluster.submit(n, cfg['delay'], cfg.get('marks'), cfg.get('gate'))
         job.id = n
         jobs.append(job)
     print('submitted %d' % len(jobs), flush=True)
@@ -259,9 +265,9 @@ class SharedLabTestCase(LabTestCase):
     def fail_with(self, message):
         self.fail(message + '\n' + self.diagnostics())
 
-    def check_results(self, results, count, name, nodes=NODES):
+    def check_results(self, results, count, name, nodes=NODES, check_ip=True):
         """Every n in range(count) exactly once, Finished, with the right value from a
-        node among ``nodes`` whose address the job reports."""
+        node among ``nodes`` whose address the job reports (``check_ip``)."""
         ns = sorted(r['n'] for r in results)
         if ns != list(range(count)):
             self.fail_with('%s: results for %s, expected each of 0..%d once'
@@ -269,7 +275,8 @@ class SharedLabTestCase(LabTestCase):
         for r in results:
             value = r['value']
             if (r['status'] != 'Finished' or not isinstance(value, list) or value[0] != r['n']
-                    or value[1] not in nodes or r['ip'] != self.lab.ip(value[1])):
+                    or value[1] not in nodes
+                    or (check_ip and r['ip'] != self.lab.ip(value[1]))):
                 self.fail_with('%s: wrong result %r' % (name, r))
 
     @staticmethod
@@ -298,24 +305,31 @@ class SharedClusterTest(SharedLabTestCase):
     def test_exclusive_cluster_runs_alone(self):
         self.start_nodes()
         self.start_scheduler()
-        # B1 (not exclusive) runs; A (exclusive) comes while it does, B2 after A.
-        b1 = self.client('B1', wait_nodes=3, count=12, delay=0.5, running=3)
+        # B1 (not exclusive) holds every CPU until the gate opens; A (exclusive) and
+        # then B2 (not exclusive) submit meanwhile.  Job counts leave CPUs free in the
+        # last round of B1 and of A, which a non-exclusive neighbour would take.
+        gate = os.path.join(self.marks, 'gate')
+        b1 = self.client('B1', wait_nodes=3, count=10, delay=0.3, gate=gate, running=3)
         b1.wait_for(r'running \d', timeout=60)
-        a = self.client('A', count=6, delay=0.5, kwargs={'exclusive': True})
+        a = self.client('A', count=5, delay=0.5, kwargs={'exclusive': True})
         a.wait_for('submitted', timeout=60)
-        b2 = self.client('B2', count=6, delay=0.5)
+        b2 = self.client('B2', count=5, delay=0.3)
+        b2.wait_for('submitted', timeout=60)
+        if 'RESULT' in b1.stdout():
+            self.fail_with('B1 got a result before its gate opened')
+        open(gate, 'w').close()
         runs = {}
-        for proc, count in ((b1, 12), (a, 6), (b2, 6)):
+        for proc, count in ((b1, 10), (a, 5), (b2, 5)):
             results = self.finish(proc, 90)
             self.check_results(results, count, proc.name)
-            runs[proc.name] = [(r['value'][2], r['value'][3]) for r in results]
-        for first, second in (('B1', 'A'), ('A', 'B2')):
-            last_end = max(end for _, end in runs[first])
-            first_start = min(start for start, _ in runs[second])
-            if not last_end <= first_start:
-                self.fail_with('jobs of %s and %s interleave: %s ended at %.3f, %s started '
-                               'at %.3f\n%r' % (first, second, first, last_end, second,
-                                                first_start, runs))
+            runs[proc.name] = sorted((r['value'][2], r['value'][3]) for r in results)
+        spans = {name: (min(s for s, _ in run), max(e for _, e in run))
+                 for name, run in runs.items()}
+        if not spans['B1'][1] <= spans['A'][0]:
+            self.fail_with('exclusive A started (%.3f) before B1 ended (%.3f): %r'
+                           % (spans['A'][0], spans['B1'][1], runs))
+        if not (spans['A'][1] <= spans['B2'][0] or spans['B2'][1] <= spans['A'][0]):
+            self.fail_with('jobs of exclusive A and of B2 interleave: %r' % runs)
 
     @time_limit(90)
     def test_wrong_secret_is_refused_and_a_good_client_still_works(self):
@@ -351,6 +365,11 @@ class SharedClusterTest(SharedLabTestCase):
         by_n = {r['n']: r['value'][1] for r in results}
         if any(by_n[n] == 'node2' for n in killed):
             self.fail_with('a job of the killed node2 got a result from it: %r' % by_n)
+        marks = self.start_marks()
+        for n in killed:        # it ran again, elsewhere
+            if not any(m == n and node != 'node2' for m, node in marks):
+                self.fail_with('job %d of the killed node2 was not run again: %s'
+                               % (n, sorted(marks)))
 
     @time_limit(120)
     def test_killed_client_recovers_jobs_through_scheduler(self):
@@ -371,7 +390,14 @@ class SharedClusterTest(SharedLabTestCase):
         if result.returncode != 0:
             self.fail_with('recover.py exited %s\n%s\n%s' % (result.returncode,
                                                              result.stdout, result.stderr))
-        self.check_results(parse_results(result.stdout), 6, 'recover_jobs')
+        results = parse_results(result.stdout)
+        self.check_results(results, 6, 'recover_jobs', check_ip=False)
+        if os.path.exists(os.path.join(self.client_dir, 'rec.dat')):
+            self.fail_with('rec.dat kept although every job was accounted for')
+        wrong = [r for r in results if r['ip'] != self.lab.ip(r['value'][1])]
+        if wrong:
+            self.fail_with('recover_jobs: job.ip_addr is not the node that ran the job '
+                           '(%s is the scheduler): %r' % (self.lab.ip('sched'), wrong))
 
     @time_limit(150)
     def test_scheduler_killed_and_restarted_jobs_finish_once(self):
@@ -382,6 +408,8 @@ class SharedClusterTest(SharedLabTestCase):
         self.wait_marks(lambda m: {node for _, node in m} == set(NODES), 60,
                         'jobs running on every node')
         self.kill(sched, 'dispyscheduler.py')
+        if len(parse_results(proc.stdout())) >= 9:
+            self.fail_with('every job had ended before the scheduler was killed')
         restarted = self.spawn('sched', self.scheduler_argv(folder), cwd=folder,
                                env=clean_env(TMPDIR=folder))
         restarted.wait_for(SCHEDULER_READY, timeout=30, stream='stderr')
