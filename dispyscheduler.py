@@ -490,8 +490,9 @@ class RemoteCluster(dispy.ClusterHooks):
                         job.end_time)
         self.results[key] = (done, job.ack)
         job.result = None
-        if self.conn is not None:
-            self.conn.send(done if not self.recovering else _as_result(done), hold=True)
+        if self.conn is not None:   # held for company only while more of its jobs run
+            self.conn.send(done if not self.recovering else _as_result(done),
+                           hold=bool(self.jobs))
 
     def node_changed(self, link, status):
         self.send(Msg.NODE_STATUS(status, dispy._NodeView.describe(link, self.key)))
