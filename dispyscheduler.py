@@ -269,9 +269,9 @@ class RemoteCluster(dispy.ClusterHooks):
         self.name = str(info.get('name', ''))[:200] or self.address
         self.exclusive = bool(info.get('exclusive'))
         self.reentrant = bool(info.get('reentrant'))
+        self.files = [dispy.FileReceiver.plain_name(name) for name in info.get('files', ())]
         self.specs = [self._checked_spec(spec) for spec in specs]
         self.allocations = [self._allocation(entry) for entry in allocations]
-        self.files = [dispy.FileReceiver.plain_name(str(name)) for name in info.get('files', ())]
         shutil.rmtree(self.folder, ignore_errors=True)
         os.makedirs(self.folder, mode=0o700)
         self.receiver = dispy.FileReceiver(self.folder, self.program.config.max_file_size)
@@ -281,6 +281,10 @@ class RemoteCluster(dispy.ClusterHooks):
     def _checked_spec(self, spec):
         if not isinstance(spec, dict) or not isinstance(spec.get('name'), str):
             raise dispy.ProtocolError('malformed computation')
+        names = spec.get('files', [])
+        if not isinstance(names, list) or not set(names) <= set(self.files):
+            # only files sent with the cluster, read from its own folder
+            raise dispy.ProtocolError('computation names files not sent with it')
         spec = dict(spec)
         if self.program.config.cleanup_nodes:
             spec['remove_files'] = True
