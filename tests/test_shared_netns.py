@@ -236,13 +236,15 @@ class SharedLabTestCase(LabTestCase):
         proc.wait(timeout=10)
 
     # -- observations ---------------------------------------------------------------------------
-    def start_marks(self):
-        """(n, node) of every job start seen in the marks folder."""
+    def start_marks(self, with_time=False):
+        """(n, node) of every job start seen in the marks folder (with its
+        ``time.time()`` as a third item if ``with_time``)."""
         found = []
         for name in os.listdir(self.marks):
-            match = re.match(r'^start-(\d+)-(\w+)-\d+-\d+$', name)
+            match = re.match(r'^start-(\d+)-(\w+)-\d+-(\d+)$', name)
             if match:
-                found.append((int(match.group(1)), match.group(2)))
+                mark = (int(match.group(1)), match.group(2))
+                found.append(mark + (int(match.group(3)) / 1e6,) if with_time else mark)
         return found
 
     def wait_marks(self, predicate, timeout, what):
@@ -354,12 +356,20 @@ class SharedClusterTest(SharedLabTestCase):
     def test_node_killed_mid_run_reentrant_jobs_finish_once(self):
         self.start_nodes()
         self.start_scheduler()
-        proc = self.client('reentrant', wait_nodes=3, count=9, delay=1.0, marks=self.marks,
+        delay = 1.5
+        proc = self.client('reentrant', wait_nodes=3, count=9, delay=delay, marks=self.marks,
                            kwargs={'reentrant': True})
-        marks = self.wait_marks(lambda m: any(node == 'node2' for _, node in m), 60,
-                                'a job running on node2')
+        self.wait_marks(lambda m: any(node == 'node2' for _, node in m), 60,
+                        'a job running on node2')
         self.kill(self.nodes['node2'], 'dispynode.py')
-        killed = {n for n, node in marks if node == 'node2'}
+        killed_at = time.time()
+        marks = self.start_marks(with_time=True)
+        killed = {n for n, node, _ in marks if node == 'node2'}
+        if not any(node == 'node2' and killed_at - start < delay - 0.1
+                   for _, node, start in marks):
+            self.fail_with('this machine is too slow: node2 was killed %.2f s after its job '
+                           'started, not mid-job' % (killed_at - max(
+                               start for _, node, start in marks if node == 'node2')))
         results = self.finish(proc, 90)
         self.check_results(results, 9, 'reentrant client')
         by_n = {r['n']: r['value'][1] for r in results}
