@@ -5981,6 +5981,38 @@ class SharedJobCluster(JobCluster):
 
 
 # ================================================================================
+# Program command lines: what dispynode and dispyscheduler parse alike
+# ================================================================================
+
+def parse_size(text):
+    """'10m' → 10485760; k, m, g suffixes; 0 means unlimited (an argparse type)."""
+    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)[bB]?\s*', str(text))
+    if not match:
+        raise argparse.ArgumentTypeError('%r is not a size (e.g. 10m, 512k, 2g, 0)' % text)
+    scale = {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}[match.group(2).lower()]
+    return int(float(match.group(1)) * scale)
+
+
+def resolve_or_exit(host, program):
+    addr = resolve_host(host)
+    if addr is None:
+        raise SystemExit('%s: %r is not an address or a known host name' % (program, host))
+    return addr
+
+
+def finish_program_config(config, program):
+    """The options every program has, in the form the code uses: addresses resolved,
+    --zombie_interval in seconds, --max_frame_size as ``max_frame``, an absolute
+    --dest_path_prefix."""
+    config.ip_addrs = [resolve_or_exit(a, program) for a in config.ip_addrs]
+    config.ext_ip_addrs = [resolve_or_exit(a, program) for a in config.ext_ip_addrs]
+    config.zombie_interval = max(0.0, config.zombie_interval) * 60
+    config.max_frame = config.max_frame_size
+    config.dest_path_prefix = os.path.abspath(config.dest_path_prefix)
+    return config
+
+
+# ================================================================================
 # Command line: distribute a program, one job per -a
 # ================================================================================
 

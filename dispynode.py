@@ -2123,15 +2123,6 @@ def _avail_info_function(path):
 # Command line
 # ================================================================================
 
-def parse_size(text):
-    """'10m' → 10485760; k, m, g suffixes; 0 means unlimited."""
-    match = re.fullmatch(r'\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)[bB]?\s*', str(text))
-    if not match:
-        raise argparse.ArgumentTypeError('%r is not a size (e.g. 10m, 512k, 2g, 0)' % text)
-    scale = {'': 1, 'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}[match.group(2).lower()]
-    return int(float(match.group(1)) * scale)
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog='dispynode.py', description='Run jobs for dispy clients on this machine.',
@@ -2155,10 +2146,10 @@ def build_parser():
     parser.add_argument('--dest_path_prefix', default=os.path.join(tempfile.gettempdir(),
                                                                    'dispy', 'node'),
                         help='folder for computations\' files (default %(default)s)')
-    parser.add_argument('--max_file_size', type=parse_size, default=10 << 20,
+    parser.add_argument('--max_file_size', type=dispy.parse_size, default=10 << 20,
                         help='largest file accepted or sent, with k/m/g suffix (default '
                         '10m; 0 = unlimited)')
-    parser.add_argument('--max_frame_size', type=parse_size, default=dispy.DEFAULT_MAX_FRAME,
+    parser.add_argument('--max_frame_size', type=dispy.parse_size, default=dispy.DEFAULT_MAX_FRAME,
                         help='largest message accepted from an authenticated client '
                         '(default 256m)')
     parser.add_argument('-s', '--secret', default='', help='shared secret clients must know')
@@ -2181,19 +2172,7 @@ def configure(argv=None):
     total = os.cpu_count() or 1
     if config.cpus <= 0:
         config.cpus = max(1, total + config.cpus)
-    config.ip_addrs = [_resolve_or_exit(a) for a in config.ip_addrs]
-    config.ext_ip_addrs = [_resolve_or_exit(a) for a in config.ext_ip_addrs]
-    config.zombie_interval = max(0.0, config.zombie_interval) * 60
-    config.max_frame = config.max_frame_size
-    config.dest_path_prefix = os.path.abspath(config.dest_path_prefix)
-    return config
-
-
-def _resolve_or_exit(host):
-    addr = dispy.resolve_host(host)
-    if addr is None:
-        raise SystemExit('dispynode: %r is not an address or a known host name' % host)
-    return addr
+    return dispy.finish_program_config(config, 'dispynode')
 
 
 def _host_target():

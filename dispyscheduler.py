@@ -905,9 +905,9 @@ def build_parser():
                                                    'scheduler'),
         help='folder for the clusters\' files and the scheduler\'s identity '
         '(default %(default)s)')
-    add('--max_file_size', type=_parse_size, default=0,
+    add('--max_file_size', type=dispy.parse_size, default=0,
         help='largest file a program may send, with k/m/g suffix (default 0: unlimited)')
-    add('--max_frame_size', type=_parse_size, default=dispy.DEFAULT_MAX_FRAME,
+    add('--max_frame_size', type=dispy.parse_size, default=dispy.DEFAULT_MAX_FRAME,
         help='largest message accepted (default 256m)')
     add('--clean', action='store_true',
         help='remove the files and identity of an earlier run at start (its nodes\' jobs '
@@ -924,12 +924,6 @@ def build_parser():
         help='nodes remove a cluster\'s files at its end even if it asked cleanup=False')
     add('--daemon', action='store_true', help='do not read commands on stdin')
     return parser
-
-
-def _parse_size(text):
-    text = str(text).strip().lower()
-    scale = {'k': 1 << 10, 'm': 1 << 20, 'g': 1 << 30}.get(text[-1:], 1)
-    return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
 def configure(argv=None):
@@ -954,19 +948,7 @@ def configure(argv=None):
         parser.error('--pulse_interval must be more than 0 and at most 600 seconds')
     config.policy = ('fair' if config.fair_cluster_scheduler else
                      'early' if config.early_cluster_scheduler else 'oldest_job')
-    config.ip_addrs = [_resolve_or_exit(a) for a in config.ip_addrs]
-    config.ext_ip_addrs = [_resolve_or_exit(a) for a in config.ext_ip_addrs]
-    config.zombie_interval = max(0.0, config.zombie_interval) * 60
-    config.max_frame = config.max_frame_size
-    config.dest_path_prefix = os.path.abspath(config.dest_path_prefix)
-    return config
-
-
-def _resolve_or_exit(host):
-    addr = dispy.resolve_host(host)
-    if addr is None:
-        raise SystemExit('dispyscheduler: %r is not an address or a known host name' % host)
-    return addr
+    return dispy.finish_program_config(config, 'dispyscheduler')
 
 
 def _prepare_folder(config):
