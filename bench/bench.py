@@ -1135,6 +1135,18 @@ def multi_setups(impl, workload):
                                 (W8_SLOW, W8_CPUS, slowdown[1])]))]
 
 
+def restarted(setup, run_errors, what):
+    """Stops and starts a bench setup (nodes, a scheduler) again; False, with the
+    error noted, if it does not start."""
+    setup.stop()
+    try:
+        setup.start()
+    except Exception as exc:
+        run_errors.append('%s did not start: %s' % (what, exc))
+        return False
+    return True
+
+
 def combine_runs(workload, parts):
     """The result dict of one W7 / W8 run from its clients' results (setup -> dict)."""
     if workload != 'W7':
@@ -1182,13 +1194,8 @@ def bench_multi(args, impl, workload, size):
         for i in range(args.runs):
             parts, run_errors, t0 = {}, [], time.monotonic()
             for name, nodes in (setups if i % 2 == 0 else setups[::-1]):
-                if nodes.suspect:   # a client was killed or crashed: fresh nodes
-                    nodes.stop()
-                    try:
-                        nodes.start()
-                    except Exception as exc:
-                        run_errors.append('nodes did not start: %s' % exc)
-                        continue
+                if nodes.suspect and not restarted(nodes, run_errors, 'nodes'):
+                    continue        # a client was killed or crashed: fresh nodes, or none
                 result, error = run_client(args, impl, nodes, workload, size)
                 nodes.suspect = result is None
                 parts[name] = result
@@ -1265,13 +1272,9 @@ def bench_shared(args, impl, workload, size, direct_node):
                     result, error = run_client(args, impl, node, base, size)
                     node.suspect = result is None
                 else:
-                    if setup.suspect or not setup.alive():   # fresh scheduler and node
-                        setup.stop()
-                        try:
-                            setup.start()
-                        except Exception as exc:
-                            run_errors.append('scheduler did not start: %s' % exc)
-                            continue
+                    if ((setup.suspect or not setup.alive())     # fresh scheduler and node
+                            and not restarted(setup, run_errors, 'scheduler')):
+                        continue
                     result, error = run_client(args, impl, setup, workload, size)
                     setup.suspect = result is None
                 parts[side] = result

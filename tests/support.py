@@ -48,6 +48,16 @@ def free_port(ip='127.0.0.1'):
     raise RuntimeError('no free port on %s' % ip)
 
 
+def tcp_free(ip, port):
+    """Whether a TCP port can be bound on ``ip`` now."""
+    with socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET) as sock:
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_until(predicate, timeout=10.0, interval=0.02):
     """Polls ``predicate`` until true or ``timeout``; returns its last value."""
     deadline = time.monotonic() + timeout

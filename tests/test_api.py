@@ -968,7 +968,7 @@ class AliasesTest(ApiTestCase):
         """dispy_port=P: the client uses port P and the nodes' port P + 1."""
         for _ in range(50):
             port = support.free_port(CLIENT_IP)
-            if self._tcp_free(NODE_IP, port + 1) and not udp_port_in_use(NODE_IP, port + 1):
+            if support.tcp_free(NODE_IP, port + 1) and not udp_port_in_use(NODE_IP, port + 1):
                 break
         else:
             self.skipTest('no free pair of ports P, P + 1')
@@ -982,15 +982,6 @@ class AliasesTest(ApiTestCase):
             self.assertFalse(udp_port_in_use(NODE_IP, port),
                              'client bound every interface: host= was ignored')
             self.assertTrue(cluster.close(timeout=T))
-
-    @staticmethod
-    def _tcp_free(ip, port):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((ip, port))
-            except OSError:
-                return False
-        return True
 
     def test_abandoned_status_exists(self):
         statuses = {DispyJob.Created, DispyJob.Running, DispyJob.ProvisionalResult,

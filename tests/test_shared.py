@@ -147,7 +147,7 @@ class SchedulerTestCase(unittest.TestCase):
         port = None
         for _ in range(20):
             port = support.free_port(NODE_IP)
-            if all(support.free_port(ip) and _free(ip, port) for ip in cls.node_ips):
+            if all(support.free_port(ip) and support.tcp_free(ip, port) for ip in cls.node_ips):
                 break
         cls.nodes = []
         try:
@@ -185,15 +185,6 @@ class SchedulerTestCase(unittest.TestCase):
         folder = tempfile.mkdtemp(prefix='dispytest-shared-')
         self.addCleanup(shutil.rmtree, folder, True)
         return folder
-
-
-def _free(ip, port):
-    with socket.socket() as sock:
-        try:
-            sock.bind((ip, port))
-        except OSError:
-            return False
-    return True
 
 
 class SharedApiTest(SchedulerTestCase):
@@ -495,22 +486,19 @@ class SharedFaultTest(SchedulerTestCase):
         """Garbage from an authenticated peer: an unknown kind is ignored, a malformed
         CLUSTER is refused with CLUSTER_READY, an oversized frame closes that one
         connection; the scheduler serves the next cluster as ever."""
-        channel = self.raw()
-        channel.send([dispy.Msg.CLIENT({'id': 'x', 'cluster': 'raw-1'})])
-        first = channel.recv()
-        self.assertEqual(first[0][0], 'NODE')
-        channel.send([('NOT_A_KIND', 1), dispy.Msg.CLUSTER({'specs': 'nonsense'})])
-        reply = channel.recv()
-        self.assertEqual(reply[0][0], 'CLUSTER_READY')
-        self.assertIn('refused', reply[0][1])
-        escape = self.raw()
-        escape.send([dispy.Msg.CLIENT({'id': 'z', 'cluster': 'raw-3'})])
-        escape.recv()
-        escape.send([dispy.Msg.CLUSTER({'name': 'x', 'files': [], 'allocations': [],
-                                        'specs': [{'name': 'x', 'files': ['../../etc/passwd']}]})])
-        reply = escape.recv()
-        self.assertEqual(reply[0][0], 'CLUSTER_READY')
-        self.assertIn('not sent with it', reply[0][1])
+        def refusal(*msgs):
+            channel = self.raw()
+            channel.send([dispy.Msg.CLIENT({'id': 'x', 'cluster': os.urandom(8).hex()})])
+            self.assertEqual(channel.recv()[0][0], 'NODE')
+            channel.send(list(msgs))
+            reply = channel.recv()
+            self.assertEqual(reply[0][0], 'CLUSTER_READY')
+            return reply[0][1]
+        self.assertIn('refused', refusal(('NOT_A_KIND', 1),
+                                         dispy.Msg.CLUSTER({'specs': 'nonsense'})))
+        self.assertIn('not sent with it', refusal(dispy.Msg.CLUSTER(
+            {'name': 'x', 'files': [], 'allocations': [],
+             'specs': [{'name': 'x', 'files': ['../../etc/passwd']}]})))
         big = self.raw()
         big.send([dispy.Msg.CLIENT({'id': 'y', 'cluster': 'raw-2'})])
         big.recv()
@@ -556,7 +544,7 @@ class SharedFaultTest(SchedulerTestCase):
         self.addCleanup(extra.stop)
         sched = support.SchedulerProcess(SCHED_IP, nodes=['127.0.0.4', NODE_IP],
                                          node_port=port, args=['--pulse_interval', '1'])
-        if not _free(NODE_IP, port):
+        if not support.tcp_free(NODE_IP, port):
             self.skipTest('port %d taken on %s' % (port, NODE_IP))
         other = support.NodeProcess(NODE_IP, port=port, cpus=2).start()
         self.addCleanup(other.stop)
