@@ -961,15 +961,16 @@ def _prepare_folder(config):
 
 
 def _read_commands(program, stop):
+    """stdin commands; EOF (e.g. started with no terminal) just stops reading."""
     for line in sys.stdin:
         command = line.strip().lower()
         if command == 'status':
             print(program.status_text(), flush=True)
         elif command in ('quit', 'exit', 'terminate'):
-            break
+            stop.set()
+            return
         elif command:
             print('commands: status, quit', flush=True)
-    stop.set()
 
 
 def main(argv=None):
@@ -988,9 +989,7 @@ def main(argv=None):
     logger.info('dispyscheduler %s serving programs at %s:%s (policy %s)', __version__,
                 where, config.port, config.policy)
     print('dispyscheduler serving at %s:%s' % (where, config.port), file=sys.stderr, flush=True)
-    if not config.daemon and sys.stdin is not None and sys.stdin.isatty():
-        threading.Thread(target=_read_commands, args=(program, stop), daemon=True).start()
-    elif not config.daemon and sys.stdin is not None:
+    if not config.daemon and sys.stdin is not None:
         threading.Thread(target=_read_commands, args=(program, stop), daemon=True).start()
     while not stop.wait(1.0):
         pass
