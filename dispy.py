@@ -732,7 +732,8 @@ class _ConnectionBase:
 #   ALLOCATED     answers ALLOCATE             NODE_STATUS   a node joined, left, ...
 #   RELEASE       the cluster is closed        ALLOCATE      asks a NodeAllocate subclass
 #                                              OP_DONE       answers NODE_OP
-#   recover_jobs talks to a scheduler as to a node: CLIENT, NODE, RESULT, ACK, RELEASE.
+#   recover_jobs talks to a scheduler as to a node (CLIENT, NODE, ACK, RELEASE), and
+#   takes its DONEs for RESULTs.
 
 class MessageKind:
     """One kind of message: a name, its fields, and the field whose length is the
@@ -831,7 +832,7 @@ TO_SCHEDULER = {k.name: k for k in (Msg.CLIENT, Msg.CLUSTER, Msg.FILE, Msg.JOB, 
 FROM_SCHEDULER = {k.name: k for k in (Msg.NODE, Msg.CLUSTER_READY, Msg.STATE, Msg.DONE,
                                       Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
                                       Msg.NODE_STATUS, Msg.ALLOCATE, Msg.OP_DONE,
-                                      Msg.NODE_PULSE, Msg.RESULT)}
+                                      Msg.NODE_PULSE)}
 
 
 def message_bulk(msg):
@@ -3855,11 +3856,12 @@ class Scheduler(_NodeMessages, _NodeControl):
                 self._dispatch()
 
     @staticmethod
-    def _finish_estimate(link, ckey, place):
+    def _finish_estimate(link, ckey, place, service=None):
         """When the job ``place``-th in line on a link (its running ones first) would
-        end, in seconds from now: a coarse estimate from its mean job time."""
+        end, in seconds from now: a coarse estimate from its mean job time (or
+        ``service``, for a node that has run none yet)."""
         cpus = max(1, link.alloc_cpus.get(ckey, 1))
-        return math.ceil(place / cpus) * link.service.get(ckey, 0.0)
+        return math.ceil(place / cpus) * link.service.get(ckey, service or 0.0)
 
     def _rebalance(self, queue):
         """The cluster has nothing queued here and a node has room: a job still waiting
@@ -3879,9 +3881,8 @@ class Scheduler(_NodeMessages, _NodeControl):
             return
         queue.rebalanced = now
         idle = queue.least_loaded()
-        if idle is None or idle.service.get(ckey) is None:
+        if idle is None:
             return
-        here = self._finish_estimate(idle, ckey, idle.in_flight[ckey] + 1)
         best = None
         for link in list(queue.slow):
             if not link.takes_jobs(ckey):
@@ -3897,6 +3898,9 @@ class Scheduler(_NodeMessages, _NodeControl):
             if not waiting:
                 continue
             there = self._finish_estimate(link, ckey, running + asked + len(waiting))
+            # a node that has run none of its jobs yet: as fast as this one, say
+            here = self._finish_estimate(idle, ckey, idle.in_flight[ckey] + 1,
+                                         link.service[ckey])
             if there > here + NodeLink.LEAD and (best is None or there > best[0]):
                 best = (there, link, max(waiting, key=lambda j: j._key))
         if best is not None:
@@ -4778,6 +4782,17 @@ def _fill_recovered(job, reply):
             job.exception = 'result could not be unpickled: %r' % exc
 
 
+def _recovered_result(addr, msg):
+    """(node address, RESULT record) of a node's RESULT, or of a dispyscheduler's DONE
+    (which names the node that ran the job)."""
+    if msg[0] == 'RESULT':
+        return addr, Msg.RESULT.read(msg)
+    done = Msg.DONE.read(msg)
+    return done.ip or addr, Msg.RESULT.record(done.key, 0, done.status, done.blob, done.stdout,
+                                              done.stderr, done.exception, done.start_time,
+                                              done.end_time)
+
+
 def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, results,
                        answered):
     """Reconnects to one node as the vanished program and collects what it holds of
@@ -4825,10 +4840,10 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
                 msgs = channel.recv()
             acks, replies = [], []
             for msg in msgs:
-                if msg[0] == 'RESULT' and msg[1] in wanted:
-                    result = Msg.RESULT.read(msg)
+                if msg[0] in ('RESULT', 'DONE') and msg[1] in wanted:
+                    where, result = _recovered_result(addr, msg)
                     waiting.discard((result.key, result.attempt))
-                    results[result.key] = (addr, result)
+                    results[result.key] = (where, result)
                     acks.append((result.key, result.attempt))
                 elif msg[0] == 'PULSE':
                     replies.append(Msg.PULSE(time.time()))
@@ -5906,14 +5921,11 @@ class RemoteScheduler:
     def _on_pulse(self, msg, _blob, _acks):
         pass
 
-    def _on_unexpected(self, msg, _blob, _acks):
-        logger.warning('dispyscheduler sent an unexpected message')
-
     handlers = {'NODE': _on_node, 'CLUSTER_READY': _on_cluster_ready, 'STATE': _on_state,
                 'DONE': _on_done, 'PROVISIONAL': _on_provisional,
                 'NODE_STATUS': _on_node_status, 'ALLOCATE': _on_allocate,
                 'OP_DONE': _on_op_done, 'PUT_FILE_DONE': _on_put_file_done,
-                'PULSE': _on_pulse, 'RESULT': _on_unexpected}
+                'PULSE': _on_pulse}
 
 
 class SharedJobCluster(JobCluster):

@@ -432,8 +432,8 @@ class RemoteCluster(dispy.ClusterHooks):
         if self.conn is not None and self.conn is not conn:
             self.conn.close('replaced by a new connection')
         self.conn, self.recovering, self.detached_at = conn, recovering, None
-        for key, (done, _ack) in self.results.items():
-            conn.send(done if not recovering else _as_result(done))
+        for done, _ack in self.results.values():
+            conn.send(done)
         if not recovering:
             for job in self.jobs.values():
                 if job.status == DispyJob.Running:
@@ -495,8 +495,7 @@ class RemoteCluster(dispy.ClusterHooks):
         self.results[key] = (done, job.ack)
         job.result = None
         if self.conn is not None:   # held for company only while more of its jobs run
-            self.conn.send(done if not self.recovering else _as_result(done),
-                           hold=bool(self.jobs))
+            self.conn.send(done, hold=bool(self.jobs))
 
     def node_changed(self, link, status):
         self.send(Msg.NODE_STATUS(status, dispy._NodeView.describe(link, self.key)))
@@ -525,13 +524,6 @@ class RemoteCluster(dispy.ClusterHooks):
             if receiver is not None:
                 receiver.close()
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _as_result(done):
-    """A DONE as the RESULT a node would send (recover_jobs reads those)."""
-    rec = Msg.DONE.read(done)
-    return Msg.RESULT(rec.key, 0, rec.status, rec.blob, rec.stdout, rec.stderr, rec.exception,
-                      rec.start_time, rec.end_time)
 
 
 # ================================================================================

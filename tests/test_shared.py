@@ -622,8 +622,8 @@ class RestartTest(unittest.TestCase):
         os.chdir(folder)
         self.addCleanup(os.chdir, cwd)
         jobs = dispy.recover_jobs('rec.dat', timeout=30)
-        self.assertEqual(sorted((j.id, j.status, j.result) for j in jobs),
-                         [(i + 1, DispyJob.Finished, i * 10) for i in range(4)])
+        self.assertEqual(sorted((j.id, j.status, j.result, j.ip_addr) for j in jobs),
+                         [(i + 1, DispyJob.Finished, i * 10, NODE_IP) for i in range(4)])
         self.assertFalse(os.path.exists('rec.dat'), 'every job accounted for: file removed')
 
 
