@@ -4185,19 +4185,19 @@ class ClientHub:
         self.thread = self.loop.thread
         self.loop.add_ticker(self._tick)
         if options.get('port') is not None:     # a program's clusters reach nodes
-            self._bind_discovery(options)
+            try:
+                self._bind_discovery(options)
+            except OSError:
+                self.closed = True      # never handed out (acquire holds its lock)
+                self.loop.stop()
+                raise
 
     def _bind_discovery(self, options):
         """The client's UDP port (a SharedJobCluster needs none: it only dials its
         scheduler, so it can run beside a dispyscheduler on 51347)."""
-        try:
-            self.discovery = self._bind_udp(
-                options['ip_addrs'], options['port'],
-                options.get('explicit_port') or bool(options.get('ext_ip_addrs')))
-        except OSError:
-            if self.discovery is None and not self.clusters:
-                self.shutdown()
-            raise
+        self.discovery = self._bind_udp(options['ip_addrs'], options['port'],
+                                        options.get('explicit_port')
+                                        or bool(options.get('ext_ip_addrs')))
         self.options = options
         self.port = self.client['udp_port'] = self.discovery.port
         self.loop.call_soon(self._register_udp)

@@ -338,10 +338,10 @@ class NodeProcessTest(unittest.TestCase):
 
     def test_sizes(self):
         import dispynode
-        self.assertEqual(dispynode.parse_size('10m'), 10 << 20)
-        self.assertEqual(dispynode.parse_size('512k'), 512 << 10)
-        self.assertEqual(dispynode.parse_size('2g'), 2 << 30)
-        self.assertEqual(dispynode.parse_size('0'), 0)
+        self.assertEqual(dispy.parse_size('10m'), 10 << 20)
+        self.assertEqual(dispy.parse_size('512k'), 512 << 10)
+        self.assertEqual(dispy.parse_size('2g'), 2 << 30)
+        self.assertEqual(dispy.parse_size('0'), 0)
 
     def test_port_in_use_is_a_clear_error(self):
         with NodeProcess('127.0.0.2') as node:
