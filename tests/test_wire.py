@@ -337,7 +337,6 @@ class NodeProcessTest(unittest.TestCase):
             self.assertIn(option, out)
 
     def test_sizes(self):
-        import dispynode
         self.assertEqual(dispy.parse_size('10m'), 10 << 20)
         self.assertEqual(dispy.parse_size('512k'), 512 << 10)
         self.assertEqual(dispy.parse_size('2g'), 2 << 30)
