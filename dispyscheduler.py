@@ -735,6 +735,10 @@ class ClientRouter:
         gone = now - cluster.detached_at
         if cluster.state != 'active' and gone > dispy.HANDSHAKE_TIMEOUT * 3:
             self.program.admission.close(cluster)      # never got going
+        elif not cluster.jobs and not cluster.results and gone > dispy.HANDSHAKE_TIMEOUT:
+            # nothing to run or keep for it (a program that only lost its connection is
+            # back long before; one that comes back later sets the cluster up again)
+            self.program.admission.close(cluster)
         elif gone > zombie_interval:
             if cluster.jobs:
                 logger.warning('program of cluster %s did not come back in %.1f minutes: '
