@@ -312,6 +312,38 @@ def stored_blob(blob):
     return [PARTED_MARK + _buffer_table(buffers), meta] + list(buffers)
 
 
+def checked_blob(blob):
+    """A JOB's arguments as received: bytes, or a parted blob (pickle, buffers...)
+    whose parts can go on as they are; anything else → ValueError."""
+    if isinstance(blob, (bytes, bytearray, memoryview)):
+        return blob         # a big one came out of band: a slice of the frame
+    if (type(blob) is not tuple or not blob
+            or not all(isinstance(p, (bytes, memoryview)) for p in blob)):
+        raise ValueError('malformed job arguments')
+    # a small part came in band as bytes; a memoryview is a slice of the frame
+    return tuple(p if isinstance(p, bytes) or len(p) >= OOB_MIN else bytes(p) for p in blob)
+
+
+def checked_job_options(options):
+    """A JOB's options as received (None, or a dict of ``timeout`` seconds,
+    ``depends``: a job's own dependencies, ``node``: the address submit_node chose);
+    anything else → ValueError."""
+    if options is None:
+        return None
+    if not isinstance(options, dict) or not set(options) <= {'timeout', 'depends', 'node'}:
+        raise ValueError('malformed job options')
+    timeout = options.get('timeout')
+    if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
+        raise ValueError('malformed job timeout %r' % (timeout,))
+    depends = options.get('depends')
+    if depends is not None and (not isinstance(depends, dict)
+                                or not isinstance(depends.get('files', []), list)):
+        raise ValueError('malformed dispy_job_depends')
+    if not isinstance(options.get('node', ''), str):
+        raise ValueError('malformed job node')
+    return options
+
+
 def loads_blob(blob):
     """The object of a blob: bytes, a parted blob, or a stored parted blob."""
     if type(blob) is tuple:
@@ -3281,16 +3313,19 @@ class NodePool:
         logger.warning(msg)
 
     # -- the end -------------------------------------------------------------------------------
-    def close(self, grace=5.0):
-        """Releases every node: RELEASE, then the connection closes once flushed."""
+    def close(self, grace=5.0, release=True):
+        """Releases every node: RELEASE, then the connection closes once flushed.
+        Without ``release`` the nodes keep what they run for us (a dispyscheduler
+        that stops and starts again finds it)."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
             conns = [link.conn for link in self.links.values() if link.conn is not None]
         for conn in conns:
-            conn.send(Msg.RELEASE())
-            conn.close('released', flush=True)
+            if release:
+                conn.send(Msg.RELEASE())
+            conn.close('released' if release else 'client stopping', flush=True)
         deadline = time.monotonic() + grace
         for conn in conns:      # bounded: a node that takes nothing cannot hold us
             conn.wait_closed(deadline - time.monotonic())
@@ -3763,9 +3798,9 @@ class Scheduler(_NodeMessages, _NodeControl):
     def has_clusters(self):
         return bool(self.queues)
 
-    def close(self):
+    def close(self, release=True):
         """Releases the nodes (the host's last cluster of this pool closed)."""
-        self.pool.close()
+        self.pool.close(release=release)
 
     # -- jobs ------------------------------------------------------------------------------
     def submit(self, job):
@@ -4290,7 +4325,7 @@ class ClientHub:
         if last:
             self.shutdown()
 
-    def shutdown(self):
+    def shutdown(self, release=True):
         """Releases every node and stops the hub (the last cluster closed)."""
         with ClientHub._current_lock:
             if ClientHub._current is self:
@@ -4302,7 +4337,7 @@ class ClientHub:
             schedulers = list(self.schedulers.values())
             notifiers = list(self.notifiers.values())
         for scheduler in schedulers:
-            scheduler.close()
+            scheduler.close(release)
         for notifier in notifiers:
             notifier.stop()        # after the calls already queued
         self.loop.stop()
@@ -5507,6 +5542,8 @@ class RemoteScheduler:
         self.closing = False
         self.error = None           # why the scheduler refused the cluster
         self.replies = {}           # token -> answer of NODE_OP / PUT_FILE
+        self.cancels = set()        # keys of jobs cancelled that have not ended yet
+        self.failures = 0           # dials failed before the scheduler ever answered
         self.tokens = itertools.count(1)
         self.nodes = {}             # address -> _NodeView
         self.retry = 0
@@ -5529,12 +5566,35 @@ class RemoteScheduler:
     def remove_cluster(self, cluster, grace=5.0):
         with self.lock:
             self.closing = True
-            conn = self.conn
+            conn = self.conn if self.ready else None
         self.loop.remove_ticker(self._tick)
         if conn is not None:
             conn.send(Msg.RELEASE())
             conn.close('cluster closed', flush=True)
             conn.wait_closed(grace)
+        elif self.number is not None and self.error is None:
+            self._release_by_dial(min(grace, MsgTimeout))
+
+    def _release_by_dial(self, timeout):
+        """The scheduler has the cluster but no connection now: one short dial to say
+        it is closed (else its jobs would run on there for --zombie_interval)."""
+        try:
+            sock = socket.create_connection((self.addr, self.port), timeout=timeout)
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=False)
+            channel = handshake(sock, self.secret, True, {'role': 'client'}, timeout=timeout)
+            try:
+                channel.send([Msg.CLIENT(dict(self.hub.client, cluster=self.uid,
+                                              number=self.number))])
+                channel.sock.settimeout(timeout)
+                channel.recv()
+                channel.send([Msg.RELEASE()])
+            finally:
+                channel.close()
+        except (OSError, ProtocolError) as exc:
+            logger.warning('cluster %s closed while dispyscheduler %s:%s is unreachable '
+                           '(%s): it ends there after --zombie_interval', self.cluster.name,
+                           self.addr, self.port, exc)
 
     def close(self):
         with self.lock:
@@ -5561,12 +5621,19 @@ class RemoteScheduler:
         return job
 
     def _send_job(self, job):
-        """To the scheduler (lock held); ``_attempt`` 1: it has the job."""
+        """To the scheduler (lock held); ``_attempt`` 1: sent at least once."""
+        conn = self.conn
+        if conn is None:
+            return
+        if blob_size(job._blob) > conn.channel.peer_max_frame - 65536:
+            self._end_job(job, DispyJob.Terminated, exception=(
+                'arguments of %d bytes exceed dispyscheduler\'s frame limit of %d bytes '
+                '(its --max_frame_size)' % (blob_size(job._blob), conn.channel.peer_max_frame)))
+            return
         options = dict(job._options or {})
         if job._pin is not None:
             options['node'] = job._pin
-        if self.conn is not None and self.conn.send(Msg.JOB(job._key, 0, 0, job._blob,
-                                                            options or None)):
+        if conn.send(Msg.JOB(job._key, 0, 0, job._blob, options or None)):
             job._attempt = 1
             job._cluster.job_dispatched(job, self.view)
 
@@ -5576,7 +5643,9 @@ class RemoteScheduler:
                 return -1
             if job._attempt == 0:       # the scheduler never had it
                 self._end_job(job, DispyJob.Cancelled, exception=reason)
-            elif self.conn is not None:
+                return 0
+            self.cancels.add(job._key)  # sent again after a reconnect until the job ends
+            if self.conn is not None and self.ready:
                 self.conn.send(Msg.CANCEL(job._key, 0))
             return 0
 
@@ -5602,6 +5671,7 @@ class RemoteScheduler:
         if job.status in FINAL_STATUSES:
             return
         self.jobs.pop(job._key, None)
+        self.cancels.discard(job._key)
         job.status, job.result = status, result
         job.stdout, job.stderr, job.exception = stdout, stderr, exception
         job.end_time = end_time or time.time()
@@ -5698,7 +5768,10 @@ class RemoteScheduler:
     def _dial_failed(self, exc):
         with self.lock:
             self.dialing = False
-            if isinstance(exc, ProtocolError) and self.number is None:
+            self.failures += self.number is None
+            final = isinstance(exc, (AuthError, VersionError, ssl.SSLError)) or (
+                isinstance(exc, ProtocolError) and self.failures >= self.REFUSALS)
+            if final and self.number is None:
                 # never got in: a wrong secret or TLS file, or not a dispyscheduler there
                 self._refused('dispyscheduler %s:%s refused the connection: %s%s' % (
                     self.addr, self.port, exc, ' (the cluster\'s secret must be the '
@@ -5717,6 +5790,8 @@ class RemoteScheduler:
         for job in list(self.jobs.values()):
             self._end_job(job, DispyJob.Terminated, exception=text)
         self.cond.notify_all()
+
+    REFUSALS = 5    # handshakes that fail before the first answer: the cluster cannot run
 
     def _redial_later(self, text, exc=None):
         self.next_dial = time.monotonic() + SCHEDULER_REDIAL[min(self.retry,
@@ -5793,6 +5868,10 @@ class RemoteScheduler:
             logger.warning('connected to dispyscheduler %s:%s again', self.addr, self.port)
             self.warned = False
         self.number = info.get('number', self.number)
+        received = info.get('received') if info.get('known') else 0
+        for job in self.jobs.values():  # lost with a connection, or with the scheduler
+            if type(received) is not int or job._key > received:
+                job._attempt = 0
         try:
             self.pulse_interval = float(info.get('pulse_interval') or DEFAULT_PULSE_INTERVAL)
         except (TypeError, ValueError):
@@ -5800,8 +5879,6 @@ class RemoteScheduler:
         if info.get('known'):       # it kept the cluster: what it never got follows
             self._cluster_ready()
             return
-        for job in self.jobs.values():  # a scheduler that restarted: every open job again
-            job._attempt = 0
         self.threads.submit(self._send_cluster, self.conn)
 
     def _send_cluster(self, conn):
@@ -5834,7 +5911,9 @@ class RemoteScheduler:
         scheduler must ask this program (a subclass's own ``allocate``), its index
         here, and which of the cluster's specs its nodes get."""
         custom = type(alloc).allocate is not NodeAllocate.allocate
-        return [alloc.host, alloc.port, alloc.cpus, custom,
+        port = alloc.port if (cluster._explicit_node_port
+                              or alloc.port != cluster._options['node_port']) else None
+        return [alloc.host, port, alloc.cpus, custom,
                 cluster.allocations.index(alloc) if alloc in cluster.allocations else -1,
                 spec]
 
@@ -5847,9 +5926,11 @@ class RemoteScheduler:
 
     def _cluster_ready(self):
         self.ready = True
-        for job in sorted(self.jobs.values()):
+        for job in sorted(self.jobs.values()):     # in key order (see _on_node)
             if job._attempt == 0:
                 self._send_job(job)
+        for key in self.cancels:
+            self.conn.send(Msg.CANCEL(key, 0))
         self.cond.notify_all()
 
     def _on_state(self, msg, _blob, _acks):
@@ -5962,7 +6043,8 @@ class SharedJobCluster(JobCluster):
             raise ValueError('scheduler_node %r is not a usable address or host name' % host)
         self._scheduler_port = int(_env_default(scheduler_port, 'DISPY_SCHEDULER_PORT',
                                                 SCHEDULER_PORT, int))
-        self._shared_node_port = node_port
+        self._explicit_node_port = (node_port is not None
+                                    or bool(os.environ.get('DISPY_NODE_PORT')))
         JobCluster.__init__(self, computation, nodes=nodes, depends=depends,
                             callback=callback, cluster_status=cluster_status,
                             node_port=node_port, dest_path=dest_path,

@@ -1145,19 +1145,6 @@ class RecoveryHandler:
             self.router.recoveries.discard(self)
 
 
-def _job_blob(blob):
-    """A JOB's arguments as received: bytes, or a parted blob (pickle, buffers...)
-    whose parts can go on to the worker as they are; anything else → ValueError."""
-    if isinstance(blob, (bytes, bytearray, memoryview)):
-        return blob         # a big one came out of band: a slice of the frame
-    if (type(blob) is not tuple or not blob
-            or not all(isinstance(p, (bytes, memoryview)) for p in blob)):
-        raise ValueError('malformed job arguments')
-    # a small part came in band as bytes; a memoryview is a slice of the frame
-    return tuple(p if isinstance(p, bytes) or len(p) >= dispy.OOB_MIN else bytes(p)
-                 for p in blob)
-
-
 def acked_jobs(msg):
     """The (key, attempt) pairs of an ACK; malformed → ValueError."""
     jobs = msg.jobs
@@ -1713,7 +1700,8 @@ class NodeServer:
     def _on_job(self, session, msg):
         key, ckey, attempt, blob, options = msg
         try:
-            blob = _job_blob(blob)
+            blob = dispy.checked_blob(blob)
+            options = dispy.checked_job_options(options)
         except ValueError as exc:
             self._finish(session, None, Msg.result(key, attempt, DispyJob.Terminated,
                                                    'Terminated: %s' % exc))

@@ -37,6 +37,7 @@ until every running cluster has closed, then run alone (``ClusterAdmission``).
 
 import argparse
 import collections
+import fcntl
 import itertools
 import json
 import os
@@ -56,8 +57,10 @@ __version__ = dispy.__version__
 
 SCHEDULER_PORT = dispy.SCHEDULER_PORT
 KEY_BITS = 40                   # a program's job key below, the cluster's number above
+KEY_MASK = (1 << KEY_BITS) - 1
 ALLOCATE_TIMEOUT = 30.0         # seconds a program has to answer ALLOCATE
 RETURN_GRACE = 3.0              # a restarted scheduler waits this long for its nodes
+RETURN_WINDOW = 120.0           # ... and takes their jobs of before it for this long
 MAX_ORPHANS = 100000            # jobs of clusters not (yet) back after a restart
 
 
@@ -153,15 +156,37 @@ class SharedScheduler(dispy.Scheduler):
         return best
 
     # -- jobs of a scheduler that restarted ---------------------------------------------------
+    def cluster_of(self, key):
+        """The cluster a node's job key belongs to, if it is here (set by the program)."""
+        return None
+
     def _unknown_job(self, link, key, attempt):
-        if len(self.orphans) < MAX_ORPHANS:
+        cluster = self.cluster_of(key)
+        if cluster is not None and not cluster.returning:
+            link.send(Msg.CANCEL(key, attempt))     # superseded, or cancelled meanwhile
+            return
+        job = cluster.jobs.get(key & KEY_MASK) if cluster is not None else None
+        if job is not None and job._node is None and self._unqueue(job):
+            self._take_over(job, link, attempt)     # queued again after a restart: no rerun
+        elif job is not None or len(self.orphans) >= MAX_ORPHANS:
+            link.send(Msg.CANCEL(key, attempt))     # it runs elsewhere already
+        else:       # a cluster of before a restart, that may come back for it
             self.orphans[key] = (link, attempt, time.monotonic())
-        else:
-            link.send(Msg.CANCEL(key, attempt))
 
     def _unknown_result(self, link, msg, loaded):
-        job = link.jobs.get(msg.key)
-        if job is not None or len(self.orphan_results) >= MAX_ORPHANS:
+        cluster = self.cluster_of(msg.key)
+        job = cluster.jobs.get(msg.key & KEY_MASK) if cluster is not None else None
+        if job is not None and cluster.returning and job.status not in dispy.FINAL_STATUSES:
+            # a result of before the restart, for a job submitted again since: it counts
+            if job._node is not None:
+                job._node.cancels.add((job._key, job._attempt))
+                job._node.send(Msg.CANCEL(job._key, job._attempt))
+            else:
+                self._unqueue(job)
+            self._end_with(job, link, msg)
+            return
+        if (link.jobs.get(msg.key) is not None or cluster is not None
+                or len(self.orphan_results) >= MAX_ORPHANS):
             link.acks.append((msg.key, msg.attempt))    # a stale attempt
             return
         self.orphans.pop(msg.key, None)
@@ -173,13 +198,7 @@ class SharedScheduler(dispy.Scheduler):
         key = job._key
         kept = self.orphan_results.pop(key, None)
         if kept is not None:
-            link, msg, _ = kept
-            job.ack = (link, msg.key, msg.attempt)
-            job._attempt = msg.attempt
-            job.ip_addr = link.ip_addr
-            job.start_time = msg.start_time
-            self._end_job(job, msg.status, msg.blob, msg.stdout, msg.stderr, msg.exception,
-                          msg.end_time)
+            self._end_with(job, kept[0], kept[1])
             return True
         held = self.orphans.pop(key, None)
         if held is None:
@@ -187,12 +206,32 @@ class SharedScheduler(dispy.Scheduler):
         link, attempt, _ = held
         if link.conn is None or not link.ready:
             return False
+        self._take_over(job, link, attempt)
+        return True
+
+    def _end_with(self, job, link, msg):
+        """The job ends with a result its node kept from before a restart."""
+        job.ack = (link, msg.key, msg.attempt)
+        job.ip_addr = link.ip_addr
+        job.start_time = msg.start_time
+        self._end_job(job, msg.status, msg.blob, msg.stdout, msg.stderr, msg.exception,
+                      msg.end_time)
+
+    def _take_over(self, job, link, attempt):
+        """The job is the one its node runs since before a restart."""
         job._attempt = attempt
         job._node = link
         job.ip_addr = link.ip_addr
-        link.jobs[key] = job
+        link.jobs[job._key] = job
         link.in_flight[job._cluster.key] += 1
-        return True
+
+    def _unqueue(self, job):
+        queue = self.queues.get(job._cluster.key)
+        try:
+            queue.pending.remove(job)
+            return True
+        except (AttributeError, ValueError):
+            return False
 
     def expire_orphans(self, age):
         """Orphans no cluster came back for within ``age`` seconds: cancelled, their
@@ -242,14 +281,16 @@ class RemoteCluster(dispy.ClusterHooks):
         self.files = []
         self.folder = os.path.join(program.config.dest_path_prefix, 'cluster-%d' % number)
         self.receiver = None        # its files (FileReceiver)
-        self.put_receiver = None    # files of cluster.send_file on their way to a node
+        self.put_receivers = {}     # node -> FileReceiver of send_file files on their way
         self.jobs = {}              # program's key -> SharedJob not ended
         self.held = []              # jobs that came before the cluster's turn
         self.results = {}           # program's key -> DONE, until the program's ACK
         self.starts = {}            # program's key -> job whose STATE Running is due
         self.replies = {}           # token -> cpus (ALLOCATED)
+        self.awaited = set()        # tokens of ALLOCATEs waiting for their answer
         self.tokens = itertools.count(1)
         self.returning = False      # it existed before this scheduler restarted
+        self.received = 0           # the program's highest job key received
 
     def __repr__(self):
         return '<RemoteCluster %s %s>' % (self.key, self.name)
@@ -297,6 +338,14 @@ class RemoteCluster(dispy.ClusterHooks):
         alloc.spec = int(spec) if 0 <= int(spec) < len(self.specs) else 0
         return alloc
 
+    def restart_upload(self):
+        """The connection dropped before the cluster and its files were all here."""
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.state = 'new'
+
     def on_file(self, msg):
         """A chunk of the computation's files (no lock: a disk write)."""
         if self.state != 'files' or msg.name not in self.files:
@@ -315,17 +364,31 @@ class RemoteCluster(dispy.ClusterHooks):
         key = msg.key
         if type(key) is not int or not 0 < key < 1 << KEY_BITS:
             raise dispy.ProtocolError('malformed job key')
+        self.received = max(self.received, key)     # jobs come in key order
         if key in self.jobs or key in self.results:
             return      # sent again after a reconnect: it has it already
-        options = msg.options if isinstance(msg.options, dict) else None
-        pin = options.pop('node', None) if options else None
-        job = SharedJob(self, key, msg.blob, pin if isinstance(pin, str) else None,
-                        options or None)
+        try:
+            blob = dispy.checked_blob(msg.blob)
+            options = dict(dispy.checked_job_options(msg.options) or {})
+            if dispy.blob_size(blob) > self.program.config.max_frame - 65536:
+                raise ValueError('arguments of %d bytes exceed the scheduler\'s frame limit '
+                                 '(--max_frame_size)' % dispy.blob_size(blob))
+        except ValueError as exc:   # the job ends here, with the reason
+            self._end_unrun(key, 'Terminated: %s' % exc)
+            return
+        pin = options.pop('node', None)
+        job = SharedJob(self, key, blob, pin, options or None)
         self.jobs[key] = job
         if self.state == 'active':
             self._submit(job)
         else:
             self.held.append(job)
+
+    def _end_unrun(self, key, text):
+        done = Msg.DONE(key, None, DispyJob.Terminated, None, None, None, text, None,
+                        time.time())
+        self.results[key] = (done, None)
+        self.send(done)
 
     def _submit(self, job):
         if not self.scheduler.adopt(job):
@@ -390,18 +453,25 @@ class RemoteCluster(dispy.ClusterHooks):
                 value = 0
         except (TypeError, ValueError) as exc:
             logger.warning('cluster %s: malformed %s request: %s', self.name, op, exc)
+        except Exception:
+            logger.exception('cluster %s: %s failed', self.name, op)
         conn.send(Msg.OP_DONE(token, value))
 
     def on_put_file(self, msg):
         """A chunk of ``cluster.send_file`` for a node: kept here, then sent on."""
         node = msg.cluster
-        if self.put_receiver is None:
-            folder = os.path.join(self.folder, 'put')
+        if not isinstance(node, str):
+            raise dispy.ProtocolError('malformed node of send_file')
+        receiver = self.put_receivers.get(node)
+        if receiver is None:
+            if len(self.put_receivers) >= 64:
+                raise dispy.ProtocolError('too many send_file transfers at once')
+            folder = os.path.join(self.folder, 'put-%d' % len(self.put_receivers))
             os.makedirs(folder, mode=0o700, exist_ok=True)
-            self.put_receiver = dispy.FileReceiver(folder, self.program.config.max_file_size)
+            receiver = self.put_receivers[node] = dispy.FileReceiver(
+                folder, self.program.config.max_file_size)
         try:
-            path = self.put_receiver.chunk(msg.name, msg.mode, msg.offset, msg.data, msg.last,
-                                  source=node)
+            path = receiver.chunk(msg.name, msg.mode, msg.offset, msg.data, msg.last)
         except (ValueError, OSError) as exc:
             self.send(Msg.PUT_FILE_DONE(node, msg.name, str(exc)))
             return
@@ -422,8 +492,9 @@ class RemoteCluster(dispy.ClusterHooks):
         conn.send(Msg.PUT_FILE_DONE(node, name, error))
 
     def on_allocated(self, msg):
-        self.replies[msg.token] = msg.cpus
-        self.scheduler.cond.notify_all()
+        if msg.token in self.awaited:       # a late or made-up answer is dropped
+            self.replies[msg.token] = msg.cpus
+            self.scheduler.cond.notify_all()
 
     # -- the program comes and goes ---------------------------------------------------------------
     def attach(self, conn, recovering=False):
@@ -432,13 +503,29 @@ class RemoteCluster(dispy.ClusterHooks):
         if self.conn is not None and self.conn is not conn:
             self.conn.close('replaced by a new connection')
         self.conn, self.recovering, self.detached_at = conn, recovering, None
-        for done, _ack in self.results.values():
-            conn.send(done)
+        for key, (done, ack) in list(self.results.items()):
+            self.results[key] = (self._within_limit(done), ack)
+            conn.send(self.results[key][0])
         if not recovering:
             for job in self.jobs.values():
                 if job.status == DispyJob.Running:
                     conn.send(Msg.STATE(job.client_key, DispyJob.Running, job.ip_addr,
                                         job.start_time))
+            if self.state == 'active':      # nodes its allocate() could not answer for
+                self.scheduler.add_allocations(self, [])
+
+    def _within_limit(self, done):
+        """A DONE the program's frame limit admits: one whose result is too big for it
+        is Terminated instead, saying so (the node keeps nothing of it then)."""
+        conn = self.conn
+        size = dispy.blob_size(done[4]) if done[4] is not None else 0
+        if conn is None or size <= conn.channel.peer_max_frame - 65536:
+            return done
+        rec = Msg.DONE.read(done)
+        return Msg.DONE(rec.key, rec.ip, DispyJob.Terminated, None, rec.stdout, rec.stderr,
+                        'Terminated: its result of %d bytes exceeds the program\'s frame '
+                        'limit (max_frame_size) of %d' % (size, conn.channel.peer_max_frame),
+                        rec.start_time, rec.end_time)
 
     def detach(self):
         self.conn = None
@@ -457,7 +544,9 @@ class RemoteCluster(dispy.ClusterHooks):
                 return 0        # the program is away: no answer, no node
             conn.send(Msg.ALLOCATE(token, alloc.index, dispy._NodeView.describe(link,
                                                                                  self.key)))
+            self.awaited.add(token)
             self.scheduler.cond.wait_for(lambda: token in self.replies, ALLOCATE_TIMEOUT)
+            self.awaited.discard(token)
             cpus = self.replies.pop(token, 0)
         return int(cpus) if isinstance(cpus, int) else 0
 
@@ -489,9 +578,9 @@ class RemoteCluster(dispy.ClusterHooks):
         self.starts.pop(key, None)
         if job.ack is None and link is not None and self.state != 'closed':
             job.ack = (link, job._key, job._attempt)    # acknowledged once the program has it
-        done = Msg.DONE(key, link.ip_addr if link is not None else job.ip_addr, job.status,
-                        job.result, job.stdout, job.stderr, job.exception, job.start_time,
-                        job.end_time)
+        done = self._within_limit(Msg.DONE(
+            key, link.ip_addr if link is not None else job.ip_addr, job.status, job.result,
+            job.stdout, job.stderr, job.exception, job.start_time, job.end_time))
         self.results[key] = (done, job.ack)
         job.result = None
         if self.conn is not None:   # held for company only while more of its jobs run
@@ -520,7 +609,7 @@ class RemoteCluster(dispy.ClusterHooks):
             if ack is not None:
                 ack[0].send(Msg.ACK([(ack[1], ack[2])]))
         self.results.clear()
-        for receiver in (self.receiver, self.put_receiver):
+        for receiver in [self.receiver] + list(self.put_receivers.values()):
             if receiver is not None:
                 receiver.close()
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -546,6 +635,8 @@ class ClusterAdmission:
 
     def close(self, cluster):
         """The cluster is done (lock held): the next ones may enter."""
+        if cluster.state == 'closed':
+            return
         if cluster in self.waiting:
             self.waiting.remove(cluster)
         if cluster in self.active:
@@ -608,14 +699,17 @@ class ClientRouter:
             if not isinstance(uid, str) or not uid:
                 raise dispy.ProtocolError('CLIENT names no cluster')
             cluster = self.clusters.get(uid)
-            known = cluster is not None and cluster.state != 'closed'
-            if not known:
+            known = cluster is not None and cluster.state in ('waiting', 'active')
+            if cluster is not None and cluster.state in ('new', 'files'):
+                cluster.restart_upload()    # cut off while it came: it comes again
+            elif not known:
                 cluster = self._new_cluster(uid, client_id, info.get('number'), addr[0])
             self.by_conn[conn] = [cluster]
             conn.start()
             conn.send(Msg.NODE({'scheduler': program.name, 'known': known,
                                 'number': cluster.key, 'instance': program.instance,
-                                'pulse_interval': program.config.pulse_interval}))
+                                'pulse_interval': program.config.pulse_interval,
+                                'received': cluster.received}))
             cluster.attach(conn)
         logger.info('%s cluster %s of %s (%s)', 'resumed' if known else 'new', cluster.key,
                     addr[0], info.get('name', ''))
@@ -645,8 +739,17 @@ class ClientRouter:
         for cluster in mine:
             cluster.attach(conn, recovering=True)
 
+    def cluster_of(self, key):
+        """The cluster here whose number a node's job key carries (lock held)."""
+        number = key >> KEY_BITS if type(key) is int else None
+        for cluster in self.clusters.values():
+            if cluster.key == number and cluster.state != 'closed':
+                return cluster
+        return None
+
     def forget(self, cluster):
-        self.clusters.pop(cluster.uid, None)
+        if self.clusters.get(cluster.uid) is cluster:
+            del self.clusters[cluster.uid]
 
     # -- messages (loop thread; FILE and PUT_FILE on the connection's strand) ---------------------
     def on_messages(self, conn, msgs):
@@ -715,9 +818,11 @@ class ClientRouter:
         config = self.program.config
         with self.lock:
             for cluster in list(self.clusters.values()):
+                if cluster.returning and now - self.program.started > RETURN_WINDOW:
+                    cluster.returning = False   # what its nodes kept has come back by now
                 if cluster.conn is None and cluster.detached_at is not None:
                     self._tick_detached(cluster, now, config.zombie_interval)
-                elif cluster.conn is not None and not cluster.recovering:
+                elif cluster.conn is not None:
                     self._keep_alive(cluster, now)
             if now >= self.program.next_expiry:
                 self.program.next_expiry = now + 5.0
@@ -778,6 +883,7 @@ class DispyScheduler:
         self.node_allocations = dispy._node_allocations(config.nodes or ['*'],
                                                         config.node_port)
         self.scheduler.wants_node = self._wants_node
+        self.scheduler.cluster_of = self.router.cluster_of
         self.next_expiry = 0.0
         self.hub.loop.add_ticker(self._tick)
 
@@ -846,9 +952,11 @@ class DispyScheduler:
         return '\n'.join(lines)
 
     def shutdown(self):
+        """Stops; the nodes keep running what they have for it (not released), so a
+        scheduler started again on the same folder goes on with it."""
         for listener in self.listeners:
             listener.close()
-        self.hub.shutdown()
+        self.hub.shutdown(release=False)
 
 
 # ================================================================================
@@ -948,12 +1056,32 @@ def configure(argv=None):
 
 
 def _prepare_folder(config):
-    if config.clean:
-        shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
+    """The scheduler's folder, locked for this process (two schedulers on one folder
+    would share an identity towards the nodes); returns the open lock file."""
     os.makedirs(config.dest_path_prefix, mode=0o700, exist_ok=True)
+    lock = open(os.path.join(config.dest_path_prefix, 'scheduler.lock'), 'a+')
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        raise SystemExit('dispyscheduler: another dispyscheduler (pid %s) uses %s; give this '
+                         'one its own --dest_path_prefix' % (lock.read().strip() or '?',
+                                                             config.dest_path_prefix))
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    if config.clean:
+        for name in os.listdir(config.dest_path_prefix):
+            if name != 'scheduler.lock':
+                path = os.path.join(config.dest_path_prefix, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
     for name in os.listdir(config.dest_path_prefix):     # files of an earlier run's clusters
         if name.startswith('cluster-'):
             shutil.rmtree(os.path.join(config.dest_path_prefix, name), ignore_errors=True)
+    return lock
 
 
 def _read_commands(program, stop):
@@ -975,7 +1103,7 @@ def main(argv=None):
     dispy.MsgTimeout = config.msg_timeout
     if config.httpd:
         logger.warning('--httpd: the web monitor is not available yet; going on without it')
-    _prepare_folder(config)
+    lock = _prepare_folder(config)   # held until the process ends
     program = DispyScheduler(config)
     program.start()
     stop = threading.Event()
@@ -991,6 +1119,7 @@ def main(argv=None):
         pass
     logger.info('dispyscheduler stopping')
     program.shutdown()
+    lock.close()
 
 
 if __name__ == '__main__':
