@@ -110,6 +110,8 @@ class NodeProcess:
 
     def start(self):
         cmd = self._command()
+        if self.proc is not None and self.proc.stdin:      # started again after it ended
+            self.proc.stdin.close()
         for f in (self._stdout, self._stderr):      # started again after kill()
             if f:
                 f.close()
@@ -142,6 +144,8 @@ class NodeProcess:
         """SIGKILL, its folder kept (``start()`` again restarts it on it)."""
         if self.proc is not None and self.proc.poll() is None:
             self._kill_leftovers()
+        if self.proc is not None and self.proc.stdin:
+            self.proc.stdin.close()
 
     def command(self, text):
         """Writes a line to the node's stdin (status, quit, terminate)."""

@@ -25,6 +25,7 @@ import functools
 import io
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import textwrap
@@ -512,6 +513,32 @@ class SharedFaultTest(SchedulerTestCase):
         cluster = self.cluster(where, secret='right')
         self.assertEqual(self.finished(cluster.submit(3))[0], 3)
 
+    def test_bad_job_options_and_arguments_end_that_job_only(self):
+        """A JOB whose options or arguments are malformed ends Terminated at once (it
+        holds no slot on a node); the cluster's other jobs run."""
+        cluster = self.cluster(where, secret='right')
+        self.assertEqual(self.finished(cluster.submit(0))[0], 0)     # nodes set up
+        conn = cluster._scheduler.conn
+        with cluster._scheduler.lock:
+            conn.send(dispy.Msg.JOB(10 ** 6, 0, 0, b'not a pickle', {'timeout': 'x'}))
+            conn.send(dispy.Msg.JOB(10 ** 6 + 1, 0, 0, None, None))
+        replies = []
+        original = dispy.RemoteScheduler._on_done
+
+        def spy(scheduler, msg, loaded, acks):
+            replies.append(msg)
+            return original(scheduler, msg, loaded, acks)
+        dispy.RemoteScheduler.handlers['DONE'] = spy
+        self.addCleanup(dispy.RemoteScheduler.handlers.__setitem__, 'DONE', original)
+        self.assertTrue(support.wait_until(
+            lambda: {m.key for m in replies} >= {10 ** 6, 10 ** 6 + 1}, T))
+        for msg in replies:
+            if msg.key >= 10 ** 6:
+                self.assertEqual(msg.status, DispyJob.Terminated)
+                self.assertIn('malformed', msg.exception)
+        jobs = [cluster.submit(i) for i in range(1, 20)]
+        self.assertEqual([self.finished(j)[0] for j in jobs], list(range(1, 20)))
+
     def test_setup_failing_everywhere_is_reported(self):
         folder = self.tmpdir()
         script = os.path.join(folder, 'client.py')
@@ -594,6 +621,24 @@ class RestartTest(unittest.TestCase):
         self.assertEqual(sorted(results), list(range(6)))
         ran = support.read_file(log).split()
         self.assertEqual(sorted(map(int, ran)), list(range(6)), 'a job ran twice or never')
+        self.assertTrue(cluster.close(timeout=T))
+
+    def test_stopped_scheduler_leaves_the_nodes_running_its_jobs(self):
+        """SIGTERM (a service stop) does not release the nodes: started again, the
+        scheduler goes on with the jobs they ran meanwhile, none run twice."""
+        cluster = dispy.SharedJobCluster(logged_nap, nodes=[NODE_IP], scheduler_node=SCHED_IP,
+                                         scheduler_port=self.sched.port, recover_file=False)
+        self.addCleanup(support.close_now, cluster)
+        log = os.path.join(self.node.dir, 'ran.log')
+        jobs = [cluster.submit(i, 1.0, log) for i in range(4)]
+        self.assertTrue(support.wait_until(lambda: sum(j.status == DispyJob.Running
+                                                       for j in jobs) >= 2, T))
+        self.sched.signal(signal.SIGTERM)
+        self.sched.wait(T)
+        self.sched.start()
+        self.assertEqual(sorted(j(timeout=60) for j in jobs), list(range(4)),
+                         [(j.status, j.exception) for j in jobs])
+        self.assertEqual(sorted(map(int, support.read_file(log).split())), list(range(4)))
         self.assertTrue(cluster.close(timeout=T))
 
     def test_client_killed_then_recover_jobs(self):
