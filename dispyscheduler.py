@@ -185,6 +185,8 @@ class SharedScheduler(dispy.Scheduler):
                 self._unqueue(job)
             self._end_with(job, link, msg)
             return
+        if cluster is not None and (msg.key & KEY_MASK) in cluster.results:
+            return      # sent again after a reconnect: acknowledged once the program has it
         if (link.jobs.get(msg.key) is not None or cluster is not None
                 or len(self.orphan_results) >= MAX_ORPHANS):
             link.acks.append((msg.key, msg.attempt))    # a stale attempt
@@ -224,6 +226,8 @@ class SharedScheduler(dispy.Scheduler):
         job.ip_addr = link.ip_addr
         link.jobs[job._key] = job
         link.in_flight[job._cluster.key] += 1
+        job.status = DispyJob.Running       # as far as anyone can tell: its program hears so
+        job._cluster.job_changed(job, DispyJob.Running)
 
     def _unqueue(self, job):
         queue = self.queues.get(job._cluster.key)
