@@ -100,6 +100,7 @@ class SharedScheduler(dispy.Scheduler):
         self.policy = 'oldest_job'
         self.served = itertools.count(1)
         self.orphans = {}           # node key -> (link, attempt, since): running there
+        self.kept = {}              # link -> computations it said it has when it came
         self.orphan_results = {}    # node key -> (link, RESULT record, since)
 
     def load_blob(self, msg):
@@ -114,6 +115,8 @@ class SharedScheduler(dispy.Scheduler):
 
     def node_ready(self, link, restarted, info):
         link.shared = True
+        kept = info.get('computations', ())
+        self.kept[link] = {k for k in kept if type(k) is int} if isinstance(kept, list) else set()
         super().node_ready(link, restarted, info)
 
     # -- which cluster's job goes next -------------------------------------------------------
@@ -237,10 +240,16 @@ class SharedScheduler(dispy.Scheduler):
         except (AttributeError, ValueError):
             return False
 
-    def expire_orphans(self, age):
+    def expire_orphans(self, age, closing_time):
         """Orphans no cluster came back for within ``age`` seconds: cancelled, their
-        results acknowledged (lock held)."""
+        results acknowledged; with ``closing_time``, computations nodes kept for
+        clusters not here are closed (lock held)."""
         now = time.monotonic()
+        for link, kept in list(self.kept.items()) if closing_time else ():
+            for ckey in kept:
+                if ckey not in self.queues and self.cluster_of(ckey << KEY_BITS) is None:
+                    link.send(Msg.CLOSE_COMPUTE(ckey))
+            del self.kept[link]
         for key, (link, attempt, since) in list(self.orphans.items()):
             if now - since > age:
                 del self.orphans[key]
@@ -830,7 +839,9 @@ class ClientRouter:
                     self._keep_alive(cluster, now)
             if now >= self.program.next_expiry:
                 self.program.next_expiry = now + 5.0
-                self.program.scheduler.expire_orphans(max(config.zombie_interval, 60.0))
+                self.program.scheduler.expire_orphans(
+                    max(config.zombie_interval, 60.0),
+                    now - self.program.started > RETURN_WINDOW)
 
     def _keep_alive(self, cluster, now):
         conn = cluster.conn
