@@ -3,8 +3,9 @@
 
 This module is both the client API (``JobCluster``, ``DispyJob``, ...) and the core that
 every program of the project shares: the wire format and message catalog, the I/O loop,
-the node pool and the job scheduler.  ``dispynode.py`` imports it for the wire format;
-``dispyscheduler.py`` is to host the same ``Scheduler`` and ``NodePool`` for many clients.
+the node pool and the job scheduler.  ``dispynode.py`` imports it for the wire format
+and the listener; ``dispyscheduler.py`` hosts the same ``Scheduler`` and ``NodePool`` for
+many programs, whose ``SharedJobCluster``s reach it through a ``RemoteScheduler``.
 
 The path a job takes (who owns each queue, which thread moves it)::
 
@@ -3012,7 +3013,7 @@ class NodePool:
         owner.has_clusters()                  -> bool   worth warning when no node?
 
     A client program has one pool per (secret, TLS files) its clusters use;
-    dispyscheduler (not written yet) is to have one towards its nodes.  Dials (TCP
+    dispyscheduler has one towards its nodes.  Dials (TCP
     connect, TLS, handshake) and connections live on the I/O loop; so does ``tick``:
     pulses, liveness, re-dials, pings and the "no node answered" warning.  The lock
     is the owner's (``lock``): NodeLinks are shared state of both.
@@ -3331,14 +3332,14 @@ class NodePool:
             conn.wait_closed(deadline - time.monotonic())
 
 # ================================================================================
-# Scheduler: jobs ↔ nodes (hosted by JobCluster here, by dispyscheduler.py later)
+# Scheduler: jobs ↔ nodes (hosted by JobCluster here, and by dispyscheduler.py)
 # ================================================================================
 
 class ClusterHooks:
     """What the Scheduler asks of each cluster it hosts, as hook methods in the manner
     of ``socketserver.BaseRequestHandler``: ``JobCluster`` implements them in a
-    program; dispyscheduler's clusters of remote clients (not written yet) are to
-    forward them to their client.
+    program; dispyscheduler's ``RemoteCluster`` forwards them to its program (a
+    ``SharedJobCluster``).
 
     Attributes read: ``allocations`` (NodeAllocate list), ``reentrant`` (resubmit the
     jobs of a lost node), ``name``; ``key`` is set by ``Scheduler.add_cluster``.
@@ -3731,9 +3732,10 @@ class Scheduler(_NodeMessages, _NodeControl):
     """Places the jobs of every hosted cluster on the least-loaded node that has the
     cluster's computation set up, and follows each job to its end.
 
-    Hosts: a client program's ``ClientHub`` (one scheduler per node pool); later
-    dispyscheduler.py.  Cluster and job keys come from the counters it is given, so
-    they are unique among every cluster it hosts, whichever program made them.
+    Hosts: a client program's ``ClientHub`` (one scheduler per node pool), and
+    dispyscheduler.py (its ``SharedScheduler`` subclass).  Cluster and job keys come
+    from the counters it is given (or from the cluster and job, when they bring
+    their own: dispyscheduler's), so they are unique among every cluster it hosts.
 
     One lock, ``self.lock`` (reentrant), guards the scheduler, its node pool's links
     and every job's state; ``self.cond`` shares it: the user waiting for a job and the
