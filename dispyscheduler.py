@@ -62,6 +62,7 @@ ALLOCATE_TIMEOUT = 30.0         # seconds a program has to answer ALLOCATE
 RETURN_GRACE = 3.0              # a restarted scheduler waits this long for its nodes
 RETURN_WINDOW = 120.0           # ... and takes their jobs of before it for this long
 MAX_ORPHANS = 100000            # jobs of clusters not (yet) back after a restart
+ATTEMPT_BASE = int(time.time()) & 0x3fffffff    # first attempt number, later each run
 
 
 # ================================================================================
@@ -77,6 +78,8 @@ class SharedJob(DispyJob):
     def __init__(self, cluster, client_key, blob, pin, options):
         super().__init__(None, cluster, blob, pin, options)
         self._key = (cluster.key << KEY_BITS) | client_key
+        # attempts of this run of the scheduler never equal those of an earlier run
+        self._attempt = ATTEMPT_BASE
         self.client_key = client_key
         self.ack = None             # (link, key, attempt) to acknowledge to the node
 
@@ -92,8 +95,6 @@ class SharedScheduler(dispy.Scheduler):
     * jobs a node holds that this scheduler does not know (it restarted) are kept for
       their cluster's return instead of cancelled (``orphans``).
     """
-
-    POLICIES = ('oldest_job', 'fair', 'early')
 
     def __init__(self, threads, cluster_keys=None, job_keys=None):
         super().__init__(threads, cluster_keys, job_keys)
@@ -179,7 +180,8 @@ class SharedScheduler(dispy.Scheduler):
     def _unknown_result(self, link, msg, loaded):
         cluster = self.cluster_of(msg.key)
         job = cluster.jobs.get(msg.key & KEY_MASK) if cluster is not None else None
-        if job is not None and cluster.returning and job.status not in dispy.FINAL_STATUSES:
+        if (job is not None and cluster.returning and msg.status != DispyJob.Cancelled
+                and job.status not in dispy.FINAL_STATUSES):
             # a result of before the restart, for a job submitted again since: it counts
             if job._node is not None:
                 job._node.cancels.add((job._key, job._attempt))
