@@ -6037,7 +6037,11 @@ class SharedJobCluster(JobCluster):
                 logger.warning('SharedJobCluster: %s is not used: %s', name,
                                self._IGNORED_WHY.get(name))
         for name in ignored:
-            logger.warning('SharedJobCluster: %s is not used', name)
+            if name not in ('host', 'ext_host', 'dispy_port'):
+                raise TypeError('SharedJobCluster() got an unexpected keyword argument %r'
+                                % name)
+            logger.warning('SharedJobCluster: %s is not used: %s', name, self._IGNORED_WHY[
+                {'host': 'ip_addr', 'ext_host': 'ext_ip_addr', 'dispy_port': 'port'}[name]])
         self._exclusive = bool(exclusive)
         host = scheduler_node or os.environ.get('DISPY_SCHEDULER_NODE') or socket.gethostname()
         self._scheduler_addr = resolve_host(host)
