@@ -449,14 +449,19 @@ class SharedPolicyTest(unittest.TestCase):
             self.assertEqual(a_jobs[0](timeout=T)[0], 'a')
             alone = make(exclusive=True)
             x_jobs = [alone.submit('x', 0.1) for _ in range(4)]
+            # its turn is taken when the scheduler has it (CLUSTER_READY): before the next
+            self.assertTrue(support.wait_until(lambda: alone._scheduler.ready, T))
             late = make()
             c_jobs = [late.submit('c', 0.1) for _ in range(2)]
             for job in a_jobs:
                 self.assertEqual(job(timeout=T)[0], 'a')
             closed_at = time.time()
             self.assertTrue(first.close(timeout=T))
-            spans_x = [job(timeout=T)[1:3] for job in x_jobs]
-            self.assertTrue(all(j.status == DispyJob.Finished for j in x_jobs))
+            for job in x_jobs:
+                job(timeout=T)
+            self.assertTrue(all(j.status == DispyJob.Finished for j in x_jobs),
+                            [(j.status, j.exception) for j in x_jobs] + [sched.output()[-3000:]])
+            spans_x = [job.result[1:3] for job in x_jobs]
             self.assertGreaterEqual(min(s for s, _ in spans_x), closed_at - 0.05)
             self.assertTrue(alone.close(timeout=T))
             spans_c = [job(timeout=T)[1:3] for job in c_jobs]
