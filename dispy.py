@@ -5577,6 +5577,15 @@ class RemoteScheduler:
         elif self.number is not None and self.error is None:
             self._release_by_dial(min(grace, MsgTimeout))
 
+    @staticmethod
+    def _drain(channel, deadline):
+        """Reads until the peer closes (it has what we sent then) or the deadline."""
+        try:
+            while time.monotonic() < deadline:
+                channel.recv()
+        except (OSError, ProtocolError):
+            pass
+
     def _release_by_dial(self, timeout):
         """The scheduler has the cluster but no connection now: one short dial to say
         it is closed (else its jobs would run on there for --zombie_interval)."""
@@ -5591,6 +5600,8 @@ class RemoteScheduler:
                 channel.sock.settimeout(timeout)
                 channel.recv()
                 channel.send([Msg.RELEASE()])
+                channel.sock.shutdown(socket.SHUT_WR)
+                self._drain(channel, time.monotonic() + timeout)
             finally:
                 channel.close()
         except (OSError, ProtocolError) as exc:
@@ -5623,7 +5634,8 @@ class RemoteScheduler:
         return job
 
     def _send_job(self, job):
-        """To the scheduler (lock held); ``_attempt`` 1: sent at least once."""
+        """To the scheduler (lock held).  ``_attempt``: 0 never sent, 1 sent on this
+        connection, 2 sent before but perhaps lost (sent again when ready)."""
         conn = self.conn
         if conn is None:
             return
@@ -5770,7 +5782,9 @@ class RemoteScheduler:
     def _dial_failed(self, exc):
         with self.lock:
             self.dialing = False
-            self.failures += self.number is None
+            # a scheduler not up yet (refused, unreachable) is waited for; one that keeps
+            # failing the handshake is not a scheduler this cluster can use
+            self.failures = self.failures + 1 if isinstance(exc, ProtocolError) else 0
             final = isinstance(exc, (AuthError, VersionError, ssl.SSLError)) or (
                 isinstance(exc, ProtocolError) and self.failures >= self.REFUSALS)
             if final and self.number is None:
@@ -5872,8 +5886,8 @@ class RemoteScheduler:
         self.number = info.get('number', self.number)
         received = info.get('received') if info.get('known') else 0
         for job in self.jobs.values():  # lost with a connection, or with the scheduler
-            if type(received) is not int or job._key > received:
-                job._attempt = 0
+            if job._attempt and (type(received) is not int or job._key > received):
+                job._attempt = 2
         try:
             self.pulse_interval = float(info.get('pulse_interval') or DEFAULT_PULSE_INTERVAL)
         except (TypeError, ValueError):
@@ -5929,7 +5943,7 @@ class RemoteScheduler:
     def _cluster_ready(self):
         self.ready = True
         for job in sorted(self.jobs.values()):     # in key order (see _on_node)
-            if job._attempt == 0:
+            if job._attempt != 1:
                 self._send_job(job)
         for key in self.cancels:
             self.conn.send(Msg.CANCEL(key, 0))

@@ -62,7 +62,7 @@ ALLOCATE_TIMEOUT = 30.0         # seconds a program has to answer ALLOCATE
 RETURN_GRACE = 3.0              # a restarted scheduler waits this long for its nodes
 RETURN_WINDOW = 120.0           # ... and takes their jobs of before it for this long
 MAX_ORPHANS = 100000            # jobs of clusters not (yet) back after a restart
-ATTEMPT_BASE = int(time.time()) & 0x3fffffff    # first attempt number, later each run
+ATTEMPT_BASE = random.SystemRandom().randrange(1 << 40)    # attempts: new each run
 
 
 # ================================================================================
@@ -78,7 +78,7 @@ class SharedJob(DispyJob):
     def __init__(self, cluster, client_key, blob, pin, options):
         super().__init__(None, cluster, blob, pin, options)
         self._key = (cluster.key << KEY_BITS) | client_key
-        # attempts of this run of the scheduler never equal those of an earlier run
+        # attempts of this run of the scheduler do not meet those of an earlier run
         self._attempt = ATTEMPT_BASE
         self.client_key = client_key
         self.ack = None             # (link, key, attempt) to acknowledge to the node
@@ -160,44 +160,58 @@ class SharedScheduler(dispy.Scheduler):
         return best
 
     # -- jobs of a scheduler that restarted ---------------------------------------------------
+    # A node that comes to a restarted scheduler names the jobs it runs for it and sends
+    # the results it kept.  Their keys carry their cluster's number; until that cluster
+    # is back (its program reconnects and sends its open jobs again) they are orphans.
+    # A returning cluster's job then takes over its orphan instead of running again.
+    # Jobs of clusters here now that a node has and the scheduler does not (superseded,
+    # or cancelled while the node was away) are cancelled, as dispy.Scheduler does.
+
     def cluster_of(self, key):
         """The cluster a node's job key belongs to, if it is here (set by the program)."""
         return None
 
     def _unknown_job(self, link, key, attempt):
         cluster = self.cluster_of(key)
-        if cluster is not None and not cluster.returning:
-            link.send(Msg.CANCEL(key, attempt))     # superseded, or cancelled meanwhile
-            return
         job = cluster.jobs.get(key & KEY_MASK) if cluster is not None else None
-        if job is not None and job._node is None and self._unqueue(job):
+        if cluster is not None and not cluster.returning or job is not None and job._node:
+            link.send(Msg.CANCEL(key, attempt))     # superseded, or it runs elsewhere now
+        elif job is not None and job.status == DispyJob.Created and self._unqueue(job):
             self._take_over(job, link, attempt)     # queued again after a restart: no rerun
-        elif job is not None or len(self.orphans) >= MAX_ORPHANS:
-            link.send(Msg.CANCEL(key, attempt))     # it runs elsewhere already
-        else:       # a cluster of before a restart, that may come back for it
+        elif len(self.orphans) >= MAX_ORPHANS:
+            link.send(Msg.CANCEL(key, attempt))
+        else:       # its cluster is not back, or not in its turn yet: adopt() takes it
+            old = self.orphans.get(key)
+            if old is not None and old[0] is not link:
+                old[0].send(Msg.CANCEL(key, old[1]))    # one run of it is enough
             self.orphans[key] = (link, attempt, time.monotonic())
 
     def _unknown_result(self, link, msg, loaded):
+        link.cancels.discard((msg.key, msg.attempt))
         cluster = self.cluster_of(msg.key)
         job = cluster.jobs.get(msg.key & KEY_MASK) if cluster is not None else None
-        if (job is not None and cluster.returning and msg.status != DispyJob.Cancelled
-                and job.status not in dispy.FINAL_STATUSES):
-            # a result of before the restart, for a job submitted again since: it counts
-            if job._node is not None:
-                job._node.cancels.add((job._key, job._attempt))
-                job._node.send(Msg.CANCEL(job._key, job._attempt))
-            else:
-                self._unqueue(job)
-            self._end_with(job, link, msg)
-            return
-        if cluster is not None and (msg.key & KEY_MASK) in cluster.results:
+        kept = cluster.results.get(msg.key & KEY_MASK) if cluster is not None else None
+        if kept is not None and kept[1] == (link, msg.key, msg.attempt):
             return      # sent again after a reconnect: acknowledged once the program has it
-        if (link.jobs.get(msg.key) is not None or cluster is not None
-                or len(self.orphan_results) >= MAX_ORPHANS):
-            link.acks.append((msg.key, msg.attempt))    # a stale attempt
-            return
-        self.orphans.pop(msg.key, None)
-        self.orphan_results[msg.key] = (link, msg, time.monotonic())
+        if cluster is not None and not cluster.returning or msg.status == DispyJob.Cancelled \
+                or kept is not None or job is not None and job.status in dispy.FINAL_STATUSES:
+            # a stale attempt; or a run of before the restart that was cancelled (it never
+            # counts: the job runs again)
+            held = self.orphans.get(msg.key)
+            if held is not None and held[:2] == (link, msg.attempt):
+                del self.orphans[msg.key]
+            link.acks.append((msg.key, msg.attempt))
+        elif job is not None:       # the job came back before its result: this counts
+            self._drop_run(job)
+            self._end_with(job, link, msg)
+        elif len(self.orphan_results) >= MAX_ORPHANS:
+            link.acks.append((msg.key, msg.attempt))
+        else:       # kept for its cluster's return
+            self.orphans.pop(msg.key, None)
+            old = self.orphan_results.get(msg.key)
+            if old is not None:
+                old[0].send(Msg.ACK([(old[1].key, old[1].attempt)]))
+            self.orphan_results[msg.key] = (link, msg, time.monotonic())
 
     def adopt(self, job):
         """A returning cluster's job that its node still holds (running, or its
@@ -215,6 +229,16 @@ class SharedScheduler(dispy.Scheduler):
             return False
         self._take_over(job, link, attempt)
         return True
+
+    def cancel_orphan(self, key):
+        """The program cancelled a job that is still an orphan here (lock held)."""
+        held = self.orphans.pop(key, None)
+        if held is not None:
+            held[0].send(Msg.CANCEL(key, held[1]))
+        kept = self.orphan_results.pop(key, None)
+        if kept is not None:
+            kept[0].send(Msg.ACK([(kept[1].key, kept[1].attempt)]))
+        return held is not None or kept is not None
 
     def _end_with(self, job, link, msg):
         """The job ends with a result its node kept from before a restart."""
@@ -234,24 +258,45 @@ class SharedScheduler(dispy.Scheduler):
         job.status = DispyJob.Running       # as far as anyone can tell: its program hears so
         job._cluster.job_changed(job, DispyJob.Running)
 
+    def _drop_run(self, job):
+        """The job's own run (sent after the restart) is not needed: cancelled there,
+        or taken out of its queue."""
+        link = job._node
+        if link is not None:
+            link.cancels.add((job._key, job._attempt))
+            link.send(Msg.CANCEL(job._key, job._attempt))
+            del link.jobs[job._key]
+            self._slot_freed(link, job._cluster.key)
+            job._node = None
+        else:
+            self._unqueue(job)
+
     def _unqueue(self, job):
+        """Takes a job out of its cluster's queue (or its node's, for submit_node)."""
         queue = self.queues.get(job._cluster.key)
-        try:
-            queue.pending.remove(job)
-            return True
-        except (AttributeError, ValueError):
+        if queue is None:
             return False
+        for waiting in [queue.pending] + list(queue.pinned.values()):
+            try:
+                waiting.remove(job)
+                return True
+            except ValueError:
+                continue
+        return False
+
+    def orphan_numbers(self):
+        """Cluster numbers that orphans or kept computations carry (lock held)."""
+        numbers = {key >> KEY_BITS for key in itertools.chain(self.orphans,
+                                                               self.orphan_results)}
+        for kept in self.kept.values():
+            numbers |= kept
+        return numbers
 
     def expire_orphans(self, age, closing_time):
         """Orphans no cluster came back for within ``age`` seconds: cancelled, their
-        results acknowledged; with ``closing_time``, computations nodes kept for
-        clusters not here are closed (lock held)."""
+        results acknowledged; once ``closing_time`` came, computations nodes kept for
+        clusters not here and with no orphans left are closed (lock held)."""
         now = time.monotonic()
-        for link, kept in list(self.kept.items()) if closing_time else ():
-            for ckey in kept:
-                if ckey not in self.queues and self.cluster_of(ckey << KEY_BITS) is None:
-                    link.send(Msg.CLOSE_COMPUTE(ckey))
-            del self.kept[link]
         for key, (link, attempt, since) in list(self.orphans.items()):
             if now - since > age:
                 del self.orphans[key]
@@ -260,6 +305,20 @@ class SharedScheduler(dispy.Scheduler):
             if now - since > age:
                 del self.orphan_results[key]
                 link.send(Msg.ACK([(msg.key, msg.attempt)]))
+        if not closing_time:
+            return
+        waiting = {key >> KEY_BITS for key in itertools.chain(self.orphans,
+                                                               self.orphan_results)}
+        for link, kept in list(self.kept.items()):
+            for ckey in list(kept):
+                if (ckey not in self.queues and ckey not in waiting
+                        and self.cluster_of(ckey << KEY_BITS) is None
+                        and link.send(Msg.CLOSE_COMPUTE(ckey)) is not False):
+                    kept.discard(ckey)
+                elif ckey in self.queues or self.cluster_of(ckey << KEY_BITS) is not None:
+                    kept.discard(ckey)      # its cluster is back: its own now
+            if not kept:
+                del self.kept[link]
 
 
 # ================================================================================
@@ -406,7 +465,7 @@ class RemoteCluster(dispy.ClusterHooks):
         self.send(done)
 
     def _submit(self, job):
-        if not self.scheduler.adopt(job):
+        if not (self.returning and self.scheduler.adopt(job)):
             self.scheduler.submit(job)
 
     def activate(self):
@@ -421,6 +480,8 @@ class RemoteCluster(dispy.ClusterHooks):
     def on_cancel(self, msg):
         job = self.jobs.get(msg.key)
         if job is None:
+            if type(msg.key) is int and self.returning:
+                self.scheduler.cancel_orphan((self.key << KEY_BITS) | msg.key)
             return
         if self.state == 'active':
             self.scheduler.cancel(job)
@@ -477,33 +538,40 @@ class RemoteCluster(dispy.ClusterHooks):
         node = msg.cluster
         if not isinstance(node, str):
             raise dispy.ProtocolError('malformed node of send_file')
-        receiver = self.put_receivers.get(node)
-        if receiver is None:
-            if len(self.put_receivers) >= 64:
-                raise dispy.ProtocolError('too many send_file transfers at once')
-            folder = os.path.join(self.folder, 'put-%d' % len(self.put_receivers))
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            receiver = self.put_receivers[node] = dispy.FileReceiver(
-                folder, self.program.config.max_file_size)
         try:
+            receiver = self._put_receiver(node)
             path = receiver.chunk(msg.name, msg.mode, msg.offset, msg.data, msg.last)
         except (ValueError, OSError) as exc:
             self.send(Msg.PUT_FILE_DONE(node, msg.name, str(exc)))
             return
         if path is not None:
-            self.program.hub.threads.submit(self._put_file, self.conn, node, msg.name, path)
+            # a folder of its own, so that the next file to that node cannot replace it
+            # while it is sent
+            with self.lock:
+                del self.put_receivers[node]
+            self.program.hub.threads.submit(self._put_file, self.conn, node, msg.name, path,
+                                            receiver)
 
-    def _put_file(self, conn, node, name, path):
+    def _put_receiver(self, node):
+        with self.lock:
+            receiver = self.put_receivers.get(node)
+            if receiver is None:
+                if len(self.put_receivers) >= 64:
+                    raise ValueError('too many send_file transfers at once')
+                folder = tempfile.mkdtemp(prefix='put-', dir=self.folder)
+                receiver = self.put_receivers[node] = dispy.FileReceiver(
+                    folder, self.program.config.max_file_size)
+            return receiver
+
+    def _put_file(self, conn, node, name, path, receiver):
         addr = dispy.resolve_host(str(node)) or str(node)
         with self.lock:
             known = self.scheduler._link_of(self, addr, 'ready') is not None
         error = None if known else 'node %s is not set up for this cluster' % node
         if known and self.scheduler.send_file(self, addr, path, 60) != 0:
             error = 'node %s did not take the file' % node
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        receiver.close()
+        shutil.rmtree(receiver.folder, ignore_errors=True)
         conn.send(Msg.PUT_FILE_DONE(node, name, error))
 
     def on_allocated(self, msg):
@@ -732,6 +800,7 @@ class ClientRouter:
     def _new_cluster(self, uid, client_id, number, address):
         used = {c.key for c in self.clusters.values()}
         returning = isinstance(number, int) and 0 < number < 1 << 20 and number not in used
+        used |= self.program.scheduler.orphan_numbers()     # a cluster of before may return
         if not returning:
             number = random.randrange(1, 1 << 20)
             while number in used:
@@ -789,7 +858,8 @@ class ClientRouter:
                 logger.warning('%s sent a malformed or refused %s: %s', conn.name,
                                kind.name, exc)
                 with self.lock:
-                    if clusters[0].state in ('new', 'files') and not clusters[0].recovering:
+                    if (clusters[0].state in ('new', 'files') and not clusters[0].recovering
+                            and clusters[0].conn is conn):
                         conn.send(Msg.CLUSTER_READY('refused: %s' % exc))
                         self.program.admission.close(clusters[0])
                         conn.close('cluster refused', flush=True)
@@ -799,6 +869,8 @@ class ClientRouter:
         name = kind.name
         if name == 'PULSE' or name == 'CLIENT':
             return
+        if clusters[0].conn is not conn:
+            return      # an older connection of the program's: its messages are moot
         if clusters[0].recovering:      # recover_jobs: ACK, CANCEL, RELEASE only
             for cluster in clusters:
                 if name == 'ACK':
