@@ -628,6 +628,34 @@ class RestartTest(unittest.TestCase):
         self.assertEqual(sorted(map(int, ran)), list(range(6)), 'a job ran twice or never')
         self.assertTrue(cluster.close(timeout=T))
 
+    def test_restart_with_results_before_their_jobs_come_back(self):
+        """The scheduler restarts and the program's upload of its cluster is slow (a
+        delay in _send_cluster stands in for big depends on a slow link): the jobs end
+        on the node before the program sends them again; their kept results count,
+        nothing runs twice."""
+        original = dispy.RemoteScheduler._send_cluster
+        slow = threading.Event()
+
+        def slow_send(scheduler, conn):
+            if slow.is_set():
+                time.sleep(4)
+            return original(scheduler, conn)
+        dispy.RemoteScheduler._send_cluster = slow_send
+        self.addCleanup(setattr, dispy.RemoteScheduler, '_send_cluster', original)
+        cluster = dispy.SharedJobCluster(logged_nap, nodes=[NODE_IP], scheduler_node=SCHED_IP,
+                                         scheduler_port=self.sched.port, recover_file=False)
+        self.addCleanup(support.close_now, cluster)
+        log = os.path.join(self.node.dir, 'ran.log')
+        jobs = [cluster.submit(i, 1.5, log) for i in range(2)]
+        self.assertTrue(support.wait_until(lambda: all(j.status == DispyJob.Running
+                                                       for j in jobs), T))
+        self.sched.kill()
+        slow.set()
+        self.sched.start()
+        self.assertEqual([j(timeout=60) for j in jobs], [0, 1],
+                         [(j.status, j.exception) for j in jobs] + [self.sched.output()[-3000:]])
+        self.assertEqual(sorted(map(int, support.read_file(log).split())), [0, 1])
+
     def test_stopped_scheduler_leaves_the_nodes_running_its_jobs(self):
         """SIGTERM (a service stop) does not release the nodes: started again, the
         scheduler goes on with the jobs they ran meanwhile, none run twice."""
