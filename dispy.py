@@ -2332,8 +2332,9 @@ class LoopDial:
     """
 
     def __init__(self, loop, addr, port, ssl_context, steps, max_frame, timeout, done,
-                 failed):
+                 failed, peer='node'):
         self.loop = loop
+        self.peer = peer            # what is dialed, for the errors' text
         self.addr = (addr, port)
         self.ssl_context = ssl_context
         self.steps = steps
@@ -2483,9 +2484,10 @@ class LoopDial:
         if self.connected and not isinstance(exc, ProtocolError):
             # Connected, then dropped during the handshake: the usual cause is TLS on
             # one side only (or a different certificate).
-            exc = ProtocolError('node closed the connection during the handshake (%s); is '
+            exc = ProtocolError('%s closed the connection during the handshake (%s); is '
                                 'it overloaded, or does it use TLS (certfile) while this '
-                                'client does%s?' % (exc, '' if self.ssl_context else ' not'))
+                                'client does%s?' % (self.peer, exc,
+                                                    '' if self.ssl_context else ' not'))
         self.failed(exc)
 
 
@@ -5764,7 +5766,7 @@ class RemoteScheduler:
             self.dialing = True
         steps = handshake_steps(self.secret, True, {'role': 'client'}, self.max_frame)
         LoopDial(self.loop, self.addr, self.port, self.ssl_context, steps, self.max_frame,
-                 MsgTimeout, self._dialed, self._dial_failed).start()
+                 MsgTimeout, self._dialed, self._dial_failed, 'dispyscheduler').start()
 
     def _dialed(self, channel, extra):
         with self.lock:
