@@ -506,7 +506,7 @@ class RemoteCluster(dispy.ClusterHooks):
 
     def on_node_op(self, msg):
         """A cluster method on a node (on a worker thread: some wait for the node)."""
-        self.program.hub.threads.submit(self._node_op, self.conn, msg.token, msg.op,
+        self.program.waits.submit(self._node_op, self.conn, msg.token, msg.op,
                                         msg.node, msg.arg)
 
     def _node_op(self, conn, token, op, node, arg):
@@ -549,7 +549,7 @@ class RemoteCluster(dispy.ClusterHooks):
             # while it is sent
             with self.lock:
                 del self.put_receivers[node]
-            self.program.hub.threads.submit(self._put_file, self.conn, node, msg.name, path,
+            self.program.waits.submit(self._put_file, self.conn, node, msg.name, path,
                                             receiver)
 
     def _put_receiver(self, node):
@@ -969,6 +969,9 @@ class DispyScheduler:
         self.admission = ClusterAdmission(self)
         self.listeners = []
         self.admission_limits = dispy.HandshakeAdmission(total=64, per_address=16)
+        # node methods and send_file wait for nodes: two worker threads at most, so the
+        # others stay free for big frames and setups whatever programs ask
+        self.waits = dispy.Strand(self.hub.threads, width=2)
         self.node_allocations = dispy._node_allocations(config.nodes or ['*'],
                                                         config.node_port)
         self.scheduler.wants_node = self._wants_node
