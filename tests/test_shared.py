@@ -610,29 +610,32 @@ class RestartTest(unittest.TestCase):
         self.sched.start()
         self.addCleanup(self.sched.stop)
 
-    def test_scheduler_restart_loses_nothing(self):
+    def through_restart(self, count, seconds, restart):
+        """``count`` jobs of ``seconds`` each; once two run, ``restart()``: every job
+        still ends Finished with its result, and each ran once (a log on the node)."""
         cluster = dispy.SharedJobCluster(logged_nap, nodes=[NODE_IP], scheduler_node=SCHED_IP,
                                          scheduler_port=self.sched.port, recover_file=False)
         self.addCleanup(support.close_now, cluster)
         log = os.path.join(self.node.dir, 'ran.log')
-        jobs = [cluster.submit(i, 1.5, log) for i in range(6)]
+        jobs = [cluster.submit(i, seconds, log) for i in range(count)]
         self.assertTrue(support.wait_until(lambda: sum(j.status == DispyJob.Running
                                                        for j in jobs) >= 2, T))
-        self.sched.kill()
-        self.sched.start()
+        restart()
         results = [j(timeout=60) for j in jobs]
         self.assertTrue(all(j.status == DispyJob.Finished for j in jobs),
                         [(j.status, j.exception) for j in jobs] + [self.sched.output()[-3000:]])
-        self.assertEqual(sorted(results), list(range(6)))
-        ran = support.read_file(log).split()
-        self.assertEqual(sorted(map(int, ran)), list(range(6)), 'a job ran twice or never')
+        self.assertEqual(sorted(results), list(range(count)))
+        self.assertEqual(sorted(map(int, support.read_file(log).split())), list(range(count)),
+                         'a job ran twice or never')
         self.assertTrue(cluster.close(timeout=T))
 
+    def test_scheduler_killed_and_started_again_loses_nothing(self):
+        self.through_restart(6, 1.5, lambda: (self.sched.kill(), self.sched.start()))
+
     def test_restart_with_results_before_their_jobs_come_back(self):
-        """The scheduler restarts and the program's upload of its cluster is slow (a
-        delay in _send_cluster stands in for big depends on a slow link): the jobs end
-        on the node before the program sends them again; their kept results count,
-        nothing runs twice."""
+        """The program's upload of its cluster after the restart is slow (a delay in
+        _send_cluster stands in for big depends on a slow link): the jobs end on the
+        node before the program sends them again; their kept results count."""
         original = dispy.RemoteScheduler._send_cluster
         slow = threading.Event()
 
@@ -642,37 +645,14 @@ class RestartTest(unittest.TestCase):
             return original(scheduler, conn)
         dispy.RemoteScheduler._send_cluster = slow_send
         self.addCleanup(setattr, dispy.RemoteScheduler, '_send_cluster', original)
-        cluster = dispy.SharedJobCluster(logged_nap, nodes=[NODE_IP], scheduler_node=SCHED_IP,
-                                         scheduler_port=self.sched.port, recover_file=False)
-        self.addCleanup(support.close_now, cluster)
-        log = os.path.join(self.node.dir, 'ran.log')
-        jobs = [cluster.submit(i, 1.5, log) for i in range(2)]
-        self.assertTrue(support.wait_until(lambda: all(j.status == DispyJob.Running
-                                                       for j in jobs), T))
-        self.sched.kill()
-        slow.set()
-        self.sched.start()
-        self.assertEqual([j(timeout=60) for j in jobs], [0, 1],
-                         [(j.status, j.exception) for j in jobs] + [self.sched.output()[-3000:]])
-        self.assertEqual(sorted(map(int, support.read_file(log).split())), [0, 1])
+        self.through_restart(2, 1.5, lambda: (self.sched.kill(), slow.set(),
+                                              self.sched.start()))
 
     def test_stopped_scheduler_leaves_the_nodes_running_its_jobs(self):
         """SIGTERM (a service stop) does not release the nodes: started again, the
-        scheduler goes on with the jobs they ran meanwhile, none run twice."""
-        cluster = dispy.SharedJobCluster(logged_nap, nodes=[NODE_IP], scheduler_node=SCHED_IP,
-                                         scheduler_port=self.sched.port, recover_file=False)
-        self.addCleanup(support.close_now, cluster)
-        log = os.path.join(self.node.dir, 'ran.log')
-        jobs = [cluster.submit(i, 1.0, log) for i in range(4)]
-        self.assertTrue(support.wait_until(lambda: sum(j.status == DispyJob.Running
-                                                       for j in jobs) >= 2, T))
-        self.sched.signal(signal.SIGTERM)
-        self.sched.wait(T)
-        self.sched.start()
-        self.assertEqual(sorted(j(timeout=60) for j in jobs), list(range(4)),
-                         [(j.status, j.exception) for j in jobs])
-        self.assertEqual(sorted(map(int, support.read_file(log).split())), list(range(4)))
-        self.assertTrue(cluster.close(timeout=T))
+        scheduler goes on with the jobs they ran meanwhile."""
+        self.through_restart(4, 1.0, lambda: (self.sched.signal(signal.SIGTERM),
+                                              self.sched.wait(T), self.sched.start()))
 
     def test_client_killed_then_recover_jobs(self):
         folder = tempfile.mkdtemp(prefix='dispytest-shared-')
