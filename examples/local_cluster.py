@@ -12,7 +12,9 @@ environment that points dispy's defaults at that node:
     DISPY_NODE_PORT=PORT   PYTHONPATH=<repository root>:...
 
 so the examples, written with default discovery as in the documentation, never
-broadcast on the real network.  When the example ends (or on Ctrl-C, SIGTERM, a
+broadcast on the real network.  With ``--scheduler`` it also starts ``dispyscheduler.py``
+on 127.0.0.1 (using that node) for examples that use ``SharedJobCluster``, and sets
+``DISPY_SCHEDULER_NODE=127.0.0.1`` and ``DISPY_SCHEDULER_PORT``.  When the example ends (or on Ctrl-C, SIGTERM, a
 timeout, or if the node dies) the node is stopped by PID -- SIGTERM, up to 10 s,
 then SIGKILL -- the temporary folder is removed and the launcher exits with the
 example's exit status (124 on timeout, 128+N if killed by signal N).
@@ -34,6 +36,7 @@ import time
 HOST = '127.0.0.1'          # loopback only: never anything else
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODE_SCRIPT = os.path.join(ROOT, 'dispynode.py')
+SCHEDULER_SCRIPT = os.path.join(ROOT, 'dispyscheduler.py')
 POLL = 0.05                 # seconds between checks of the child processes
 NODE_STOP_WAIT = 10.0       # seconds between SIGTERM and SIGKILL for the node
 EXAMPLE_STOP_WAIT = 5.0     # same, for the example
@@ -70,6 +73,9 @@ def parse_args(argv=None):
                         help='how long to wait for the node to be ready (default: 20)')
     parser.add_argument('--secret', default=None,
                         help='secret shared by node (-s) and client (DISPY_SECRET)')
+    parser.add_argument('--scheduler', action='store_true',
+                        help='also start dispyscheduler.py on 127.0.0.1 with that node, for '
+                             'examples that use SharedJobCluster')
     parser.add_argument('--node-log', metavar='FILE', default=None,
                         help='also copy the node\'s output (stdout and stderr) to FILE')
     parser.add_argument('example', help='the Python program to run (e.g. examples/sample.py)')
@@ -108,6 +114,21 @@ def start_node(port, dest_path, log_path, cpus=None, secret=None):
                                 env=env, start_new_session=True)
 
 
+def start_scheduler(port, node_port, dest_path, log_path, secret=None):
+    """Starts dispyscheduler in its own session for the node (its output to
+    ``log_path``): programs on ``port``, no announcement port (loopback only)."""
+    cmd = [sys.executable, SCHEDULER_SCRIPT, '-i', HOST, '-p', str(port), '--client_port', '0',
+           '-n', HOST, '--node_port', str(node_port), '--dest_path_prefix', dest_path,
+           '--daemon']
+    if secret:
+        cmd += ['--node_secret', secret, '--cluster_secret', secret]
+    with open(log_path, 'wb') as out:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=os.path.dirname(log_path),
+                                env=dict(os.environ, PYTHONUNBUFFERED='1'),
+                                start_new_session=True)
+
+
 def read_text(path):
     try:
         with open(path, 'rb') as fd:
@@ -117,7 +138,8 @@ def read_text(path):
 
 
 def wait_node_ready(node, port, log_path, timeout):
-    """Waits until the node's output has its "serving at 127.0.0.1:PORT" line.
+    """Waits until the node's (or scheduler's) output has its "serving at
+    127.0.0.1:PORT" line.
 
     Returns True when ready, False if the node exited or ``timeout`` passed.
     """
@@ -134,10 +156,12 @@ def wait_node_ready(node, port, log_path, timeout):
     return False
 
 
-def example_env(port, secret=None):
+def example_env(port, secret=None, scheduler_port=None):
     env = dict(os.environ)
     env.update(DISPY_NODES=HOST, DISPY_IP_ADDR=HOST, DISPY_PORT='0',
                DISPY_NODE_PORT=str(port), PYTHONUNBUFFERED='1')
+    if scheduler_port:
+        env.update(DISPY_SCHEDULER_NODE=HOST, DISPY_SCHEDULER_PORT=str(scheduler_port))
     env.pop('DISPY_SECRET', None)
     if secret:
         env['DISPY_SECRET'] = secret
@@ -231,7 +255,7 @@ def main(argv=None):
     dest_path = os.path.join(tmp, 'dest')
     os.mkdir(dest_path)
     log_path = os.path.join(tmp, 'node.log')
-    node = None
+    node = scheduler = None
     try:
         port = free_port()
         node = start_node(port, dest_path, log_path, opts.cpus, opts.secret)
@@ -240,8 +264,23 @@ def main(argv=None):
                 % (node.poll(), read_text(log_path)))
             return EXIT_NODE_FAILED
         log('dispynode (pid %s) serving at %s:%s' % (node.pid, HOST, port))
-        status = run_example(example, opts.args, cwd, example_env(port, opts.secret),
-                             node, opts.timeout)
+        scheduler_port = None
+        if opts.scheduler:
+            scheduler_port = free_port()
+            sched_log = os.path.join(tmp, 'scheduler.log')
+            os.mkdir(os.path.join(tmp, 'sched'))
+            scheduler = start_scheduler(scheduler_port, port, os.path.join(tmp, 'sched'),
+                                        sched_log, opts.secret)
+            if not wait_node_ready(scheduler, scheduler_port, sched_log,
+                                   opts.startup_timeout):
+                log('dispyscheduler did not become ready (exit status %s); its output:\n%s'
+                    % (scheduler.poll(), read_text(sched_log)))
+                return EXIT_NODE_FAILED
+            log('dispyscheduler (pid %s) serving at %s:%s' % (scheduler.pid, HOST,
+                                                              scheduler_port))
+        status = run_example(example, opts.args, cwd,
+                             example_env(port, opts.secret, scheduler_port), node,
+                             opts.timeout)
         if status == EXIT_NODE_FAILED:
             log('node output:\n%s' % read_text(log_path))
         return status
@@ -249,6 +288,8 @@ def main(argv=None):
         log('stopped by signal %s' % exc.args[0])
         return 128 + exc.args[0]
     finally:  # signals only set a flag now, so this always runs to the end
+        if scheduler is not None:
+            stop_process(scheduler, NODE_STOP_WAIT)
         if node is not None:
             stop_process(node, NODE_STOP_WAIT)
         if opts.node_log:

@@ -151,6 +151,16 @@ class LocalClusterTest(unittest.TestCase):
         self.assertRegex(proc.stdout, r'127\.0\.0\.1.*\|\s+2\s+\|\s+20\s+\|')
         self.assertIn('serving at 127.0.0.1:', proc.stderr)
 
+    def test_shared_clusters_through_a_scheduler(self):
+        """local_cluster.py --scheduler examples/shared_programs.py: two SharedJobClusters
+        through a private dispyscheduler get every result from the node."""
+        proc = self.run_local(['--scheduler', os.path.join(EXAMPLES, 'shared_programs.py')])
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        lines = re.findall(r'^(\d+): (\d+) on \S+, (\d+) on \S+$', proc.stdout, re.M)
+        self.assertEqual([tuple(map(int, l)) for l in lines],
+                         [(i, i * i, i ** 3) for i in range(10)], proc.stdout)
+        self.assertIn('dispyscheduler (pid', proc.stderr)
+
     def test_command_line_tool(self):
         """local_cluster.py dispy.py -a "arg11 arg12" -a arg3 examples/dispy_program.py
         (6.1): one run per -a, each with its arguments."""
