@@ -188,6 +188,26 @@ cluster.close()
                                     re.search(r'/3\.(\d+)', python).group(0)[1:].split('.'))
                     self.assertIn('((3, %d), 15)' % version[1], proc.stdout)
 
+    def test_scheduler_on_other_version(self):
+        """A dispyscheduler on one version between a SharedJobCluster on this one and
+        a node on a third (or this) one: blobs pass through it unopened."""
+        pythons = other_pythons()
+        node_python = pythons[-1] if len(pythons) > 1 else sys.executable
+        with NodeProcess('127.0.0.2', python=node_python) as node, \
+                support.SchedulerProcess('127.0.0.1', nodes=['127.0.0.2'], node_port=node.port,
+                                         python=pythons[0]) as sched:
+            cluster = dispy.SharedJobCluster(compute_version, nodes=['127.0.0.2'],
+                                             scheduler_node='127.0.0.1',
+                                             scheduler_port=sched.port, recover_file=False)
+            self.addCleanup(support.close_now, cluster)
+            jobs = [cluster.submit(i) for i in range(4)]
+            results = [job(timeout=TIMEOUT) for job in jobs]
+            version = re.search(r'/3\.(\d+)', node_python)
+            expected = (3, int(version.group(1))) if version else tuple(sys.version_info[:2])
+            self.assertEqual(results, [(expected, i * 3) for i in range(4)],
+                             [(j.status, j.exception) for j in jobs])
+            self.assertTrue(cluster.close(timeout=TIMEOUT))
+
     def test_client_on_other_version(self):
         python = other_pythons()[0]
         with NodeProcess('127.0.0.2') as node:
@@ -199,6 +219,11 @@ cluster.close()
 
 def compute_square(n):
     return n * n
+
+
+def compute_version(n):
+    import sys
+    return tuple(sys.version_info[:2]), n * 3
 
 
 class IPv6Test(unittest.TestCase):
