@@ -114,6 +114,12 @@ class SharedScheduler(dispy.Scheduler):
     def _room_changed(self, link, ckey=None):
         super()._room_changed(link, None)   # a freed slot may go to any cluster
 
+    def add_allocations(self, cluster, allocs):
+        """A cluster picks among the nodes the scheduler uses (its ``-n``): hosts it
+        names outside them are not dialed, and its patterns broadcast nothing."""
+        super().add_allocations(cluster, [a for a in allocs if a.ip_addr is not None
+                                          and self.wants_node(a.ip_addr, a.host)])
+
     def node_ready(self, link, restarted, info):
         link.shared = True
         kept = info.get('computations', ())
