@@ -59,6 +59,10 @@ Usage::
         result = lab.run('client', [sys.executable, 'sample.py'], timeout=60)
         lab.link_down('node1')            # simulate a network partition
         lab.link_up('node1')
+
+``RoutedLab([[hosts of LAN 0], [hosts of LAN 1], ...])`` builds several such LANs
+joined by a router namespace that forwards unicast between them but, as routers do,
+no broadcast (for relays and nodes beyond the client's network).
 """
 
 import atexit
@@ -72,7 +76,7 @@ import tempfile
 import time
 import unittest
 
-__all__ = ['NetLab', 'LabProcess', 'available', 'require', 'remove_stale']
+__all__ = ['NetLab', 'RoutedLab', 'LabProcess', 'available', 'require', 'remove_stale']
 
 IP = shutil.which('ip') or '/usr/sbin/ip'
 UNSHARE = shutil.which('unshare')
@@ -430,7 +434,7 @@ class NetLab:
             self._index(host)
         return '10.213.%d.255' % self.subnet_octet
 
-    def gateway(self):
+    def gateway(self, host=None):
         """The (unassigned) default-route target."""
         return '10.213.%d.%d' % (self.subnet_octet, GATEWAY_OCTET)
 
@@ -469,7 +473,8 @@ class NetLab:
         _ip(['-n', ns, 'addr', 'add', self.ip(host) + '/24', 'brd', '+', 'dev', 'eth0'])
         _ip(['-n', ns, 'link', 'set', 'eth0', 'up'])
         if self.default_route:
-            _ip(['-n', ns, 'route', 'add', 'default', 'via', self.gateway(), 'dev', 'eth0'])
+            _ip(['-n', ns, 'route', 'add', 'default', 'via', self.gateway(host), 'dev',
+                 'eth0'])
 
     def _write_etc(self, ns):
         """Per-namespace /etc/hosts and resolv.conf (bind-mounted by ip netns exec)."""
@@ -582,6 +587,98 @@ class NetLab:
 
     def __repr__(self):
         return '<NetLab %s %s hosts=%s>' % (self.prefix, self.subnet, self.hosts)
+
+
+class RoutedLab(NetLab):
+    """Several LANs of the lab kind joined by a router namespace that forwards
+    unicast between them and, as every router, no broadcast::
+
+        lan 0: 10.213.N.0/24 ── switch ─┐                ┌─ switch ── lan 1: 10.214.N.0/24
+          hosts .1, .2, ...             └── <prefix>rt ──┘     hosts .1, .2, ...
+                                        .254 on each LAN, ip_forward on
+
+    ``lans``: a list of host-name lists, one per LAN (at most 8 LANs).  Every host's
+    default route is its LAN's .254, so the router's address is the gateway and the
+    other LANs are reachable; nothing in the root namespace changes (forwarding is
+    turned on inside the router's namespace only).
+    """
+
+    def __init__(self, lans, hostnames=True):
+        if not lans or len(lans) > 8:
+            raise ValueError('need 1..8 LANs')
+        self.lan_of = {host: k for k, hosts in enumerate(lans) for host in hosts}
+        self.lans = [list(hosts) for hosts in lans]
+        super().__init__([host for hosts in lans for host in hosts], hostnames,
+                         default_route=True)
+
+    def lan(self, host):
+        return self.lan_of[self._check(host)]
+
+    def _check(self, host):
+        if host not in self.lan_of:
+            raise KeyError('no lab host %r (hosts: %s)' % (host, ', '.join(self.hosts)))
+        return host
+
+    def subnet_of(self, lan):
+        return '10.%d.%d.0/24' % (213 + lan, self.subnet_octet)
+
+    def ip(self, host):
+        lan = self.lan(host)
+        return '10.%d.%d.%d' % (213 + lan, self.subnet_octet, self.lans[lan].index(host) + 1)
+
+    def broadcast(self, host=None):
+        lan = self.lan(host) if host is not None else 0
+        return '10.%d.%d.255' % (213 + lan, self.subnet_octet)
+
+    def gateway(self, host=None):
+        """The router's address on ``host``'s LAN (the first LAN's without one)."""
+        lan = self.lan(host) if host is not None else 0
+        return '10.%d.%d.%d' % (213 + lan, self.subnet_octet, GATEWAY_OCTET)
+
+    def _switch(self, host):
+        return '%ssw%d' % (self.prefix, self.lan(host))
+
+    def _port(self, host):
+        return 'p%d' % self.lans[self.lan(host)].index(host)
+
+    def _build(self):
+        router = self.router = self.prefix + 'rt'
+        self._add_netns(router)
+        _ip(['-n', router, 'link', 'set', 'lo', 'up'])
+        for lan, hosts in enumerate(self.lans):
+            switch = '%ssw%d' % (self.prefix, lan)
+            self._add_netns(switch)
+            _ip(['-n', switch, 'link', 'add', 'br0', 'type', 'bridge'])
+            _ip(['-n', switch, 'link', 'set', 'br0', 'up'])
+            leg = 'eth%d' % lan      # the router's leg on this LAN
+            _ip(['-n', switch, 'link', 'add', 'rt', 'type', 'veth', 'peer', 'name', leg,
+                 'netns', router])
+            _ip(['-n', switch, 'link', 'set', 'rt', 'master', 'br0'])
+            _ip(['-n', switch, 'link', 'set', 'rt', 'up'])
+            _ip(['-n', router, 'addr', 'add', '10.%d.%d.%d/24' % (
+                213 + lan, self.subnet_octet, GATEWAY_OCTET), 'brd', '+', 'dev', leg])
+            _ip(['-n', router, 'link', 'set', leg, 'up'])
+            for host in hosts:
+                self._add_host(host)
+        # forwarding in the router's own namespace (a per-namespace setting)
+        subprocess.run([IP, 'netns', 'exec', router, 'sysctl', '-qw',
+                        'net.ipv4.ip_forward=1'], check=True, timeout=CMD_TIMEOUT,
+                       capture_output=True)
+
+    def _add_host(self, host):
+        self.switch = self._switch(host)    # NetLab's plumbing, on this host's LAN
+        super()._add_host(host)
+
+    def link_down(self, host):
+        _ip(['-n', self._switch(host), 'link', 'set', self._port(host), 'down'])
+        self._down.add(host)
+
+    def link_up(self, host):
+        _ip(['-n', self._switch(host), 'link', 'set', self._port(host), 'up'])
+        self._down.discard(host)
+
+    def __repr__(self):
+        return '<RoutedLab %s lans=%s>' % (self.prefix, self.lans)
 
 
 def _tree(procs):

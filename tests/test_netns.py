@@ -125,15 +125,18 @@ def clean_env(**extra):
 
 
 class LabTestCase(unittest.TestCase):
-    """Builds ``self.lab`` with hosts ``HOSTS``; skips if namespaces are unavailable."""
+    """Builds ``self.lab`` with hosts ``HOSTS`` (or, with ``LANS``, a RoutedLab of
+    those LANs); skips if namespaces are unavailable."""
 
     HOSTS = ('a', 'b')
+    LANS = None
 
     def setUp(self):
         netns.require()
         self.workdir = tempfile.mkdtemp(prefix='dspy-netns-test-')
         self.addCleanup(shutil.rmtree, self.workdir, True)   # runs after lab.close
-        self.lab = netns.NetLab(list(self.HOSTS))
+        self.lab = (netns.RoutedLab([list(hosts) for hosts in self.LANS]) if self.LANS
+                    else netns.NetLab(list(self.HOSTS)))
         self.addCleanup(self.lab.close)
         self.spawned = []
 
@@ -150,11 +153,7 @@ class LabTestCase(unittest.TestCase):
         """A fresh folder, removed after the lab's processes are gone."""
         return tempfile.mkdtemp(prefix=name + '-', dir=self.workdir)
 
-
-# -- the harness itself -----------------------------------------------------------
-
-class HarnessTest(LabTestCase):
-
+    # -- raw datagrams between lab hosts ------------------------------------------------
     def listen(self, host, lifetime=60):
         listener = self.spawn(host, [sys.executable, '-c', LISTENER, PORT, lifetime])
         listener.wait_for('listening', timeout=15)
@@ -175,6 +174,11 @@ class HarnessTest(LabTestCase):
             except RuntimeError:
                 continue
         self.fail('%r to %s never arrived\n%s' % (token, address, self.diagnostics()))
+
+
+# -- the harness itself -----------------------------------------------------------
+
+class HarnessTest(LabTestCase):
 
     @time_limit(60)
     def test_broadcast_crosses_lab_and_stops_at_link_down(self):
@@ -231,6 +235,43 @@ class HarnessTest(LabTestCase):
         self.assertFalse([pid for pid in orphans if netns._pid_alive(pid)])
         for ns in namespaces:
             self.assertFalse(os.path.exists(os.path.join(netns.NETNS_ETC_DIR, ns)))
+        self.lab.close()
+        self.assertEqual(self.lab.leftovers(), [])
+
+
+class RoutedHarnessTest(LabTestCase):
+    """Two LANs and a router: unicast crosses it, broadcast does not."""
+
+    LANS = (('a', 'a2'), ('b', 'b2'))
+
+    @time_limit(60)
+    def test_unicast_is_routed_and_broadcast_stays_on_its_lan(self):
+        across, beside = self.listen('b'), self.listen('a2')
+        self.assertNotEqual(self.lab.ip('a').split('.')[:3], self.lab.ip('b').split('.')[:3])
+        self.assert_delivered(across, 'a', self.lab.ip('b'), 'routed')
+        self.assert_delivered(beside, 'a', self.lab.broadcast('a'), 'local')
+        self.assert_delivered(beside, 'a', '255.255.255.255', 'limited')
+        self.assert_delivered(across, 'b2', self.lab.broadcast('b'), 'other-lan')
+        self.assertNotIn('got local', across.stdout(), 'a broadcast crossed the router')
+        self.assertNotIn('got limited', across.stdout(), 'a broadcast crossed the router')
+        self.assertEqual(self.lab.gateway('b'), self.lab.ip('b').rsplit('.', 1)[0] + '.254')
+
+    @time_limit(60)
+    def test_forwarding_is_the_router_namespace_s_own(self):
+        def forwarding():
+            with open('/proc/sys/net/ipv4/ip_forward') as f:
+                return f.read().strip()
+        before = forwarding()
+        with netns.RoutedLab([['x'], ['y']]) as lab:
+            inside = lab.run('x', ['true'], timeout=15)
+            self.assertEqual(inside.returncode, 0)
+            self.assertEqual(forwarding(), before)
+        self.assertEqual(forwarding(), before)
+
+    @time_limit(60)
+    def test_close_removes_router_and_switches(self):
+        self.lab.run('a', ['true'], timeout=15)
+        self.assertEqual(len(self.lab.leftovers()), 1 + 2 + 4)    # router, switches, hosts
         self.lab.close()
         self.assertEqual(self.lab.leftovers(), [])
 
