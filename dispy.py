@@ -107,6 +107,7 @@ __all__ = ['JobCluster', 'SharedJobCluster', 'DispyJob', 'DispyNode', 'DispyNode
 PROTOCOL_VERSION = 2          # bump on any incompatible change of the wire format
 CLIENT_PORT = 51347           # client (and later dispyscheduler) UDP + TCP
 NODE_PORT = 51348             # dispynode UDP + TCP
+RELAY_PORT = 51350            # dispynetrelay beside a node: the node hands it pings (loopback)
 MAX_HANDSHAKE_MSG = 4096      # limit on anything read from an unauthenticated peer
 DEFAULT_MAX_FRAME = 256 << 20  # limit on one authenticated frame (configurable)
 # Arguments and results are pickled once, as opaque blobs, with a protocol every

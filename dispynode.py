@@ -1417,12 +1417,28 @@ class NodeDiscovery(dispy.DiscoveryEndpoint):
     def __init__(self, node):
         super().__init__(node.config.secret, self._on_datagram)
         self.node = node
+        self._relay_sock = None
 
     def _on_datagram(self, msg, addr, sock):
-        """An authenticated datagram: a client's ping gets our pong."""
+        """An authenticated datagram: a client's ping gets our pong, and a
+        dispynetrelay on this host (if one runs) gets the ping to repeat on our
+        network (not one it repeated itself)."""
         if msg.get('t') == 'ping':
             pong = self._pong('pong', self.own_address(sock, addr))
             self.sendto(self.pack(pong), addr, sock)
+            if not msg.get('relayed') and not dispy.is_loopback(addr[0]):
+                self._hand_to_relay(msg, addr)
+
+    def _hand_to_relay(self, msg, addr):
+        if self._relay_sock is None:    # its own socket: a relay not running is no error
+            self._relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._relay_sock.setblocking(False)
+        try:
+            self._relay_sock.sendto(self.pack({'t': 'relay', 'from': [addr[0], addr[1]],
+                                               'ping': msg}),
+                                    ('127.0.0.1', dispy.RELAY_PORT))
+        except OSError:
+            pass
 
     def _pong(self, kind, own_address):
         return dispy.Datagram.pong(kind, (self.node.config.ext_ip_addrs or [None])[0],
