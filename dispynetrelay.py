@@ -13,9 +13,10 @@ each node directly (unicast is routed)::
        └──────── pong / announce (unicast) ─────────┘
     client ══════════════ TCP to each node it wants ══════════════════════════════► nodes
 
-Beside a dispynode on the same host the node owns UDP 51348; it hands every ping it
-authenticates (not one the relay sent) to the relay over loopback (``--relay_port``,
-default 51350), so the spec's recipe works unchanged there too.
+Beside a dispynode on the same host both hold UDP 51348 (SO_REUSEADDR, whichever
+starts first) and a ping sent to the host reaches one of them: the relay repeats it,
+or the node answers and hands it to the relay over loopback (``--relay_port``, default
+51350), so the spec's recipe works unchanged there too.
 
 Every datagram is dispy's (``dispy.DiscoveryEndpoint``: JSON with an HMAC, never
 unpickled); the relay needs the nodes' secret (``-s``) and relays nothing it cannot
@@ -30,6 +31,7 @@ Threads: main (waits for SIGINT/SIGTERM), udp (``serve_forever`` of the endpoint
 import argparse
 import errno
 import signal
+import socket
 import threading
 import time
 
@@ -73,19 +75,19 @@ class NetRelay(dispy.DiscoveryEndpoint):
         self.beside_node = False
 
     def bind_all(self):
+        """Repeats leave from a port of the relay's own (the nodes' answers come back
+        there); the node port and the client port are shared (SO_REUSEADDR) with a
+        dispynode, clients and a dispyscheduler on this host, whichever starts first."""
         config = self.config
         for addr in config.ip_addrs or ['']:
-            try:
-                self.bind(addr, config.node_port)
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                self.beside_node = True     # a dispynode has it: it hands pings over
+            self.bind(addr, 0)
+        for addr in config.ip_addrs or ['']:
+            self.bind(addr, config.node_port, reuse=True)
             self.bind(addr, config.client_port, reuse=True)
+            self.beside_node = self.beside_node or _tcp_in_use(addr, config.node_port)
         self.bind('127.0.0.1', config.relay_port)
         if self.beside_node:
-            logger.info('a dispynode holds UDP %s here: it hands the relay its pings',
-                        config.node_port)
+            logger.info('a dispynode serves here: it hands the relay the pings it gets')
 
     # -- datagrams (the endpoint's thread) ---------------------------------------------
     def _on_datagram(self, msg, addr, sock):
@@ -164,6 +166,16 @@ class NetRelay(dispy.DiscoveryEndpoint):
             ports = {c.addr[1] for c in self.clients.values() if c.permanent}
         for port in ports:
             self._repeat(dispy.Datagram.ping('dispynetrelay', port))
+
+
+def _tcp_in_use(addr, port):
+    """Whether a dispynode (a TCP listener) has ``port`` on ``addr`` (informational)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((addr, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 # ================================================================================

@@ -1552,7 +1552,9 @@ class NodeServer:
             self.listeners.append(listener)
             self.config.port = listener.port        # port 0: every socket takes this one
             try:
-                self.discovery.bind(addr, self.config.port)
+                # shared with a dispynetrelay on this host (the TCP listener, bound
+                # first, keeps a second node away)
+                self.discovery.bind(addr, self.config.port, reuse=True)
             except OSError as exc:
                 self._cannot_listen(addr, exc)
         if not self.config.ip_addrs:

@@ -153,10 +153,20 @@ class RelayTest(LabTestCase):
 
     @time_limit(150)
     def test_relay_beside_a_node(self):
-        for host in ('node1', 'node2', 'node3', 'node4'):
+        self.beside_a_node(relay_first=False)
+
+    @time_limit(150)
+    def test_relay_started_before_the_node_beside_it(self):
+        self.beside_a_node(relay_first=True)
+
+    def beside_a_node(self, relay_first):
+        for host in ('node1', 'node3', 'node4'):
             self.node(host)
-        relay = self.relay(host='node2')
-        self.assertIn('beside a dispynode', relay.stdout())
+        relay = self.relay(host='node2') if relay_first else None
+        self.node('node2')
+        if not relay_first:
+            relay = self.relay(host='node2')
+            self.assertIn('beside a dispynode', relay.stdout())
         cfg_nodes = [self.lab.ip('node1'), self.lab.ip('node2'), self.far]
         cfg = {'nodes': cfg_nodes, 'want': 4, 'count': 16, 'secret': SECRET}
         client = self.spawn('client', [sys.executable, self.script, json.dumps(cfg)],
