@@ -30,8 +30,10 @@ Threads: main (waits for SIGINT/SIGTERM), udp (``serve_forever`` of the endpoint
 
 import argparse
 import errno
+import os
 import signal
 import socket
+import struct
 import threading
 import time
 
@@ -45,7 +47,11 @@ SCHEDULER_REPEAT = 30.0         # --scheduler_node: its network searched again t
 CLIENT_TTL = 3600.0             # seconds a client is known after its last ping
 MAX_CLIENTS = 256
 REPEAT_INTERVAL = 1.0           # a client's ping is repeated at most this often
-ANSWER_WINDOW = 10.0            # nodes' answers go to the clients that pinged this lately
+ANSWER_WINDOW = 3.0             # nodes' answers go to the clients that pinged this lately
+ANNOUNCE_INTERVAL = 2.0         # a node's announcement is forwarded this often at most
+REPEATS_PER_S = 20              # pings repeated, and datagrams forwarded, a second at most
+FORWARDS_PER_S = 5000
+NODE_CHECK_INTERVAL = 1.0       # how often the relay looks for a node started beside it
 
 
 # ================================================================================
@@ -62,45 +68,125 @@ class _Client:
         self.permanent = permanent      # --scheduler_node: never forgotten
 
 
+class _Budget:
+    """A token bucket: at most ``rate`` events a second, ``rate`` at once."""
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.tokens = float(rate)
+        self.stamp = time.monotonic()
+
+    def take(self, count=1):
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < count:
+            return False
+        self.tokens -= count
+        return True
+
+
 class NetRelay(dispy.DiscoveryEndpoint):
-    """The relay's discovery endpoint.  Its sockets: the node port (when no node holds
-    it), the loopback relay port (pings a node beside it hands over), and the shared
-    client port (node announcements broadcast on this network)."""
+    """The relay's discovery endpoint.  Its sockets: its own port (repeats leave from
+    it; the nodes' answers come back to it), the node port (clients' pings, when no
+    node serves on this host), the shared client port (node announcements broadcast on
+    this network) and the loopback relay port (pings a node beside it hands over).
+
+    No loops: a repeated ping is marked ``relayed`` (no node hands it over, no relay
+    repeats it) and a forwarded answer ``via`` (no relay forwards it again); answers
+    count only on the relay's own port, announcements only from this network."""
 
     def __init__(self, config):
         super().__init__(config.secret, self._on_datagram, nak_pings=True)
         self.config = config
+        self.instance = os.urandom(6).hex()
         self.clients = {}               # (host, port) -> _Client
         self.lock = threading.Lock()
         self.beside_node = False
+        self.own_socks = set()          # where the nodes' answers come
+        self.node_socks = []            # the node port's, given up when a node comes
+        self.networks = []              # (network, mask) of this host's IPv4 interfaces
+        self.announced = {}             # (node instance, kind) -> when last forwarded
+        self.repeats = _Budget(REPEATS_PER_S)
+        self.forwards = _Budget(FORWARDS_PER_S)
 
     def bind_all(self):
-        """Repeats leave from a port of the relay's own (the nodes' answers come back
-        there); the node port and the client port are shared (SO_REUSEADDR) with a
-        dispynode, clients and a dispyscheduler on this host, whichever starts first."""
+        """Binds the sockets (see the class docstring); beside a dispynode the node
+        port is the node's, and the node hands the relay its pings."""
         config = self.config
+        self.networks = _local_networks(config.ip_addrs)
         for addr in config.ip_addrs or ['']:
-            self.bind(addr, 0)
-        for addr in config.ip_addrs or ['']:
-            self.bind(addr, config.node_port, reuse=True)
+            self.own_socks.add(self.bind(addr, 0))
+        self.beside_node = any(_tcp_in_use(a, config.node_port)
+                               for a in config.ip_addrs or [''])
+        for addr in self._listen_addresses():
+            if not self.beside_node:
+                self.node_socks.append(self.bind(addr, config.node_port, reuse=True))
             self.bind(addr, config.client_port, reuse=True)
-            self.beside_node = self.beside_node or _tcp_in_use(addr, config.node_port)
         self.bind('127.0.0.1', config.relay_port)
         if self.beside_node:
             logger.info('a dispynode serves here: it hands the relay the pings it gets')
 
+    def _listen_addresses(self):
+        """'' for all interfaces; with -i, each address and its broadcast address (a
+        socket bound to a unicast address hears no broadcast)."""
+        if not self.config.ip_addrs:
+            return ['']
+        found = []
+        for family, addr, bcast in dispy.interface_addresses():
+            if family == socket.AF_INET and addr in self.config.ip_addrs:
+                found.append(addr)
+                if bcast and bcast not in found:
+                    found.append(bcast)
+        return found or list(self.config.ip_addrs)
+
+    def node_started_beside(self):
+        """A dispynode started on this host since (checked now and then): the node
+        port is its own from now on."""
+        if self.node_socks and any(_tcp_in_use(a, self.config.node_port)
+                                   for a in self.config.ip_addrs or ['']):
+            for sock in self.node_socks:
+                self.socks.remove(sock)
+                sock.close()
+            self.node_socks = []
+            self.beside_node = True
+            logger.info('a dispynode started here: it hands the relay the pings it gets')
+
+    def _on_link(self, host):
+        try:
+            value = struct.unpack('!I', socket.inet_aton(host))[0]
+        except (OSError, TypeError):
+            return False
+        return any(value & mask == network for network, mask in self.networks)
+
     # -- datagrams (the endpoint's thread) ---------------------------------------------
     def _on_datagram(self, msg, addr, sock):
         kind = msg.get('t')
-        if kind == 'ping' and not msg.get('relayed'):
-            self._client_ping(msg, addr)
+        if kind == 'ping' and not msg.get('relayed') and not self._on_link(addr[0]):
+            self._client_ping(msg, addr)        # one of this network's pings: not ours
         elif kind == 'relay' and dispy.is_loopback(addr[0]):
             inner, source = msg.get('ping'), msg.get('from')
             if (isinstance(inner, dict) and isinstance(source, list) and len(source) == 2
-                    and isinstance(source[0], str) and isinstance(source[1], int)):
+                    and isinstance(source[0], str) and isinstance(source[1], int)
+                    and not self._on_link(source[0])):
                 self._client_ping(inner, tuple(source))
-        elif kind in ('pong', 'announce'):
-            self._forward(msg, addr)
+        elif msg.get('via'):
+            return                              # forwarded by a relay already
+        elif kind == 'pong' and sock in self.own_socks:
+            self._forward(msg, addr, recent=True)
+        elif kind == 'announce' and self._on_link(addr[0]) and self._fresh(msg):
+            self._forward(msg, addr, recent=False)
+
+    def _fresh(self, msg):
+        """A node's announcement forwarded once every 2 s at most (bounded table)."""
+        key = (str(msg.get('instance')), msg.get('busy'))
+        now = time.monotonic()
+        if now - self.announced.get(key, -ANNOUNCE_INTERVAL) < ANNOUNCE_INTERVAL:
+            return False
+        if len(self.announced) >= MAX_CLIENTS * 4:
+            self.announced.clear()
+        self.announced[key] = now
+        return True
 
     def _client_ping(self, msg, addr):
         """A client's ping: remembered, and repeated on this network (rate-limited)."""
@@ -115,11 +201,11 @@ class NetRelay(dispy.DiscoveryEndpoint):
             if client is None:
                 self._expire(now)
                 if len(self.clients) >= MAX_CLIENTS:
-                    return
+                    self._evict_one()
                 client = self.clients[key] = _Client(key)
                 logger.info('relaying discovery for %s:%s', *key)
             client.last_ping = now
-            if now - client.last_repeat < REPEAT_INTERVAL:
+            if now - client.last_repeat < REPEAT_INTERVAL or not self.repeats.take():
                 return
             client.last_repeat = now
         self._repeat(msg)
@@ -130,19 +216,21 @@ class NetRelay(dispy.DiscoveryEndpoint):
         for bcast in dispy.broadcast_addresses(self.config.ip_addrs or None):
             self.sendto(data, (bcast, self.config.node_port))
 
-    def _forward(self, msg, addr):
+    def _forward(self, msg, addr, recent):
         """A node's answer (to the clients that pinged lately) or announcement (to
         every client known), naming the node's own address (the client would take the
         relay's for it otherwise)."""
+        msg = dict(msg, via=self.instance)
         if msg.get('ip') is None:
-            msg = dict(msg, ip=msg.get('addr') or addr[0])
+            msg['ip'] = msg.get('addr') or addr[0]
         data = self.pack(msg)
         now = time.monotonic()
-        recent = msg.get('t') == 'pong'
         with self.lock:
             self._expire(now)
             targets = [c.addr for c in self.clients.values()
                        if not recent or c.permanent or now - c.last_ping <= ANSWER_WINDOW]
+            if not self.forwards.take(len(targets)):
+                return
         for target in targets:
             self.sendto(data, target)
 
@@ -150,6 +238,12 @@ class NetRelay(dispy.DiscoveryEndpoint):
         for key in [k for k, c in self.clients.items()
                     if not c.permanent and now - c.last_ping > CLIENT_TTL]:
             del self.clients[key]
+
+    def _evict_one(self):
+        """The table is full: the client that pinged least recently makes room."""
+        free = [c for c in self.clients.values() if not c.permanent]
+        if free:
+            del self.clients[min(free, key=lambda c: c.last_ping).addr]
 
     # -- --scheduler_node ----------------------------------------------------------------
     def add_scheduler(self, host, port):
@@ -166,6 +260,21 @@ class NetRelay(dispy.DiscoveryEndpoint):
             ports = {c.addr[1] for c in self.clients.values() if c.permanent}
         for port in ports:
             self._repeat(dispy.Datagram.ping('dispynetrelay', port))
+
+
+def _local_networks(ip_addrs):
+    """(network, mask) of this host's IPv4 interfaces (those of ``ip_addrs`` if given),
+    from each address and its broadcast address: the longest prefix they share."""
+    networks = []
+    for family, addr, bcast in dispy.interface_addresses():
+        if family != socket.AF_INET or not bcast or (ip_addrs and addr not in ip_addrs):
+            continue
+        a = struct.unpack('!I', socket.inet_aton(addr))[0]
+        b = struct.unpack('!I', socket.inet_aton(bcast))[0]
+        bits = 32 - (a ^ b).bit_length()
+        mask = (0xffffffff << (32 - bits)) & 0xffffffff if bits else 0
+        networks.append((a & mask, mask))
+    return networks
 
 
 def _tcp_in_use(addr, port):
@@ -214,10 +323,19 @@ def build_parser():
 
 def configure(argv=None):
     config = build_parser().parse_args(argv)
-    config.ip_addrs = [dispy.resolve_or_exit(a, 'dispynetrelay') for a in config.ip_addrs]
+    config.ip_addrs = [_ipv4(a) for a in config.ip_addrs]
+    config.scheduler_node = [_ipv4(a) for a in config.scheduler_node]
     config.client_port = config.dispy_port
     config.node_port = config.dispy_port + 1
     return config
+
+
+def _ipv4(host):
+    addr = dispy.resolve_or_exit(host, 'dispynetrelay')
+    if ':' in addr:
+        raise SystemExit('dispynetrelay: %s is IPv6; the relay repeats IPv4 discovery only '
+                         '(IPv6 nodes are found by multicast where routing allows)' % host)
+    return addr
 
 
 def main(argv=None):
@@ -231,16 +349,22 @@ def main(argv=None):
         raise SystemExit('dispynetrelay: cannot bind: %s' % exc)
     threading.Thread(target=relay.serve_forever, daemon=True, name='dispynetrelay-udp').start()
     for host in config.scheduler_node:
-        relay.add_scheduler(dispy.resolve_or_exit(host, 'dispynetrelay'),
-                            config.scheduler_port)
+        relay.add_scheduler(host, config.scheduler_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if relay.beside_node and config.relay_port != RELAY_PORT:
+        logger.warning('--relay_port %s: a dispynode here hands pings to %s only',
+                       config.relay_port, RELAY_PORT)
     print('dispynetrelay relaying at %s (node port %s, relay port %s)%s'
           % (', '.join(config.ip_addrs) or '*', config.node_port, config.relay_port,
              ' beside a dispynode' if relay.beside_node else ''), flush=True)
-    while not stop.wait(SCHEDULER_REPEAT):
-        relay.repeat_for_schedulers()
+    last_repeat = time.monotonic()
+    while not stop.wait(NODE_CHECK_INTERVAL):
+        relay.node_started_beside()
+        if time.monotonic() - last_repeat >= SCHEDULER_REPEAT:
+            last_repeat = time.monotonic()
+            relay.repeat_for_schedulers()
     relay.close()
 
 

@@ -1430,10 +1430,10 @@ class NodeDiscovery(dispy.DiscoveryEndpoint):
                 self._hand_to_relay(msg, addr)
 
     def _hand_to_relay(self, msg, addr):
-        if self._relay_sock is None:    # its own socket: a relay not running is no error
-            self._relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._relay_sock.setblocking(False)
         try:
+            if self._relay_sock is None:    # its own: a relay not running is no error
+                self._relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                self._relay_sock.setblocking(False)
             self._relay_sock.sendto(self.pack({'t': 'relay', 'from': [addr[0], addr[1]],
                                                'ping': msg}),
                                     ('127.0.0.1', dispy.RELAY_PORT))
@@ -1587,6 +1587,8 @@ class NodeServer:
         for listener in self.listeners:
             listener.close()
         self.discovery.close()
+        if self.discovery._relay_sock is not None:
+            self.discovery._relay_sock.close()
 
     def addresses(self):
         """Addresses to show and announce."""
