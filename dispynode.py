@@ -1552,13 +1552,22 @@ class NodeServer:
             self.listeners.append(listener)
             self.config.port = listener.port        # port 0: every socket takes this one
             try:
-                # shared with a dispynetrelay on this host (the TCP listener, bound
-                # first, keeps a second node away)
-                self.discovery.bind(addr, self.config.port, reuse=True)
+                self._bind_discovery(addr)
             except OSError as exc:
                 self._cannot_listen(addr, exc)
         if not self.config.ip_addrs:
             self._bind_any_v6()
+
+    def _bind_discovery(self, addr):
+        """The UDP port, ours alone; shared only with a dispynetrelay that took it
+        before us (it gives it up at once; the TCP listener, bound first, keeps a
+        second node away)."""
+        try:
+            self.discovery.bind(addr, self.config.port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            self.discovery.bind(addr, self.config.port, reuse=True)
 
     def _cannot_listen(self, addr, exc):
         self.shutdown_network()
