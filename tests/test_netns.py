@@ -56,6 +56,19 @@ sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
 sock.sendto(sys.argv[3].encode(), (sys.argv[1], int(sys.argv[2])))
 '''
 
+# For client scripts run in a lab: a cluster_status callback that collects the
+# addresses of the nodes set up for the cluster in ``nodes``, under ``cond``.
+NODE_WATCH = r'''
+import threading
+nodes, cond = set(), threading.Condition()
+
+def watch_nodes(status, node, job):
+    if status == dispy.DispyNode.Initialized and job is None:
+        with cond:
+            nodes.add(node.ip_addr)
+            cond.notify_all()
+'''
+
 LATE_NODE_CLIENT = r'''
 import time
 import dispy

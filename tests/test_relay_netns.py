@@ -21,10 +21,10 @@ import unittest
 
 try:
     from tests import support
-    from tests.test_netns import LabTestCase, clean_env, time_limit
+    from tests.test_netns import NODE_WATCH, LabTestCase, clean_env, time_limit
 except ImportError:                         # run from inside tests/
     import support
-    from test_netns import LabTestCase, clean_env, time_limit
+    from test_netns import NODE_WATCH, LabTestCase, clean_env, time_limit
 
 NODE_SCRIPT = support.NODE_SCRIPT
 RELAY_SCRIPT = os.path.join(support.ROOT, 'dispynetrelay.py')
@@ -34,22 +34,15 @@ SECRET = 'lab secret'
 # argv[1]: JSON {nodes, want (node count to wait for), count, late (print 'waiting'
 # after want nodes and wait for want + 1), shared (scheduler address)}
 CLIENT = r'''
-import json, sys, threading, time
+import json, sys, time
 import dispy
-
+''' + NODE_WATCH + r'''
 def compute(n):
     import os
     return os.environ.get('DISPY_TEST_NODE', '?')
 
 cfg = json.loads(sys.argv[1])
-nodes, cond = set(), threading.Condition()
-
-def status(st, node, job):
-    if st == dispy.DispyNode.Initialized and job is None:
-        with cond:
-            nodes.add(node.ip_addr)
-            cond.notify_all()
-
+status = watch_nodes
 start = time.monotonic()
 if cfg.get('shared'):
     cluster = dispy.SharedJobCluster(compute, nodes=cfg['nodes'], cluster_status=status,

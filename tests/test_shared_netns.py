@@ -31,12 +31,11 @@ import time
 import unittest
 
 try:
-    from tests import netns, support
-    from tests.test_netns import LabTestCase, clean_env, time_limit
+    from tests import support
+    from tests.test_netns import NODE_WATCH, LabTestCase, clean_env, time_limit
 except ImportError:                         # run from inside tests/
-    import netns
     import support
-    from test_netns import LabTestCase, clean_env, time_limit
+    from test_netns import NODE_WATCH, LabTestCase, clean_env, time_limit
 
 ROOT = support.ROOT
 NODE_SCRIPT = support.NODE_SCRIPT
@@ -61,6 +60,7 @@ TAIL = 6000                                 # characters of each log in a failur
 CLIENT = r'''
 import json, os, sys, threading, time
 import dispy
+''' + NODE_WATCH + r'''
 
 def compute(n, delay, marks, gate):
     import os, time
@@ -93,15 +93,7 @@ def report(job):
 
 def main():
     cfg = json.loads(sys.argv[1])
-    nodes, cond = set(), threading.Condition()
-
-    def status_cb(status, node, job):
-        if status == dispy.DispyNode.Initialized and job is None:
-            with cond:
-                nodes.add(node.ip_addr)
-                cond.notify_all()
-
-    kwargs = dict(cfg.get('kwargs', {}), cluster_status=status_cb)
+    kwargs = dict(cfg.get('kwargs', {}), cluster_status=watch_nodes)
     if cfg.get('kind', 'shared') == 'shared':
         cluster = dispy.SharedJobCluster(compute, scheduler_node=cfg['scheduler'], **kwargs)
     else:
