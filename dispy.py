@@ -57,7 +57,7 @@ that only the job process, or the client that owns them, unpickles).  Every mess
 listed in the message catalog (``Msg``).  UDP discovery datagrams are JSON with an HMAC
 and are never unpickled.
 
-Receivers (shared by client and node; a relay is to use them too): ``FileReceiver``
+Receivers (shared by client, node, scheduler and relay): ``FileReceiver``
 writes the files peers send under one set of rules (names, modes, size, chunk order, no
 partial copies, stalled transfers dropped); ``DiscoveryEndpoint`` owns a program's UDP
 sockets, verifies what they read and answers forged pings with a rate-limited NAK.

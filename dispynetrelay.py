@@ -13,19 +13,22 @@ each node directly (unicast is routed)::
        └──────── pong / announce (unicast) ─────────┘
     client ══════════════ TCP to each node it wants ══════════════════════════════► nodes
 
-Beside a dispynode on the same host both hold UDP 51348 (SO_REUSEADDR, whichever
-starts first) and a ping sent to the host reaches one of them: the relay repeats it,
-or the node answers and hands it to the relay over loopback (``--relay_port``, default
-51350), so the spec's recipe works unchanged there too.
+Beside a dispynode on the same host the node port is the node's (a relay started
+first gives it up when the node comes); the node hands every ping it authenticates to
+the relay over loopback (UDP 51350, ``dispy.RELAY_PORT``), so the spec's recipe works
+unchanged there too.
 
 Every datagram is dispy's (``dispy.DiscoveryEndpoint``: JSON with an HMAC, never
 unpickled); the relay needs the nodes' secret (``-s``) and relays nothing it cannot
-authenticate.  It is no amplifier: one repeat per client a second at most, clients
-remembered for an hour after their last ping (at most 256), answers forwarded only to
-the clients that pinged in the last 10 s, announcements to the clients it knows.  ``--scheduler_node`` makes a client or dispyscheduler known from the
-start, so the relay's network is searched for it without a ping.
+authenticate.  It is no amplifier and makes no loops (see ``NetRelay``): one repeat per
+client a second at most, clients remembered for an hour after their last ping (at most
+256), answers forwarded only to the clients that pinged in the last 3 s, a node's
+announcements once every 2 s to the clients it knows.  ``--scheduler_node`` makes a
+client or dispyscheduler known from the start, so the relay's network is searched for
+it without a ping (and again every 30 s).
 
-Threads: main (waits for SIGINT/SIGTERM), udp (``serve_forever`` of the endpoint).
+Threads: main (waits for SIGINT/SIGTERM; looks for a node started beside it every
+second), udp (``serve_forever`` of the endpoint).
 """
 
 import argparse

@@ -148,7 +148,7 @@ class SchedulerTestCase(unittest.TestCase):
         port = None
         for _ in range(20):
             port = support.free_port(NODE_IP)
-            if all(support.free_port(ip) and support.tcp_free(ip, port) for ip in cls.node_ips):
+            if all(support.tcp_free(ip, port) for ip in cls.node_ips):
                 break
         cls.nodes = []
         try:
