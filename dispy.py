@@ -3590,10 +3590,7 @@ class _NodeMessages:
         if job.status == DispyJob.Created:      # its STARTED shares this frame, folded
             job.status = DispyJob.Running
             job._cluster.job_changed(job, DispyJob.Running)
-        job.result = result
-        job.status = DispyJob.ProvisionalResult
-        job._cluster.job_changed(job, DispyJob.ProvisionalResult)
-        job.status = DispyJob.Running
+        _provisional(job, result)
 
     def _on_closed_compute(self, link, msg, _loaded):
         pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
@@ -4132,6 +4129,14 @@ class Scheduler(_NodeMessages, _NodeControl):
             else:
                 self._end_job(job, DispyJob.Cancelled,
                               exception='Cancelled: node %s lost (%s)' % (link.ip_addr, reason))
+
+
+def _provisional(job, result):
+    """A running job's provisional result, reported as its own status (lock held)."""
+    job.result = result
+    job.status = DispyJob.ProvisionalResult
+    job._cluster.job_changed(job, DispyJob.ProvisionalResult)
+    job.status = DispyJob.Running
 
 
 def _load_blob(msg):
@@ -5980,10 +5985,7 @@ class RemoteScheduler:
         result, error = loaded
         if job is None or error is not None:
             return
-        job.result = result
-        job.status = DispyJob.ProvisionalResult
-        job._cluster.job_changed(job, DispyJob.ProvisionalResult)
-        job.status = DispyJob.Running
+        _provisional(job, result)
 
     def _on_node_status(self, msg, _blob, _acks):
         if msg.status == SETUP_FAILED:
