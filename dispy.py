@@ -1740,6 +1740,15 @@ class DispyJob:
         return '<DispyJob %s id=%r status=%s>' % (self._key, self.id,
                                                   STATUS_NAMES.get(self.status, self.status))
 
+    def _ended(self, status, result, stdout, stderr, exception, end_time):
+        """Its final state (a scheduler's ``_end_job`` says when)."""
+        self.status = status
+        self.result = result
+        self.stdout, self.stderr, self.exception = stdout, stderr, exception
+        self.end_time = end_time or time.time()
+        self._blob = None           # finished jobs hold no reference to their arguments
+        self._options = None
+
     def _snapshot(self):
         snap = DispyJob.__new__(DispyJob)
         for name in DispyJob.__slots__[:-1]:
@@ -3985,12 +3994,7 @@ class Scheduler(_NodeMessages, _NodeControl):
         """The one place where a job ends (exactly once)."""
         if job.status in FINAL_STATUSES:
             return
-        job.status = status
-        job.result = result
-        job.stdout, job.stderr, job.exception = stdout, stderr, exception
-        job.end_time = end_time or time.time()
-        job._blob = None            # finished jobs hold no reference to their arguments
-        job._options = None
+        job._ended(status, result, stdout, stderr, exception, end_time)
         link, job._node = job._node, None
         if link is not None and link.jobs.get(job._key) is job:
             del link.jobs[job._key]
@@ -5694,11 +5698,8 @@ class RemoteScheduler:
             return
         self.jobs.pop(job._key, None)
         self.cancels.discard(job._key)
-        job.status, job.result = status, result
-        job.stdout, job.stderr, job.exception = stdout, stderr, exception
-        job.end_time = end_time or time.time()
+        job._ended(status, result, stdout, stderr, exception, end_time)
         job.ip_addr = ip or job.ip_addr
-        job._blob = job._options = None
         view = self.nodes.get(job.ip_addr) if job.ip_addr else None
         job._cluster.job_ended(job, view)
 
