@@ -3875,16 +3875,24 @@ class Scheduler(_NodeMessages, _NodeControl):
     def _dispatch(self):
         """Fills free job slots, least-loaded node first (lock held).  Costs nothing
         per node: only links whose room changed are looked at (_ClusterQueue.free)."""
-        for queue in self.queues.values():
+        queues = self.queues.values()
+        for queue in queues:
             if queue.pinned:
                 self._dispatch_pinned(queue)
+        self._fill(queues)
+        for queue in queues:
+            if not queue.pending and queue.slow:
+                self._rebalance(queue)
+
+    def _fill(self, queues):
+        """Sends queued jobs to nodes with room, each cluster's in turn (a hook:
+        dispyscheduler picks the cluster of each job by its policy)."""
+        for queue in queues:
             while queue.pending:
                 link = queue.least_loaded()
                 if link is None:
                     break
                 self._send_job(link, queue.pending.popleft())
-            if not queue.pending and queue.slow:
-                self._rebalance(queue)
 
     def _job_took(self, link, ckey, seconds):
         link.job_took(ckey, seconds)

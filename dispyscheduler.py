@@ -127,13 +127,10 @@ class SharedScheduler(dispy.Scheduler):
         super().node_ready(link, restarted, info)
 
     # -- which cluster's job goes next -------------------------------------------------------
-    def _dispatch(self):
-        if self.policy == 'early' or len(self.queues) < 2:
-            super()._dispatch()         # clusters in the order they came
+    def _fill(self, queues):
+        if self.policy == 'early' or len(queues) < 2:
+            super()._fill(queues)       # clusters in the order they came
             return
-        for queue in list(self.queues.values()):
-            if queue.pinned:
-                self._dispatch_pinned(queue)
         while True:
             queue = self._next_queue()
             if queue is None:
@@ -144,10 +141,8 @@ class SharedScheduler(dispy.Scheduler):
                 continue
             queue.served = next(self.served)
             self._send_job(link, queue.pending.popleft())
-        for queue in self.queues.values():
+        for queue in queues:
             queue.blocked = False
-            if not queue.pending and queue.slow:
-                self._rebalance(queue)
 
     def _next_queue(self):
         """The cluster whose job the policy sends next, among those with jobs queued
