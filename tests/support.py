@@ -48,6 +48,13 @@ def free_port(ip='127.0.0.1'):
     raise RuntimeError('no free port on %s' % ip)
 
 
+def temp_folder(test, prefix='dispytest-'):
+    """A fresh folder, removed when ``test`` (a TestCase) is cleaned up."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, folder, True)
+    return folder
+
+
 def tcp_free(ip, port):
     """Whether a TCP port can be bound on ``ip`` now."""
     with socket.socket(socket.AF_INET6 if ':' in ip else socket.AF_INET) as sock:

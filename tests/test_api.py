@@ -255,9 +255,7 @@ class ApiTestCase(unittest.TestCase):
         return cluster
 
     def tmpdir(self):
-        path = tempfile.mkdtemp(prefix='dispytest-api-')
-        self.addCleanup(shutil.rmtree, path, True)
-        return path
+        return support.temp_folder(self, 'dispytest-api-')
 
     def chdir_tmp(self):
         """Makes a temporary folder the working directory (before creating clusters)."""

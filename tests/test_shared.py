@@ -183,9 +183,7 @@ class SchedulerTestCase(unittest.TestCase):
         return result
 
     def tmpdir(self):
-        folder = tempfile.mkdtemp(prefix='dispytest-shared-')
-        self.addCleanup(shutil.rmtree, folder, True)
-        return folder
+        return support.temp_folder(self, 'dispytest-shared-')
 
 
 class SharedApiTest(SchedulerTestCase):
@@ -357,8 +355,7 @@ class ConfigTest(unittest.TestCase):
 
     def test_save_and_load_config(self):
         import dispyscheduler
-        folder = tempfile.mkdtemp(prefix='dispytest-conf-')
-        self.addCleanup(shutil.rmtree, folder, True)
+        folder = support.temp_folder(self, 'dispytest-conf-')
         path = os.path.join(folder, 'sched.conf')
         argv = ['--save_config', path, '--cluster_secret', 's1', '--node_secret', 's2',
                 '-n', '127.0.0.2', '--fair_cluster_scheduler', '--zombie_interval', '2',
@@ -655,8 +652,7 @@ class RestartTest(unittest.TestCase):
                                               self.sched.wait(T), self.sched.start()))
 
     def test_client_killed_then_recover_jobs(self):
-        folder = tempfile.mkdtemp(prefix='dispytest-shared-')
-        self.addCleanup(shutil.rmtree, folder, True)
+        folder = support.temp_folder(self, 'dispytest-shared-')
         script = os.path.join(folder, 'client.py')
         with open(script, 'w') as f:
             f.write(textwrap.dedent('''
