@@ -72,6 +72,8 @@ import functools
 import hashlib
 import heapq
 import hmac
+import importlib.abc
+import importlib.util
 import inspect
 import io
 import itertools
@@ -3363,12 +3365,20 @@ class ClusterHooks:
         allocate(alloc, link) -> CPUs for this cluster on the node (0: not used)
         computation(alloc)    -> (spec, [(file name, path)]) to set up on a node
         job_file(job, path, mode, offset, data, last)   a chunk of a file a job sent
+
+    ``monitor``: a web monitor's ``ClusterMonitor`` (dispyhttpd.py) or None; an
+    implementation passes it the same events (lock held), so a cluster nobody watches
+    pays one attribute test per event.
     """
 
     key = None
     allocations = ()
     reentrant = False
     name = ''
+    monitor = None
+
+    def is_closed(self):
+        return False
 
     def job_submitted(self, job):
         pass
@@ -4975,6 +4985,61 @@ class _Notifier:
                     self.cond.notify_all()
 
 
+class ProgressLine:
+    """Jobs done / total, failures, rate and ETA on one line while a program waits
+    (``cluster.wait(progress=True)``, ``DISPY_PROGRESS=1``, ``dispy.py --progress``):
+    redrawn in place on a terminal, at most 5 times a second; elsewhere (a log file,
+    a pipe) a plain line every 10 seconds and one at the end."""
+
+    RATE_WINDOW = 30.0          # seconds the rate is measured over
+
+    def __init__(self, stream=None, interval=None):
+        self.stream = stream if stream is not None else sys.stderr
+        try:
+            self.tty = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.tty = False
+        self.interval = interval if interval is not None else (0.2 if self.tty else 10.0)
+        self.samples = collections.deque()      # (monotonic time, jobs done)
+        self.shown_at = None
+
+    def text(self, done, total, failed, now):
+        samples = self.samples
+        samples.append((now, done))
+        while len(samples) > 2 and now - samples[1][0] >= self.RATE_WINDOW:
+            samples.popleft()
+        span = now - samples[0][0]
+        rate = (done - samples[0][1]) / span if span > 0 else 0.0
+        parts = ['dispy: %d/%d jobs done' % (done, total)]
+        if total:
+            parts[0] += ' (%.1f%%)' % (100.0 * done / total)
+        parts.append('%d failed' % failed)
+        parts.append('%.1f jobs/s' % rate)
+        if done < total:
+            parts.append('ETA %s' % (_clock(int((total - done) / rate)) if rate > 0 else '?'))
+        return ', '.join(parts)
+
+    def show(self, done, total, failed, final=False):
+        now = time.monotonic()
+        if not final and self.shown_at is not None and now - self.shown_at < self.interval:
+            self.samples.append((now, done))
+            return
+        self.shown_at = now
+        line = self.text(done, total, failed, now)
+        try:
+            if self.tty:
+                self.stream.write('\r' + line + '\x1b[K' + ('\n' if final else ''))
+            else:
+                self.stream.write(line + '\n')
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass        # a closed stream does not stop the wait
+
+
+def _clock(seconds):
+    return '%d:%02d:%02d' % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
 class JobCluster(ClusterHooks):
     """A computation (Python function or program) distributed to nodes running dispynode.
 
@@ -5028,6 +5093,8 @@ class JobCluster(ClusterHooks):
         self._status_cb = cluster_status
         self._job_timeout = job_timeout
         self._open_jobs = 0
+        self._jobs_submitted = 0    # ever (the progress line's total)
+        self._jobs_failed = 0       # ended other than Finished
         self._nodes = {}            # address -> DispyNode, for this cluster
         self._closed = False
         self._start_time = time.time()
@@ -5218,6 +5285,8 @@ class JobCluster(ClusterHooks):
             known = self._nodes.get(addr)
             if cpus >= 0 and known is not None:
                 known.cpus = cpus
+                if self.monitor is not None:
+                    self.monitor.node_cpus(addr, cpus)
             return cpus
 
     def node_jobs(self, node, from_node=False):
@@ -5234,13 +5303,32 @@ class JobCluster(ClusterHooks):
         with self._cond:
             return self._cond.wait_for(lambda: job.status in FINAL_STATUSES, timeout)
 
-    def wait(self, timeout=None):
-        """Waits until every submitted job has ended and its callbacks have run."""
+    def wait(self, timeout=None, progress=None):
+        """Waits until every submitted job has ended and its callbacks have run.
+
+        ``progress=True`` (default: the DISPY_PROGRESS environment variable) shows a
+        ProgressLine on stderr meanwhile."""
         if self._notifier is not None and threading.current_thread() is self._notifier.thread:
             raise RuntimeError('cluster.wait() cannot be called from a callback: the callback '
                                'thread would wait for itself')
-        with self._cond:
-            return self._cond.wait_for(self._all_done, timeout)
+        if progress is None:
+            progress = os.environ.get('DISPY_PROGRESS', '0') not in ('', '0')
+        if not progress:
+            with self._cond:
+                return self._cond.wait_for(self._all_done, timeout)
+        line = progress if isinstance(progress, ProgressLine) else ProgressLine()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with self._cond:
+                done = self._cond.wait_for(self._all_done, min(0.2, left if left is not None
+                                                             else 0.2))
+                figures = (self._jobs_submitted - self._open_jobs, self._jobs_submitted,
+                           self._jobs_failed)
+            if done or left == 0.0:
+                line.show(*figures, final=True)
+                return done
+            line.show(*figures)
 
     def _all_done(self):
         return self._open_jobs == 0 and (self._notifier is None or self._notifier.idle(self))
@@ -5275,6 +5363,19 @@ class JobCluster(ClusterHooks):
         self._hub.remove_cluster(self, self._scheduler)
         self._receiver.close()            # a file a job did not finish sending: removed
         return True
+
+    def is_closed(self):
+        return self._closed
+
+    def _monitor_seed(self, monitor):
+        """A new web monitor (dispyhttpd.ClusterMonitor) gets what this cluster knows,
+        then its events."""
+        with self._cond:
+            monitor.seed(self._jobs_submitted, self._jobs_submitted - self._open_jobs,
+                         self._jobs_failed, list(self._nodes.values()),
+                         [j for j in self._scheduler.open_jobs(self)
+                          if j.status == DispyJob.Running])
+            self.monitor = monitor
 
     def _jobs_open(self):
         """Jobs of this cluster queued here or on nodes."""
@@ -5347,16 +5448,23 @@ class JobCluster(ClusterHooks):
 
     def job_submitted(self, job):
         self._open_jobs += 1
+        self._jobs_submitted += 1
         if self._recover is not None:
             self._recover.submitted(job)
+        if self.monitor is not None:
+            self.monitor.job_submitted(job)
         if self._status_cb:
             self.job_changed(job, DispyJob.Created)
 
     def job_dispatched(self, job, link):
         if self._recover is not None:
             self._recover.dispatched(job, link)
+        if self.monitor is not None and self._pool is not None:   # a node, not dispyscheduler
+            self.monitor.job_dispatched(job, link.ip_addr)
 
     def job_changed(self, job, status):
+        if self.monitor is not None and status == DispyJob.Running:
+            self.monitor.job_running(job)
         if self._notifier is None:
             return
         if self._callback and status == DispyJob.ProvisionalResult:
@@ -5369,8 +5477,11 @@ class JobCluster(ClusterHooks):
 
     def job_ended(self, job, link):
         self._open_jobs -= 1
+        self._jobs_failed += job.status != DispyJob.Finished
         if self._recover is not None:
             self._recover.ended(job)
+        if self.monitor is not None:
+            self.monitor.job_ended(job, link.ip_addr if link is not None else job.ip_addr)
         node = self._nodes.get(link.ip_addr) if link is not None else None
         if node is not None:
             node.jobs_done += 1
@@ -5395,6 +5506,9 @@ class JobCluster(ClusterHooks):
         if status == DispyNode.Initialized:
             logger.debug('node %s (%s) initialized with %s CPUs for %s', link.ip_addr,
                          link.name, node.cpus, self._package.name)
+        if self.monitor is not None:
+            self.monitor.node_changed(node.ip_addr, status, node.name, node.cpus,
+                                      node.avail_cpus, node.platform, node.avail_info)
         if self._status_cb:
             self._notifier.put(self, self._status_cb, (status, node, None))
         self._cond.notify_all()
@@ -6141,6 +6255,38 @@ def finish_program_config(config, program):
 
 
 # ================================================================================
+# Submodule names of the 4.15 package (dispy.httpd) for a one-file module
+# ================================================================================
+
+class SubmoduleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import PACKAGE.NAME`` import a flat module beside it: ``import
+    dispy.httpd`` is ``dispyhttpd.py``, as 4.15's package had ``dispy/httpd.py``.
+    The package module gets an empty ``__path__`` (so Python allows submodules) and
+    the alias is one module object under both names, never a second copy."""
+
+    def __init__(self, package, aliases):
+        self.aliases = {package.__name__ + '.' + name: flat for name, flat in aliases.items()}
+        if not hasattr(package, '__path__'):
+            package.__path__ = []
+        sys.meta_path.append(self)
+
+    def find_spec(self, name, path=None, target=None):
+        if name in self.aliases:
+            return importlib.util.spec_from_loader(name, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module(self.aliases[spec.name])
+
+    def exec_module(self, module):
+        pass        # imported as itself by create_module
+
+
+if __name__ != '__main__':
+    SubmoduleAliases(sys.modules[__name__], {'httpd': 'dispyhttpd'})
+
+
+# ================================================================================
 # Command line: distribute a program, one job per -a
 # ================================================================================
 
@@ -6182,6 +6328,8 @@ def build_parser():
     parser.add_argument('--timeout', type=float, default=None,
                         help='seconds to wait for the jobs (default: no limit); the rest '
                         'are cancelled')
+    parser.add_argument('--progress', action='store_true',
+                        help='show jobs done / total, rate and ETA on stderr while waiting')
     parser.add_argument('-d', '--debug', action='store_true', help='log debug messages')
     return parser
 
@@ -6208,7 +6356,7 @@ def main(argv=None):
             return 2
         job.id = number
         jobs.append(job)
-    cluster.wait(opts.timeout)
+    cluster.wait(opts.timeout, progress=opts.progress or None)
     cluster.close(timeout=0, terminate=True)
     failed = 0
     for job, text in zip(jobs, opts.jobs or ['']):

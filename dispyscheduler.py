@@ -76,7 +76,7 @@ class SharedJob(DispyJob):
     __slots__ = ('client_key', 'ack')
 
     def __init__(self, cluster, client_key, blob, pin, options):
-        super().__init__(None, cluster, blob, pin, options)
+        super().__init__(None, cluster, blob, pin, options, args=None)   # never unpickled here
         self._key = (cluster.key << KEY_BITS) | client_key
         # attempts of this run of the scheduler do not meet those of an earlier run
         self._attempt = ATTEMPT_BASE
@@ -522,12 +522,7 @@ class RemoteCluster(dispy.ClusterHooks):
                 value = (scheduler.set_node_cpus(self, addr, int(arg))
                          if self.program.config.cooperative else -2)
             elif op == 'allocate':
-                allocs = [self._allocation(entry) for entry in arg]
-                with self.lock:
-                    self.allocations.extend(allocs)
-                if self.state == 'active':
-                    scheduler.add_allocations(self, allocs)
-                value = 0
+                value = self._add_allocations([self._allocation(entry) for entry in arg])
         except (TypeError, ValueError) as exc:
             logger.warning('cluster %s: malformed %s request: %s', self.name, op, exc)
         except Exception:
@@ -638,7 +633,17 @@ class RemoteCluster(dispy.ClusterHooks):
         spec = self.specs[alloc.spec]
         return spec, [(name, os.path.join(self.folder, name)) for name in spec.get('files', ())]
 
+    def job_submitted(self, job):
+        if self.monitor is not None:
+            self.monitor.job_submitted(job)
+
+    def job_dispatched(self, job, link):
+        if self.monitor is not None:
+            self.monitor.job_dispatched(job, link.ip_addr)
+
     def job_changed(self, job, status):
+        if self.monitor is not None and status == DispyJob.Running:
+            self.monitor.job_running(job)
         if status == DispyJob.Running:
             if not self.starts:     # sent after this frame's events: a result in the same
                 self.program.hub.loop.call_soon(self._send_starts)  # frame makes it moot
@@ -657,6 +662,8 @@ class RemoteCluster(dispy.ClusterHooks):
                                         job.start_time), hold=True)
 
     def job_ended(self, job, link):
+        if self.monitor is not None:
+            self.monitor.job_ended(job, link.ip_addr if link is not None else job.ip_addr)
         key = job.client_key
         self.jobs.pop(key, None)
         self.starts.pop(key, None)
@@ -671,6 +678,10 @@ class RemoteCluster(dispy.ClusterHooks):
             self.conn.send(done, hold=bool(self.jobs))
 
     def node_changed(self, link, status):
+        if self.monitor is not None:
+            self.monitor.node_changed(link.ip_addr, status, link.name,
+                                      link.alloc_cpus.get(self.key, 0), link.cpus,
+                                      link.platform, link.avail_info)
         self.send(Msg.NODE_STATUS(status, dispy._NodeView.describe(link, self.key)))
 
     def setup_failed(self, link, error):
@@ -679,6 +690,33 @@ class RemoteCluster(dispy.ClusterHooks):
 
     def job_file(self, job, path, mode, offset, data, last):
         self.send(Msg.SEND_FILE(job.client_key, job._attempt, path, mode, offset, data, last))
+
+    # -- what the web monitor (--httpd) may do: JobCluster's methods of the same names -----------
+    def is_closed(self):
+        return self.state == 'closed'
+
+    def cancel(self, job):
+        return self.scheduler.cancel(job, 'Cancelled in the web monitor')
+
+    def set_node_cpus(self, node, cpus):
+        return self.scheduler.set_node_cpus(self, node, cpus)
+
+    def deallocate_node(self, node):
+        return self.scheduler.deallocate(self, node)
+
+    def close_node(self, node, terminate_pending=False):
+        return self.scheduler.close_node(self, node, terminate_pending)
+
+    def allocate_node(self, node):
+        return self._add_allocations(dispy._node_allocations([node],
+                                                             self.program.config.node_port))
+
+    def _add_allocations(self, allocs):
+        with self.lock:
+            self.allocations.extend(allocs)
+        if self.state == 'active':
+            self.scheduler.add_allocations(self, allocs)
+        return 0
 
     # -- the end ------------------------------------------------------------------------------------
     def close(self):
@@ -809,6 +847,8 @@ class ClientRouter:
         cluster = RemoteCluster(self.program, uid, client_id, number, address)
         cluster.returning = returning
         self.clusters[uid] = cluster
+        if self.program.httpd is not None:
+            self.program.httpd.add_cluster(cluster)
         return cluster
 
     def _recover(self, conn, client_id, keys):
@@ -835,6 +875,8 @@ class ClientRouter:
     def forget(self, cluster):
         if self.clusters.get(cluster.uid) is cluster:
             del self.clusters[cluster.uid]
+        if self.program.httpd is not None:
+            self.program.httpd.del_cluster(cluster)
 
     # -- messages (loop thread; FILE and PUT_FILE on the connection's strand) ---------------------
     def on_messages(self, conn, msgs):
@@ -978,6 +1020,7 @@ class DispyScheduler:
         self.scheduler.wants_node = self._wants_node
         self.scheduler.cluster_of = self.router.cluster_of
         self.next_expiry = 0.0
+        self.httpd = None           # the web monitor (--httpd)
         self.hub.loop.add_ticker(self._tick)
 
     def _node_options(self):
@@ -1023,6 +1066,25 @@ class DispyScheduler:
             threading.Thread(target=listener.serve_forever, daemon=True,
                              name='dispyscheduler-listen').start()
         self.scheduler.pool.add_allocations(self.node_allocations)
+        if config.httpd:
+            self._start_httpd()
+
+    def _start_httpd(self):
+        """The web monitor of every cluster (dispyhttpd.py beside this file)."""
+        import dispyhttpd
+        try:
+            self.httpd = dispyhttpd.DispyHTTPServer(
+                None, host=self.config.ip_addrs[0] if self.config.ip_addrs else '',
+                port=self.config.httpd_port, certfile=self.config.cluster_certfile,
+                keyfile=self.config.cluster_keyfile)
+        except OSError as exc:
+            self.shutdown()
+            raise SystemExit('dispyscheduler: cannot serve the web monitor on port %s: %s'
+                             % (self.config.httpd_port, exc.strerror))
+        with self.scheduler.lock:
+            clusters = list(self.router.clusters.values())
+        for cluster in clusters:
+            self.httpd.add_cluster(cluster)
 
     def attach(self, channel, addr, info):
         self.router.attach(channel, addr, info)
@@ -1049,6 +1111,8 @@ class DispyScheduler:
         scheduler started again on the same folder goes on with it."""
         for listener in self.listeners:
             listener.close()
+        if self.httpd is not None:
+            self.httpd.shutdown(wait=False)
         self.hub.shutdown(release=False)
 
 
@@ -1110,7 +1174,10 @@ def build_parser():
         help='remove the files and identity of an earlier run at start (its nodes\' jobs '
         'are not recognised then)')
     add('--httpd', action='store_true',
-        help='web monitor for all clusters: not available yet (accepted)')
+        help='serve the web monitor of all clusters (dispyhttpd.py; its address and '
+        'access token are printed at start)')
+    add('--httpd_port', type=int, default=8181,
+        help='the web monitor\'s port (default %(default)s)')
     add('--fair_cluster_scheduler', action='store_true',
         help='a freed CPU takes the next job of the cluster least recently served')
     add('--early_cluster_scheduler', action='store_true',
@@ -1194,8 +1261,6 @@ def main(argv=None):
     config = configure(argv)
     dispy.setup_logging(logger.DEBUG if config.debug else logger.INFO, 'dispyscheduler')
     dispy.MsgTimeout = config.msg_timeout
-    if config.httpd:
-        logger.warning('--httpd: the web monitor is not available yet; going on without it')
     lock = _prepare_folder(config)   # held until the process ends
     program = DispyScheduler(config)
     program.start()

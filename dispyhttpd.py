@@ -1,0 +1,1852 @@
+#!/usr/bin/env python3
+"""dispyhttpd: the dispy web monitor (``import dispy.httpd`` is this module).
+
+A program (or ``dispyscheduler.py --httpd``) creates ``DispyHTTPServer(cluster)``; a
+browser on any device opens ``http://HOST:8181/`` and sees the cluster's nodes and jobs,
+cancels jobs and changes nodes.  Standard library only; the page (HTML, CSS and
+JavaScript, at the end of this file) ships inside it and fetches nothing else.
+
+Where its data comes from (who owns what, which thread moves it)::
+
+    Scheduler (dispy.py)  ──ClusterHooks events, scheduler lock held──►  JobCluster
+                                                                         (or dispyscheduler's
+                                                                          RemoteCluster)
+                                       cluster.monitor.job_ended(...)  ◄──────┘
+    ClusterMonitor   one per cluster: counters per node, the running jobs, the jobs-done
+                     history; its own lock, taken for a few dict operations per event
+         ▲
+         │ snapshot (monitor lock only: never the scheduler's)
+    DispyHTTPServer  the JSON endpoints (/api/status, /api/node, POST /api/...) and the
+                     page; actions call the cluster's own methods (cancel, set_node_cpus,
+                     allocate_node, deallocate_node, close_node)
+         ▲
+    MonitorHTTPServer  http.server in threads: one per connection (ThreadingMixIn), so
+                       idle keep-alive connections and slow browsers never hold up
+                       another; TLS handshakes run in the connection's thread too
+
+Class hierarchy::
+
+    socketserver.ThreadingMixIn + http.server.HTTPServer ─► MonitorHTTPServer
+    http.server.BaseHTTPRequestHandler ─► MonitorHandler     (parsing, limits, errors)
+    WebMonitor  (access, page files, routing, the serving thread; hook methods
+      │          get_routes / post_routes: what a product serves)
+      └─► DispyHTTPServer  (dispy's clusters)
+
+Who may see and act (``Access``): a browser on this machine (any of its own addresses)
+may view and act; a browser elsewhere (a phone) needs the access token, which the
+server prints on stderr when it starts (``http://HOST:8181/?token=...``: kept in a
+cookie after the first visit).  Every request must name one of this machine's names or
+addresses in its Host header (a DNS-rebinding page names its own).  A change (POST)
+must carry the token in an ``X-Dispy-Token`` header, which the page reads from its own
+HTML (a page of another site can neither read it nor send that header without a CORS
+preflight, which is never granted), and a browser's Origin must be this server's.
+"""
+
+import collections
+import hmac
+import html
+import http.server
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+
+import dispy
+from dispy import DispyJob, DispyNode, logger
+
+__version__ = dispy.__version__
+__all__ = ['DispyHTTPServer']
+
+# One module under both names, whichever is imported first (dispy.SubmoduleAliases).
+sys.modules.setdefault('dispy.httpd', sys.modules[__name__])
+dispy.httpd = sys.modules[__name__]
+
+# ================================================================================
+# Constants
+# ================================================================================
+
+DEFAULT_PORT = 8181
+HISTORY_SECONDS = 3600      # jobs-done history kept per cluster (one point a second)
+MAX_BODY = 64 * 1024        # largest POST body
+MAX_CONNECTIONS = 128       # connections served at once (more wait in the backlog)
+IDLE_TIMEOUT = 60.0         # an idle keep-alive connection is closed after this
+TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_SHOWN = 1000            # characters of a job's id / arguments sent to the page
+TOKEN_HEADER = 'X-Dispy-Token'
+SECURITY_HEADERS = (
+    ('Content-Security-Policy', "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; "
+                                "form-action 'none'"),
+    ('X-Content-Type-Options', 'nosniff'),
+    ('X-Frame-Options', 'DENY'),
+    ('Referrer-Policy', 'no-referrer'),
+    ('Cache-Control', 'no-store'),
+)
+
+
+# ================================================================================
+# ClusterMonitor: a cluster's figures, kept from its events
+# ================================================================================
+
+class _NodeFigures:
+    """One node as the monitor shows it for one cluster."""
+
+    __slots__ = ('ip_addr', 'name', 'cpus', 'avail_cpus', 'platform', 'state', 'avail',
+                 'submitted', 'done', 'running', 'update_time')
+
+    def __init__(self, ip_addr):
+        self.ip_addr = ip_addr
+        self.name = ''
+        self.cpus = 0               # CPUs the cluster uses there
+        self.avail_cpus = 0         # CPUs the node has
+        self.platform = ''
+        self.state = 'ready'
+        self.avail = None           # DispyNodeAvailInfo (nodes with psutil)
+        self.submitted = 0          # jobs sent there
+        self.done = 0
+        self.running = {}           # job key -> DispyJob running there
+        self.update_time = time.time()
+
+    def as_dict(self):
+        avail = self.avail
+        return {'ip_addr': self.ip_addr, 'name': self.name, 'cpus': self.cpus,
+                'avail_cpus': self.avail_cpus, 'platform': self.platform,
+                'state': self.state, 'submitted': self.submitted, 'done': self.done,
+                'running': len(self.running), 'update_time': self.update_time,
+                'avail': None if avail is None else {
+                    'cpu': avail.cpu, 'memory': avail.memory, 'disk': avail.disk,
+                    'swap': avail.swap}}
+
+
+class ClusterMonitor:
+    """What the web monitor knows of one cluster, kept from the ``ClusterHooks``
+    events the cluster passes on (``cluster.monitor``).  The events come with the
+    scheduler's lock held and take this monitor's own lock for a few dict operations;
+    the HTTP threads take only this lock, so a page never slows the scheduler down
+    beyond that."""
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.lock = threading.Lock()
+        self.nodes = {}             # address -> _NodeFigures
+        self.placed = {}            # job key -> address of the node it was sent to
+        self.submitted = self.done = self.failed = 0
+        self.history = collections.deque(maxlen=HISTORY_SECONDS)   # [second, done]
+        self.start_time = time.time()
+        self.servers = 0            # WebMonitors showing it
+
+    @classmethod
+    def attach(cls, cluster):
+        """The cluster's monitor, made (and filled with what the cluster knows) at the
+        first server that shows it."""
+        monitor = cluster.monitor
+        if monitor is None:
+            monitor = cls(cluster)
+            seed = getattr(cluster, '_monitor_seed', None)
+            if seed is not None:
+                seed(monitor)       # sets cluster.monitor under the scheduler's lock
+            else:
+                cluster.monitor = monitor
+        monitor.servers += 1
+        return monitor
+
+    def detach(self):
+        self.servers -= 1
+        if self.servers <= 0 and self.cluster.monitor is self:
+            self.cluster.monitor = None
+
+    # -- events (scheduler lock held) --------------------------------------------------------
+    def job_submitted(self, job):
+        with self.lock:
+            self.submitted += 1
+
+    def job_dispatched(self, job, ip_addr):
+        with self.lock:
+            self._place(job, ip_addr)
+
+    def job_running(self, job):
+        with self.lock:
+            node = self._place(job, job.ip_addr)
+            if node is not None:
+                node.running[job._key] = job
+
+    def job_ended(self, job, ip_addr):
+        with self.lock:
+            self.done += 1
+            self.failed += job.status != DispyJob.Finished
+            addr = self.placed.pop(job._key, None)
+            if addr is None and ip_addr:        # its start was not reported: count it now
+                addr = ip_addr
+                self._node(addr).submitted += 1
+            node = self.nodes.get(addr) if addr else None
+            if node is not None:
+                node.running.pop(job._key, None)
+                node.done += 1
+                node.update_time = time.time()
+            self._sample(time.time())
+
+    def node_changed(self, ip_addr, status, name, cpus, avail_cpus, platform, avail_info):
+        with self.lock:
+            node = self._node(ip_addr)
+            node.name, node.cpus, node.avail_cpus = name, cpus, avail_cpus
+            node.platform, node.avail = platform, avail_info
+            if status == DispyNode.Initialized:
+                node.state = 'ready'
+            elif status == DispyNode.Closed:
+                node.state = 'closed'
+            node.update_time = time.time()
+
+    def seed(self, submitted, done, failed, nodes, running):
+        """What the cluster knew before the monitor came (DispyNodes, running jobs)."""
+        with self.lock:
+            self.submitted, self.done, self.failed = submitted, done, failed
+        for node in nodes:
+            self.node_changed(node.ip_addr, DispyNode.Initialized, node.name, node.cpus,
+                              node.avail_cpus, node.platform, node.avail_info)
+            with self.lock:
+                self.nodes[node.ip_addr].done = self.nodes[node.ip_addr].submitted = \
+                    node.jobs_done
+        for job in running:
+            self.job_running(job)
+        with self.lock:
+            self._sample(time.time())
+
+    def node_cpus(self, ip_addr, cpus):
+        with self.lock:
+            node = self.nodes.get(ip_addr)
+            if node is not None:
+                node.cpus = cpus
+
+    def _node(self, ip_addr):
+        node = self.nodes.get(ip_addr)
+        if node is None:
+            node = self.nodes[ip_addr] = _NodeFigures(ip_addr)
+        return node
+
+    def _place(self, job, ip_addr):
+        """The node a job is on; counted as sent there once (a job moved to another
+        node by ``reentrant`` is counted at both)."""
+        if not ip_addr:
+            return None
+        node = self._node(ip_addr)
+        old = self.placed.get(job._key)
+        if old != ip_addr:
+            if old is not None and old in self.nodes:
+                self.nodes[old].running.pop(job._key, None)
+            self.placed[job._key] = ip_addr
+            node.submitted += 1
+        return node
+
+    def _sample(self, now):
+        """One history point a second; a quiet gap gets a point of its own, so the
+        page draws it as no jobs rather than as a slow average."""
+        second, history = int(now), self.history
+        if history and history[-1][0] == second:
+            history[-1][1] = self.done
+            return
+        if history and second > history[-1][0] + 1:
+            history.append([history[-1][0] + 1, history[-1][1]])
+        history.append([second, self.done])
+
+    # -- what the server reads ---------------------------------------------------------------
+    def status(self, since=0.0):
+        with self.lock:
+            running = sum(len(node.running) for node in self.nodes.values())
+            return {'start_time': self.start_time, 'submitted': self.submitted,
+                    'done': self.done, 'running': running, 'failed': self.failed,
+                    'pending': max(0, self.submitted - self.done),
+                    'nodes': [node.as_dict() for node in self.nodes.values()],
+                    'history': [list(p) for p in self.history if p[0] > since]}
+
+    def node(self, ip_addr):
+        """(figures of the node, its running jobs) or None."""
+        with self.lock:
+            node = self.nodes.get(ip_addr)
+            if node is None:
+                return None
+            return node.as_dict(), list(node.running.values())
+
+    def running_job(self, key):
+        with self.lock:
+            addr = self.placed.get(key)
+            node = self.nodes.get(addr) if addr is not None else None
+            return node.running.get(key) if node is not None else None
+
+
+def shown(value):
+    """A value as the page shows it: its repr, cut to MAX_SHOWN characters; a value
+    whose repr raises is shown as such (user classes may have broken reprs)."""
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except Exception as exc:
+        text = '<unprintable %s: %s>' % (type(value).__name__, exc)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + '...'
+
+
+# ================================================================================
+# Access: who may view and act
+# ================================================================================
+
+class Access:
+    """The rules of the module docstring, as plain decisions (no I/O per request)."""
+
+    ADDRESS_TTL = 30.0          # this machine's addresses are looked up again after this
+
+    def __init__(self, token, allowed_hosts=(), bound_host='', port=DEFAULT_PORT):
+        self.token = token
+        self.cookie_name = 'dispy_monitor_%d' % port    # cookies ignore ports
+        names = {'localhost', 'localhost.localdomain'}
+        for name in (socket.gethostname(), bound_host) + tuple(allowed_hosts or ()):
+            if name:
+                names.add(name.lower().rstrip('.'))
+        self.names = names
+        self._addresses = None
+        self._addresses_at = 0.0
+
+    def local_addresses(self):
+        now = time.monotonic()
+        if self._addresses is None or now - self._addresses_at > self.ADDRESS_TTL:
+            addrs = {'127.0.0.1', '::1'}
+            try:
+                addrs.update(_canonical(a[1]) for a in dispy.interface_addresses() if a[1])
+            except OSError:
+                pass
+            self._addresses, self._addresses_at = addrs, now
+        return self._addresses
+
+    def is_local(self, client_ip):
+        ip = _canonical(client_ip)
+        return dispy.is_loopback(ip) or ip in self.local_addresses()
+
+    def host_allowed(self, host_header):
+        """Whether a Host header names this machine (by a name, or an address of its
+        own); no header (HTTP/1.0 tools) is allowed: browsers always send one."""
+        if host_header is None:
+            return True
+        host = _host_part(host_header)
+        if host is None:
+            return False
+        if host in self.names:
+            return True
+        try:
+            ip = str(ipaddress.ip_address(host))
+        except ValueError:
+            return False
+        return dispy.is_loopback(ip) or ip in self.local_addresses()
+
+    def token_ok(self, presented):
+        return bool(presented) and hmac.compare_digest(str(presented).encode(),
+                                                       self.token.encode())
+
+    @staticmethod
+    def origin_ok(origin, host_header, scheme):
+        """A browser's Origin must be this server as the browser named it."""
+        if origin is None:
+            return True     # not a browser's cross-site request (they send Origin on POST)
+        return host_header is not None and origin.lower() == (
+            '%s://%s' % (scheme, host_header)).lower()
+
+
+def _canonical(ip):
+    ip = ip.split('%')[0]
+    if ip.startswith('::ffff:') and '.' in ip:
+        ip = ip[7:]
+    return ip
+
+
+def _host_part(host_header):
+    """The host of a Host header, lower case ('[::1]:8181' -> '::1'); None if malformed."""
+    host = host_header.strip().lower()
+    if host.startswith('['):
+        end = host.find(']')
+        if end < 0 or (host[end + 1:] and not host[end + 1:].startswith(':')):
+            return None
+        return host[1:end]
+    if host.count(':') == 1:
+        host, port = host.split(':')
+        if not port.isdigit():
+            return None
+    elif ':' in host:
+        return None
+    return host.rstrip('.') or None
+
+
+# ================================================================================
+# The HTTP server: threads per connection, TLS in the connection's thread
+# ================================================================================
+
+class HTTPError(Exception):
+    """A request refused: its status and the text the client is told."""
+
+    def __init__(self, status, text, headers=()):
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = headers
+
+
+class Request:
+    """What a handler passes to the WebMonitor: parsed, size-checked."""
+
+    __slots__ = ('method', 'path', 'query', 'headers', 'body', 'client_ip', 'scheme',
+                 'cookies')
+
+    def __init__(self, method, path, query, headers, body, client_ip, scheme, cookies):
+        self.method, self.path, self.query, self.headers = method, path, query, headers
+        self.body, self.client_ip, self.scheme, self.cookies = body, client_ip, scheme, cookies
+
+    def json(self):
+        ctype = (self.headers.get('Content-Type') or '').split(';')[0].strip().lower()
+        if ctype != 'application/json':
+            raise HTTPError(415, 'changes are sent as application/json')
+        try:
+            data = json.loads(self.body.decode('utf-8'))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HTTPError(400, 'malformed JSON: %s' % exc) from None
+        if not isinstance(data, dict):
+            raise HTTPError(400, 'a JSON object is expected')
+        return data
+
+
+class Response:
+    __slots__ = ('status', 'body', 'content_type', 'headers')
+
+    def __init__(self, status, body, content_type, headers=()):
+        self.status, self.body, self.content_type = status, body, content_type
+        self.headers = list(headers)
+
+    @classmethod
+    def json(cls, data, status=200):
+        return cls(status, json.dumps(data, separators=(',', ':')).encode(),
+                   'application/json')
+
+    @classmethod
+    def text_page(cls, status, title, text, headers=()):
+        body = ('<!DOCTYPE html><html><head><meta charset="utf-8"><meta name="viewport" '
+                'content="width=device-width, initial-scale=1"><title>%s</title></head>'
+                '<body><h1>%s</h1><p>%s</p></body></html>'
+                % (html.escape(title), html.escape(title), html.escape(text)))
+        return cls(status, body.encode(), 'text/html; charset=utf-8', headers)
+
+
+class MonitorHandler(http.server.BaseHTTPRequestHandler):
+    """One connection (keep-alive: many requests).  Everything it reads is bounded; a
+    request it cannot parse gets a 4xx; an error of ours gets a 500 without details
+    (they go to the log), and the connection's thread is all that ends."""
+
+    protocol_version = 'HTTP/1.1'
+    default_request_version = 'HTTP/1.0'   # an unparsable request line still gets a status
+    server_version = 'dispy-monitor/' + __version__
+    sys_version = ''
+    timeout = IDLE_TIMEOUT
+
+    def do_GET(self):
+        self._serve('GET')
+
+    def do_HEAD(self):
+        self._serve('HEAD')
+
+    def do_POST(self):
+        self._serve('POST')
+
+    def _method_not_allowed(self):
+        self._send(Response.json({'error': 'method not allowed'}, 405),
+                   head=False, extra=[('Allow', 'GET, HEAD, POST')])
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _method_not_allowed
+
+    def _serve(self, method):
+        try:
+            response = self.server.app.respond(self._request(method))
+        except HTTPError as exc:
+            response = Response.json({'error': exc.text}, exc.status)
+            response.headers.extend(exc.headers)
+        except Exception:
+            logger.warning('web monitor: %s %s failed', method, self.path, exc_info=True)
+            response = Response.json({'error': 'internal error (see the program\'s log)'}, 500)
+        self._send(response, head=method == 'HEAD')
+
+    def _request(self, method):
+        parsed = urllib.parse.urlsplit(self.path)
+        try:
+            query = dict(urllib.parse.parse_qsl(parsed.query, max_num_fields=20))
+        except ValueError:
+            raise HTTPError(400, 'malformed query') from None
+        body = b''
+        if method == 'POST':
+            length = self.headers.get('Content-Length')
+            if length is None or not length.strip().isdigit():
+                self.close_connection = True
+                raise HTTPError(411, 'a POST needs a Content-Length')
+            length = int(length)
+            if length > MAX_BODY:
+                self.close_connection = True    # its body is not read
+                raise HTTPError(413, 'request body over %d bytes' % MAX_BODY)
+            body = self.rfile.read(length)
+            if len(body) < length:
+                self.close_connection = True
+                raise HTTPError(400, 'request body cut short')
+        cookies = {}
+        for part in (self.headers.get('Cookie') or '').split(';'):
+            name, _, value = part.strip().partition('=')
+            if name:
+                cookies[name] = value
+        return Request(method, parsed.path, query, self.headers, body,
+                       self.client_address[0], 'https' if self.server.ssl_context else 'http',
+                       cookies)
+
+    def _send(self, response, head, extra=()):
+        self.send_response(response.status)
+        self.send_header('Content-Type', response.content_type)
+        self.send_header('Content-Length', str(len(response.body)))
+        for name, value in SECURITY_HEADERS + tuple(response.headers) + tuple(extra):
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header('Connection', 'close')
+        self.end_headers()
+        if not head:
+            self.wfile.write(response.body)
+
+    def version_string(self):
+        return self.server_version
+
+    def log_message(self, format, *args):
+        logger.debug('web monitor %s: %s', self.client_address[0], format % args)
+
+
+class MonitorHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """``http.server`` with a thread per connection (none waits for another), a
+    bound on connections served at once, TLS handshakes off the accepting thread,
+    and errors logged, never printed as tracebacks."""
+
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64
+    allow_reuse_address = True
+
+    def __init__(self, addr, app, ssl_context=None):
+        self.address_family = socket.AF_INET6 if ':' in addr[0] else socket.AF_INET
+        self.app = app
+        self.ssl_context = ssl_context
+        self.serving = set()            # requests being served (a bounded number)
+        self.serving_lock = threading.Lock()
+        super().__init__(addr, MonitorHandler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind asks DNS for the host's full name: slow or hanging
+        # where DNS is unreachable; nothing here uses it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def verify_request(self, request, client_address):
+        with self.serving_lock:
+            if len(self.serving) >= MAX_CONNECTIONS:
+                logger.warning('web monitor: %d connections open; %s turned away',
+                               MAX_CONNECTIONS, client_address[0])
+                return False
+            self.serving.add(request)
+            return True
+
+    def finish_request(self, request, client_address):
+        if self.ssl_context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        try:
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            logger.debug('web monitor: TLS handshake with %s failed: %s', client_address[0],
+                         exc)
+            return None
+        try:
+            return super().finish_request(tls, client_address)
+        finally:
+            tls.close()
+
+    def shutdown_request(self, request):
+        with self.serving_lock:
+            self.serving.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request, client_address):
+        logger.debug('web monitor: connection from %s failed', client_address[0],
+                     exc_info=True)
+
+
+# ================================================================================
+# WebMonitor: access, page files, routes (products add their own routes)
+# ================================================================================
+
+class WebMonitor:
+    """A web monitor's server: binds at once, serves on a thread of its own until
+    ``shutdown()``.  Subclasses give ``get_routes()`` / ``post_routes()``: path ->
+    method(request) returning a JSON-able dict (or a Response)."""
+
+    PAGE_FILES = {'/': 'monitor.html', '/index.html': 'monitor.html',
+                  '/monitor.html': 'monitor.html', '/monitor.js': 'monitor.js',
+                  '/monitor.css': 'monitor.css'}
+    CONTENT_TYPES = {'.html': 'text/html; charset=utf-8',
+                     '.js': 'text/javascript; charset=utf-8',
+                     '.css': 'text/css; charset=utf-8'}
+
+    def __init__(self, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
+                 keyfile=None, certfile=None, allowed_hosts=(), token=None, name='dispy'):
+        self.poll_sec = max(1, int(poll_sec))
+        self.document_root = DocumentRoot
+        self.token = token or secrets.token_urlsafe(24)
+        self.name = name
+        ssl_context = None
+        if certfile:
+            ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ssl_context.load_cert_chain(certfile, keyfile)
+        bind = host or ''
+        if bind and not _is_ip(bind):
+            bind = dispy.resolve_host(bind) or bind
+        self.server = MonitorHTTPServer((bind or '0.0.0.0', int(port)), self, ssl_context)
+        self.port = self.server.server_address[1]
+        self.access = Access(self.token, allowed_hosts, host or '', self.port)
+        self.get = self.get_routes()
+        self.post = self.post_routes()
+        self._polled = threading.Condition()
+        self._last_poll = None          # monotonic time of the last data request
+        self._polls = 0
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
+            'poll_interval': 0.5}, daemon=True, name='%s-httpd' % name)
+        self.thread.start()
+        self._announce(bind, host)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def get_routes(self):
+        return {}
+
+    def post_routes(self):
+        return {}
+
+    # -- starting and stopping -----------------------------------------------------------------
+    def urls(self):
+        """(URL for this machine, URL with the token for other hosts)."""
+        scheme = 'https' if self.server.ssl_context else 'http'
+        bound = self.server.server_address[0]
+        local = bound if bound not in ('0.0.0.0', '::') else '127.0.0.1'
+        other = bound
+        if bound in ('0.0.0.0', '::'):
+            addrs = [a for a in self.access.local_addresses() if not dispy.is_loopback(a)
+                     and ':' not in a]
+            other = sorted(addrs)[0] if addrs else socket.gethostname()
+
+        def url(h):
+            return '%s://%s:%d/' % (scheme, '[%s]' % h if ':' in h else h, self.port)
+        return url(local), url(other) + '?token=' + self.token
+
+    def _announce(self, bind, host):
+        local, other = self.urls()
+        # On stderr whatever the log level: the user needs it to open the page elsewhere.
+        if dispy.is_loopback(self.server.server_address[0]):
+            text = '%s (this machine only: a loopback address; access token %s)' % (
+                local, self.token)
+        else:
+            text = '%s (this machine); from other hosts: %s' % (local, other)
+        print('%s web monitor: %s' % (self.name, text), file=sys.stderr, flush=True)
+
+    def shutdown(self, wait=True):
+        """Stops serving.  ``wait``: if a browser is polling, its next poll (within
+        poll_sec) is served first, so it shows the final state."""
+        if wait:
+            with self._polled:
+                last, polls = self._last_poll, self._polls
+                if last is not None and time.monotonic() - last < 2 * self.poll_sec + 1:
+                    self._polled.wait_for(lambda: self._polls > polls, self.poll_sec + 1)
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+        self.closed()
+
+    def closed(self):
+        """Hook: the server has stopped."""
+
+    # -- one request ---------------------------------------------------------------------------
+    def respond(self, request):
+        access = self.access
+        host = request.headers.get('Host')
+        if not access.host_allowed(host):
+            raise HTTPError(421, 'this server does not answer to the name %r; if it is a '
+                            'name of this machine, start the monitor with '
+                            'allowed_hosts=[%r]' % (host, _host_part(host or '') or host))
+        presented = (request.headers.get(TOKEN_HEADER) or request.query.get('token')
+                     or request.cookies.get(access.cookie_name))
+        has_token = access.token_ok(presented)
+        if not (has_token or access.is_local(request.client_ip)):
+            return self._needs_token(request)
+        if request.method == 'POST':
+            return self._change(request)
+        if request.path in self.PAGE_FILES:
+            if request.query.get('token') and has_token:   # first visit: keep it, hide it
+                return self._keep_token(request)
+            return self._page_file(self.PAGE_FILES[request.path])
+        if request.path == '/favicon.ico':
+            return Response(204, b'', 'image/x-icon')
+        route = self.get.get(request.path)
+        if route is None:
+            if request.path in self.post:
+                raise HTTPError(405, 'changes are POST requests', [('Allow', 'POST')])
+            raise HTTPError(404, 'no such page: %s' % request.path[:200])
+        self._data_served()
+        return self._as_response(route(request))
+
+    def _change(self, request):
+        route = self.post.get(request.path)
+        if route is None:
+            raise HTTPError(404 if request.path not in self.get else 405,
+                            'no such action: %s' % request.path[:200])
+        if not self.access.token_ok(request.headers.get(TOKEN_HEADER)):
+            raise HTTPError(403, 'a change needs the page\'s token in the %s header'
+                            % TOKEN_HEADER)
+        if not Access.origin_ok(request.headers.get('Origin'), request.headers.get('Host'),
+                                request.scheme):
+            raise HTTPError(403, 'a change from another site\'s page is refused')
+        if (request.headers.get('Sec-Fetch-Site') or 'same-origin') not in ('same-origin',
+                                                                          'none'):
+            raise HTTPError(403, 'a change from another site\'s page is refused')
+        return self._as_response(route(request, request.json()))
+
+    def _needs_token(self, request):
+        text = ('This monitor answers browsers on other hosts only with its access token. '
+                'Open the address that the program printed on its standard error when the '
+                'monitor started (it ends with ?token=...); the browser keeps it afterwards.')
+        if request.path.startswith('/api/'):
+            raise HTTPError(403, text)
+        return Response.text_page(403, '%s monitor: access token needed' % self.name, text)
+
+    def _keep_token(self, request):
+        cookie = '%s=%s; Path=/; HttpOnly; SameSite=Strict%s' % (
+            self.access.cookie_name, self.token, '; Secure' if request.scheme == 'https'
+            else '')
+        return Response(303, b'', 'text/plain', [('Location', request.path),
+                                                 ('Set-Cookie', cookie)])
+
+    def _page_file(self, name):
+        data = None
+        if self.document_root:
+            try:
+                with open(os.path.join(self.document_root, name), 'rb') as f:
+                    data = f.read()
+            except OSError:
+                data = None     # the built-in copy
+        if data is None:
+            data = PAGE[name].encode()
+        if name.endswith('.html'):
+            data = data.replace(b'{{TOKEN}}', html.escape(self.token).encode())
+        return Response(200, data, self.CONTENT_TYPES[os.path.splitext(name)[1]])
+
+    def _data_served(self):
+        with self._polled:
+            self._last_poll = time.monotonic()
+            self._polls += 1
+            self._polled.notify_all()
+
+    @staticmethod
+    def _as_response(result):
+        return result if isinstance(result, Response) else Response.json(result)
+
+
+def _is_ip(text):
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ================================================================================
+# DispyHTTPServer: dispy's clusters
+# ================================================================================
+
+class DispyHTTPServer(WebMonitor):
+    """The dispy web monitor of one or more clusters (4.15's interface).
+
+    ``cluster``: a JobCluster / SharedJobCluster, a list of them, or None (add them
+    with ``add_cluster``).  The cluster's own ``cluster_status`` callback keeps being
+    called: the monitor takes the cluster's events beside it.  ``allowed_hosts``:
+    more names this machine answers to (see ``Access``); ``token``: the access token
+    (default: a new random one, printed on stderr)."""
+
+    NODE_OPS = ('set_cpus', 'allocate', 'deallocate', 'close')
+
+    def __init__(self, cluster, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
+                 keyfile=None, certfile=None, show_job_args=True, allowed_hosts=(),
+                 token=None):
+        self.show_job_args = bool(show_job_args)
+        self._clusters = collections.OrderedDict()     # id -> ClusterMonitor
+        self._ids = iter(range(1, 1 << 62))
+        self._lock = threading.Lock()
+        for one in (cluster if isinstance(cluster, (list, tuple)) else [cluster]):
+            if one is not None:
+                self.add_cluster(one)
+        super().__init__(host, port, poll_sec, DocumentRoot, keyfile, certfile,
+                         allowed_hosts, token, 'dispy')
+
+    def add_cluster(self, cluster):
+        """Shows one more cluster."""
+        with self._lock:
+            if any(m.cluster is cluster for m in self._clusters.values()):
+                return
+            self._clusters[next(self._ids)] = ClusterMonitor.attach(cluster)
+
+    def del_cluster(self, cluster):
+        """Stops showing a cluster."""
+        with self._lock:
+            for cid, monitor in list(self._clusters.items()):
+                if monitor.cluster is cluster:
+                    del self._clusters[cid]
+                    monitor.detach()
+
+    def closed(self):
+        with self._lock:
+            monitors, self._clusters = list(self._clusters.values()), {}
+        for monitor in monitors:
+            monitor.detach()
+
+    def get_routes(self):
+        return {'/api/status': self.api_status, '/api/node': self.api_node}
+
+    def post_routes(self):
+        return {'/api/cancel': self.api_cancel, '/api/node': self.api_node_op,
+                '/api/settings': self.api_settings}
+
+    def _monitors(self):
+        with self._lock:
+            return list(self._clusters.items())
+
+    def _monitor(self, data):
+        cid = data.get('cluster')
+        with self._lock:
+            monitor = self._clusters.get(cid) if isinstance(cid, int) else None
+        if monitor is None:
+            raise HTTPError(404, 'no cluster %r' % (cid,))
+        return monitor
+
+    @staticmethod
+    def _cluster_info(cid, monitor):
+        return {'id': cid, 'name': shown(monitor.cluster.name),
+                'closed': bool(monitor.cluster.is_closed())}
+
+    # -- GET ---------------------------------------------------------------------------------
+    def api_status(self, request):
+        try:
+            since = float(request.query.get('since') or 0)
+        except ValueError:
+            raise HTTPError(400, 'since: a number of seconds is expected') from None
+        clusters = []
+        for cid, monitor in self._monitors():
+            info = self._cluster_info(cid, monitor)
+            info.update(monitor.status(since))
+            clusters.append(info)
+        return {'time': time.time(), 'poll_sec': self.poll_sec,
+                'show_job_args': self.show_job_args, 'version': __version__,
+                'clusters': clusters}
+
+    def api_node(self, request):
+        ip_addr = request.query.get('ip_addr') or ''
+        clusters, name = [], ''
+        for cid, monitor in self._monitors():
+            found = monitor.node(ip_addr)
+            if found is None:
+                continue
+            figures, jobs = found
+            name = name or figures.pop('name')
+            figures.pop('ip_addr')
+            info = dict(figures, **self._cluster_info(cid, monitor))
+            info['jobs'] = [self._job_info(job) for job in jobs]
+            clusters.append(info)
+        if not clusters:
+            raise HTTPError(404, 'no cluster knows node %r' % ip_addr[:100])
+        return {'ip_addr': ip_addr, 'name': name, 'time': time.time(),
+                'show_job_args': self.show_job_args, 'clusters': clusters}
+
+    def _job_info(self, job):
+        info = {'key': str(job._key), 'id': shown(job.id), 'start_time': job.start_time}
+        args = getattr(job, 'args', None)
+        if self.show_job_args and args is not None:     # dispyscheduler has no arguments
+            info['args'] = shown(tuple(args))
+            info['kwargs'] = shown(dict(job.kwargs or {}))
+        return info
+
+    # -- POST --------------------------------------------------------------------------------
+    def api_cancel(self, request, data):
+        monitor = self._monitor(data)
+        keys = data.get('jobs')
+        if not isinstance(keys, list) or len(keys) > 10000:
+            raise HTTPError(400, 'jobs: a list of job keys is expected')
+        cancelled, failed = [], []
+        for key in keys:
+            job = monitor.running_job(int(key)) if str(key).isdigit() else None
+            ok = job is not None and monitor.cluster.cancel(job) == 0
+            (cancelled if ok else failed).append(str(key))
+        if cancelled:
+            logger.info('web monitor: %d job(s) of %s cancelled by %s', len(cancelled),
+                        monitor.cluster.name, request.client_ip)
+        return {'cancelled': cancelled, 'failed': failed}
+
+    def api_node_op(self, request, data):
+        monitor, op, ip_addr = self._monitor(data), data.get('op'), data.get('ip_addr')
+        if op not in self.NODE_OPS:
+            raise HTTPError(400, 'op: one of %s' % ', '.join(self.NODE_OPS))
+        if not isinstance(ip_addr, str) or monitor.node(ip_addr) is None:
+            raise HTTPError(404, 'cluster has no node %r' % (str(ip_addr)[:100],))
+        cluster = monitor.cluster
+        if op == 'set_cpus':
+            cpus = data.get('cpus')
+            if not isinstance(cpus, int) or isinstance(cpus, bool):
+                raise HTTPError(400, 'cpus: a whole number is expected')
+            result = cluster.set_node_cpus(ip_addr, cpus)
+            if result >= 0:
+                monitor.node_cpus(ip_addr, result)
+        elif op == 'deallocate':
+            result = cluster.deallocate_node(ip_addr)
+            if result == 0:
+                monitor.node_cpus(ip_addr, 0)
+        elif op == 'close':
+            result = cluster.close_node(ip_addr)
+        else:
+            result = self._allocate(monitor, ip_addr)
+        logger.info('web monitor: %s %s of %s by %s: %s', op, ip_addr, cluster.name,
+                    request.client_ip, result)
+        return {'op': op, 'ip_addr': ip_addr, 'result': result}
+
+    @staticmethod
+    def _allocate(monitor, ip_addr):
+        """A node the cluster deallocated gets its CPUs back; another is set up (again)."""
+        figures, _jobs = monitor.node(ip_addr)
+        if figures['state'] == 'ready' and figures['cpus'] == 0 and figures['avail_cpus']:
+            result = monitor.cluster.set_node_cpus(ip_addr, figures['avail_cpus'])
+            if result >= 0:
+                monitor.node_cpus(ip_addr, result)
+                return result
+        return monitor.cluster.allocate_node(ip_addr)
+
+    def api_settings(self, request, data):
+        if 'show_job_args' in data:
+            if not isinstance(data['show_job_args'], bool):
+                raise HTTPError(400, 'show_job_args: true or false')
+            self.show_job_args = data['show_job_args']
+        return {'show_job_args': self.show_job_args}
+
+
+# ================================================================================
+# The page (served at /, /monitor.js, /monitor.css; DocumentRoot may replace them)
+# ================================================================================
+
+# The page's own files, as the browser gets them.  A placeholder {{TOKEN}} in the HTML
+# becomes the access token (HTML-escaped).  Everything the page shows is set with
+# textContent: nothing received is ever parsed as HTML.
+
+PAGE = {}
+
+PAGE['monitor.html'] = r'''<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="dispy-token" content="{{TOKEN}}">
+<title>dispy monitor</title>
+<link rel="stylesheet" href="/monitor.css">
+<script src="/monitor.js" defer></script>
+</head>
+<body>
+<header class="topbar">
+  <h1 class="brand">dispy monitor</h1>
+  <nav class="menu" aria-label="Views">
+    <a id="nav-cluster" href="#cluster">Cluster</a>
+    <a id="nav-node" class="disabled" aria-disabled="true">Node</a>
+  </nav>
+  <label class="poll">Poll every
+    <input id="poll-sec" type="number" min="1" max="3600" step="1" value="10" inputmode="numeric"> s</label>
+  <span id="last-update"></span>
+</header>
+<div id="error" class="error" role="alert" hidden>
+  <span id="error-text"></span>
+  <button type="button" id="error-dismiss" class="dismiss" aria-label="Dismiss">&times;</button>
+</div>
+<main>
+  <div id="cluster-view" hidden>
+    <div class="toolbar">
+      <label class="check"><input type="checkbox" id="show-args"> Show job arguments</label>
+    </div>
+    <div id="clusters"><p class="empty">Loading&hellip;</p></div>
+  </div>
+  <div id="node-view" hidden>
+    <h2 id="node-title">Node</h2>
+    <p id="node-unknown" hidden><span id="node-unknown-text"></span> <a href="#cluster">Back to cluster view</a></p>
+    <p id="node-empty" class="empty" hidden>This node is not used by any cluster.</p>
+    <div id="node-clusters"></div>
+    <div id="node-actions" class="actions">
+      <button type="button" id="cancel-jobs" disabled>Cancel selected jobs</button>
+      <span id="cancel-result" aria-live="polite"></span>
+    </div>
+  </div>
+</main>
+<footer class="foot"><span id="version"></span></footer>
+</body>
+</html>
+'''
+
+PAGE['monitor.css'] = r'''/* dispy monitor: light, system fonts, usable down to 360px wide. */
+:root {
+  --fg: #1d2430; --muted: #5f6b7a; --bg: #f5f6f8; --card: #fff; --line: #dde2e8;
+  --head: #f1f3f6; --accent: #2457d6; --accent-weak: #dfe8fc;
+  --bad: #b42318; --bad-bg: #fdecea; --ok: #067647; --ok-bg: #e3f6ec;
+}
+*, *::before, *::after { box-sizing: border-box; }
+[hidden] { display: none !important; }
+html { font-size: 16px; -webkit-text-size-adjust: 100%; text-size-adjust: 100%; }
+body {
+  margin: 0; color: var(--fg); background: var(--bg); line-height: 1.4;
+  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+}
+a { color: var(--accent); }
+:focus-visible { outline: 2px solid var(--accent); outline-offset: 2px; }
+
+/* header bar */
+.topbar {
+  position: sticky; top: 0; z-index: 2;
+  display: flex; flex-wrap: wrap; align-items: center; gap: .5rem 1rem;
+  padding: .5rem 1rem; background: var(--card); border-bottom: 1px solid var(--line);
+}
+.brand { margin: 0; font-size: 1.15rem; font-weight: 650; white-space: nowrap; }
+.menu { display: flex; gap: .25rem; }
+.menu a {
+  display: inline-flex; align-items: center; min-height: 36px; padding: 0 .75rem;
+  border-radius: 6px; text-decoration: none;
+}
+.menu a:hover { background: var(--accent-weak); }
+.menu a.active { background: var(--accent); color: #fff; }
+.menu a.disabled { color: #9aa4b1; pointer-events: none; cursor: default; }
+.poll { display: inline-flex; align-items: center; gap: .35rem; color: var(--muted); white-space: nowrap; }
+#poll-sec { width: 5.5em; }
+#last-update { margin-left: auto; color: var(--muted); font-size: .875rem; white-space: nowrap; }
+
+/* form controls */
+input[type="number"] {
+  font: inherit; color: inherit; min-height: 36px; padding: 0 .45rem;
+  border: 1px solid var(--line); border-radius: 6px; background: #fff;
+}
+input.invalid { border-color: var(--bad); background: var(--bad-bg); }
+input[type="checkbox"] { width: 1.15rem; height: 1.15rem; margin: 0; accent-color: var(--accent); }
+button {
+  font: inherit; color: var(--fg); min-height: 36px; padding: 0 .9rem;
+  border: 1px solid #c9d0d9; border-radius: 6px; background: #fff; cursor: pointer;
+}
+button:hover:not(:disabled) { border-color: var(--accent); background: #f7f9ff; }
+button:disabled { opacity: .5; cursor: default; }
+button.close-node { color: var(--bad); }
+#cancel-jobs:not(:disabled) { color: #fff; background: var(--bad); border-color: var(--bad); }
+
+/* error banner */
+.error {
+  display: flex; align-items: center; gap: .75rem; padding: .5rem 1rem;
+  color: var(--bad); background: var(--bad-bg); border-bottom: 1px solid #f3b8b2;
+}
+#error-text { flex: 1; overflow-wrap: anywhere; }
+.error .dismiss { min-width: 36px; padding: 0; border-color: transparent; background: transparent; color: inherit; font-size: 1.25rem; }
+
+main { max-width: 1200px; margin: 0 auto; padding: 1rem; }
+.toolbar { margin-bottom: .75rem; }
+.check { display: inline-flex; align-items: center; gap: .5rem; min-height: 36px; cursor: pointer; }
+.empty { color: var(--muted); }
+#node-title { margin: .25rem 0 .75rem; font-size: 1.3rem; overflow-wrap: anywhere; }
+.node-name { margin-left: .5rem; color: var(--muted); font-weight: 400; }
+
+/* cluster cards */
+section.cluster, section.node-cluster {
+  margin-bottom: 1rem; padding: .75rem 1rem 1rem;
+  background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+}
+.cluster-head { display: flex; flex-wrap: wrap; align-items: baseline; gap: .25rem .6rem; }
+.cluster-head h2, .cluster-head h3 { margin: 0; font-size: 1.15rem; overflow-wrap: anywhere; }
+h4 { margin: .75rem 0 .4rem; font-size: .95rem; color: var(--muted); }
+.meta { color: var(--muted); font-size: .875rem; }
+.badge, .state {
+  display: inline-block; padding: .05rem .5rem; border-radius: 999px; font-size: .75rem;
+  text-transform: uppercase; letter-spacing: .03em; background: #eef0f3; color: var(--muted);
+}
+.badge-closed { background: #fde7d9; color: #9a3412; }
+.state-ready { background: var(--ok-bg); color: var(--ok); }
+.figures { display: flex; flex-wrap: wrap; gap: .5rem 1.5rem; margin: .6rem 0; }
+.figure { display: flex; flex-direction: column; min-width: 4.5rem; }
+.figure-label { font-size: .75rem; color: var(--muted); text-transform: uppercase; letter-spacing: .03em; }
+.figure-value { font-size: 1.25rem; font-weight: 600; font-variant-numeric: tabular-nums; }
+
+/* throughput chart */
+.chart { width: 100%; margin: .25rem 0 .75rem; }
+svg.throughput { display: block; width: 100%; height: 160px; }
+.throughput .chart-bg { fill: #fbfcfd; stroke: var(--line); }
+.throughput .grid { stroke: #e6e9ee; stroke-width: 1; }
+.throughput .axis-label { fill: var(--muted); font-size: 11px; }
+.throughput .no-data { fill: var(--muted); font-size: 13px; }
+.throughput .area { fill: var(--accent-weak); opacity: .8; }
+.throughput .line { fill: none; stroke: var(--accent); stroke-width: 2; stroke-linejoin: round; }
+
+/* tables */
+.table-wrap { overflow-x: auto; -webkit-overflow-scrolling: touch; border: 1px solid var(--line); border-radius: 6px; }
+table { width: 100%; border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { padding: .4rem .6rem; text-align: left; white-space: nowrap; border-bottom: 1px solid var(--line); }
+thead th { background: var(--head); font-size: .875rem; font-weight: 600; }
+tbody tr:hover { background: #f8fafc; }
+tbody tr.selected { background: var(--accent-weak); }
+tfoot td { font-weight: 600; background: #f8f9fb; border-bottom: 0; }
+table.nodes th { padding: 0; }
+.sort-btn {
+  display: block; width: 100%; min-height: 36px; padding: 0 .6rem; border: 0; border-radius: 0;
+  background: transparent; font-weight: inherit; text-align: inherit; white-space: nowrap;
+}
+.sort-btn:hover:not(:disabled) { background: #e7ebf1; }
+.sort-mark { color: var(--accent); }
+table.nodes [data-col="submitted"], table.nodes [data-col="done"], table.nodes [data-col="running"],
+table.nodes [data-col="cpu"], table.nodes [data-col="memory"], table.nodes [data-col="disk"] { text-align: right; }
+.node-link { display: inline-block; padding: .3rem 0; }
+td.select, th.select { width: 1%; padding: 0 .25rem; }
+.cb { display: inline-flex; align-items: center; justify-content: center; min-width: 36px; min-height: 36px; cursor: pointer; }
+td.args { white-space: normal; min-width: 12rem; }
+td.args code {
+  display: block; max-width: 40rem; white-space: pre-wrap; overflow-wrap: anywhere;
+  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: .85rem;
+}
+td.args .job-kwargs { color: var(--muted); }
+
+/* node controls and actions */
+.controls { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin: .5rem 0; }
+.cpus-group { display: inline-flex; gap: .35rem; }
+.cpus-input { width: 5em; }
+.op-result, #cancel-result { color: var(--muted); font-size: .875rem; }
+.actions { display: flex; flex-wrap: wrap; align-items: center; gap: .75rem; margin-top: .5rem; }
+.foot { padding: 1rem; text-align: center; color: var(--muted); font-size: .8rem; }
+
+@media (max-width: 600px) {
+  .topbar { padding: .4rem .6rem; gap: .35rem .75rem; }
+  #last-update { margin-left: 0; }
+  main { padding: .6rem; }
+  section.cluster, section.node-cluster { padding: .6rem; }
+  .figures { gap: .4rem 1rem; }
+  .figure-value { font-size: 1.1rem; }
+}
+'''
+
+PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no libraries).
+ *
+ * Structure:
+ *   state     - one object: current view/route, user choices (poll interval, table
+ *               sort, job selections), the last server data and the throughput
+ *               history accumulated between polls.
+ *   helpers   - DOM builders (el/svg/setChildren; text only ever goes through
+ *               textContent, never parsed as HTML), formatting, and api(), the fetch wrapper.
+ *   poll loop - pollNow() fetches the data of the current view and renders it;
+ *               when the response (or error) is in, schedule() arms ONE setTimeout,
+ *               so slow responses never pile up. Actions and hash changes call
+ *               pollNow() at once; stale responses are dropped by a sequence number.
+ *   renderers - renderClusters()/drawChart() for #cluster, renderNode() for #node=<ip>.
+ *   actions   - show-args setting, node operations, job cancellation.
+ *   init      - wires events, routes by location.hash and starts polling.
+ */
+'use strict';
+(function () {
+  const SVG_NS = 'http://www.w3.org/2000/svg';
+  const MAX_POINTS = 3600;   // history points kept per cluster
+  const CHART_SPAN = 900;    // seconds shown in a throughput chart
+  const CHART_BINS = 60;
+  const NODE_COLS = [['ip_addr', 'Node'], ['name', 'Name'], ['cpus', 'CPUs'],
+    ['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'], ['cpu', 'CPU %'],
+    ['memory', 'Memory free'], ['disk', 'Disk free'], ['state', 'State']];
+  const TOTALS = [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'],
+    ['failed', 'Failed'], ['pending', 'Pending']];
+
+  const state = {
+    token: '', view: 'cluster', nodeIp: null, lastNode: null,
+    pollSec: 10, pollUserSet: false, timer: null, pollSeq: 0,
+    settingsBusy: false, cancelBusy: false, errorKind: null,
+    sort: { col: 'ip_addr', dir: -1 },
+    status: null,            // last /api/status response
+    history: new Map(),      // cluster id -> [[time, done], ...]
+    needFull: false,         // next status poll must use since=0
+    charts: [],              // [{holder, id}] of the rendered cluster view
+    nodeParts: new Map(),    // String(cluster id) -> persistent DOM of node view
+    selected: new Map(),     // String(cluster id) -> Set of selected job keys
+  };
+
+  // ---------- helpers ----------
+  const $ = (id) => document.getElementById(id);
+  const isNum = (v) => typeof v === 'number' && isFinite(v);
+  const str = (v) => (v === null || v === undefined ? '' : String(v));
+
+  function el(tag, attrs) {
+    const node = document.createElement(tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => {
+      if (v === null || v === undefined || v === false) return;
+      if (k === 'text') node.textContent = str(v);
+      else if (k === 'class') node.className = v;
+      else node.setAttribute(k, v === true ? '' : String(v));
+    });
+    for (let i = 2; i < arguments.length; i++) append(node, arguments[i]);
+    return node;
+  }
+  function append(node, child) {
+    if (child === null || child === undefined || child === false) return;
+    if (Array.isArray(child)) child.forEach((c) => append(node, c));
+    else node.appendChild(typeof child === 'object' ? child : document.createTextNode(String(child)));
+  }
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => node.setAttribute(k, String(v)));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+  function setChildren(node, children) {
+    node.textContent = '';
+    append(node, children);
+  }
+  function load(key) {
+    try { return window.localStorage.getItem(key); } catch (e) { return null; }
+  }
+  function save(key, value) {
+    try { window.localStorage.setItem(key, value); } catch (e) { /* storage unavailable */ }
+  }
+  const pad2 = (n) => String(n).padStart(2, '0');
+  function fmtClock(sec) {
+    const d = new Date(sec * 1000);
+    return pad2(d.getHours()) + ':' + pad2(d.getMinutes()) + ':' + pad2(d.getSeconds());
+  }
+  const fmtNum = (v) => (isNum(v) ? String(v) : '—');
+  function fmtBytes(n) {
+    if (!isNum(n)) return '—';
+    const units = ['B', 'KB', 'MB', 'GB', 'TB', 'PB'];
+    let i = 0;
+    while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return (i === 0 ? String(Math.round(n)) : n.toFixed(n < 10 ? 1 : 0)) + ' ' + units[i];
+  }
+  function fmtRate(r) {
+    if (!(r > 0)) return '0';
+    return r < 1 ? r.toFixed(2) : r < 10 ? r.toFixed(1) : String(Math.round(r));
+  }
+  function activeFocusKey() {
+    const a = document.activeElement;
+    return a && a.dataset ? a.dataset.focusKey || null : null;
+  }
+  function restoreFocus(key) {
+    if (!key) return;
+    const target = document.querySelector('[data-focus-key="' + CSS.escape(key) + '"]');
+    if (target && target !== document.activeElement) target.focus({ preventScroll: true });
+  }
+
+  class ApiError extends Error {
+    constructor(message, status) { super(message); this.status = status; }
+  }
+  async function api(method, path, body) {
+    const opts = { method: method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
+    if (body !== undefined) {
+      opts.headers['Content-Type'] = 'application/json';
+      opts.headers['X-Dispy-Token'] = state.token;
+      opts.body = JSON.stringify(body);
+    }
+    let resp;
+    try {
+      resp = await fetch(path, opts);
+    } catch (e) {
+      throw new ApiError('cannot reach the server: ' + (e && e.message ? e.message : e), 0);
+    }
+    let data = null;
+    try { data = await resp.json(); } catch (e) { /* not JSON */ }
+    if (!resp.ok) throw new ApiError((data && data.error) || ('HTTP error ' + resp.status), resp.status);
+    if (!data || typeof data !== 'object') throw new ApiError('invalid response from the server', resp.status);
+    return data;
+  }
+
+  // ---------- error banner ----------
+  function showError(message, kind) {
+    $('error-text').textContent = str(message);
+    $('error').hidden = false;
+    state.errorKind = kind;
+  }
+  function clearError(kind) {
+    if (kind && state.errorKind !== kind) return;
+    $('error').hidden = true;
+    state.errorKind = null;
+  }
+  // Network failures are cleared by the next successful poll, server refusals stay.
+  const reportActionError = (e) => showError(e.message, e.status ? 'action' : 'poll');
+
+  // ---------- poll loop ----------
+  function schedule() {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(pollNow, state.pollSec * 1000);
+  }
+  async function pollNow() {
+    clearTimeout(state.timer);
+    const seq = ++state.pollSeq;
+    try {
+      if (state.view === 'node') await pollNode(seq);
+      else await pollClusters(seq);
+      if (seq === state.pollSeq) {
+        clearError('poll');
+        $('last-update').textContent = 'updated ' + fmtClock(Date.now() / 1000);
+      }
+    } catch (e) {
+      if (seq === state.pollSeq) showError(e.message, 'poll');
+    } finally {
+      if (seq === state.pollSeq) schedule();
+    }
+  }
+  function applyServerInfo(d) {
+    if (typeof d.show_job_args === 'boolean' && !state.settingsBusy) $('show-args').checked = d.show_job_args;
+    if (!state.pollUserSet && isNum(d.poll_sec) && d.poll_sec >= 1) {
+      state.pollSec = Math.min(3600, d.poll_sec);
+      if (document.activeElement !== $('poll-sec')) $('poll-sec').value = state.pollSec;
+    }
+    if (d.version) $('version').textContent = 'dispy ' + d.version;
+  }
+
+  // ---------- cluster view ----------
+  function historySince() {
+    if (state.needFull) return 0;
+    let since = 0;
+    state.history.forEach((h) => { if (h.length) since = Math.max(since, h[h.length - 1][0]); });
+    return since;
+  }
+  function mergeHistory(clusters, since) {
+    const seen = new Set();
+    let newCluster = false;
+    clusters.forEach((c) => {
+      seen.add(c.id);
+      let h = state.history.get(c.id);
+      if (!h || since === 0) {
+        if (!h && since !== 0) newCluster = true;   // refetch its full history next time
+        h = [];
+        state.history.set(c.id, h);
+      }
+      (Array.isArray(c.history) ? c.history : []).forEach((p) => {
+        if (!Array.isArray(p) || !isNum(p[0]) || !isNum(p[1])) return;
+        if (!h.length || p[0] > h[h.length - 1][0]) h.push([p[0], p[1]]);
+      });
+      if (h.length > MAX_POINTS) h.splice(0, h.length - MAX_POINTS);
+    });
+    Array.from(state.history.keys()).forEach((id) => { if (!seen.has(id)) state.history.delete(id); });
+    state.needFull = newCluster;
+  }
+  async function pollClusters(seq) {
+    const since = historySince();
+    const data = await api('GET', '/api/status?since=' + encodeURIComponent(since));
+    if (seq !== state.pollSeq) return;
+    applyServerInfo(data);
+    mergeHistory(Array.isArray(data.clusters) ? data.clusters : [], since);
+    state.status = data;
+    renderClusters();
+  }
+  const serverNow = () => (state.status && isNum(state.status.time) ? state.status.time : Date.now() / 1000);
+
+  // Jobs done at time t (step function over the history points).
+  function doneAt(h, t) {
+    if (!h.length) return 0;
+    if (t < h[0][0]) return h[0][1];
+    let lo = 0, hi = h.length - 1;
+    while (lo < hi) {
+      const mid = (lo + hi + 1) >> 1;
+      if (h[mid][0] <= t) lo = mid; else hi = mid - 1;
+    }
+    return h[lo][1];
+  }
+  function recentRate(h, now) {
+    if (!h.length) return 0;
+    const start = Math.max(now - 30, h[0][0]);
+    return Math.max(0, doneAt(h, now) - doneAt(h, start)) / Math.max(now - start, 1);
+  }
+  // Rates per time bin over the chart span, lightly smoothed: [[time, rate], ...].
+  function rateSeries(h, now) {
+    const span = Math.max(60, Math.min(CHART_SPAN, now - h[0][0]));
+    const start = now - span, w = span / CHART_BINS, raw = [];
+    for (let i = 0; i < CHART_BINS; i++) {
+      raw.push(Math.max(0, doneAt(h, start + (i + 1) * w) - doneAt(h, start + i * w)) / w);
+    }
+    const points = raw.map((r, i) => {
+      const prev = raw[Math.max(0, i - 1)], next = raw[Math.min(raw.length - 1, i + 1)];
+      return [start + (i + 0.5) * w, (prev + 2 * r + next) / 4];
+    });
+    return { start: start, span: span, points: points };
+  }
+  function niceCeil(v) {
+    if (!(v > 0)) return 1;
+    const p = Math.pow(10, Math.floor(Math.log10(v)));
+    return [1, 2, 2.5, 5, 10].map((m) => m * p).find((x) => x >= v) || v;
+  }
+  function drawChart(holder, id, h, now) {
+    const W = Math.max(240, Math.round(holder.clientWidth || 600)), H = 160;
+    const L = 52, R = 12, T = 12, B = 24, pw = W - L - R, ph = H - T - B;
+    const chart = svg('svg', { id: 'throughput-' + id, class: 'throughput', viewBox: '0 0 ' + W + ' ' + H,
+      role: 'img', 'aria-label': 'jobs done per second' });
+    chart.appendChild(svg('rect', { class: 'chart-bg', x: L, y: T, width: pw, height: ph }));
+    if (!h.length) {
+      chart.appendChild(svg('text', { class: 'no-data', x: L + pw / 2, y: T + ph / 2, 'text-anchor': 'middle' }, 'No jobs done yet'));
+      setChildren(holder, chart);
+      return;
+    }
+    const series = rateSeries(h, now);
+    const max = niceCeil(Math.max.apply(null, series.points.map((p) => p[1])));
+    const x = (t) => L + ((t - series.start) / series.span) * pw;
+    const y = (r) => T + ph - (r / max) * ph;
+    [0, max / 2, max].forEach((r, i) => {
+      chart.appendChild(svg('line', { class: 'grid', x1: L, x2: L + pw, y1: y(r), y2: y(r) }));
+      const label = i === 2 ? fmtRate(r) + '/s' : fmtRate(r);
+      chart.appendChild(svg('text', { class: 'axis-label', x: L - 6, y: y(r) + 4, 'text-anchor': 'end' }, label));
+    });
+    let step = [60, 120, 180, 300, 600, 900].find((s) => series.span / s <= 6 && (pw * s) / series.span >= 70) || 900;
+    for (let ago = step; ago <= series.span + 0.001; ago += step) {
+      const tx = x(now - ago);
+      chart.appendChild(svg('line', { class: 'grid', x1: tx, x2: tx, y1: T, y2: T + ph }));
+      chart.appendChild(svg('text', { class: 'axis-label', x: tx, y: H - 6, 'text-anchor': 'middle' }, (ago / 60) + ' min ago'));
+    }
+    chart.appendChild(svg('text', { class: 'axis-label', x: L + pw, y: H - 6, 'text-anchor': 'end' }, 'now'));
+    const coords = series.points.map((p) => x(p[0]).toFixed(1) + ' ' + y(p[1]).toFixed(1));
+    const line = 'M' + coords.join(' L');
+    chart.appendChild(svg('path', { class: 'area', d: line + ' L' + x(series.points[series.points.length - 1][0]).toFixed(1) + ' ' + y(0) + ' L' + x(series.points[0][0]).toFixed(1) + ' ' + y(0) + ' Z' }));
+    chart.appendChild(svg('path', { class: 'line', d: line }));
+    setChildren(holder, chart);
+  }
+  function drawAllCharts() {
+    const now = serverNow();
+    state.charts.forEach((c) => drawChart(c.holder, c.id, state.history.get(c.id) || [], now));
+  }
+
+  function ipValue(ip) {
+    const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(str(ip));
+    return m ? ((+m[1] * 256 + +m[2]) * 256 + +m[3]) * 256 + +m[4] : null;
+  }
+  function compareIp(a, b) {
+    const x = ipValue(a), y = ipValue(b);
+    return x !== null && y !== null ? x - y : str(a).localeCompare(str(b));
+  }
+  function sortValue(n, col) {
+    if (col === 'name' || col === 'state') return str(n[col]);
+    const v = (col === 'cpu' || col === 'memory' || col === 'disk') ? (n.avail || {})[col] : n[col];
+    return isNum(v) ? v : -Infinity;
+  }
+  function compareNodes(a, b) {
+    const col = state.sort.col;
+    let r;
+    if (col === 'ip_addr') r = compareIp(a.ip_addr, b.ip_addr);
+    else {
+      const x = sortValue(a, col), y = sortValue(b, col);
+      r = typeof x === 'string' ? x.localeCompare(y) : (x < y ? -1 : x > y ? 1 : 0);
+    }
+    return r * state.sort.dir || compareIp(a.ip_addr, b.ip_addr);
+  }
+  function setSort(col) {
+    state.sort = state.sort.col === col ? { col: col, dir: -state.sort.dir } : { col: col, dir: 1 };
+    save('dispy.sort', JSON.stringify(state.sort));
+    if (state.status) renderClusters();
+  }
+  function loadSort() {
+    try {
+      const s = JSON.parse(load('dispy.sort'));
+      if (s && NODE_COLS.some((c) => c[0] === s.col) && (s.dir === 1 || s.dir === -1)) return s;
+    } catch (e) { /* ignore bad stored value */ }
+    return { col: 'ip_addr', dir: -1 };
+  }
+
+  function figure(label, key, value, attr) {
+    return el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: label }),
+      el('span', { class: 'figure-value', [attr || 'data-total']: key, text: value }));
+  }
+  function sortHeader(cid, key, label) {
+    const active = state.sort.col === key, asc = state.sort.dir > 0;
+    const btn = el('button', { type: 'button', class: 'sort-btn', 'data-focus-key': 'sort:' + cid + ':' + key }, label,
+      el('span', { class: 'sort-mark', 'aria-hidden': 'true', text: active ? (asc ? ' ▲' : ' ▼') : '' }));
+    btn.addEventListener('click', () => setSort(key));
+    return el('th', { scope: 'col', 'data-col': key, 'aria-sort': active ? (asc ? 'ascending' : 'descending') : null }, btn);
+  }
+  function stateBadge(s) {
+    const cls = s === 'ready' ? 'state-ready' : s === 'closed' ? 'state-closed' : 'state-other';
+    return el('span', { class: 'state ' + cls, text: s });
+  }
+  function nodeRow(n) {
+    const a = n.avail && typeof n.avail === 'object' ? n.avail : null;
+    const cells = {
+      ip_addr: el('a', { class: 'node-link', href: '#node=' + encodeURIComponent(str(n.ip_addr)), text: n.ip_addr }),
+      name: str(n.name),
+      cpus: fmtNum(n.cpus) + ' / ' + fmtNum(n.avail_cpus),
+      submitted: fmtNum(n.submitted), done: fmtNum(n.done), running: fmtNum(n.running),
+      cpu: a && isNum(a.cpu) ? a.cpu.toFixed(1) + ' %' : '—',
+      memory: fmtBytes(a && a.memory), disk: fmtBytes(a && a.disk),
+      state: stateBadge(str(n.state)),
+    };
+    return el('tr', { class: 'node-row', 'data-ip': str(n.ip_addr) },
+      NODE_COLS.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+  }
+  function totalsRow(nodes) {
+    const sum = (get) => nodes.reduce((s, n) => s + (isNum(get(n)) ? get(n) : 0), 0);
+    const withAvail = (f) => nodes.filter((n) => n.avail && isNum(n.avail[f]));
+    const bytes = (f) => (withAvail(f).length ? fmtBytes(sum((n) => (n.avail || {})[f])) : '—');
+    const cpuNodes = withAvail('cpu');
+    const cells = {
+      ip_addr: 'Total (' + nodes.length + ')', name: '',
+      cpus: sum((n) => n.cpus) + ' / ' + sum((n) => n.avail_cpus),
+      submitted: sum((n) => n.submitted), done: sum((n) => n.done), running: sum((n) => n.running),
+      cpu: cpuNodes.length ? (cpuNodes.reduce((s, n) => s + n.avail.cpu, 0) / cpuNodes.length).toFixed(1) + ' % avg' : '—',
+      memory: bytes('memory'), disk: bytes('disk'),
+      state: nodes.filter((n) => n.state === 'ready').length + ' ready',
+    };
+    return el('tr', { class: 'totals-row' }, NODE_COLS.map((c) => el('td', { 'data-col': c[0] }, String(cells[c[0]]))));
+  }
+  function nodesTable(c) {
+    const nodes = (Array.isArray(c.nodes) ? c.nodes : []).slice().sort(compareNodes);
+    const body = nodes.length ? nodes.map(nodeRow)
+      : el('tr', { class: 'empty-row' }, el('td', { colspan: NODE_COLS.length, text: 'No nodes' }));
+    return el('div', { class: 'table-wrap' }, el('table', { class: 'nodes' },
+      el('thead', null, el('tr', null, NODE_COLS.map((col) => sortHeader(c.id, col[0], col[1])))),
+      el('tbody', null, body), el('tfoot', null, totalsRow(nodes))));
+  }
+  function clusterSection(c, now) {
+    const hist = state.history.get(c.id) || [];
+    const holder = el('div', { class: 'chart' });
+    state.charts.push({ holder: holder, id: c.id });
+    return el('section', { class: 'cluster', 'data-cluster-id': c.id },
+      el('div', { class: 'cluster-head' }, el('h2', { text: c.name }),
+        c.closed ? el('span', { class: 'badge badge-closed', text: 'closed' }) : null,
+        isNum(c.start_time) ? el('span', { class: 'meta', text: 'started ' + fmtClock(c.start_time) }) : null),
+      el('div', { class: 'figures' }, TOTALS.map((t) => figure(t[1], t[0], fmtNum(c[t[0]]))),
+        figure('Jobs/s', 'rate', fmtRate(recentRate(hist, now)))),
+      holder, nodesTable(c));
+  }
+  function renderClusters() {
+    const box = $('clusters'), focusKey = activeFocusKey();
+    const clusters = Array.isArray(state.status.clusters) ? state.status.clusters : [];
+    state.charts = [];
+    if (!clusters.length) {
+      setChildren(box, el('p', { class: 'empty', text: 'No clusters' }));
+      return;
+    }
+    const now = serverNow();
+    setChildren(box, clusters.map((c) => clusterSection(c, now)));
+    drawAllCharts();   // after insertion, so the holders have a width
+    restoreFocus(focusKey);
+  }
+
+  // ---------- node view ----------
+  function resetNodeView(ip) {
+    state.nodeParts.clear();
+    state.selected.clear();
+    setChildren($('node-clusters'), null);
+    $('node-title').textContent = 'Node ' + ip;
+    $('cancel-result').textContent = '';
+    $('node-unknown').hidden = true;
+    $('node-empty').hidden = true;
+    updateCancelButton();
+  }
+  async function pollNode(seq) {
+    const ip = state.nodeIp;
+    let data;
+    try {
+      data = await api('GET', '/api/node?ip_addr=' + encodeURIComponent(ip));
+    } catch (e) {
+      if (e.status !== 404) throw e;
+      if (seq === state.pollSeq && ip === state.nodeIp) renderUnknownNode(ip);
+      return;
+    }
+    if (seq !== state.pollSeq || ip !== state.nodeIp) return;
+    applyServerInfo(data);
+    renderNode(data);
+  }
+  function renderUnknownNode(ip) {
+    resetNodeView(ip);
+    $('node-unknown-text').textContent = 'Unknown node ' + ip;
+    $('node-unknown').hidden = false;
+    $('node-actions').hidden = true;
+  }
+  function renderNode(d) {
+    setChildren($('node-title'), ['Node ' + str(d.ip_addr || state.nodeIp),
+      d.name ? [' ', el('span', { class: 'node-name', text: d.name })] : null]);
+    if (state.lastNode !== state.nodeIp) {
+      state.lastNode = state.nodeIp;   // remember only nodes the server knows
+      save('dispy.last_node', state.nodeIp);
+      updateMenu();
+    }
+    const clusters = Array.isArray(d.clusters) ? d.clusters : [];
+    const box = $('node-clusters');
+    const ids = new Set(clusters.map((c) => String(c.id)));
+    state.nodeParts.forEach((p, id) => {
+      if (ids.has(id)) return;
+      p.section.remove();
+      state.nodeParts.delete(id);
+      state.selected.delete(id);
+    });
+    clusters.forEach((c, i) => {
+      let p = state.nodeParts.get(String(c.id));
+      if (!p) { p = buildNodeCluster(c); state.nodeParts.set(String(c.id), p); }
+      if (box.children[i] !== p.section) box.insertBefore(p.section, box.children[i] || null);
+      updateNodeCluster(p, c, d);
+    });
+    $('node-unknown').hidden = true;
+    $('node-empty').hidden = clusters.length > 0;
+    $('node-actions').hidden = clusters.length === 0;
+    updateCancelButton();
+  }
+  function buildNodeCluster(c) {
+    const p = { cluster: c, name: el('h3'), badge: el('span', { class: 'badge badge-closed', text: 'closed' }),
+      figures: el('div', { class: 'figures' }), jobs: el('div', { class: 'jobs-wrap' }),
+      result: el('span', { class: 'op-result', 'aria-live': 'polite' }),
+      cpusInput: el('input', { type: 'number', class: 'cpus-input', step: '1', inputmode: 'numeric', 'aria-label': 'CPUs to use' }) };
+    p.cpusInput.addEventListener('input', () => { p.cpusInput.dataset.edited = '1'; });
+    p.cpusInput.addEventListener('keydown', (e) => { if (e.key === 'Enter') nodeOp(p, 'set_cpus'); });
+    const button = (label, cls, op) => {
+      const b = el('button', { type: 'button', class: cls, text: label });
+      b.addEventListener('click', () => nodeOp(p, op));
+      return b;
+    };
+    p.buttons = [button('Set CPUs', 'set-cpus', 'set_cpus'), button('Allocate', 'allocate', 'allocate'),
+      button('Deallocate', 'deallocate', 'deallocate'), button('Close', 'close-node', 'close')];
+    p.section = el('section', { class: 'node-cluster', 'data-cluster-id': c.id },
+      el('div', { class: 'cluster-head' }, p.name, p.badge), p.figures,
+      el('div', { class: 'controls' }, el('span', { class: 'cpus-group' }, p.cpusInput, p.buttons[0]),
+        p.buttons.slice(1), p.result),
+      el('h4', { text: 'Running jobs' }), p.jobs);
+    return p;
+  }
+  function updateNodeCluster(p, c, d) {
+    p.cluster = c;
+    p.name.textContent = str(c.name);
+    p.badge.hidden = !c.closed;
+    setChildren(p.figures, [
+      figure('CPUs used / available', 'cpus', fmtNum(c.cpus) + ' / ' + fmtNum(c.avail_cpus), 'data-field'),
+      figure('Submitted', 'submitted', fmtNum(c.submitted), 'data-field'),
+      figure('Done', 'done', fmtNum(c.done), 'data-field'),
+      figure('Running', 'running', fmtNum(c.running), 'data-field'),
+      el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: 'State' }),
+        el('span', { class: 'figure-value', 'data-field': 'state' }, stateBadge(str(c.state)))),
+    ]);
+    if (document.activeElement !== p.cpusInput && !p.cpusInput.dataset.edited && isNum(c.cpus)) p.cpusInput.value = c.cpus;
+    renderJobs(p, c, d);
+  }
+  function renderJobs(p, c, d) {
+    const ckey = String(c.id), jobs = Array.isArray(c.jobs) ? c.jobs : [];
+    const listed = new Set(jobs.map((j) => str(j.key)));
+    const sel = state.selected.get(ckey) || new Set();
+    Array.from(sel).forEach((k) => { if (!listed.has(k)) sel.delete(k); });
+    state.selected.set(ckey, sel);
+    if (!jobs.length) {
+      setChildren(p.jobs, el('p', { class: 'empty', text: 'No running jobs' }));
+      return;
+    }
+    const focusKey = activeFocusKey(), showArgs = d.show_job_args !== false;
+    const now = isNum(d.time) ? d.time : Date.now() / 1000;
+    const selAll = el('input', { type: 'checkbox', class: 'select-all', 'aria-label': 'Select all jobs', 'data-focus-key': 'all:' + ckey });
+    const boxes = [];
+    const syncAll = () => {
+      selAll.checked = sel.size > 0 && sel.size === jobs.length;
+      selAll.indeterminate = sel.size > 0 && sel.size < jobs.length;
+      updateCancelButton();
+    };
+    const rows = jobs.map((j) => {
+      const key = str(j.key);
+      const box = el('input', { type: 'checkbox', class: 'job-select', value: key, 'aria-label': 'Select job ' + str(j.id), 'data-focus-key': 'job:' + ckey + ':' + key });
+      box.checked = sel.has(key);
+      boxes.push(box);
+      const row = el('tr', { class: 'job-row' + (box.checked ? ' selected' : ''), 'data-key': key },
+        el('td', { class: 'select' }, el('label', { class: 'cb' }, box)), el('td', { 'data-col': 'id', text: j.id }),
+        showArgs ? el('td', { class: 'args', 'data-col': 'args' }, el('code', { class: 'job-args', text: j.args }),
+          j.kwargs !== undefined && j.kwargs !== '{}' ? el('code', { class: 'job-kwargs', text: j.kwargs }) : null) : null,
+        el('td', { 'data-col': 'start_time', text: isNum(j.start_time)
+          ? fmtClock(j.start_time) + ' (' + Math.max(0, Math.round(now - j.start_time)) + 's ago)' : '—' }));
+      box.addEventListener('change', () => {
+        if (box.checked) sel.add(key); else sel.delete(key);
+        row.classList.toggle('selected', box.checked);
+        syncAll();
+      });
+      return row;
+    });
+    selAll.addEventListener('change', () => {
+      boxes.forEach((b) => {
+        b.checked = selAll.checked;
+        if (b.checked) sel.add(b.value); else sel.delete(b.value);
+        b.closest('tr').classList.toggle('selected', b.checked);
+      });
+      syncAll();
+    });
+    syncAll();
+    setChildren(p.jobs, el('div', { class: 'table-wrap' }, el('table', { class: 'jobs' },
+      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, selAll)),
+        el('th', { text: 'Job id' }), showArgs ? el('th', { text: 'Arguments' }) : null, el('th', { text: 'Started' }))),
+      el('tbody', null, rows))));
+    restoreFocus(focusKey);
+  }
+  function selectedCount() {
+    let n = 0;
+    state.selected.forEach((s) => { n += s.size; });
+    return n;
+  }
+  function updateCancelButton() {
+    $('cancel-jobs').disabled = state.cancelBusy || selectedCount() === 0;
+  }
+
+  // ---------- actions ----------
+  async function toggleShowArgs() {
+    const box = $('show-args'), want = box.checked;
+    state.settingsBusy = true;
+    box.disabled = true;
+    try {
+      const r = await api('POST', '/api/settings', { show_job_args: want });
+      box.checked = typeof r.show_job_args === 'boolean' ? r.show_job_args : want;
+    } catch (e) {
+      box.checked = !want;
+      reportActionError(e);
+    } finally {
+      state.settingsBusy = false;
+      box.disabled = false;
+      pollNow();
+    }
+  }
+  function describeOp(op, result) {
+    if (result === -1) return 'refused';
+    if (op === 'set_cpus') return 'CPUs now ' + str(result);
+    return { allocate: 'allocated', deallocate: 'deallocated', close: 'closed' }[op] || 'done';
+  }
+  async function nodeOp(p, op) {
+    const body = { cluster: p.cluster.id, ip_addr: state.nodeIp, op: op };
+    if (op === 'set_cpus') {
+      const n = Number(p.cpusInput.value);
+      if (p.cpusInput.value === '' || !Number.isInteger(n)) {
+        p.result.textContent = 'enter a whole number of CPUs';
+        return;
+      }
+      body.cpus = n;
+    }
+    p.buttons.forEach((b) => { b.disabled = true; });
+    p.result.textContent = 'working…';
+    try {
+      const r = await api('POST', '/api/node', body);
+      p.result.textContent = describeOp(op, r.result);
+      if (op === 'set_cpus') delete p.cpusInput.dataset.edited;
+    } catch (e) {
+      p.result.textContent = 'failed';
+      reportActionError(e);
+    } finally {
+      p.buttons.forEach((b) => { b.disabled = false; });
+      pollNow();
+    }
+  }
+  async function cancelSelected() {
+    const out = $('cancel-result');
+    let cancelled = 0, failed = 0;
+    state.cancelBusy = true;
+    updateCancelButton();
+    out.textContent = 'cancelling…';
+    try {
+      for (const [ckey, sel] of Array.from(state.selected.entries())) {
+        const p = state.nodeParts.get(ckey);
+        if (!p || !sel.size) continue;
+        const jobs = Array.from(sel);
+        const r = await api('POST', '/api/cancel', { cluster: p.cluster.id, jobs: jobs });
+        cancelled += Array.isArray(r.cancelled) ? r.cancelled.length : 0;
+        failed += Array.isArray(r.failed) ? r.failed.length : 0;
+        jobs.forEach((k) => sel.delete(k));
+      }
+      out.textContent = 'cancelled ' + cancelled + (failed ? ', ' + failed + ' failed' : '');
+    } catch (e) {
+      out.textContent = 'cancelled ' + cancelled;
+      reportActionError(e);
+    } finally {
+      state.cancelBusy = false;
+      updateCancelButton();
+      pollNow();
+    }
+  }
+
+  // ---------- routing, menu, init ----------
+  function parseHash() {
+    const h = location.hash || '';
+    if (h.indexOf('#node=') === 0) {
+      let ip = h.slice(6);
+      try { ip = decodeURIComponent(ip); } catch (e) { /* keep raw text */ }
+      if (ip) return { view: 'node', ip: ip };
+    }
+    return { view: 'cluster', ip: null };
+  }
+  function updateMenu() {
+    const c = $('nav-cluster'), n = $('nav-node');
+    c.classList.toggle('active', state.view === 'cluster');
+    n.classList.toggle('active', state.view === 'node');
+    if (state.view === 'cluster') c.setAttribute('aria-current', 'page'); else c.removeAttribute('aria-current');
+    if (state.view === 'node') n.setAttribute('aria-current', 'page'); else n.removeAttribute('aria-current');
+    if (state.lastNode) {
+      n.setAttribute('href', '#node=' + encodeURIComponent(state.lastNode));
+      n.classList.remove('disabled');
+      n.removeAttribute('aria-disabled');
+      n.title = 'Node ' + state.lastNode;
+    } else {
+      n.removeAttribute('href');
+      n.classList.add('disabled');
+      n.setAttribute('aria-disabled', 'true');
+    }
+  }
+  function applyRoute() {
+    const r = parseHash();
+    state.view = r.view;
+    if (r.view === 'node') {
+      if (r.ip !== state.nodeIp) resetNodeView(r.ip);
+      state.nodeIp = r.ip;
+    }
+    $('cluster-view').hidden = r.view !== 'cluster';
+    $('node-view').hidden = r.view !== 'node';
+    updateMenu();
+    pollNow();
+  }
+  function setupPollInput() {
+    const inp = $('poll-sec');
+    const stored = Number(load('dispy.poll_sec'));
+    if (Number.isInteger(stored) && stored >= 1 && stored <= 3600) {
+      state.pollSec = stored;
+      state.pollUserSet = true;
+    }
+    inp.value = state.pollSec;
+    inp.addEventListener('input', () => {
+      const v = Number(inp.value);
+      const ok = inp.value !== '' && Number.isInteger(v) && v >= 1 && v <= 3600;
+      inp.classList.toggle('invalid', !ok);
+      if (!ok) return;
+      state.pollSec = v;
+      state.pollUserSet = true;
+      save('dispy.poll_sec', String(v));
+      schedule();
+    });
+    inp.addEventListener('blur', () => {
+      if (!inp.classList.contains('invalid')) return;
+      inp.value = state.pollSec;
+      inp.classList.remove('invalid');
+    });
+  }
+  function init() {
+    const meta = document.querySelector('meta[name="dispy-token"]');
+    state.token = meta ? meta.getAttribute('content') || '' : '';
+    state.sort = loadSort();
+    state.lastNode = load('dispy.last_node') || null;
+    setupPollInput();
+    $('error-dismiss').addEventListener('click', () => clearError());
+    $('show-args').addEventListener('change', toggleShowArgs);
+    $('cancel-jobs').addEventListener('click', cancelSelected);
+    window.addEventListener('hashchange', applyRoute);
+    let resizeTimer = null;
+    window.addEventListener('resize', () => {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(() => { if (state.view === 'cluster' && state.status) drawAllCharts(); }, 150);
+    });
+    if (!state.pollUserSet && parseHash().view === 'node') {
+      // The node view never fetches /api/status: ask once for the server's poll interval.
+      api('GET', '/api/status?since=' + Math.floor(Date.now() / 1000 + 86400)).then(applyServerInfo, () => {});
+    }
+    applyRoute();
+  }
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})();
+'''
