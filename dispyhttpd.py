@@ -638,7 +638,9 @@ class WebMonitor:
         if bound in ('0.0.0.0', '::'):
             addrs = [a for a in self.access.local_addresses() if not dispy.is_loopback(a)
                      and ':' not in a]
-            other = sorted(addrs)[0] if addrs else socket.gethostname()
+            towards = dispy.local_address_towards(('192.0.2.1', 9))  # default route's (no packet)
+            other = towards if towards in addrs else (
+                sorted(addrs)[0] if addrs else socket.gethostname())
 
         def url(h):
             return '%s://%s:%d/' % (scheme, '[%s]' % h if ':' in h else h, self.port)
@@ -678,15 +680,15 @@ class WebMonitor:
             raise HTTPError(421, 'this server does not answer to the name %r; if it is a '
                             'name of this machine, start the monitor with '
                             'allowed_hosts=[%r]' % (host, _host_part(host or '') or host))
-        presented = (request.headers.get(TOKEN_HEADER) or request.query.get('token')
-                     or request.cookies.get(access.cookie_name))
-        has_token = access.token_ok(presented)
+        in_query = access.token_ok(request.query.get('token'))
+        has_token = in_query or any(access.token_ok(t) for t in (
+            request.headers.get(TOKEN_HEADER), request.cookies.get(access.cookie_name)))
         if not (has_token or access.is_local(request.client_ip)):
             return self._needs_token(request)
         if request.method == 'POST':
             return self._change(request)
         if request.path in self.PAGE_FILES:
-            if request.query.get('token') and has_token:   # first visit: keep it, hide it
+            if in_query:            # first visit: keep it in a cookie, out of the address bar
                 return self._keep_token(request)
             return self._page_file(self.PAGE_FILES[request.path])
         if request.path == '/favicon.ico':

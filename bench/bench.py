@@ -79,6 +79,12 @@ FIGURES = {
              ('wall_s', 'jobs', 'jobs_per_s_direct')),
             ('W1s-ratio', 'ratio', 'x', '>=', 0.6, ('jobs_per_s', 'jobs_per_s_direct'),
              ('jobs_per_s', 'jobs_per_s_direct'))],
+    # W1m: W1 with the web monitor on the cluster and a page polling it every second
+    # (10 times the default poll_sec), against W1 without, alternating in one client
+    'W1m': [('W1m', 'jobs_per_s', 'jobs/s', '>=', 9000,
+             ('jobs_per_s_plain', 'polls', 'jobs')),
+            ('W1m-ratio', 'ratio', 'x', '>=', 0.9, ('jobs_per_s', 'jobs_per_s_plain'),
+             ('ratio',))],
     'W2': [('W2', 'median_ms', 'ms', '<=', 0.5, ('p90_ms', 'mean_ms', 'max_ms', 'jobs'))],
     'W2s': [('W2s', 'median_ms', 'ms', '<=', 0.83,
              ('p90_ms', 'mean_ms', 'max_ms', 'jobs', 'median_ms_direct')),
@@ -108,7 +114,7 @@ FIGURES = {
 }
 # workload -> (full size, --quick size): number of jobs
 SIZES = {'W1': (2000, 200), 'W2': (200, 50), 'W3': (20, 3), 'W4': (8, 4),
-         'W1s': (2000, 200), 'W2s': (200, 50),
+         'W1s': (2000, 200), 'W2s': (200, 50), 'W1m': (2000, 200),
          'W5': (1, 1), 'W6': (100000, 5000), 'W7': (2000, 300), 'W8': (200, 60)}
 W4_JOB_SECONDS = (0.5, 0.2)  # (full, --quick) target duration of one W4 job
 ORIGINAL_NAME = 'dispy-4.15.2'
@@ -121,7 +127,7 @@ MULTI_NODE = ('W7', 'W8')   # workloads with nodes of their own (not the one on 
 # with W1's CPUs; the direct half of a run uses W1's node on 127.0.0.1.
 SHARED = {'W1s': 'W1', 'W2s': 'W2'}
 SHARED_NODE, SCHEDULER_ADDR = '127.0.0.31', '127.0.0.1'
-ORIGINAL_SKIPS = MULTI_NODE + tuple(SHARED)   # the original's scheduler is not run
+ORIGINAL_SKIPS = MULTI_NODE + tuple(SHARED) + ('W1m',)   # the original's scheduler and monitor are not run
 # W7: 48 nodes of 1 CPU on 127.0.0.11 ... 127.0.0.58 (one port) versus 1 node of 2 CPUs
 # on 127.0.0.11 (another port): the same 2 CPUs of this machine either way
 W7_NODES, W7_FIRST_ADDR = 48, 11
@@ -349,6 +355,58 @@ def w1_throughput(ctx, n):
     return dict(jobs_per_s=n / wall, wall_s=wall, jobs=n, **check.summary())
 
 
+POLLER = '''
+import json, sys, time, urllib.request
+base, until = sys.argv[1], time.monotonic() + float(sys.argv[2])
+polls = 0
+while time.monotonic() < until:
+    for path in ('/api/status?since=0', '/api/node?ip_addr=127.0.0.1'):
+        try:
+            urllib.request.urlopen(base + path, timeout=5).read()
+            polls += 1
+        except OSError:
+            pass
+    time.sleep(1.0)
+print(polls)
+'''
+
+
+def w1_monitored(ctx, n):
+    """W1 with a DispyHTTPServer on the cluster and a page (another process) polling
+    its status and node endpoints every second, against plain W1: three pairs of
+    fresh clusters in this process, alternating which half goes first."""
+    import dispyhttpd
+    plain, watched, polls = [], [], 0
+    for round_ in range(3):
+        for monitored in ((False, True) if round_ % 2 == 0 else (True, False)):
+            check = Checker()
+            with _Closing(_cluster(ctx, double)) as cluster:
+                server = poller = None
+                if monitored:
+                    server = dispyhttpd.DispyHTTPServer(cluster, host='127.0.0.1', port=0,
+                                                        poll_sec=1)
+                    poller = subprocess.Popen(
+                        [sys.executable, '-c', POLLER, 'http://127.0.0.1:%d' % server.port,
+                         '600'], stdout=subprocess.PIPE, text=True)
+                warm_up(cluster, check, (-1,), -2)
+                t0 = time.perf_counter()
+                jobs = [cluster.submit(i) for i in range(n)]
+                results = [job() for job in jobs]
+                wall = time.perf_counter() - t0
+                if monitored:
+                    poller.terminate()
+                    polls += int(poller.communicate(timeout=10)[0].strip() or 0)
+                    server.shutdown(wait=False)
+            for i, (job, result) in enumerate(zip(jobs, results)):
+                check(result, 2 * i, job, 'job %d' % i)
+            if check.bad:
+                return dict(jobs_per_s=0.0, jobs=n, **check.summary())
+            (watched if monitored else plain).append(n / wall)
+    with_m, without = statistics.median(watched), statistics.median(plain)
+    return dict(jobs_per_s=with_m, jobs_per_s_plain=without, ratio=with_m / without,
+                polls=polls, jobs=n, bad_results=0)
+
+
 def w2_latency(ctx, n):
     """n x (submit one trivial job, wait for it): per-job round-trip latency."""
     check = Checker()
@@ -527,7 +585,7 @@ WORKLOADS = {'W1': w1_throughput, 'W2': w2_latency, 'W3': w3_transfer, 'W4': w4_
              'W5': w5_cold_start, 'W6': w6_many_pending, 'W7': w7_scale, 'W8': w8_balance,
              'warmup': warmup_client,
              # the same clients; _cluster makes a SharedJobCluster (--scheduler-port)
-             'W1s': w1_throughput, 'W2s': w2_latency}
+             'W1s': w1_throughput, 'W2s': w2_latency, 'W1m': w1_monitored}
 
 
 def client_main(args):
