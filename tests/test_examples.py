@@ -56,6 +56,18 @@ class ExamplesTest(unittest.TestCase):
                          % (proc.stdout, proc.stderr, self.node.output()[-3000:]))
         return proc.stdout, cwd
 
+    def test_web_monitor(self):
+        """web_monitor.py (dispy.httpd): the monitor serves while the jobs run and says
+        where; the progress line reaches the end; every job's result is printed."""
+        port = support.free_port('127.0.0.1')
+        proc = support.run_client(os.path.join(EXAMPLES, 'web_monitor.py'), self.env,
+                                  timeout=TIMEOUT, cwd=self.tmpdir(), args=[str(port), '0.05'])
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertIn('dispy web monitor: http://127.0.0.1:%d/' % port, proc.stderr)
+        self.assertIn('dispy: 20/20 jobs done (100.0%), 0 failed', proc.stderr)
+        squares = re.findall(r'^job (\d+): (\d+) on ', proc.stdout, re.M)
+        self.assertEqual(sorted(int(s) for _i, s in squares), [i * i for i in range(20)])
+
     def test_send_files(self):
         """send_files.py (6.7): each job's n.dat arrives in the client's folder."""
         out, cwd = self.run_example('send_files.py')
