@@ -5285,8 +5285,8 @@ class JobCluster(ClusterHooks):
             known = self._nodes.get(addr)
             if cpus >= 0 and known is not None:
                 known.cpus = cpus
-                if self.monitor is not None:
-                    self.monitor.node_cpus(addr, cpus)
+                if (monitor := self.monitor) is not None:
+                    monitor.node_cpus(addr, cpus)
             return cpus
 
     def node_jobs(self, node, from_node=False):
@@ -5451,20 +5451,21 @@ class JobCluster(ClusterHooks):
         self._jobs_submitted += 1
         if self._recover is not None:
             self._recover.submitted(job)
-        if self.monitor is not None:
-            self.monitor.job_submitted(job)
+        if (monitor := self.monitor) is not None:
+            monitor.job_submitted(job)
         if self._status_cb:
             self.job_changed(job, DispyJob.Created)
 
     def job_dispatched(self, job, link):
         if self._recover is not None:
             self._recover.dispatched(job, link)
-        if self.monitor is not None and self._pool is not None:   # a node, not dispyscheduler
-            self.monitor.job_dispatched(job, link.ip_addr)
+        # (sent to a node; a SharedJobCluster's "link" is the dispyscheduler)
+        if (monitor := self.monitor) is not None and self._pool is not None:
+            monitor.job_dispatched(job, link.ip_addr)
 
     def job_changed(self, job, status):
-        if self.monitor is not None and status == DispyJob.Running:
-            self.monitor.job_running(job)
+        if (monitor := self.monitor) is not None and status == DispyJob.Running:
+            monitor.job_running(job)
         if self._notifier is None:
             return
         if self._callback and status == DispyJob.ProvisionalResult:
@@ -5480,8 +5481,8 @@ class JobCluster(ClusterHooks):
         self._jobs_failed += job.status != DispyJob.Finished
         if self._recover is not None:
             self._recover.ended(job)
-        if self.monitor is not None:
-            self.monitor.job_ended(job, link.ip_addr if link is not None else job.ip_addr)
+        if (monitor := self.monitor) is not None:
+            monitor.job_ended(job, link.ip_addr if link is not None else job.ip_addr)
         node = self._nodes.get(link.ip_addr) if link is not None else None
         if node is not None:
             node.jobs_done += 1
@@ -5506,8 +5507,8 @@ class JobCluster(ClusterHooks):
         if status == DispyNode.Initialized:
             logger.debug('node %s (%s) initialized with %s CPUs for %s', link.ip_addr,
                          link.name, node.cpus, self._package.name)
-        if self.monitor is not None:
-            self.monitor.node_changed(node.ip_addr, status, node.name, node.cpus,
+        if (monitor := self.monitor) is not None:
+            monitor.node_changed(node.ip_addr, status, node.name, node.cpus,
                                       node.avail_cpus, node.platform, node.avail_info)
         if self._status_cb:
             self._notifier.put(self, self._status_cb, (status, node, None))

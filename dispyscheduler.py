@@ -634,16 +634,16 @@ class RemoteCluster(dispy.ClusterHooks):
         return spec, [(name, os.path.join(self.folder, name)) for name in spec.get('files', ())]
 
     def job_submitted(self, job):
-        if self.monitor is not None:
-            self.monitor.job_submitted(job)
+        if (monitor := self.monitor) is not None:
+            monitor.job_submitted(job)
 
     def job_dispatched(self, job, link):
-        if self.monitor is not None:
-            self.monitor.job_dispatched(job, link.ip_addr)
+        if (monitor := self.monitor) is not None:
+            monitor.job_dispatched(job, link.ip_addr)
 
     def job_changed(self, job, status):
-        if self.monitor is not None and status == DispyJob.Running:
-            self.monitor.job_running(job)
+        if (monitor := self.monitor) is not None and status == DispyJob.Running:
+            monitor.job_running(job)
         if status == DispyJob.Running:
             if not self.starts:     # sent after this frame's events: a result in the same
                 self.program.hub.loop.call_soon(self._send_starts)  # frame makes it moot
@@ -662,8 +662,8 @@ class RemoteCluster(dispy.ClusterHooks):
                                         job.start_time), hold=True)
 
     def job_ended(self, job, link):
-        if self.monitor is not None:
-            self.monitor.job_ended(job, link.ip_addr if link is not None else job.ip_addr)
+        if (monitor := self.monitor) is not None:
+            monitor.job_ended(job, link.ip_addr if link is not None else job.ip_addr)
         key = job.client_key
         self.jobs.pop(key, None)
         self.starts.pop(key, None)
@@ -678,8 +678,8 @@ class RemoteCluster(dispy.ClusterHooks):
             self.conn.send(done, hold=bool(self.jobs))
 
     def node_changed(self, link, status):
-        if self.monitor is not None:
-            self.monitor.node_changed(link.ip_addr, status, link.name,
+        if (monitor := self.monitor) is not None:
+            monitor.node_changed(link.ip_addr, status, link.name,
                                       link.alloc_cpus.get(self.key, 0), link.cpus,
                                       link.platform, link.avail_info)
         self.send(Msg.NODE_STATUS(status, dispy._NodeView.describe(link, self.key)))
