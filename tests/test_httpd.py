@@ -468,6 +468,78 @@ class ServerTest(MonitorTestCase):
         self.assertTrue(all(code == 200 for code in polls))
 
 
+class _Job:
+    """What ClusterMonitor reads of a job."""
+
+    def __init__(self, key, ip_addr=None, status=DispyJob.Created):
+        self._key, self.ip_addr, self.status = key, ip_addr, status
+
+
+class _Cluster:
+    monitor = None
+    name = 'fake'
+
+
+class ClusterMonitorTest(unittest.TestCase):
+    """The monitor's bookkeeping from events, as plain logic."""
+
+    def setUp(self):
+        self.monitor = dispyhttpd.ClusterMonitor.attach(_Cluster())
+
+    def node(self, ip):
+        return {n['ip_addr']: n for n in self.monitor.status()['nodes']}[ip]
+
+    def test_a_job_moved_to_another_node_and_one_whose_start_was_not_seen(self):
+        m = self.monitor
+        avail = dispy.DispyNodeAvailInfo(12.5, 1 << 30, 1 << 34, 1.5)
+        m.node_changed('10.0.0.1', dispy.DispyNode.Initialized, 'a', 2, 4, 'Linux', avail)
+        first, second = _Job(1), _Job(2)
+        for job in (first, second):
+            m.job_submitted(job)
+        m.job_dispatched(first, '10.0.0.1')
+        first.ip_addr = '10.0.0.1'
+        m.job_running(first)
+        self.assertEqual(m.running_job(1), first)
+        m.job_dispatched(first, '10.0.0.2')     # the node was lost: sent elsewhere
+        first.ip_addr = '10.0.0.2'
+        m.job_running(first)
+        self.assertEqual((self.node('10.0.0.1')['running'], self.node('10.0.0.2')['running']),
+                         (0, 1))
+        first.status = DispyJob.Finished
+        m.job_ended(first, '10.0.0.2')
+        second.status = DispyJob.Terminated
+        m.job_ended(second, '10.0.0.1')         # started and ended in one report
+        status = m.status()
+        self.assertEqual((status['submitted'], status['done'], status['running'],
+                          status['failed'], status['pending']), (2, 2, 0, 1, 0))
+        self.assertEqual((self.node('10.0.0.1')['submitted'], self.node('10.0.0.1')['done']),
+                         (2, 1))
+        self.assertEqual(self.node('10.0.0.1')['avail'], {'cpu': 12.5, 'memory': 1 << 30,
+                                                          'disk': 1 << 34, 'swap': 1.5})
+        self.assertIsNone(m.running_job(1))
+        m.node_changed('10.0.0.1', dispy.DispyNode.Closed, 'a', 2, 4, 'Linux', None)
+        self.assertEqual(self.node('10.0.0.1')['state'], 'closed')
+
+    def test_history_marks_quiet_seconds(self):
+        m = self.monitor
+        m.done = 5
+        m._sample(100.2)
+        m._sample(100.9)
+        m.done = 9
+        m._sample(104.5)
+        self.assertEqual([list(p) for p in m.history], [[100, 5], [101, 5], [104, 9]])
+        self.assertEqual(m.status(since=101)['history'], [[104, 9]])
+
+    def test_detach_leaves_the_cluster_unwatched(self):
+        cluster = self.monitor.cluster
+        self.assertIs(cluster.monitor, self.monitor)
+        self.assertIs(dispyhttpd.ClusterMonitor.attach(cluster), self.monitor)   # shared
+        self.monitor.detach()
+        self.assertIs(cluster.monitor, self.monitor)
+        self.monitor.detach()
+        self.assertIsNone(cluster.monitor)
+
+
 class AccessRulesTest(unittest.TestCase):
     """The decisions of dispyhttpd.Access, as plain logic."""
 
