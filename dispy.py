@@ -1763,6 +1763,8 @@ _NO_KWARGS = object()      # a job submitted without keyword arguments (no dict 
 
 FINAL_STATUSES = frozenset((DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled,
                             DispyJob.Abandoned))
+# ended by an error (raised, killed, timed out, or its node lost): not Cancelled
+FAILED_STATUSES = frozenset((DispyJob.Terminated, DispyJob.Abandoned))
 
 
 class _JobFinish:
@@ -5478,7 +5480,7 @@ class JobCluster(ClusterHooks):
 
     def job_ended(self, job, link):
         self._open_jobs -= 1
-        self._jobs_failed += job.status != DispyJob.Finished
+        self._jobs_failed += job.status in FAILED_STATUSES
         if self._recover is not None:
             self._recover.ended(job)
         if (monitor := self.monitor) is not None:

@@ -180,7 +180,7 @@ class ClusterMonitor:
     def job_ended(self, job, ip_addr):
         with self.lock:
             self.done += 1
-            self.failed += job.status != DispyJob.Finished
+            self.failed += job.status in dispy.FAILED_STATUSES
             addr = self.placed.pop(job._key, None)
             if addr is None and ip_addr:        # its start was not reported: count it now
                 addr = ip_addr
@@ -261,7 +261,7 @@ class ClusterMonitor:
             running = sum(len(node.running) for node in self.nodes.values())
             return {'start_time': self.start_time, 'submitted': self.submitted,
                     'done': self.done, 'running': running, 'failed': self.failed,
-                    'pending': max(0, self.submitted - self.done),
+                    'pending': max(0, self.submitted - self.done - running),   # queued
                     'nodes': [node.as_dict() for node in self.nodes.values()],
                     'history': [list(p) for p in self.history if p[0] > since]}
 

@@ -214,7 +214,8 @@ class StatusTest(MonitorTestCase):
         self.running(blocker)
         self.monitor(cluster)
         status = self.cluster_status()
-        self.assertEqual((status['submitted'], status['done'], status['running']), (7, 6, 1))
+        self.assertEqual((status['submitted'], status['done'], status['running'],
+                          status['pending']), (7, 6, 1, 0))
         self.assertEqual(sum(n['done'] for n in status['nodes']), 6)
         cluster.cancel(blocker)
 
@@ -277,6 +278,8 @@ class ActionTest(MonitorTestCase):
         self.assertEqual((status, reply), (200, {'cancelled': [str(job._key)], 'failed': []}))
         job(timeout=20)
         self.assertEqual(job.status, DispyJob.Cancelled)
+        figures = self.cluster_status()
+        self.assertEqual((figures['done'], figures['failed']), (1, 0))  # cancelled: not failed
         status, reply = self.post(server, '/api/cancel', body)
         self.assertEqual(reply, {'cancelled': [], 'failed': [str(job._key)]})
 
