@@ -189,8 +189,6 @@ class ClusterMonitor:
             if node is not None:
                 node.running.pop(job._key, None)
                 node.done += 1
-                node.update_time = time.time()
-            self._sample(time.time())
 
     def node_changed(self, ip_addr, status, name, cpus, avail_cpus, platform, avail_info):
         with self.lock:
@@ -215,8 +213,7 @@ class ClusterMonitor:
                     node.jobs_done
         for job in running:
             self.job_running(job)
-        with self.lock:
-            self._sample(time.time())
+        self.sample(time.time())
 
     def node_cpus(self, ip_addr, cpus):
         with self.lock:
@@ -244,16 +241,19 @@ class ClusterMonitor:
             node.submitted += 1
         return node
 
-    def _sample(self, now):
-        """One history point a second; a quiet gap gets a point of its own, so the
-        page draws it as no jobs rather than as a slow average."""
-        second, history = int(now), self.history
-        if history and history[-1][0] == second:
-            history[-1][1] = self.done
-            return
-        if history and second > history[-1][0] + 1:
-            history.append([history[-1][0] + 1, history[-1][1]])
-        history.append([second, self.done])
+    def sample(self, now):
+        """A history point for this second (the server's thread, about once a second:
+        a job's end costs no clock read).  Seconds the thread missed get the point
+        before them, so the page draws no jobs there rather than a slow average."""
+        second = int(now)
+        with self.lock:
+            history = self.history
+            if history and history[-1][0] >= second:
+                history[-1][1] = self.done
+                return
+            if history and second > history[-1][0] + 1:
+                history.append([second - 1, history[-1][1]])
+            history.append([second, self.done])
 
     # -- what the server reads ---------------------------------------------------------------
     def status(self, since=0.0):
@@ -263,7 +263,8 @@ class ClusterMonitor:
                     'done': self.done, 'running': running, 'failed': self.failed,
                     'pending': max(0, self.submitted - self.done - running),   # queued
                     'nodes': [node.as_dict() for node in self.nodes.values()],
-                    'history': [list(p) for p in self.history if p[0] > since]}
+                    # from since on: the point of since's second may have grown
+                    'history': [list(p) for p in self.history if p[0] >= since]}
 
     def node(self, ip_addr):
         """(figures of the node, its running jobs) or None."""
@@ -578,6 +579,9 @@ class MonitorHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         logger.debug('web monitor: connection from %s failed', client_address[0],
                      exc_info=True)
 
+    def service_actions(self):
+        self.app.tick()         # serve_forever calls this between requests, 4 times a second
+
 
 # ================================================================================
 # WebMonitor: access, page files, routes (products add their own routes)
@@ -617,13 +621,16 @@ class WebMonitor:
         self._last_poll = None          # monotonic time of the last data request
         self._polls = 0
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
-            'poll_interval': 0.5}, daemon=True, name='%s-httpd' % name)
+            'poll_interval': 0.25}, daemon=True, name='%s-httpd' % name)
         self.thread.start()
         self._announce(bind, host)
 
     # -- hooks -----------------------------------------------------------------------------
     def get_routes(self):
         return {}
+
+    def tick(self):
+        """Called on the serving thread a few times a second."""
 
     def post_routes(self):
         return {}
@@ -786,6 +793,7 @@ class DispyHTTPServer(WebMonitor):
         self.show_job_args = bool(show_job_args)
         self._clusters = collections.OrderedDict()     # id -> ClusterMonitor
         self._ids = iter(range(1, 1 << 62))
+        self._sampled = 0               # the second of the last history point
         self._lock = threading.Lock()
         for one in (cluster if isinstance(cluster, (list, tuple)) else [cluster]):
             if one is not None:
@@ -817,6 +825,13 @@ class DispyHTTPServer(WebMonitor):
     def get_routes(self):
         return {'/api/status': self.api_status, '/api/node': self.api_node}
 
+    def tick(self):
+        now = time.time()
+        if int(now) != self._sampled:
+            self._sampled = int(now)
+            for _cid, monitor in self._monitors():
+                monitor.sample(now)
+
     def post_routes(self):
         return {'/api/cancel': self.api_cancel, '/api/node': self.api_node_op,
                 '/api/settings': self.api_settings}
@@ -844,8 +859,9 @@ class DispyHTTPServer(WebMonitor):
             since = float(request.query.get('since') or 0)
         except ValueError:
             raise HTTPError(400, 'since: a number of seconds is expected') from None
-        clusters = []
+        clusters, now = [], time.time()
         for cid, monitor in self._monitors():
+            monitor.sample(now)         # the history is up to date at each poll
             info = self._cluster_info(cid, monitor)
             info.update(monitor.status(since))
             clusters.append(info)
@@ -1331,7 +1347,9 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       }
       (Array.isArray(c.history) ? c.history : []).forEach((p) => {
         if (!Array.isArray(p) || !isNum(p[0]) || !isNum(p[1])) return;
-        if (!h.length || p[0] > h[h.length - 1][0]) h.push([p[0], p[1]]);
+        const last = h[h.length - 1];
+        if (!last || p[0] > last[0]) h.push([p[0], p[1]]);
+        else if (p[0] === last[0]) last[1] = p[1];   // that second's point grew since
       });
       if (h.length > MAX_POINTS) h.splice(0, h.length - MAX_POINTS);
     });
