@@ -59,7 +59,7 @@ import time
 import urllib.parse
 
 import dispy
-from dispy import DispyJob, DispyNode, logger
+from dispy import DispyNode, logger
 
 __version__ = dispy.__version__
 __all__ = ['DispyHTTPServer']

@@ -10,7 +10,8 @@ Every helper here is bounded in time and cleans up what it started, by PID:
     run_client    -- runs a client script in a fresh interpreter with a timeout.
     wait_until    -- polls a predicate, bounded in time (for state owned by
                      another process, where no event can be waited on).
-    close_now, stop_node, read_file, pid_alive, kill_pids, self_signed_cert --
+    close_now, stop_node, read_file, pid_alive, kill_pids, descendants,
+    die_with_parent, self_signed_cert --
                      small helpers the test files share.
 """
 
@@ -134,7 +135,7 @@ class NodeProcess:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._stdout,
                                      stderr=self._stderr, cwd=self.dir, env=env,
                                      start_new_session=True,
-                                     preexec_fn=_die_with_parent if die_with_us else None)
+                                     preexec_fn=die_with_parent if die_with_us else None)
         if not wait_until(lambda: self.ready_re.search(self._ready_text()[mark:])
                           or self.proc.poll() is not None, self.ready_timeout):
             self.stop()
@@ -190,7 +191,7 @@ class NodeProcess:
 
     def _kill_leftovers(self):
         """Kills the node and any descendant still alive (found through /proc)."""
-        pids = [self.proc.pid] + _descendants(self.proc.pid)
+        pids = [self.proc.pid] + descendants(self.proc.pid)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -202,7 +203,7 @@ class NodeProcess:
             pass
 
     def descendants(self):
-        return _descendants(self.proc.pid)
+        return descendants(self.proc.pid)
 
     # -- output ------------------------------------------------------------------
     def stdout(self):
@@ -247,13 +248,22 @@ class SchedulerProcess(NodeProcess):
         return self.stderr()
 
 
-def _die_with_parent():
-    """In the child before exec (Linux): SIGKILL when the parent thread ends."""
+def _libc_prctl():
     try:
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except Exception:
-        pass
+        return None
+
+
+_PRCTL = _libc_prctl()      # looked up here: a child forked from threads only calls it
+
+
+def die_with_parent():
+    """In the child before exec (Linux): SIGKILL when the parent thread ends (the
+    suite's watchdog may end a hung run)."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
 
 
 def _read(f):
@@ -263,7 +273,7 @@ def _read(f):
         return g.read().decode('utf-8', 'replace')
 
 
-def _descendants(pid):
+def descendants(pid):
     """PIDs of all live descendants of ``pid`` (Linux /proc; empty elsewhere)."""
     children = {}
     try:

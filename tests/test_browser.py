@@ -19,7 +19,6 @@ installs them).
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -27,15 +26,13 @@ import unittest
 
 try:
     from tests import support
+    from tests.test_httpd import NODE_IPS, SERVER_IP, MonitorTestCase
 except ImportError:                         # run from inside tests/
     import support
+    from test_httpd import NODE_IPS, SERVER_IP, MonitorTestCase
 
-import dispy
-import dispy.httpd
 from dispy import DispyJob
 
-NODE_IPS = ('127.0.0.2', '127.0.0.3')
-SERVER_IP = '127.0.0.1'
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, 'browser_driver.py')
 ARTIFACTS = os.environ.get('DISPY_TEST_ARTIFACTS') or os.path.join(support.ROOT,
@@ -45,12 +42,6 @@ SCREENSHOTS = ('monitor-cluster.png', 'monitor-node.png', 'monitor-phone.png')
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 DRIVER_TIMEOUT = 120        # the whole browser run; each wait inside it is <= 20 s
 SHORT_JOBS = 40
-
-
-def nap(seconds, label=''):
-    import time
-    time.sleep(seconds)
-    return seconds
 
 
 # -- the tools (found once, at import: a missing one makes the tests skip) --------------------
@@ -86,26 +77,8 @@ def _png(path):
         return f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
-def _libc_prctl():
-    try:
-        import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:
-        return None
-
-
-_PRCTL = _libc_prctl()      # looked up here: the child after fork only calls it
-
-
-def _die_with_parent():
-    """In the driver before exec (Linux): SIGKILL when this test process ends (the
-    suite's watchdog may end a hung run); Playwright then closes its browser."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGKILL)       # PR_SET_PDEATHSIG
-
-
-class BrowserTest(unittest.TestCase):
-    """Two nodes and a monitor for the class; one browser run per test."""
+class BrowserTest(MonitorTestCase):
+    """Two nodes for the class (MonitorTestCase); one browser run per test."""
 
     timeout = 180
 
@@ -124,35 +97,7 @@ class BrowserTest(unittest.TestCase):
         if missing:
             raise unittest.SkipTest('browser tests need %s (run .ci/test-tools to install '
                                     'them)' % ' and '.join(missing))
-        cls.port = None
-        for _ in range(20):
-            cls.port = support.free_port(NODE_IPS[0])
-            if all(support.tcp_free(ip, cls.port) for ip in NODE_IPS):
-                break
-        cls.nodes = []
-        try:
-            for ip in NODE_IPS:
-                cls.nodes.append(support.NodeProcess(ip, port=cls.port, cpus=2).start())
-        except Exception:
-            cls.tearDownClass()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for node in getattr(cls, 'nodes', []):
-            node.stop()
-
-    # -- set-up helpers ------------------------------------------------------------------------
-    def cluster(self):
-        cluster = dispy.JobCluster(nap, nodes=list(NODE_IPS), host=SERVER_IP, port=0,
-                                   node_port=self.port, recover_file=False)
-        self.addCleanup(support.close_now, cluster)
-        return cluster
-
-    def monitor(self, cluster):
-        server = dispy.httpd.DispyHTTPServer(cluster, host=SERVER_IP, port=0, poll_sec=1)
-        self.addCleanup(server.shutdown, False)
-        return server
+        super().setUpClass()
 
     def artifacts(self):
         os.makedirs(ARTIFACTS, exist_ok=True)
@@ -177,7 +122,7 @@ class BrowserTest(unittest.TestCase):
         env = dict(os.environ, TMPDIR=folder)   # Playwright's profile dirs go in `folder`
         proc = subprocess.Popen([self.python, DRIVER, spec_file], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, cwd=folder, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=support.die_with_parent)
         self.addCleanup(self.kill_driver, proc)
         return proc, out, err
 
@@ -185,7 +130,7 @@ class BrowserTest(unittest.TestCase):
     def kill_driver(proc):
         """SIGKILL to the driver and what it started (Playwright's node, Chromium), by PID."""
         if proc.poll() is None:
-            support.kill_pids(support._descendants(proc.pid) + [proc.pid])
+            support.kill_pids(support.descendants(proc.pid) + [proc.pid])
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:

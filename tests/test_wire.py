@@ -372,7 +372,7 @@ class NodeProcessTest(unittest.TestCase):
         c.close(timeout=TIMEOUT)
         node.command('quit')
         self.assertEqual(node.wait(TIMEOUT), 0)
-        self.assertEqual(support._descendants(node.proc.pid), [])
+        self.assertEqual(support.descendants(node.proc.pid), [])
 
     def test_sigterm_stops_node_and_its_job_processes(self):
         node = NodeProcess('127.0.0.2', cpus=1)
