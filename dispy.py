@@ -1474,6 +1474,56 @@ class HandshakeAdmission:
             return sum(self._from.values())
 
 
+class SocketDeadlines:
+    """Connections that must finish a phase (a handshake, a request) by a deadline.
+    ``cut_overdue()``, called from a server's ``service_actions``, shuts down those
+    past it, so a peer trickling bytes cannot hold a thread however it paces them.
+
+    Each is kept as a duplicate descriptor: shutting that down reaches the connection
+    even after TLS took the socket over, and its number cannot be reused meanwhile.
+    A key may be re-armed (``watch`` again) or paused; ``forget`` ends it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._watched = {}          # key -> [monotonic deadline or None, dup socket]
+
+    def watch(self, key, seconds, sock=None):
+        """Arms ``key``'s deadline (``sock``: its socket, the first time)."""
+        deadline = time.monotonic() + seconds
+        with self._lock:
+            entry = self._watched.get(key)
+            if entry is not None:
+                entry[0] = deadline
+                return
+        dup = sock.dup()
+        with self._lock:
+            self._watched[key] = [deadline, dup]
+
+    def pause(self, key):
+        with self._lock:
+            entry = self._watched.get(key)
+            if entry is not None:
+                entry[0] = None
+
+    def forget(self, key):
+        with self._lock:
+            entry = self._watched.pop(key, None)
+        if entry is not None:
+            entry[1].close()
+
+    def cut_overdue(self, everything=False):
+        """Shuts down the connections past their deadline (or every one)."""
+        now = time.monotonic()
+        with self._lock:
+            cut = [dup for deadline, dup in self._watched.values()
+                   if everything or (deadline is not None and now > deadline)]
+        for dup in cut:
+            try:
+                dup.shutdown(socket.SHUT_RDWR)      # the peer's thread's read fails at once
+            except OSError:
+                pass
+
+
 class _ListenerHandshake(socketserver.BaseRequestHandler):
     """One accepted connection, in a thread of its own: TLS, ``handshake`` and
     the first CLIENT message; then the channel goes to ``owner.attach``."""
@@ -1519,7 +1569,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.v6only = v6only
         self.address_family = node_address_family(addr) if addr else socket.AF_INET
         self._handed_off = set()    # accepted sockets that belong to a channel now
-        self._deadlines = {}        # socket in handshake -> (monotonic deadline, dup)
+        self._deadlines = SocketDeadlines()     # sockets in their handshake
         self._lock = threading.Lock()
         self._serving = False
         super().__init__(sockaddr(addr, port) if addr else ('', port),
@@ -1550,10 +1600,10 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def finish_request(self, request, client_address):
         try:
-            self._watch(request)
+            self._deadlines.watch(request, HANDSHAKE_TIMEOUT, request)
             super().finish_request(request, client_address)
         finally:
-            self._unwatch(request)
+            self._deadlines.forget(request)
             self.admission.release(client_address[0])
 
     def shutdown_request(self, request):
@@ -1570,14 +1620,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """Runs in the serving thread every ``poll_interval``: a handshake past its
         deadline is shut down, so a peer trickling bytes (TLS records, a hello, a first
         frame) cannot hold a slot however it paces them."""
-        now = time.monotonic()
-        with self._lock:
-            overdue = [dup for deadline, dup in self._deadlines.values() if now > deadline]
-        for dup in overdue:
-            try:
-                dup.shutdown(socket.SHUT_RDWR)      # the handshake's read fails at once
-            except OSError:
-                pass
+        self._deadlines.cut_overdue()
 
     def serve_forever(self, poll_interval=None):
         self._serving = True
@@ -1595,23 +1638,10 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 {'role': 'scheduler', 'name': owner.name})
 
     # -- the handshake -----------------------------------------------------------------------
-    def _watch(self, request):
-        # A duplicate descriptor: shutting it down reaches the connection even after TLS
-        # took the socket over, and its number cannot be reused while it is watched.
-        with self._lock:
-            self._deadlines[request] = (time.monotonic() + HANDSHAKE_TIMEOUT,
-                                        request.dup())
-
-    def _unwatch(self, request):
-        with self._lock:
-            _deadline, dup = self._deadlines.pop(request, (None, None))
-        if dup is not None:
-            dup.close()
-
     def hand_off(self, request):
         """The socket is the channel's now: no deadline on it any more (the session
         may take long to attach), and socketserver must not close it."""
-        self._unwatch(request)
+        self._deadlines.forget(request)
         with self._lock:
             self._handed_off.add(request)
 
@@ -3370,7 +3400,8 @@ class ClusterHooks:
 
     ``monitor``: a web monitor's ``ClusterMonitor`` (dispyhttpd.py) or None; an
     implementation passes it the same events (lock held), so a cluster nobody watches
-    pays one attribute test per event.
+    pays one attribute test per event.  ``attach_monitor`` / ``detach_monitor`` change
+    it under ``hooks_lock()``, the lock the scheduler holds while calling the hooks.
     """
 
     key = None
@@ -3381,6 +3412,29 @@ class ClusterHooks:
 
     def is_closed(self):
         return False
+
+    def hooks_lock(self):
+        raise NotImplementedError
+
+    def attach_monitor(self, make):
+        """The cluster's monitor, made by ``make(cluster)`` (and told what the cluster
+        knows: ``seed_monitor``) if it has none; one more server uses it."""
+        with self.hooks_lock():
+            if self.monitor is None:
+                monitor = make(self)
+                self.seed_monitor(monitor)
+                self.monitor = monitor
+            self.monitor.servers += 1
+            return self.monitor
+
+    def detach_monitor(self, monitor):
+        with self.hooks_lock():
+            monitor.servers -= 1
+            if monitor.servers <= 0 and self.monitor is monitor:
+                self.monitor = None
+
+    def seed_monitor(self, monitor):
+        """A new monitor learns what the cluster knows already (lock held)."""
 
     def job_submitted(self, job):
         pass
@@ -5265,7 +5319,11 @@ class JobCluster(ClusterHooks):
 
     def deallocate_node(self, node):
         """Sends no more jobs of this cluster to the node (running ones finish)."""
-        return self._scheduler.deallocate(self, self._node_addr(node))
+        addr = self._node_addr(node)
+        result = self._scheduler.deallocate(self, addr)
+        if result == 0 and (monitor := self.monitor) is not None:
+            monitor.node_cpus(addr, 0)
+        return result
 
     def close_node(self, node, terminate_pending=False):
         """Closes this cluster's computation on a node (after its jobs there end, or
@@ -5351,7 +5409,7 @@ class JobCluster(ClusterHooks):
             with self._cond:
                 if self._open_jobs:
                     return False     # a callback cannot wait for the jobs to end
-        elif not in_callback and not self.wait(timeout):
+        elif not in_callback and not self.wait(timeout, progress=False):
             if not terminate:
                 return False
         if terminate:
@@ -5369,15 +5427,14 @@ class JobCluster(ClusterHooks):
     def is_closed(self):
         return self._closed
 
-    def _monitor_seed(self, monitor):
-        """A new web monitor (dispyhttpd.ClusterMonitor) gets what this cluster knows,
-        then its events."""
-        with self._cond:
-            monitor.seed(self._jobs_submitted, self._jobs_submitted - self._open_jobs,
-                         self._jobs_failed, list(self._nodes.values()),
-                         [j for j in self._scheduler.open_jobs(self)
-                          if j.status == DispyJob.Running])
-            self.monitor = monitor
+    def hooks_lock(self):
+        return self._cond
+
+    def seed_monitor(self, monitor):
+        monitor.seed(self._jobs_submitted, self._jobs_submitted - self._open_jobs,
+                     self._jobs_failed, list(self._nodes.values()),
+                     [j for j in self._scheduler.open_jobs(self)
+                      if j.status == DispyJob.Running])
 
     def _jobs_open(self):
         """Jobs of this cluster queued here or on nodes."""

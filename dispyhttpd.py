@@ -13,16 +13,25 @@ Where its data comes from (who owns what, which thread moves it)::
                                                                           RemoteCluster)
                                        cluster.monitor.job_ended(...)  ◄──────┘
     ClusterMonitor   one per cluster: counters per node, the running jobs, the jobs-done
-                     history; its own lock, taken for a few dict operations per event
+                     history (a point a second, taken by the server's thread); its own
+                     lock, taken for a few dict operations per event
          ▲
          │ snapshot (monitor lock only: never the scheduler's)
     DispyHTTPServer  the JSON endpoints (/api/status, /api/node, POST /api/...) and the
                      page; actions call the cluster's own methods (cancel, set_node_cpus,
-                     allocate_node, deallocate_node, close_node)
+                     allocate_node, deallocate_node, close_node: they take the scheduler's
+                     lock, and a SharedJobCluster's wait for its dispyscheduler)
          ▲
-    MonitorHTTPServer  http.server in threads: one per connection (ThreadingMixIn), so
-                       idle keep-alive connections and slow browsers never hold up
-                       another; TLS handshakes run in the connection's thread too
+    MonitorHTTPServer  http.server in threads: one per connection (ThreadingMixIn), so a
+                       connection holds up only its own thread; at most MAX_CONNECTIONS,
+                       MAX_PER_ADDRESS from one address, each request REQUEST_TIMEOUT in
+                       all (a trickling peer is cut off); TLS handshakes run in the
+                       connection's thread too
+
+Who makes what: ``DispyHTTPServer.add_cluster`` → ``ClusterMonitor.attach`` →
+``cluster.attach_monitor`` (dispy.ClusterHooks: under the scheduler's lock the monitor is
+made, told what the cluster knows, and set as ``cluster.monitor``); ``del_cluster`` and
+``shutdown`` detach it, and the last server to let go sets ``cluster.monitor`` back to None.
 
 Class hierarchy::
 
@@ -45,10 +54,14 @@ preflight, which is never granted), and a browser's Origin must be this server's
 import collections
 import hmac
 import html
+import http.client
 import http.server
 import ipaddress
+import itertools
 import json
 import os
+import re
+import reprlib
 import secrets
 import socket
 import socketserver
@@ -75,8 +88,10 @@ dispy.httpd = sys.modules[__name__]
 DEFAULT_PORT = 8181
 HISTORY_SECONDS = 3600      # jobs-done history kept per cluster (one point a second)
 MAX_BODY = 64 * 1024        # largest POST body
-MAX_CONNECTIONS = 128       # connections served at once (more wait in the backlog)
-IDLE_TIMEOUT = 60.0         # an idle keep-alive connection is closed after this
+MAX_HEAD_BYTES = 32 * 1024  # largest request head (its header lines)
+MAX_CONNECTIONS = 128       # connections served at once (more are answered 503)
+MAX_PER_ADDRESS = 32        # ... from one address (a browser opens about 6)
+REQUEST_TIMEOUT = 30.0      # a request (or an idle keep-alive connection's wait) in all
 TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_SHOWN = 1000            # characters of a job's id / arguments sent to the page
 TOKEN_HEADER = 'X-Dispy-Token'
@@ -129,8 +144,8 @@ class ClusterMonitor:
     """What the web monitor knows of one cluster, kept from the ``ClusterHooks``
     events the cluster passes on (``cluster.monitor``).  The events come with the
     scheduler's lock held and take this monitor's own lock for a few dict operations;
-    the HTTP threads take only this lock, so a page never slows the scheduler down
-    beyond that."""
+    reading the figures takes only this lock, so a page polling never waits for the
+    scheduler, nor the scheduler for it."""
 
     def __init__(self, cluster):
         self.cluster = cluster
@@ -140,27 +155,16 @@ class ClusterMonitor:
         self.submitted = self.done = self.failed = 0
         self.history = collections.deque(maxlen=HISTORY_SECONDS)   # [second, done]
         self.start_time = time.time()
-        self.servers = 0            # WebMonitors showing it
+        self.servers = 0            # WebMonitors showing it (the cluster's lock)
 
     @classmethod
     def attach(cls, cluster):
-        """The cluster's monitor, made (and filled with what the cluster knows) at the
-        first server that shows it."""
-        monitor = cluster.monitor
-        if monitor is None:
-            monitor = cls(cluster)
-            seed = getattr(cluster, '_monitor_seed', None)
-            if seed is not None:
-                seed(monitor)       # sets cluster.monitor under the scheduler's lock
-            else:
-                cluster.monitor = monitor
-        monitor.servers += 1
-        return monitor
+        """The cluster's monitor (``ClusterHooks.attach_monitor``: made, and told what
+        the cluster knows, by the first server that shows it)."""
+        return cluster.attach_monitor(cls)
 
     def detach(self):
-        self.servers -= 1
-        if self.servers <= 0 and self.cluster.monitor is self:
-            self.cluster.monitor = None
+        self.cluster.detach_monitor(self)
 
     # -- events (scheduler lock held) --------------------------------------------------------
     def job_submitted(self, job):
@@ -281,11 +285,18 @@ class ClusterMonitor:
             return node.running.get(key) if node is not None else None
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxtuple, _REPR.maxlist, _REPR.maxdict = 4, 20, 20, 20
+_REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = _REPR.maxarray = 20
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = MAX_SHOWN
+
+
 def shown(value):
-    """A value as the page shows it: its repr, cut to MAX_SHOWN characters; a value
+    """A value as the page shows it: its repr (containers cut short as they are
+    walked, so a huge argument costs little), at most MAX_SHOWN characters; a value
     whose repr raises is shown as such (user classes may have broken reprs)."""
     try:
-        text = value if isinstance(value, str) else repr(value)
+        text = value if isinstance(value, str) else _REPR.repr(value)
     except Exception as exc:
         text = '<unprintable %s: %s>' % (type(value).__name__, exc)
     return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + '...'
@@ -305,7 +316,7 @@ class Access:
         self.cookie_name = 'dispy_monitor_%d' % port    # cookies ignore ports
         names = {'localhost', 'localhost.localdomain'}
         for name in (socket.gethostname(), bound_host) + tuple(allowed_hosts or ()):
-            if name:
+            if name and name not in ('0.0.0.0', '::'):      # "any address" names nothing
                 names.add(name.lower().rstrip('.'))
         self.names = names
         self._addresses = None
@@ -409,8 +420,8 @@ class Request:
             raise HTTPError(415, 'changes are sent as application/json')
         try:
             data = json.loads(self.body.decode('utf-8'))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise HTTPError(400, 'malformed JSON: %s' % exc) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise HTTPError(400, 'malformed JSON: %s' % str(exc)[:200]) from None
         if not isinstance(data, dict):
             raise HTTPError(400, 'a JSON object is expected')
         return data
@@ -437,16 +448,56 @@ class Response:
         return cls(status, body.encode(), 'text/html; charset=utf-8', headers)
 
 
+class _HeadLimit:
+    """The connection's reader, counting the bytes of a request's header lines: past
+    MAX_HEAD_BYTES http.server answers 431 (its own limits allow 100 lines of 64 KiB)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.left = None            # bytes the header lines may still take; None: no count
+
+    def readline(self, size=-1):
+        line = self.raw.readline(size)
+        if self.left is not None:
+            self.left -= len(line)
+            if self.left < 0:
+                raise http.client.LineTooLong('request head over %d bytes' % MAX_HEAD_BYTES)
+        return line
+
+    def read(self, size=-1):
+        return self.raw.read(size)
+
+    def close(self):
+        self.raw.close()
+
+
 class MonitorHandler(http.server.BaseHTTPRequestHandler):
-    """One connection (keep-alive: many requests).  Everything it reads is bounded; a
+    """One connection (keep-alive: many requests).  Everything it reads is bounded (the
+    head's size; the whole request's time, REQUEST_TIMEOUT, cut by the server); a
     request it cannot parse gets a 4xx; an error of ours gets a 500 without details
-    (they go to the log), and the connection's thread is all that ends."""
+    (they go to the log).  Any answer but a success closes the connection: bytes of
+    a refused request are never read as the next one's."""
 
     protocol_version = 'HTTP/1.1'
     default_request_version = 'HTTP/1.0'   # an unparsable request line still gets a status
     server_version = 'dispy-monitor/' + __version__
-    sys_version = ''
-    timeout = IDLE_TIMEOUT
+    ONE_HEADER = ('Host', 'Content-Length', 'Content-Type', 'Origin', TOKEN_HEADER, 'Cookie')
+
+    def setup(self):
+        super().setup()
+        self.rfile = _HeadLimit(self.rfile)
+
+    def handle_one_request(self):
+        # The time allowed for this request (or the wait for it, when idle) starts now.
+        self.server.deadlines.watch(threading.get_ident(), REQUEST_TIMEOUT)
+        super().handle_one_request()
+
+    def parse_request(self):
+        self.rfile.left = MAX_HEAD_BYTES
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile.left = None
 
     def do_GET(self):
         self._serve('GET')
@@ -458,6 +509,7 @@ class MonitorHandler(http.server.BaseHTTPRequestHandler):
         self._serve('POST')
 
     def _method_not_allowed(self):
+        self.close_connection = True        # its body, if any, is never read
         self._send(Response.json({'error': 'method not allowed'}, 405),
                    head=False, extra=[('Allow', 'GET, HEAD, POST')])
 
@@ -465,45 +517,63 @@ class MonitorHandler(http.server.BaseHTTPRequestHandler):
 
     def _serve(self, method):
         try:
-            response = self.server.app.respond(self._request(method))
+            request = self._request(method)
+            self.server.deadlines.pause(threading.get_ident())    # read: no more deadline
+            response = self.server.app.respond(request)
         except HTTPError as exc:
             response = Response.json({'error': exc.text}, exc.status)
             response.headers.extend(exc.headers)
         except Exception:
-            logger.warning('web monitor: %s %s failed', method, self.path, exc_info=True)
+            logger.warning('web monitor: %s %s failed', method, self._plain_path(),
+                           exc_info=True)
             response = Response.json({'error': 'internal error (see the program\'s log)'}, 500)
         self._send(response, head=method == 'HEAD')
 
     def _request(self, method):
+        """The request, once its framing is beyond doubt (one Host, one length, no
+        transfer coding, a path, no body on a GET)."""
+        headers = self.headers
+        for name in self.ONE_HEADER:
+            if len(headers.get_all(name, ())) > 1:
+                raise HTTPError(400, 'more than one %s header' % name)
+        if headers.get('Transfer-Encoding') is not None:
+            raise HTTPError(400, 'transfer codings are not accepted: send a Content-Length')
+        if headers.get('Host') is None and self.request_version == 'HTTP/1.1':
+            raise HTTPError(400, 'an HTTP/1.1 request needs a Host header')
+        if not self.path.startswith('/'):
+            raise HTTPError(400, 'the request target must be a path')
+        length = headers.get('Content-Length')
+        if length is not None and not re.fullmatch(r'[0-9]{1,9}', length.strip()):
+            raise HTTPError(400, 'malformed Content-Length')
+        length = int(length) if length is not None else None
+        body = b''
+        if method != 'POST':
+            if length:
+                raise HTTPError(400, 'a %s request has no body' % method)
+        elif length is None:
+            raise HTTPError(411, 'a POST needs a Content-Length')
+        elif length > MAX_BODY:
+            raise HTTPError(413, 'request body over %d bytes' % MAX_BODY)
+        else:
+            body = self.rfile.read(length)
+            if len(body) < length:
+                raise HTTPError(400, 'request body cut short')
         parsed = urllib.parse.urlsplit(self.path)
         try:
             query = dict(urllib.parse.parse_qsl(parsed.query, max_num_fields=20))
         except ValueError:
             raise HTTPError(400, 'malformed query') from None
-        body = b''
-        if method == 'POST':
-            length = self.headers.get('Content-Length')
-            if length is None or not length.strip().isdigit():
-                self.close_connection = True
-                raise HTTPError(411, 'a POST needs a Content-Length')
-            length = int(length)
-            if length > MAX_BODY:
-                self.close_connection = True    # its body is not read
-                raise HTTPError(413, 'request body over %d bytes' % MAX_BODY)
-            body = self.rfile.read(length)
-            if len(body) < length:
-                self.close_connection = True
-                raise HTTPError(400, 'request body cut short')
         cookies = {}
-        for part in (self.headers.get('Cookie') or '').split(';'):
+        for part in (headers.get('Cookie') or '').split(';'):
             name, _, value = part.strip().partition('=')
             if name:
                 cookies[name] = value
-        return Request(method, parsed.path, query, self.headers, body,
-                       self.client_address[0], 'https' if self.server.ssl_context else 'http',
-                       cookies)
+        return Request(method, parsed.path, query, headers, body, self.client_address[0],
+                       'https' if self.server.ssl_context else 'http', cookies)
 
     def _send(self, response, head, extra=()):
+        if response.status >= 400:
+            self.close_connection = True
         self.send_response(response.status)
         self.send_header('Content-Type', response.content_type)
         self.send_header('Content-Length', str(len(response.body)))
@@ -515,17 +585,35 @@ class MonitorHandler(http.server.BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(response.body)
 
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a malformed request line, a head too big, ...):
+        the same JSON and headers as every other answer."""
+        self.close_connection = True
+        text = message or self.responses.get(code, ('error',))[0]
+        self._send(Response.json({'error': text}, code),
+                   head=self.command == 'HEAD' or code < 200 or code in (204, 304))
+
+    def _plain_path(self):
+        """The path without its query: a token in the query never reaches the log."""
+        return urllib.parse.urlsplit(getattr(self, 'path', '') or '').path[:200]
+
     def version_string(self):
         return self.server_version
 
+    def log_request(self, code='-', size='-'):
+        logger.debug('web monitor %s: %s %s -> %s', self.client_address[0],
+                     getattr(self, 'command', None), self._plain_path(), code)
+
     def log_message(self, format, *args):
-        logger.debug('web monitor %s: %s', self.client_address[0], format % args)
+        pass                # what http.server logs (request lines: tokens) is not wanted
 
 
 class MonitorHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """``http.server`` with a thread per connection (none waits for another), a
-    bound on connections served at once, TLS handshakes off the accepting thread,
-    and errors logged, never printed as tracebacks."""
+    """``http.server`` with a thread per connection (none waits for another), at most
+    MAX_CONNECTIONS at once and MAX_PER_ADDRESS from one address (more are answered
+    503), every request's time bounded (``SocketDeadlines``, also for TLS
+    handshakes, which run off the accepting thread), and errors logged, never
+    printed as tracebacks."""
 
     daemon_threads = True
     block_on_close = False
@@ -533,11 +621,11 @@ class MonitorHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
 
     def __init__(self, addr, app, ssl_context=None):
-        self.address_family = socket.AF_INET6 if ':' in addr[0] else socket.AF_INET
+        self.address_family = dispy.node_address_family(addr[0])
         self.app = app
         self.ssl_context = ssl_context
-        self.serving = set()            # requests being served (a bounded number)
-        self.serving_lock = threading.Lock()
+        self.admission = dispy.HandshakeAdmission(MAX_CONNECTIONS, MAX_PER_ADDRESS)
+        self.deadlines = dispy.SocketDeadlines()    # one per connection, by thread
         super().__init__(addr, MonitorHandler)
 
     def server_bind(self):
@@ -547,40 +635,52 @@ class MonitorHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def verify_request(self, request, client_address):
-        with self.serving_lock:
-            if len(self.serving) >= MAX_CONNECTIONS:
-                logger.warning('web monitor: %d connections open; %s turned away',
-                               MAX_CONNECTIONS, client_address[0])
-                return False
-            self.serving.add(request)
+        if self.admission.admit(client_address[0]):
             return True
+        logger.warning('web monitor: too many connections; %s turned away', client_address[0])
+        if self.ssl_context is None:
+            try:        # a fresh socket's buffer takes this without blocking
+                request.sendall(b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n'
+                                b'Connection: close\r\nRetry-After: 5\r\n\r\n')
+            except OSError:
+                pass
+        return False
 
     def finish_request(self, request, client_address):
-        if self.ssl_context is None:
-            return super().finish_request(request, client_address)
-        request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        key = threading.get_ident()
+        self.deadlines.watch(key, TLS_HANDSHAKE_TIMEOUT, request)
         try:
-            tls = self.ssl_context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:
-            logger.debug('web monitor: TLS handshake with %s failed: %s', client_address[0],
-                         exc)
-            return None
-        try:
-            return super().finish_request(tls, client_address)
+            if self.ssl_context is None:
+                return super().finish_request(request, client_address)
+            try:
+                tls = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ssl.SSLError) as exc:
+                logger.debug('web monitor: TLS handshake with %s failed: %s',
+                             client_address[0], exc)
+                return None
+            try:
+                return super().finish_request(tls, client_address)
+            finally:
+                tls.close()
         finally:
-            tls.close()
-
-    def shutdown_request(self, request):
-        with self.serving_lock:
-            self.serving.discard(request)
-        super().shutdown_request(request)
+            self.deadlines.forget(key)
+            self.admission.release(client_address[0])
 
     def handle_error(self, request, client_address):
         logger.debug('web monitor: connection from %s failed', client_address[0],
                      exc_info=True)
 
     def service_actions(self):
-        self.app.tick()         # serve_forever calls this between requests, 4 times a second
+        """Between requests, 4 times a second: requests past their time are cut off,
+        and the monitor's own tick (never allowed to end the serving loop)."""
+        self.deadlines.cut_overdue()
+        try:
+            self.app.tick()
+        except Exception:
+            logger.warning('web monitor: tick failed', exc_info=True)
+
+    def close_connections(self):
+        self.deadlines.cut_overdue(everything=True)
 
 
 # ================================================================================
@@ -600,14 +700,20 @@ class WebMonitor:
                      '.css': 'text/css; charset=utf-8'}
 
     def __init__(self, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
-                 keyfile=None, certfile=None, allowed_hosts=(), token=None, name='dispy'):
+                 keyfile=None, certfile=None, allowed_hosts=(), token=None, name='dispy',
+                 require_token=False):
         self.poll_sec = max(1, int(poll_sec))
         self.document_root = DocumentRoot
+        if token is not None and not re.fullmatch(r'[A-Za-z0-9_-]{16,200}', token):
+            raise ValueError('token: 16 to 200 letters, digits, "-" or "_"')
         self.token = token or secrets.token_urlsafe(24)
         self.name = name
+        self.require_token = bool(require_token)    # even on this machine (shared hosts)
+        self.stopped = False
         ssl_context = None
         if certfile:
             ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
             ssl_context.load_cert_chain(certfile, keyfile)
         bind = host or ''
         if bind and not _is_ip(bind):
@@ -659,6 +765,8 @@ class WebMonitor:
         if dispy.is_loopback(self.server.server_address[0]):
             text = '%s (this machine only: a loopback address; access token %s)' % (
                 local, self.token)
+        elif self.require_token:
+            text = '%s?token=%s (the token is needed on this machine too)' % (local, self.token)
         else:
             text = '%s (this machine); from other hosts: %s' % (local, other)
         print('%s web monitor: %s' % (self.name, text), file=sys.stderr, flush=True)
@@ -666,13 +774,17 @@ class WebMonitor:
     def shutdown(self, wait=True):
         """Stops serving.  ``wait``: if a browser is polling, its next poll (within
         poll_sec) is served first, so it shows the final state."""
+        if self.stopped:
+            return
         if wait:
             with self._polled:
                 last, polls = self._last_poll, self._polls
                 if last is not None and time.monotonic() - last < 2 * self.poll_sec + 1:
                     self._polled.wait_for(lambda: self._polls > polls, self.poll_sec + 1)
+        self.stopped = True
         self.server.shutdown()
         self.server.server_close()
+        self.server.close_connections()     # keep-alive ones too: nothing served after
         self.thread.join(5)
         self.closed()
 
@@ -690,7 +802,9 @@ class WebMonitor:
         in_query = access.token_ok(request.query.get('token'))
         has_token = in_query or any(access.token_ok(t) for t in (
             request.headers.get(TOKEN_HEADER), request.cookies.get(access.cookie_name)))
-        if not (has_token or access.is_local(request.client_ip)):
+        if self.stopped:
+            raise HTTPError(503, 'the monitor has stopped')
+        if not (has_token or (access.is_local(request.client_ip) and not self.require_token)):
             return self._needs_token(request)
         if request.method == 'POST':
             return self._change(request)
@@ -733,7 +847,8 @@ class WebMonitor:
         return Response.text_page(403, '%s monitor: access token needed' % self.name, text)
 
     def _keep_token(self, request):
-        cookie = '%s=%s; Path=/; HttpOnly; SameSite=Strict%s' % (
+        # Lax: a link to the page (from mail, a chat) carries it; changes need the header
+        cookie = '%s=%s; Path=/; HttpOnly; SameSite=Lax%s' % (
             self.access.cookie_name, self.token, '; Secure' if request.scheme == 'https'
             else '')
         return Response(303, b'', 'text/plain', [('Location', request.path),
@@ -781,44 +896,57 @@ class DispyHTTPServer(WebMonitor):
 
     ``cluster``: a JobCluster / SharedJobCluster, a list of them, or None (add them
     with ``add_cluster``).  The cluster's own ``cluster_status`` callback keeps being
-    called: the monitor takes the cluster's events beside it.  ``allowed_hosts``:
-    more names this machine answers to (see ``Access``); ``token``: the access token
-    (default: a new random one, printed on stderr)."""
+    called: the monitor takes the cluster's events beside it.  ``show_job_args=False``
+    hides job arguments for good (the page may hide them, never show them then).
+    Ours: ``allowed_hosts`` (more names this machine answers to, see ``Access``),
+    ``token`` (default: a new random one, printed on stderr), ``require_token`` (even
+    browsers on this machine need it: a machine many people log in to).
+
+    Locks: the cluster's (the scheduler's) lock, then a ClusterMonitor's; this server's
+    ``_lock`` only guards its list of clusters and is never held while taking another."""
 
     NODE_OPS = ('set_cpus', 'allocate', 'deallocate', 'close')
 
     def __init__(self, cluster, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
                  keyfile=None, certfile=None, show_job_args=True, allowed_hosts=(),
-                 token=None):
-        self.show_job_args = bool(show_job_args)
+                 token=None, require_token=False):
+        self.args_allowed = self.show_job_args = bool(show_job_args)
         self._clusters = collections.OrderedDict()     # id -> ClusterMonitor
-        self._ids = iter(range(1, 1 << 62))
+        self._ids = itertools.count(1)
         self._sampled = 0               # the second of the last history point
         self._lock = threading.Lock()
-        for one in (cluster if isinstance(cluster, (list, tuple)) else [cluster]):
-            if one is not None:
-                self.add_cluster(one)
         super().__init__(host, port, poll_sec, DocumentRoot, keyfile, certfile,
-                         allowed_hosts, token, 'dispy')
+                         allowed_hosts, token, 'dispy', require_token)
+        for one in (cluster if isinstance(cluster, (list, tuple)) else [cluster]):
+            if one is not None:     # once the port is bound: a failed bind attaches none
+                self.add_cluster(one)
 
     def add_cluster(self, cluster):
         """Shows one more cluster."""
         with self._lock:
-            if any(m.cluster is cluster for m in self._clusters.values()):
+            if self.stopped or any(m.cluster is cluster for m in self._clusters.values()):
                 return
-            self._clusters[next(self._ids)] = ClusterMonitor.attach(cluster)
+        monitor = ClusterMonitor.attach(cluster)    # takes the cluster's lock: not ours
+        with self._lock:
+            if not self.stopped and all(m.cluster is not cluster
+                                        for m in self._clusters.values()):
+                self._clusters[next(self._ids)] = monitor
+                return
+        monitor.detach()        # stopped, or added by another thread meanwhile
 
     def del_cluster(self, cluster):
         """Stops showing a cluster."""
         with self._lock:
-            for cid, monitor in list(self._clusters.items()):
-                if monitor.cluster is cluster:
-                    del self._clusters[cid]
-                    monitor.detach()
+            gone = [(cid, m) for cid, m in self._clusters.items() if m.cluster is cluster]
+            for cid, _monitor in gone:
+                del self._clusters[cid]
+        for _cid, monitor in gone:
+            monitor.detach()
 
     def closed(self):
         with self._lock:
-            monitors, self._clusters = list(self._clusters.values()), {}
+            monitors = list(self._clusters.values())
+            self._clusters.clear()
         for monitor in monitors:
             monitor.detach()
 
@@ -843,7 +971,7 @@ class DispyHTTPServer(WebMonitor):
     def _monitor(self, data):
         cid = data.get('cluster')
         with self._lock:
-            monitor = self._clusters.get(cid) if isinstance(cid, int) else None
+            monitor = self._clusters.get(cid) if type(cid) is int else None   # not True
         if monitor is None:
             raise HTTPError(404, 'no cluster %r' % (cid,))
         return monitor
@@ -877,7 +1005,8 @@ class DispyHTTPServer(WebMonitor):
             if found is None:
                 continue
             figures, jobs = found
-            name = name or figures.pop('name')
+            node_name = figures.pop('name')
+            name = name or node_name
             figures.pop('ip_addr')
             info = dict(figures, **self._cluster_info(cid, monitor))
             info['jobs'] = [self._job_info(job) for job in jobs]
@@ -903,7 +1032,8 @@ class DispyHTTPServer(WebMonitor):
             raise HTTPError(400, 'jobs: a list of job keys is expected')
         cancelled, failed = [], []
         for key in keys:
-            job = monitor.running_job(int(key)) if str(key).isdigit() else None
+            key = str(key)[:30]
+            job = monitor.running_job(int(key)) if key.isascii() and key.isdigit() else None
             ok = job is not None and monitor.cluster.cancel(job) == 0
             (cancelled if ok else failed).append(str(key))
         if cancelled:
@@ -922,13 +1052,9 @@ class DispyHTTPServer(WebMonitor):
             cpus = data.get('cpus')
             if not isinstance(cpus, int) or isinstance(cpus, bool):
                 raise HTTPError(400, 'cpus: a whole number is expected')
-            result = cluster.set_node_cpus(ip_addr, cpus)
-            if result >= 0:
-                monitor.node_cpus(ip_addr, result)
+            result = cluster.set_node_cpus(ip_addr, cpus)     # (the monitor hears of it)
         elif op == 'deallocate':
             result = cluster.deallocate_node(ip_addr)
-            if result == 0:
-                monitor.node_cpus(ip_addr, 0)
         elif op == 'close':
             result = cluster.close_node(ip_addr)
         else:
@@ -944,7 +1070,6 @@ class DispyHTTPServer(WebMonitor):
         if figures['state'] == 'ready' and figures['cpus'] == 0 and figures['avail_cpus']:
             result = monitor.cluster.set_node_cpus(ip_addr, figures['avail_cpus'])
             if result >= 0:
-                monitor.node_cpus(ip_addr, result)
                 return result
         return monitor.cluster.allocate_node(ip_addr)
 
@@ -952,6 +1077,9 @@ class DispyHTTPServer(WebMonitor):
         if 'show_job_args' in data:
             if not isinstance(data['show_job_args'], bool):
                 raise HTTPError(400, 'show_job_args: true or false')
+            if data['show_job_args'] and not self.args_allowed:
+                raise HTTPError(403, 'the program started the monitor with '
+                                'show_job_args=False: arguments stay hidden')
             self.show_job_args = data['show_job_args']
         return {'show_job_args': self.show_job_args}
 

@@ -695,14 +695,23 @@ class RemoteCluster(dispy.ClusterHooks):
     def is_closed(self):
         return self.state == 'closed'
 
+    def hooks_lock(self):
+        return self.lock
+
     def cancel(self, job):
         return self.scheduler.cancel(job, 'Cancelled in the web monitor')
 
     def set_node_cpus(self, node, cpus):
-        return self.scheduler.set_node_cpus(self, node, cpus)
+        result = self.scheduler.set_node_cpus(self, node, cpus)
+        if result >= 0 and (monitor := self.monitor) is not None:
+            monitor.node_cpus(node, result)
+        return result
 
     def deallocate_node(self, node):
-        return self.scheduler.deallocate(self, node)
+        result = self.scheduler.deallocate(self, node)
+        if result == 0 and (monitor := self.monitor) is not None:
+            monitor.node_cpus(node, 0)
+        return result
 
     def close_node(self, node, terminate_pending=False):
         return self.scheduler.close_node(self, node, terminate_pending)

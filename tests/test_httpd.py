@@ -14,6 +14,7 @@ import http.client
 import io
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -45,8 +46,9 @@ def nap(seconds, label=''):
 class HTTP:
     """Requests to one monitor as http.client makes them (one connection each)."""
 
-    def __init__(self, port, tls=False, host=SERVER_IP):
+    def __init__(self, port, tls=False, host=SERVER_IP, source=None):
         self.port, self.tls, self.host = port, tls, host
+        self.source = (source, 0) if source else None
 
     def connection(self, timeout=10):
         if self.tls:
@@ -54,8 +56,9 @@ class HTTP:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                               context=ctx)
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+                                               context=ctx, source_address=self.source)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout,
+                                          source_address=self.source)
 
     def request(self, method, path, body=None, headers=None):
         conn = self.connection()
@@ -407,7 +410,8 @@ class ServerTest(MonitorTestCase):
         server = self.monitor(self.cluster())
         idle = []
         try:
-            for _ in range(40):     # open, silent: each holds only its own thread
+            for _ in range(dispyhttpd.MAX_PER_ADDRESS - 2):    # open, silent: each holds
+                # only its own thread
                 idle.append(socket.create_connection((SERVER_IP, server.port), timeout=10))
             half = socket.create_connection((SERVER_IP, server.port), timeout=10)
             idle.append(half)
@@ -422,6 +426,74 @@ class ServerTest(MonitorTestCase):
         finally:
             for sock in idle:
                 sock.close()
+
+    def test_one_address_cannot_take_every_connection(self):
+        server = self.monitor(self.cluster())
+        hogs = []
+        try:
+            for _ in range(dispyhttpd.MAX_PER_ADDRESS):
+                hogs.append(socket.create_connection((SERVER_IP, server.port), timeout=10))
+            self.assertTrue(support.wait_until(
+                lambda: len(server.server.admission) >= dispyhttpd.MAX_PER_ADDRESS, 10))
+            with socket.create_connection((SERVER_IP, server.port), timeout=10) as one_more:
+                self.assertTrue(one_more.recv(100).startswith(b'HTTP/1.1 503 '))
+            # a browser from another address is served meanwhile
+            other = HTTP(server.port, source='127.0.0.5')
+            self.assertEqual(other.json('GET', '/api/status')[0], 200)
+        finally:
+            for sock in hogs:
+                sock.close()
+
+    def test_a_trickling_request_is_cut_off(self):
+        self.addCleanup(setattr, dispyhttpd, 'REQUEST_TIMEOUT', dispyhttpd.REQUEST_TIMEOUT)
+        dispyhttpd.REQUEST_TIMEOUT = 1.0
+        server = self.monitor(self.cluster())
+        with socket.create_connection((SERVER_IP, server.port), timeout=10) as slow:
+            slow.sendall(b'GET /api/status HTTP/1.1\r\n')
+            started, reply = time.monotonic(), None
+            for _ in range(100):        # a header line every 0.1 s, never the end
+                try:
+                    slow.sendall(b'X-Slow: 1\r\n')
+                    reply = slow.recv(100, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    time.sleep(0.1)     # the pace of the trickle, not a wait for a result
+                    continue
+                except OSError:
+                    reply = b''
+                break
+            self.assertEqual(reply, b'', 'the connection was not cut')
+            self.assertLess(time.monotonic() - started, 8)
+
+    def test_a_refused_requests_body_is_never_read_as_a_request(self):
+        server = self.monitor(self.cluster())
+        smuggled = (b'GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n')
+        cases = [
+            b'PUT / HTTP/1.1\r\nHost: evil.example\r\nContent-Length: %d\r\n\r\n'
+            % len(smuggled) + smuggled,
+            b'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n'
+            % len(smuggled) + smuggled,
+            b'POST /api/settings HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked'
+            b'\r\n\r\n%x\r\n' % len(smuggled) + smuggled + b'\r\n0\r\n\r\n',
+            b'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n' + smuggled,
+            b'GET http://evil.example/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n' + smuggled,
+            b'GET / HTTP/1.1\r\n\r\n' + smuggled,
+            b'POST /api/settings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xc2\xb2'
+            b'\r\n\r\n' + smuggled,
+        ]
+        for data in cases:
+            with socket.create_connection((SERVER_IP, server.port), timeout=10) as sock:
+                sock.sendall(data)
+                reply = b''
+                for _ in range(50):     # until the server closes the connection
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    reply += chunk
+            self.assertRegex(reply, rb'^HTTP/1\.1 4\d\d ', data[:80])
+            answers = re.findall(rb'(?m)^HTTP/1\.\d \d\d\d ', reply)
+            self.assertEqual(len(answers), 1, (data[:80], reply[:300]))
+            self.assertIn(b'Connection: close', reply)
+        self.assertEqual(self.http.get('/api/status')['clusters'][0]['id'], 1)
 
     def test_tls(self):
         folder = support.temp_folder(self)
@@ -440,6 +512,35 @@ class ServerTest(MonitorTestCase):
             self.assertEqual(self.http.get('/api/status')['clusters'][0]['id'], 1)
             silent.sendall(b'\x16\x03\x01')        # a stalled handshake ends in time
         self.assertTrue(server.urls()[0].startswith('https://'))
+
+    def test_require_token_and_hidden_arguments_stay_hidden(self):
+        server = self.monitor(self.cluster(), require_token=True, show_job_args=False)
+        status, reply = self.http.json('GET', '/api/status')
+        self.assertEqual(status, 403, reply)        # even on this machine
+        status, headers, body = self.http.request('GET', '/')
+        self.assertEqual(status, 403)
+        self.assertNotIn(server.token.encode(), body)
+        status, reply = self.http.json('GET', '/api/status', headers={
+            dispyhttpd.TOKEN_HEADER: server.token})
+        self.assertEqual((status, reply['show_job_args']), (200, False))
+        status, reply = self.post(server, '/api/settings', {'show_job_args': True})
+        self.assertEqual(status, 403, reply)
+        self.assertIn('show_job_args=False', reply['error'])
+
+    def test_shutdown_ends_keep_alive_connections(self):
+        server = self.monitor(self.cluster())
+        conn = self.http.connection(timeout=10)
+        conn.request('GET', '/api/status')
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        response.read()
+        server.shutdown(wait=False)
+        with self.assertRaises((OSError, http.client.HTTPException)):
+            conn.request('POST', '/api/settings', body=b'{"show_job_args": false}', headers={
+                'Content-Type': 'application/json', dispyhttpd.TOKEN_HEADER: server.token})
+            conn.getresponse().read()
+        conn.close()
+        self.assertTrue(server.show_job_args)       # nothing was served after shutdown
 
     def test_shutdown_frees_the_port(self):
         server = self.monitor(self.cluster())
@@ -479,9 +580,14 @@ class _Job:
         self._key, self.ip_addr, self.status = key, ip_addr, status
 
 
-class _Cluster:
-    monitor = None
+class _Cluster(dispy.ClusterHooks):
     name = 'fake'
+
+    def __init__(self):
+        self.lock = threading.RLock()
+
+    def hooks_lock(self):
+        return self.lock
 
 
 class ClusterMonitorTest(unittest.TestCase):
@@ -581,7 +687,8 @@ class AccessRulesTest(unittest.TestCase):
             def __repr__(self):
                 raise RuntimeError('no repr')
         self.assertEqual(dispyhttpd.shown((1, '<b>')), "(1, '<b>')")
-        self.assertIn('unprintable Broken', dispyhttpd.shown(Broken()))
+        self.assertIn('Broken', dispyhttpd.shown(Broken()))     # no exception
+        self.assertLess(len(dispyhttpd.shown(list(range(10 ** 6)))), 200)   # cut while walked
         self.assertEqual(len(dispyhttpd.shown('x' * 5000)), dispyhttpd.MAX_SHOWN + 3)
 
 

@@ -226,7 +226,7 @@ class MonitorAccessTest(LabTestCase):
         self.assert_status(first, 303, 'GET /?token=T')
         self.assertEqual(first['headers'].get('location'), '/', first)
         self.assertEqual(first['headers'].get('set-cookie'),
-                         '%s; Path=/; HttpOnly; SameSite=Strict' % self.cookie, first)
+                         '%s; Path=/; HttpOnly; SameSite=Lax' % self.cookie, first)
         self.assert_one_cluster(status)
         self.assert_status(page, 200, 'GET / with the cookie')
         self.assertIn('text/html', page['headers']['content-type'], page)
