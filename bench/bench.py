@@ -1148,6 +1148,11 @@ def bench_impl(args, impl, workloads):
                     emit(line)
                     all_lines.append(line)
                 continue
+            if w == 'W1m' and (impl.name == 'original' or not os.path.isfile(
+                    os.path.join(impl.tree, 'dispyhttpd.py'))):
+                log(args, '%s: W1m skipped (no web monitor, dispyhttpd.py, in %s)' % (
+                    impl.label, impl.tree))
+                continue
             runs, errors = [], []
             for i in range(args.runs):
                 direct_node()
