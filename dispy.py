@@ -117,6 +117,7 @@ DEFAULT_MAX_FRAME = 256 << 20  # limit on one authenticated frame (configurable)
 # (parted blobs of big bytes arguments use protocol 5: Python 3.8+, as every node is).
 BLOB_PICKLE_PROTOCOL = 4
 HANDSHAKE_TIMEOUT = 10.0      # a peer that sends nothing is dropped after this
+NOT_SERVING = 'not serving: '  # a node's BUSY for no client (service window, operator)
 DEFAULT_PULSE_INTERVAL = 5.0  # liveness when the user gives no pulse_interval
 DEAD_PULSES = 5               # a peer silent for this many pulses is dead
 RECONNECT_DELAYS = (0.1, 0.3, 0.6, 1.0, 2.0)  # retries before a node is declared dead
@@ -754,7 +755,10 @@ class _ConnectionBase:
 #   CLOSE_COMPUTE end a computation (cleanup)  CLOSED        confirms CLOSE_COMPUTE
 #   RELEASE       the client is done here      PULSE         liveness (+ availability)
 #   PULSE         liveness                     RECALLED      answers RECALL (given back?)
-#   RECALL        a queued job, back please
+#   RECALL        a queued job, back please                  (or hands a job back unasked)
+#   SHUTDOWN      cluster.shutdown(): stop     SERVICE       takes jobs or not now (its
+#                 once I am done (if allowed)                service window, stdin stop),
+#                                                            and its CPUs
 #
 #   SharedJobCluster → dispyscheduler          dispyscheduler → SharedJobCluster
 #   (one connection per cluster)
@@ -819,6 +823,7 @@ class Msg:
     RELEASE = MessageKind('RELEASE', [])
     PULSE = MessageKind('PULSE', ['time'])
     RECALL = MessageKind('RECALL', ['key', 'attempt'])
+    SHUTDOWN = MessageKind('SHUTDOWN', [])
     # node → client
     NODE = MessageKind('NODE', ['info'])
     BUSY = MessageKind('BUSY', ['serving'])
@@ -833,6 +838,7 @@ class Msg:
     CLOSED = MessageKind('CLOSED', ['cluster'])
     NODE_PULSE = MessageKind('PULSE', ['time', 'avail'])
     RECALLED = MessageKind('RECALLED', ['key', 'attempt', 'given'])
+    SERVICE = MessageKind('SERVICE', ['accepting', 'cpus', 'why'])
     # SharedJobCluster ↔ dispyscheduler
     CLUSTER = MessageKind('CLUSTER', ['info'])
     NODE_OP = MessageKind('NODE_OP', ['token', 'op', 'node', 'arg'])
@@ -856,10 +862,10 @@ class Msg:
 # The kinds each side accepts, by name (PULSE differs by direction).
 TO_NODE = {k.name: k for k in (Msg.CLIENT, Msg.COMPUTE, Msg.FILE, Msg.JOB, Msg.CANCEL,
                                Msg.ACK, Msg.SET_CPUS, Msg.PUT_FILE, Msg.CLOSE_COMPUTE,
-                               Msg.RELEASE, Msg.PULSE, Msg.RECALL)}
+                               Msg.RELEASE, Msg.PULSE, Msg.RECALL, Msg.SHUTDOWN)}
 TO_CLIENT = {k.name: k for k in (Msg.NODE, Msg.BUSY, Msg.SETUP, Msg.STARTED, Msg.RESULT,
                                  Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
-                                 Msg.CLOSED, Msg.NODE_PULSE, Msg.RECALLED)}
+                                 Msg.CLOSED, Msg.NODE_PULSE, Msg.RECALLED, Msg.SERVICE)}
 
 
 TO_SCHEDULER = {k.name: k for k in (Msg.CLIENT, Msg.CLUSTER, Msg.FILE, Msg.JOB, Msg.CANCEL,
@@ -2901,6 +2907,7 @@ class NodeLink:
         self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
         self.acks = []            # (key, attempt) of results recorded, for the next ACK
         self.recalling = set()    # keys of jobs asked back (RECALL), not answered yet
+        self.paused = False       # the node said it takes no jobs now (SERVICE)
 
     def __repr__(self):
         return '<NodeLink %s:%s %s>' % (self.ip_addr, self.port, self.state)
@@ -2920,7 +2927,7 @@ class NodeLink:
         """Jobs of a cluster that may be in flight here: its CPUs plus those queued on
         the node, so that it never waits a round trip for its next job."""
         cpus = self.alloc_cpus.get(ckey, 0)
-        if not cpus:
+        if not cpus or self.paused:
             return 0
         service = self.service.get(ckey)
         if service is None:     # nothing measured yet
@@ -2947,7 +2954,7 @@ class NodeLink:
 
     def takes_jobs(self, ckey):
         """Whether the cluster's jobs may be sent here now (room aside)."""
-        return (self.conn is not None and self.state == NodeLink.READY
+        return (self.conn is not None and self.state == NodeLink.READY and not self.paused
                 and self.setups.get(ckey) == 'ready' and ckey not in self.closing)
 
     def send(self, msg):
@@ -2983,6 +2990,7 @@ class NodeLink:
         self.cpus = int(info.get('cpus', 1))
         self.platform = info.get('platform', '')
         self.avail_info = _avail_info(info.get('avail'))
+        self.paused = info.get('accepting', True) is False     # out of its service hours
         self.state = NodeLink.READY
         self.retry = 0
         self.busy_warned = False
@@ -3217,7 +3225,10 @@ class NodePool:
         return True
 
     def _node_busy(self, link, desc):
-        if not link.busy_warned:
+        if not link.busy_warned and desc.startswith(NOT_SERVING):
+            logger.warning('node %s is not serving now (%s); it will be used once it is',
+                           link.ip_addr, desc[len(NOT_SERVING):])
+        elif not link.busy_warned:
             logger.warning('node %s is busy with another client: %s; it will be used as soon '
                            'as it is free', link.ip_addr, desc)
             link.busy_warned = True
@@ -3679,6 +3690,23 @@ class _NodeMessages:
                 if queue is not None and state == 'ready':
                     queue.cluster.node_changed(link, DispyNode.AvailInfo)
 
+    def _on_service(self, link, msg, _loaded):
+        """The node takes jobs again, or not (a service window, its operator); its
+        CPUs may have changed: a cluster given all of them gets all the new ones."""
+        paused = not msg.accepting
+        if paused and not link.paused:
+            logger.info('node %s takes no jobs now%s', link.ip_addr,
+                        ': %s' % msg.why if msg.why else '')
+        link.paused = paused
+        cpus = int(msg.cpus or 0)
+        if cpus > 0 and cpus != link.cpus:
+            for ckey, used in list(link.alloc_cpus.items()):
+                link.alloc_cpus[ckey] = cpus if used >= link.cpus else min(used, cpus)
+            link.cpus = cpus
+        for ckey in list(link.setups):
+            self._room_changed(link, ckey)
+        self._dispatch()
+
     def _on_put_file_done(self, link, msg, _loaded):
         link.put_replies[(msg.cluster, msg.name)] = msg.error
         self.cond.notify_all()
@@ -3687,7 +3715,7 @@ class _NodeMessages:
         logger.warning('node %s sent an unexpected message', link.ip_addr)
 
     handlers = {'SETUP': _on_setup, 'STARTED': _on_started, 'RESULT': _on_result,
-                'RECALLED': _on_recalled,
+                'RECALLED': _on_recalled, 'SERVICE': _on_service,
                 'PROVISIONAL': _on_provisional, 'CLOSED': _on_closed_compute,
                 'PULSE': _on_pulse, 'PUT_FILE_DONE': _on_put_file_done,
                 'NODE': _on_unexpected, 'BUSY': _on_unexpected}
@@ -3793,6 +3821,13 @@ class _NodeControl:
             logger.error('send_file: node %s refused %s: %s', link.ip_addr, name, error)
             return -1
         return 0
+
+    def shutdown_nodes(self, cluster):
+        """Asks the nodes set up for a cluster to stop after this client (SHUTDOWN)."""
+        with self.lock:
+            for link in self.pool.links.values():
+                if cluster.key in link.setups:
+                    link.send(Msg.SHUTDOWN())
 
     def traffic(self, addr):
         """(bytes sent, bytes received) on the connection to a node now."""
@@ -5436,6 +5471,16 @@ class JobCluster(ClusterHooks):
                      [j for j in self._scheduler.open_jobs(self)
                       if j.status == DispyJob.Running])
 
+    def shutdown(self, timeout=None, terminate=False):
+        """4.15's ``cluster.shutdown()``: closes the cluster and asks its nodes to
+        stop once this program is done with them (nodes started with
+        ``--client_shutdown`` do; others log that they refused)."""
+        if not self._closed and self._pool is not None:
+            self._scheduler.shutdown_nodes(self)
+        elif self._pool is None:
+            logger.warning('shutdown: a SharedJobCluster does not stop the shared nodes')
+        return self.close(timeout, terminate)
+
     def _jobs_open(self):
         """Jobs of this cluster queued here or on nodes."""
         return self._scheduler.open_jobs(self)
@@ -6295,11 +6340,140 @@ def parse_size(text):
     return int(float(match.group(1)) * scale)
 
 
+class ProgramArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (not the whole usage) and exit 2."""
+
+    def error(self, message):
+        exit_usage(self.prog, '%s (see --help)' % message)
+
+
+def exit_usage(program, text):
+    """A bad option value: one line on stderr, exit status 2 (as argparse does)."""
+    print('%s: %s' % (program, text), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def resolve_or_exit(host, program):
     addr = resolve_host(host)
     if addr is None:
-        raise SystemExit('%s: %r is not an address or a known host name' % (program, host))
+        exit_usage(program, '%r is not an address or a known host name' % host)
     return addr
+
+
+def parse_time_of_day(text):
+    """'HH:MM' (24-hour clock) → minutes after midnight (an argparse type)."""
+    match = re.fullmatch(r'\s*([01]?\d|2[0-3]):([0-5]\d)\s*', str(text))
+    if not match:
+        raise argparse.ArgumentTypeError('%r is not a time of day HH:MM (00:00 to 23:59)'
+                                         % text)
+    return int(match.group(1)) * 60 + int(match.group(2))
+
+
+def parse_program_args(parser, argv, program, secret_files=()):
+    """``parser.parse_args(argv)`` with the options every program has:
+    ``--config FILE`` (options saved earlier: the command line still wins),
+    ``--save_config FILE`` (written as JSON, mode 0600 as it may hold a secret, then
+    exit 0), and ``secret_files`` pairs (option dest of a file, dest of the secret it
+    holds: ``--secret_file`` keeps a secret out of ``ps``)."""
+    config = parser.parse_args(argv)
+    if config.config:
+        try:
+            with open(config.config) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError('not a JSON object of options')
+        except (OSError, ValueError) as exc:
+            exit_usage(program, 'cannot read --config %s: %s' % (
+                config.config, getattr(exc, 'strerror', None) or exc))
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            exit_usage(program, '--config %s: unknown options %s' % (config.config,
+                                                                    ', '.join(unknown)))
+        parser.set_defaults(**{k: v for k, v in saved.items()
+                               if k not in ('config', 'save_config')})
+        config = parser.parse_args(argv)
+    for file_dest, secret_dest in secret_files:
+        path = getattr(config, file_dest, None)
+        if path:
+            try:
+                with open(path) as f:
+                    setattr(config, secret_dest, f.readline().rstrip('\r\n'))
+                if os.stat(path).st_mode & 0o077:
+                    logger.warning('%s: %s can be read by other users of this machine '
+                                   '(chmod 600 it)', program, path)
+            except OSError as exc:
+                exit_usage(program, 'cannot read the secret file %s: %s' % (path,
+                                                                            exc.strerror))
+            setattr(config, file_dest, None)    # the secret itself is what a config keeps
+    if config.save_config:
+        values = {k: v for k, v in vars(config).items() if k not in ('config', 'save_config')}
+        try:
+            fd = os.open(config.save_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)        # an existing file too
+            with os.fdopen(fd, 'w') as f:
+                json.dump(values, f, indent=2)
+        except OSError as exc:
+            exit_usage(program, 'cannot write --save_config %s: %s' % (config.save_config,
+                                                                      exc.strerror))
+        print('%s: options saved in %s' % (program, config.save_config), flush=True)
+        raise SystemExit(0)
+    return config
+
+
+class ServiceWindow:
+    """When a node serves, each day (times in minutes after midnight, local time;
+    a window may cross midnight): from ``start`` (default midnight) to ``stop`` it
+    takes jobs; from ``stop`` to ``end`` it takes no new ones and lets running ones
+    finish; from ``end`` to the next ``start`` it is out of service (running jobs
+    killed, clients turned away).  Without ``end`` it stays STOPPED until the next
+    start; without ``stop`` it serves until ``end``; with ``start`` alone it waits
+    for that time on its first day and then serves for good.
+
+    ``clock_offset`` (seconds) shifts the node's idea of now: tests use it
+    (DISPY_NODE_CLOCK_OFFSET) to reach a transition in seconds."""
+
+    SERVING, STOPPED, OUT = 'serving', 'stopped', 'out'
+
+    def __init__(self, start=None, stop=None, end=None, clock_offset=0.0):
+        self.start, self.stop, self.end = start, stop, end
+        self.clock_offset = clock_offset
+        self.opened = False         # start alone: its first start has come
+
+    @property
+    def always(self):
+        return self.start is None and self.stop is None and self.end is None
+
+    def minute_now(self):
+        now = time.localtime(time.time() + self.clock_offset)
+        return now.tm_hour * 60 + now.tm_min + now.tm_sec / 60.0
+
+    @staticmethod
+    def _within(minute, begin, finish):
+        if begin == finish:
+            return False
+        if begin < finish:
+            return begin <= minute < finish
+        return minute >= begin or minute < finish       # across midnight
+
+    def state(self, minute=None):
+        if self.always:
+            return self.SERVING
+        minute = self.minute_now() if minute is None else minute
+        start = self.start if self.start is not None else 0
+        stop = self.stop if self.stop is not None else self.end
+        if stop is None:                    # start alone
+            self.opened = self.opened or minute >= start
+            return self.SERVING if self.opened else self.OUT
+        if self._within(minute, start, stop):
+            return self.SERVING
+        if self.end is None or self._within(minute, stop, self.end):
+            return self.STOPPED
+        return self.OUT
+
+    def next_start_text(self):
+        start = self.start if self.start is not None else 0
+        return '%02d:%02d' % (start // 60, start % 60)
 
 
 def finish_program_config(config, program):

@@ -65,7 +65,6 @@ program.  ``recover_jobs`` of a vanished program is answered at any time: by its
 if it still has one here, else by a ``RecoveryHandler`` beside the current session.
 """
 
-import argparse
 import collections
 import errno
 import io
@@ -80,6 +79,7 @@ import os
 import pickle
 import platform
 import re
+import runpy
 import select
 import selectors
 import shutil
@@ -1217,6 +1217,7 @@ class SessionRouter:
         self.session = None          # the ClientSession served now
         self.recoveries = set()      # RecoveryHandler of recover_jobs beside the session
         self.turned_away = {}        # client address -> udp port, told when we are free
+        self.released = set()        # client ids the operator let go (until "start")
         self.avail_sent = 0.0
 
     # -- connections ----------------------------------------------------------------------
@@ -1241,6 +1242,17 @@ class SessionRouter:
                     self.recoveries.discard(recovery)
                 recovery.conn.close('recovery failed')
 
+    def _refusal(self, session, client_id):
+        """Why a client is turned away (BUSY), or None (lock held)."""
+        if session is not None and session.client_id != client_id:
+            return session.busy_text(self.node.config.zombie_interval)
+        if client_id in self.released:
+            return dispy.NOT_SERVING + 'released by its operator (until "start")'
+        service = self.node.service
+        if session is None and service.current != ServiceControl.SERVING:
+            return dispy.NOT_SERVING + service.why()
+        return None
+
     def _new_recovery(self, channel, address, client_id, wanted):
         """A RecoveryHandler, unless too many run already (lock held)."""
         if len(self.recoveries) >= MAX_RECOVERIES:
@@ -1256,9 +1268,9 @@ class SessionRouter:
         """A client (or recover_jobs of the client in session) connects (lock held)."""
         session = self.session
         conn = self.node.loop_connection(channel, self, 'client-%s' % addr[0])
-        if session is not None and session.client_id != client_id:
-            desc = session.busy_text(self.node.config.zombie_interval)
-            logger.info('client %s turned away: serving %s', addr[0], desc)
+        desc = self._refusal(session, client_id)
+        if desc is not None:
+            logger.info('client %s turned away: %s', addr[0], desc)
             self.turned_away[addr[0]] = info.get('udp_port')
             conn.start()
             conn.send(Msg.BUSY(desc))
@@ -1353,7 +1365,14 @@ class SessionRouter:
             session.conn.close('released', flush=True)
         if self.session is session:
             self.session = None
-            self.node.discovery.announce(to_waiting=True)
+            node = self.node
+            if node.service.session_ended() or node.stop_after_session:
+                logger.info('dispynode %s: %s; exiting once idle', node.name,
+                            'asked to stop by its client' if node.stop_after_session
+                            else 'served %d client(s) (--serve)' % node.service.served)
+                node.quitting = True
+            elif node.service.current == ServiceControl.SERVING:
+                node.discovery.announce(to_waiting=True)
 
     # -- timers (manager thread, lock held) --------------------------------------------------
     def tick(self, now):
@@ -1424,6 +1443,8 @@ class NodeDiscovery(dispy.DiscoveryEndpoint):
         dispynetrelay on this host (if one runs) gets the ping to repeat on our
         network (not one it repeated itself)."""
         if msg.get('t') == 'ping':
+            if self.node.service.current == ServiceControl.OUT:
+                return      # out of service: not here, for clients
             pong = self._pong('pong', self.own_address(sock, addr))
             self.sendto(self.pack(pong), addr, sock)
             if not msg.get('relayed') and not dispy.is_loopback(addr[0]):
@@ -1472,6 +1493,10 @@ class NodeDiscovery(dispy.DiscoveryEndpoint):
         for local, bcast in self._broadcast_interfaces():
             pong = self._pong('announce', self.own_address(local=local))
             endpoint.sendto(endpoint.pack(pong), (bcast, port))
+        for host in self.node.config.scheduler_hosts:   # a client or dispyscheduler beyond
+            peer = (host, port)                         # our broadcasts
+            endpoint.sendto(endpoint.pack(self._pong('announce', self.own_address(peer=peer))),
+                            peer)
         if not self.node.config.ip_addrs:
             endpoint.multicast(endpoint.pack(self._pong('announce', self.own_address())), port)
 
@@ -1490,6 +1515,52 @@ class NodeDiscovery(dispy.DiscoveryEndpoint):
 # ================================================================================
 # Node side: the server
 # ================================================================================
+
+class ServiceControl:
+    """Whether the node takes clients and jobs now: its daily service window
+    (``--service_start/stop/end``, a ``dispy.ServiceWindow``), the operator's ``stop``
+    / ``start`` on stdin, and ``--serve N``.  ``state()`` is SERVING (clients and jobs
+    welcome), STOPPED (no new jobs or clients; running jobs finish) or OUT (nothing
+    runs, clients are turned away, pings unanswered); NodeServer._tick applies each
+    change (NodeServer._service_changed)."""
+
+    SERVING, STOPPED, OUT = (dispy.ServiceWindow.SERVING, dispy.ServiceWindow.STOPPED,
+                             dispy.ServiceWindow.OUT)
+
+    def __init__(self, config):
+        offset = float(os.environ.get('DISPY_NODE_CLOCK_OFFSET') or 0)    # tests only
+        self.window = dispy.ServiceWindow(config.service_start, config.service_stop,
+                                          config.service_end, offset)
+        self.held = False           # the operator's "stop", until "start"
+        self.serve = config.serve   # clients to serve before exiting (0: no limit)
+        self.served = 0
+        self.current = self.SERVING
+
+    def state(self):
+        state = self.window.state()
+        if state == self.SERVING and self.held:
+            return self.STOPPED
+        return state
+
+    def why(self):
+        if self.held:
+            return 'stopped by its operator'
+        return 'out of its service hours until %s' % self.window.next_start_text()
+
+    def window_text(self):
+        window = self.window
+        if window.always:
+            return ''
+        text = '-'.join('%02d:%02d' % (t // 60, t % 60) if t is not None else '..'
+                        for t in (window.start, window.stop, window.end))
+        clock = time.strftime('%H:%M:%S', time.localtime(time.time() + window.clock_offset))
+        return '; window %s, node clock %s' % (text, clock)
+
+    def session_ended(self):
+        """True when --serve N clients have been served."""
+        self.served += 1
+        return bool(self.serve) and self.served >= self.serve
+
 
 class NodeServer:
     """Sets up the computations of the client in session and runs their jobs on the
@@ -1526,6 +1597,9 @@ class NodeServer:
         self.receivers = {}          # NodeComputation -> FileReceiver of its folder
         self.loop = dispy.IOLoop('dispynode-io')     # client connections, worker links
         self.threads = dispy.WorkerThreads(dispy.POOL_THREADS, 'dispynode-work')
+        self.service = ServiceControl(config)
+        self.stop_after_session = False     # a client's cluster.shutdown() (--client_shutdown)
+        self.announced_at = 0.0
 
     def loop_connection(self, channel, handler, name):
         """An authenticated client channel served by the node's I/O loop; bytes the
@@ -1571,10 +1645,13 @@ class NodeServer:
 
     def _cannot_listen(self, addr, exc):
         self.shutdown_network()
+        owner = ''
+        if exc.errno == errno.EADDRINUSE:
+            owner = _port_owner(self.config.port) or 'another program (not found: it may be '\
+                'another user\'s)'
+            owner = ' (by %s)' % owner
         raise SystemExit('dispynode: cannot listen on %s:%s: %s%s'
-                         % (addr or '*', self.config.port, exc.strerror,
-                            ' (another dispynode running?)'
-                            if exc.errno == errno.EADDRINUSE else ''))
+                         % (addr or '*', self.config.port, exc.strerror, owner))
 
     def _bind_any_v6(self):
         """All interfaces: serve IPv6 clients too (pinged by multicast), if the host
@@ -1612,13 +1689,25 @@ class NodeServer:
         threads += [(self.discovery.serve_forever, 'udp'), (self._manager_loop, 'manager')]
         for target, name in threads:
             threading.Thread(target=target, daemon=True, name='dispynode-' + name).start()
-        self.discovery.announce()
+        with self.lock:
+            self.service.current = self.service.state()
+            if self.service.current != ServiceControl.SERVING:
+                logger.info('dispynode %s: %s', self.name, self.service.why())
+        self._announce()
+
+    def _announce(self):
+        """Tells clients we are here (broadcast, and --scheduler_host) unless out of
+        service; again every --ping_interval while no client is served."""
+        self.announced_at = time.monotonic()
+        if self.service.current != ServiceControl.OUT:
+            self.discovery.announce()
 
     def _node_info(self, held, computations):
         return Msg.NODE({'name': self.name, 'cpus': self.config.cpus,
                          'platform': platform.platform(), 'instance': self.instance,
                          'jobs': held, 'computations': computations,
-                         'avail': self.avail_fn()})
+                         'avail': self.avail_fn(),
+                         'accepting': self.service.current == ServiceControl.SERVING})
 
     # -- client messages (lock held) ---------------------------------------------------------
     def _on_compute(self, session, msg):
@@ -1651,6 +1740,8 @@ class NodeServer:
             directory = tempfile.mkdtemp(prefix='%s_' % re.sub(r'[^\w.-]', '_', spec['name']),
                                          dir=prefix)
         os.makedirs(directory, exist_ok=True)
+        if self.config.force_cleanup:
+            spec['remove_files'] = True      # whatever the client's cleanup=False says
         try:
             comp = NodeComputation(ckey, spec, directory)
             for name in comp.missing_files:
@@ -1739,6 +1830,9 @@ class NodeServer:
             self._finish(session, None, Msg.result(key, attempt, DispyJob.Cancelled,
                                                    'Cancelled: node is shutting down'))
             return
+        if self.service.current != ServiceControl.SERVING:
+            session.conn.send(Msg.RECALLED(key, attempt, True))   # the client runs it elsewhere
+            return
         timeout = float(options['timeout']) if options and options.get('timeout') else None
         comp = session.comps.get(ckey)
         if comp is None or comp.state != 'ready':
@@ -1821,10 +1915,20 @@ class NodeServer:
     def _on_pulse(self, session, msg):
         pass
 
+    def _on_shutdown(self, session, msg):
+        """4.15's cluster.shutdown(): this node stops once the client is done here."""
+        if self.config.client_shutdown:
+            logger.info('client %s asked this node to stop after it', session.address)
+            self.stop_after_session = True
+        else:
+            logger.warning('client %s asked this node to stop: refused (start it with '
+                           '--client_shutdown to allow that)', session.address)
+
     handlers = {'COMPUTE': _on_compute, 'FILE': _on_file, 'JOB': _on_job,
                 'PUT_FILE': _on_put_file, 'SET_CPUS': _on_set_cpus,
                 'CANCEL': _on_cancel, 'ACK': _on_ack, 'CLOSE_COMPUTE': _on_close_compute,
-                'RELEASE': _on_release, 'PULSE': _on_pulse, 'RECALL': _on_recall}
+                'RELEASE': _on_release, 'PULSE': _on_pulse, 'RECALL': _on_recall,
+                'SHUTDOWN': _on_shutdown}
 
     # -- running jobs (lock held) --------------------------------------------------------------
     def _pump(self):
@@ -2072,9 +2176,87 @@ class NodeServer:
         session = self.session
         if session is not None:
             self._kill_overdue(session)
-        self.router.tick(time.monotonic())
+        now = time.monotonic()
+        self.router.tick(now)
+        state = self.service.state()
+        if state != self.service.current:
+            self._service_changed(state)
+        if (self.config.ping_interval and self.session is None
+                and now - self.announced_at >= self.config.ping_interval):
+            self._announce()
         if self.quitting and not self.queue and self.running == 0:
             self.done.set()
+
+    # -- service: the window, the operator's commands (lock held) ---------------------------
+    def _service_changed(self, state):
+        old, self.service.current = self.service.current, state
+        logger.info('dispynode %s: %s → %s%s', self.name, old, state,
+                    '' if state == ServiceControl.SERVING else ' (%s)' % self.service.why())
+        session = self.session
+        if state == ServiceControl.OUT:
+            if session is not None:
+                self._leave(session)
+            return
+        if state == ServiceControl.STOPPED and session is not None:
+            self._give_back_queued(session)
+        self._tell_service(session)
+        if state == ServiceControl.SERVING:
+            self._pump()
+            self.discovery.announce(to_waiting=True)
+            self._announce()
+
+    def _tell_service(self, session):
+        if session is not None and session.conn is not None:
+            session.conn.send(Msg.SERVICE(self.service.current == ServiceControl.SERVING,
+                                          self.config.cpus, self.service.why()))
+
+    def _give_back_queued(self, session):
+        """Jobs queued here, not started: handed back for the client to run elsewhere."""
+        for job in [j for j in self.queue if not j.cancelled and j.worker is None]:
+            self.queue.remove(job)
+            session.jobs.pop(job.key, None)
+            if session.conn is not None:
+                session.conn.send(Msg.RECALLED(job.key, job.attempt, True))
+
+    def _leave(self, session):
+        """Out of service: the client sees the node go as if it had died (its jobs
+        are resubmitted if reentrant); what it leaves is kept on disk."""
+        self._give_back_queued(session)
+        self.router.detach(session, 'out of service')
+        if self.session is session:     # (detach ends a session that left nothing)
+            self.router.end_session(session)
+
+    def set_cpus(self, cpus):
+        """The operator's ``cpus N`` (negative: leave that many free)."""
+        total = os.cpu_count() or 1
+        with self.lock:
+            self.config.cpus = max(1, min(total, cpus if cpus > 0 else total + cpus))
+            for comp in (self.session.comps.values() if self.session else ()):
+                comp.cpus = min(comp.cpus, self.config.cpus) if comp.cpus else comp.cpus
+            self._tell_service(self.session)
+            self._pump()
+            return self.config.cpus
+
+    def hold(self, held):
+        """The operator's ``stop`` (no new jobs) and ``start``."""
+        with self.lock:
+            self.service.held = held
+            if not held:
+                self.router.released.clear()
+            self._tick()
+
+    def release(self):
+        """The operator's ``release``: the client served now is let go (its jobs are
+        cancelled) and turned away until ``start``."""
+        with self.lock:
+            session = self.session
+            if session is None:
+                return None
+            self.router.released.add(session.client_id)
+            for job in list(session.jobs.values()):
+                self._cancel_job(session, job)
+            self.router.end_session(session)
+            return session.address
 
     def _kill_overdue(self, session):
         now = time.time()
@@ -2113,7 +2295,38 @@ class NodeServer:
                 lines.append('  client %s%s: %d job(s) pending, %d result(s) unacknowledged'
                              % (session.describe(), '' if session.conn else ' (disconnected)',
                                 len(session.jobs), len(session.results)))
+            lines.append('  service: %s%s%s' % (
+                self.service.current, '' if self.service.current == ServiceControl.SERVING
+                else ' (%s)' % self.service.why(), self.service.window_text()))
             return '\n'.join(lines)
+
+
+def _port_owner(port):
+    """'pid N: its command line' of the process listening on TCP ``port`` (Linux
+    /proc: the socket's inode, then the process holding it), or None."""
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == '0A' and \
+                    int(fields[1].rsplit(':', 1)[1], 16) == port:       # 0A: LISTEN
+                inodes.add('socket:[%s]' % fields[9])
+    for pid in (p for p in os.listdir('/proc') if p.isdigit()) if inodes else ():
+        try:
+            fds = os.listdir('/proc/%s/fd' % pid)
+            if not any(os.readlink('/proc/%s/fd/%s' % (pid, fd)) in inodes for fd in fds):
+                continue
+            with open('/proc/%s/cmdline' % pid, 'rb') as f:
+                cmdline = f.read().replace(b'\0', b' ').decode(errors='replace').strip()
+            return 'pid %s: %s' % (pid, cmdline[:200])
+        except OSError:
+            continue
+    return None
 
 
 def _avail_info_function(path):
@@ -2141,54 +2354,103 @@ def _avail_info_function(path):
 # ================================================================================
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = dispy.ProgramArgumentParser(
         prog='dispynode.py', description='Run jobs for dispy clients on this machine.',
-        epilog='Without --daemon, commands are read on stdin: status, quit (finish running '
-               'jobs, then exit), terminate (kill jobs, exit).')
-    parser.add_argument('-c', '--cpus', type=int, default=0,
-                        help='CPUs to use (default all; negative: leave that many free)')
-    parser.add_argument('-i', '--ip_addr', '--host', dest='ip_addrs', action='append',
-                        default=[], help='address or host name to serve on (repeatable; '
-                        'default all interfaces)')
-    parser.add_argument('--ext_ip_addr', '--ext_host', dest='ext_ip_addrs', action='append',
-                        default=[], help='address to advertise to clients (e.g. behind NAT)')
-    parser.add_argument('-p', '--node_port', '--port', dest='port', type=int,
-                        default=dispy.NODE_PORT, help='UDP and TCP port (default %(default)s; '
-                        '0 = any free port)')
-    parser.add_argument('--client_port', type=int, default=dispy.CLIENT_PORT,
-                        help='clients\' port for announcements (default %(default)s)')
-    parser.add_argument('--ext_port', type=int, default=0,
-                        help='port to advertise, if forwarded to another one')
-    parser.add_argument('--name', default='', help='name of this node (default host name)')
-    parser.add_argument('--dest_path_prefix', default=os.path.join(tempfile.gettempdir(),
-                                                                   'dispy', 'node'),
-                        help='folder for computations\' files (default %(default)s)')
-    parser.add_argument('--max_file_size', type=dispy.parse_size, default=10 << 20,
-                        help='largest file accepted or sent, with k/m/g suffix (default '
-                        '10m; 0 = unlimited)')
-    parser.add_argument('--max_frame_size', type=dispy.parse_size, default=dispy.DEFAULT_MAX_FRAME,
-                        help='largest message accepted from an authenticated client '
-                        '(default 256m)')
-    parser.add_argument('-s', '--secret', default='', help='shared secret clients must know')
-    parser.add_argument('--certfile', help='TLS certificate (may hold the key too)')
-    parser.add_argument('--keyfile', help='TLS private key, if not in --certfile')
-    parser.add_argument('--cafile', help='CA certificates to verify clients against '
-                        '(default: the --certfile itself)')
-    parser.add_argument('--zombie_interval', type=float, default=60.0,
-                        help='minutes to keep serving a vanished client before freeing '
-                        'this node (fractions allowed; default %(default)s)')
-    parser.add_argument('-d', '--debug', action='store_true', help='log debug messages')
-    parser.add_argument('--daemon', action='store_true', help='do not read commands on stdin')
-    parser.add_argument('--clean', action='store_true',
-                        help='remove everything under --dest_path_prefix at start')
+        epilog='Without --daemon, commands are read on stdin (help lists them). Every '
+               'option of dispynode 4.15 is accepted; --save_config writes the options to '
+               'a file that --config reads back.')
+    add = parser.add_argument
+    add('-c', '--cpus', type=int, default=0,
+        help='CPUs to use (default 0: all; negative: leave that many free)')
+    add('-i', '--ip_addr', '--host', dest='ip_addrs', action='append', default=[],
+        help='address or host name to serve on (repeatable; default all interfaces)')
+    add('--ext_ip_addr', '--ext_host', dest='ext_ip_addrs', action='append', default=[],
+        help='address to advertise to clients (behind NAT: the forwarding address)')
+    add('-p', '--node_port', '--port', dest='port', type=int, default=None,
+        help='UDP and TCP port (default %d; 0 = any free port)' % dispy.NODE_PORT)
+    add('--dispy_port', type=int, default=None,
+        help='4.15\'s base port P: clients announce on P and this node serves on P + 1 '
+        '(unless -p says otherwise)')
+    add('--client_port', type=int, default=None,
+        help='clients\' port for announcements (default %d)' % dispy.CLIENT_PORT)
+    add('--ext_port', type=int, default=0, help='port to advertise, if forwarded to another one')
+    add('--name', default='', help='name of this node (default host name)')
+    add('--dest_path_prefix', default=os.path.join(tempfile.gettempdir(), 'dispy', 'node'),
+        help='folder for computations\' files (default %(default)s)')
+    add('--max_file_size', type=dispy.parse_size, default=10 << 20,
+        help='largest file accepted or sent, with k/m/g suffix (default 10m; 0 = unlimited)')
+    add('--max_frame_size', type=dispy.parse_size, default=dispy.DEFAULT_MAX_FRAME,
+        help='largest message accepted from an authenticated client (default 256m)')
+    add('-s', '--secret', default='', help='shared secret clients must know (visible in '
+        '"ps": --secret_file keeps it out)')
+    add('--secret_file', help='read the secret from the first line of this file')
+    add('--certfile', help='TLS certificate (may hold the key too)')
+    add('--keyfile', help='TLS private key, if not in --certfile')
+    add('--cafile', help='CA certificates to verify clients against (default: the '
+        '--certfile itself)')
+    add('--zombie_interval', type=float, default=60.0,
+        help='minutes to keep serving a vanished client before freeing this node '
+        '(fractions allowed; default %(default)s)')
+    add('--msg_timeout', type=float, default=dispy.MsgTimeout,
+        help='seconds to wait for a peer\'s answer (default %(default)s)')
+    add('--ping_interval', type=float, default=0,
+        help='announce this node again every so many seconds while it has no client '
+        '(default: only at start and when it becomes free)')
+    add('--scheduler_host', '--scheduler_node', dest='scheduler_hosts', action='append',
+        default=[], help='a client or dispyscheduler host to announce this node to (beyond '
+        'broadcast: another network); repeatable')
+    add('--serve', type=int, default=0,
+        help='exit after serving this many clients (0: never; 1 for a container loop)')
+    add('--service_start', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day the node starts serving (default: at once)')
+    add('--service_stop', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day after which no new jobs are taken (running ones finish)')
+    add('--service_end', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day running jobs are killed and clients sent away, until the next '
+        'start')
+    add('--client_shutdown', action='store_true',
+        help='a client may stop this node (cluster.shutdown())')
+    add('--force_cleanup', action='store_true',
+        help='remove clients\' files at the end even if they asked cleanup=False')
+    add('--init', metavar='FILE',
+        help='Python file whose init() runs when the node starts and close() when it stops')
+    add('--admin_secret', default='',
+        help='accepted (4.15); reserved: there is no admin program yet')
+    add('--unsafe_setup', action='store_true',
+        help='accepted (4.15); no effect: setup always runs in a process of its own here')
+    add('--ipv4_udp_multicast', action='store_true',
+        help='accepted (4.15); IPv4 discovery uses broadcast')
+    add('--config', help='read options from this JSON file (written by --save_config)')
+    add('--save_config', help='write the options to this file (mode 0600) and exit')
+    add('-d', '--debug', action='store_true', help='log debug messages')
+    add('--daemon', action='store_true', help='do not read commands on stdin')
+    add('--clean', action='store_true',
+        help='remove everything under --dest_path_prefix at start (after a crash)')
     return parser
 
 
 def configure(argv=None):
-    config = build_parser().parse_args(argv)
+    config = dispy.parse_program_args(build_parser(), argv, 'dispynode',
+                                      [('secret_file', 'secret')])
+    if config.port is None:
+        config.port = (config.dispy_port + 1 if config.dispy_port is not None
+                       else dispy.NODE_PORT)
+    if config.client_port is None:
+        config.client_port = (config.dispy_port if config.dispy_port is not None
+                              else dispy.CLIENT_PORT)
+    for name in ('port', 'client_port', 'ext_port'):
+        if not 0 <= getattr(config, name) < 65536:
+            dispy.exit_usage('dispynode', '--%s must be a port number' % name)
+    if config.serve < 0:
+        dispy.exit_usage('dispynode', '--serve must be 0 (no limit) or more')
+    if config.msg_timeout <= 0 or config.ping_interval < 0:
+        dispy.exit_usage('dispynode', '--msg_timeout must be positive, --ping_interval 0 '
+                         'or more')
     total = os.cpu_count() or 1
     if config.cpus <= 0:
         config.cpus = max(1, total + config.cpus)
+    config.scheduler_hosts = [dispy.resolve_or_exit(h, 'dispynode')
+                              for h in config.scheduler_hosts]
     return dispy.finish_program_config(config, 'dispynode')
 
 
@@ -2243,27 +2505,88 @@ def _start_forkserver():
         os.chdir(here)
 
 
+COMMANDS = (
+    ('status', 'what the node is doing'),
+    ('stop', 'take no new jobs (running ones finish)'),
+    ('start', 'take jobs again (and clients let go by release)'),
+    ('cpus N', 'use N CPUs (negative: leave that many free)'),
+    ('release', 'let the client served now go (its jobs are cancelled)'),
+    ('quit, exit', 'finish running jobs, then exit'),
+    ('terminate', 'kill running jobs and exit'),
+    ('help', 'this list'),
+)
+
+
+def run_command(server, line):
+    """One stdin command; returns the text to print, or None to stop reading."""
+    words = line.strip().split()
+    cmd = words[0].lower() if words else ''
+    if cmd == 'status':
+        return server.status_text()
+    if cmd in ('stop', 'start'):
+        server.hold(cmd == 'stop')
+        return 'dispynode: %s' % ('taking no new jobs (start to resume)' if cmd == 'stop'
+                                  else 'taking jobs')
+    if cmd == 'cpus':
+        try:
+            return 'dispynode: using %d CPUs' % server.set_cpus(int(words[1]))
+        except (IndexError, ValueError):
+            return 'usage: cpus N (a whole number; negative leaves that many free)'
+    if cmd == 'release':
+        address = server.release()
+        return ('dispynode: client %s released' % address if address
+                else 'dispynode: no client to release')
+    if cmd in ('quit', 'exit'):
+        server.quitting = True
+        return None
+    if cmd == 'terminate':
+        server.done.set()
+        return None
+    if not cmd:
+        return ''
+    return 'commands:\n' + '\n'.join('  %-11s %s' % c for c in COMMANDS)
+
+
 def _read_commands(server):
     """stdin commands; EOF (e.g. started with no terminal) just stops reading."""
     for line in sys.stdin:
-        cmd = line.strip().lower()
-        if cmd == 'status':
-            print(server.status_text(), flush=True)
-        elif cmd in ('quit', 'exit'):
-            print('dispynode: finishing running jobs, then exiting', flush=True)
-            server.quitting = True
+        text = run_command(server, line)
+        if text is None:
+            print('dispynode: %s' % ('finishing running jobs, then exiting'
+                                     if not server.done.is_set() else 'terminating'),
+                  flush=True)
             return
-        elif cmd == 'terminate':
-            server.done.set()
-            return
-        elif cmd:
-            print('commands: status, quit, exit, terminate', flush=True)
+        if text:
+            print(text, flush=True)
+
+
+def _load_init(path):
+    """--init FILE: its globals (its init() is called at start, close() at the end)."""
+    try:
+        return runpy.run_path(path, run_name='dispynode_init')
+    except Exception as exc:
+        dispy.exit_usage('dispynode', '--init %s failed: %s: %s' % (path, type(exc).__name__,
+                                                                   exc))
+
+
+def _call_init(init, name):
+    func = (init or {}).get(name)
+    if not callable(func):
+        return
+    try:
+        func()
+    except Exception:
+        logger.exception('--init file: %s() raised', name)
+        if name == 'init':
+            raise SystemExit(2)
 
 
 def main(argv=None):
     config = configure(argv)
     dispy.setup_logging(dispy.logger.DEBUG if config.debug else dispy.logger.INFO,
                         name='dispynode')
+    dispy.MsgTimeout = config.msg_timeout
+    init = _load_init(config.init) if config.init else None
     if config.clean:
         shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
     os.makedirs(config.dest_path_prefix, exist_ok=True)
@@ -2275,6 +2598,7 @@ def main(argv=None):
                        'code on it as this user')
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.done.set())
+    _call_init(init, 'init')
     server.start()
     for addr in server.addresses():
         print('dispynode %s serving at %s:%s with %d CPUs' % (
@@ -2286,6 +2610,7 @@ def main(argv=None):
     while not server.done.wait(1.0):
         pass
     server.shutdown()
+    _call_init(init, 'close')
     print('dispynode: stopped', flush=True)
 
 

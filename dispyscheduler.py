@@ -35,11 +35,9 @@ flight, so the node's CPUs go where the policy says.  ``exclusive=True`` cluster
 until every running cluster has closed, then run alone (``ClusterAdmission``).
 """
 
-import argparse
 import collections
 import fcntl
 import itertools
-import json
 import os
 import random
 import shutil
@@ -1130,7 +1128,7 @@ class DispyScheduler:
 # ================================================================================
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = dispy.ProgramArgumentParser(
         prog='dispyscheduler.py',
         description='Schedule the jobs of many dispy programs (SharedJobCluster) on the '
                     'same nodes.  Programs connect to TCP port 51349; the scheduler finds '
@@ -1201,19 +1199,7 @@ def build_parser():
 
 def configure(argv=None):
     parser = build_parser()
-    config = parser.parse_args(argv)
-    if config.config:
-        with open(config.config) as f:
-            saved = json.load(f)
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ('config',
-                                                                            'save_config')})
-        config = parser.parse_args(argv)
-    if config.save_config:
-        values = {k: v for k, v in vars(config).items() if k not in ('config', 'save_config')}
-        fd = os.open(config.save_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, 'w') as f:
-            json.dump(values, f, indent=2)
-        raise SystemExit(0)
+    config = dispy.parse_program_args(parser, argv, 'dispyscheduler')
     if config.fair_cluster_scheduler and config.early_cluster_scheduler:
         parser.error('--fair_cluster_scheduler and --early_cluster_scheduler exclude each '
                      'other')
