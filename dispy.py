@@ -3109,6 +3109,12 @@ class NodePool:
                 if alloc.ip_addr is None:
                     self.broadcast = True
                 else:
+                    other = [p for a, p in self.targets if a == alloc.ip_addr and p != alloc.port]
+                    if other:
+                        logger.warning('nodes: %s is named with ports %s and %s; a client uses '
+                                       'one node per address (only %s): give each node (or '
+                                       'ssh tunnel) an address of its own (127.0.0.2, ...)',
+                                       alloc.ip_addr, other[0], alloc.port, other[0])
                     self.targets[(alloc.ip_addr, alloc.port)] = True
                     link = self.links.get(alloc.ip_addr)
                     if link is None or link.state in (NodeLink.NEW, NodeLink.DEAD):

@@ -2600,10 +2600,14 @@ def main(argv=None):
         signal.signal(sig, lambda *_: server.done.set())
     _call_init(init, 'init')
     server.start()
+    advertised = ''
+    if config.ext_ip_addrs or config.ext_port:
+        advertised = ' (advertised as %s:%s)' % ((config.ext_ip_addrs or ['its address'])[0],
+                                                 config.ext_port or config.port)
     for addr in server.addresses():
-        print('dispynode %s serving at %s:%s with %d CPUs' % (
-            server.name, '[%s]' % addr if ':' in addr else addr, config.port, config.cpus),
-            flush=True)
+        print('dispynode %s serving at %s:%s with %d CPUs%s' % (
+            server.name, '[%s]' % addr if ':' in addr else addr, config.port, config.cpus,
+            advertised), flush=True)
     if not config.daemon and sys.stdin is not None and not sys.stdin.closed:
         threading.Thread(target=_read_commands, args=(server,), daemon=True,
                          name='dispynode-stdin').start()

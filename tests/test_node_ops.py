@@ -365,6 +365,43 @@ class StdinCommandsTest(NodeOpsCase):
 
 
 # ================================================================================
+# Availability, with the real psutil
+# ================================================================================
+
+def python_with_psutil():
+    """A Python that has psutil (.venv-tests/, made by .ci/test-tools), or None."""
+    for python in (os.path.join(support.ROOT, '.venv-tests', 'bin', 'python'), sys.executable):
+        if os.path.exists(python) and subprocess.run(
+                [python, '-c', 'import psutil'], capture_output=True, timeout=60).returncode == 0:
+            return python
+    return None
+
+
+class AvailabilityTest(NodeOpsCase):
+
+    def test_a_node_with_psutil_reports_cpu_memory_disk_and_swap(self):
+        python = python_with_psutil()
+        if python is None:
+            raise unittest.SkipTest('psutil is not installed (run .ci/test-tools: it puts it '
+                                    'in .venv-tests/)')
+        self.node(python=python, args=['--daemon'])
+        seen = []
+        cluster = self.cluster(where, pulse_interval=0.5, cluster_status=lambda status, node,
+                               job: seen.append(node.avail_info) if node is not None and
+                               node.avail_info is not None else None)
+        self.assertEqual(cluster.submit(1)(timeout=30), (NODE_A, 1))
+        self.assertTrue(support.wait_until(lambda: len(seen) >= 2, 15),
+                        'no availability reported')
+        info = seen[-1]
+        self.assertIsInstance(info, dispy.DispyNodeAvailInfo)
+        self.assertTrue(0.0 <= info.cpu <= 100.0, info)
+        self.assertGreater(info.memory, 1 << 20)
+        self.assertGreater(info.disk, 0)
+        self.assertTrue(0.0 <= info.swap <= 100.0, info)
+        self.assertEqual(cluster.status()['nodes'][0]['ip_addr'], NODE_A)
+
+
+# ================================================================================
 # The window's arithmetic
 # ================================================================================
 
