@@ -2587,8 +2587,14 @@ def main(argv=None):
                         name='dispynode')
     dispy.MsgTimeout = config.msg_timeout
     init = _load_init(config.init) if config.init else None
-    if config.clean:
-        shutil.rmtree(config.dest_path_prefix, ignore_errors=True)
+    if config.clean:        # what is under the folder; the folder (and its mode) stays
+        for entry in os.listdir(config.dest_path_prefix) if os.path.isdir(
+                config.dest_path_prefix) else ():
+            path = os.path.join(config.dest_path_prefix, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
     os.makedirs(config.dest_path_prefix, exist_ok=True)
     _start_forkserver()
     server = NodeServer(config)

@@ -190,7 +190,10 @@ class NodeProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _kill_leftovers(self):
-        """Kills the node and any descendant still alive (found through /proc)."""
+        """Kills the node and any descendant still alive (found through /proc); a node
+        already reaped is not signalled (its PID may be another process's now)."""
+        if self.proc.returncode is not None:
+            return
         pids = [self.proc.pid] + descendants(self.proc.pid)
         for pid in pids:
             try:
@@ -304,9 +307,8 @@ def close_now(cluster):
 
 
 def stop_node(node):
-    """Stops a node unless a test already did (a second stop could signal a reused PID)."""
-    if node.proc is None or node.proc.returncode is None:
-        node.stop()
+    """Stops a node (its folder and files go too); one that ended is not signalled."""
+    node.stop()
 
 
 def read_file(path):
