@@ -118,6 +118,7 @@ DEFAULT_MAX_FRAME = 256 << 20  # limit on one authenticated frame (configurable)
 BLOB_PICKLE_PROTOCOL = 4
 HANDSHAKE_TIMEOUT = 10.0      # a peer that sends nothing is dropped after this
 NOT_SERVING = 'not serving: '  # a node's BUSY for no client (service window, operator)
+NOT_SERVING_REDIAL = 60.0     # ... dialed again after this (it announces when it serves)
 DEFAULT_PULSE_INTERVAL = 5.0  # liveness when the user gives no pulse_interval
 DEAD_PULSES = 5               # a peer silent for this many pulses is dead
 RECONNECT_DELAYS = (0.1, 0.3, 0.6, 1.0, 2.0)  # retries before a node is declared dead
@@ -2996,10 +2997,10 @@ class NodeLink:
         self.busy_warned = False
         return restarted
 
-    def turned_away(self, desc, now):
+    def turned_away(self, desc, now, redial_after=2.0):
         self.busy_with = desc
         self.state = NodeLink.BUSY
-        self.next_dial = now + 2.0
+        self.next_dial = now + redial_after
 
     def aliased(self):
         self.state = NodeLink.ALIAS
@@ -3231,17 +3232,21 @@ class NodePool:
         return True
 
     def _node_busy(self, link, desc):
-        if not link.busy_warned and desc.startswith(NOT_SERVING):
+        not_serving = desc.startswith(NOT_SERVING)
+        if not link.busy_warned and not_serving:
             logger.warning('node %s is not serving now (%s); it will be used once it is',
                            link.ip_addr, desc[len(NOT_SERVING):])
         elif not link.busy_warned:
             logger.warning('node %s is busy with another client: %s; it will be used as soon '
                            'as it is free', link.ip_addr, desc)
-            link.busy_warned = True
+        link.busy_warned = True
         had_jobs = bool(link.jobs)
-        link.turned_away(desc, time.monotonic())
+        # a node out of its service hours announces itself when it serves again: no need
+        # to knock every 2 s meanwhile
+        link.turned_away(desc, time.monotonic(), NOT_SERVING_REDIAL if not_serving else 2.0)
         if had_jobs:       # it restarted and another client took it: our jobs are gone
-            self.owner.node_lost(link, 'node serves another client now')
+            self.owner.node_lost(link, 'node is not serving now (%s)' % desc[len(NOT_SERVING):]
+                                 if not_serving else 'node serves another client now')
             link.forget_work()
 
     def on_closed(self, conn, reason):
@@ -3651,7 +3656,11 @@ class _NodeMessages:
 
     def _on_recalled(self, link, msg, _loaded):
         """The node's answer to RECALL: a job it had not started is queued here
-        again, first; one it has started runs on there."""
+        again, first; one it has started runs on there.  Given back unasked: the node
+        takes no jobs now (its SERVICE message is on its way, or lost with it)."""
+        if msg.key not in link.recalling and msg.given:
+            link.paused = True
+            self._room_changed(link, None)
         link.recalling.discard(msg.key)
         job = link.jobs.get(msg.key)
         if not msg.given or job is None or job._attempt != msg.attempt:
@@ -3667,6 +3676,8 @@ class _NodeMessages:
         if (job._key, job._attempt) in link.cancels or queue is None:
             link.cancels.discard((job._key, job._attempt))
             self._end_job(job, DispyJob.Cancelled, exception='Cancelled')
+        elif job.status not in FINAL_STATUSES and job._pin is not None:
+            queue.pinned.setdefault(job._pin, collections.deque()).appendleft(job)
         elif job.status not in FINAL_STATUSES:
             queue.pending.appendleft(job)
 
@@ -6377,43 +6388,22 @@ def parse_time_of_day(text):
 
 def parse_program_args(parser, argv, program, secret_files=()):
     """``parser.parse_args(argv)`` with the options every program has:
-    ``--config FILE`` (options saved earlier: the command line still wins),
-    ``--save_config FILE`` (written as JSON, mode 0600 as it may hold a secret, then
-    exit 0), and ``secret_files`` pairs (option dest of a file, dest of the secret it
-    holds: ``--secret_file`` keeps a secret out of ``ps``)."""
+    ``--config FILE`` (options saved earlier; what the command line gives wins, a
+    repeatable option's list included), ``--save_config FILE`` (written as JSON, mode
+    0600 as it may hold a secret, then exit 0; ``--clean`` is never saved: a
+    one-time clean-up), and ``secret_files`` pairs (dest of a file option, dest of
+    the secret it holds: ``--secret_file`` keeps a secret out of ``ps``)."""
     config = parser.parse_args(argv)
     if config.config:
-        try:
-            with open(config.config) as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict):
-                raise ValueError('not a JSON object of options')
-        except (OSError, ValueError) as exc:
-            exit_usage(program, 'cannot read --config %s: %s' % (
-                config.config, getattr(exc, 'strerror', None) or exc))
-        known = {action.dest for action in parser._actions}
-        unknown = sorted(set(saved) - known)
-        if unknown:
-            exit_usage(program, '--config %s: unknown options %s' % (config.config,
-                                                                    ', '.join(unknown)))
-        parser.set_defaults(**{k: v for k, v in saved.items()
-                               if k not in ('config', 'save_config')})
+        given = config
+        parser.set_defaults(**_saved_options(parser, config.config, program))
         config = parser.parse_args(argv)
-    for file_dest, secret_dest in secret_files:
-        path = getattr(config, file_dest, None)
-        if path:
-            try:
-                with open(path) as f:
-                    setattr(config, secret_dest, f.readline().rstrip('\r\n'))
-                if os.stat(path).st_mode & 0o077:
-                    logger.warning('%s: %s can be read by other users of this machine '
-                                   '(chmod 600 it)', program, path)
-            except OSError as exc:
-                exit_usage(program, 'cannot read the secret file %s: %s' % (path,
-                                                                            exc.strerror))
-            setattr(config, file_dest, None)    # the secret itself is what a config keeps
+        for action in parser._actions:      # a list given on the command line replaces
+            if isinstance(action, argparse._AppendAction) and getattr(given, action.dest):
+                setattr(config, action.dest, getattr(given, action.dest))
     if config.save_config:
-        values = {k: v for k, v in vars(config).items() if k not in ('config', 'save_config')}
+        values = {k: v for k, v in vars(config).items()
+                  if k not in ('config', 'save_config', 'clean')}
         try:
             fd = os.open(config.save_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)        # an existing file too
@@ -6424,7 +6414,76 @@ def parse_program_args(parser, argv, program, secret_files=()):
                                                                       exc.strerror))
         print('%s: options saved in %s' % (program, config.save_config), flush=True)
         raise SystemExit(0)
+    for file_dest, secret_dest in secret_files:
+        path = getattr(config, file_dest, None)
+        if path:
+            setattr(config, secret_dest, _read_secret_file(path, program,
+                                                           getattr(config, secret_dest)))
     return config
+
+
+def _saved_options(parser, path, program):
+    """The options of a --config file, each checked as the command line would be."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError('not a JSON object of options')
+    except (OSError, ValueError) as exc:
+        exit_usage(program, 'cannot read --config %s: %s' % (
+            path, getattr(exc, 'strerror', None) or exc))
+    actions = {action.dest: action for action in parser._actions}
+    checked = {}
+    for name, value in saved.items():
+        action = actions.get(name)
+        if action is None or name in ('config', 'save_config', 'help'):
+            exit_usage(program, '--config %s: unknown option %r' % (path, name))
+        try:
+            checked[name] = _checked_option(action, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            exit_usage(program, '--config %s: %s: %s' % (path, name, exc))
+    return checked
+
+
+def _checked_option(action, value):
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError('a list of strings is expected')
+        return value
+    if action.nargs == 0:                   # store_true / store_false
+        if not isinstance(value, bool):
+            raise TypeError('true or false is expected')
+        return value
+    if value is None:
+        if action.default is not None:
+            raise TypeError('a value is expected')
+        return None
+    if isinstance(value, (dict, list, bool)):
+        raise TypeError('%r is not a value of this option' % (value,))
+    convert = action.type or str
+    if convert is int and isinstance(value, float) and value != int(value):
+        raise TypeError('%r is not a whole number' % value)
+    if isinstance(value, int) and not isinstance(value, bool) and convert is not str:
+        return convert(value) if convert in (int, float) else value     # parsed already
+    return convert(str(value))
+
+
+def _read_secret_file(path, program, given):
+    if given:
+        exit_usage(program, 'give the secret either on the command line or in a file, '
+                   'not both')
+    try:
+        with open(path) as f:
+            secret = f.readline().rstrip('\r\n')
+        if os.stat(path).st_mode & 0o077:
+            logger.warning('%s: %s can be read by other users of this machine (chmod 600 '
+                           'it)', program, path)
+    except OSError as exc:
+        exit_usage(program, 'cannot read the secret file %s: %s' % (path, exc.strerror))
+    if not secret:
+        exit_usage(program, 'the secret file %s is empty (its first line is the secret)'
+                   % path)
+    return secret
 
 
 class ServiceWindow:

@@ -1249,6 +1249,8 @@ class SessionRouter:
         if client_id in self.released:
             return dispy.NOT_SERVING + 'released by its operator (until "start")'
         service = self.node.service
+        if session is None and self.node.quitting:
+            return dispy.NOT_SERVING + 'exiting'
         if session is None and service.current != ServiceControl.SERVING:
             return dispy.NOT_SERVING + service.why()
         return None
@@ -1339,7 +1341,7 @@ class SessionRouter:
         session.conn = None
         session.wanted = None
         session.disconnected_at = session.disconnected_at or time.monotonic()
-        self._store_results(session)
+        self.store_results(session)
         if session.jobs:
             logger.warning('client %s disconnected (%s); its %d job(s) run to the end and '
                            'their results are kept; this node is free once they end',
@@ -1352,7 +1354,7 @@ class SessionRouter:
             logger.info('client %s disconnected (%s)', session.address, reason)
             self.end_session(session)
 
-    def _store_results(self, session):
+    def store_results(self, session):
         for key, reply in session.results.items():
             if key not in session.stored and self.node.store.save(session.client_id, reply):
                 session.stored.add(key)
@@ -1443,8 +1445,8 @@ class NodeDiscovery(dispy.DiscoveryEndpoint):
         dispynetrelay on this host (if one runs) gets the ping to repeat on our
         network (not one it repeated itself)."""
         if msg.get('t') == 'ping':
-            if self.node.service.current == ServiceControl.OUT:
-                return      # out of service: not here, for clients
+            if self.node.service.current != ServiceControl.SERVING or self.node.quitting:
+                return      # not taking clients: not here, for them
             pong = self._pong('pong', self.own_address(sock, addr))
             self.sendto(self.pack(pong), addr, sock)
             if not msg.get('relayed') and not dispy.is_loopback(addr[0]):
@@ -1545,6 +1547,8 @@ class ServiceControl:
     def why(self):
         if self.held:
             return 'stopped by its operator'
+        if self.window.always:
+            return 'released by its operator'
         return 'out of its service hours until %s' % self.window.next_start_text()
 
     def window_text(self):
@@ -1699,7 +1703,7 @@ class NodeServer:
         """Tells clients we are here (broadcast, and --scheduler_host) unless out of
         service; again every --ping_interval while no client is served."""
         self.announced_at = time.monotonic()
-        if self.service.current != ServiceControl.OUT:
+        if self.service.current == ServiceControl.SERVING and not self.quitting:
             self.discovery.announce()
 
     def _node_info(self, held, computations):
@@ -2197,9 +2201,9 @@ class NodeServer:
             if session is not None:
                 self._leave(session)
             return
+        self._tell_service(session)         # first: the client stops sending jobs
         if state == ServiceControl.STOPPED and session is not None:
             self._give_back_queued(session)
-        self._tell_service(session)
         if state == ServiceControl.SERVING:
             self._pump()
             self.discovery.announce(to_waiting=True)
@@ -2211,28 +2215,42 @@ class NodeServer:
                                           self.config.cpus, self.service.why()))
 
     def _give_back_queued(self, session):
-        """Jobs queued here, not started: handed back for the client to run elsewhere."""
+        """Jobs queued here, not started: handed back for the client to run elsewhere
+        (a client that is away gets them Cancelled, kept for recover_jobs)."""
         for job in [j for j in self.queue if not j.cancelled and j.worker is None]:
             self.queue.remove(job)
-            session.jobs.pop(job.key, None)
             if session.conn is not None:
+                session.jobs.pop(job.key, None)
                 session.conn.send(Msg.RECALLED(job.key, job.attempt, True))
+            else:
+                self._finish(session, job, Msg.result(
+                    job.key, job.attempt, DispyJob.Cancelled, 'Cancelled: node %s is not '
+                    'serving (%s)' % (self.name, self.service.why())))
 
     def _leave(self, session):
-        """Out of service: the client sees the node go as if it had died (its jobs
-        are resubmitted if reentrant); what it leaves is kept on disk."""
+        """The client sees the node go as if it had died (out of service, or released
+        by the operator): queued jobs are handed back, running ones killed (a reentrant
+        cluster runs them elsewhere); results are kept on disk for recover_jobs."""
+        self._tell_service(session)
         self._give_back_queued(session)
-        self.router.detach(session, 'out of service')
-        if self.session is session:     # (detach ends a session that left nothing)
-            self.router.end_session(session)
+        conn, session.conn = session.conn, None
+        if conn is not None:
+            conn.close('node %s' % self.service.why(), flush=True)
+        for job in session.jobs.values():
+            job.cancelled = True            # all marked first: no queued job starts now
+        self.router.end_session(session)    # kills them; their results go to disk
+        self.router.store_results(session)
 
     def set_cpus(self, cpus):
         """The operator's ``cpus N`` (negative: leave that many free)."""
         total = os.cpu_count() or 1
         with self.lock:
-            self.config.cpus = max(1, min(total, cpus if cpus > 0 else total + cpus))
+            old, self.config.cpus = self.config.cpus, max(1, min(total, cpus if cpus > 0
+                                                                 else total + cpus))
             for comp in (self.session.comps.values() if self.session else ()):
-                comp.cpus = min(comp.cpus, self.config.cpus) if comp.cpus else comp.cpus
+                # a computation given all CPUs gets all the new ones, others at most them
+                comp.cpus = (self.config.cpus if comp.cpus >= old
+                             else min(comp.cpus, self.config.cpus))
             self._tell_service(self.session)
             self._pump()
             return self.config.cpus
@@ -2246,16 +2264,14 @@ class NodeServer:
             self._tick()
 
     def release(self):
-        """The operator's ``release``: the client served now is let go (its jobs are
-        cancelled) and turned away until ``start``."""
+        """The operator's ``release``: the client served now sees the node go (as at
+        the end of a service window) and is turned away until ``start``."""
         with self.lock:
             session = self.session
             if session is None:
                 return None
             self.router.released.add(session.client_id)
-            for job in list(session.jobs.values()):
-                self._cancel_job(session, job)
-            self.router.end_session(session)
+            self._leave(session)
             return session.address
 
     def _kill_overdue(self, session):
@@ -2305,16 +2321,16 @@ def _port_owner(port):
     """'pid N: its command line' of the process listening on TCP ``port`` (Linux
     /proc: the socket's inode, then the process holding it), or None."""
     inodes = set()
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+    for table in ('tcp', 'tcp6', 'udp', 'udp6'):
         try:
-            with open(table) as f:
+            with open('/proc/net/' + table) as f:
                 rows = f.read().splitlines()[1:]
         except OSError:
             continue
         for row in rows:
             fields = row.split()
-            if len(fields) > 9 and fields[3] == '0A' and \
-                    int(fields[1].rsplit(':', 1)[1], 16) == port:       # 0A: LISTEN
+            listening = fields[3] == '0A' if table.startswith('tcp') else True  # 0A: LISTEN
+            if len(fields) > 9 and listening and int(fields[1].rsplit(':', 1)[1], 16) == port:
                 inodes.add('socket:[%s]' % fields[9])
     for pid in (p for p in os.listdir('/proc') if p.isdigit()) if inodes else ():
         try:
@@ -2392,7 +2408,7 @@ def build_parser():
         help='minutes to keep serving a vanished client before freeing this node '
         '(fractions allowed; default %(default)s)')
     add('--msg_timeout', type=float, default=dispy.MsgTimeout,
-        help='seconds to wait for a peer\'s answer (default %(default)s)')
+        help='seconds a client\'s handshake may take (default %(default)s)')
     add('--ping_interval', type=float, default=0,
         help='announce this node again every so many seconds while it has no client '
         '(default: only at start and when it becomes free)')
@@ -2451,7 +2467,23 @@ def configure(argv=None):
         config.cpus = max(1, total + config.cpus)
     config.scheduler_hosts = [dispy.resolve_or_exit(h, 'dispynode')
                               for h in config.scheduler_hosts]
+    _check_window(config)
     return dispy.finish_program_config(config, 'dispynode')
+
+
+def _check_window(config):
+    """A service window that would never serve, or never end, is a mistake."""
+    start = config.service_start if config.service_start is not None else 0
+    stop = config.service_stop if config.service_stop is not None else config.service_end
+    if stop is None:
+        return
+    if stop == start:
+        dispy.exit_usage('dispynode', 'the service window is empty: it stops when it '
+                         'starts (%02d:%02d)' % (start // 60, start % 60))
+    if (config.service_end is not None and config.service_stop is not None
+            and dispy.ServiceWindow._within(config.service_end, start, stop)):
+        dispy.exit_usage('dispynode', '--service_end comes before --service_stop: give an '
+                         'end at or after the stop')
 
 
 def _host_target():
@@ -2585,7 +2617,7 @@ def main(argv=None):
     config = configure(argv)
     dispy.setup_logging(dispy.logger.DEBUG if config.debug else dispy.logger.INFO,
                         name='dispynode')
-    dispy.MsgTimeout = config.msg_timeout
+    dispy.MsgTimeout = dispy.HANDSHAKE_TIMEOUT = config.msg_timeout   # its peers' answers
     init = _load_init(config.init) if config.init else None
     if config.clean:        # what is under the folder; the folder (and its mode) stays
         for entry in os.listdir(config.dest_path_prefix) if os.path.isdir(

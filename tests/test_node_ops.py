@@ -43,6 +43,12 @@ def where(x):
     return dispy_node_ip_addr, x
 
 
+def where_after(x, seconds=0):
+    import time
+    time.sleep(seconds)
+    return dispy_node_ip_addr, x
+
+
 def hhmm(epoch):
     return time.strftime('%H:%M', time.localtime(epoch))
 
@@ -174,6 +180,29 @@ class OptionsTest(NodeOpsCase):
         cluster = self.cluster(where, secret='sekrit')      # the saved secret
         self.assertEqual(cluster.submit(1)(timeout=30), (NODE_A, 1))
 
+    def test_config_values_are_checked_and_the_command_line_wins(self):
+        folder = support.temp_folder(self)
+        saved = os.path.join(folder, 'saved.json')
+
+        def config_with(**values):
+            path = os.path.join(folder, 'in.json')
+            with open(path, 'w') as f:
+                json.dump(values, f)
+            return path
+        for values in ({'cpus': 'x'}, {'cpus': 1.5}, {'cpus': None}, {'ip_addrs': '127.0.0.2'},
+                       {'service_start': '25:00'}, {'daemon': 'yes'}, {'no_such': 1}):
+            status, out, err = run_node('--config', config_with(**values), '--daemon')
+            self.assertEqual(status, 2, (values, err))
+            self.assertEqual(len(err.strip().splitlines()), 1, (values, err))
+        path = config_with(ip_addrs=['127.0.0.5'], name='from-file', clean=False)
+        status, out, err = run_node('--config', path, '-i', NODE_B, '--clean',
+                                    '--save_config', saved)
+        self.assertEqual(status, 0, err)
+        with open(saved) as f:
+            again = json.load(f)
+        self.assertEqual((again['ip_addrs'], again['name']), ([NODE_B], 'from-file'))
+        self.assertNotIn('clean', again)        # a one-time clean-up is never saved
+
     def test_secret_file_keeps_the_secret_out_of_ps(self):
         folder = support.temp_folder(self)
         secret_file = os.path.join(folder, 'secret')
@@ -185,6 +214,11 @@ class OptionsTest(NodeOpsCase):
             self.assertNotIn(b'file-secret-123', f.read())
         cluster = self.cluster(where, secret='file-secret-123')
         self.assertEqual(cluster.submit(2)(timeout=30), (NODE_A, 2))
+        empty = os.path.join(folder, 'empty')
+        open(empty, 'w').close()
+        for args in (['--secret_file', empty], ['--secret_file', secret_file, '-s', 'x']):
+            status, out, err = run_node(*args, '--daemon')
+            self.assertEqual(status, 2, (args, err))
 
     def test_second_node_is_told_who_holds_the_port_and_clean_after_kill_9(self):
         node = self.node()
@@ -320,6 +354,32 @@ class ServiceWindowNodeTest(NodeOpsCase):
         self.assertEqual(on_a.ip_addr, NODE_B)  # killed on A at its end, run again on B
         self.assertIn('serving → out', ending.stderr())
 
+    def test_at_end_queued_jobs_go_to_other_nodes(self):
+        offset, end = boundary_soon()
+        ending = self.node(args=['--service_start', hhmm(end - 3600), '--service_stop',
+                                 hhmm(end), '--service_end', hhmm(end)],
+                           env=self.shifted(offset))
+        self.node(NODE_B)
+        cluster = self.cluster(nodes=[NODE_A, NODE_B])      # not reentrant
+        warm = [cluster.submit_node(ip, 0) for ip in (NODE_A, NODE_B)]
+        for job in warm:
+            job()
+        jobs = [cluster.submit(60) for _ in range(6)]       # some queued on each node
+        self.assertTrue(support.wait_until(
+            lambda: sum(1 for j in jobs if j.ip_addr == NODE_A) >= 2, 15))
+        self.wait_status(ending, r'service: out', timeout=LEAD + 15)
+
+        def killed(job):        # the one running on A at its end: lost with the node
+            return job.status in dispy.FINAL_STATUSES and 'not serving' in (job.exception or '')
+
+        def settled():
+            return all(killed(j) or (
+                j.ip_addr == NODE_B and j.status in (DispyJob.Created, DispyJob.Running))
+                for j in jobs)
+        report = lambda: [(j.status, j.ip_addr, j.exception) for j in jobs]   # noqa: E731
+        self.assertTrue(support.wait_until(settled, 20), report())
+        self.assertEqual(sum(1 for j in jobs if killed(j)), 1, report())   # queued: not lost
+
     def test_a_window_across_midnight(self):
         now = time.time()
         midnight = (int(now // 86400) + 1) * 86400 + time.timezone   # local midnight
@@ -360,8 +420,47 @@ class StdinCommandsTest(NodeOpsCase):
         self.assertEqual(pinned(timeout=30), (NODE_A, 'after start'))
         self.ask(node, 'release', r'client %s released' % CLIENT)
         self.wait_status(node, r'no client')
+        self.ask(node, 'start', r'taking jobs')     # the released client may come back
+        self.wait_status(node, r'no client')
         self.ask(node, 'quit', r'finishing running jobs')
         self.assertEqual(node.wait(20), 0)
+
+
+class HandBackTest(NodeOpsCase):
+    """What a node that stops taking jobs hands back, and more CPUs given at run time."""
+
+    def test_a_pinned_job_handed_back_waits_for_its_node(self):
+        node = self.node()
+        self.node(NODE_B)
+        cluster = self.cluster(where_after, nodes=[NODE_A, NODE_B])
+        running = cluster.submit_node(NODE_A, 'running', 5)
+        queued = cluster.submit_node(NODE_A, 'queued')
+        self.assertTrue(support.wait_until(lambda: running.status == DispyJob.Running
+                                           and queued.ip_addr == NODE_A, 15))
+        self.ask(node, 'stop', r'taking no new jobs')
+        self.assertTrue(support.wait_until(lambda: queued.ip_addr is None, 15),
+                        'the queued job was not handed back')
+        others = [cluster.submit(i) for i in range(4)]      # time for a wrong dispatch
+        self.assertEqual({job(timeout=30)[0] for job in others}, {NODE_B})
+        self.assertEqual((queued.status, queued.ip_addr), (DispyJob.Created, None))
+        self.ask(node, 'start', r'taking jobs')
+        self.assertEqual(queued(timeout=30), (NODE_A, 'queued'))
+        self.assertEqual(running(timeout=30), (NODE_A, 'running'))
+
+    def test_more_cpus_reach_a_computation_already_set_up(self):
+        node = self.node(cpus=1)
+        cluster = self.cluster()
+        cluster.submit(0)()                                 # set up with 1 CPU
+        self.ask(node, 'cpus 2', r'using 2 CPUs')
+        self.assertTrue(support.wait_until(
+            lambda: cluster.status()['nodes'] and True, 5))
+        jobs = [cluster.submit(2) for _ in range(2)]
+        for job in jobs:
+            job(timeout=30)
+            self.assertEqual(job.status, DispyJob.Finished, job.exception)
+        first, second = jobs
+        self.assertLess(max(first.start_time, second.start_time),
+                        min(first.end_time, second.end_time), 'the two jobs did not overlap')
 
 
 # ================================================================================
