@@ -39,14 +39,13 @@ def nap(seconds):
 
 
 def where(x):
-    import socket
-    return dispy_node_ip_addr, x
+    return dispy_node_ip_addr, x    # noqa: F821 (a name the node gives its jobs)
 
 
 def where_after(x, seconds=0):
     import time
     time.sleep(seconds)
-    return dispy_node_ip_addr, x
+    return dispy_node_ip_addr, x    # noqa: F821
 
 
 def hhmm(epoch):
@@ -403,7 +402,7 @@ class StdinCommandsTest(NodeOpsCase):
 
     def test_help_status_stop_start_cpus_release(self):
         node = self.node(cpus=2)
-        other = self.node(NODE_B)
+        self.node(NODE_B)
         text = self.ask(node, 'help', r'terminate')
         for command in ('status', 'stop', 'start', 'cpus N', 'release', 'quit, exit',
                         'terminate', 'help'):
