@@ -143,7 +143,7 @@ class OptionsTest(NodeOpsCase):
     def test_dispy_port_is_the_base_port_and_c_0_means_all(self):
         base = self.port - 1 if support.tcp_free(NODE_A, self.port - 1) else self.port
         node = support.NodeProcess(NODE_A, port=base + 1, cpus=0)
-        node._command = lambda: [sys.executable, support.NODE_SCRIPT, '-i', NODE_A,
+        node._command = lambda: [sys.executable, support.NODE_SCRIPT, '--host', NODE_A,
                                  '--dispy_port', str(base), '-c', '0', '--dest_path_prefix',
                                  node.dest_path_prefix, '-d']
         self.addCleanup(node.stop)
