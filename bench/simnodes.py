@@ -213,7 +213,8 @@ class FakeNode:
     HANDLERS = {'CLIENT': _on_client, 'COMPUTE': _on_compute, 'FILE': _on_file,
                 'JOB': _on_job, 'PUT_FILE': _on_put_file, 'CLOSE_COMPUTE': _on_close_compute,
                 'RELEASE': _on_release, 'ACK': _ignore, 'CANCEL': _ignore,
-                'SET_CPUS': _ignore, 'PULSE': _ignore, 'RECALL': _on_recall}
+                'SET_CPUS': _ignore, 'PULSE': _ignore, 'RECALL': _on_recall,
+                'SHUTDOWN': _ignore}
 
     def keep_alive(self):
         """NODE_PULSE on connections idle for their pulse interval."""
