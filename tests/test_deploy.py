@@ -21,6 +21,7 @@ every process started here is stopped by its PID, also when a test fails.
 """
 
 import grp
+import inspect
 import json
 import os
 import pwd
@@ -74,16 +75,7 @@ CLIENT_SCRIPT = '''
 import sys
 import dispy
 
-def node_pid():
-    import os
-    pid = os.getpid()
-    for _ in range(10):
-        with open('/proc/%d/cmdline' % pid, 'rb') as f:
-            if b'dispynode.py' in f.read():
-                return pid
-        with open('/proc/%d/stat' % pid) as f:
-            pid = int(f.read().rsplit(')', 1)[1].split()[1])
-    return None
+''' + inspect.getsource(node_pid) + '''
 
 if __name__ == '__main__':
     cluster = dispy.JobCluster(node_pid)

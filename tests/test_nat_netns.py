@@ -69,11 +69,11 @@ import unittest
 
 try:
     from tests import netns, support
-    from tests.test_netns import LabTestCase, clean_env, time_limit
+    from tests.test_netns import NODE_WATCH, LabTestCase, clean_env, time_limit
 except ImportError:                         # run from inside tests/
     import netns
     import support
-    from test_netns import LabTestCase, clean_env, time_limit
+    from test_netns import NODE_WATCH, LabTestCase, clean_env, time_limit
 
 NODE_SCRIPT = support.NODE_SCRIPT
 SCHEDULER_SCRIPT = support.SCHEDULER_SCRIPT
@@ -103,14 +103,7 @@ def compute(seconds):
     return [os.environ.get('DISPY_TEST_NODE', '?'), socket.gethostname(),
             globals().get('dispy_node_ip_addr')]
 
-nodes, cond = set(), threading.Condition()
-
-def watch_nodes(status, node, job):
-    if status == dispy.DispyNode.Initialized and job is None:
-        with cond:
-            nodes.add(node.ip_addr)
-            cond.notify_all()
-
+''' + NODE_WATCH + r'''
 cfg = json.loads(sys.argv[1])
 start = time.monotonic()
 kind = dispy.SharedJobCluster if cfg.get('shared') else dispy.JobCluster
