@@ -63,6 +63,15 @@ jobs run to the end (at most ``--zombie_interval``), their results go to disk
 (``ResultStore``), and once nothing is left to run for it the node serves the next
 program.  ``recover_jobs`` of a vanished program is answered at any time: by its session
 if it still has one here, else by a ``RecoveryHandler`` beside the current session.
+
+When it serves (``ServiceControl``: the daily ``--service_start/stop/end`` window, the
+operator's stdin ``stop``/``start``/``release``, ``--serve N``)::
+
+    SERVING ──stop──► STOPPED ──end──► OUT ──next start──► SERVING
+    STOPPED: no new clients or jobs; a JOB, and the queued jobs, are handed back
+    (RECALLED unasked, after SERVICE tells the client) and run on its other nodes
+    OUT: the client sees the node leave as if it had died; pings go unanswered;
+    at the next start the node announces itself (to the clients it turned away too)
 """
 
 import collections
