@@ -6386,6 +6386,15 @@ def parse_time_of_day(text):
     return int(match.group(1)) * 60 + int(match.group(2))
 
 
+def add_config_options(add):
+    """``--config`` and ``--save_config`` (``add``: a parser's add_argument), which
+    ``parse_program_args`` reads."""
+    add('--config', metavar='FILE',
+        help='read options from this JSON file (written by --save_config)')
+    add('--save_config', metavar='FILE',
+        help='write the options to this file (mode 0600: it may hold a secret) and exit')
+
+
 def parse_program_args(parser, argv, program, secret_files=()):
     """``parser.parse_args(argv)`` with the options every program has:
     ``--config FILE`` (options saved earlier; what the command line gives wins, a

@@ -2445,8 +2445,7 @@ def build_parser():
         help='accepted (4.15); no effect: setup always runs in a process of its own here')
     add('--ipv4_udp_multicast', action='store_true',
         help='accepted (4.15); IPv4 discovery uses broadcast')
-    add('--config', help='read options from this JSON file (written by --save_config)')
-    add('--save_config', help='write the options to this file (mode 0600) and exit')
+    dispy.add_config_options(add)
     add('-d', '--debug', action='store_true', help='log debug messages')
     add('--daemon', action='store_true', help='do not read commands on stdin')
     add('--clean', action='store_true',

@@ -1135,8 +1135,7 @@ def build_parser():
                     'and uses nodes as a dispy client does (port 51347).',
         epilog='Without --daemon, commands are read on stdin: status, quit.')
     add = parser.add_argument
-    add('--config', help='read options from this JSON file (written by --save_config)')
-    add('--save_config', help='write the options to this file and exit')
+    dispy.add_config_options(add)
     add('-d', '--debug', action='store_true', help='log debug messages')
     add('-n', '--node', '--nodes', dest='nodes', action='append', default=[],
         help='node name, address or pattern to use (repeatable; default: every node that '
