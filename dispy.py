@@ -6411,8 +6411,9 @@ def parse_program_args(parser, argv, program, secret_files=()):
             if isinstance(action, argparse._AppendAction) and getattr(given, action.dest):
                 setattr(config, action.dest, getattr(given, action.dest))
     if config.save_config:
-        values = {k: v for k, v in vars(config).items()
-                  if k not in ('config', 'save_config', 'clean')}
+        values = {k: os.path.abspath(v) if v and isinstance(v, str) and _PATH_OPTION.search(k)
+                  else v for k, v in vars(config).items()
+                  if k not in ('config', 'save_config', 'clean')}   # paths: from anywhere
         try:
             fd = os.open(config.save_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)        # an existing file too
@@ -6429,6 +6430,9 @@ def parse_program_args(parser, argv, program, secret_files=()):
             setattr(config, secret_dest, _read_secret_file(path, program,
                                                            getattr(config, secret_dest)))
     return config
+
+
+_PATH_OPTION = re.compile(r'(file|_prefix)$|^init$')   # options naming files or folders
 
 
 def _saved_options(parser, path, program):

@@ -167,13 +167,16 @@ class OptionsTest(NodeOpsCase):
         folder = support.temp_folder(self)
         path = os.path.join(folder, 'node.json')
         status, out, err = run_node('--save_config', path, '-s', 'sekrit', '--name', 'saved',
-                                    '-c', '1', '--service_stop', '23:30', '--daemon')
+                                    '-c', '1', '--service_stop', '23:30', '--daemon',
+                                    '--dest_path_prefix', 'relative/folder')
         self.assertEqual(status, 0, err)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)    # holds the secret
         with open(path) as f:
             saved = json.load(f)
         self.assertEqual((saved['secret'], saved['name'], saved['service_stop']),
                          ('sekrit', 'saved', 23 * 60 + 30))
+        self.assertEqual(saved['dest_path_prefix'],            # works from any folder
+                         os.path.join(support.ROOT, 'relative', 'folder'))
         node = self.node(args=['--config', path, '--name', 'command-line-wins'], secret='')
         self.assertIn('dispynode command-line-wins serving', node.stdout())
         cluster = self.cluster(where, secret='sekrit')      # the saved secret
