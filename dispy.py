@@ -87,6 +87,7 @@ import re
 import select
 import selectors
 import shlex
+import shutil
 import socket
 import socketserver
 import ssl
@@ -3720,8 +3721,7 @@ class _NodeMessages:
             for ckey, used in list(link.alloc_cpus.items()):
                 link.alloc_cpus[ckey] = cpus if used >= link.cpus else min(used, cpus)
             link.cpus = cpus
-        for ckey in list(link.setups):
-            self._room_changed(link, ckey)
+        self._room_changed(link)
         self._dispatch()
 
     def _on_put_file_done(self, link, msg, _loaded):
@@ -5202,7 +5202,7 @@ class JobCluster(ClusterHooks):
         self._job_timeout = job_timeout
         self._open_jobs = 0
         self._jobs_submitted = 0    # ever (the progress line's total)
-        self._jobs_failed = 0       # ended other than Finished
+        self._jobs_failed = 0       # ended in FAILED_STATUSES (not Finished, not Cancelled)
         self._nodes = {}            # address -> DispyNode, for this cluster
         self._closed = False
         self._start_time = time.time()
@@ -5433,8 +5433,8 @@ class JobCluster(ClusterHooks):
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             with self._cond:
-                done = self._cond.wait_for(self._all_done, min(0.2, left if left is not None
-                                                             else 0.2))
+                done = self._cond.wait_for(self._all_done, 0.2 if left is None
+                                           else min(0.2, left))
                 figures = (self._jobs_submitted - self._open_jobs, self._jobs_submitted,
                            self._jobs_failed)
             if done or left == 0.0:
@@ -6364,6 +6364,19 @@ class ProgramArgumentParser(argparse.ArgumentParser):
         exit_usage(self.prog, '%s (see --help)' % message)
 
 
+def empty_folder(path, keep=()):
+    """Removes what is under ``path`` (``--clean``), the folder itself (and its
+    mode) staying; names in ``keep`` stay too."""
+    for name in os.listdir(path) if os.path.isdir(path) else ():
+        if name in keep:
+            continue
+        entry = os.path.join(path, name)
+        if os.path.isdir(entry) and not os.path.islink(entry):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            os.unlink(entry)
+
+
 def exit_usage(program, text):
     """A bad option value: one line on stderr, exit status 2 (as argparse does)."""
     print('%s: %s' % (program, text), file=sys.stderr, flush=True)
@@ -6505,8 +6518,8 @@ class ServiceWindow:
     takes jobs; from ``stop`` to ``end`` it takes no new ones and lets running ones
     finish; from ``end`` to the next ``start`` it is out of service (running jobs
     killed, clients turned away).  Without ``end`` it stays STOPPED until the next
-    start; without ``stop`` it serves until ``end``; with ``start`` alone it waits
-    for that time on its first day and then serves for good.
+    start; without ``stop`` it serves until ``end``; with ``start`` alone it starts
+    serving at that time (at once if it has passed today) and then serves for good.
 
     ``clock_offset`` (seconds) shifts the node's idea of now: tests use it
     (DISPY_NODE_CLOCK_OFFSET) to reach a transition in seconds."""

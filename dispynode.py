@@ -1554,10 +1554,9 @@ class ServiceControl:
         return state
 
     def why(self):
+        """Why the node is not serving (what clients are told)."""
         if self.held:
             return 'stopped by its operator'
-        if self.window.always:
-            return 'released by its operator'
         return 'out of its service hours until %s' % self.window.next_start_text()
 
     def window_text(self):
@@ -2208,11 +2207,12 @@ class NodeServer:
         session = self.session
         if state == ServiceControl.OUT:
             if session is not None:
-                self._leave(session)
+                self._tell_service(session)     # first: the client stops sending jobs
+                self._leave(session, self.service.why())
             return
         self._tell_service(session)         # first: the client stops sending jobs
         if state == ServiceControl.STOPPED and session is not None:
-            self._give_back_queued(session)
+            self._give_back_queued(session, self.service.why())
         if state == ServiceControl.SERVING:
             self._pump()
             self.discovery.announce(to_waiting=True)
@@ -2223,7 +2223,7 @@ class NodeServer:
             session.conn.send(Msg.SERVICE(self.service.current == ServiceControl.SERVING,
                                           self.config.cpus, self.service.why()))
 
-    def _give_back_queued(self, session):
+    def _give_back_queued(self, session, reason):
         """Jobs queued here, not started: handed back for the client to run elsewhere
         (a client that is away gets them Cancelled, kept for recover_jobs)."""
         for job in [j for j in self.queue if not j.cancelled and j.worker is None]:
@@ -2234,17 +2234,17 @@ class NodeServer:
             else:
                 self._finish(session, job, Msg.result(
                     job.key, job.attempt, DispyJob.Cancelled, 'Cancelled: node %s is not '
-                    'serving (%s)' % (self.name, self.service.why())))
+                    'serving (%s)' % (self.name, reason)))
 
-    def _leave(self, session):
+    def _leave(self, session, reason):
         """The client sees the node go as if it had died (out of service, or released
-        by the operator): queued jobs are handed back, running ones killed (a reentrant
-        cluster runs them elsewhere); results are kept on disk for recover_jobs."""
-        self._tell_service(session)
-        self._give_back_queued(session)
+        by the operator): queued jobs are handed back (the unasked RECALLED pauses the
+        node at the client), running ones killed (a reentrant cluster runs them
+        elsewhere); results are kept on disk for recover_jobs."""
+        self._give_back_queued(session, reason)
         conn, session.conn = session.conn, None
         if conn is not None:
-            conn.close('node %s' % self.service.why(), flush=True)
+            conn.close('node %s' % reason, flush=True)
         for job in session.jobs.values():
             job.cancelled = True            # all marked first: no queued job starts now
         self.router.end_session(session)    # kills them; their results go to disk
@@ -2280,7 +2280,7 @@ class NodeServer:
             if session is None:
                 return None
             self.router.released.add(session.client_id)
-            self._leave(session)
+            self._leave(session, 'released by its operator')
             return session.address
 
     def _kill_overdue(self, session):
@@ -2327,8 +2327,9 @@ class NodeServer:
 
 
 def _port_owner(port):
-    """'pid N: its command line' of the process listening on TCP ``port`` (Linux
-    /proc: the socket's inode, then the process holding it), or None."""
+    """'pid N: its command line' of the process listening on TCP ``port`` or bound
+    to UDP ``port`` (Linux /proc: the socket's inode, then the process holding it),
+    or None."""
     inodes = set()
     for table in ('tcp', 'tcp6', 'udp', 'udp6'):
         try:
@@ -2550,7 +2551,7 @@ COMMANDS = (
     ('stop', 'take no new jobs (running ones finish)'),
     ('start', 'take jobs again (and clients let go by release)'),
     ('cpus N', 'use N CPUs (negative: leave that many free)'),
-    ('release', 'let the client served now go (its jobs are cancelled)'),
+    ('release', 'let the client served now go (it sees the node leave; until start)'),
     ('quit, exit', 'finish running jobs, then exit'),
     ('terminate', 'kill running jobs and exit'),
     ('help', 'this list'),
@@ -2627,14 +2628,8 @@ def main(argv=None):
                         name='dispynode')
     dispy.MsgTimeout = dispy.HANDSHAKE_TIMEOUT = config.msg_timeout   # its peers' answers
     init = _load_init(config.init) if config.init else None
-    if config.clean:        # what is under the folder; the folder (and its mode) stays
-        for entry in os.listdir(config.dest_path_prefix) if os.path.isdir(
-                config.dest_path_prefix) else ():
-            path = os.path.join(config.dest_path_prefix, entry)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
+    if config.clean:
+        dispy.empty_folder(config.dest_path_prefix)
     os.makedirs(config.dest_path_prefix, exist_ok=True)
     _start_forkserver()
     server = NodeServer(config)

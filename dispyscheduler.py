@@ -1225,13 +1225,7 @@ def _prepare_folder(config):
     lock.write(str(os.getpid()))
     lock.flush()
     if config.clean:
-        for name in os.listdir(config.dest_path_prefix):
-            if name != 'scheduler.lock':
-                path = os.path.join(config.dest_path_prefix, name)
-                if os.path.isdir(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    os.unlink(path)
+        dispy.empty_folder(config.dest_path_prefix, keep=('scheduler.lock',))
     for name in os.listdir(config.dest_path_prefix):     # files of an earlier run's clusters
         if name.startswith('cluster-'):
             shutil.rmtree(os.path.join(config.dest_path_prefix, name), ignore_errors=True)

@@ -454,8 +454,6 @@ class HandBackTest(NodeOpsCase):
         cluster = self.cluster()
         cluster.submit(0)()                                 # set up with 1 CPU
         self.ask(node, 'cpus 2', r'using 2 CPUs')
-        self.assertTrue(support.wait_until(
-            lambda: cluster.status()['nodes'] and True, 5))
         jobs = [cluster.submit(2) for _ in range(2)]
         for job in jobs:
             job(timeout=30)
