@@ -715,9 +715,7 @@ class WebMonitor:
             ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ssl_context.minimum_version = ssl.TLSVersion.TLSv1_2
             ssl_context.load_cert_chain(certfile, keyfile)
-        bind = host or ''
-        if bind and not _is_ip(bind):
-            bind = dispy.resolve_host(bind) or bind
+        bind = (dispy.resolve_host(host) or host) if host else ''
         self.server = MonitorHTTPServer((bind or '0.0.0.0', int(port)), self, ssl_context)
         self.port = self.server.server_address[1]
         self.access = Access(self.token, allowed_hosts, host or '', self.port)
@@ -729,7 +727,7 @@ class WebMonitor:
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
             'poll_interval': 0.25}, daemon=True, name='%s-httpd' % name)
         self.thread.start()
-        self._announce(bind, host)
+        self._announce()
 
     # -- hooks -----------------------------------------------------------------------------
     def get_routes(self):
@@ -759,7 +757,7 @@ class WebMonitor:
             return '%s://%s:%d/' % (scheme, '[%s]' % h if ':' in h else h, self.port)
         return url(local), url(other) + '?token=' + self.token
 
-    def _announce(self, bind, host):
+    def _announce(self):
         local, other = self.urls()
         # On stderr whatever the log level: the user needs it to open the page elsewhere.
         if dispy.is_loopback(self.server.server_address[0]):
@@ -877,14 +875,6 @@ class WebMonitor:
     @staticmethod
     def _as_response(result):
         return result if isinstance(result, Response) else Response.json(result)
-
-
-def _is_ip(text):
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 # ================================================================================
