@@ -1,0 +1,639 @@
+#!/usr/bin/env python3
+"""dispycosnode: the dispycos node program; it runs servers for dispycos schedulers.
+
+``python dispycosnode.py`` starts one server process per CPU (``-c``); a scheduler
+(a client's private one, or ``python dispycos.py``) reserves the node for one
+computation at a time and runs that computation's tasks on its servers, many tasks
+per server.  Every process here hosts dispycos's runtime (``dispycos.Pycos``): the
+node process on port 9706 (``-u``), its servers on the following ports
+(``--tcp_ports`` moves them)::
+
+    scheduler ──sched.node_here◄── node process (this program)  TCP+UDP 9706
+        │                            │ node.info, node.reserve, node.release
+        │                            │ starts, watches and restarts:
+        │                            ├─ server 1 (python -c ... server_main)  TCP 9707
+        │                            ├─ server 2                              TCP 9708
+        ▼                            ▼
+    server.load (the computation's components), server.run (a task), server.close
+
+The path of a task on a server: ``server.run`` from the scheduler → the server's
+runner makes a Task of the computation's function (the namespace its components
+were loaded into, as ``__main__``, so objects of the client's classes unpickle) →
+the task exchanges messages with the client and others directly → at its end the
+server calls ``sched.task_done`` with its MonitorStatus.
+
+A server is a child process that reads its configuration (secret included: never on
+a command line) from its stdin as one JSON line, says ``READY <port>`` on stdout,
+and exits when its stdin closes: the node's death ends its servers.
+
+Threads of the node process: dispycos's runner, I/O loop and listener; a watcher
+thread per server process; the stdin command reader (unless ``--daemon``).
+"""
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import dispy
+import dispycos
+from dispycos import Location, Task, TaskError, logger
+
+__version__ = dispycos.__version__
+
+
+# ================================================================================
+# The server process
+# ================================================================================
+
+class ServerRuntime:
+    """The services of one server process: a computation's components loaded into a
+    fresh ``__main__``, its tasks run there, all of it undone at close."""
+
+    def __init__(self, pycos, node_dir, index):
+        self.pycos = pycos
+        self.node_dir = node_dir
+        self.dir = os.path.join(node_dir, 'dispycosproc-%d' % index)
+        self.index = index
+        self.comp = None            # id of the computation loaded
+        self.scheduler = None       # Location of its scheduler
+        self.namespace = None       # its __main__ module
+        self.tasks = {}             # task id -> Task of the computation
+        self.done = 0
+        self._saved_main = sys.modules.get('__main__')
+        self._saved_path = list(sys.path)
+        self._saved_cwd = os.getcwd()
+        for op in ('load', 'run', 'close', 'peers', 'status'):
+            pycos.add_service('server.' + op, getattr(self, '_op_' + op))
+        pycos.peers.lost_hooks.append(self._peer_lost)
+
+    # -- load ---------------------------------------------------------------------------
+    def _op_load(self, caller, comp_id, spec, scheduler, setup_args):
+        if self.comp is not None and self.comp != comp_id:
+            raise TaskError('server %s serves another computation' % self.pycos.location)
+        self._close_now()
+        module = types.ModuleType('__main__')
+        module.__dict__.update(pycos=dispycos, dispycos=dispycos,
+                               dispycos_close_server=self._close_request)
+        os.makedirs(self.dir, exist_ok=True)
+        os.chdir(self.dir)
+        sys.path[:0] = [self.dir, self.node_dir]
+        sys.modules['__main__'] = module
+        self.namespace, self.comp, self.scheduler = module, comp_id, scheduler
+        try:
+            for name in spec.get('modules', ()):
+                modname = name[:-3] if name.endswith('.py') else name
+                module.__dict__[modname] = __import__(modname)
+            for name, source in spec['sources']:
+                exec(compile(source, '<%s>' % name, 'exec'), module.__dict__)
+        except Exception as exc:
+            self._close_now()
+            raise TaskError('loading the computation failed: %s: %s' % (type(exc).__name__, exc))
+        setup = spec.get('server_setup')
+        if setup:
+            return self._setup(module.__dict__[setup], setup_args)
+        return 0
+
+    def _setup(self, func, args):
+        value = yield Task(func, *args).finish()
+        if value != 0:
+            self._close_now()
+            return 'server_setup gave %r' % (value,)
+        return 0
+
+    # -- run --------------------------------------------------------------------------------
+    def _op_run(self, caller, comp_id, func, blob, cpu):
+        if comp_id != self.comp or self.namespace is None:
+            raise TaskError('computation %s is not loaded at %s' % (comp_id, self.pycos.location))
+        name, source = func
+        if source is not None:
+            exec(compile(source, '<%s>' % name, 'exec'), self.namespace.__dict__)
+        target = self.namespace.__dict__.get(name)
+        if target is None:
+            raise TaskError('%s is not defined at %s' % (name, self.pycos.location))
+        args, kwargs = pickle.loads(blob)
+        task = Task(target, *args, **kwargs)
+        self.tasks[task._id] = task
+        task._finish_waiters.append(lambda t: self._ended(t, cpu))
+        return task
+
+    def _ended(self, task, cpu):
+        self.tasks.pop(task._id, None)
+        self.done += 1
+        status = _portable_status(task._end_status)
+        if self.scheduler is not None:
+            self.pycos.peers.notify(self.scheduler, 'sched.task_done',
+                                    (self.comp, task, cpu, status))
+
+    # -- close ------------------------------------------------------------------------------
+    def _op_close(self, caller, comp_id):
+        if comp_id == self.comp:
+            self._close_now()
+        return 0
+
+    def _close_now(self):
+        """Ends the computation here: its tasks terminated (each reported), its
+        names gone, the folder emptied, ``__main__`` and sys.path as they were."""
+        for task in list(self.tasks.values()):
+            task._terminate()
+        self.tasks.clear()
+        if self.namespace is not None:
+            self.namespace.__dict__.clear()
+        self.namespace = self.comp = self.scheduler = None
+        sys.modules['__main__'] = self._saved_main
+        sys.path[:] = self._saved_path
+        try:
+            os.chdir(self._saved_cwd)
+        except OSError:
+            os.chdir('/')
+        if os.path.isdir(self.dir):
+            dispy.empty_folder(self.dir)
+
+    def _close_request(self):
+        """``dispycos_close_server()`` from a task: the server closes its computation."""
+        self.pycos._runner.post(self._close_now)
+
+    def _peer_lost(self, location):
+        if location == self.scheduler:
+            logger.info('scheduler %s lost: closing its computation', location)
+            self._close_now()
+
+    def _op_peers(self, caller, locations):
+        for loc in locations:
+            if loc != self.pycos.location:
+                self.pycos.peers.notify(loc, 'pycos.hello', ())
+        return 0
+
+    def _op_status(self, caller):
+        return {'location': self.pycos.location, 'computation': self.comp,
+                'tasks': len(self.tasks), 'done': self.done}
+
+
+def _portable_status(status):
+    """A MonitorStatus that pickles (a value or an exception class that does not is
+    described instead)."""
+    try:
+        pickle.dumps(status, dispycos.BLOB_PROTOCOL)
+        return status
+    except Exception:
+        kind = status.type if status.type in (StopIteration, GeneratorExit) else TaskError
+        value = dispycos._portable(status.value) if kind is StopIteration else str(status.value)
+        return dispycos.MonitorStatus(status.info, kind, value)
+
+
+def server_main():
+    """A server process: configuration from stdin, READY on stdout, ends with stdin."""
+    dispycos.provide_pycos_name()
+    config = json.loads(sys.stdin.readline())
+    if config.get('debug'):
+        logger.setLevel(logger.DEBUG)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the node's to handle
+    pycos = dispycos.Pycos(node=config['addr'], tcp_port=config['port'],
+                           ext_ip_addr=config.get('ext_addr'), name=config['name'],
+                           secret=config['secret'], certfile=config.get('certfile'),
+                           keyfile=config.get('keyfile'), dest_path=config['dest_path'],
+                           max_file_size=config.get('max_file_size', 0))
+    pycos.role = 'server'
+    ServerRuntime(pycos, config['node_dir'], config['index'])
+    sys.stdout.write('READY %d\n' % pycos.location.port)
+    sys.stdout.flush()
+    sys.stdin.read()                # until the node closes it (or dies)
+    os._exit(0)
+
+
+# ================================================================================
+# The node process
+# ================================================================================
+
+class _ServerProcess:
+    """A server child process and its watcher thread (which restarts it)."""
+
+    def __init__(self, node, index, port):
+        self.node = node
+        self.index = index
+        self.port = port
+        self.proc = None
+        self.location = None
+        self.ready = threading.Event()
+
+    def start(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = 'import sys; sys.path.insert(0, %r); import dispycosnode; ' \
+               'dispycosnode.server_main()' % here
+        self.proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, cwd=self.node.dir,
+                                     start_new_session=True)
+        config = dict(self.node.server_config, port=self.port, index=self.index)
+        self.proc.stdin.write((json.dumps(config) + '\n').encode())
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline().decode().split()
+        if len(line) != 2 or line[0] != 'READY':
+            code = self.proc.wait(10)
+            raise RuntimeError('server %d did not start (exit status %s)' % (self.index, code))
+        self.location = Location(self.node.location.addr, int(line[1]))
+        self.ready.set()
+        threading.Thread(target=self._watch, daemon=True,
+                         name='dispycos-server-%d' % self.index).start()
+
+    def _watch(self):
+        proc = self.proc
+        proc.wait()
+        if self.node.quitting:
+            return
+        logger.warning('server %s ended (exit status %s); starting a new one',
+                       self.location, proc.returncode)
+        self.node.pycos._runner.post(self.node.server_died, self)
+        for attempt in range(5):
+            try:
+                self.start()
+                return
+            except (OSError, RuntimeError) as exc:
+                logger.warning('server %d could not be restarted: %s', self.index, exc)
+                time.sleep(1 + attempt)
+
+    def stop(self, timeout=5):
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.stdin.close()
+            proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait(5)
+
+
+class Node:
+    """The node process: its servers, one computation at a time, discovery."""
+
+    def __init__(self, config):
+        self.config = config
+        self.quitting = False
+        self.accepting = True
+        self.served = 0
+        self.comp = None            # (computation id, scheduler Location)
+        self.comp_files = []
+        self.idle_since = time.monotonic()
+        addr = config.ip_addr[0] if config.ip_addr else dispycos.default_address()
+        addr = dispy.resolve_or_exit(addr, 'dispycosnode')
+        ext = config.ext_ip_addr[0] if config.ext_ip_addr else None
+        self.pycos = dispycos.Pycos(node=addr, tcp_port=config.udp_port, ext_ip_addr=ext,
+                                    name=config.name, secret=config.secret,
+                                    certfile=config.certfile, keyfile=config.keyfile,
+                                    dest_path=config.dest_path,
+                                    max_file_size=config.max_file_size)
+        self.pycos.role = 'node'
+        self.location = self.pycos.location
+        self.name = self.pycos.name
+        self.dir = os.path.join(self.pycos.dest_path, 'dispycos',
+                                '%s_%s' % (self.location.addr, self.location.port))
+        self._prepare_dir(config.clean)
+        self.server_config = {
+            'addr': addr, 'ext_addr': ext, 'name': self.name, 'secret': config.secret,
+            'certfile': config.certfile, 'keyfile': config.keyfile,
+            'dest_path': self.pycos.dest_path, 'node_dir': self.dir,
+            'max_file_size': self.pycos.max_file_size, 'debug': config.debug}
+        ports = server_ports(config.tcp_ports, server_count(config.cpus),
+                             self.location.port + 1)
+        self.servers = [_ServerProcess(self, i + 1, port) for i, port in enumerate(ports)]
+        for server in self.servers:
+            server.start()
+        self.avail = _avail_function(self.dir)
+        for op in ('info', 'reserve', 'release', 'status'):
+            self.pycos.add_service('node.' + op, getattr(self, '_op_' + op))
+        self.pycos.peers.lost_hooks.append(
+            lambda loc: self.pycos._runner.post(self._peer_lost, loc))
+        self.discovery = _NodeDiscovery(self, config)
+
+    def _prepare_dir(self, clean):
+        if os.path.isdir(self.dir) and os.listdir(self.dir):
+            if not clean:
+                logger.info('%s holds files of an earlier run; --clean removes them', self.dir)
+            else:
+                dispy.empty_folder(self.dir)
+        os.makedirs(self.dir, exist_ok=True)
+
+    # -- services -------------------------------------------------------------------------
+    def info(self):
+        avail = self.avail()
+        return {'location': list(self.location.key()), 'name': self.name,
+                'cpus': len(self.servers), 'platform': platform.platform(),
+                'servers': [list(s.location.key()) for s in self.servers if s.ready.is_set()],
+                'avail': avail, 'busy': self.comp is not None, 'version': __version__}
+
+    def _op_info(self, caller):
+        return self.info()
+
+    def _op_reserve(self, caller, comp_id, scheduler, client, spec, files, cpus):
+        if not self.accepting:
+            raise TaskError('node %s is not accepting computations' % self.location)
+        if self.comp is not None and self.comp[0] != comp_id:
+            raise TaskError('node %s serves another computation' % self.location)
+        receiver = dispy.FileReceiver(self.dir, self.pycos.max_file_size)
+        for name, data, mode in files:
+            receiver.chunk(name, mode, 0, data, True, source=comp_id)
+            self.comp_files.append(receiver.path_for(name))
+        self.comp = (comp_id, scheduler)
+        self.idle_since = time.monotonic()
+        logger.info('computation %s of %s uses %d servers', comp_id[:8], client, cpus)
+        return [list(s.location.key()) for s in self.servers[:cpus] if s.ready.is_set()]
+
+    def _op_release(self, caller, comp_id):
+        if self.comp is not None and self.comp[0] == comp_id:
+            self._release()
+        return 0
+
+    def _release(self, close_servers=False):
+        comp_id = self.comp[0]
+        if close_servers:
+            for server in self.servers:
+                if server.location is not None:
+                    self.pycos.peers.notify(server.location, 'server.close', (comp_id,))
+        for path in self.comp_files:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        self.comp_files = []
+        self.comp = None
+        self.served += 1
+        logger.info('computation %s closed', comp_id[:8])
+        if self.config.serve > 0 and self.served >= self.config.serve:
+            logger.info('served %d computation(s): quitting', self.served)
+            self.accepting = False
+            threading.Thread(target=self.shutdown, daemon=True).start()
+        elif self.accepting:
+            self.discovery.announce()
+
+    def _op_status(self, caller):
+        return self.info()
+
+    def _peer_lost(self, location):
+        if self.comp is not None and self.comp[1] == location:
+            logger.info('scheduler %s lost: computation %s closed', location, self.comp[0][:8])
+            self._release(close_servers=True)
+
+    def server_died(self, server):
+        """A server process ended: the scheduler sees its connection go; nothing of
+        the computation is kept for the new process."""
+        if self.comp is not None:
+            logger.info('server %s of computation %s died', server.location, self.comp[0][:8])
+
+    # -- operator commands ------------------------------------------------------------------
+    def status_text(self):
+        lines = ['dispycosnode %s at %s: %d servers, %s' % (
+            self.name, self.location, len(self.servers),
+            'computation %s' % self.comp[0][:8] if self.comp else 'idle')]
+        for server in self.servers:
+            state = self._server_status(server)
+            lines.append('  server %s: %s' % (server.location, state))
+        return '\n'.join(lines)
+
+    def _server_status(self, server):
+        if server.location is None:
+            return 'not started'
+        value = self.pycos.peers.call_blocking(server.location, 'server.status', (), 5)
+        if not isinstance(value, dict):
+            return 'no answer (%s)' % (value,)
+        return '%d task(s) running, %d done' % (value['tasks'], value['done'])
+
+    def close_computation(self):
+        if self.comp is not None:
+            self.pycos._runner.post(self._release, True)
+
+    def shutdown(self, terminate=False):
+        self.accepting = False
+        if terminate:
+            self.close_computation()
+        else:
+            for _ in range(int(1e9)):       # until the computation is closed
+                if self.comp is None or self.quitting:
+                    break
+                time.sleep(0.2)
+        self.quitting = True
+        for server in self.servers:
+            server.stop()
+        self.discovery.close()
+        self.done.set()
+
+    done = None
+
+
+class _NodeDiscovery:
+    """The node's UDP side: answers schedulers' pings by calling sched.node_here,
+    announces itself at start and when free again, and calls on ``--peer``s."""
+
+    def __init__(self, node, config):
+        self.node = node
+        self.endpoint = dispy.DiscoveryEndpoint(node.pycos.secret, self._on_datagram)
+        addr = node.location.addr
+        bind = node.pycos.peers.listener.server_address[0]
+        self.endpoint.bind(bind if dispy.is_loopback(addr) or config.ip_addr else '',
+                           node.location.port, reuse=True)
+        self.loop = node.pycos.peers.loop
+        dispycos.watch_endpoint(self.loop, self.endpoint)
+        self.scheduler_port = config.scheduler_port
+        self.peers = [parse_location(p, dispycos.SCHEDULER_PORT) for p in config.peer or ()]
+        self.announce()
+
+    def _on_datagram(self, msg, addr, sock):
+        if msg.get('t') == 'ping' and isinstance(msg.get('scheduler'), list):
+            try:
+                location = Location(str(msg['scheduler'][0]), int(msg['scheduler'][1]))
+            except (ValueError, IndexError, TypeError):
+                return
+            self.node.pycos._runner.post(self._tell, location)
+
+    def _tell(self, location):
+        if self.node.accepting:
+            self.node.pycos.peers.call_back(location, 'sched.node_here', (self.node.info(),),
+                                            lambda ok, value: None)
+
+    def announce(self):
+        data = self.endpoint.pack({'t': 'announce', 'port': self.node.location.port,
+                                   'addr': self.node.location.addr})
+        addr = self.node.location.addr
+        if not dispy.is_loopback(addr):
+            self.endpoint.broadcast(data, self.scheduler_port, [addr])
+        for location in self.peers:
+            self.node.pycos._runner.post(self._tell, location)
+
+    def close(self):
+        dispycos.unwatch_endpoint(self.loop, self.endpoint)
+
+
+def _avail_function(path):
+    """() -> {'cpu', 'memory', 'disk', 'swap'} with psutil on the node, else None."""
+    try:
+        import psutil
+    except ImportError:
+        return lambda: None
+
+    def avail():
+        try:
+            return {'cpu': 100.0 - psutil.cpu_percent(), 'memory':
+                    psutil.virtual_memory().available, 'disk': psutil.disk_usage(path).free,
+                    'swap': psutil.swap_memory().free}
+        except Exception:
+            return None
+    return avail
+
+
+# ================================================================================
+# Command line
+# ================================================================================
+
+def server_count(cpus):
+    """``-c``: 0 all CPUs, negative leaves that many free, positive that many."""
+    total = os.cpu_count() or 1
+    if cpus <= 0:
+        return max(1, total + cpus)
+    return cpus
+
+
+def server_ports(specs, count, first_default):
+    """Ports of ``count`` servers from ``--tcp_ports`` (n or n1-n2, repeatable): the
+    listed ones in order, then beyond the highest listed (the default: the ports
+    after the node's)."""
+    ports = []
+    for spec in specs or ():
+        for part in str(spec).split(','):
+            low, _, high = part.strip().partition('-')
+            low = int(low)
+            high = int(high) if high else low
+            if not (0 < low <= high < 65536):
+                raise ValueError('bad port range %r' % part)
+            ports.extend(p for p in range(low, high + 1) if p not in ports)
+    nxt = max(ports) + 1 if ports else first_default
+    while len(ports) < count:
+        ports.append(nxt)
+        nxt += 1
+    return ports[:count]
+
+
+def parse_location(text, default_port):
+    host, _, port = text.rpartition(':') if text.count(':') == 1 else (text, '', '')
+    return Location(dispy.resolve_host(host) or host, int(port) if port else default_port)
+
+
+def build_parser():
+    parser = dispy.ProgramArgumentParser(
+        prog='dispycosnode.py', description='Run dispycos servers on this node.')
+    add = parser.add_argument
+    add('-c', '--cpus', type=int, default=0,
+        help='servers to run: 0 one per CPU, negative leaves that many CPUs free')
+    add('-i', '--ip_addr', '--host', dest='ip_addr', action='append', default=[],
+        help='address to serve on (repeatable; the first is used)')
+    add('--ext_ip_addr', '--ext_host', dest='ext_ip_addr', action='append', default=[],
+        help='address announced instead (NAT, cloud)')
+    add('-u', '--udp_port', type=int, default=dispycos.NODE_PORT,
+        help='the node\'s port, TCP and UDP (default %(default)s)')
+    add('--tcp_ports', '--node_ports', dest='tcp_ports', action='append', default=[],
+        help='ports of the servers: n or n1-n2, repeatable (default: after the node\'s)')
+    add('--scheduler_port', type=int, default=dispycos.SCHEDULER_PORT,
+        help='UDP port schedulers hear announcements on (default %(default)s)')
+    add('-n', '--name', default=None, help='name of this node (default: host name)')
+    add('--dest_path', default=None, help='folder for computations\' files')
+    add('--max_file_size', type=dispy.parse_size, default=0,
+        help='largest file a client may send (0: no limit; k/m/g suffixes)')
+    add('-s', '--secret', default='', help='secret shared with clients and schedulers')
+    add('--secret_file', default=None, help='read the secret from this file')
+    add('--certfile', default=None, help='TLS certificate (with key, or --keyfile)')
+    add('--keyfile', default=None, help='TLS key')
+    add('--min_pulse_interval', type=float, default=dispycos.MinPulseInterval,
+        help='smallest pulse_interval a computation may ask for')
+    add('--max_pulse_interval', type=float, default=dispycos.MaxPulseInterval,
+        help='largest pulse_interval a computation may ask for')
+    add('--zombie_period', type=float, default=None,
+        help='seconds a computation may stay idle before it is closed')
+    add('--serve', type=int, default=-1, help='quit after serving this many computations')
+    add('--service_start', default=None, help='HH:MM: start serving (dispycos part 2)')
+    add('--service_stop', default=None, help='HH:MM: stop taking computations')
+    add('--service_end', default=None, help='HH:MM: end running computations')
+    add('--peer', action='append', default=[],
+        help='host:port of a scheduler to make this node known to (repeatable)')
+    add('--clean', action='store_true', help='remove files of an earlier run')
+    add('--daemon', action='store_true', help='do not read commands from stdin')
+    add('--msg_timeout', type=float, default=dispycos.MsgTimeout,
+        help='seconds to wait for a peer\'s answer')
+    add('--ping_interval', type=float, default=None, help='seconds between announcements')
+    add('--ipv4_udp_multicast', action='store_true',
+        help='accepted for pycos 4.12 scripts; IPv4 discovery uses broadcast')
+    add('--discover_peers', action='store_true', help='accepted for pycos 4.12 scripts')
+    add('-d', '--debug', action='store_true', help='debug messages')
+    dispy.add_config_options(add)
+    return parser
+
+
+COMMANDS_HELP = 'commands: status, close, quit (or exit), terminate'
+
+
+def run_command(node, line):
+    """One stdin command; False when the node is to end."""
+    cmd = line.strip().lower()
+    if cmd == 'status':
+        print(node.status_text(), flush=True)
+    elif cmd == 'close':
+        node.close_computation()
+        print('closing the current computation', flush=True)
+    elif cmd in ('quit', 'exit'):
+        print('quitting once the computation is closed', flush=True)
+        threading.Thread(target=node.shutdown, daemon=True).start()
+    elif cmd == 'terminate':
+        print('terminating', flush=True)
+        threading.Thread(target=node.shutdown, args=(True,), daemon=True).start()
+    elif cmd:
+        print(COMMANDS_HELP, flush=True)
+    return True
+
+
+def main(argv=None):
+    parser = build_parser()
+    config = dispy.parse_program_args(parser, argv, 'dispycosnode',
+                                      secret_files=(('secret_file', 'secret'),))
+    if config.debug:
+        logger.setLevel(logger.DEBUG)
+    dispycos.MsgTimeout = config.msg_timeout
+    try:
+        server_ports(config.tcp_ports, 1, 1)
+    except ValueError as exc:
+        dispy.exit_usage('dispycosnode', '--tcp_ports: %s' % exc)
+    try:
+        node = Node(config)
+    except (OSError, RuntimeError) as exc:
+        print('dispycosnode: %s' % exc, file=sys.stderr)
+        return 1
+    node.done = threading.Event()
+    print('dispycosnode %s at %s: %d servers at %s' % (
+        node.name, node.location, len(node.servers),
+        ', '.join(str(s.location.port) for s in node.servers)), flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(
+        target=node.shutdown, args=(True,), daemon=True).start())
+    if not config.daemon and sys.stdin is not None and not sys.stdin.closed:
+        threading.Thread(target=_read_commands, args=(node,), daemon=True,
+                         name='dispycos-stdin').start()
+    try:
+        while not node.done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        node.shutdown(terminate=True)
+    return 0
+
+
+def _read_commands(node):
+    for line in sys.stdin:
+        run_command(node, line)
+        if node.quitting:
+            return
+
+
+if __name__ == '__main__':
+    sys.exit(main())
