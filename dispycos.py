@@ -87,6 +87,15 @@ import uuid
 import dispy
 
 __version__ = dispy.__version__
+# ``from dispycos import *`` (4.12's ``from pycos.dispycos import *``) gives these.
+__all__ = ['Task', 'Location', 'Channel', 'Pycos', 'MonitorStatus', 'MonitorException',
+           'PeerStatus', 'Event', 'Lock', 'RLock', 'Condition', 'Semaphore',
+           'BoundedSemaphore', 'logger', 'Logger', 'Computation', 'Client', 'Scheduler',
+           'DispycosStatus', 'DispycosNodeAvailInfo', 'DispycosNodeAllocate', 'TaskInfo',
+           'TaskError', 'PeerLost', 'MinPulseInterval', 'MaxPulseInterval', 'AsyncPipe',
+           'NodeDiscovered', 'NodeInitialized', 'NodeClosed', 'ServerDiscovered',
+           'ServerInitialized', 'ServerClosed', 'ServerAbandoned', 'TaskCreated',
+           'ComputationScheduled', 'ComputationClosed', 'ClientScheduled', 'ClientClosed']
 
 # ================================================================================
 # Constants
@@ -229,6 +238,7 @@ class PeerLost(ConnectionError):
 # SimpleQueue (``post``); the runner drains it between task steps.
 
 _WAIT_RECEIVE, _WAIT_SLEEP, _WAIT_SUSPEND, _WAIT_OTHER = 'receive', 'sleep', 'suspend', 'other'
+_wait_ids = itertools.count(1)
 
 
 class _Runner:
@@ -431,6 +441,8 @@ class Task:
         self._stack = []
         self._mailbox = collections.deque()
         self._waiting = None            # one of _WAIT_* while suspended
+        self._wait_id = 0               # which suspension (see _wait_for)
+        self._ending = False
         self._wait_timer = None
         self._wait_alarm = None
         self._resume_value = None
@@ -568,8 +580,11 @@ class Task:
             self._schedule(yielded)
 
     def _end(self, exc):
-        """The task is over: record how, tell monitors and waiters."""
-        self._done = True
+        """The task is over: record how, tell monitors and waiters.  It counts as
+        done only once that is recorded (its finally blocks have run by then)."""
+        if self._done or self._ending:
+            return
+        self._ending = True
         for gen in reversed(self._stack):
             try:
                 gen.close()
@@ -586,9 +601,10 @@ class Task:
             text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
             self._exception = (type(exc), text, exc)
             status = MonitorStatus(self, type(exc), text)
-            if not self._monitors:
+            if not self._monitors and not self._finish_waiters:
                 logger.warning('task %s failed:\n%s', self, text.rstrip())
         self._end_status = status
+        self._done = True
         for monitor in self._monitors:
             monitor.send(status)
         self._monitors = []
@@ -596,7 +612,7 @@ class Task:
             if callable(waiter):
                 waiter(self)
             else:
-                waiter._wake(self._result())
+                waiter[0]._wake_wait(waiter[1], self._result())
         self._finish_waiters = []
         if self._done_event is not None:
             self._done_event.set()
@@ -622,6 +638,7 @@ class Task:
                                % (what, self))
 
     def _suspend(self, kind, timeout, alarm):
+        self._wait_id = next(_wait_ids)
         self._waiting = kind
         self._wait_alarm = alarm
         if timeout is not None:
@@ -631,6 +648,13 @@ class Task:
         if self._waiting == kind:
             self._wait_timer = None
             self._wake(self._wait_alarm)
+
+    def _wake_wait(self, wait_id, value=None, exc=None):
+        """Wakes the task if it is still in the wait ``wait_id``; True if so."""
+        if self._waiting == _WAIT_OTHER and self._wait_id == wait_id and not self._done:
+            self._wake(value, exc)
+            return True
+        return False
 
     def _cancel_wait(self):
         self._waiting = None
@@ -651,9 +675,10 @@ class Task:
         self._check_self('receive')
         if self._mailbox:
             return self._mailbox.popleft()
-        if timeout is not None and timeout <= 0:
-            return alarm_value
-        self._suspend(_WAIT_RECEIVE, timeout, alarm_value)
+        # timeout 0 still lets the runner take in what arrived while this task ran
+        # (a long step without yields): messages come before the zero-delay alarm.
+        self._suspend(_WAIT_RECEIVE, None if timeout is None else max(0.0, timeout),
+                      alarm_value)
         return None
 
     recv = receive
@@ -675,9 +700,12 @@ class Task:
     hibernate = suspend
 
     def _wait_for(self, timeout=None, alarm_value=None):
-        """Suspends for a wake from something else (an event, a call's answer)."""
+        """Suspends for a wake from something else (an event, a call's answer);
+        the waker keeps ``(task, wait id)`` and wakes with ``_wake_wait``, so a wait
+        that timed out is never ended by what it no longer waits for."""
         self._check_self('wait')
         self._suspend(_WAIT_OTHER, timeout, alarm_value)
+        return (self, self._wait_id)
 
     def resume(self, update=None):
         """Wakes a task in ``sleep`` or ``suspend`` with ``update``; 0, or -1."""
@@ -741,8 +769,7 @@ class Task:
             raise RuntimeError('a task cannot wait for itself to finish')
         if self._done:
             return self._result()
-        self._finish_waiters.append(current)
-        current._wait_for(timeout)
+        self._finish_waiters.append(current._wait_for(timeout))
         return None
 
     def value(self, timeout=None):
@@ -895,9 +922,8 @@ class Event:
     def _set(self):
         self._flag = True
         waiters, self._waiters = self._waiters, []
-        for task in waiters:
-            if task._waiting == _WAIT_OTHER:
-                task._wake(True)
+        for task, wait_id in waiters:
+            task._wake_wait(wait_id, True)
 
     def clear(self):
         self._flag = False
@@ -906,8 +932,7 @@ class Event:
         if self._flag:
             return True
         task = _waiter('Event.wait')
-        self._waiters.append(task)
-        task._wait_for(timeout, False)
+        self._waiters.append(task._wait_for(timeout, False))
         return None
 
 
@@ -931,8 +956,7 @@ class Lock:
             return True
         if not blocking:
             return False
-        self._waiters.append(task)
-        task._wait_for(timeout, False)
+        self._waiters.append(task._wait_for(timeout, False))
         return None
 
     def release(self):
@@ -945,10 +969,9 @@ class Lock:
             return
         self._owner = None
         while self._waiters:
-            nxt = self._waiters.popleft()
-            if nxt._waiting == _WAIT_OTHER:
+            nxt, wait_id = self._waiters.popleft()
+            if nxt._wake_wait(wait_id, True):
                 self._owner, self._depth = nxt, 1
-                nxt._wake(True)
                 return
 
     def locked(self):
@@ -981,9 +1004,8 @@ class Condition:
         return self._wait(task, timeout)
 
     def _wait(self, task, timeout):
-        entry = [task]
+        entry = task._wait_for(timeout, False)
         self._waiters.append(entry)
-        task._wait_for(timeout, False)
         notified = yield None
         if entry in self._waiters:
             self._waiters.remove(entry)
@@ -992,9 +1014,8 @@ class Condition:
 
     def notify(self, n=1):
         while n > 0 and self._waiters:
-            task = self._waiters.popleft()[0]
-            if task._waiting == _WAIT_OTHER:
-                task._wake(True)
+            task, wait_id = self._waiters.popleft()
+            if task._wake_wait(wait_id, True):
                 n -= 1
 
     def notify_all(self):
@@ -1019,15 +1040,13 @@ class Semaphore:
         if not blocking:
             return False
         task = _waiter('Semaphore.acquire')
-        self._waiters.append(task)
-        task._wait_for(timeout, False)
+        self._waiters.append(task._wait_for(timeout, False))
         return None
 
     def release(self):
         while self._waiters:
-            task = self._waiters.popleft()
-            if task._waiting == _WAIT_OTHER:
-                task._wake(True)
+            task, wait_id = self._waiters.popleft()
+            if task._wake_wait(wait_id, True):
                 return
         self._value += 1
 
@@ -1285,17 +1304,15 @@ class _Peers:
             result = yield from self._serve_local(op, args)
             return result
         token = next(self.tokens)
-        task._call_token = token
+        blob = pickle.dumps(args, BLOB_PROTOCOL)
+        wait = task._wait_for(timeout, TimeoutError('no answer from %s to %s in %s s'
+                                                     % (location, op, timeout)))
 
         def answered(ok, value):
-            if getattr(task, '_call_token', None) == token and task._waiting == _WAIT_OTHER:
-                task._wake(value if ok else _as_exception(value))
+            wait[0]._wake_wait(wait[1], value if ok else _as_exception(value))
         self.calls[token] = (location, answered)
-        self.queue(location, ('C', token, op, pickle.dumps(args, BLOB_PROTOCOL)))
-        task._wait_for(timeout, TimeoutError('no answer from %s to %s in %s s'
-                                              % (location, op, timeout)))
+        self.queue(location, ('C', token, op, blob))
         value = yield None
-        task._call_token = None
         self.calls.pop(token, None)
         return value
 
@@ -1340,17 +1357,14 @@ class _Peers:
         if me is None:
             raise RuntimeError('deliver() is used with yield in a task')
         token = next(self.tokens)
-        me._call_token = token
+        blob = pickle.dumps(message, BLOB_PROTOCOL)
+        wait = me._wait_for(timeout, -1)
 
         def answered(ok, value):
-            if getattr(me, '_call_token', None) == token and me._waiting == _WAIT_OTHER:
-                me._wake(value if ok else 0)
+            wait[0]._wake_wait(wait[1], value if ok else 0)
         self.calls[token] = (task._remote, answered)
-        blob = pickle.dumps(message, BLOB_PROTOCOL)
         self.queue(task._remote, ('TD', task._id, blob, token), len(blob))
-        me._wait_for(timeout, -1)
         value = yield None
-        me._call_token = None
         self.calls.pop(token, None)
         return value
 
@@ -1970,20 +1984,14 @@ def _in_thread(func, *args):
     task = current_task()
     if task is None:
         return func(*args)
-    token = object()
-    task._call_token = token
+    wait = task._wait_for()
 
     def work():
         try:
             box = (func(*args), None)
         except Exception as exc:
             box = (None, exc)
-        task._runner.post(finish, box)
-
-    def finish(box):
-        if getattr(task, '_call_token', None) is token and task._waiting == _WAIT_OTHER:
-            task._wake(box[0], box[1])
-    task._wait_for()
+        task._runner.post(task._wake_wait, wait[1], box[0], box[1])
     threading.Thread(target=work, daemon=True, name='pycos-blocking').start()
     return None
 
@@ -2328,8 +2336,8 @@ class Scheduler:
                 status = MonitorStatus(task, PeerLost, why)
                 self._status(comp, status)
                 waiter = comp.result_waiters.pop((server.location, tid), None)
-                if waiter is not None and waiter._waiting == _WAIT_OTHER:
-                    waiter._wake(_status_value(status))
+                if waiter is not None:
+                    waiter[0]._wake_wait(waiter[1], _status_value(status))
         server.tasks.clear()
         server.cpu_tasks = 0
         self.servers.pop(server.location, None)
@@ -2386,8 +2394,8 @@ class Scheduler:
                 return TaskError('computation %s closed' % comp.id)
             if where is not None and not self._may_serve(comp, where):
                 return TaskError('no server of this computation at %s' % (where,))
-            comp.waiting_runs.append((me, where, mode))
-            yield me._wait_for()
+            comp.waiting_runs.append((me._wait_for(), where, mode))
+            yield None
         cpu = mode == 'cpu'
         if cpu:
             server.cpu_tasks += 1
@@ -2405,8 +2413,8 @@ class Scheduler:
             self._status(comp, TaskCreated, TaskInfo(task, (), {}, time.time()))
             if not wait:
                 return task
-            comp.result_waiters[key] = me
-            return (yield me._wait_for())
+            comp.result_waiters[key] = me._wait_for()
+            return (yield None)
         self._status(comp, TaskCreated, TaskInfo(task, (), {}, time.time()))
         self._status(comp, ended)
         return _status_value(ended) if wait else task
@@ -2437,8 +2445,8 @@ class Scheduler:
         """Wakes runs waiting for a server, as many as there are free servers."""
         waiting = comp.waiting_runs
         for _ in range(len(waiting)):
-            task, where, mode = waiting[0]
-            if task._done or task._waiting != _WAIT_OTHER:
+            (task, wait_id), where, mode = waiting[0]
+            if task._done or task._waiting != _WAIT_OTHER or task._wait_id != wait_id:
                 waiting.popleft()
                 continue
             if self._pick_server(comp, where, mode) is None:
@@ -2447,7 +2455,7 @@ class Scheduler:
                 waiting.rotate(-1)
                 continue
             waiting.popleft()
-            task._wake(None)
+            task._wake_wait(wait_id)
 
     def _op_task_done(self, caller, comp_id, task, cpu, status):
         """A server says one of its tasks ended (``status``: its MonitorStatus)."""
@@ -2464,8 +2472,8 @@ class Scheduler:
         else:
             self._status(comp, status)
             waiter = comp.result_waiters.pop(key, None)
-            if waiter is not None and waiter._waiting == _WAIT_OTHER:
-                waiter._wake(_status_value(status))
+            if waiter is not None:
+                waiter[0]._wake_wait(waiter[1], _status_value(status))
         self._dispatch(comp)
         return None
 
@@ -2518,9 +2526,8 @@ class Scheduler:
                     break
                 yield current_task().sleep(0.05)
         comp.closed = True
-        for waiter, _where, _mode in comp.waiting_runs:
-            if waiter._waiting == _WAIT_OTHER:
-                waiter._wake(None)
+        for (waiter, wait_id), _where, _mode in comp.waiting_runs:
+            waiter._wake_wait(wait_id)
         comp.waiting_runs.clear()
         nodes = [n for n in self.nodes.values() if n.computation == comp.id]
         for node in nodes:

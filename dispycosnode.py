@@ -240,6 +240,8 @@ class _ServerProcess:
             raise RuntimeError('server %d did not start (exit status %s)' % (self.index, code))
         self.location = Location(self.node.location.addr, int(line[1]))
         self.ready.set()
+        threading.Thread(target=_relay_output, args=(self.proc.stdout,), daemon=True,
+                         name='dispycos-output-%d' % self.index).start()
         threading.Thread(target=self._watch, daemon=True,
                          name='dispycos-server-%d' % self.index).start()
 
@@ -269,6 +271,19 @@ class _ServerProcess:
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait(5)
+
+
+def _relay_output(pipe):
+    """What a server's tasks print reaches the node's stdout (its stderr is the
+    node's already)."""
+    out = getattr(sys.stdout, 'buffer', None)
+    for line in iter(pipe.readline, b''):
+        if out is not None:
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):
+                return
 
 
 class Node:
