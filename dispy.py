@@ -2656,6 +2656,13 @@ class LoopConnection(_ConnectionBase):
             self._loop.call_soon(self._flush)
         return True
 
+    def send_alone(self, msg):
+        """Queues ``msg`` and writes its frame now, so no later message shares it
+        (the first message a Listener reads must come alone); on the loop thread."""
+        with self._lock:
+            self._outbox.append((msg, message_bulk(msg)))
+        self._flush()
+
     def _schedule_flush(self):
         with self._lock:
             if self._flush_due == 'soon':

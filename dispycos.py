@@ -1470,10 +1470,11 @@ class _Peers:
             link = _PeerLink(self, location)
             conn = dispy.LoopConnection(channel, link, 'peer %s' % location, self.loop,
                                         self.threads, extra)
-            conn.send(dispy.Msg.CLIENT({'location': list(self.location.key()),
-                                        'name': self.name, 'pulse_interval': PULSE_INTERVAL,
-                                        'id': self.pycos.instance_id}))
-            conn.start()
+            conn.start()        # on the loop thread: registered at once
+            conn.send_alone(dispy.Msg.CLIENT({'location': list(self.location.key()),
+                                              'name': self.name,
+                                              'pulse_interval': PULSE_INTERVAL,
+                                              'id': self.pycos.instance_id}))
             self.runner.inbox.put((self._connected, (location, conn, None)))
 
         def failed(exc):
@@ -2480,6 +2481,11 @@ class Scheduler:
     def _status(self, comp, status, info=None):
         target = comp.status_task
         if target is None:
+            if isinstance(status, MonitorStatus) and status.type not in (StopIteration,
+                                                                          GeneratorExit):
+                text = str(status.value or '').strip()
+                logger.warning('remote task %s failed: %s', status.info,
+                               text.splitlines()[-1] if text else status.type)
             return
         try:
             target.send(status if info is None else DispycosStatus(status, info))

@@ -129,6 +129,8 @@ class ServerRuntime:
         self.tasks.pop(task._id, None)
         self.done += 1
         status = _portable_status(task._end_status)
+        if status.type not in (StopIteration, GeneratorExit):
+            logger.info('task %s failed:\n%s', task, str(status.value).rstrip())
         if self.scheduler is not None:
             self.pycos.peers.notify(self.scheduler, 'sched.task_done',
                                     (self.comp, task, cpu, status))
