@@ -433,6 +433,25 @@ class Task:
     _registry = {}          # name -> local task (``register``)
 
     def __init__(self, target, *args, **kwargs):
+        self._prepare(target, kwargs)
+        self._runner.call(self._start, args, kwargs)
+
+    @classmethod
+    def _held(cls, target, args, kwargs):
+        """A task made but not started: ``release()`` starts it (a server's
+        CPU-bound task queued behind the one running)."""
+        task = cls.__new__(cls)
+        task._prepare(target, kwargs)
+        task._held_call = (args, kwargs)
+        return task
+
+    def _release_held(self):
+        args, kwargs = self._held_call
+        del self._held_call
+        if not self._done:
+            self._runner.call(self._start, args, kwargs)
+
+    def _prepare(self, target, kwargs):
         self._runner = _the_runner()
         self._remote = None             # Location of a remote task's process
         self._id = next(Task._ids)
@@ -462,7 +481,6 @@ class Task:
             kwargs['task'] = self
         Pycos.instance()
         self._runner.task_started(self)
-        self._runner.call(self._start, args, kwargs)
 
     @classmethod
     def _reference(cls, location, tid, name):
@@ -1496,7 +1514,10 @@ class _Peers:
 
     def _dial_failed(self, location, exc):
         waiting = self.dialing.pop(location, None) or []
-        logger.debug('could not reach %s: %s', location, exc)
+        if isinstance(exc, dispy.ProtocolError):     # a wrong secret, TLS on one side
+            logger.warning('could not connect to %s: %s', location, exc)
+        else:
+            logger.debug('could not reach %s: %s', location, exc)
         self._fail_calls(location, PeerLost('%s could not be reached: %s' % (location, exc)))
         if waiting:
             logger.warning('%d message(s) for %s dropped: it could not be reached (%s)',
@@ -2146,6 +2167,10 @@ STATUS_NAMES = ('NodeDiscovered', 'NodeInitialized', 'NodeClosed', 'NodeIgnore',
                 'ComputationClosed', 'ClientScheduled', 'ClientClosed', 'AbandonZombie')
 
 
+PREFETCH_BELOW = 0.02   # s: CPU-bound tasks shorter than this may queue on a server
+PREFETCH_DEPTH = 2      # ... at most one running and one waiting there
+
+
 class _ServerState:
     __slots__ = ('location', 'node', 'cpu_tasks', 'tasks', 'ready', 'closed')
 
@@ -2180,6 +2205,17 @@ class _ComputationState:
         self.servers_ready = Event()        # at least one server is ready
         self.result_waiters = {}            # (server, task id) -> task in run_result
         self.ended_early = {}               # (server, task id) -> MonitorStatus
+        self.mean_duration = None           # of CPU-bound tasks (moving average), s
+        self.durations = 0
+
+    def note_duration(self, seconds):
+        self.durations += 1
+        mean = self.mean_duration
+        self.mean_duration = seconds if mean is None else 0.8 * mean + 0.2 * seconds
+
+    def short_tasks(self):
+        """True once this computation's CPU-bound tasks are known to be short."""
+        return self.durations >= 3 and self.mean_duration < PREFETCH_BELOW
 
 
 class Scheduler:
@@ -2332,7 +2368,7 @@ class Scheduler:
         server.closed = True
         server.ready = False
         comp = self._active()
-        for tid, (task, _cpu) in list(server.tasks.items()):
+        for tid, (task, _cpu, _since) in list(server.tasks.items()):
             if comp is not None:
                 status = MonitorStatus(task, PeerLost, why)
                 self._status(comp, status)
@@ -2410,7 +2446,7 @@ class Scheduler:
         key = (server.location, task._id)
         ended = comp.ended_early.pop(key, None)
         if ended is None:
-            server.tasks[task._id] = (task, cpu)
+            server.tasks[task._id] = (task, cpu, time.monotonic())
             self._status(comp, TaskCreated, TaskInfo(task, (), {}, time.time()))
             if not wait:
                 return task
@@ -2437,7 +2473,13 @@ class Scheduler:
                 addr = dispy.resolve_host(str(where)) or str(where)
                 candidates = [s for s in candidates if s.node.location.addr == addr]
         if mode == 'cpu':
-            candidates = [s for s in candidates if s.cpu_tasks == 0]
+            free = [s for s in candidates if s.cpu_tasks == 0]
+            if not free and comp.short_tasks():
+                # Short tasks: one more may wait on a busy server, started there when
+                # the one running ends; the round trip in between would otherwise
+                # bound the rate (a long task never has one queued behind it).
+                free = [s for s in candidates if s.cpu_tasks < PREFETCH_DEPTH]
+            candidates = free
         if not candidates:
             return None
         return min(candidates, key=lambda s: (s.cpu_tasks, len(s.tasks)))
@@ -2464,12 +2506,17 @@ class Scheduler:
         server = self.servers.get(caller)
         if server is not None and cpu and server.cpu_tasks > 0:
             server.cpu_tasks -= 1
-        known = server is not None and server.tasks.pop(task._id, None) is not None
+        entry = server.tasks.pop(task._id, None) if server is not None else None
+        known = entry is not None
+        if known and cpu and comp is not None:
+            comp.note_duration(time.monotonic() - entry[2])
         if comp is None:
             return None
         key = (caller, task._id)
         if not known and server is not None:
             comp.ended_early[key] = status      # its creation's answer is yet to come
+            if cpu:
+                comp.note_duration(0.0)         # it ended before that answer: short
         else:
             self._status(comp, status)
             waiter = comp.result_waiters.pop(key, None)
@@ -2527,7 +2574,7 @@ class Scheduler:
         if not terminate:
             for _ in itertools.count():      # until the CPU-bound tasks are done
                 busy = [s for s in self.servers.values() if s.node.computation == comp.id
-                        and any(cpu for _t, cpu in s.tasks.values())]
+                        and any(entry[1] for entry in s.tasks.values())]
                 if not busy or (deadline is not None and time.monotonic() > deadline):
                     break
                 yield current_task().sleep(0.05)

@@ -31,6 +31,7 @@ thread per server process; the stdin command reader (unless ``--daemon``).
 """
 
 import argparse
+import collections
 import json
 import os
 import pickle
@@ -67,6 +68,8 @@ class ServerRuntime:
         self.scheduler = None       # Location of its scheduler
         self.namespace = None       # its __main__ module
         self.tasks = {}             # task id -> Task of the computation
+        self.cpu_running = None     # the CPU-bound task running (one at a time)
+        self.cpu_waiting = collections.deque()     # CPU-bound tasks made, not started
         self.done = 0
         self._saved_main = sys.modules.get('__main__')
         self._saved_path = list(sys.path)
@@ -120,12 +123,25 @@ class ServerRuntime:
         if target is None:
             raise TaskError('%s is not defined at %s' % (name, self.pycos.location))
         args, kwargs = pickle.loads(blob)
-        task = Task(target, *args, **kwargs)
+        if cpu and self.cpu_running is not None:
+            task = Task._held(target, args, kwargs)     # after the one running
+            self.cpu_waiting.append(task)
+        else:
+            task = Task(target, *args, **kwargs)
+            if cpu:
+                self.cpu_running = task
         self.tasks[task._id] = task
         task._finish_waiters.append(lambda t: self._ended(t, cpu))
         return task
 
     def _ended(self, task, cpu):
+        if task is self.cpu_running:
+            self.cpu_running = None
+            while self.cpu_waiting and self.cpu_running is None:
+                nxt = self.cpu_waiting.popleft()
+                if not nxt._done:
+                    self.cpu_running = nxt
+                    nxt._release_held()
         self.tasks.pop(task._id, None)
         self.done += 1
         status = _portable_status(task._end_status)
@@ -144,9 +160,11 @@ class ServerRuntime:
     def _close_now(self):
         """Ends the computation here: its tasks terminated (each reported), its
         names gone, the folder emptied, ``__main__`` and sys.path as they were."""
+        self.cpu_waiting.clear()
         for task in list(self.tasks.values()):
             task._terminate()
         self.tasks.clear()
+        self.cpu_running = None
         if self.namespace is not None:
             self.namespace.__dict__.clear()
         self.namespace = self.comp = self.scheduler = None
@@ -331,7 +349,7 @@ class Node:
         self.discovery = _NodeDiscovery(self, config)
 
     def _prepare_dir(self, clean):
-        if os.path.isdir(self.dir) and os.listdir(self.dir):
+        if any(files for _dir, _dirs, files in os.walk(self.dir)):
             if not clean:
                 logger.info('%s holds files of an earlier run; --clean removes them', self.dir)
             else:

@@ -11,8 +11,8 @@ servers and times, in order:
     seq_run_result  ``yield computation.run_result(trivial)``, one after the other
     run_results     100 trivial tasks through ``run_results`` (CPU-bound tasks: one at
                     a time per server, so bound by the round trip), tasks/s
-    pipelined       100 trivial tasks created back to back (``run_async``), then their
-                    values (``rtask.finish()``), tasks/s
+    pipelined       100 trivial tasks in flight at once: 100 client tasks, each
+                    ``run_async`` then ``rtask.finish()``, tasks/s
     round_trip      a client task ↔ remote task message exchange (send, receive)
     one_way         ``rtask.send(i)`` in a loop, until the remote task counted all
 
@@ -116,13 +116,14 @@ def client_main(node_port, quick):
         values = yield computation.run_results(trivial, list(range(100)))
         out['run_results'] = 100 / (time.perf_counter() - start)
         assert values == list(range(100)), values
+        def one(i, task=None):
+            rtask = yield computation.run_async(trivial, i)
+            return (yield rtask.finish())
         start = time.perf_counter()
-        rtasks = []
-        for i in range(100):
-            rtasks.append((yield computation.run_async(trivial, i)))
+        waiters = [pycos.Task(one, i) for i in range(100)]
         values = []
-        for rtask in rtasks:
-            values.append((yield rtask.finish()))
+        for waiter in waiters:
+            values.append((yield waiter.finish()))
         out['pipelined'] = 100 / (time.perf_counter() - start)
         assert values == list(range(100)), values
         rtask = yield computation.run_async(echo)
