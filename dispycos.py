@@ -826,6 +826,7 @@ class Task:
         if self._done:
             return
         self._terminated = True
+        self._value = None              # a terminated task has no value
         self._end(GeneratorExit('terminated'))
 
     def throw(self, *args):
@@ -2731,6 +2732,10 @@ class Computation:
         self.id = uuid.uuid4().hex
         self._components = {}       # name -> the object, for run's function references
         sources, files = [], []
+        if node_setup is not None or disable_nodes:
+            raise NotImplementedError('node_setup and disable_nodes (setup in each node\'s '
+                                      'process) are not available in this release yet; '
+                                      'server_setup with disable_servers is')
         for setup, what in ((node_setup, 'node_setup'), (server_setup, 'server_setup')):
             if setup is not None and not inspect.isgeneratorfunction(setup):
                 raise ValueError('%s must be a generator function, not %r' % (what, setup))
