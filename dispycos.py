@@ -29,7 +29,7 @@ Threads of a process::
 Why one runner thread and not a thread per task: a task waiting in ``receive()`` is a
 suspended generator (a few hundred bytes) rather than a thread (its stack, a kernel
 task), and switching tasks is a function call rather than two thread wake-ups;
-``bench/bench.py`` W9 measures both (tasks per second, memory of 10,000 tasks
+``bench/runtime_designs.py`` (W9) measures both (tasks per second, memory of 10,000 tasks
 waiting in ``receive()``) against a thread-per-task runtime built for the comparison.
 
 The path of a remote task (``rtask = yield computation.run(compute, n)``)::
@@ -2982,40 +2982,48 @@ if __name__ != '__main__':
 # The scheduler program: python dispycos.py (shared by many clients)
 # ================================================================================
 
+def add_common_options(add, what):
+    """The options dispycos.py and dispycosnode.py share (seed 003 §6.2, §6.3.2, in
+    both their spellings); ``add`` is a parser's add_argument."""
+    add('-i', '--ip_addr', '--host', dest='ip_addr', action='append', default=[],
+        help='address to serve on (repeatable; the first is used)')
+    add('--ext_ip_addr', '--ext_host', dest='ext_ip_addr', action='append', default=[],
+        help='address announced instead (NAT, cloud)')
+    add('-n', '--name', default=None, help='name of this %s (default: host name)' % what)
+    add('--dest_path', default=None, help='folder for files')
+    add('--max_file_size', type=dispy.parse_size, default=0,
+        help='largest file a peer may send (0: no limit; k/m/g suffixes)')
+    add('-s', '--secret', default='', help='secret shared with clients, schedulers, nodes')
+    add('--secret_file', default=None, help='read the secret from this file')
+    add('--certfile', default=None, help='TLS certificate (with key, or --keyfile)')
+    add('--keyfile', default=None, help='TLS key')
+    add('--msg_timeout', type=float, default=MsgTimeout,
+        help='seconds to wait for a peer\'s answer')
+    add('--ping_interval', type=float, default=None, help='seconds between pings')
+    add('--ipv4_udp_multicast', action='store_true',
+        help='accepted for pycos 4.12 scripts; IPv4 discovery uses broadcast')
+    add('--clean', action='store_true', help='remove files of an earlier run')
+    add('--daemon', action='store_true', help='do not read commands from stdin')
+    add('-d', '--debug', action='store_true', help='debug messages')
+    dispy.add_config_options(add)
+
+
 def build_parser():
     parser = dispy.ProgramArgumentParser(
         prog='dispycos.py', description='Run the shared dispycos scheduler: clients\' '
         'computations one at a time, in the order they are scheduled.')
     add = parser.add_argument
-    add('-i', '--ip_addr', '--host', dest='ip_addr', action='append', default=[],
-        help='address to serve on (repeatable; the first is used)')
-    add('--ext_ip_addr', '--ext_host', dest='ext_ip_addr', action='append', default=[],
-        help='address announced instead (NAT)')
+    add_common_options(add, 'scheduler')
     add('-u', '--udp_port', type=int, default=SCHEDULER_PORT,
         help='UDP port for node announcements (default %(default)s)')
     add('-t', '--tcp_port', '--scheduler_port', dest='tcp_port', type=int,
         default=SCHEDULER_PORT, help='TCP port clients and nodes reach (default %(default)s)')
-    add('-n', '--name', default=None, help='name (default: host name)')
     add('--node', action='append', default=[],
         help='a node beyond the local network: host or host:port (repeatable)')
     add('--relay_nodes', action='store_true', help='accepted for pycos 4.12 scripts')
-    add('--dest_path', default=None, help='folder for files')
-    add('--max_file_size', type=dispy.parse_size, default=0, help='largest file accepted')
-    add('-s', '--secret', default='', help='secret shared with clients and nodes')
-    add('--secret_file', default=None, help='read the secret from this file')
-    add('--certfile', default=None, help='TLS certificate')
-    add('--keyfile', default=None, help='TLS key')
     add('--zombie_period', type=float, default=10 * MaxPulseInterval,
         help='seconds a computation may stay idle before it is closed (0: never)')
     add('--pulse_interval', type=float, default=None, help='accepted for pycos 4.12 scripts')
-    add('--ping_interval', type=float, default=None, help='seconds between pings of nodes')
-    add('--msg_timeout', type=float, default=MsgTimeout, help='seconds to wait for answers')
-    add('--ipv4_udp_multicast', action='store_true',
-        help='accepted for pycos 4.12 scripts; IPv4 discovery uses broadcast')
-    add('--clean', action='store_true', help='accepted for pycos 4.12 scripts')
-    add('--daemon', action='store_true', help='do not read commands from stdin')
-    add('-d', '--debug', action='store_true', help='debug messages')
-    dispy.add_config_options(add)
     return parser
 
 

@@ -563,48 +563,28 @@ def build_parser():
     parser = dispy.ProgramArgumentParser(
         prog='dispycosnode.py', description='Run dispycos servers on this node.')
     add = parser.add_argument
+    dispycos.add_common_options(add, 'node')
     add('-c', '--cpus', type=int, default=0,
         help='servers to run: 0 one per CPU, negative leaves that many CPUs free')
-    add('-i', '--ip_addr', '--host', dest='ip_addr', action='append', default=[],
-        help='address to serve on (repeatable; the first is used)')
-    add('--ext_ip_addr', '--ext_host', dest='ext_ip_addr', action='append', default=[],
-        help='address announced instead (NAT, cloud)')
     add('-u', '--udp_port', type=int, default=dispycos.NODE_PORT,
         help='the node\'s port, TCP and UDP (default %(default)s)')
     add('--tcp_ports', '--node_ports', dest='tcp_ports', action='append', default=[],
         help='ports of the servers: n or n1-n2, repeatable (default: after the node\'s)')
     add('--scheduler_port', type=int, default=dispycos.SCHEDULER_PORT,
         help='UDP port schedulers hear announcements on (default %(default)s)')
-    add('-n', '--name', default=None, help='name of this node (default: host name)')
-    add('--dest_path', default=None, help='folder for computations\' files')
-    add('--max_file_size', type=dispy.parse_size, default=0,
-        help='largest file a client may send (0: no limit; k/m/g suffixes)')
-    add('-s', '--secret', default='', help='secret shared with clients and schedulers')
-    add('--secret_file', default=None, help='read the secret from this file')
-    add('--certfile', default=None, help='TLS certificate (with key, or --keyfile)')
-    add('--keyfile', default=None, help='TLS key')
     add('--min_pulse_interval', type=float, default=dispycos.MinPulseInterval,
         help='smallest pulse_interval a computation may ask for')
     add('--max_pulse_interval', type=float, default=dispycos.MaxPulseInterval,
         help='largest pulse_interval a computation may ask for')
     add('--zombie_period', type=float, default=None,
-        help='seconds a computation may stay idle before it is closed')
+        help='seconds a computation may stay idle before it is closed (dispycos part 2)')
     add('--serve', type=int, default=-1, help='quit after serving this many computations')
     add('--service_start', default=None, help='HH:MM: start serving (dispycos part 2)')
-    add('--service_stop', default=None, help='HH:MM: stop taking computations')
-    add('--service_end', default=None, help='HH:MM: end running computations')
+    add('--service_stop', default=None, help='HH:MM: stop taking computations (part 2)')
+    add('--service_end', default=None, help='HH:MM: end running computations (part 2)')
     add('--peer', action='append', default=[],
         help='host:port of a scheduler to make this node known to (repeatable)')
-    add('--clean', action='store_true', help='remove files of an earlier run')
-    add('--daemon', action='store_true', help='do not read commands from stdin')
-    add('--msg_timeout', type=float, default=dispycos.MsgTimeout,
-        help='seconds to wait for a peer\'s answer')
-    add('--ping_interval', type=float, default=None, help='seconds between announcements')
-    add('--ipv4_udp_multicast', action='store_true',
-        help='accepted for pycos 4.12 scripts; IPv4 discovery uses broadcast')
     add('--discover_peers', action='store_true', help='accepted for pycos 4.12 scripts')
-    add('-d', '--debug', action='store_true', help='debug messages')
-    dispy.add_config_options(add)
     return parser
 
 

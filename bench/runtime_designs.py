@@ -84,11 +84,9 @@ class _Finish:
 
 
 def _accepts_task(func):
-    try:
-        params = inspect.signature(func).parameters
-    except (TypeError, ValueError):
-        return False
-    return 'task' in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    """The same rule as dispycos's runner (``task=`` is passed when taken)."""
+    import dispycos
+    return dispycos._accepts_task(func)
 
 
 class BatonTask:
