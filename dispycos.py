@@ -1243,8 +1243,12 @@ class _Peers:
         self.secret = secret or ''
         self.name = pycos.name
         self.max_frame = dispy.DEFAULT_MAX_FRAME
-        self.ssl_context = dispy.make_ssl_context(True, certfile, keyfile)
-        self.dial_context = dispy.make_ssl_context(False, certfile, keyfile)
+        try:
+            self.ssl_context = dispy.make_ssl_context(True, certfile, keyfile)
+            self.dial_context = dispy.make_ssl_context(False, certfile, keyfile)
+        except (OSError, ValueError) as exc:
+            raise ValueError('cannot load the TLS certificate %s (key %s): %s'
+                             % (certfile, keyfile or 'in it', exc)) from None
         self.loop = dispy.IOLoop('pycos-io')
         self.threads = dispy.WorkerThreads(4, 'pycos-worker')
         self.admission = dispy.HandshakeAdmission(128, 32)
@@ -2408,11 +2412,23 @@ class Scheduler:
     def _activate(self, comp):
         logger.debug('computation %s scheduled', comp.id)
         comp.active.set()
+        self.pycos._runner.call_later(dispy.NO_NODE_WARN_AFTER, self._warn_no_server, comp,
+                                      dispy.NO_NODE_WARN_AFTER)
         self._status(comp, ComputationScheduled, self.location)
         for node in list(self.nodes.values()):
             if node.computation is None:
                 self._reserve(comp, node)
         self.discovery.ping()
+
+    def _warn_no_server(self, comp, after):
+        """Says so while a computation has no server (doubling the interval)."""
+        if comp.closed or comp.servers_ready.is_set():
+            return
+        logger.warning('no dispycos server for the computation after %.0f s (%d node(s) '
+                       'known): is dispycosnode running there, with the same secret and '
+                       'TLS settings, and reachable (DISPYCOS_PEERS, --peer)?',
+                       after, len(self.nodes))
+        self.pycos._runner.call_later(after, self._warn_no_server, comp, 2 * after)
 
     def _op_run(self, caller, comp_id, where, mode, func, args_blob, wait):
         comp = self.by_id.get(comp_id)
@@ -3042,7 +3058,7 @@ def main(argv=None):
               certfile=config.certfile, keyfile=config.keyfile, dest_path=config.dest_path,
               max_file_size=config.max_file_size)
         scheduler = Scheduler(nodes=config.node, zombie_period=config.zombie_period or None)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print('dispycos: %s' % exc, file=sys.stderr)
         return 1
     print('dispycos scheduler at %s' % scheduler.location, flush=True)

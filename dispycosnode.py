@@ -293,6 +293,10 @@ class _ServerProcess:
             proc.wait(5)
 
 
+def _absolute(path):
+    return os.path.abspath(path) if path else path
+
+
 def _relay_output(pipe):
     """What a server's tasks print reaches the node's stdout (its stderr is the
     node's already)."""
@@ -333,7 +337,7 @@ class Node:
         self._prepare_dir(config.clean)
         self.server_config = {
             'addr': addr, 'ext_addr': ext, 'name': self.name, 'secret': config.secret,
-            'certfile': config.certfile, 'keyfile': config.keyfile,
+            'certfile': _absolute(config.certfile), 'keyfile': _absolute(config.keyfile),
             'dest_path': self.pycos.dest_path, 'node_dir': self.dir,
             'max_file_size': self.pycos.max_file_size, 'debug': config.debug}
         ports = server_ports(config.tcp_ports, server_count(config.cpus),
@@ -623,7 +627,7 @@ def main(argv=None):
         dispy.exit_usage('dispycosnode', '--tcp_ports: %s' % exc)
     try:
         node = Node(config)
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, ValueError) as exc:
         print('dispycosnode: %s' % exc, file=sys.stderr)
         return 1
     node.done = threading.Event()
