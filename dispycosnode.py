@@ -131,7 +131,7 @@ class ServerRuntime:
             if cpu:
                 self.cpu_running = task
         self.tasks[task._id] = task
-        task._finish_waiters.append(lambda t: self._ended(t, cpu))
+        task._add_finish_waiter(lambda t: self._ended(t, cpu))
         return task
 
     def _ended(self, task, cpu):
