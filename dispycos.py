@@ -2326,7 +2326,11 @@ class Scheduler:
 
     def _reserved(self, comp, node, ok, value):
         if not ok or not isinstance(value, list):
-            logger.warning('node %s not used: %s', node.location, value)
+            if 'serves another computation' in str(value):
+                logger.info('node %s is busy with another computation; it will make '
+                            'itself known when free', node.location)
+            else:
+                logger.warning('node %s not used: %s', node.location, value)
             node.computation = None
             return
         if comp.closed:

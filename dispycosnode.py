@@ -320,6 +320,7 @@ class Node:
         self.served = 0
         self.comp = None            # (computation id, scheduler Location)
         self.comp_files = []
+        self.waiting = set()        # schedulers refused while busy
         self.idle_since = time.monotonic()
         addr = config.ip_addr[0] if config.ip_addr else dispycos.default_address()
         addr = dispy.resolve_or_exit(addr, 'dispycosnode')
@@ -375,6 +376,7 @@ class Node:
         if not self.accepting:
             raise TaskError('node %s is not accepting computations' % self.location)
         if self.comp is not None and self.comp[0] != comp_id:
+            self.waiting.add(scheduler)         # told when this node is free again
             raise TaskError('node %s serves another computation' % self.location)
         receiver = dispy.FileReceiver(self.dir, self.pycos.max_file_size)
         for name, data, mode in files:
@@ -411,6 +413,9 @@ class Node:
             threading.Thread(target=self.shutdown, daemon=True).start()
         elif self.accepting:
             self.discovery.announce()
+            waiting, self.waiting = self.waiting, set()
+            for location in waiting:
+                self.discovery.tell(location)
 
     def _op_status(self, caller):
         return self.info()
@@ -489,9 +494,10 @@ class _NodeDiscovery:
                 location = Location(str(msg['scheduler'][0]), int(msg['scheduler'][1]))
             except (ValueError, IndexError, TypeError):
                 return
-            self.node.pycos._runner.post(self._tell, location)
+            self.node.pycos._runner.post(self.tell, location)
 
-    def _tell(self, location):
+    def tell(self, location):
+        """Makes this node known to the scheduler at ``location`` (runner thread)."""
         if self.node.accepting:
             self.node.pycos.peers.call_back(location, 'sched.node_here', (self.node.info(),),
                                             lambda ok, value: None)
@@ -503,7 +509,7 @@ class _NodeDiscovery:
         if not dispy.is_loopback(addr):
             self.endpoint.broadcast(data, self.scheduler_port, [addr])
         for location in self.peers:
-            self.node.pycos._runner.post(self._tell, location)
+            self.node.pycos._runner.post(self.tell, location)
 
     def close(self):
         dispycos.unwatch_endpoint(self.loop, self.endpoint)
