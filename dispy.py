@@ -6574,6 +6574,21 @@ class ServiceWindow:
         return '%02d:%02d' % (start // 60, start % 60)
 
 
+def check_service_window(config, program):
+    """A service window that would never serve, or never end, is a mistake."""
+    start = config.service_start if config.service_start is not None else 0
+    stop = config.service_stop if config.service_stop is not None else config.service_end
+    if stop is None:
+        return
+    if stop == start:
+        exit_usage(program, 'the service window is empty: it stops when it '
+                   'starts (%02d:%02d)' % (start // 60, start % 60))
+    if (config.service_end is not None and config.service_stop is not None
+            and ServiceWindow._within(config.service_end, start, stop)):
+        exit_usage(program, '--service_end comes before --service_stop: give an '
+                   'end at or after the stop')
+
+
 def finish_program_config(config, program):
     """The options every program has, in the form the code uses: addresses resolved,
     --zombie_interval in seconds, --max_frame_size as ``max_frame``, an absolute

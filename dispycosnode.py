@@ -233,6 +233,9 @@ def server_main():
 # The node process
 # ================================================================================
 
+WINDOW_CHECK = 5.0      # seconds between looks at the service window
+
+
 class _ServerProcess:
     """A server child process and its watcher thread (which restarts it)."""
 
@@ -351,7 +354,32 @@ class Node:
             self.pycos.add_service('node.' + op, getattr(self, '_op_' + op))
         self.pycos.peers.lost_hooks.append(
             lambda loc: self.pycos._runner.post(self._peer_lost, loc))
+        self.window = dispy.ServiceWindow(
+            config.service_start, config.service_stop, config.service_end,
+            float(os.environ.get('DISPY_NODE_CLOCK_OFFSET', 0)))
+        self.in_window = self.window.state() == dispy.ServiceWindow.SERVING
         self.discovery = _NodeDiscovery(self, config)
+        if not self.window.always:
+            self.pycos._runner.call_later(WINDOW_CHECK, self._check_window)
+
+    def _check_window(self):
+        """The service window's turns (runner thread, every WINDOW_CHECK s): serving
+        again is announced; stopped takes no new computation; out closes the current
+        one."""
+        state = self.window.state()
+        serving = state == dispy.ServiceWindow.SERVING
+        if serving and not self.in_window:
+            logger.info('service window open: serving')
+            self.in_window = True
+            self.discovery.announce()
+        elif not serving and self.in_window:
+            logger.info('service window %s: no new computation', state)
+            self.in_window = False
+        if state == dispy.ServiceWindow.OUT and self.comp is not None:
+            logger.info('service window ended: closing computation %s', self.comp[0][:8])
+            self._release(close_servers=True)
+        if not self.quitting:
+            self.pycos._runner.call_later(WINDOW_CHECK, self._check_window)
 
     def _prepare_dir(self, clean):
         if any(files for _dir, _dirs, files in os.walk(self.dir)):
@@ -373,8 +401,9 @@ class Node:
         return self.info()
 
     def _op_reserve(self, caller, comp_id, scheduler, client, spec, files, cpus):
-        if not self.accepting:
-            raise TaskError('node %s is not accepting computations' % self.location)
+        if not self.accepting or not self.in_window:
+            raise TaskError('node %s is not accepting computations (%s)' % (
+                self.location, 'outside its service window' if self.accepting else 'closing'))
         if self.comp is not None and self.comp[0] != comp_id:
             self.waiting.add(scheduler)         # told when this node is free again
             raise TaskError('node %s serves another computation' % self.location)
@@ -498,7 +527,7 @@ class _NodeDiscovery:
 
     def tell(self, location):
         """Makes this node known to the scheduler at ``location`` (runner thread)."""
-        if self.node.accepting:
+        if self.node.accepting and self.node.in_window:
             self.node.pycos.peers.call_back(location, 'sched.node_here', (self.node.info(),),
                                             lambda ok, value: None)
 
@@ -589,9 +618,12 @@ def build_parser():
     add('--zombie_period', type=float, default=None,
         help='seconds a computation may stay idle before it is closed (dispycos part 2)')
     add('--serve', type=int, default=-1, help='quit after serving this many computations')
-    add('--service_start', default=None, help='HH:MM: start serving (dispycos part 2)')
-    add('--service_stop', default=None, help='HH:MM: stop taking computations (part 2)')
-    add('--service_end', default=None, help='HH:MM: end running computations (part 2)')
+    add('--service_start', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day it starts serving (default: now)')
+    add('--service_stop', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day it takes no new computation (the current one goes on)')
+    add('--service_end', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day the current computation is closed (its tasks killed)')
     add('--peer', action='append', default=[],
         help='host:port of a scheduler to make this node known to (repeatable)')
     add('--discover_peers', action='store_true', help='accepted for pycos 4.12 scripts')
@@ -627,6 +659,7 @@ def main(argv=None):
     if config.debug:
         logger.setLevel(logger.DEBUG)
     dispycos.MsgTimeout = config.msg_timeout
+    dispy.check_service_window(config, 'dispycosnode')
     try:
         server_ports(config.tcp_ports, 1, 1)
     except ValueError as exc:

@@ -2476,23 +2476,8 @@ def configure(argv=None):
         config.cpus = max(1, total + config.cpus)
     config.scheduler_hosts = [dispy.resolve_or_exit(h, 'dispynode')
                               for h in config.scheduler_hosts]
-    _check_window(config)
+    dispy.check_service_window(config, 'dispynode')
     return dispy.finish_program_config(config, 'dispynode')
-
-
-def _check_window(config):
-    """A service window that would never serve, or never end, is a mistake."""
-    start = config.service_start if config.service_start is not None else 0
-    stop = config.service_stop if config.service_stop is not None else config.service_end
-    if stop is None:
-        return
-    if stop == start:
-        dispy.exit_usage('dispynode', 'the service window is empty: it stops when it '
-                         'starts (%02d:%02d)' % (start // 60, start % 60))
-    if (config.service_end is not None and config.service_stop is not None
-            and dispy.ServiceWindow._within(config.service_end, start, stop)):
-        dispy.exit_usage('dispynode', '--service_end comes before --service_stop: give an '
-                         'end at or after the stop')
 
 
 def _host_target():
