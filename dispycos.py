@@ -59,7 +59,6 @@ Task · synchronisation (Event, Lock, Condition, Semaphore) · Channel · peers
 scheduler program.
 """
 
-import argparse
 import atexit
 import collections
 import functools
@@ -69,7 +68,6 @@ import itertools
 import logging
 import os
 import pickle
-import platform
 import queue
 import re
 import selectors
@@ -77,7 +75,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import traceback
@@ -2038,10 +2035,6 @@ def _in_thread(func, *args):
         task._runner.post(task._wake_wait, wait[1], box[0], box[1])
     threading.Thread(target=work, daemon=True, name='pycos-blocking').start()
     return None
-
-
-class _AsyncFileModule(types.ModuleType):
-    pass
 
 
 asyncfile = types.ModuleType('dispycos.asyncfile', 'pycos.asyncfile: AsyncPipe, Popen')

@@ -30,13 +30,11 @@ Threads of the node process: dispycos's runner, I/O loop and listener; a watcher
 thread per server process; the stdin command reader (unless ``--daemon``).
 """
 
-import argparse
 import collections
 import json
 import os
 import pickle
 import platform
-import shutil
 import signal
 import subprocess
 import sys

@@ -43,7 +43,6 @@ Only in-process objects are used (no networking: a task's ``location`` is never 
 import argparse
 import collections
 import gc
-import inspect
 import json
 import os
 import statistics
