@@ -135,6 +135,9 @@ def _make_logger():
 
 
 logger = _make_logger()
+# The shared core (listener, discovery) logs as 'dispy': give it a handler here too,
+# unless the application configured logging or a dispy program did.
+dispy.setup_logging(name='dispycos')
 
 
 # ================================================================================
@@ -400,6 +403,14 @@ def _accepts_task(func):
     return 'task' in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
 
+def _user_frames(exc):
+    """A task's traceback without the runner's own frames."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return tb
+
+
 def _returned_value(exc):
     """The value a generator ended with: ``return x``, or pycos 2-style ``raise
     StopIteration(x)``, which Python 3.7+ turns into RuntimeError (PEP 479)."""
@@ -622,7 +633,7 @@ class Task:
         elif isinstance(exc, GeneratorExit):
             status = MonitorStatus(self, GeneratorExit, 'terminated')
         else:
-            text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            text = ''.join(traceback.format_exception(type(exc), exc, _user_frames(exc)))
             self._exception = (type(exc), text, exc)
             status = MonitorStatus(self, type(exc), text)
             if not self._monitors and not self._finish_waiters:
@@ -2277,7 +2288,21 @@ class Scheduler:
         comp = self._active()
         if comp is not None and node.computation is None:
             self._reserve(comp, node)
+        elif comp is not None and node.computation == comp.id:
+            self._new_servers(comp, node, info.get('servers', ()))
         return 0
+
+    def _new_servers(self, comp, node, servers):
+        """Servers of a node already serving the computation (a restarted one)."""
+        for loc in servers:
+            location = Location(*loc)
+            if location in node.servers or len(node.servers) >= node.allocated:
+                continue
+            server = node.servers[location] = _ServerState(location, node)
+            self.servers[location] = server
+            self._status(comp, ServerDiscovered, location)
+            if not comp.spec.get('disable_servers'):
+                self._load_server(comp, server, ())
 
     def _avail_of(self, node):
         info = node.info
@@ -2652,7 +2677,9 @@ class _SchedulerDiscovery:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         pycos = scheduler.pycos
-        self.endpoint = dispy.DiscoveryEndpoint(pycos.secret, self._on_datagram)
+        self.endpoint = dispy.DiscoveryEndpoint(pycos.secret, self._on_datagram,
+                                                self._on_unauthenticated)
+        self.refused_by = set()
         addr = scheduler.location.addr
         self.bind_addr = pycos._peers.listener.server_address[0]
         self.node_port = int(os.environ.get('DISPYCOS_NODE_PORT', NODE_PORT))
@@ -2685,6 +2712,12 @@ class _SchedulerDiscovery:
         addr = self.scheduler.location.addr
         if not dispy.is_loopback(addr):
             self.endpoint.broadcast(data, port or self.node_port, [addr])
+
+    def _on_unauthenticated(self, msg, addr, sock):
+        if msg.get('t') == 'nak' and addr[0] not in self.refused_by:
+            self.refused_by.add(addr[0])
+            logger.warning('the node at %s refused this scheduler\'s ping: its secret is '
+                           'not this one', addr[0])
 
     def _on_datagram(self, msg, addr, sock):
         if msg.get('t') == 'announce' and isinstance(msg.get('port'), int):
@@ -3063,6 +3096,7 @@ def main(argv=None):
                                       secret_files=(('secret_file', 'secret'),))
     if config.debug:
         logger.setLevel(logging.DEBUG)
+    dispy.logger.setLevel(logging.DEBUG if config.debug else logging.INFO)
     MsgTimeout = config.msg_timeout
     addr = config.ip_addr[0] if config.ip_addr else default_address()
     addr = dispy.resolve_or_exit(addr, 'dispycos')

@@ -32,6 +32,7 @@ thread per server process; the stdin command reader (unless ``--daemon``).
 
 import collections
 import json
+import linecache
 import os
 import pickle
 import platform
@@ -94,7 +95,7 @@ class ServerRuntime:
                 modname = name[:-3] if name.endswith('.py') else name
                 module.__dict__[modname] = __import__(modname)
             for name, source in spec['sources']:
-                exec(compile(source, '<%s>' % name, 'exec'), module.__dict__)
+                _exec_source(name, source, module)
         except Exception as exc:
             self._close_now()
             raise TaskError('loading the computation failed: %s: %s' % (type(exc).__name__, exc))
@@ -116,7 +117,7 @@ class ServerRuntime:
             raise TaskError('computation %s is not loaded at %s' % (comp_id, self.pycos.location))
         name, source = func
         if source is not None:
-            exec(compile(source, '<%s>' % name, 'exec'), self.namespace.__dict__)
+            _exec_source(name, source, self.namespace)
         target = self.namespace.__dict__.get(name)
         if target is None:
             raise TaskError('%s is not defined at %s' % (name, self.pycos.location))
@@ -195,6 +196,14 @@ class ServerRuntime:
                 'tasks': len(self.tasks), 'done': self.done}
 
 
+def _exec_source(name, source, module):
+    """Defines a component in the computation's namespace; its lines are kept in
+    linecache, so tracebacks of its tasks show them."""
+    filename = '<dispycos %s>' % name
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, 'exec'), module.__dict__)
+
+
 def _portable_status(status):
     """A MonitorStatus that pickles (a value or an exception class that does not is
     described instead)."""
@@ -269,6 +278,7 @@ class _ServerProcess:
     def _watch(self):
         proc = self.proc
         proc.wait()
+        self.ready.clear()
         if self.node.quitting:
             return
         logger.warning('server %s ended (exit status %s); starting a new one',
@@ -277,6 +287,7 @@ class _ServerProcess:
         for attempt in range(5):
             try:
                 self.start()
+                self.node.pycos._runner.post(self.node.server_restarted, self)
                 return
             except (OSError, RuntimeError) as exc:
                 logger.warning('server %d could not be restarted: %s', self.index, exc)
@@ -452,6 +463,11 @@ class Node:
             logger.info('scheduler %s lost: computation %s closed', location, self.comp[0][:8])
             self._release(close_servers=True)
 
+    def server_restarted(self, server):
+        """A new server process is up: the scheduler of the computation may use it."""
+        if self.comp is not None:
+            self.discovery.tell(self.comp[1])
+
     def server_died(self, server):
         """A server process ended: the scheduler sees its connection go; nothing of
         the computation is kept for the new process."""
@@ -482,7 +498,12 @@ class Node:
 
     def shutdown(self, terminate=False):
         self.accepting = False
-        if terminate:
+        if terminate and self.comp is not None:
+            comp_id = self.comp[0]
+            for server in self.servers:      # its tasks end (reported) before servers stop
+                if server.ready.is_set():
+                    self.pycos.peers.call_blocking(server.location, 'server.close',
+                                                   (comp_id,), 5)
             self.close_computation()
         else:
             for _ in range(int(1e9)):       # until the computation is closed
@@ -656,6 +677,7 @@ def main(argv=None):
                                       secret_files=(('secret_file', 'secret'),))
     if config.debug:
         logger.setLevel(logger.DEBUG)
+    dispy.logger.setLevel(logger.DEBUG if config.debug else logger.INFO)
     dispycos.MsgTimeout = config.msg_timeout
     dispy.check_service_window(config, 'dispycosnode')
     try:

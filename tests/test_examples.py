@@ -221,9 +221,10 @@ class LocalClusterTest(unittest.TestCase):
 class CoverageTest(unittest.TestCase):
 
     def test_every_example_is_run(self):
-        """Each examples/*.py is run by this file or by tests/test_cluster.py."""
+        """Each examples/*.py is run by this file, tests/test_cluster.py or
+        tests/test_dispycos.py."""
         sources = ''
-        for name in ('test_examples.py', 'test_cluster.py'):
+        for name in ('test_examples.py', 'test_cluster.py', 'test_dispycos.py'):
             with open(os.path.join(support.ROOT, 'tests', name)) as f:
                 sources += f.read()
         examples = sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, '*.py')))
