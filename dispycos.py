@@ -2286,9 +2286,11 @@ class Scheduler:
         else:
             node.info = info
         comp = self._active()
-        if comp is not None and node.computation is None:
+        if comp is None or comp.closed:
+            return 0        # (a node released by a closing computation: the next one)
+        if node.computation is None:
             self._reserve(comp, node)
-        elif comp is not None and node.computation == comp.id:
+        elif node.computation == comp.id:
             self._new_servers(comp, node, info.get('servers', ()))
         return 0
 
@@ -2353,6 +2355,7 @@ class Scheduler:
             return
         if comp.closed:
             self.peers.notify(node.location, 'node.release', (comp.id,))
+            node.computation = None
             return
         self._status(comp, NodeInitialized, self._avail_of(node))
         for loc in value:
@@ -2655,6 +2658,9 @@ class Scheduler:
             first = self.computations[0] is comp
             self.computations.remove(comp)
             self.by_id.pop(comp.id, None)
+            for node in self.nodes.values():
+                if node.computation == comp.id:
+                    node.computation = None
             if first and self.computations:
                 self._activate(self.computations[0])
         return 0

@@ -528,8 +528,14 @@ class _NodeDiscovery:
         self.endpoint = dispy.DiscoveryEndpoint(node.pycos.secret, self._on_datagram)
         addr = node.location.addr
         bind = node.pycos.peers.listener.server_address[0]
-        self.endpoint.bind(bind if dispy.is_loopback(addr) or config.ip_addr else '',
-                           node.location.port, reuse=True)
+        if dispy.is_loopback(addr) or config.ip_addr:
+            self.endpoint.bind(bind, node.location.port, reuse=True)
+            # a socket bound to one address does not get the LAN's broadcasts: one on
+            # the broadcast address of that address's interface does
+            for bcast in dispy.broadcast_addresses([bind]):
+                self.endpoint.bind(bcast, node.location.port, reuse=True)
+        else:
+            self.endpoint.bind('', node.location.port, reuse=True)
         self.loop = node.pycos.peers.loop
         dispycos.watch_endpoint(self.loop, self.endpoint)
         self.scheduler_port = config.scheduler_port
