@@ -69,6 +69,7 @@ class ServerRuntime:
         self.tasks = {}             # task id -> Task of the computation
         self.cpu_running = None     # the CPU-bound task running (one at a time)
         self.cpu_waiting = collections.deque()     # CPU-bound tasks made, not started
+        self.close_after = None     # the task that called dispycos_close_server()
         self.done = 0
         self._saved_main = sys.modules.get('__main__')
         self._saved_path = list(sys.path)
@@ -149,6 +150,8 @@ class ServerRuntime:
         if self.scheduler is not None:
             self.pycos.peers.notify(self.scheduler, 'sched.task_done',
                                     (self.comp, task, cpu, status))
+        if task is self.close_after:
+            self.pycos._runner.post(self._close_and_exit)
 
     # -- close ------------------------------------------------------------------------------
     def _op_close(self, caller, comp_id):
@@ -177,8 +180,20 @@ class ServerRuntime:
             dispy.empty_folder(self.dir)
 
     def _close_request(self):
-        """``dispycos_close_server()`` from a task: the server closes its computation."""
-        self.pycos._runner.post(self._close_now)
+        """``dispycos_close_server()`` (4.12, with ``restart_servers=True``): once the
+        calling task ends, this server closes its computation and its process exits;
+        the node starts a fresh one, which joins the computation again."""
+        task = dispycos.current_task()
+        if task is None or task._done:
+            self.pycos._runner.post(self._close_and_exit)
+        else:
+            self.close_after = task
+
+    def _close_and_exit(self):
+        logger.info('server %s closed by its computation: a fresh one follows',
+                    self.pycos.location)
+        self._close_now()
+        self.pycos._runner.call_later(0.5, os._exit, 0)    # the task reports leave first
 
     def _peer_lost(self, location):
         if location == self.scheduler:
@@ -281,9 +296,10 @@ class _ServerProcess:
         self.ready.clear()
         if self.node.quitting:
             return
-        logger.warning('server %s ended (exit status %s); starting a new one',
-                       self.location, proc.returncode)
-        self.node.pycos._runner.post(self.node.server_died, self)
+        # exit status 0: it closed itself (dispycos_close_server); else it died
+        (logger.info if proc.returncode == 0 else logger.warning)(
+            'server %s ended (exit status %s); starting a new one', self.location,
+            proc.returncode)
         for attempt in range(5):
             try:
                 self.start()
@@ -467,12 +483,6 @@ class Node:
         """A new server process is up: the scheduler of the computation may use it."""
         if self.comp is not None:
             self.discovery.tell(self.comp[1])
-
-    def server_died(self, server):
-        """A server process ended: the scheduler sees its connection go; nothing of
-        the computation is kept for the new process."""
-        if self.comp is not None:
-            logger.info('server %s of computation %s died', server.location, self.comp[0][:8])
 
     # -- operator commands ------------------------------------------------------------------
     def status_text(self):
