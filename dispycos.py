@@ -135,9 +135,6 @@ def _make_logger():
 
 
 logger = _make_logger()
-# The shared core (listener, discovery) logs as 'dispy': give it a handler here too,
-# unless the application configured logging or a dispy program did.
-dispy.setup_logging(name='dispycos')
 
 
 # ================================================================================
@@ -2209,7 +2206,8 @@ class _ServerState:
 
 
 class _NodeState:
-    __slots__ = ('location', 'info', 'servers', 'computation', 'avail', 'allocated')
+    __slots__ = ('location', 'info', 'servers', 'computation', 'avail', 'allocated',
+                 'reserving')
 
     def __init__(self, location, info):
         self.location, self.info = location, info
@@ -2217,6 +2215,7 @@ class _NodeState:
         self.computation = None     # the id of the computation it serves
         self.avail = None
         self.allocated = 0
+        self.reserving = False      # node.reserve sent, not answered yet
 
 
 class _ComputationState:
@@ -2266,7 +2265,8 @@ class Scheduler:
         self.by_id = {}
         self.node_addrs = list(nodes or [])
         for name in ('schedule', 'run', 'task_done', 'close', 'nodes', 'servers',
-                     'node_here', 'enable_server', 'enable_node', 'status'):
+                     'node_here', 'node_closed', 'server_closing', 'enable_server',
+                     'enable_node', 'status'):
             pycos.add_service('sched.' + name, getattr(self, '_op_' + name))
         self.peers.lost_hooks.append(lambda loc: self.pycos._runner.post(self._peer_lost, loc))
         Scheduler._local = self
@@ -2290,12 +2290,13 @@ class Scheduler:
             return 0        # (a node released by a closing computation: the next one)
         if node.computation is None:
             self._reserve(comp, node)
-        elif node.computation == comp.id:
+        elif node.computation == comp.id and not node.reserving:
             self._new_servers(comp, node, info.get('servers', ()))
         return 0
 
     def _new_servers(self, comp, node, servers):
-        """Servers of a node already serving the computation (a restarted one)."""
+        """Takes the node's servers not known yet (all of a node just reserved, or a
+        server restarted), up to its allocation."""
         for loc in servers:
             location = Location(*loc)
             if location in node.servers or len(node.servers) >= node.allocated:
@@ -2339,12 +2340,14 @@ class Scheduler:
             return
         node.computation = comp.id
         node.allocated = cpus
+        node.reserving = True
         self.peers.call_back(node.location, 'node.reserve',
                              (comp.id, self.location, comp.client, comp.spec['server'],
                               comp.spec['files'], cpus),
                              lambda ok, value: self._reserved(comp, node, ok, value))
 
     def _reserved(self, comp, node, ok, value):
+        node.reserving = False
         if not ok or not isinstance(value, list):
             if 'serves another computation' in str(value):
                 logger.info('node %s is busy with another computation; it will make '
@@ -2358,15 +2361,7 @@ class Scheduler:
             node.computation = None
             return
         self._status(comp, NodeInitialized, self._avail_of(node))
-        for loc in value:
-            location = Location(*loc)
-            server = _ServerState(location, node)
-            node.servers[location] = server
-            self.servers[location] = server
-            self._status(comp, ServerDiscovered, location)
-            if comp.spec.get('disable_servers'):
-                continue
-            self._load_server(comp, server, ())
+        self._new_servers(comp, node, value)
 
     def _load_server(self, comp, server, setup_args):
         self.peers.call_back(server.location, 'server.load',
@@ -2409,6 +2404,25 @@ class Scheduler:
             if comp.client == location and location != self.location:
                 logger.info('client %s of computation %s lost: closing it', location, comp.id)
                 Task(self._close_gen, comp, True, 0).set_daemon()
+
+    def _op_server_closing(self, caller, comp_id):
+        """A server closes itself (dispycos_close_server): no more tasks there."""
+        server = self.servers.get(caller)
+        if server is not None and server.node.computation == comp_id:
+            self._server_gone(server, 'server %s closed by its computation' % caller)
+
+    def _op_node_closed(self, caller, comp_id, why):
+        """A node ended the computation on its own (its service window, its
+        operator): its servers are gone for it."""
+        node = self.nodes.get(caller)
+        if node is None or node.computation != comp_id:
+            return
+        for server in list(node.servers.values()):
+            self._server_gone(server, 'node %s: %s' % (caller, why))
+        node.computation = None
+        comp = self.by_id.get(comp_id)
+        if comp is not None:
+            self._status(comp, NodeClosed, self._avail_of(node))
 
     def _server_gone(self, server, why):
         """A server vanished: its tasks end with PeerLost, the computation goes on."""
@@ -3102,7 +3116,7 @@ def main(argv=None):
                                       secret_files=(('secret_file', 'secret'),))
     if config.debug:
         logger.setLevel(logging.DEBUG)
-    dispy.logger.setLevel(logging.DEBUG if config.debug else logging.INFO)
+    dispy.setup_logging(logging.DEBUG if config.debug else logging.INFO, 'dispycos')
     MsgTimeout = config.msg_timeout
     addr = config.ip_addr[0] if config.ip_addr else default_address()
     addr = dispy.resolve_or_exit(addr, 'dispycos')

@@ -114,7 +114,7 @@ class ServerRuntime:
 
     # -- run --------------------------------------------------------------------------------
     def _op_run(self, caller, comp_id, func, blob, cpu):
-        if comp_id != self.comp or self.namespace is None:
+        if comp_id != self.comp or self.namespace is None or self.close_after is not None:
             raise TaskError('computation %s is not loaded at %s' % (comp_id, self.pycos.location))
         name, source = func
         if source is not None:
@@ -150,6 +150,8 @@ class ServerRuntime:
         if self.scheduler is not None:
             self.pycos.peers.notify(self.scheduler, 'sched.task_done',
                                     (self.comp, task, cpu, status))
+            if task is self.close_after:     # in the same frame: no task comes here now
+                self.pycos.peers.notify(self.scheduler, 'sched.server_closing', (self.comp,))
         if task is self.close_after:
             self.pycos._runner.post(self._close_and_exit)
 
@@ -349,6 +351,7 @@ class Node:
         self.comp = None            # (computation id, scheduler Location)
         self.comp_files = []
         self.waiting = set()        # schedulers refused while busy
+        self.ending = False         # _end_computation under way
         self.idle_since = time.monotonic()
         addr = config.ip_addr[0] if config.ip_addr else dispycos.default_address()
         addr = dispy.resolve_or_exit(addr, 'dispycosnode')
@@ -402,7 +405,7 @@ class Node:
             self.in_window = False
         if state == dispy.ServiceWindow.OUT and self.comp is not None:
             logger.info('service window ended: closing computation %s', self.comp[0][:8])
-            self._release(close_servers=True)
+            self._end_computation('its service window ended')
         if not self.quitting:
             self.pycos._runner.call_later(WINDOW_CHECK, self._check_window)
 
@@ -503,18 +506,35 @@ class Node:
         return '%d task(s) running, %d done' % (value['tasks'], value['done'])
 
     def close_computation(self):
-        if self.comp is not None:
-            self.pycos._runner.post(self._release, True)
+        """stdin's close: the computation ends here, its scheduler told."""
+        self.pycos._runner.post(self._end_computation, 'closed by the node\'s operator')
+
+    def _end_computation(self, why):
+        if self.comp is not None and not self.ending:
+            self.ending = True
+            Task(self._end_computation_task, self.comp, why).set_daemon()
+
+    def _end_computation_task(self, comp, why, task=None):
+        """Closes the computation on each server (its tasks end, reported), then
+        tells its scheduler, then frees the node."""
+        comp_id, scheduler = comp
+        for server in self.servers:
+            if server.ready.is_set():
+                yield self.pycos.peers.call(server.location, 'server.close', (comp_id,),
+                                            timeout=dispycos.MsgTimeout)
+        self.pycos.peers.notify(scheduler, 'sched.node_closed', (comp_id, why))
+        self.ending = False
+        if self.comp == comp:
+            self._release()
 
     def shutdown(self, terminate=False):
         self.accepting = False
         if terminate and self.comp is not None:
-            comp_id = self.comp[0]
-            for server in self.servers:      # its tasks end (reported) before servers stop
-                if server.ready.is_set():
-                    self.pycos.peers.call_blocking(server.location, 'server.close',
-                                                   (comp_id,), 5)
-            self.close_computation()
+            self.close_computation()        # its tasks end (reported) before servers stop
+            for _ in range(100):
+                if self.comp is None:
+                    break
+                time.sleep(0.05)
         else:
             for _ in range(int(1e9)):       # until the computation is closed
                 if self.comp is None or self.quitting:
@@ -693,7 +713,7 @@ def main(argv=None):
                                       secret_files=(('secret_file', 'secret'),))
     if config.debug:
         logger.setLevel(logger.DEBUG)
-    dispy.logger.setLevel(logger.DEBUG if config.debug else logger.INFO)
+    dispy.setup_logging(logger.DEBUG if config.debug else logger.INFO, 'dispycos')
     dispycos.MsgTimeout = config.msg_timeout
     dispy.check_service_window(config, 'dispycosnode')
     try:
