@@ -23,8 +23,10 @@ Threads of a process::
                   computation) delays no message reception and no pulse.
     pycos-listen  dispy's Listener (socketserver): accepts peers; handshakes run in
                   short-lived threads of their own.
+    pycos-worker  dispy's WorkerThreads (at most 4): big frames, off the loop.
+    pycos-blocking  one per AsyncPipe call while it blocks (a child program's pipes).
     the user's    may create tasks, send messages, ``task.value()``; calls that touch
-    threads       task state are handed to the runner.
+    threads       task state are handed to the runner (``_Runner.post``).
 
 Why one runner thread and not a thread per task: a task waiting in ``receive()`` is a
 suspended generator (a few hundred bytes) rather than a thread (its stack, a kernel
@@ -34,17 +36,21 @@ waiting in ``receive()``) against a thread-per-task runtime built for the compar
 
 The path of a remote task (``rtask = yield computation.run(compute, n)``)::
 
-    client task   Computation.run → a CALL to the scheduler (a direct call when the
-        │         scheduler is private, in this process) → queued until a server of
-        ▼         the computation is free (one CPU-bound task per server)
-    scheduler     CALL server.run(computation, function, args) to that server
+    client task   Computation.run → a call (C) to the scheduler (a direct call when
+        │         the scheduler is private, in this process) → queued until a server
+        │         of the computation is free (one CPU-bound task running per server;
+        ▼         once its tasks are known to be short, one more may wait there)
+    scheduler     a call server.run(computation, function, args) to that server
         ▼  TCP, HMAC-authenticated frames (dispy's Channel), one connection per peer
     server        the runner makes a Task of the computation's function, in the
         │         namespace the computation's components were loaded into; the task
         │         reference (location + id) goes back; messages to and from it travel
         ▼         the same connections (T frames)
-    server        when the task ends: CALL sched.task_done → the scheduler frees the
-                  server, sends MonitorStatus to status_task, wakes run_result waiters
+    server        when the task ends: sched.task_done (N, no answer) with its
+                  MonitorStatus pickled → the scheduler frees the server, passes the
+                  status on to status_task unopened, wakes run_result waiters (the
+                  Computation unpickles it: a shared scheduler has none of the
+                  client's classes)
 
 Wire format: dispy's (handshake proving the secret, then HMAC-authenticated frames,
 nothing unpickled before its HMAC is verified, frames decoded by dispy's restricted
@@ -244,7 +250,8 @@ class _Runner:
         self.inbox = queue.SimpleQueue()    # (func, args) from any thread
         self.calls = collections.deque()    # (func, args) posted from the runner itself
         self.ready = collections.deque()    # tasks to step
-        self.timers = []                    # heap of (due, seq, func, args)
+        self.timers = []                    # heap of (due, seq, handle, func, args)
+        self.cancelled = 0                  # entries whose handle was cancelled
         self.seq = itertools.count()
         self.current = None                 # the task being stepped
         self.after_turn = []                # hooks run when the runner goes idle (flushes)
@@ -279,32 +286,30 @@ class _Runner:
         return handle
 
     # -- the loop ----------------------------------------------------------------------
+    INBOX_BATCH = 256       # handed-over calls taken in before the tasks' turn
+
     def _run(self):
-        inbox, calls, ready = self.inbox, self.calls, self.ready
+        inbox, ready = self.inbox, self.ready
         while True:
-            try:
-                while True:                 # what other threads handed over
+            for _ in range(self.INBOX_BATCH):       # what other threads handed over
+                try:
                     func, args = inbox.get_nowait()
-                    self._guarded(func, args)
-            except queue.Empty:
-                pass
-            while calls:
-                func, args = calls.popleft()
+                except queue.Empty:
+                    break
                 self._guarded(func, args)
+            self._run_calls()
             if self.timers:
                 self._due_timers()
-            if ready:
-                for _ in range(len(ready)):
-                    task = ready.popleft()
+            for _ in range(len(ready)):
+                task = ready.popleft()
+                try:
                     task._step()
-                    while calls:
-                        func, args = calls.popleft()
-                        self._guarded(func, args)
-                if ready or calls:
-                    continue
-            for hook in self.after_turn:
+                except Exception:   # the runner's own fault: the task is lost, not us
+                    logger.exception('dispycos: stepping task %s failed', task)
+                self._run_calls()
+            for hook in self.after_turn:            # what the tasks sent leaves now
                 self._guarded(hook, ())
-            if ready or calls:
+            if ready or self.calls or not inbox.empty():
                 continue
             timeout = None
             if self.timers:
@@ -315,6 +320,12 @@ class _Runner:
                 continue
             self._guarded(func, args)
 
+    def _run_calls(self):
+        calls = self.calls
+        while calls:
+            func, args = calls.popleft()
+            self._guarded(func, args)
+
     def _due_timers(self):
         now = time.monotonic()
         timers = self.timers
@@ -322,6 +333,16 @@ class _Runner:
             _due, _seq, handle, func, args = heapq.heappop(timers)
             if handle[0]:
                 self._guarded(func, args)
+            else:
+                self.cancelled -= 1
+
+    def timer_cancelled(self):
+        """A timer's handle was cancelled: the heap is compacted when most of it is."""
+        self.cancelled += 1
+        if self.cancelled > 1024 and self.cancelled * 2 > len(self.timers):
+            self.timers = [entry for entry in self.timers if entry[2][0]]
+            heapq.heapify(self.timers)
+            self.cancelled = 0
 
     @staticmethod
     def _guarded(func, args):
@@ -638,11 +659,11 @@ class Task:
         self._end_status = status
         self._done = True
         for monitor in self._monitors:
-            monitor.send(status)
+            _tell_monitor(monitor, status)
         self._monitors = ()
         for waiter in self._finish_waiters:
             if callable(waiter):
-                waiter(self)
+                _Runner._guarded(waiter, (self,))
             else:
                 waiter[0]._wake_wait(waiter[1], self._result())
         self._finish_waiters = ()
@@ -682,7 +703,11 @@ class Task:
             self._wake(self._wait_alarm)
 
     def _wake_wait(self, wait_id, value=None, exc=None):
-        """Wakes the task if it is still in the wait ``wait_id``; True if so."""
+        """Wakes the task if it is still in the wait ``wait_id``; True if so (a
+        thread that is not the runner hands it over, and gets True)."""
+        if not self._runner.on_runner():
+            self._runner.post(self._wake_wait, wait_id, value, exc)
+            return True
         if self._waiting == _WAIT_OTHER and self._wait_id == wait_id and not self._done:
             self._wake(value, exc)
             return True
@@ -693,8 +718,12 @@ class Task:
         if self._wait_timer is not None:
             self._wait_timer[0] = False
             self._wait_timer = None
+            self._runner.timer_cancelled()
 
     def _wake(self, value=None, exc=None):
+        if not self._runner.on_runner():
+            self._runner.post(self._wake, value, exc)
+            return
         if self._done:
             return
         self._cancel_wait()
@@ -761,7 +790,7 @@ class Task:
         """Queues ``message`` for the task (any picklable object to a remote task);
         returns 0.  Never blocks."""
         if self._remote is not None:
-            Pycos.instance()._peers.send_task(self, message)
+            Pycos.instance().peers.send_task(self, message)
             return 0
         self._runner.call(self._deliver_local, message)
         return 0
@@ -787,15 +816,17 @@ class Task:
                 return 0
             self._runner.call(self._deliver_local, message)
             return 1
-        return Pycos.instance()._peers.deliver_task(self, message, timeout)
+        return Pycos.instance().peers.deliver_task(self, message, timeout)
 
     # -- ending ------------------------------------------------------------------------------
     def finish(self, timeout=None):
         """``value = yield other.finish(timeout)``: waits until ``other`` ends and gives
         its value (the exception it raised, if it failed)."""
         if self._remote is not None:
-            return Pycos.instance()._peers.call(self._remote, 'task.wait', (self._id,),
-                                                timeout=timeout)
+            # the remote side waits ``timeout``; the call allows for the trip on top
+            return Pycos.instance().peers.call(
+                self._remote, 'task.wait', (self._id, timeout),
+                timeout=None if timeout is None else timeout + MsgTimeout)
         current = self._runner.current if self._runner.on_runner() else None
         if current is None:
             raise RuntimeError('finish() is used with yield in a task; use value() elsewhere')
@@ -810,8 +841,9 @@ class Task:
         """The task's value once it ended (blocks the calling thread; not for tasks:
         they use ``yield task.finish()``)."""
         if self._remote is not None:
-            return Pycos.instance()._peers.call_blocking(self._remote, 'task.wait',
-                                                         (self._id,), timeout)
+            return Pycos.instance().peers.call_blocking(
+                self._remote, 'task.wait', (self._id, timeout),
+                None if timeout is None else timeout + MsgTimeout)
         if self._runner.on_runner():
             if self._done:
                 return self._result()
@@ -831,7 +863,7 @@ class Task:
         ``finally`` blocks run, monitors get MonitorStatus(task, GeneratorExit).
         0, or -1 if it had ended."""
         if self._remote is not None:
-            Pycos.instance()._peers.notify(self._remote, 'task.terminate', (self._id,))
+            Pycos.instance().peers.notify(self._remote, 'task.terminate', (self._id,))
             return 0
         if self._done:
             return -1
@@ -853,7 +885,7 @@ class Task:
         if isinstance(exc, type):
             exc = exc(*args[1:2]) if len(args) > 1 else exc()
         if self._remote is not None:
-            Pycos.instance()._peers.notify(self._remote, 'task.throw', (self._id, exc))
+            Pycos.instance().peers.notify(self._remote, 'task.throw', (self._id, exc))
             return 0
         if self._done:
             return -1
@@ -865,7 +897,7 @@ class Task:
         """``yield task.monitor(other)``: ``task`` receives MonitorStatus when ``other``
         ends (other may be remote)."""
         if observe._remote is not None:
-            return Pycos.instance()._peers.call(observe._remote, 'task.monitor',
+            return Pycos.instance().peers.call(observe._remote, 'task.monitor',
                                                 (observe._id, self))
         self._runner.call(observe._add_monitor, self)
         return 0
@@ -882,6 +914,12 @@ class Task:
         if not self._finish_waiters:
             self._finish_waiters = []
         self._finish_waiters.append(waiter)
+        if isinstance(waiter, tuple):
+            waiters = [w for w in self._finish_waiters if isinstance(w, tuple)]
+            if len(waiters) >= 64 and len(waiters) & (len(waiters) - 1) == 0:
+                callbacks = [w for w in self._finish_waiters if not isinstance(w, tuple)]
+                _prune(waiters)
+                self._finish_waiters = callbacks + waiters
 
     def register(self, name=None):
         """Registers the task under ``name`` (default: its function's name) so other
@@ -911,9 +949,25 @@ class Task:
 
     def set_daemon(self, flag=True):
         """A daemon task does not keep the program alive at its end."""
-        if self._remote is None and bool(flag) != self._daemon and not self._done:
-            self._daemon = bool(flag)
-            self._runner.daemon_changed(self, self._daemon)
+        if self._remote is None:
+            self._runner.call(self._set_daemon, bool(flag))
+
+    def _set_daemon(self, flag):
+        if flag != self._daemon and not self._done:
+            self._daemon = flag
+            self._runner.daemon_changed(self, flag)
+
+
+def _tell_monitor(monitor, status):
+    """Sends a MonitorStatus; one whose value does not pickle (for a remote monitor)
+    goes with a description of it instead."""
+    try:
+        monitor.send(status)
+    except Exception:
+        try:
+            monitor.send(MonitorStatus(status.info, status.type, _portable(status.value)))
+        except Exception:
+            logger.exception('the end of task %s could not be told to %s', status.info, monitor)
 
 
 def _task_from_reference(addr, port, tid, name):
@@ -937,6 +991,15 @@ def current_task():
 # ================================================================================
 #
 # Used with yield in tasks (``yield lock.acquire()``); their state is the runner's.
+
+def _prune(waiters):
+    """Drops the entries of waits that ended otherwise (timed out), once there are
+    many: a list polled with short timeouts does not grow for ever."""
+    if len(waiters) >= 64 and len(waiters) & (len(waiters) - 1) == 0:     # 64, 128, ...
+        live = [w for w in waiters if w[0]._waiting == _WAIT_OTHER and w[0]._wait_id == w[1]]
+        waiters.clear()
+        waiters.extend(live)
+
 
 def _waiter(what):
     task = current_task()
@@ -967,13 +1030,14 @@ class Event:
             task._wake_wait(wait_id, True)
 
     def clear(self):
-        self._flag = False
+        self._flag = False          # a flag only: no task state, any thread may
 
     def wait(self, timeout=None):
         if self._flag:
             return True
         task = _waiter('Event.wait')
         self._waiters.append(task._wait_for(timeout, False))
+        _prune(self._waiters)
         return None
 
 
@@ -998,9 +1062,14 @@ class Lock:
         if not blocking:
             return False
         self._waiters.append(task._wait_for(timeout, False))
+        _prune(self._waiters)
         return None
 
     def release(self):
+        runner = _the_runner()
+        if not runner.on_runner():          # from a plain thread: on the runner
+            runner.post(self.release)
+            return
         task = current_task()
         if self._owner is None or (task is not None and self._owner is not task
                                    and self._reentrant):
@@ -1054,6 +1123,10 @@ class Condition:
         return bool(notified)
 
     def notify(self, n=1):
+        runner = _the_runner()
+        if not runner.on_runner():
+            runner.post(self.notify, n)
+            return
         while n > 0 and self._waiters:
             task, wait_id = self._waiters.popleft()
             if task._wake_wait(wait_id, True):
@@ -1082,9 +1155,14 @@ class Semaphore:
             return False
         task = _waiter('Semaphore.acquire')
         self._waiters.append(task._wait_for(timeout, False))
+        _prune(self._waiters)
         return None
 
     def release(self):
+        runner = _the_runner()
+        if not runner.on_runner():
+            runner.post(self.release)
+            return
         while self._waiters:
             task, wait_id = self._waiters.popleft()
             if task._wake_wait(wait_id, True):
@@ -1148,15 +1226,18 @@ class Channel:
     def subscribe(self, subscriber, timeout=None):
         """``yield channel.subscribe(task)``; 0."""
         if self._remote is not None:
-            return Pycos.instance()._peers.call(self._remote, 'channel.subscribe',
+            return Pycos.instance().peers.call(self._remote, 'channel.subscribe',
                                                 (self._name, subscriber), timeout=timeout)
+        _the_runner().call(self._subscribe, subscriber)
+        return 0
+
+    def _subscribe(self, subscriber):
         if subscriber not in self._subscribers:
             self._subscribers.append(subscriber)
-        return 0
 
     def unsubscribe(self, subscriber, timeout=None):
         if self._remote is not None:
-            return Pycos.instance()._peers.call(self._remote, 'channel.unsubscribe',
+            return Pycos.instance().peers.call(self._remote, 'channel.unsubscribe',
                                                 (self._name, subscriber), timeout=timeout)
         if subscriber in self._subscribers:
             self._subscribers.remove(subscriber)
@@ -1169,7 +1250,7 @@ class Channel:
     def send(self, message):
         """Sends ``message`` to every subscriber; their number."""
         if self._remote is not None:
-            Pycos.instance()._peers.notify(self._remote, 'channel.send', (self._name, message))
+            Pycos.instance().peers.notify(self._remote, 'channel.send', (self._name, message))
             return 0
         if self._transform is not None:
             message = self._transform(self._name, message)
@@ -1301,6 +1382,7 @@ class _Peers:
         conn = dispy.LoopConnection(channel, link, 'peer %s' % location, self.loop,
                                     self.threads, channel.take_buffered())
         conn.peer_name = info.get('name')
+        conn.dialed_here = False
         self.runner.inbox.put((self._connected, (location, conn, info)))
         conn.start()
 
@@ -1450,8 +1532,9 @@ class _Peers:
             for sub in msg[1]:
                 self._on_message(link, conn, sub)
         elif kind == 'R':
-            entry = self.calls.pop(msg[1], None)
-            if entry is not None:
+            entry = self.calls.get(msg[1])
+            if entry is not None and entry[0] == link.location:    # only who was asked
+                del self.calls[msg[1]]
                 ok, value = _loads_answer(msg[2])
                 entry[1](ok, value)
         elif kind == 'C':
@@ -1461,7 +1544,7 @@ class _Peers:
         elif kind == 'TD':
             ok = self._to_task(msg[1], msg[2], link.location)
             self._answer(link.location, msg[3], True, 1 if ok else 0)
-        elif kind in ('CLIENT', 'PULSE'):
+        elif kind == 'PULSE':
             pass
         else:
             logger.warning('unknown message %r from %s', kind, link.location)
@@ -1515,6 +1598,7 @@ class _Peers:
             link = _PeerLink(self, location)
             conn = dispy.LoopConnection(channel, link, 'peer %s' % location, self.loop,
                                         self.threads, extra)
+            conn.dialed_here = True
             conn.start()        # on the loop thread: registered at once
             conn.send_alone(dispy.Msg.CLIENT({'location': list(self.location.key()),
                                               'name': self.name,
@@ -1530,17 +1614,31 @@ class _Peers:
 
     def _connected(self, location, conn, info):
         old = self.conns.get(location)
-        if old is None or old.closed:
+        if old is not None and not old.closed and old is not conn:
+            # Both sides dialed at once: each sends on the connection the lower
+            # location dialed, so both use the same one; the other still delivers
+            # what the peer sent on it before it knew, and is closed a while later.
+            lower_is_me = self.location.key() < location.key()
+            keep, drop = (conn, old) if conn.dialed_here == lower_is_me else (old, conn)
+            self.conns[location] = keep
+            self.runner.call_later(2 * MsgTimeout, drop.close,
+                                   'a second connection to the same peer', True)
+        else:
             self.conns[location] = conn
         waiting = self.dialing.pop(location, None)
         if waiting:
             self.conns[location].send(waiting[0] if len(waiting) == 1 else ('B', waiting))
-        if old is None:
+        if old is None or old.closed:
             for hook in self.found_hooks:
                 hook(location, info)
 
     def _dial_failed(self, location, exc):
         waiting = self.dialing.pop(location, None) or []
+        if self.is_connected(location):     # the peer dialed us meanwhile: use that
+            logger.debug('dial to %s failed (%s), but it is connected', location, exc)
+            if waiting:
+                self.conns[location].send(waiting[0] if len(waiting) == 1 else ('B', waiting))
+            return
         if isinstance(exc, dispy.ProtocolError):     # a wrong secret, TLS on one side
             logger.warning('could not connect to %s: %s', location, exc)
         else:
@@ -1672,6 +1770,7 @@ class Pycos:
                 if self._peers is None:
                     self._configure(node, tcp_port, udp_port, ext_ip_addr, name, secret,
                                     certfile, keyfile, dest_path, max_file_size)
+                    self.peers
                 else:
                     logger.debug('Pycos() options ignored: the network is already up')
             return
@@ -1685,6 +1784,8 @@ class Pycos:
                         keyfile, dest_path, max_file_size)
         self._runner = _the_runner()
         _install_task_services(self)
+        if node is not None or tcp_port:    # pycos starts listening when configured
+            self.peers
 
     def _configure(self, node, tcp_port, udp_port, ext_ip_addr, name, secret, certfile,
                    keyfile, dest_path, max_file_size):
@@ -1714,10 +1815,6 @@ class Pycos:
     @property
     def peers(self):
         return self._peers if self._peers is not None else self._start_network()
-
-    @property
-    def _peers_or_start(self):
-        return self.peers
 
     def _start_network(self):
         with Pycos._lock:
@@ -1887,7 +1984,7 @@ def _install_task_services(pycos):
             raise TaskError('no task %s at %s (it ended or never was)' % (tid, pycos._location))
         return task
 
-    def wait(_caller, tid):
+    def wait(_caller, tid, timeout=None):
         task = _live_tasks.get(tid) if not isinstance(tid, str) else Task._registry.get(tid)
         if task is None:
             task = _ended_tasks.get(tid)
@@ -1895,7 +1992,7 @@ def _install_task_services(pycos):
                 raise TaskError('no task %s at %s' % (tid, pycos._location))
         if task._done:
             return _portable(task._result())
-        return _wait_portable(task)
+        return _wait_portable(task, timeout)
 
     def monitor(_caller, tid, monitor_task):
         task_of(tid)._add_monitor(monitor_task)
@@ -1945,7 +2042,7 @@ def _install_task_services(pycos):
 
 # The last tasks that ended, so a remote finish() that comes late still gets a value.
 _ended_tasks = collections.OrderedDict()
-ENDED_TASKS_KEPT = 10000
+ENDED_TASKS_KEPT = 1000
 
 
 def _remember_ended(task):
@@ -1970,8 +2067,8 @@ def reprlib_repr(value):
     return reprlib.repr(value)
 
 
-def _wait_portable(task):
-    value = yield task.finish()
+def _wait_portable(task, timeout=None):
+    value = yield task.finish(timeout)
     return _portable(value)
 
 
@@ -2200,7 +2297,7 @@ class _ServerState:
     def __init__(self, location, node):
         self.location, self.node = location, node
         self.cpu_tasks = 0          # run / run_at tasks running (one at a time)
-        self.tasks = {}             # task id -> (task, cpu?) of the active computation
+        self.tasks = {}             # task id -> (task, cpu?, monotonic start) running
         self.ready = False          # the computation's components are loaded
         self.closed = False
 
@@ -2229,7 +2326,7 @@ class _ComputationState:
         self.closed = False
         self.servers_ready = Event()        # at least one server is ready
         self.result_waiters = {}            # (server, task id) -> task in run_result
-        self.ended_early = {}               # (server, task id) -> MonitorStatus
+        self.ended_early = {}               # (server, task id) -> (blob, failure, task)
         self.mean_duration = None           # of CPU-bound tasks (moving average), s
         self.durations = 0
 
@@ -2374,7 +2471,8 @@ class Scheduler:
             server.closed = True
             self._status(comp, ServerClosed, server.location)
             return
-        if comp.closed:
+        if comp.closed:             # closed while loading: undone there too
+            self.peers.notify(server.location, 'server.close', (comp.id,))
             return
         server.ready = True
         self._status(comp, ServerInitialized, server.location)
@@ -2431,11 +2529,11 @@ class Scheduler:
         comp = self._active()
         for tid, (task, _cpu, _since) in list(server.tasks.items()):
             if comp is not None:
-                status = MonitorStatus(task, PeerLost, why)
-                self._status(comp, status)
+                blob = pickle.dumps(MonitorStatus(task, PeerLost, why), BLOB_PROTOCOL)
+                self._task_status(comp, blob, why, task)
                 waiter = comp.result_waiters.pop((server.location, tid), None)
                 if waiter is not None:
-                    waiter[0]._wake_wait(waiter[1], _status_value(status))
+                    waiter[0]._wake_wait(waiter[1], ('ended', blob))
         server.tasks.clear()
         server.cpu_tasks = 0
         self.servers.pop(server.location, None)
@@ -2493,15 +2591,17 @@ class Scheduler:
         return self._run_gen(comp, where, mode, func, args_blob, wait)
 
     def _run_gen(self, comp, where, mode, func, args_blob, wait):
-        """Waits for a server (one CPU-bound task per server), creates the task
-        there; with ``wait``, gives its value (or failure) once it ended."""
+        """Waits for a server (one CPU-bound task running per server), creates the
+        task there; with ``wait``, gives ``('ended', status blob)`` once it ended
+        (the scheduler never unpickles a task's status: a shared one has none of the
+        client's classes; the Computation does, see _ended_value)."""
         me = current_task()
         while True:
+            if comp.closed:
+                return TaskError('computation %s closed' % comp.id)
             server = self._pick_server(comp, where, mode)
             if server is not None:
                 break
-            if comp.closed:
-                return TaskError('computation %s closed' % comp.id)
             if where is not None and not self._may_serve(comp, where):
                 return TaskError('no server of this computation at %s' % (where,))
             comp.waiting_runs.append((me._wait_for(), where, mode))
@@ -2516,18 +2616,19 @@ class Scheduler:
                 server.cpu_tasks -= 1
             self._dispatch(comp)
             return task if isinstance(task, BaseException) else TaskError(str(task))
+        if server.closed:       # lost while the answer was on its way
+            return PeerLost('server %s lost' % server.location)
         key = (server.location, task._id)
-        ended = comp.ended_early.pop(key, None)
-        if ended is None:
-            server.tasks[task._id] = (task, cpu, time.monotonic())
-            self._status(comp, TaskCreated, TaskInfo(task, (), {}, time.time()))
-            if not wait:
-                return task
-            comp.result_waiters[key] = me._wait_for()
-            return (yield None)
         self._status(comp, TaskCreated, TaskInfo(task, (), {}, time.time()))
-        self._status(comp, ended)
-        return _status_value(ended) if wait else task
+        ended = comp.ended_early.pop(key, None)
+        if ended is not None:
+            self._task_status(comp, *ended)
+            return ('ended', ended[0]) if wait else task
+        server.tasks[task._id] = (task, cpu, time.monotonic())
+        if not wait:
+            return task
+        comp.result_waiters[key] = me._wait_for()
+        return (yield None)
 
     def _may_serve(self, comp, where):
         """False when no server at ``where`` is or may become the computation's."""
@@ -2558,54 +2659,75 @@ class Scheduler:
         return min(candidates, key=lambda s: (s.cpu_tasks, len(s.tasks)))
 
     def _dispatch(self, comp):
-        """Wakes runs waiting for a server, as many as there are free servers."""
+        """Wakes runs waiting for a server, first come first served, as many as
+        there are free places (a run placed at a node or server, when that one is
+        free)."""
         waiting = comp.waiting_runs
+        free = None                 # free places for runs placed anywhere, counted once
         for _ in range(len(waiting)):
-            (task, wait_id), where, mode = waiting[0]
+            (task, wait_id), where, mode = waiting.popleft()
             if task._done or task._waiting != _WAIT_OTHER or task._wait_id != wait_id:
-                waiting.popleft()
                 continue
-            if self._pick_server(comp, where, mode) is None:
-                if where is None:
-                    break
-                waiting.rotate(-1)
+            if where is None:
+                if free is None:
+                    free = self._free_places(comp)
+                if free.get(mode, 0) > 0:
+                    free[mode] -= 1
+                    task._wake_wait(wait_id)
+                    continue
+            elif self._pick_server(comp, where, mode) is not None:
+                task._wake_wait(wait_id)
                 continue
-            waiting.popleft()
-            task._wake_wait(wait_id)
+            waiting.append(((task, wait_id), where, mode))
 
-    def _op_task_done(self, caller, comp_id, task, cpu, status):
-        """A server says one of its tasks ended (``status``: its MonitorStatus)."""
+    def _free_places(self, comp):
+        """{'cpu': places for CPU-bound runs, 'async': 1 if any server} now."""
+        servers = [s for s in self.servers.values()
+                   if s.ready and not s.closed and s.node.computation == comp.id]
+        depth = PREFETCH_DEPTH if comp.short_tasks() else 1
+        return {'cpu': sum(max(0, depth - s.cpu_tasks) for s in servers),
+                'async': len(comp.waiting_runs) + 1 if servers else 0}
+
+    def _op_task_done(self, caller, comp_id, task, cpu, blob, failure):
+        """A server says one of its tasks ended: ``blob`` is its pickled
+        MonitorStatus (passed on unopened), ``failure`` a line of text if it failed."""
         comp = self.by_id.get(comp_id)
         server = self.servers.get(caller)
         if server is not None and cpu and server.cpu_tasks > 0:
             server.cpu_tasks -= 1
         entry = server.tasks.pop(task._id, None) if server is not None else None
-        known = entry is not None
-        if known and cpu and comp is not None:
+        if entry is not None and cpu and comp is not None:
             comp.note_duration(time.monotonic() - entry[2])
         if comp is None:
             return None
         key = (caller, task._id)
-        if not known and server is not None:
-            comp.ended_early[key] = status      # its creation's answer is yet to come
+        if entry is None and server is not None:
+            comp.ended_early[key] = (blob, failure, task)   # its creation's answer is due
             if cpu:
                 comp.note_duration(0.0)         # it ended before that answer: short
         else:
-            self._status(comp, status)
+            self._task_status(comp, blob, failure, task)
             waiter = comp.result_waiters.pop(key, None)
             if waiter is not None:
-                waiter[0]._wake_wait(waiter[1], _status_value(status))
+                waiter[0]._wake_wait(waiter[1], ('ended', blob))
         self._dispatch(comp)
         return None
+
+    def _task_status(self, comp, blob, failure, task):
+        """A task's MonitorStatus (a blob) to status_task; a failure nobody watches
+        is logged."""
+        target = comp.status_task
+        if target is None:
+            if failure:
+                logger.warning('remote task %s failed: %s', task, failure)
+        elif target._remote is not None:
+            self.peers.queue(target._remote, ('T', target._id, blob), len(blob))
+        else:
+            target.send(pickle.loads(blob))     # a private scheduler: the client itself
 
     def _status(self, comp, status, info=None):
         target = comp.status_task
         if target is None:
-            if isinstance(status, MonitorStatus) and status.type not in (StopIteration,
-                                                                          GeneratorExit):
-                text = str(status.value or '').strip()
-                logger.warning('remote task %s failed: %s', status.info,
-                               text.splitlines()[-1] if text else status.type)
             return
         try:
             target.send(status if info is None else DispycosStatus(status, info))
@@ -2647,7 +2769,7 @@ class Scheduler:
         if not terminate:
             for _ in itertools.count():      # until the CPU-bound tasks are done
                 busy = [s for s in self.servers.values() if s.node.computation == comp.id
-                        and any(entry[1] for entry in s.tasks.values())]
+                        and s.cpu_tasks > 0]
                 if not busy or (deadline is not None and time.monotonic() > deadline):
                     break
                 yield current_task().sleep(0.05)
@@ -2658,7 +2780,7 @@ class Scheduler:
         nodes = [n for n in self.nodes.values() if n.computation == comp.id]
         for node in nodes:
             for server in list(node.servers.values()):
-                if server.ready or server.tasks:
+                if not server.closed:       # loaded, loading or not: it is closed
                     yield self.peers.call(server.location, 'server.close', (comp.id,),
                                           timeout=MsgTimeout)
                 self._status(comp, ServerClosed, server.location)
@@ -2667,6 +2789,10 @@ class Scheduler:
             yield self.peers.call(node.location, 'node.release', (comp.id,), timeout=MsgTimeout)
             node.computation = None
             self._status(comp, NodeClosed, self._avail_of(node))
+        for waiter in comp.result_waiters.values():     # their servers never answered
+            waiter[0]._wake_wait(waiter[1], TaskError('the computation closed before the '
+                                                      'task\'s end was known'))
+        comp.result_waiters.clear()
         self._status(comp, ComputationClosed, self.location)
         if comp in self.computations:
             first = self.computations[0] is comp
@@ -2735,7 +2861,8 @@ class _SchedulerDiscovery:
 
     def _on_unauthenticated(self, msg, addr, sock):
         if msg.get('t') == 'nak' and addr[0] not in self.refused_by:
-            self.refused_by.add(addr[0])
+            if len(self.refused_by) < 1024:     # said once per node (bounded)
+                self.refused_by.add(addr[0])
             logger.warning('the node at %s refused this scheduler\'s ping: its secret is '
                            'not this one', addr[0])
 
@@ -2766,6 +2893,18 @@ def unwatch_endpoint(loop, endpoint):
         endpoint.unregister(loop.selector)
         endpoint.close()
     loop.in_loop(unregister)
+
+
+def _ended_value(result):
+    """What a run method gives for the scheduler's answer: ``('ended', blob)`` is a
+    task's end (its MonitorStatus, unpickled here, in the client)."""
+    if type(result) is tuple and len(result) == 2 and result[0] == 'ended':
+        try:
+            return _status_value(pickle.loads(result[1]))
+        except Exception as exc:
+            return TaskError('the task\'s result could not be unpickled here: %s: %s'
+                             % (type(exc).__name__, exc))
+    return result
 
 
 def _status_value(status):
@@ -2868,8 +3007,6 @@ class Computation:
         with open(path, 'rb') as f:
             data = f.read()
         name = os.path.basename(path)
-        if kind == 'module':
-            name = name
         return (name, data, os.stat(path).st_mode & 0o777, kind)
 
     # -- scheduling ----------------------------------------------------------------------------
@@ -2920,7 +3057,11 @@ class Computation:
         except Exception as exc:
             return _error_result(TypeError('the arguments of %s could not be pickled: %s: %s'
                                            % (name, type(exc).__name__, exc)))
-        return self._call('sched.run', where, mode, func, blob, wait)
+        return self._run_call(where, mode, func, blob, wait)
+
+    def _run_call(self, where, mode, func, blob, wait):
+        result = yield self._call('sched.run', where, mode, func, blob, wait)
+        return _ended_value(result)
 
     def run_at(self, where, gen, *args, **kwargs):
         """``rtask = yield computation.run_at(where, gen, ...)``: a task at a server
@@ -3105,7 +3246,8 @@ def build_parser():
         help='a node beyond the local network: host or host:port (repeatable)')
     add('--relay_nodes', action='store_true', help='accepted for pycos 4.12 scripts')
     add('--zombie_period', type=float, default=10 * MaxPulseInterval,
-        help='seconds a computation may stay idle before it is closed (0: never)')
+        help='accepted (dispycos part 2: idle computations closed); a client that '
+        'vanishes frees its nodes at once')
     add('--pulse_interval', type=float, default=None, help='accepted for pycos 4.12 scripts')
     return parser
 

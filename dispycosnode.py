@@ -72,6 +72,7 @@ class ServerRuntime:
         self.close_after = None     # the task that called dispycos_close_server()
         self.done = 0
         self._saved_main = sys.modules.get('__main__')
+        self.modules_before = set(sys.modules)
         self._saved_path = list(sys.path)
         self._saved_cwd = os.getcwd()
         for op in ('load', 'run', 'close', 'peers', 'status'):
@@ -90,6 +91,7 @@ class ServerRuntime:
         os.chdir(self.dir)
         sys.path[:0] = [self.dir, self.node_dir]
         sys.modules['__main__'] = module
+        self.modules_before = set(sys.modules)
         self.namespace, self.comp, self.scheduler = module, comp_id, scheduler
         try:
             for name in spec.get('modules', ()):
@@ -123,15 +125,16 @@ class ServerRuntime:
         if target is None:
             raise TaskError('%s is not defined at %s' % (name, self.pycos.location))
         args, kwargs = pickle.loads(blob)
-        if cpu and self.cpu_running is not None:
-            task = Task._held(target, args, kwargs)     # after the one running
-            self.cpu_waiting.append(task)
-        else:
-            task = Task(target, *args, **kwargs)
-            if cpu:
-                self.cpu_running = task
+        # made held, so its end is watched even if it ends as it starts (bad arguments)
+        task = Task._held(target, args, kwargs)
         self.tasks[task._id] = task
         task._add_finish_waiter(lambda t: self._ended(t, cpu))
+        if cpu and self.cpu_running is not None:
+            self.cpu_waiting.append(task)               # after the one running
+        else:
+            if cpu:
+                self.cpu_running = task
+            task._release_held()
         return task
 
     def _ended(self, task, cpu):
@@ -145,11 +148,15 @@ class ServerRuntime:
         self.tasks.pop(task._id, None)
         self.done += 1
         status = _portable_status(task._end_status)
+        failure = None
         if status.type not in (StopIteration, GeneratorExit):
-            logger.info('task %s failed:\n%s', task, str(status.value).rstrip())
+            text = str(status.value).rstrip()
+            logger.info('task %s failed:\n%s', task, text)
+            failure = text.splitlines()[-1] if text else getattr(status.type, '__name__', '?')
         if self.scheduler is not None:
+            blob = pickle.dumps(status, dispycos.BLOB_PROTOCOL)
             self.pycos.peers.notify(self.scheduler, 'sched.task_done',
-                                    (self.comp, task, cpu, status))
+                                    (self.comp, task, cpu, blob, failure))
             if task is self.close_after:     # in the same frame: no task comes here now
                 self.pycos.peers.notify(self.scheduler, 'sched.server_closing', (self.comp,))
         if task is self.close_after:
@@ -173,6 +180,13 @@ class ServerRuntime:
             self.namespace.__dict__.clear()
         self.namespace = self.comp = self.scheduler = None
         sys.modules['__main__'] = self._saved_main
+        for name in set(sys.modules) - self.modules_before:
+            # the computation's own modules (its files); not libraries it imported,
+            # which some (C extensions) cannot be loaded twice in one process
+            path = getattr(sys.modules[name], '__file__', None) or ''
+            if path.startswith(self.node_dir + os.sep):
+                del sys.modules[name]
+        self.modules_before = set(sys.modules)
         sys.path[:] = self._saved_path
         try:
             os.chdir(self._saved_cwd)
@@ -352,7 +366,7 @@ class Node:
         self.comp_files = []
         self.waiting = set()        # schedulers refused while busy
         self.ending = False         # _end_computation under way
-        self.idle_since = time.monotonic()
+        self.ended_here = set()     # computations this node ended itself
         addr = config.ip_addr[0] if config.ip_addr else dispycos.default_address()
         addr = dispy.resolve_or_exit(addr, 'dispycosnode')
         ext = config.ext_ip_addr[0] if config.ext_ip_addr else None
@@ -432,6 +446,8 @@ class Node:
         if not self.accepting or not self.in_window:
             raise TaskError('node %s is not accepting computations (%s)' % (
                 self.location, 'outside its service window' if self.accepting else 'closing'))
+        if comp_id in self.ended_here:
+            raise TaskError('node %s ended computation %s' % (self.location, comp_id[:8]))
         if self.comp is not None and self.comp[0] != comp_id:
             self.waiting.add(scheduler)         # told when this node is free again
             raise TaskError('node %s serves another computation' % self.location)
@@ -440,7 +456,6 @@ class Node:
             receiver.chunk(name, mode, 0, data, True, source=comp_id)
             self.comp_files.append(receiver.path_for(name))
         self.comp = (comp_id, scheduler)
-        self.idle_since = time.monotonic()
         logger.info('computation %s of %s uses %d servers', comp_id[:8], client, cpus)
         return [list(s.location.key()) for s in self.servers[:cpus] if s.ready.is_set()]
 
@@ -512,6 +527,9 @@ class Node:
     def _end_computation(self, why):
         if self.comp is not None and not self.ending:
             self.ending = True
+            if len(self.ended_here) > 100:
+                self.ended_here.clear()
+            self.ended_here.add(self.comp[0])   # its scheduler must not take it back
             Task(self._end_computation_task, self.comp, why).set_daemon()
 
     def _end_computation_task(self, comp, why, task=None):
