@@ -1192,5 +1192,23 @@ class ExitTest(RuntimeCase):
         self.assertNotIn('woke', proc.stdout)
 
 
+    def test_logger_prints_once_the_level_allows(self):
+        """pycos.logger: INFO prints by default, DEBUG once setLevel(Logger.DEBUG)."""
+        proc, _elapsed = self.run_script(
+            'pycos = dispycos\n'
+            'pycos.logger.debug("hidden debug line")\n'
+            'pycos.logger.info("first info line")\n'
+            'pycos.logger.setLevel(pycos.Logger.DEBUG)\n'
+            'pycos.logger.debug("shown debug line")\n'
+            'pycos.logger.setLevel(pycos.Logger.WARNING)\n'
+            'pycos.logger.info("hidden info line")\n'
+            'pycos.logger.warning("a warning line")\n')
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        lines = [line.split(': ', 1)[-1] for line in proc.stderr.splitlines()]
+        self.assertEqual(lines, ['first info line', 'shown debug line', 'a warning line'],
+                         proc.stderr)
+        self.assertEqual(proc.stdout, '')
+
+
 if __name__ == '__main__':
     unittest.main()
