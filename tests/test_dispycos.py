@@ -1173,5 +1173,35 @@ class SecretTest(unittest.TestCase):
                                    + self.node.stderr()[marks[1]:], 5), self.node.output())
 
 
+def _other_pythons():
+    from tests.test_cluster import other_pythons
+    return other_pythons()
+
+
+@unittest.skipUnless(_other_pythons(), 'no other CPython 3.9+ under pyenv')
+class MixedVersionsTest(unittest.TestCase):
+    """A node on each other installed CPython (3.9+), the client on this one:
+    'dispycos_client3.py' (instances of the client's class both ways) runs."""
+
+    timeout = 300
+
+    def test_node_on_other_versions(self):
+        for python in _other_pythons():
+            with self.subTest(node=python):
+                node = DispycosNode(NODE_A, cpus=1)
+                node.python = python
+                self.addCleanup(stop_checked, node)
+                node.start()
+                proc = subprocess.run(
+                    [sys.executable, os.path.join(EXAMPLES, 'dispycos_client3.py'), '3'],
+                    env=client_env([node.location]), cwd=node.dir, capture_output=True,
+                    text=True, timeout=CLIENT_TIMEOUT)
+                self.assertEqual(proc.returncode, 0, proc.stderr + node.output())
+                results = re.findall(r'^result (\d+): C\(\d+, n=[\d.]+, at %s\)$'
+                                     % re.escape(node.servers[0]), proc.stdout, re.M)
+                self.assertEqual(sorted(results), ['0', '1', '2'], proc.stdout)
+                stop_checked(node)
+
+
 if __name__ == '__main__':
     unittest.main()
