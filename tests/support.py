@@ -316,6 +316,23 @@ def read_file(path):
         return f.read()
 
 
+def kill_group(proc, files=()):
+    """SIGKILL to the process group of ``proc`` (a client a test started in a session
+    of its own), a bounded wait for it, then ``files`` (its output) closed."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+    for f in files:
+        if not f.closed:
+            f.close()
+
+
 def kill_pids(pids):
     """SIGKILL to each of ``pids`` still alive (processes a test itself started)."""
     for pid in pids:

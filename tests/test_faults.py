@@ -249,17 +249,7 @@ class ClientScript:
             return None
 
     def kill(self):
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
-        for f in (self._out, self._err):
-            f.close()
+        support.kill_group(self.proc, (self._out, self._err))
 
 
 # ================================================================================
