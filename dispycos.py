@@ -1894,7 +1894,11 @@ class Pycos:
         addr = dispy.resolve_host(location.addr) or location.addr
         location = Location(addr, location.port)
         info = yield peers.call(location, 'pycos.hello', (), timeout=MsgTimeout)
-        return 0 if isinstance(info, dict) else -1
+        if not isinstance(info, dict):
+            return -1
+        if info.get('role') == 'node' and Scheduler._local is not None:
+            Scheduler._local.add_node(location)     # a node beyond the LAN (seed §6.12)
+        return 0
 
     def peer_status(self, task):
         """``task`` receives a PeerStatus whenever a peer connects or is lost."""
@@ -2403,6 +2407,12 @@ class Scheduler:
             self._status(comp, ServerDiscovered, location)
             if not comp.spec.get('disable_servers'):
                 self._load_server(comp, server, ())
+
+    def add_node(self, location):
+        """Asks the node at ``location`` to make itself known (``Pycos.peer``)."""
+        self.peers.call_back(location, 'node.info', (),
+                             lambda ok, info: ok and isinstance(info, dict)
+                             and self._op_node_here(location, info))
 
     def _avail_of(self, node):
         info = node.info

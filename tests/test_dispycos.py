@@ -1162,6 +1162,38 @@ class SecretTest(unittest.TestCase):
                                    + self.node.stderr()[marks[1]:], 5), self.node.output())
 
 
+PEER_CLIENT = '''
+def where(task=None):
+    yield task.sleep(0)
+    return str(task.location)
+
+
+def client_proc(computation, node, task=None):
+    # seed 003 §6.12: a node beyond the LAN, made known with peer() before schedule()
+    emit('peer', (yield pycos.Pycos().peer(pycos.Location(*node))))
+    if (yield computation.schedule()):
+        raise Exception('not scheduled')
+    emit('where', (yield computation.run_result(where)))
+    yield computation.close()
+
+
+host, port = sys.argv[1].split(':')
+pycos.Scheduler()
+pycos.Task(client_proc, pycos.Computation([where]), (host, int(port)))
+'''
+
+
+class PeerTest(NodePairCase):
+    """``Pycos().peer(Location)``: a node the scheduler was not told of (no
+    DISPYCOS_PEERS) is used once peered."""
+
+    def test_peer_makes_a_node_known(self):
+        node = self.node_a
+        client = self.run_client(PEER_CLIENT, peers=[], args=[node.location])
+        self.assertEqual(client.record('peer'), 0, client.output())
+        self.assertIn(client.record('where'), node.servers, client.output())
+
+
 def _other_pythons():
     from tests.test_cluster import other_pythons
     return other_pythons()
