@@ -306,6 +306,7 @@ class _Runner:
                     task._step()
                 except Exception:   # the runner's own fault: the task is lost, not us
                     logger.exception('dispycos: stepping task %s failed', task)
+                    task._lost()
                 self._run_calls()
             for hook in self.after_turn:            # what the tasks sent leaves now
                 self._guarded(hook, ())
@@ -675,6 +676,14 @@ class Task:
         _live_tasks.pop(self._id, None)
         _remember_ended(self)
         self._runner.task_ended(self)
+
+    def _lost(self):
+        """The end of a task whose step failed in the runner itself (not in its
+        code): counted as ended, so the program's exit does not wait for it."""
+        if not self._done:
+            self._done = True
+            _live_tasks.pop(self._id, None)
+            self._runner.task_ended(self)
 
     def _result(self):
         """What finish() / value() give: the value, or the exception it failed with."""
@@ -1228,12 +1237,9 @@ class Channel:
         if self._remote is not None:
             return Pycos.instance().peers.call(self._remote, 'channel.subscribe',
                                                 (self._name, subscriber), timeout=timeout)
-        _the_runner().call(self._subscribe, subscriber)
-        return 0
-
-    def _subscribe(self, subscriber):
         if subscriber not in self._subscribers:
             self._subscribers.append(subscriber)
+        return 0
 
     def unsubscribe(self, subscriber, timeout=None):
         if self._remote is not None:
@@ -1361,6 +1367,7 @@ class _Peers:
                          name='pycos-listen').start()
         self.location = Location(ext_addr or addr, self.listener.port)
         self.conns = {}             # Location -> LoopConnection (runner's view)
+        self.spare = set()          # second connections of peers (see _connected)
         self.dialing = {}           # Location -> [messages waiting for the connection]
         self.outq = {}              # Location -> [messages, bytes] to flush
         self.calls = {}             # token -> (Location, callback(ok, value))
@@ -1532,9 +1539,10 @@ class _Peers:
             for sub in msg[1]:
                 self._on_message(link, conn, sub)
         elif kind == 'R':
-            entry = self.calls.get(msg[1])
-            if entry is not None and entry[0] == link.location:    # only who was asked
-                del self.calls[msg[1]]
+            # by token alone: a peer known under two locations (its own, and the
+            # address dialed) may answer on either connection
+            entry = self.calls.pop(msg[1], None)
+            if entry is not None:
                 ok, value = _loads_answer(msg[2])
                 entry[1](ok, value)
         elif kind == 'C':
@@ -1616,13 +1624,13 @@ class _Peers:
         old = self.conns.get(location)
         if old is not None and not old.closed and old is not conn:
             # Both sides dialed at once: each sends on the connection the lower
-            # location dialed, so both use the same one; the other still delivers
-            # what the peer sent on it before it knew, and is closed a while later.
+            # location dialed, so both use the same one.  The other stays open, read
+            # and pulsed (never closed by this side: a peer that knows this process
+            # under another location may use it), at most one a peer.
             lower_is_me = self.location.key() < location.key()
-            keep, drop = (conn, old) if conn.dialed_here == lower_is_me else (old, conn)
+            keep, spare = (conn, old) if conn.dialed_here == lower_is_me else (old, conn)
             self.conns[location] = keep
-            self.runner.call_later(2 * MsgTimeout, drop.close,
-                                   'a second connection to the same peer', True)
+            self.spare.add(spare)       # still read and pulsed (the peer may send on it)
         else:
             self.conns[location] = conn
         waiting = self.dialing.pop(location, None)
@@ -1651,6 +1659,7 @@ class _Peers:
             hook(location)
 
     def _on_closed(self, link, conn, reason):
+        self.spare.discard(conn)
         if self.conns.get(link.location) is not conn:
             return                      # a second connection of the same peer
         del self.conns[link.location]
@@ -1680,7 +1689,7 @@ class _Peers:
         if now - self._last_pulse_check < 1.0:
             return
         self._last_pulse_check = now
-        for conn in list(self.conns.values()):
+        for conn in list(self.conns.values()) + list(self.spare):
             if conn.closed:
                 continue
             if now - conn.last_recv > DEAD_PULSES * PULSE_INTERVAL:
@@ -1689,7 +1698,7 @@ class _Peers:
                 conn.send(('PULSE', time.time()))
 
     def close(self):
-        for conn in list(self.conns.values()):
+        for conn in list(self.conns.values()) + list(self.spare):
             conn.close('closing', flush=True)
         self.listener.close()
         self.loop.stop()
@@ -1770,7 +1779,8 @@ class Pycos:
                 if self._peers is None:
                     self._configure(node, tcp_port, udp_port, ext_ip_addr, name, secret,
                                     certfile, keyfile, dest_path, max_file_size)
-                    self.peers
+                    if node is not None or tcp_port:
+                        self.peers
                 else:
                     logger.debug('Pycos() options ignored: the network is already up')
             return
@@ -2716,10 +2726,10 @@ class Scheduler:
             if cpu:
                 comp.note_duration(0.0)         # it ended before that answer: short
         else:
-            self._task_status(comp, blob, failure, task)
             waiter = comp.result_waiters.pop(key, None)
             if waiter is not None:
                 waiter[0]._wake_wait(waiter[1], ('ended', blob))
+            self._task_status(comp, blob, failure, task)
         self._dispatch(comp)
         return None
 
@@ -2732,8 +2742,13 @@ class Scheduler:
                 logger.warning('remote task %s failed: %s', task, failure)
         elif target._remote is not None:
             self.peers.queue(target._remote, ('T', target._id, blob), len(blob))
-        else:
-            target.send(pickle.loads(blob))     # a private scheduler: the client itself
+        else:                                   # a private scheduler: the client itself
+            try:
+                status = pickle.loads(blob)
+            except Exception as exc:            # e.g. a class only the servers have
+                status = MonitorStatus(task, TaskError, 'the status could not be unpickled '
+                                       'here: %s: %s' % (type(exc).__name__, exc))
+            target.send(status)
 
     def _status(self, comp, status, info=None):
         target = comp.status_task

@@ -366,7 +366,7 @@ class Node:
         self.comp_files = []
         self.waiting = set()        # schedulers refused while busy
         self.ending = False         # _end_computation under way
-        self.ended_here = set()     # computations this node ended itself
+        self.ended_here = set()     # computations its operator closed (not taken back)
         addr = config.ip_addr[0] if config.ip_addr else dispycos.default_address()
         addr = dispy.resolve_or_exit(addr, 'dispycosnode')
         ext = config.ext_ip_addr[0] if config.ext_ip_addr else None
@@ -522,14 +522,16 @@ class Node:
 
     def close_computation(self):
         """stdin's close: the computation ends here, its scheduler told."""
-        self.pycos._runner.post(self._end_computation, 'closed by the node\'s operator')
+        self.pycos._runner.post(self._end_computation, 'closed by the node\'s operator',
+                                True)
 
-    def _end_computation(self, why):
+    def _end_computation(self, why, refuse=False):
         if self.comp is not None and not self.ending:
             self.ending = True
-            if len(self.ended_here) > 100:
-                self.ended_here.clear()
-            self.ended_here.add(self.comp[0])   # its scheduler must not take it back
+            if refuse:                  # the operator's close: not taken back
+                if len(self.ended_here) > 100:
+                    self.ended_here.clear()
+                self.ended_here.add(self.comp[0])
             Task(self._end_computation_task, self.comp, why).set_daemon()
 
     def _end_computation_task(self, comp, why, task=None):
