@@ -312,10 +312,63 @@ pycos.Task(client_proc)
 '''
 
 
+SERVER_ONLY_CLASS_CLIENT = '''
+def compute(task=None):
+    import sys, types
+    module = types.ModuleType('serveronly')     # a library only the servers have
+    sys.modules['serveronly'] = module
+
+    class Foo(object):
+        pass
+    Foo.__module__, Foo.__qualname__ = 'serveronly', 'Foo'
+    module.Foo = Foo
+    yield task.sleep(0.1)
+    return Foo()
+
+
+def status_proc(task=None):
+    task.set_daemon()
+    while True:
+        msg = yield task.receive()
+        if isinstance(msg, pycos.MonitorStatus):
+            emit('status', [type_name(msg.type), str(msg.value)])
+
+
+def client_proc(computation, task=None):
+    if (yield within(20, computation.schedule())):
+        raise Exception('not scheduled')
+    t0 = time.monotonic()
+    value = yield within(20, computation.run_result(compute))
+    emit('value', describe(value, time.monotonic() - t0))
+    emit('closed', (yield within(20, computation.close())))
+
+
+status = pycos.Task(status_proc)
+pycos.Scheduler()
+pycos.Task(client_proc, pycos.Computation([compute], status_task=status))
+'''
+
+
 class OneServerNodeTest(NodeCase):
 
     IP = NODE_B
     CPUS = 1
+
+    def test_value_of_a_class_only_servers_have(self):
+        """A task returns an object of a module only the servers have, with a
+        status_task: run_result gives a TaskError saying so, promptly, and the
+        status_task gets a TaskError status.  (Before, unpickling it for the
+        status_task stopped the task_done handler: run_result hung.)"""
+        client = self.run_client(SERVER_ONLY_CLASS_CLIENT)
+        out = client.output() + nodes_output(self.node)
+        value = client.record('value')
+        self.assertEqual(value['class'], 'TaskError', out)
+        self.assertIn('could not be unpickled', value['text'], out)
+        self.assertLess(value['seconds'], 5, out)
+        kind, text = client.record('status')
+        self.assertEqual(kind, 'TaskError', out)
+        self.assertIn('serveronly', text, out)
+        self.assertEqual(client.record('closed'), 0, out)
 
     def test_too_many_arguments(self):
         """run_result(compute, 1, 2, 3) for compute(n): a TaskError naming the
@@ -559,6 +612,69 @@ class DoubleDialTest(unittest.TestCase):
                              [['%s:%d' % (ips[other], ports[other]), 'Online']], out)
 
 
+TWO_NAMES_B = '''
+# B serves on one address and announces another (--ext_ip_addr); it talks to A first
+node, ext, a_addr, a_port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+pycos.Pycos(node=node, tcp_port=0, ext_ip_addr=ext)
+emit('port', pycos.Pycos.instance().location.port)
+
+
+def main(task=None):
+    a = pycos.Task._reference(pycos.Location(a_addr, a_port), 'sink', 'sink')
+    for _ in range(100):
+        a.send('hello from B')
+        yield task.sleep(0.1)
+
+
+pycos.Task(main)
+'''
+
+TWO_NAMES_A = '''
+# A hears from B (under B's announced location), then peers B at its real address
+me, me_port = sys.argv[1], int(sys.argv[2])
+pycos.Pycos(node=me, tcp_port=me_port)
+
+
+def sink(task=None):
+    task.register('sink')
+    emit('got', (yield task.receive(timeout=20)))
+    b_addr, b_port = sys.argv[3], int(sys.argv[4])
+    t0 = time.monotonic()
+    result = yield pycos.Pycos().peer(pycos.Location(b_addr, b_port))
+    emit('peer', [result, time.monotonic() - t0])
+
+
+pycos.Task(sink)
+'''
+
+
+class TwoNamesTest(unittest.TestCase):
+
+    timeout = 90
+
+    def test_peer_known_under_two_locations_answers(self):
+        """B (serving on 127.0.0.43, announcing 127.0.0.42) sends to A first; A then
+        peers B at 127.0.0.43: B answers on the connection A knows under the other
+        location, and the answer counts.  (Before, answers were taken only from the
+        location asked: peer() gave -1 after 10 s.)"""
+        a_port = free_ports('127.0.0.44', 1)
+        env = clean_environ()
+        a = Client(self, None, env, ['127.0.0.44', a_port, '127.0.0.43', 0],
+                   script(TWO_NAMES_A))
+        b = Client(self, None, env, ['127.0.0.43', '127.0.0.42', '127.0.0.44', a_port],
+                   script(TWO_NAMES_B))
+        b_port = b.wait_record('port', 20)
+        self.assertIsNotNone(b_port, b.output())
+        a.kill()                        # A again, now that B's port is known
+        a = Client(self, None, env, ['127.0.0.44', a_port, '127.0.0.43', b_port],
+                   script(TWO_NAMES_A))
+        a.finish(CLIENT_TIMEOUT)
+        self.assertEqual(a.record('got'), 'hello from B', a.output())
+        result, seconds = a.record('peer')
+        self.assertEqual(result, 0, a.output())
+        self.assertLess(seconds, 5, a.output())
+
+
 # ================================================================================
 # 5. The runtime, without the network
 # ================================================================================
@@ -582,6 +698,18 @@ class RuntimeRegressTest(unittest.TestCase):
                                   name='plain thread', daemon=True)
         thread.start()
         self.addCleanup(thread.join, WAIT)
+
+    def test_channel_subscribe_then_send_from_a_thread(self):
+        """subscribe() then send() from a plain thread: the subscriber gets it (a
+        subscription handed to the runner later would miss it)."""
+        def sub(task=None):
+            return (yield task.receive(timeout=WAIT))
+        task = self.spawn(sub)
+        channel = dispycos.Channel('from-a-thread-%d' % id(task))
+        self.addCleanup(channel.close)
+        self.assertEqual(channel.subscribe(task), 0)
+        self.assertEqual(channel.send('hi'), 1)
+        self.assertEqual(task.value(WAIT), 'hi')
 
     def test_semaphore_release_from_a_thread_wakes_the_task(self):
         """(Before, the wake-up from another thread went into the runner's ready
