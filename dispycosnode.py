@@ -403,6 +403,36 @@ class Node:
         self.discovery = _NodeDiscovery(self, config)
         if not self.window.always:
             self.pycos._runner.call_later(WINDOW_CHECK, self._check_window)
+        self.zombie_period = config.zombie_period
+        self.last_busy = time.monotonic()
+        if self.zombie_period:
+            self.pycos._runner.call_later(self._idle_check_every(), self._check_idle)
+
+    # -- --zombie_period: a computation idle that long is closed ----------------------
+    def _idle_check_every(self):
+        return max(0.5, min(5.0, self.zombie_period / 4))
+
+    def _check_idle(self):
+        if self.comp is not None and not self.ending:
+            Task(self._look_idle, self.comp).set_daemon()
+        if not self.quitting:
+            self.pycos._runner.call_later(self._idle_check_every(), self._check_idle)
+
+    def _look_idle(self, comp, task=None):
+        """Asks the servers whether tasks of the computation run; none for
+        --zombie_period seconds ends it (its scheduler told, not taken back)."""
+        for server in self.servers:
+            if server.ready.is_set():
+                status = yield self.pycos.peers.call(server.location, 'server.status', (),
+                                                     timeout=5)
+                if not isinstance(status, dict) or status['tasks']:
+                    self.last_busy = time.monotonic()   # running (or not answering)
+                    return
+        idle = time.monotonic() - self.last_busy
+        if self.comp == comp and idle > self.zombie_period:
+            logger.info('computation %s idle for %.0f s (--zombie_period): closing it',
+                        comp[0][:8], idle)
+            self._end_computation('idle for %.0f s (--zombie_period)' % idle, refuse=True)
 
     def _check_window(self):
         """The service window's turns (runner thread, every WINDOW_CHECK s): serving
@@ -456,6 +486,7 @@ class Node:
             receiver.chunk(name, mode, 0, data, True, source=comp_id)
             self.comp_files.append(receiver.path_for(name))
         self.comp = (comp_id, scheduler)
+        self.last_busy = time.monotonic()
         logger.info('computation %s of %s uses %d servers', comp_id[:8], client, cpus)
         return [list(s.location.key()) for s in self.servers[:cpus] if s.ready.is_set()]
 
@@ -691,7 +722,8 @@ def build_parser():
     add('--max_pulse_interval', type=float, default=dispycos.MaxPulseInterval,
         help='largest pulse_interval a computation may ask for')
     add('--zombie_period', type=float, default=None,
-        help='seconds a computation may stay idle before it is closed (dispycos part 2)')
+        help='seconds a computation may run no task here before the node closes it '
+        '(default: never; a client that vanishes frees the node at once)')
     add('--serve', type=int, default=-1, help='quit after serving this many computations')
     add('--service_start', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
         help='time of day it starts serving (default: now)')

@@ -533,6 +533,68 @@ class ServerStatusTest(NodeCase):
                              sorted(node.servers), (name, statuses))
 
 
+IDLE_CLIENT = '''
+STATUS = []
+
+
+def status_proc(task=None):
+    task.set_daemon()
+    while True:
+        msg = yield task.receive()
+        if isinstance(msg, pycos.DispycosStatus):
+            STATUS.append([msg.status, str(msg.info)])
+
+
+def where(seconds, task=None):
+    yield task.sleep(seconds)
+    return 1
+
+
+def client_proc(computation, task=None):
+    if (yield computation.schedule()):
+        raise Exception('not scheduled')
+    # a task longer than the zombie period keeps the computation: it is not idle
+    emit('value', (yield computation.run_result(where, 3)))
+    t0 = time.monotonic()
+    for _ in range(300):                # then idle: the node closes it (at most 30 s)
+        if not (yield computation.servers()):
+            break
+        yield task.sleep(0.1)
+    emit('idle_closed_after', time.monotonic() - t0)
+    emit('servers', (yield computation.servers()))
+    emit('statuses', STATUS)
+    yield computation.close()
+
+
+pycos.Scheduler()
+computation = pycos.Computation([where], status_task=pycos.Task(status_proc))
+pycos.Task(client_proc, computation)
+'''
+
+
+class ZombiePeriodTest(NodeCase):
+
+    def test_idle_computation_is_closed(self):
+        """--zombie_period 2: a 3 s task does not count as idle; 2 s after it ended
+        with nothing running, the node closes the computation, says why, and its
+        scheduler sees the servers go (ServerClosed, NodeClosed)."""
+        node = self.start_node(NODE_B, args=['--zombie_period', '2'])
+        client = self.client(IDLE_CLIENT, node)
+        client.finish(CLIENT_TIMEOUT, node.output())
+        out = client.output() + node.output()
+        self.assertEqual(client.record('value'), 1, out)
+        self.assertEqual(client.record('servers'), [], out)
+        self.assertLess(client.record('idle_closed_after'), 10, out)
+        self.assertGreater(client.record('idle_closed_after'), 1, out)
+        statuses = client.record('statuses')
+        self.assertEqual(sorted(info for status, info in statuses if status == 'ServerClosed'),
+                         sorted(node.servers), out)
+        self.assertTrue([info for status, info in statuses
+                         if status == 'NodeClosed' and node.location in info], out)
+        self.assertRegex(node.stderr(), r'computation \w+ idle for \d+ s \(--zombie_period\)'
+                         r': closing it')
+
+
 # ================================================================================
 # 5. stdin terminate while a task runs
 # ================================================================================
