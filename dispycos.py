@@ -76,6 +76,7 @@ import os
 import pickle
 import queue
 import re
+import reprlib
 import selectors
 import socket
 import subprocess
@@ -414,7 +415,16 @@ atexit.register(_wait_for_tasks)
 # ================================================================================
 
 def _accepts_task(func):
-    """True when ``func`` takes a ``task`` argument (pycos passes the task itself)."""
+    """True when ``func`` takes a ``task`` argument (pycos passes the task itself);
+    asked once a function (inspect.signature costs more than making the task)."""
+    try:
+        return _takes_task(func)
+    except TypeError:                   # an unhashable callable
+        return _takes_task.__wrapped__(func)
+
+
+@functools.lru_cache(maxsize=1024)
+def _takes_task(func):
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
@@ -1313,7 +1323,7 @@ PULSE_INTERVAL = float(os.environ.get('DISPYCOS_PULSE', MinPulseInterval))
 
 
 class _Reply:
-    """What a service handler returns to answer later: ``reply.send(value)``."""
+    """The answer to one call: ``reply.send(value)`` (once)."""
 
     def __init__(self, peers, location, token):
         self._peers, self._location, self._token = peers, location, token
@@ -1428,9 +1438,6 @@ class _Peers:
         """``value = yield peers.call(...)``: a generator for a task to yield; gives
         the service's answer, or the exception that stopped it (PeerLost on a lost
         peer, TimeoutError on ``timeout``)."""
-        return self._call(location, op, args, timeout)
-
-    def _call(self, location, op, args, timeout):
         task = current_task()
         if task is None:
             raise RuntimeError('a call to another process is used with yield in a task')
@@ -1484,9 +1491,6 @@ class _Peers:
 
     def deliver_task(self, task, message, timeout):
         """``yield rtask.deliver(msg)``: 1 once it is in the task's mailbox."""
-        return self._deliver(task, message, timeout)
-
-    def _deliver(self, task, message, timeout):
         me = current_task()
         if me is None:
             raise RuntimeError('deliver() is used with yield in a task')
@@ -1588,8 +1592,6 @@ class _Peers:
             return
         if inspect.isgenerator(result):
             Task(_serve_generator, result, reply).set_daemon()
-        elif isinstance(result, _Reply):
-            pass                        # the handler answers later
         elif reply:
             reply.send(result)
 
@@ -1873,9 +1875,8 @@ class Pycos:
         return task if task is not None and not task._done else None
 
     def _locate(self, kind, name, location, timeout):
-        return self.__locate(kind, name, location, timeout)
-
-    def __locate(self, kind, name, location, timeout):
+        """``yield``: the task or channel registered under ``name`` (here, at
+        ``location``, or at any connected peer), or None."""
         if location is None or location == self._location:
             registry = Task._registry if kind == 'task' else Channel._registry
             found = registry.get(name)
@@ -2072,13 +2073,7 @@ def _portable(value):
         pickle.dumps(value, BLOB_PROTOCOL)
         return value
     except Exception as exc:
-        return TaskError('the value %s could not be pickled: %s' % (
-            reprlib_repr(value), exc))
-
-
-def reprlib_repr(value):
-    import reprlib
-    return reprlib.repr(value)
+        return TaskError('the value %s could not be pickled: %s' % (reprlib.repr(value), exc))
 
 
 def _wait_portable(task, timeout=None):
@@ -2229,6 +2224,22 @@ class TaskInfo:
         return 'TaskInfo(%s)' % (self.task,)
 
 
+_REGEX_CHARS = re.compile(r'[*?\[\]\\(){}|+^$]')
+
+
+def _address_pattern(node):
+    """A DispycosNodeAllocate's ``node`` as a regular expression of addresses: '*'
+    any; a name or address (resolved) that one; '10.1.*' a wildcard; else the
+    expression given."""
+    if node == '*':
+        return '.*'
+    if not _REGEX_CHARS.search(node):
+        return re.escape(dispy.resolve_host(node) or node)
+    if '*' in node and '.*' not in node:
+        return node.replace('.', r'\.').replace('*', '.*')
+    return node
+
+
 class DispycosNodeAllocate:
     """Which nodes a computation uses, and how many of their servers (seed 003
     §6.7): ``node`` (a name, an address or a regular expression of addresses),
@@ -2239,12 +2250,7 @@ class DispycosNodeAllocate:
 
     def __init__(self, node='*', platform='', cpus=0, memory=0, disk=0, **_ignored):
         self.node = node if node else '*'
-        if self.node != '*' and not re.search(r'[*?\[\]\\(){}|+^$]', self.node):
-            self.node = dispy.resolve_host(self.node) or self.node
-        self.ip_rex = '.*' if self.node == '*' else (
-            re.escape(self.node) if not re.search(r'[*?\[\]\\(){}|+^$]', self.node)
-            else self.node.replace('.', r'\.').replace('*', '.*')
-            if '*' in self.node and '.*' not in self.node else self.node)
+        self.ip_rex = _address_pattern(self.node)
         self.platform = platform or ''
         self.cpus, self.memory, self.disk = int(cpus or 0), int(memory or 0), int(disk or 0)
 
@@ -2317,14 +2323,12 @@ class _ServerState:
 
 
 class _NodeState:
-    __slots__ = ('location', 'info', 'servers', 'computation', 'avail', 'allocated',
-                 'reserving')
+    __slots__ = ('location', 'info', 'servers', 'computation', 'allocated', 'reserving')
 
     def __init__(self, location, info):
         self.location, self.info = location, info
         self.servers = {}           # Location -> _ServerState
         self.computation = None     # the id of the computation it serves
-        self.avail = None
         self.allocated = 0
         self.reserving = False      # node.reserve sent, not answered yet
 
