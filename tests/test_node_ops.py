@@ -166,15 +166,19 @@ class OptionsTest(NodeOpsCase):
     def test_save_config_then_config(self):
         folder = support.temp_folder(self)
         path = os.path.join(folder, 'node.json')
+        # a window from an hour ago to an hour from now: serving whenever the test runs
+        start, stop = (time.localtime(time.time() + d * 3600) for d in (-1, 1))
         status, out, err = run_node('--save_config', path, '-s', 'sekrit', '--name', 'saved',
-                                    '-c', '1', '--service_stop', '23:30', '--daemon',
-                                    '--dest_path_prefix', 'relative/folder')
+                                    '-c', '1',
+                                    '--service_start', '%02d:%02d' % (start.tm_hour, start.tm_min),
+                                    '--service_stop', '%02d:%02d' % (stop.tm_hour, stop.tm_min),
+                                    '--daemon', '--dest_path_prefix', 'relative/folder')
         self.assertEqual(status, 0, err)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)    # holds the secret
         with open(path) as f:
             saved = json.load(f)
         self.assertEqual((saved['secret'], saved['name'], saved['service_stop']),
-                         ('sekrit', 'saved', 23 * 60 + 30))
+                         ('sekrit', 'saved', stop.tm_hour * 60 + stop.tm_min))
         self.assertEqual(saved['dest_path_prefix'],            # works from any folder
                          os.path.join(support.ROOT, 'relative', 'folder'))
         node = self.node(args=['--config', path, '--name', 'command-line-wins'], secret='')
