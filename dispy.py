@@ -6574,6 +6574,18 @@ class ServiceWindow:
         return '%02d:%02d' % (start // 60, start % 60)
 
 
+def add_service_window_options(add, work, users):
+    """``--service_start/stop/end HH:MM`` (dispynode, dispycosnode): ``work`` is
+    what a node takes ('jobs'), ``users`` who it sends away ('clients')."""
+    add('--service_start', type=parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day the node starts serving (default: at once)')
+    add('--service_stop', type=parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day after which no new %s are taken (running ones finish)' % work)
+    add('--service_end', type=parse_time_of_day, default=None, metavar='HH:MM',
+        help='time of day running %s are ended and %s sent away, until the next start'
+        % (work, users))
+
+
 def check_service_window(config, program):
     """A service window that would never serve, or never end, is a mistake."""
     start = config.service_start if config.service_start is not None else 0

@@ -725,12 +725,7 @@ def build_parser():
         help='seconds a computation may run no task here before the node closes it '
         '(default: never; a client that vanishes frees the node at once)')
     add('--serve', type=int, default=-1, help='quit after serving this many computations')
-    add('--service_start', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
-        help='time of day it starts serving (default: now)')
-    add('--service_stop', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
-        help='time of day it takes no new computation (the current one goes on)')
-    add('--service_end', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
-        help='time of day the current computation is closed (its tasks killed)')
+    dispy.add_service_window_options(add, 'computations', 'schedulers')
     add('--peer', action='append', default=[],
         help='host:port of a scheduler to make this node known to (repeatable)')
     add('--discover_peers', action='store_true', help='accepted for pycos 4.12 scripts')

@@ -2427,13 +2427,7 @@ def build_parser():
         'broadcast: another network); repeatable')
     add('--serve', type=int, default=0,
         help='exit after serving this many clients (0: never; 1 for a container loop)')
-    add('--service_start', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
-        help='time of day the node starts serving (default: at once)')
-    add('--service_stop', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
-        help='time of day after which no new jobs are taken (running ones finish)')
-    add('--service_end', type=dispy.parse_time_of_day, default=None, metavar='HH:MM',
-        help='time of day running jobs are killed and clients sent away, until the next '
-        'start')
+    dispy.add_service_window_options(add, 'jobs', 'clients')
     add('--client_shutdown', action='store_true',
         help='a client may stop this node (cluster.shutdown())')
     add('--force_cleanup', action='store_true',
