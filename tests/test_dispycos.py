@@ -1194,6 +1194,71 @@ class PeerTest(NodePairCase):
         self.assertIn(client.record('where'), node.servers, client.output())
 
 
+NAMES_CLIENT = '''
+def piped(task=None):
+    import subprocess, sys
+    import pycos                        # what servers provide for pycos-era code
+    import pycos.asyncfile
+    child = pycos.asyncfile.Popen([sys.executable, '-c', 'import sys; '
+                                   'sys.stdout.write(sys.stdin.read().upper())'],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    out, _err = yield pycos.asyncfile.AsyncPipe(child).communicate(b'through a pipe')
+    return out.decode()
+
+
+def listener(client, task=None):
+    news = yield pycos.Channel.locate('news', client.location, timeout=10)
+    yield news.subscribe(task)
+    client.send('subscribed')
+    got = []
+    for _ in range(3):
+        got.append((yield task.receive(timeout=10)))
+    client.send(got)
+
+
+def client_proc(computation, task=None):
+    if (yield computation.schedule()):
+        raise Exception('not scheduled')
+    emit('piped', (yield computation.run_result(piped)))
+    news = pycos.Channel('news')
+    rtask = yield computation.run_async(listener, task)
+    emit('subscribed', (yield task.receive(timeout=10)))
+    for i in range(3):
+        news.send(i)
+    emit('channel', (yield task.receive(timeout=10)))
+    with open('data.txt', 'w') as f:
+        f.write('file contents')
+    emit('send_file', (yield pycos.Pycos().send_file(rtask.location, 'data.txt', dir='sub')))
+    os.remove('data.txt')
+    yield computation.close()
+
+
+import os
+pycos.Scheduler()
+pycos.Task(client_proc, pycos.Computation([piped, listener]))
+'''
+
+
+class PycosNamesTest(NodePairCase):
+    """What the README lists of pycos's names, through real servers: a pipe to a
+    child program (``import pycos.asyncfile`` on a server), a remote task subscribed
+    to the client's channel (``Channel.locate``), ``Pycos().send_file``."""
+
+    def test_asyncfile_channel_send_file(self):
+        client = self.run_client(NAMES_CLIENT)
+        out = client.output() + self.nodes_output()
+        self.assertEqual(client.record('piped'), 'THROUGH A PIPE', out)
+        self.assertEqual(client.record('subscribed'), 'subscribed', out)
+        self.assertEqual(client.record('channel'), [0, 1, 2], out)
+        self.assertEqual(client.record('send_file'), 0, out)
+        copies = [os.path.join(d, f) for node in self.nodes for d, _s, files in
+                  os.walk(node.dest) for f in files if f == 'data.txt']
+        self.assertTrue(copies, out)
+        with open(copies[0]) as f:
+            self.assertEqual(f.read(), 'file contents')
+        self.assertEqual(os.path.basename(os.path.dirname(copies[0])), 'sub')
+
+
 def _other_pythons():
     from tests.test_cluster import other_pythons
     return other_pythons()

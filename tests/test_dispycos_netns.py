@@ -66,7 +66,8 @@ ENDED_RE = re.compile(r'^task \S+ ended with: slept 0\.10 s at (\S+):(\d+)$', re
 #   cut         {'at': ADDR, 'mark': PATH}: run_result_at ADDR of a 60 s task that
 #               first writes PATH, prints 'long result TYPE: VALUE' when it returns
 #   after       run_result_at this address after the cut; prints 'after: ...'
-# Prints 'scheduled' after schedule(), 'closed' at the end, and exits 0; on a failure
+# Prints 'created TASK' for each task made, 'scheduled' after schedule(), 'closed' at
+# the end, and exits 0; on a failure
 # it prints 'FAILED why' and exits 1 at once.
 CLIENT = r'''
 import json, os, sys, time
@@ -94,8 +95,16 @@ def show(value):
     return '%s: %s' % (type(value).__name__, value)
 
 
+def status_proc(task=None):
+    task.set_daemon()
+    while True:
+        msg = yield task.receive()
+        if isinstance(msg, pycos.DispycosStatus) and msg.status == pycos.TaskCreated:
+            print('created %s' % msg.info.task, flush=True)
+
+
 def main(cfg, task=None):
-    computation = Computation([compute])
+    computation = Computation([compute], status_task=pycos.Task(status_proc))
     if (yield computation.schedule()) != 0:
         fail('the computation could not be scheduled')
     print('scheduled', flush=True)
@@ -305,10 +314,8 @@ class LateNodeTest(DispycosLabTestCase):
         self.start_node('node1')
         client = self.client({'private': True, 'wait_addrs': sorted(self.node_addrs()),
                               'wait': 30, 'count': 8, 'at': [self.lab.ip('node2')]})
+        # its scheduler's pings (at its start and at schedule()) went before 'scheduled'
         self.wait_line(client, r'^scheduled$', 30)
-        time.sleep(1.0)             # the client's scheduler pinged; nobody else answers
-        if re.search(r'^servers ', client.stdout(), re.M):
-            self.fail_with('the client saw servers of both nodes before node2 started')
         self.start_node('node2')    # with -i: found by its announcement
         out = self.finish(client, 60)
         servers = re.search(r'^servers (.*)$', out, re.M).group(1).split()
@@ -409,7 +416,8 @@ class LinkCutTest(DispycosLabTestCase):
             time.sleep(0.05)
         with open(mark) as f:
             self.assertEqual(f.read().rsplit(':', 1)[0], self.lab.ip('node2'))
-        time.sleep(0.5)             # its creation's answer is back at the client
+        # the task's creation is known at the client (TaskCreated) before the cut
+        self.wait_line(client, r'^created compute/\d+@%s:' % re.escape(self.lab.ip('node2')), 10)
         self.lab.link_down('node2')
         cut = time.monotonic()
         match = self.wait_line(client, r'^long result (\w+): (.*)\n', self.DETECT)
