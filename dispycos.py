@@ -2210,18 +2210,50 @@ class DispycosNodeAvailInfo:
 
 
 class TaskInfo:
-    """A task created at a server: the task, its args / kwargs and start time."""
+    """A task created at a server: the task, its args / kwargs and start time.
 
-    __slots__ = ('task', 'args', 'kwargs', 'start_time')
+    The scheduler makes it with the arguments still pickled (a shared scheduler has
+    none of the client's classes); they are unpickled where they are first read."""
+
+    __slots__ = ('task', '_args_blob', '_args', 'start_time')
 
     def __init__(self, task, args, kwargs, start_time):
-        self.task, self.args, self.kwargs, self.start_time = task, args, kwargs, start_time
+        self.task, self.start_time = task, start_time
+        self._args, self._args_blob = (tuple(args), dict(kwargs)), None
+
+    @classmethod
+    def _packed(cls, task, args_blob, start_time):
+        info = cls(task, (), {}, start_time)
+        info._args, info._args_blob = None, args_blob
+        return info
+
+    def _arguments(self):
+        if self._args is None:
+            try:
+                self._args = pickle.loads(self._args_blob)
+            except Exception as exc:
+                self._args = (('<arguments not unpicklable here: %s>' % exc,), {})
+        return self._args
+
+    @property
+    def args(self):
+        return self._arguments()[0]
+
+    @property
+    def kwargs(self):
+        return self._arguments()[1]
 
     def __reduce__(self):
-        return (TaskInfo, (self.task, self.args, self.kwargs, self.start_time))
+        if self._args is None:
+            return (_packed_task_info, (self.task, self._args_blob, self.start_time))
+        return (TaskInfo, (self.task, self._args[0], self._args[1], self.start_time))
 
     def __repr__(self):
         return 'TaskInfo(%s)' % (self.task,)
+
+
+def _packed_task_info(task, args_blob, start_time):
+    return TaskInfo._packed(task, args_blob, start_time)
 
 
 _REGEX_CHARS = re.compile(r'[*?\[\]\\(){}|+^$]')
@@ -2643,7 +2675,7 @@ class Scheduler:
         if server.closed:       # lost while the answer was on its way
             return PeerLost('server %s lost' % server.location)
         key = (server.location, task._id)
-        self._status(comp, TaskCreated, TaskInfo(task, (), {}, time.time()))
+        self._status(comp, TaskCreated, TaskInfo._packed(task, args_blob, time.time()))
         ended = comp.ended_early.pop(key, None)
         if ended is not None:
             self._task_status(comp, *ended)
