@@ -397,6 +397,24 @@ def _the_runner():
     return _runner
 
 
+def run_without_network(func, *args):
+    """Runs generator function ``func(*args)`` as a task of this process with no
+    network (a node's setup process: node_setup), gives its value (or the exception
+    it failed with), then stops the runner: the process has one thread again and may
+    fork; the first task a child makes starts a fresh runtime."""
+    global _runner
+    try:
+        return Task(func, *args).value()
+    finally:
+        runner = _runner
+        if runner is not None:
+            runner.post(sys.exit)           # SystemExit ends the runner's loop
+            runner.thread.join(10)
+        _runner = None
+        Pycos._instance = None
+        _live_tasks.clear()
+
+
 def _wait_for_tasks():
     """At exit: a script that created tasks and fell off its end waits for them."""
     if _runner is None or _runner.on_runner():
@@ -2028,9 +2046,10 @@ def _install_task_services(pycos):
 
     def receive_file(_caller, name, mode, offset, data, last, overwrite):
         receiver = getattr(pycos, '_file_receiver', None)
-        if receiver is None:
+        folder = pycos.dest_path        # a server's moves to its computation's folder
+        if receiver is None or receiver.folder != os.path.abspath(folder):
             receiver = pycos._file_receiver = dispy.FileReceiver(
-                pycos.dest_path, pycos.max_file_size, paths='relative')
+                folder, pycos.max_file_size, paths='relative')
         path = receiver.path_for(name)
         if offset == 0 and os.path.exists(path) and not overwrite:
             raise FileExistsError('%s exists at %s' % (name, pycos._location))
@@ -2355,7 +2374,8 @@ class _ServerState:
 
 
 class _NodeState:
-    __slots__ = ('location', 'info', 'servers', 'computation', 'allocated', 'reserving')
+    __slots__ = ('location', 'info', 'servers', 'computation', 'allocated', 'reserving',
+                 'initialized', 'enable_args')
 
     def __init__(self, location, info):
         self.location, self.info = location, info
@@ -2363,6 +2383,8 @@ class _NodeState:
         self.computation = None     # the id of the computation it serves
         self.allocated = 0
         self.reserving = False      # node.reserve sent, not answered yet
+        self.initialized = False    # reserved and set up: its servers may be taken
+        self.enable_args = None     # enable_node's arguments, come before the reserve's end
 
 
 class _ComputationState:
@@ -2379,6 +2401,12 @@ class _ComputationState:
         self.ended_early = {}               # (server, task id) -> (blob, failure, task)
         self.mean_duration = None           # of CPU-bound tasks (moving average), s
         self.durations = 0
+        self.failed_nodes = set()           # nodes whose setup failed: not asked again
+
+    def needs_node_setup(self):
+        """Its nodes are set up (node_setup) or enabled (disable_nodes) before their
+        servers are taken."""
+        return bool(self.spec['server'].get('node_setup') or self.spec.get('disable_nodes'))
 
     def note_duration(self, seconds):
         self.durations += 1
@@ -2437,7 +2465,7 @@ class Scheduler:
             return 0        # (a node released by a closing computation: the next one)
         if node.computation is None:
             self._reserve(comp, node)
-        elif node.computation == comp.id and not node.reserving:
+        elif node.computation == comp.id and node.initialized:
             self._new_servers(comp, node, info.get('servers', ()))
         return 0
 
@@ -2487,6 +2515,8 @@ class Scheduler:
         return servers if not allocations else 0
 
     def _reserve(self, comp, node):
+        if node.location in comp.failed_nodes:
+            return
         cpus = self._allocation(comp, node)
         self._status(comp, NodeDiscovered, self._avail_of(node))
         if cpus <= 0:
@@ -2494,6 +2524,8 @@ class Scheduler:
         node.computation = comp.id
         node.allocated = cpus
         node.reserving = True
+        node.initialized = False
+        node.enable_args = None
         self.peers.call_back(node.location, 'node.reserve',
                              (comp.id, self.location, comp.client, comp.spec['server'],
                               comp.spec['files'], cpus),
@@ -2513,8 +2545,41 @@ class Scheduler:
             self.peers.notify(node.location, 'node.release', (comp.id,))
             node.computation = None
             return
+        if not comp.needs_node_setup():
+            self._initialized(comp, node, value)
+        elif not comp.spec.get('disable_nodes'):
+            self._setup_node(comp, node, ())
+        elif node.enable_args is not None:      # enable_node came first
+            self._setup_node(comp, node, node.enable_args)
+
+    def _setup_node(self, comp, node, args):
+        """node_setup(*args) at the node (in a process of its own, which then makes
+        the node's servers for the computation); then its servers are taken."""
+        node.enable_args = ()
+        try:
+            blob = pickle.dumps(tuple(args), BLOB_PROTOCOL)
+        except Exception as exc:
+            logger.warning('enable_node(%s): arguments not picklable: %s', node.location, exc)
+            return
+        self.peers.call_back(node.location, 'node.setup', (comp.id, blob),
+                             lambda ok, value: self._node_set_up(comp, node, ok, value))
+
+    def _node_set_up(self, comp, node, ok, value):
+        if comp.closed or node.computation != comp.id:
+            return
+        if ok and isinstance(value, list):
+            self._initialized(comp, node, value)
+            return
+        logger.warning('node %s not used: its setup failed: %s', node.location, value)
+        comp.failed_nodes.add(node.location)
+        node.computation = None
+        self.peers.notify(node.location, 'node.release', (comp.id,))
+        self._status(comp, NodeClosed, self._avail_of(node))
+
+    def _initialized(self, comp, node, servers):
+        node.initialized = True
         self._status(comp, NodeInitialized, self._avail_of(node))
-        self._new_servers(comp, node, value)
+        self._new_servers(comp, node, servers)
 
     def _load_server(self, comp, server, setup_args):
         self.peers.call_back(server.location, 'server.load',
@@ -2811,7 +2876,24 @@ class Scheduler:
         return 0
 
     def _op_enable_node(self, caller, comp_id, addr, args):
-        return -1       # node_setup with arguments: dispycos part 2
+        """Sets up a node of a ``disable_nodes`` computation: node_setup(*args)
+        there (before its reserve is answered: once it is); -1 if no such node."""
+        comp = self.by_id.get(comp_id)
+        if isinstance(addr, Location):
+            addr = addr.addr
+        addr = dispy.resolve_host(str(addr)) or str(addr)
+        if comp is None or comp.closed:
+            return -1
+        enabled = 0
+        for node in self.nodes.values():
+            if node.location.addr != addr or node.computation != comp_id or node.initialized:
+                continue
+            if node.reserving:
+                node.enable_args = tuple(args)
+            elif node.enable_args is None:
+                self._setup_node(comp, node, args)
+            enabled += 1
+        return 0 if enabled else -1
 
     def _op_status(self, caller):
         return {'nodes': len(self.nodes), 'servers': len(self.servers),
@@ -3015,10 +3097,6 @@ class Computation:
         self.id = uuid.uuid4().hex
         self._components = {}       # name -> the object, for run's function references
         sources, files = [], []
-        if node_setup is not None or disable_nodes:
-            raise NotImplementedError('node_setup and disable_nodes (setup in each node\'s '
-                                      'process) are not available in this release yet; '
-                                      'server_setup with disable_servers is')
         for setup, what in ((node_setup, 'node_setup'), (server_setup, 'server_setup')):
             if setup is not None and not inspect.isgeneratorfunction(setup):
                 raise ValueError('%s must be a generator function, not %r' % (what, setup))
@@ -3176,6 +3254,8 @@ class Computation:
         return self._call('sched.servers')
 
     def enable_node(self, ip_addr, *setup_args):
+        """Lets a node of a ``disable_nodes`` computation be used: node_setup runs
+        there with ``setup_args`` (0, or -1 if the computation has no such node)."""
         return self._call('sched.enable_node', ip_addr, setup_args)
 
     def enable_server(self, location, *setup_args):

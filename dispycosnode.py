@@ -58,7 +58,7 @@ class ServerRuntime:
     """The services of one server process: a computation's components loaded into a
     fresh ``__main__``, its tasks run there, all of it undone at close."""
 
-    def __init__(self, pycos, node_dir, index):
+    def __init__(self, pycos, node_dir, index, preloaded=None):
         self.pycos = pycos
         self.node_dir = node_dir
         self.dir = os.path.join(node_dir, 'dispycosproc-%d' % index)
@@ -71,6 +71,10 @@ class ServerRuntime:
         self.cpu_waiting = collections.deque()     # CPU-bound tasks made, not started
         self.close_after = None     # the task that called dispycos_close_server()
         self.done = 0
+        # (computation id, its __main__) made by the node's setup process, which forked
+        # this server after node_setup: what node_setup made stays for the tasks
+        self.preloaded = preloaded
+        self._saved_dest = pycos.dest_path
         self._saved_main = sys.modules.get('__main__')
         self.modules_before = set(sys.modules)
         self._saved_path = list(sys.path)
@@ -83,25 +87,25 @@ class ServerRuntime:
     def _op_load(self, caller, comp_id, spec, scheduler, setup_args):
         if self.comp is not None and self.comp != comp_id:
             raise TaskError('server %s serves another computation' % self.pycos.location)
-        self._close_now()
-        module = types.ModuleType('__main__')
-        module.__dict__.update(pycos=dispycos, dispycos=dispycos,
-                               dispycos_close_server=self._close_request)
+        preloaded, self.preloaded = self.preloaded, None
+        if preloaded is None:
+            self._close_now()
+        elif preloaded[0] != comp_id:
+            raise TaskError('server %s was made for computation %s' % (self.pycos.location,
+                                                                       preloaded[0][:8]))
         os.makedirs(self.dir, exist_ok=True)
         os.chdir(self.dir)
         sys.path[:0] = [self.dir, self.node_dir]
-        sys.modules['__main__'] = module
+        self.pycos.dest_path = self.dir     # files sent here land where its tasks run
         self.modules_before = set(sys.modules)
-        self.namespace, self.comp, self.scheduler = module, comp_id, scheduler
         try:
-            for name in spec.get('modules', ()):
-                modname = name[:-3] if name.endswith('.py') else name
-                module.__dict__[modname] = __import__(modname)
-            for name, source in spec['sources']:
-                _exec_source(name, source, module)
+            module = preloaded[1] if preloaded else load_components(spec)
         except Exception as exc:
             self._close_now()
             raise TaskError('loading the computation failed: %s: %s' % (type(exc).__name__, exc))
+        module.dispycos_close_server = self._close_request
+        sys.modules['__main__'] = module
+        self.namespace, self.comp, self.scheduler = module, comp_id, scheduler
         setup = spec.get('server_setup')
         if setup:
             return self._setup(module.__dict__[setup], setup_args)
@@ -188,6 +192,7 @@ class ServerRuntime:
                 del sys.modules[name]
         self.modules_before = set(sys.modules)
         sys.path[:] = self._saved_path
+        self.pycos.dest_path = self._saved_dest
         try:
             os.chdir(self._saved_cwd)
         except OSError:
@@ -225,6 +230,24 @@ class ServerRuntime:
     def _op_status(self, caller):
         return {'location': self.pycos.location, 'computation': self.comp,
                 'tasks': len(self.tasks), 'done': self.done}
+
+
+def load_components(spec):
+    """A fresh ``__main__`` module holding a computation's components: its module
+    files imported (from the folders on sys.path), its functions and classes
+    defined."""
+    module = types.ModuleType('__main__')
+    module.__dict__.update(pycos=dispycos, dispycos=dispycos)
+    saved, sys.modules['__main__'] = sys.modules.get('__main__'), module
+    try:
+        for name in spec.get('modules', ()):
+            modname = name[:-3] if name.endswith('.py') else name
+            module.__dict__[modname] = __import__(modname)
+        for name, source in spec['sources']:
+            _exec_source(name, source, module)
+    finally:
+        sys.modules['__main__'] = saved
+    return module
 
 
 def _exec_source(name, source, module):

@@ -1214,6 +1214,11 @@ def listener(client, task=None):
     for _ in range(3):
         got.append((yield task.receive(timeout=10)))
     client.send(got)
+    yield task.receive(timeout=10)      # the file has been sent: where the task runs
+    import os
+    with open(os.path.join('sub', 'data.txt')) as f:
+        client.send((f.read(), os.path.abspath(f.name) ==
+                     os.path.join(pycos.Pycos().dest_path, 'sub', 'data.txt')))
 
 
 def client_proc(computation, task=None):
@@ -1230,6 +1235,8 @@ def client_proc(computation, task=None):
         f.write('file contents')
     emit('send_file', (yield pycos.Pycos().send_file(rtask.location, 'data.txt', dir='sub')))
     os.remove('data.txt')
+    rtask.send('read it')
+    emit('read', (yield task.receive(timeout=10)))
     yield computation.close()
 
 
@@ -1251,12 +1258,12 @@ class PycosNamesTest(NodePairCase):
         self.assertEqual(client.record('subscribed'), 'subscribed', out)
         self.assertEqual(client.record('channel'), [0, 1, 2], out)
         self.assertEqual(client.record('send_file'), 0, out)
+        # it landed in the server's folder of the computation (the task's working
+        # folder and its Pycos().dest_path), and was removed when it closed
+        self.assertEqual(client.record('read'), ['file contents', True], out)
         copies = [os.path.join(d, f) for node in self.nodes for d, _s, files in
                   os.walk(node.dest) for f in files if f == 'data.txt']
-        self.assertTrue(copies, out)
-        with open(copies[0]) as f:
-            self.assertEqual(f.read(), 'file contents')
-        self.assertEqual(os.path.basename(os.path.dirname(copies[0])), 'sub')
+        self.assertEqual(copies, [], out)
 
 
 def _other_pythons():
