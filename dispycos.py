@@ -3309,12 +3309,32 @@ def _scheduler_location():
 # ================================================================================
 
 class HTTPServer:
-    """``dispycos.httpd.HTTPServer``: the dispycos web monitor is not part of this
-    release yet (see the README); scripts that create one get this error."""
+    """``dispycos.httpd.HTTPServer(computation, host='', port=8181, poll_sec=10,
+    DocumentRoot=None, keyfile=None, certfile=None, show_task_args=True)``: the web
+    monitor of a computation (seed 003 §6.8), made before ``yield
+    computation.schedule()``; it becomes the computation's status_task and passes
+    every message on to the one the computation had.  ``status_task`` and
+    ``shutdown(wait=True)`` are the seed's; ``dispyhttpd.DispycosHTTPServer`` is the
+    server itself (loaded only when a monitor is made)."""
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError('dispycos.httpd.HTTPServer (the dispycos web monitor) is '
-                                  'not available yet; remove it from the script for now')
+    def __init__(self, computation, host='', port=8181, poll_sec=10, DocumentRoot=None,
+                 keyfile=None, certfile=None, show_task_args=True, **options):
+        import dispyhttpd
+        self._server = dispyhttpd.DispycosHTTPServer(
+            computation, host=host, port=port, poll_sec=poll_sec, DocumentRoot=DocumentRoot,
+            keyfile=keyfile, certfile=certfile, show_task_args=show_task_args, **options)
+
+    @property
+    def status_task(self):
+        return self._server.status_task
+
+    def shutdown(self, wait=True):
+        self._server.shutdown(wait)
+
+    def __getattr__(self, name):        # port, token, urls(), show_task_args ...
+        if name == '_server':
+            raise AttributeError(name)
+        return getattr(self._server, name)
 
 
 def _install_aliases(module):

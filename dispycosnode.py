@@ -30,12 +30,16 @@ Threads of the node process: dispycos's runner, I/O loop and listener; a watcher
 thread per server process; the stdin command reader (unless ``--daemon``).
 """
 
+import base64
 import collections
+import functools
+import itertools
 import json
 import linecache
 import os
 import pickle
 import platform
+import selectors
 import signal
 import subprocess
 import sys
@@ -74,7 +78,8 @@ class ServerRuntime:
         # (computation id, its __main__) made by the node's setup process, which forked
         # this server after node_setup: what node_setup made stays for the tasks
         self.preloaded = preloaded
-        self._saved_dest = pycos.dest_path
+        os.makedirs(self.dir, exist_ok=True)
+        pycos.dest_path = self.dir      # files sent here land where its tasks run
         self._saved_main = sys.modules.get('__main__')
         self.modules_before = set(sys.modules)
         self._saved_path = list(sys.path)
@@ -89,14 +94,14 @@ class ServerRuntime:
             raise TaskError('server %s serves another computation' % self.pycos.location)
         preloaded, self.preloaded = self.preloaded, None
         if preloaded is None:
-            self._close_now()
+            if self.comp is not None:
+                self._close_now()
         elif preloaded[0] != comp_id:
             raise TaskError('server %s was made for computation %s' % (self.pycos.location,
                                                                        preloaded[0][:8]))
         os.makedirs(self.dir, exist_ok=True)
         os.chdir(self.dir)
         sys.path[:0] = [self.dir, self.node_dir]
-        self.pycos.dest_path = self.dir     # files sent here land where its tasks run
         self.modules_before = set(sys.modules)
         try:
             module = preloaded[1] if preloaded else load_components(spec)
@@ -192,7 +197,6 @@ class ServerRuntime:
                 del sys.modules[name]
         self.modules_before = set(sys.modules)
         sys.path[:] = self._saved_path
-        self.pycos.dest_path = self._saved_dest
         try:
             os.chdir(self._saved_cwd)
         except OSError:
@@ -270,6 +274,16 @@ def _portable_status(status):
         return dispycos.MonitorStatus(status.info, kind, value)
 
 
+def _server_pycos(config, port):
+    pycos = dispycos.Pycos(node=config['addr'], tcp_port=port,
+                           ext_ip_addr=config.get('ext_addr'), name=config['name'],
+                           secret=config['secret'], certfile=config.get('certfile'),
+                           keyfile=config.get('keyfile'), dest_path=config['dest_path'],
+                           max_file_size=config.get('max_file_size', 0))
+    pycos.role = 'server'
+    return pycos
+
+
 def server_main():
     """A server process: configuration from stdin, READY on stdout, ends with stdin."""
     dispycos.provide_pycos_name()
@@ -277,17 +291,136 @@ def server_main():
     if config.get('debug'):
         logger.setLevel(logger.DEBUG)
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the node's to handle
-    pycos = dispycos.Pycos(node=config['addr'], tcp_port=config['port'],
-                           ext_ip_addr=config.get('ext_addr'), name=config['name'],
-                           secret=config['secret'], certfile=config.get('certfile'),
-                           keyfile=config.get('keyfile'), dest_path=config['dest_path'],
-                           max_file_size=config.get('max_file_size', 0))
-    pycos.role = 'server'
+    pycos = _server_pycos(config, config['port'])
     ServerRuntime(pycos, config['node_dir'], config['index'])
     sys.stdout.write('READY %d\n' % pycos.location.port)
     sys.stdout.flush()
     sys.stdin.read()                # until the node closes it (or dies)
     os._exit(0)
+
+
+# ================================================================================
+# The setup process (node_setup), and the servers it forks
+# ================================================================================
+#
+#   node ──stdin: config line, then "FORK index port" lines──► setup process
+#        ◄─stdout: "SETUP 0" | "SETUP <why>", "READY index port", "EXIT index status"─┘
+#   what node_setup and the forked servers print goes to the node through a pipe of
+#   its own (the "output" descriptor), relayed like a server's output.
+#
+# The setup process runs node_setup in the node's folder with no network, then
+# stops its runner (one thread left) and forks one server per "FORK": each server
+# starts its own network and keeps the __main__ node_setup filled (its globals).  It
+# reaps them and reports each end, so that the node asks for a new one.  Its stdin's
+# end (the node closing it, or dying) ends it and its servers; a server whose setup
+# process is gone exits too.
+
+SETUP_POLL = 0.5        # seconds between looks at the setup process's children
+
+
+def setup_main():
+    """The setup process of a computation with node_setup (POSIX: it forks)."""
+    dispycos.provide_pycos_name()
+    config = json.loads(sys.stdin.readline())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = os.dup(1)
+    os.dup2(config['output_fd'], 1)     # prints (node_setup's, the tasks') to the relay
+    os.close(config['output_fd'])
+    sys.stdout.reconfigure(line_buffering=True)
+    say = functools.partial(_say, control)
+    os.chdir(config['node_dir'])
+    sys.path.insert(0, config['node_dir'])
+    try:
+        module = load_components(config['spec'])
+        args = pickle.loads(base64.b64decode(config['args']))
+        sys.modules['__main__'] = module
+        value = dispycos.run_without_network(module.__dict__[config['spec']['node_setup']],
+                                             *args)
+    except Exception as exc:
+        value = '%s: %s' % (type(exc).__name__, exc)
+    if value != 0:
+        say('SETUP ' + ' '.join(('node_setup gave %r' % (value,))[:1000].split()))
+        os._exit(0)
+    say('SETUP 0')
+    _fork_servers(config, module, control, say)
+
+
+def _say(fd, line):
+    os.write(fd, (line + '\n').encode())
+
+
+def _fork_servers(config, module, control, say):
+    """Forks a server per FORK line, reports their ends, until stdin ends."""
+    children = {}           # pid -> index
+    pending = b''
+    me = os.getpid()
+    with selectors.DefaultSelector() as selector:
+        selector.register(0, selectors.EVENT_READ)
+        for _ in itertools.count():
+            if selector.select(SETUP_POLL):
+                data = os.read(0, 4096)
+                if not data:
+                    break
+                pending += data
+                while b'\n' in pending:
+                    line, pending = pending.split(b'\n', 1)
+                    words = line.decode().split()
+                    if len(words) == 3 and words[0] == 'FORK':
+                        index, port = int(words[1]), int(words[2])
+                        pid = os.fork()
+                        if pid == 0:
+                            _forked_server(config, module, index, port, control, me)
+                        children[pid] = index
+            _reap(children, say)
+    for pid in children:
+        _kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    while children and time.monotonic() < deadline:
+        _reap(children, say)
+        time.sleep(0.05)
+    for pid in children:
+        _kill(pid, signal.SIGKILL)
+    os._exit(0)
+
+
+def _reap(children, say):
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        index = children.pop(pid, None)
+        if index is not None:
+            say('EXIT %d %d' % (index, os.waitstatus_to_exitcode(status)))
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _forked_server(config, module, index, port, control, parent):
+    """A server forked by the setup process: a network of its own, the computation
+    already in its __main__; it exits when its setup process is gone."""
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)                # the commands are the setup process's
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        pycos = _server_pycos(config, port)
+        ServerRuntime(pycos, config['node_dir'], index,
+                      preloaded=(config['computation'], module))
+        _say(control, 'READY %d %d' % (index, pycos.location.port))
+        os.close(control)
+        for _ in itertools.count():
+            if os.getppid() != parent:
+                break
+            time.sleep(1)
+    finally:
+        os._exit(0)
 
 
 # ================================================================================
@@ -307,6 +440,7 @@ class _ServerProcess:
         self.proc = None
         self.location = None
         self.ready = threading.Event()
+        self.suspended = False      # its port lent to a server the setup process forked
 
     def start(self):
         here = os.path.dirname(os.path.abspath(__file__))
@@ -333,7 +467,7 @@ class _ServerProcess:
         proc = self.proc
         proc.wait()
         self.ready.clear()
-        if self.node.quitting:
+        if self.node.quitting or self.suspended:
             return
         # exit status 0: it closed itself (dispycos_close_server); else it died
         (logger.info if proc.returncode == 0 else logger.warning)(
@@ -348,6 +482,22 @@ class _ServerProcess:
                 logger.warning('server %d could not be restarted: %s', self.index, exc)
                 time.sleep(1 + attempt)
 
+    def suspend(self):
+        """Stops the process for a while (no restart): a forked server takes its port."""
+        self.suspended = True
+        self.stop()
+        self.ready.clear()
+
+    def resume(self):
+        self.suspended = False
+        for attempt in range(5):        # the port may be held a moment longer
+            try:
+                self.start()
+                return
+            except (OSError, RuntimeError) as exc:
+                logger.warning('server %d could not be started again: %s', self.index, exc)
+                time.sleep(0.5 * (attempt + 1))
+
     def stop(self, timeout=5):
         proc = self.proc
         if proc is None or proc.poll() is not None:
@@ -358,6 +508,112 @@ class _ServerProcess:
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait(5)
+
+
+class _SetupProcess:
+    """A computation's setup process (see setup_main) seen from the node: it lends
+    the node's server slots (their ports) to the servers it forks, restarts one that
+    dies, and gives the slots back at its end."""
+
+    def __init__(self, node, comp_id, spec, args_blob, slots):
+        self.node, self.comp_id, self.spec, self.args_blob = node, comp_id, spec, args_blob
+        self.slots = {slot.index: slot for slot in slots}
+        self.proc = None
+        self.stopping = False
+        self.forked = set()         # indexes whose server started once
+
+    def start(self):
+        """Runs node_setup (blocking: a thread of its own); the servers' locations,
+        or RuntimeError saying why the node is not used."""
+        for slot in self.slots.values():
+            slot.suspend()
+        try:
+            self._spawn()
+            line = self.proc.stdout.readline().decode().strip()
+            if line != 'SETUP 0':
+                raise RuntimeError(line[6:] if line.startswith('SETUP ') else
+                                   'the setup process ended (exit status %s)' % self.proc.wait(10))
+            threading.Thread(target=self._read_control, daemon=True,
+                             name='dispycos-setup').start()
+            for slot in self.slots.values():
+                self._fork(slot)
+            for slot in self.slots.values():
+                if not slot.ready.wait(30):
+                    raise RuntimeError('server %d of the setup process did not start'
+                                       % slot.index)
+            return [list(slot.location.key()) for slot in self.slots.values()]
+        except Exception:
+            self.stop()
+            raise
+
+    def _spawn(self):
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = 'import sys; sys.path.insert(0, %r); import dispycosnode; ' \
+               'dispycosnode.setup_main()' % here
+        out_r, out_w = os.pipe()
+        self.proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, cwd=self.node.dir,
+                                     pass_fds=(out_w,), start_new_session=True)
+        os.close(out_w)
+        threading.Thread(target=_relay_output, args=(os.fdopen(out_r, 'rb'),), daemon=True,
+                         name='dispycos-setup-output').start()
+        config = dict(self.node.server_config, output_fd=out_w, spec=self.spec,
+                      computation=self.comp_id,
+                      args=base64.b64encode(self.args_blob).decode())
+        self._write(json.dumps(config))
+
+    def _write(self, line):
+        try:
+            self.proc.stdin.write((line + '\n').encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass                    # it ended: its reader says so
+
+    def _fork(self, slot):
+        self._write('FORK %d %d' % (slot.index, slot.port))
+
+    def _read_control(self):
+        for raw in iter(self.proc.stdout.readline, b''):
+            words = raw.decode(errors='replace').split()
+            slot = self.slots.get(int(words[1])) if len(words) == 3 and \
+                words[1].isdigit() else None
+            if slot is None:
+                continue
+            if words[0] == 'READY':
+                slot.location = Location(self.node.location.addr, int(words[2]))
+                slot.ready.set()
+                if slot.index in self.forked:
+                    self.node.pycos._runner.post(self.node.server_restarted, slot)
+                self.forked.add(slot.index)
+            elif words[0] == 'EXIT':
+                slot.ready.clear()
+                if not self.stopping:
+                    (logger.info if words[2] == '0' else logger.warning)(
+                        'server %s ended (exit status %s); forking a new one',
+                        slot.location, words[2])
+                    self._fork(slot)
+
+    def stop(self):
+        """Ends the setup process and its servers; the node's own servers return."""
+        self.stopping = True
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.close()
+                proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                _kill_group(proc.pid)       # its servers are in its process group
+                proc.wait(5)
+        if not self.node.quitting:
+            for slot in self.slots.values():
+                slot.resume()
+
+
+def _kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
 
 
 def _absolute(path):
@@ -386,7 +642,9 @@ class Node:
         self.accepting = True
         self.served = 0
         self.comp = None            # (computation id, scheduler Location)
-        self.comp_files = []
+        self.comp_spec = None       # its servers' part of the computation
+        self.comp_cpus = 0
+        self.setup = None           # its _SetupProcess (node_setup), if any
         self.waiting = set()        # schedulers refused while busy
         self.ending = False         # _end_computation under way
         self.ended_here = set()     # computations its operator closed (not taken back)
@@ -409,13 +667,14 @@ class Node:
             'certfile': _absolute(config.certfile), 'keyfile': _absolute(config.keyfile),
             'dest_path': self.pycos.dest_path, 'node_dir': self.dir,
             'max_file_size': self.pycos.max_file_size, 'debug': config.debug}
+        self.pycos.dest_path = self.dir     # files sent to the node: node_setup's folder
         ports = server_ports(config.tcp_ports, server_count(config.cpus),
                              self.location.port + 1)
         self.servers = [_ServerProcess(self, i + 1, port) for i, port in enumerate(ports)]
         for server in self.servers:
             server.start()
         self.avail = _avail_function(self.dir)
-        for op in ('info', 'reserve', 'release', 'status'):
+        for op in ('info', 'reserve', 'setup', 'release', 'status'):
             self.pycos.add_service('node.' + op, getattr(self, '_op_' + op))
         self.pycos.peers.lost_hooks.append(
             lambda loc: self.pycos._runner.post(self._peer_lost, loc))
@@ -507,11 +766,37 @@ class Node:
         receiver = dispy.FileReceiver(self.dir, self.pycos.max_file_size)
         for name, data, mode in files:
             receiver.chunk(name, mode, 0, data, True, source=comp_id)
-            self.comp_files.append(receiver.path_for(name))
         self.comp = (comp_id, scheduler)
+        self.comp_spec, self.comp_cpus = spec, cpus
         self.last_busy = time.monotonic()
         logger.info('computation %s of %s uses %d servers', comp_id[:8], client, cpus)
         return [list(s.location.key()) for s in self.servers[:cpus] if s.ready.is_set()]
+
+    def _op_setup(self, caller, comp_id, args_blob):
+        """node_setup(*args) for the computation reserved, in a setup process that
+        then forks its servers; their locations (only them with no node_setup)."""
+        if self.comp is None or self.comp[0] != comp_id or self.comp_spec is None:
+            raise TaskError('computation %s is not reserved at %s' % (comp_id[:8],
+                                                                      self.location))
+        slots = self.servers[:self.comp_cpus]
+        if not self.comp_spec.get('node_setup'):
+            return [list(s.location.key()) for s in slots if s.ready.is_set()]
+        if not hasattr(os, 'fork'):
+            raise TaskError('node_setup needs os.fork, which %s lacks' % platform.system())
+        if self.setup is not None:
+            raise TaskError('node %s is set up already' % self.location)
+        logger.info('computation %s: node_setup', comp_id[:8])
+        self.setup = _SetupProcess(self, comp_id, self.comp_spec, args_blob, slots)
+        return self._set_up(self.setup)
+
+    def _set_up(self, setup, task=None):
+        try:
+            servers = yield dispycos._in_thread(setup.start)
+        except Exception as exc:
+            if self.setup is setup:
+                self.setup = None
+            raise TaskError('node_setup at %s: %s' % (self.location, exc)) from None
+        return servers
 
     def _op_release(self, caller, comp_id):
         if self.comp is not None and self.comp[0] == comp_id:
@@ -519,17 +804,32 @@ class Node:
         return 0
 
     def _release(self, close_servers=False):
+        """Ends the computation here; the node is free once a setup process it had
+        gave the servers back (until then it is busy: schedulers asking are told)."""
+        if self.comp_spec is None:
+            return                  # being released already
         comp_id = self.comp[0]
         if close_servers:
             for server in self.servers:
                 if server.location is not None:
                     self.pycos.peers.notify(server.location, 'server.close', (comp_id,))
-        for path in self.comp_files:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-        self.comp_files = []
+        self._remove_files()
+        self.comp_spec = None
+        setup, self.setup = self.setup, None
+        if setup is not None:       # its servers end; the node's own come back, then free
+            def give_back():
+                setup.stop()
+                self.pycos._runner.post(self._released, comp_id)
+            threading.Thread(target=give_back, daemon=True, name='dispycos-setup-end').start()
+        else:
+            self._released(comp_id)
+
+    def _remove_files(self):
+        """The computation's files in the node's folder (components, files sent
+        to the node); the servers' folders are theirs to empty."""
+        dispy.empty_folder(self.dir, keep={'dispycosproc-%d' % s.index for s in self.servers})
+
+    def _released(self, comp_id):
         self.comp = None
         self.served += 1
         logger.info('computation %s closed', comp_id[:8])
@@ -547,7 +847,7 @@ class Node:
         return self.info()
 
     def _peer_lost(self, location):
-        if self.comp is not None and self.comp[1] == location:
+        if self.comp is not None and self.comp_spec is not None and self.comp[1] == location:
             logger.info('scheduler %s lost: computation %s closed', location, self.comp[0][:8])
             self._release(close_servers=True)
 
@@ -615,6 +915,8 @@ class Node:
                     break
                 time.sleep(0.2)
         self.quitting = True
+        if self.setup is not None:
+            self.setup.stop()
         for server in self.servers:
             server.stop()
         self.discovery.close()

@@ -115,6 +115,15 @@ def children(pid):
         return []
 
 
+def descendants(pid, depth=3):
+    """Children of ``pid`` and theirs (a node's setup process forks its servers)."""
+    found = children(pid)
+    if depth > 1:
+        for child in list(found):
+            found += descendants(child, depth - 1)
+    return found
+
+
 def wait_gone(pids, timeout):
     """The PIDs of ``pids`` still alive after up to ``timeout`` seconds."""
     wait_until(lambda: not any(support.pid_alive(p) for p in pids), timeout, 0.05)
@@ -195,7 +204,7 @@ class DispycosNode(support.NodeProcess):
     def server_pids(self):
         if self.proc is None or self.proc.poll() is not None:
             return []
-        return children(self.proc.pid)
+        return descendants(self.proc.pid)
 
     def stop(self, timeout=15.0):
         pids = self.server_pids()
