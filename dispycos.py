@@ -484,7 +484,7 @@ class Task:
     gives its value: ``msg = yield task.receive(timeout)``.
     """
 
-    _ids = itertools.count(1)
+    _ids = None             # see _fresh_task_ids
     _registry = {}          # name -> local task (``register``)
     # slots: 10,000 tasks waiting in receive() are 10,000 of these (W9 measures it)
     __slots__ = ('_runner', '_remote', '_id', '_name', '_target', '_stack', '_mailbox',
@@ -1005,6 +1005,18 @@ def _tell_monitor(monitor, status):
             monitor.send(MonitorStatus(status.info, status.type, _portable(status.value)))
         except Exception:
             logger.exception('the end of task %s could not be told to %s', status.info, monitor)
+
+
+def _fresh_task_ids():
+    """Task ids start at a random number in each process (and each forked one): a
+    server restarted on the same port makes no task whose reference equals one of
+    the process before it."""
+    Task._ids = itertools.count(1 + int.from_bytes(os.urandom(4), 'big') * 1000)
+
+
+_fresh_task_ids()
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(after_in_child=_fresh_task_ids)
 
 
 def _task_from_reference(addr, port, tid, name):
@@ -1963,6 +1975,10 @@ class Pycos:
             return -1
         name = os.path.basename(path)
         if folder:
+            if os.path.isabs(folder):
+                logger.warning('send_file %s: dir must be relative to the receiver\'s '
+                               'dest_path, not %r', path, folder)
+                return -1
             name = os.path.join(folder, name)
         offset = 0
         with f:
@@ -2045,6 +2061,8 @@ def _install_task_services(pycos):
             channel.send(message)
 
     def receive_file(_caller, name, mode, offset, data, last, overwrite):
+        if not isinstance(name, str) or os.path.isabs(name):
+            raise ValueError('refused path %r: not relative to dest_path' % (name,))
         receiver = getattr(pycos, '_file_receiver', None)
         folder = pycos.dest_path        # a server's moves to its computation's folder
         if receiver is None or receiver.folder != os.path.abspath(folder):
@@ -2690,10 +2708,40 @@ class Scheduler:
         self.pycos._runner.call_later(dispy.NO_NODE_WARN_AFTER, self._warn_no_server, comp,
                                       dispy.NO_NODE_WARN_AFTER)
         self._status(comp, ComputationScheduled, self.location)
+        if comp.status_task is not None:
+            self.pycos._runner.call_later(self._avail_every(comp), self._send_avail, comp)
         for node in list(self.nodes.values()):
             if node.computation is None:
                 self._reserve(comp, node)
         self.discovery.ping()
+
+    @staticmethod
+    def _avail_every(comp):
+        """Seconds between availability reports: the computation's pulse_interval
+        (DISPYCOS_PULSE, when set lower, for tests)."""
+        return min(comp.spec['server'].get('pulse_interval') or MinPulseInterval,
+                   PULSE_INTERVAL)
+
+    def _send_avail(self, comp):
+        """Each node's availability (a DispycosNodeAvailInfo) to status_task, every
+        pulse_interval, from nodes that measure it (psutil there, seed 003 §6.6)."""
+        if comp.closed or comp not in self.computations:
+            return
+        for node in self.nodes.values():
+            if node.computation == comp.id and node.initialized:
+                self.peers.call_back(node.location, 'node.info', (),
+                                     functools.partial(self._avail_came, comp, node))
+        self.pycos._runner.call_later(self._avail_every(comp), self._send_avail, comp)
+
+    def _avail_came(self, comp, node, ok, info):
+        if not ok or not isinstance(info, dict) or comp.closed or node.computation != comp.id:
+            return
+        node.info = info
+        if (info.get('avail') or {}).get('cpu') is not None:
+            try:
+                comp.status_task.send(self._avail_of(node))
+            except Exception as exc:
+                logger.debug('availability of %s not sent: %s', node.location, exc)
 
     def _warn_no_server(self, comp, after):
         """Says so while a computation has no server (doubling the interval)."""

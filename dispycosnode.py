@@ -441,6 +441,7 @@ class _ServerProcess:
         self.location = None
         self.ready = threading.Event()
         self.suspended = False      # its port lent to a server the setup process forked
+        self.epoch = 0              # suspensions so far: a watcher of an older one is done
 
     def start(self):
         here = os.path.dirname(os.path.abspath(__file__))
@@ -464,11 +465,11 @@ class _ServerProcess:
                          name='dispycos-server-%d' % self.index).start()
 
     def _watch(self):
-        proc = self.proc
+        proc, epoch = self.proc, self.epoch
         proc.wait()
-        self.ready.clear()
-        if self.node.quitting or self.suspended:
+        if self.node.quitting or self.suspended or self.epoch != epoch:
             return
+        self.ready.clear()
         # exit status 0: it closed itself (dispycos_close_server); else it died
         (logger.info if proc.returncode == 0 else logger.warning)(
             'server %s ended (exit status %s); starting a new one', self.location,
@@ -485,6 +486,7 @@ class _ServerProcess:
     def suspend(self):
         """Stops the process for a while (no restart): a forked server takes its port."""
         self.suspended = True
+        self.epoch += 1
         self.stop()
         self.ready.clear()
 
@@ -520,6 +522,7 @@ class _SetupProcess:
         self.slots = {slot.index: slot for slot in slots}
         self.proc = None
         self.stopping = False
+        self.stop_lock = threading.Lock()   # stop() once (its failed start, the release)
         self.forked = set()         # indexes whose server started once
 
     def start(self):
@@ -594,8 +597,14 @@ class _SetupProcess:
                     self._fork(slot)
 
     def stop(self):
-        """Ends the setup process and its servers; the node's own servers return."""
-        self.stopping = True
+        """Ends the setup process and its servers; the node's own servers return
+        (once, whoever asks first; a second caller waits for that)."""
+        with self.stop_lock:
+            if not self.stopping:
+                self.stopping = True
+                self._stop()
+
+    def _stop(self):
         proc = self.proc
         if proc is not None and proc.poll() is None:
             try:
@@ -795,6 +804,8 @@ class Node:
         except Exception as exc:
             if self.setup is setup:
                 self.setup = None
+            logger.warning('computation %s not served: %s', self.comp[0][:8] if self.comp
+                           else '?', exc)
             raise TaskError('node_setup at %s: %s' % (self.location, exc)) from None
         return servers
 
@@ -829,6 +840,10 @@ class Node:
         to the node); the servers' folders are theirs to empty."""
         dispy.empty_folder(self.dir, keep={'dispycosproc-%d' % s.index for s in self.servers})
 
+    def giving_back(self):
+        """True while a released computation's setup process hands the servers back."""
+        return self.comp is not None and self.comp_spec is None
+
     def _released(self, comp_id):
         self.comp = None
         self.served += 1
@@ -855,6 +870,8 @@ class Node:
         """A new server process is up: the scheduler of the computation may use it."""
         if self.comp is not None:
             self.discovery.tell(self.comp[1])
+        elif self.accepting:            # a scheduler may have passed it over meanwhile
+            self.discovery.announce()
 
     # -- operator commands ------------------------------------------------------------------
     def status_text(self):
@@ -957,8 +974,11 @@ class _NodeDiscovery:
             self.node.pycos._runner.post(self.tell, location)
 
     def tell(self, location):
-        """Makes this node known to the scheduler at ``location`` (runner thread)."""
-        if self.node.accepting and self.node.in_window:
+        """Makes this node known to the scheduler at ``location`` (runner thread);
+        while the node gets its servers back from a setup process, once it has."""
+        if self.node.giving_back():
+            self.node.waiting.add(location)
+        elif self.node.accepting and self.node.in_window:
             self.node.pycos.peers.call_back(location, 'sched.node_here', (self.node.info(),),
                                             lambda ok, value: None)
 

@@ -8,7 +8,8 @@ global, ``data``.  The node's servers are made from that process (it forks them)
 every task on that node finds ``data`` in memory without reading anything.  Nodes
 that cannot fork (Windows) are left out by a DispycosNodeAllocate on the platform.
 
-Start ``python3 dispycosnode.py`` on one or more machines, then run this program.
+Start ``python3 dispycosnode.py`` on one or more machines, then run this program
+(``dispycos_client9_node.py 3`` waits for three nodes; two by default).
 """
 
 import os
@@ -38,42 +39,51 @@ def compute(lo, hi, task=None):
     return (task.location.addr, len(data), sum(picked))
 
 
-def node_available(avail_info, data_file, computation, task=None):
-    """At the client: sends the node its file, then lets node_setup run there."""
-    sent = yield pycos.Pycos().send_file(avail_info.location, data_file, overwrite=True)
+def node_available(avail_info, computation, folder, expected, task=None):
+    """At the client: makes the node its data file, sends it, then lets node_setup
+    run there with the file's name."""
+    addr = avail_info.location.addr
+    values = [random.randrange(100) for _ in range(1000)]   # a stand-in for real data
+    path = os.path.join(folder, 'data-%s.txt' % addr)
+    with open(path, 'w') as f:
+        f.write('\n'.join(str(v) for v in values))
+    expected[addr] = sum(values)
+    sent = yield pycos.Pycos().send_file(avail_info.location, path, overwrite=True)
+    os.remove(path)
     if sent < 0:
-        print('could not send %s to %s' % (data_file, avail_info.location.addr))
+        print('could not send %s to %s' % (path, addr))
         return -1
-    yield computation.enable_node(avail_info.location.addr, os.path.basename(data_file))
+    yield computation.enable_node(addr, os.path.basename(path))
     return 0
 
 
-def status_proc(computation, data_files, task=None):
+def status_proc(computation, folder, expected, ready, task=None):
     task.set_daemon()
     for _ in iter(int, 1):
         msg = yield task.receive()
         if isinstance(msg, DispycosStatus):
             if msg.status == Scheduler.NodeDiscovered:
-                pycos.Task(node_available, msg.info, data_files[msg.info.location.addr],
-                           computation)
+                pycos.Task(node_available, msg.info, computation, folder, expected)
             elif msg.status == Scheduler.NodeInitialized:
                 print('node %s set up' % msg.info.location.addr)
+            elif msg.status == Scheduler.ServerInitialized:
+                ready.add(msg.info.addr)
         elif isinstance(msg, MonitorStatus) and msg.type is not StopIteration:
             print('a task failed: %s' % (msg.value,))
 
 
-def client_proc(computation, expected, task=None):
+def client_proc(computation, nnodes, task=None):
+    folder = tempfile.mkdtemp(prefix='client9-')
+    expected, ready = {}, set()
+    computation.status_task = pycos.Task(status_proc, computation, folder, expected, ready)
     if (yield computation.schedule()):
         raise Exception('the computation could not be scheduled')
-    addrs = []
-    for _ in range(100):                # until the nodes are set up (at most 10 s)
-        addrs = yield computation.nodes()
-        servers = yield computation.servers()
-        if len(set(s.addr for s in servers)) >= len(expected):
+    for _ in range(200):                # until the nodes are set up (at most 20 s)
+        if len(ready) >= nnodes:
             break
         yield task.sleep(0.1)
     # at each node, its data in ten ranges, each a task on one of its servers
-    for addr in sorted(addrs):
+    for addr in sorted(ready):
         tasks = [pycos.Task(part_at, computation, addr, lo, lo + 10)
                  for lo in range(0, 100, 10)]
         parts = []
@@ -84,6 +94,7 @@ def client_proc(computation, expected, task=None):
               % (addr, set(part[1] for part in parts if isinstance(part, tuple)), total,
                  expected.get(addr)))
     yield computation.close()
+    os.rmdir(folder)
 
 
 def part_at(computation, addr, lo, hi, task=None):
@@ -92,35 +103,10 @@ def part_at(computation, addr, lo, hi, task=None):
     return value
 
 
-def make_data_files(addrs, folder):
-    """A file of random numbers for each node address (a stand-in for real data);
-    the total of each file, to check the nodes' answers."""
-    files, totals = {}, {}
-    for addr in addrs:
-        values = [random.randrange(100) for _ in range(1000)]
-        path = os.path.join(folder, 'data-%s.txt' % addr)
-        with open(path, 'w') as f:
-            f.write('\n'.join(str(v) for v in values))
-        files[addr], totals[addr] = path, sum(values)
-    return files, totals
-
-
 if __name__ == '__main__':
     import sys
-    # the nodes' addresses: the arguments, else DISPYCOS_PEERS (host[:port] ...)
-    addrs = sys.argv[1:] or [p.rpartition(':')[0] or p for p in
-                             os.environ.get('DISPYCOS_PEERS', '').replace(',', ' ').split()]
-    if not addrs:
-        raise SystemExit('usage: dispycos_client9_node.py NODE-ADDRESS ... '
-                         '(or DISPYCOS_PEERS)')
-    folder = tempfile.mkdtemp(prefix='client9-')
-    data_files, expected = make_data_files(addrs, folder)
     Scheduler()
     computation = Computation([compute], node_setup=node_setup, disable_nodes=True,
                               node_allocations=[DispycosNodeAllocate('*', platform='Linux')])
-    computation.status_task = pycos.Task(status_proc, computation, data_files)
-    pycos.Task(client_proc, computation, expected).value()
-    for path in data_files.values():
-        if os.path.exists(path):
-            os.remove(path)
-    os.rmdir(folder)
+    # how many nodes to wait for: the first argument, else 2
+    pycos.Task(client_proc, computation, int(sys.argv[1]) if len(sys.argv) > 1 else 2)

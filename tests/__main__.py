@@ -1,7 +1,9 @@
 """Runs the whole suite: ``python -m tests`` (what .ci/run and the README use).
 
-Discovers every ``tests/test_*.py``, runs them with unittest and ends with one line
-``tests: N passed, N failed, N skipped``; exits non-zero if anything failed.
+Discovers every ``tests/test_*.py`` (or the files matching the patterns given:
+``python -m tests 'test_dispycos*.py' test_wire.py``), runs them with unittest and ends
+with one line ``tests: N passed, N failed, N skipped``; exits non-zero if anything
+failed.
 """
 
 import os
@@ -14,8 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def main():
     os.chdir(ROOT)
     sys.path.insert(0, ROOT)
-    pattern = sys.argv[1] if len(sys.argv) > 1 else 'test_*.py'
-    suite = unittest.defaultTestLoader.discover('tests', pattern=pattern, top_level_dir=ROOT)
+    suite = unittest.TestSuite()
+    for pattern in sys.argv[1:] or ['test_*.py']:
+        suite.addTests(unittest.defaultTestLoader.discover('tests', pattern=pattern,
+                                                           top_level_dir=ROOT))
     result = unittest.TextTestRunner(verbosity=2, stream=sys.stdout).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     skipped = len(result.skipped)

@@ -221,15 +221,19 @@ class LocalClusterTest(unittest.TestCase):
 class CoverageTest(unittest.TestCase):
 
     def test_every_example_is_run(self):
-        """Each examples/*.py is run by this file, tests/test_cluster.py or
-        tests/test_dispycos.py."""
+        """Each examples/*.py is run by this file, tests/test_cluster.py or one of
+        the dispycos test files."""
         sources = ''
-        for name in ('test_examples.py', 'test_cluster.py', 'test_dispycos.py'):
+        for name in ('test_examples.py', 'test_cluster.py', 'test_dispycos.py',
+                     'test_dispycos_examples.py', 'test_dispycos_setup.py',
+                     'test_dispycos_httpd.py'):
             with open(os.path.join(support.ROOT, 'tests', name)) as f:
                 sources += f.read()
         examples = sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, '*.py')))
         self.assertTrue(examples)
-        missing = [name for name in examples if "'%s'" % name not in sources
+        # X_proc.py is a program X.py runs on its servers (dispycos_client5_proc.py)
+        named = [name.replace('_proc.py', '.py') for name in examples]
+        missing = [name for name in named if "'%s'" % name not in sources
                    and '/%s' % name not in sources]
         self.assertEqual(missing, [], 'examples not run by any test')
 
