@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""dispyhttpd: the dispy web monitor (``import dispy.httpd`` is this module).
+"""dispyhttpd: the web monitors of dispy and dispycos (``import dispy.httpd`` is this
+module; ``dispycos.httpd.HTTPServer`` makes a DispycosHTTPServer).
 
 A program (or ``dispyscheduler.py --httpd``) creates ``DispyHTTPServer(cluster)``; a
 browser on any device opens ``http://HOST:8181/`` and sees the cluster's nodes and jobs,
-cancels jobs and changes nodes.  Standard library only; the page (HTML, CSS and
-JavaScript, at the end of this file) ships inside it and fetches nothing else.
+cancels jobs and changes nodes.  A dispycos client creates
+``dispycos.httpd.HTTPServer(computation)`` before scheduling it and sees its nodes, their
+servers and the tasks running there, and terminates tasks.  Standard library only; the
+pages (HTML, CSS and JavaScript, at the end of this file, the parts both pages use
+shared) ship inside it and fetch nothing else.
 
-Where its data comes from (who owns what, which thread moves it)::
+Where dispy's data comes from (who owns what, which thread moves it)::
 
     Scheduler (dispy.py)  ──ClusterHooks events, scheduler lock held──►  JobCluster
                                                                          (or dispyscheduler's
@@ -28,6 +32,22 @@ Where its data comes from (who owns what, which thread moves it)::
                        all (a trickling peer is cut off); TLS handshakes run in the
                        connection's thread too
 
+Where dispycos's data comes from: only the computation's status messages::
+
+    dispycos scheduler  DispycosStatus (nodes, servers, TaskCreated) and MonitorStatus
+          │             (a task ended), sent to the computation's status_task
+          ▼
+    DispycosHTTPServer.status_task  a daemon dispycos Task (the runner thread,
+          │             pycos-tasks): each message updates the ComputationMonitor, then
+          │             goes on, as it came, to the status task the client had given
+          ▼             the computation (if any)
+    ComputationMonitor  nodes by address, their servers by location, each server's
+          ▲             running tasks (Task references, TaskInfo); its own lock
+          │ snapshot (the lock only); task arguments become text when a page asks
+    DispycosHTTPServer  /api/cluster, /api/node, /api/server, POST /api/terminate
+                        (Task.terminate(): for any thread, a notice the runner sends)
+                        and /api/settings; served by MonitorHTTPServer as dispy's
+
 Who makes what: ``DispyHTTPServer.add_cluster`` → ``ClusterMonitor.attach`` →
 ``cluster.attach_monitor`` (dispy.ClusterHooks: under the scheduler's lock the monitor is
 made, told what the cluster knows, and set as ``cluster.monitor``); ``del_cluster`` and
@@ -39,7 +59,8 @@ Class hierarchy::
     http.server.BaseHTTPRequestHandler ─► MonitorHandler     (parsing, limits, errors)
     WebMonitor  (access, page files, routing, the serving thread; hook methods
       │          get_routes / post_routes: what a product serves)
-      └─► DispyHTTPServer  (dispy's clusters)
+      ├─► DispyHTTPServer  (dispy's clusters; ClusterMonitor per cluster)
+      └─► DispycosHTTPServer  (a dispycos computation; its ComputationMonitor)
 
 Who may see and act (``Access``): a browser on this machine (any of its own addresses)
 may view and act; a browser elsewhere (a phone) needs the access token, which the
@@ -75,7 +96,7 @@ import dispy
 from dispy import DispyNode, logger
 
 __version__ = dispy.__version__
-__all__ = ['DispyHTTPServer']
+__all__ = ['DispyHTTPServer', 'DispycosHTTPServer']
 
 # One module under both names, whichever is imported first (dispy.SubmoduleAliases).
 sys.modules.setdefault('dispy.httpd', sys.modules[__name__])
@@ -93,7 +114,7 @@ MAX_CONNECTIONS = 128       # connections served at once (more are answered 503)
 MAX_PER_ADDRESS = 32        # ... from one address (a browser opens about 6)
 REQUEST_TIMEOUT = 30.0      # a request (or an idle keep-alive connection's wait) in all
 TLS_HANDSHAKE_TIMEOUT = 10.0
-MAX_SHOWN = 1000            # characters of a job's id / arguments sent to the page
+MAX_SHOWN = 1000            # characters of a job's id / arguments, a task's argument, shown
 TOKEN_HEADER = 'X-Dispy-Token'
 SECURITY_HEADERS = (
     ('Content-Security-Policy', "default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -694,7 +715,7 @@ class WebMonitor:
 
     PAGE_FILES = {'/': 'monitor.html', '/index.html': 'monitor.html',
                   '/monitor.html': 'monitor.html', '/monitor.js': 'monitor.js',
-                  '/monitor.css': 'monitor.css'}
+                  '/monitor-kit.js': 'monitor-kit.js', '/monitor.css': 'monitor.css'}
     CONTENT_TYPES = {'.html': 'text/html; charset=utf-8',
                      '.js': 'text/javascript; charset=utf-8',
                      '.css': 'text/css; charset=utf-8'}
@@ -1075,31 +1096,438 @@ class DispyHTTPServer(WebMonitor):
 
 
 # ================================================================================
-# The page (served at /, /monitor.js, /monitor.css; DocumentRoot may replace them)
+# ComputationMonitor: a dispycos computation's figures, kept from its status messages
 # ================================================================================
 
-# The page's own files, as the browser gets them.  A placeholder {{TOKEN}} in the HTML
-# becomes the access token (HTML-escaped).  Everything the page shows is set with
-# textContent: nothing received is ever parsed as HTML.
+MAX_TASKS_SHOWN = 1000      # running tasks of one server sent to the page
+MAX_ARGS_SHOWN = 20         # arguments (and as many keyword arguments) shown per task
+FINISHED_KEPT = 100000      # keys of ended tasks remembered (a late duplicate is ignored)
+
+
+class _RunningTask:
+    """A remote task as the monitor shows it: the Task reference, its TaskInfo (whose
+    arguments are unpickled and turned to text only when a page asks for them)."""
+
+    __slots__ = ('task', 'info', 'name', 'start_time', 'texts')
+
+    def __init__(self, task, info):
+        self.task, self.info = task, info
+        self.name = str(task.name)
+        start = getattr(info, 'start_time', None)
+        self.start_time = start if isinstance(start, (int, float)) else time.time()
+        self.texts = None           # ([arg text], {name: text}), made once, when shown
+
+
+class _ServerFigures:
+    __slots__ = ('location', 'addr', 'state', 'submitted', 'done', 'running')
+
+    def __init__(self, location, addr):
+        self.location, self.addr = location, addr
+        self.state = 'discovered'
+        self.submitted = self.done = 0
+        self.running = {}           # task key -> _RunningTask
+
+    def as_dict(self):
+        return {'location': self.location, 'addr': self.addr, 'state': self.state,
+                'submitted': self.submitted, 'done': self.done, 'running': len(self.running)}
+
+
+class _CosNodeFigures:
+    __slots__ = ('addr', 'location', 'name', 'state', 'avail', 'node_servers', 'servers')
+
+    def __init__(self, addr):
+        self.addr = addr
+        self.location = self.name = ''
+        self.state = 'discovered'
+        self.avail = None           # {'cpu', 'memory', 'disk', 'swap'} (psutil on the node)
+        self.node_servers = 0       # servers the node runs (the computation may use fewer)
+        self.servers = {}           # location text -> _ServerFigures
+
+    def as_dict(self):
+        servers = self.servers.values()
+        return {'addr': self.addr, 'location': self.location, 'name': self.name,
+                'state': self.state, 'avail': self.avail, 'node_servers': self.node_servers,
+                'servers': sum(s.state != 'closed' for s in servers),
+                'submitted': sum(s.submitted for s in servers),
+                'done': sum(s.done for s in servers),
+                'running': sum(len(s.running) for s in servers)}
+
+
+def _task_key(task):
+    """A remote task's key: its name and its server ('compute/12@10.0.0.5:9707')."""
+    return '%s@%s' % (task.name, task.location)
+
+
+class ComputationMonitor:
+    """What the dispycos monitor knows of one computation, kept from the messages its
+    status task receives (``message``, on the dispycos runner thread): nodes by
+    address, their servers by location, each server's running tasks.  The page's
+    requests (HTTP threads) read snapshots under ``lock``; a message takes it for a
+    few dict operations."""
+
+    def __init__(self, dispycos, computation_id):
+        self.cos = dispycos             # the dispycos module (status names, classes)
+        self.computation_id = computation_id
+        self.lock = threading.Lock()
+        self.nodes = {}                 # address -> _CosNodeFigures
+        self.servers = {}               # location text -> _ServerFigures
+        self.finished = collections.OrderedDict()   # keys of tasks counted as done
+        self.submitted = self.done = self.terminated = self.failed = 0
+        self.state = 'not scheduled'
+        self.scheduled_time = self.closed_time = None
+        cos = dispycos
+        self._handlers = {
+            cos.NodeDiscovered: self._node, cos.NodeInitialized: self._node,
+            cos.NodeClosed: self._node, cos.ServerDiscovered: self._server,
+            cos.ServerInitialized: self._server, cos.ServerClosed: self._server,
+            cos.TaskCreated: self._task_created,
+            cos.ComputationScheduled: self._computation,
+            cos.ComputationClosed: self._computation}
+        self._states = {cos.NodeDiscovered: 'discovered', cos.NodeInitialized: 'ready',
+                        cos.NodeClosed: 'closed', cos.ServerDiscovered: 'discovered',
+                        cos.ServerInitialized: 'ready', cos.ServerClosed: 'closed'}
+
+    # -- messages (the runner thread) -------------------------------------------------------
+    def message(self, msg):
+        """One status message: a DispycosStatus, a MonitorStatus (a task ended) or a
+        DispycosNodeAvailInfo; anything else is not the monitor's."""
+        cos = self.cos
+        if isinstance(msg, cos.DispycosStatus):
+            handler = self._handlers.get(msg.status)
+            if handler is not None:
+                handler(msg.status, msg.info)
+        elif isinstance(msg, cos.MonitorStatus):
+            if isinstance(msg.info, cos.Task):
+                self._task_ended(msg.info, msg.type)
+        elif isinstance(msg, cos.DispycosNodeAvailInfo):
+            self._node(None, msg)
+
+    def _node(self, status, info):
+        location = getattr(info, 'location', None)
+        addr = getattr(location, 'addr', None)
+        if addr is None:
+            return
+        avail = {name: getattr(info, name, None) for name in ('cpu', 'memory', 'disk', 'swap')}
+        with self.lock:
+            node = self._node_at(str(addr))
+            node.location = str(location)
+            node.name = str(getattr(info, 'name', None) or node.name or '')
+            node.node_servers = getattr(info, 'servers', 0) or node.node_servers
+            if any(v is not None for v in avail.values()):
+                node.avail = avail
+            if status is not None:
+                node.state = self._states[status]
+
+    def _server(self, status, location):
+        addr = getattr(location, 'addr', None)
+        if addr is None:
+            return
+        with self.lock:
+            server = self._server_at(str(location), str(addr))
+            server.state = self._states[status]
+            if status == self.cos.ServerClosed:     # what it ran is over: never told now
+                for key in list(server.running):
+                    self._count_done(server, key)
+
+    def _task_created(self, _status, info):
+        task = getattr(info, 'task', None)
+        if not isinstance(task, self.cos.Task):
+            return
+        key, location = _task_key(task), task.location
+        with self.lock:
+            if key in self.finished:
+                return                  # its end came first: counted then
+            server = self._server_at(str(location), str(location.addr))
+            if key not in server.running:
+                server.running[key] = _RunningTask(task, info)
+                server.submitted += 1
+                self.submitted += 1
+
+    def _task_ended(self, task, how):
+        key, location = _task_key(task), task.location
+        with self.lock:
+            if key in self.finished:
+                return
+            server = self._server_at(str(location), str(location.addr))
+            if key not in server.running:       # its creation was never told: count it
+                server.submitted += 1
+                self.submitted += 1
+            self._count_done(server, key)
+            if how is GeneratorExit:
+                self.terminated += 1
+            elif how is not StopIteration:
+                self.failed += 1
+
+    def _computation(self, status, _info):
+        with self.lock:
+            if status == self.cos.ComputationScheduled:
+                self.state, self.scheduled_time = 'scheduled', time.time()
+            else:
+                self.state, self.closed_time = 'closed', time.time()
+
+    # -- lock held ----------------------------------------------------------------------------
+    def _node_at(self, addr):
+        node = self.nodes.get(addr)
+        if node is None:
+            node = self.nodes[addr] = _CosNodeFigures(addr)
+        return node
+
+    def _server_at(self, location, addr):
+        server = self.servers.get(location)
+        if server is None:
+            server = self.servers[location] = _ServerFigures(location, addr)
+            self._node_at(addr).servers[location] = server
+        return server
+
+    def _count_done(self, server, key):
+        server.running.pop(key, None)
+        server.done += 1
+        self.done += 1
+        self.finished[key] = None
+        if len(self.finished) > FINISHED_KEPT:
+            self.finished.popitem(last=False)
+
+    # -- what the server reads (HTTP threads) -------------------------------------------------
+    def cluster(self):
+        with self.lock:
+            running = sum(len(s.running) for s in self.servers.values())
+            return {'computation': {'id': self.computation_id, 'state': self.state,
+                                    'scheduled_time': self.scheduled_time,
+                                    'closed_time': self.closed_time},
+                    'submitted': self.submitted, 'done': self.done, 'running': running,
+                    'terminated': self.terminated, 'failed': self.failed,
+                    'nodes': [node.as_dict() for node in self.nodes.values()]}
+
+    def node(self, addr):
+        with self.lock:
+            node = self.nodes.get(addr)
+            if node is None:
+                return None
+            info = node.as_dict()
+            info['server_list'] = [s.as_dict() for s in node.servers.values()]
+            return info
+
+    def server(self, location, limit=MAX_TASKS_SHOWN):
+        """(figures of the server, its first ``limit`` running tasks) or None."""
+        with self.lock:
+            server = self.servers.get(location)
+            if server is None:
+                return None
+            tasks = list(itertools.islice(server.running.items(), limit))
+            return server.as_dict(), tasks
+
+    def running_task(self, location, key):
+        with self.lock:
+            server = self.servers.get(location)
+            entry = server.running.get(key) if server is not None else None
+            return entry.task if entry is not None else None
+
+
+def shown_str(value):
+    """A task argument as the page shows it: its str() (the seed: a user class may
+    give ``__str__``), containers cut short as ``shown`` cuts them, at most MAX_SHOWN
+    characters; one whose str() raises is shown as such."""
+    try:
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, (tuple, list, dict, set, frozenset, collections.deque)) or \
+                type(value).__str__ is object.__str__:
+            text = _REPR.repr(value)
+        else:
+            text = str(value)
+            if not isinstance(text, str):
+                raise TypeError('__str__ returned %s' % type(text).__name__)
+    except Exception as exc:
+        text = '<unprintable %s: %s>' % (type(value).__name__, exc)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + '...'
+
+
+def _argument_texts(info):
+    """([text of each argument], {name: text}) of a TaskInfo, at most MAX_ARGS_SHOWN
+    of each (reading ``args`` unpickles them, the first time)."""
+    try:
+        args, kwargs = tuple(info.args), dict(info.kwargs)
+    except Exception as exc:
+        return ['<arguments not readable: %s>' % shown_str(exc)], {}
+    texts = [shown_str(a) for a in args[:MAX_ARGS_SHOWN]]
+    if len(args) > MAX_ARGS_SHOWN:
+        texts.append('... (%d more)' % (len(args) - MAX_ARGS_SHOWN))
+    named = {shown_str(k)[:100]: shown_str(v)
+             for k, v in itertools.islice(kwargs.items(), MAX_ARGS_SHOWN)}
+    return texts, named
+
+
+# ================================================================================
+# DispycosHTTPServer: a dispycos computation (dispycos.httpd.HTTPServer)
+# ================================================================================
+
+class DispycosHTTPServer(WebMonitor):
+    """The dispycos web monitor of one computation (seed 003 §6.8; ``dispycos.HTTPServer``
+    makes one).  Create it before ``yield computation.schedule()``: it becomes the
+    computation's ``status_task`` (``self.status_task``, a daemon dispycos Task on the
+    runner thread), and a status task the computation had already gets every message
+    after the monitor has read it, in order, once.  ``show_task_args``: whether the
+    Server page shows tasks' arguments (their str(), made only when shown); the
+    Cluster page may turn it on or off.  ``DocumentRoot``: a folder whose
+    dispycos.html, dispycos.js, monitor-kit.js or monitor.css replace the built-in
+    ones.  ``allowed_hosts``, ``token`` and ``require_token`` are DispyHTTPServer's.
+    ``shutdown()`` gives the computation its own status task back (the monitor's task
+    keeps passing messages on to it: the scheduler has its address).
+
+    Endpoints: GET /api/cluster (the computation, totals, a row per node), /api/node
+    ?addr= (its figures, availability, servers), /api/server?location= (its figures,
+    at most MAX_TASKS_SHOWN running tasks: key, name, start_time, and args / kwargs as
+    text while show_task_args); POST /api/terminate {server, tasks: [key]} and
+    /api/settings {show_task_args}."""
+
+    PAGE_FILES = {'/': 'dispycos.html', '/index.html': 'dispycos.html',
+                  '/dispycos.html': 'dispycos.html', '/dispycos.js': 'dispycos.js',
+                  '/monitor-kit.js': 'monitor-kit.js', '/monitor.css': 'monitor.css'}
+
+    def __init__(self, computation, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
+                 keyfile=None, certfile=None, show_task_args=True, allowed_hosts=(),
+                 token=None, require_token=False):
+        import dispycos     # here: dispy.httpd alone never loads the dispycos runtime
+        self.computation = computation
+        self.show_task_args = bool(show_task_args)
+        self.monitor = ComputationMonitor(dispycos, str(getattr(computation, 'id', '')))
+        self.status_task = self._client_status = None
+        super().__init__(host, port, poll_sec, DocumentRoot, keyfile, certfile,
+                         allowed_hosts, token, 'dispycos', require_token)
+        try:
+            self._take_status(dispycos, computation)
+        except BaseException:
+            self.shutdown(wait=False)
+            raise
+
+    def _take_status(self, dispycos, computation):
+        """Becomes the computation's status task; the one it had is told after us."""
+        if getattr(computation, '_scheduler', None) is not None:
+            logger.warning('dispycos web monitor: the computation is scheduled already; '
+                           'create the HTTPServer before computation.schedule() to see '
+                           'its status')
+        self._client_status = computation.status_task
+        self.status_task = dispycos.Task(self._status_proc)
+        self.status_task.set_daemon()
+        computation.status_task = self.status_task
+
+    def _status_proc(self, task=None):
+        """The computation's status task: every message updates the figures, then
+        goes on to the client's own status task, if it had one."""
+        while True:
+            msg = yield task.receive()
+            if not self.stopped:
+                try:
+                    self.monitor.message(msg)
+                except Exception:
+                    logger.warning('dispycos web monitor: status %r not understood', msg,
+                                   exc_info=True)
+            client = self._client_status
+            if client is not None:
+                client.send(msg)
+
+    def closed(self):
+        if self.status_task is not None and self.computation.status_task is self.status_task:
+            self.computation.status_task = self._client_status
+
+    def get_routes(self):
+        return {'/api/cluster': self.api_cluster, '/api/node': self.api_node,
+                '/api/server': self.api_server}
+
+    def post_routes(self):
+        return {'/api/terminate': self.api_terminate, '/api/settings': self.api_settings}
+
+    def _common(self):
+        return {'time': time.time(), 'poll_sec': self.poll_sec,
+                'show_task_args': self.show_task_args, 'version': __version__}
+
+    # -- GET ---------------------------------------------------------------------------------
+    def api_cluster(self, request):
+        return dict(self._common(), **self.monitor.cluster())
+
+    def api_node(self, request):
+        addr = request.query.get('addr') or ''
+        info = self.monitor.node(addr)
+        if info is None:
+            raise HTTPError(404, 'no node %r in this computation' % addr[:100])
+        return dict(self._common(), **info)
+
+    def api_server(self, request):
+        location = request.query.get('location') or ''
+        found = self.monitor.server(location)
+        if found is None:
+            raise HTTPError(404, 'no server %r in this computation' % location[:100])
+        figures, tasks = found
+        show = self.show_task_args
+        figures['tasks'] = [self._task_info(key, entry, show) for key, entry in tasks]
+        return dict(self._common(), **figures)
+
+    @staticmethod
+    def _task_info(key, entry, show_args):
+        info = {'key': key, 'name': entry.name, 'start_time': entry.start_time}
+        if show_args:
+            if entry.texts is None:     # a race of two requests makes it twice: harmless
+                entry.texts = _argument_texts(entry.info)
+            info['args'], info['kwargs'] = entry.texts
+        return info
+
+    # -- POST --------------------------------------------------------------------------------
+    def api_terminate(self, request, data):
+        location, keys = data.get('server'), data.get('tasks')
+        if not isinstance(location, str) or self.monitor.server(location, 0) is None:
+            raise HTTPError(404, 'no server %r in this computation' % (str(location)[:100],))
+        if not isinstance(keys, list) or len(keys) > 10000:
+            raise HTTPError(400, 'tasks: a list of task keys is expected')
+        terminated, failed = [], []
+        for key in keys:
+            key = str(key)[:300]
+            task = self.monitor.running_task(location, key)
+            # Task.terminate is for any thread: a remote task's is a notice the runner sends
+            ok = task is not None and task.terminate() == 0
+            (terminated if ok else failed).append(key)
+        if terminated:
+            logger.info('web monitor: %d task(s) at %s terminated by %s', len(terminated),
+                        location, request.client_ip)
+        return {'terminated': terminated, 'failed': failed}
+
+    def api_settings(self, request, data):
+        if 'show_task_args' in data:
+            if not isinstance(data['show_task_args'], bool):
+                raise HTTPError(400, 'show_task_args: true or false')
+            self.show_task_args = data['show_task_args']
+        return {'show_task_args': self.show_task_args}
+
+
+# ================================================================================
+# The pages (dispy's at /, /monitor.js; dispycos's at /, /dispycos.js; both use
+# /monitor-kit.js and /monitor.css; DocumentRoot may replace any of them)
+# ================================================================================
+
+# The pages' own files, as the browser gets them.  A placeholder {{TOKEN}} in the HTML
+# becomes the access token (HTML-escaped).  Everything a page shows is set with
+# textContent: nothing received is ever parsed as HTML.  What both pages share is
+# shared, not copied: the HTML around their views (_page_html), the styles, and the
+# browser code of monitor-kit.js (DOM builders, the fetch wrapper, the error banner,
+# the poll loop, sortable headers, selections).
 
 PAGE = {}
 
-PAGE['monitor.html'] = r'''<!DOCTYPE html>
+_PAGE_HTML = r'''<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="dispy-token" content="{{TOKEN}}">
-<title>dispy monitor</title>
+<title>%(product)s monitor</title>
 <link rel="stylesheet" href="/monitor.css">
-<script src="/monitor.js" defer></script>
+<script src="/monitor-kit.js" defer></script>
+<script src="/%(script)s" defer></script>
 </head>
 <body>
 <header class="topbar">
-  <h1 class="brand">dispy monitor</h1>
+  <h1 class="brand">%(product)s monitor</h1>
   <nav class="menu" aria-label="Views">
-    <a id="nav-cluster" href="#cluster">Cluster</a>
-    <a id="nav-node" class="disabled" aria-disabled="true">Node</a>
+%(menu)s
   </nav>
   <label class="poll">Poll every
     <input id="poll-sec" type="number" min="1" max="3600" step="1" value="10" inputmode="numeric"> s</label>
@@ -1110,6 +1538,26 @@ PAGE['monitor.html'] = r'''<!DOCTYPE html>
   <button type="button" id="error-dismiss" class="dismiss" aria-label="Dismiss">&times;</button>
 </div>
 <main>
+%(views)s
+</main>
+<footer class="foot"><span id="version"></span></footer>
+</body>
+</html>
+'''
+
+
+def _page_html(product, script, views, menu):
+    """A monitor's page: the shared head (styles, MonitorKit, then ``script``), top bar
+    (menu: the views' names, the first one always enabled; the poll interval), error
+    banner and footer, around ``views`` (HTML of the product's views)."""
+    links = ['    <a id="nav-%s" href="#%s">%s</a>' % (menu[0].lower(), menu[0].lower(), menu[0])]
+    links += ['    <a id="nav-%s" class="disabled" aria-disabled="true">%s</a>' % (name.lower(), name)
+              for name in menu[1:]]
+    return _PAGE_HTML % {'product': product, 'script': script, 'menu': '\n'.join(links),
+                         'views': views.strip('\n')}
+
+
+PAGE['monitor.html'] = _page_html('dispy', 'monitor.js', menu=('Cluster', 'Node'), views='''
   <div id="cluster-view" hidden>
     <div class="toolbar">
       <label class="check"><input type="checkbox" id="show-args"> Show job arguments</label>
@@ -1126,13 +1574,50 @@ PAGE['monitor.html'] = r'''<!DOCTYPE html>
       <span id="cancel-result" aria-live="polite"></span>
     </div>
   </div>
-</main>
-<footer class="foot"><span id="version"></span></footer>
-</body>
-</html>
-'''
+''')
 
-PAGE['monitor.css'] = r'''/* dispy monitor: light, system fonts, usable down to 360px wide. */
+PAGE['dispycos.html'] = _page_html('dispycos', 'dispycos.js', menu=('Cluster', 'Node', 'Server'),
+                                   views='''
+  <div id="cluster-view" hidden>
+    <div class="toolbar">
+      <label class="check"><input type="checkbox" id="show-args"> Show task arguments</label>
+    </div>
+    <section class="cluster">
+      <div class="cluster-head"><h2>Computation</h2> <span id="computation-state" class="state"></span>
+        <span id="computation-meta" class="meta"></span></div>
+      <div id="cluster-figures" class="figures"></div>
+      <div id="nodes"><p class="empty">Loading&hellip;</p></div>
+    </section>
+  </div>
+  <div id="node-view" hidden>
+    <h2 id="node-title" class="view-title">Node</h2>
+    <p id="node-unknown" hidden><span id="node-unknown-text"></span> <a href="#cluster">Back to cluster view</a></p>
+    <section id="node-body" class="node-cluster">
+      <div id="node-figures" class="figures"></div>
+      <h4>Availability</h4>
+      <div id="node-avail"></div>
+      <h4>Servers</h4>
+      <div id="node-servers"></div>
+    </section>
+  </div>
+  <div id="server-view" hidden>
+    <h2 id="server-title" class="view-title">Server</h2>
+    <p id="server-unknown" hidden><span id="server-unknown-text"></span> <a href="#cluster">Back to cluster view</a></p>
+    <section id="server-body" class="node-cluster">
+      <p class="meta">On <a id="server-node" href="#cluster">its node</a></p>
+      <div id="server-figures" class="figures"></div>
+      <h4>Running tasks <span id="tasks-more" class="meta"></span></h4>
+      <div id="server-tasks"></div>
+      <div class="actions">
+        <button type="button" id="terminate-tasks" class="danger" disabled>Terminate selected tasks</button>
+        <span id="terminate-result" aria-live="polite"></span>
+      </div>
+    </section>
+  </div>
+''')
+
+PAGE['monitor.css'] = r'''/* The monitors' styles (dispy's page and dispycos's): light, system fonts, usable down
+   to 360px wide. */
 :root {
   --fg: #1d2430; --muted: #5f6b7a; --bg: #f5f6f8; --card: #fff; --line: #dde2e8;
   --head: #f1f3f6; --accent: #2457d6; --accent-weak: #dfe8fc;
@@ -1181,7 +1666,7 @@ button {
 button:hover:not(:disabled) { border-color: var(--accent); background: #f7f9ff; }
 button:disabled { opacity: .5; cursor: default; }
 button.close-node { color: var(--bad); }
-#cancel-jobs:not(:disabled) { color: #fff; background: var(--bad); border-color: var(--bad); }
+#cancel-jobs:not(:disabled), button.danger:not(:disabled) { color: #fff; background: var(--bad); border-color: var(--bad); }
 
 /* error banner */
 .error {
@@ -1195,7 +1680,7 @@ main { max-width: 1200px; margin: 0 auto; padding: 1rem; }
 .toolbar { margin-bottom: .75rem; }
 .check { display: inline-flex; align-items: center; gap: .5rem; min-height: 36px; cursor: pointer; }
 .empty { color: var(--muted); }
-#node-title { margin: .25rem 0 .75rem; font-size: 1.3rem; overflow-wrap: anywhere; }
+#node-title, .view-title { margin: .25rem 0 .75rem; font-size: 1.3rem; overflow-wrap: anywhere; }
 .node-name { margin-left: .5rem; color: var(--muted); font-weight: 400; }
 
 /* cluster cards */
@@ -1244,7 +1729,10 @@ table.nodes th { padding: 0; }
 .sort-btn:hover:not(:disabled) { background: #e7ebf1; }
 .sort-mark { color: var(--accent); }
 table.nodes [data-col="submitted"], table.nodes [data-col="done"], table.nodes [data-col="running"],
-table.nodes [data-col="cpu"], table.nodes [data-col="memory"], table.nodes [data-col="disk"] { text-align: right; }
+table.nodes [data-col="cpu"], table.nodes [data-col="memory"], table.nodes [data-col="disk"],
+table.nodes [data-col="servers"], table.servers [data-col="submitted"], table.servers [data-col="done"],
+table.servers [data-col="running"] { text-align: right; }
+.server-link { display: inline-block; padding: .3rem 0; }
 .node-link { display: inline-block; padding: .3rem 0; }
 td.select, th.select { width: 1%; padding: 0 .25rem; }
 .cb { display: inline-flex; align-items: center; justify-content: center; min-width: 36px; min-height: 36px; cursor: pointer; }
@@ -1259,7 +1747,7 @@ td.args .job-kwargs { color: var(--muted); }
 .controls { display: flex; flex-wrap: wrap; align-items: center; gap: .5rem; margin: .5rem 0; }
 .cpus-group { display: inline-flex; gap: .35rem; }
 .cpus-input { width: 5em; }
-.op-result, #cancel-result { color: var(--muted); font-size: .875rem; }
+.op-result, #cancel-result, #terminate-result { color: var(--muted); font-size: .875rem; }
 .actions { display: flex; flex-wrap: wrap; align-items: center; gap: .75rem; margin-top: .5rem; }
 .foot { padding: 1rem; text-align: center; color: var(--muted); font-size: .8rem; }
 
@@ -1273,52 +1761,29 @@ td.args .job-kwargs { color: var(--muted); }
 }
 '''
 
-PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no libraries).
+PAGE['monitor-kit.js'] = r'''/* The monitors' shared browser code (dispy's page and dispycos's page), plain ES2017.
  *
- * Structure:
- *   state     - one object: current view/route, user choices (poll interval, table
- *               sort, job selections), the last server data and the throughput
- *               history accumulated between polls.
- *   helpers   - DOM builders (el/svg/setChildren; text only ever goes through
- *               textContent, never parsed as HTML), formatting, and api(), the fetch wrapper.
- *   poll loop - pollNow() fetches the data of the current view and renders it;
- *               when the response (or error) is in, schedule() arms ONE setTimeout,
- *               so slow responses never pile up. Actions and hash changes call
- *               pollNow() at once; stale responses are dropped by a sequence number.
- *   renderers - renderClusters()/drawChart() for #cluster, renderNode() for #node=<ip>.
- *   actions   - show-args setting, node operations, job cancellation.
- *   init      - wires events, routes by location.hash and starts polling.
+ * window.MonitorKit is loaded before the page's own script and gives it:
+ *   DOM        el/svg/append/setChildren: text only ever goes through textContent
+ *              (nothing received is parsed as HTML); figure(), stateBadge(),
+ *              sortHeader() and selection() (check boxes kept across polls)
+ *   format     fmtClock, fmtNum, fmtBytes; compareIp (addresses sort numerically)
+ *   storage    load/save (localStorage, when the browser allows it)
+ *   api()      the fetch wrapper: JSON both ways, the page's token on changes
+ *   errors     the banner: showError/clearError/reportActionError
+ *   polling    startPolling(fetch): fetch(seq) for the current view, then ONE
+ *              setTimeout for the next poll (slow answers never pile up); isCurrent(seq)
+ *              drops stale answers; the "Poll every" input (kept in localStorage) and
+ *              the server's poll_sec (serverPollSec) set the interval
  */
 'use strict';
-(function () {
+window.MonitorKit = (function () {
   const SVG_NS = 'http://www.w3.org/2000/svg';
-  const MAX_POINTS = 3600;   // history points kept per cluster
-  const CHART_SPAN = 900;    // seconds shown in a throughput chart
-  const CHART_BINS = 60;
-  const NODE_COLS = [['ip_addr', 'Node'], ['name', 'Name'], ['cpus', 'CPUs'],
-    ['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'], ['cpu', 'CPU %'],
-    ['memory', 'Memory free'], ['disk', 'Disk free'], ['state', 'State']];
-  const TOTALS = [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'],
-    ['failed', 'Failed'], ['pending', 'Pending']];
-
-  const state = {
-    token: '', view: 'cluster', nodeIp: null, lastNode: null,
-    pollSec: 10, pollUserSet: false, timer: null, pollSeq: 0,
-    settingsBusy: false, cancelBusy: false, errorKind: null,
-    sort: { col: 'ip_addr', dir: -1 },
-    status: null,            // last /api/status response
-    history: new Map(),      // cluster id -> [[time, done], ...]
-    needFull: false,         // next status poll must use since=0
-    charts: [],              // [{holder, id}] of the rendered cluster view
-    nodeParts: new Map(),    // String(cluster id) -> persistent DOM of node view
-    selected: new Map(),     // String(cluster id) -> Set of selected job keys
-  };
-
-  // ---------- helpers ----------
   const $ = (id) => document.getElementById(id);
   const isNum = (v) => typeof v === 'number' && isFinite(v);
   const str = (v) => (v === null || v === undefined ? '' : String(v));
 
+  // ---------- DOM ----------
   function el(tag, attrs) {
     const node = document.createElement(tag);
     Object.entries(attrs || {}).forEach(([k, v]) => {
@@ -1345,12 +1810,91 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     node.textContent = '';
     append(node, children);
   }
-  function load(key) {
-    try { return window.localStorage.getItem(key); } catch (e) { return null; }
+  function activeFocusKey() {
+    const a = document.activeElement;
+    return a && a.dataset ? a.dataset.focusKey || null : null;
   }
-  function save(key, value) {
-    try { window.localStorage.setItem(key, value); } catch (e) { /* storage unavailable */ }
+  function restoreFocus(key) {
+    if (!key) return;
+    const target = document.querySelector('[data-focus-key="' + CSS.escape(key) + '"]');
+    if (target && target !== document.activeElement) target.focus({ preventScroll: true });
   }
+  function figure(label, key, value, attr) {
+    return el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: label }),
+      el('span', { class: 'figure-value', [attr || 'data-total']: key, text: value }));
+  }
+  function stateBadge(s) {
+    const cls = s === 'ready' ? 'state-ready' : s === 'closed' ? 'state-closed' : 'state-other';
+    return el('span', { class: 'state ' + cls, text: s });
+  }
+  // A column header that sorts: sort is {col, dir}; onSort(key) when clicked.
+  function sortHeader(focusKey, key, label, sort, onSort) {
+    const active = sort.col === key, asc = sort.dir > 0;
+    const btn = el('button', { type: 'button', class: 'sort-btn', 'data-focus-key': focusKey }, label,
+      el('span', { class: 'sort-mark', 'aria-hidden': 'true', text: active ? (asc ? ' ▲' : ' ▼') : '' }));
+    btn.addEventListener('click', () => onSort(key));
+    return el('th', { scope: 'col', 'data-col': key, 'aria-sort': active ? (asc ? 'ascending' : 'descending') : null }, btn);
+  }
+  const nextSort = (sort, col) => (sort.col === col ? { col: col, dir: -sort.dir } : { col: col, dir: 1 });
+  function loadSort(key, cols, dflt) {
+    try {
+      const s = JSON.parse(load(key));
+      if (s && cols.some((c) => c[0] === s.col) && (s.dir === 1 || s.dir === -1)) return s;
+    } catch (e) { /* ignore bad stored value */ }
+    return dflt;
+  }
+  // Check boxes of table rows, one more for all of them; sel (a Set of keys) outlives
+  // the rows (they are rebuilt each poll) and loses the keys no longer listed.
+  // opts: {boxClass, allLabel, allFocusKey, onChange}
+  function selection(sel, keys, opts) {
+    const listed = new Set(keys);
+    Array.from(sel).forEach((k) => { if (!listed.has(k)) sel.delete(k); });
+    const boxes = [];
+    const all = el('input', { type: 'checkbox', class: 'select-all', 'aria-label': opts.allLabel, 'data-focus-key': opts.allFocusKey });
+    const mark = (b) => { const row = b.closest('tr'); if (row) row.classList.toggle('selected', b.checked); };
+    const sync = () => {
+      all.checked = sel.size > 0 && sel.size === keys.length;
+      all.indeterminate = sel.size > 0 && sel.size < keys.length;
+      opts.onChange();
+    };
+    all.addEventListener('change', () => {
+      boxes.forEach((b) => {
+        b.checked = all.checked;
+        if (b.checked) sel.add(b.value); else sel.delete(b.value);
+        mark(b);
+      });
+      sync();
+    });
+    function box(key, label, focusKey) {
+      const b = el('input', { type: 'checkbox', class: opts.boxClass, value: key, 'aria-label': label, 'data-focus-key': focusKey });
+      b.checked = sel.has(key);
+      boxes.push(b);
+      b.addEventListener('change', () => {
+        if (b.checked) sel.add(key); else sel.delete(key);
+        mark(b);
+        sync();
+      });
+      return b;
+    }
+    return { all: all, box: box, sync: sync };
+  }
+  // A menu link that is disabled until it has somewhere to go.
+  function menuLink(a, active, href, title) {
+    a.classList.toggle('active', active);
+    if (active) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
+    if (href) {
+      a.setAttribute('href', href);
+      a.classList.remove('disabled');
+      a.removeAttribute('aria-disabled');
+      if (title) a.title = title;
+    } else {
+      a.removeAttribute('href');
+      a.classList.add('disabled');
+      a.setAttribute('aria-disabled', 'true');
+    }
+  }
+
+  // ---------- formatting ----------
   const pad2 = (n) => String(n).padStart(2, '0');
   function fmtClock(sec) {
     const d = new Date(sec * 1000);
@@ -1364,28 +1908,37 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
     return (i === 0 ? String(Math.round(n)) : n.toFixed(n < 10 ? 1 : 0)) + ' ' + units[i];
   }
-  function fmtRate(r) {
-    if (!(r > 0)) return '0';
-    return r < 1 ? r.toFixed(2) : r < 10 ? r.toFixed(1) : String(Math.round(r));
+  function ipValue(ip) {
+    const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(str(ip));
+    return m ? ((+m[1] * 256 + +m[2]) * 256 + +m[3]) * 256 + +m[4] : null;
   }
-  function activeFocusKey() {
-    const a = document.activeElement;
-    return a && a.dataset ? a.dataset.focusKey || null : null;
-  }
-  function restoreFocus(key) {
-    if (!key) return;
-    const target = document.querySelector('[data-focus-key="' + CSS.escape(key) + '"]');
-    if (target && target !== document.activeElement) target.focus({ preventScroll: true });
+  function compareIp(a, b) {
+    const x = ipValue(a), y = ipValue(b);
+    return x !== null && y !== null ? x - y : str(a).localeCompare(str(b));
   }
 
+  // ---------- storage ----------
+  function load(key) {
+    try { return window.localStorage.getItem(key); } catch (e) { return null; }
+  }
+  function save(key, value) {
+    try { window.localStorage.setItem(key, value); } catch (e) { /* storage unavailable */ }
+  }
+
+  // ---------- api ----------
+  let token = null;
   class ApiError extends Error {
     constructor(message, status) { super(message); this.status = status; }
   }
   async function api(method, path, body) {
+    if (token === null) {
+      const meta = document.querySelector('meta[name="dispy-token"]');
+      token = meta ? meta.getAttribute('content') || '' : '';
+    }
     const opts = { method: method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
     if (body !== undefined) {
       opts.headers['Content-Type'] = 'application/json';
-      opts.headers['X-Dispy-Token'] = state.token;
+      opts.headers['X-Dispy-Token'] = token;
       opts.body = JSON.stringify(body);
     }
     let resp;
@@ -1402,46 +1955,149 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   }
 
   // ---------- error banner ----------
+  let errorKind = null;
   function showError(message, kind) {
     $('error-text').textContent = str(message);
     $('error').hidden = false;
-    state.errorKind = kind;
+    errorKind = kind;
   }
   function clearError(kind) {
-    if (kind && state.errorKind !== kind) return;
+    if (kind && errorKind !== kind) return;
     $('error').hidden = true;
-    state.errorKind = null;
+    errorKind = null;
   }
   // Network failures are cleared by the next successful poll, server refusals stay.
   const reportActionError = (e) => showError(e.message, e.status ? 'action' : 'poll');
 
-  // ---------- poll loop ----------
+  // ---------- polling ----------
+  const poll = { sec: 10, userSet: false, timer: null, seq: 0, fetch: null, key: '' };
   function schedule() {
-    clearTimeout(state.timer);
-    state.timer = setTimeout(pollNow, state.pollSec * 1000);
+    clearTimeout(poll.timer);
+    poll.timer = setTimeout(pollNow, poll.sec * 1000);
   }
   async function pollNow() {
-    clearTimeout(state.timer);
-    const seq = ++state.pollSeq;
+    clearTimeout(poll.timer);
+    const seq = ++poll.seq;
     try {
-      if (state.view === 'node') await pollNode(seq);
-      else await pollClusters(seq);
-      if (seq === state.pollSeq) {
+      await poll.fetch(seq);
+      if (seq === poll.seq) {
         clearError('poll');
         $('last-update').textContent = 'updated ' + fmtClock(Date.now() / 1000);
       }
     } catch (e) {
-      if (seq === state.pollSeq) showError(e.message, 'poll');
+      if (seq === poll.seq) showError(e.message, 'poll');
     } finally {
-      if (seq === state.pollSeq) schedule();
+      if (seq === poll.seq) schedule();
     }
+  }
+  const isCurrent = (seq) => seq === poll.seq;
+  // The server's poll_sec, unless the user chose an interval in this browser.
+  function serverPollSec(sec) {
+    if (poll.userSet || !isNum(sec) || sec < 1) return;
+    poll.sec = Math.min(3600, sec);
+    if (document.activeElement !== $('poll-sec')) $('poll-sec').value = poll.sec;
+  }
+  function setupPollInput() {
+    const inp = $('poll-sec');
+    const stored = Number(load(poll.key));
+    if (Number.isInteger(stored) && stored >= 1 && stored <= 3600) {
+      poll.sec = stored;
+      poll.userSet = true;
+    }
+    inp.value = poll.sec;
+    inp.addEventListener('input', () => {
+      const v = Number(inp.value);
+      const ok = inp.value !== '' && Number.isInteger(v) && v >= 1 && v <= 3600;
+      inp.classList.toggle('invalid', !ok);
+      if (!ok) return;
+      poll.sec = v;
+      poll.userSet = true;
+      save(poll.key, String(v));
+      schedule();
+    });
+    inp.addEventListener('blur', () => {
+      if (!inp.classList.contains('invalid')) return;
+      inp.value = poll.sec;
+      inp.classList.remove('invalid');
+    });
+  }
+  // Wires the poll input (its value kept under storageKey) and the error banner;
+  // fetch(seq) gets and shows the current view's data.  The first poll is the
+  // page's to start (pollNow), once its view is set.
+  function startPolling(storageKey, fetch) {
+    poll.key = storageKey;
+    poll.fetch = fetch;
+    setupPollInput();
+    $('error-dismiss').addEventListener('click', () => clearError());
+  }
+  const pollUserSet = () => poll.userSet;
+
+  return {
+    $: $, isNum: isNum, str: str, el: el, append: append, svg: svg, setChildren: setChildren,
+    activeFocusKey: activeFocusKey, restoreFocus: restoreFocus, figure: figure,
+    stateBadge: stateBadge, sortHeader: sortHeader, nextSort: nextSort, loadSort: loadSort,
+    selection: selection, menuLink: menuLink, fmtClock: fmtClock, fmtNum: fmtNum,
+    fmtBytes: fmtBytes, compareIp: compareIp, load: load, save: save, api: api,
+    showError: showError, clearError: clearError, reportActionError: reportActionError,
+    startPolling: startPolling, pollNow: pollNow, isCurrent: isCurrent,
+    serverPollSec: serverPollSec, pollUserSet: pollUserSet,
+  };
+})();
+'''
+
+PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no libraries; the shared parts are
+ * MonitorKit's, in monitor-kit.js, loaded first).
+ *
+ * Structure:
+ *   state     - one object: current view/route, user choices (table sort, job
+ *               selections), the last server data and the throughput history
+ *               accumulated between polls (the poll interval is MonitorKit's).
+ *   poll      - pollView(seq) fetches the data of the current view and renders it
+ *               (MonitorKit's loop calls it, one poll at a time; actions and hash
+ *               changes call K.pollNow() at once; stale answers are dropped).
+ *   renderers - renderClusters()/drawChart() for #cluster, renderNode() for #node=<ip>.
+ *   actions   - show-args setting, node operations, job cancellation.
+ *   init      - wires events, routes by location.hash and starts polling.
+ */
+'use strict';
+(function (K) {
+  const { $, isNum, str, el, svg, setChildren, load, save, fmtClock, fmtNum, fmtBytes,
+    activeFocusKey, restoreFocus, api, showError, reportActionError, figure, stateBadge,
+    compareIp } = K;
+  const MAX_POINTS = 3600;   // history points kept per cluster
+  const CHART_SPAN = 900;    // seconds shown in a throughput chart
+  const CHART_BINS = 60;
+  const NODE_COLS = [['ip_addr', 'Node'], ['name', 'Name'], ['cpus', 'CPUs'],
+    ['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'], ['cpu', 'CPU %'],
+    ['memory', 'Memory free'], ['disk', 'Disk free'], ['state', 'State']];
+  const TOTALS = [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'],
+    ['failed', 'Failed'], ['pending', 'Pending']];
+
+  const state = {
+    view: 'cluster', nodeIp: null, lastNode: null, settingsBusy: false, cancelBusy: false,
+    sort: { col: 'ip_addr', dir: -1 },
+    status: null,            // last /api/status response
+    history: new Map(),      // cluster id -> [[time, done], ...]
+    needFull: false,         // next status poll must use since=0
+    charts: [],              // [{holder, id}] of the rendered cluster view
+    nodeParts: new Map(),    // String(cluster id) -> persistent DOM of node view
+    selected: new Map(),     // String(cluster id) -> Set of selected job keys
+  };
+
+  // ---------- helpers ----------
+  function fmtRate(r) {
+    if (!(r > 0)) return '0';
+    return r < 1 ? r.toFixed(2) : r < 10 ? r.toFixed(1) : String(Math.round(r));
+  }
+
+  // ---------- polling ----------
+  async function pollView(seq) {
+    if (state.view === 'node') await pollNode(seq);
+    else await pollClusters(seq);
   }
   function applyServerInfo(d) {
     if (typeof d.show_job_args === 'boolean' && !state.settingsBusy) $('show-args').checked = d.show_job_args;
-    if (!state.pollUserSet && isNum(d.poll_sec) && d.poll_sec >= 1) {
-      state.pollSec = Math.min(3600, d.poll_sec);
-      if (document.activeElement !== $('poll-sec')) $('poll-sec').value = state.pollSec;
-    }
+    K.serverPollSec(d.poll_sec);
     if (d.version) $('version').textContent = 'dispy ' + d.version;
   }
 
@@ -1477,7 +2133,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   async function pollClusters(seq) {
     const since = historySince();
     const data = await api('GET', '/api/status?since=' + encodeURIComponent(since));
-    if (seq !== state.pollSeq) return;
+    if (!K.isCurrent(seq)) return;
     applyServerInfo(data);
     mergeHistory(Array.isArray(data.clusters) ? data.clusters : [], since);
     state.status = data;
@@ -1557,14 +2213,6 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     state.charts.forEach((c) => drawChart(c.holder, c.id, state.history.get(c.id) || [], now));
   }
 
-  function ipValue(ip) {
-    const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(str(ip));
-    return m ? ((+m[1] * 256 + +m[2]) * 256 + +m[3]) * 256 + +m[4] : null;
-  }
-  function compareIp(a, b) {
-    const x = ipValue(a), y = ipValue(b);
-    return x !== null && y !== null ? x - y : str(a).localeCompare(str(b));
-  }
   function sortValue(n, col) {
     if (col === 'name' || col === 'state') return str(n[col]);
     const v = (col === 'cpu' || col === 'memory' || col === 'disk') ? (n.avail || {})[col] : n[col];
@@ -1581,33 +2229,11 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     return r * state.sort.dir || compareIp(a.ip_addr, b.ip_addr);
   }
   function setSort(col) {
-    state.sort = state.sort.col === col ? { col: col, dir: -state.sort.dir } : { col: col, dir: 1 };
+    state.sort = K.nextSort(state.sort, col);
     save('dispy.sort', JSON.stringify(state.sort));
     if (state.status) renderClusters();
   }
-  function loadSort() {
-    try {
-      const s = JSON.parse(load('dispy.sort'));
-      if (s && NODE_COLS.some((c) => c[0] === s.col) && (s.dir === 1 || s.dir === -1)) return s;
-    } catch (e) { /* ignore bad stored value */ }
-    return { col: 'ip_addr', dir: -1 };
-  }
-
-  function figure(label, key, value, attr) {
-    return el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: label }),
-      el('span', { class: 'figure-value', [attr || 'data-total']: key, text: value }));
-  }
-  function sortHeader(cid, key, label) {
-    const active = state.sort.col === key, asc = state.sort.dir > 0;
-    const btn = el('button', { type: 'button', class: 'sort-btn', 'data-focus-key': 'sort:' + cid + ':' + key }, label,
-      el('span', { class: 'sort-mark', 'aria-hidden': 'true', text: active ? (asc ? ' ▲' : ' ▼') : '' }));
-    btn.addEventListener('click', () => setSort(key));
-    return el('th', { scope: 'col', 'data-col': key, 'aria-sort': active ? (asc ? 'ascending' : 'descending') : null }, btn);
-  }
-  function stateBadge(s) {
-    const cls = s === 'ready' ? 'state-ready' : s === 'closed' ? 'state-closed' : 'state-other';
-    return el('span', { class: 'state ' + cls, text: s });
-  }
+  const sortHeader = (cid, key, label) => K.sortHeader('sort:' + cid + ':' + key, key, label, state.sort, setSort);
   function nodeRow(n) {
     const a = n.avail && typeof n.avail === 'object' ? n.avail : null;
     const cells = {
@@ -1689,10 +2315,10 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       data = await api('GET', '/api/node?ip_addr=' + encodeURIComponent(ip));
     } catch (e) {
       if (e.status !== 404) throw e;
-      if (seq === state.pollSeq && ip === state.nodeIp) renderUnknownNode(ip);
+      if (K.isCurrent(seq) && ip === state.nodeIp) renderUnknownNode(ip);
       return;
     }
-    if (seq !== state.pollSeq || ip !== state.nodeIp) return;
+    if (!K.isCurrent(seq) || ip !== state.nodeIp) return;
     applyServerInfo(data);
     renderNode(data);
   }
@@ -1768,52 +2394,29 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   }
   function renderJobs(p, c, d) {
     const ckey = String(c.id), jobs = Array.isArray(c.jobs) ? c.jobs : [];
-    const listed = new Set(jobs.map((j) => str(j.key)));
     const sel = state.selected.get(ckey) || new Set();
-    Array.from(sel).forEach((k) => { if (!listed.has(k)) sel.delete(k); });
     state.selected.set(ckey, sel);
+    const pick = K.selection(sel, jobs.map((j) => str(j.key)), { boxClass: 'job-select',
+      allLabel: 'Select all jobs', allFocusKey: 'all:' + ckey, onChange: updateCancelButton });
     if (!jobs.length) {
       setChildren(p.jobs, el('p', { class: 'empty', text: 'No running jobs' }));
       return;
     }
     const focusKey = activeFocusKey(), showArgs = d.show_job_args !== false;
     const now = isNum(d.time) ? d.time : Date.now() / 1000;
-    const selAll = el('input', { type: 'checkbox', class: 'select-all', 'aria-label': 'Select all jobs', 'data-focus-key': 'all:' + ckey });
-    const boxes = [];
-    const syncAll = () => {
-      selAll.checked = sel.size > 0 && sel.size === jobs.length;
-      selAll.indeterminate = sel.size > 0 && sel.size < jobs.length;
-      updateCancelButton();
-    };
     const rows = jobs.map((j) => {
       const key = str(j.key);
-      const box = el('input', { type: 'checkbox', class: 'job-select', value: key, 'aria-label': 'Select job ' + str(j.id), 'data-focus-key': 'job:' + ckey + ':' + key });
-      box.checked = sel.has(key);
-      boxes.push(box);
-      const row = el('tr', { class: 'job-row' + (box.checked ? ' selected' : ''), 'data-key': key },
+      const box = pick.box(key, 'Select job ' + str(j.id), 'job:' + ckey + ':' + key);
+      return el('tr', { class: 'job-row' + (box.checked ? ' selected' : ''), 'data-key': key },
         el('td', { class: 'select' }, el('label', { class: 'cb' }, box)), el('td', { 'data-col': 'id', text: j.id }),
         showArgs ? el('td', { class: 'args', 'data-col': 'args' }, el('code', { class: 'job-args', text: j.args }),
           j.kwargs !== undefined && j.kwargs !== '{}' ? el('code', { class: 'job-kwargs', text: j.kwargs }) : null) : null,
         el('td', { 'data-col': 'start_time', text: isNum(j.start_time)
           ? fmtClock(j.start_time) + ' (' + Math.max(0, Math.round(now - j.start_time)) + 's ago)' : '—' }));
-      box.addEventListener('change', () => {
-        if (box.checked) sel.add(key); else sel.delete(key);
-        row.classList.toggle('selected', box.checked);
-        syncAll();
-      });
-      return row;
     });
-    selAll.addEventListener('change', () => {
-      boxes.forEach((b) => {
-        b.checked = selAll.checked;
-        if (b.checked) sel.add(b.value); else sel.delete(b.value);
-        b.closest('tr').classList.toggle('selected', b.checked);
-      });
-      syncAll();
-    });
-    syncAll();
+    pick.sync();
     setChildren(p.jobs, el('div', { class: 'table-wrap' }, el('table', { class: 'jobs' },
-      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, selAll)),
+      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, pick.all)),
         el('th', { text: 'Job id' }), showArgs ? el('th', { text: 'Arguments' }) : null, el('th', { text: 'Started' }))),
       el('tbody', null, rows))));
     restoreFocus(focusKey);
@@ -1841,7 +2444,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     } finally {
       state.settingsBusy = false;
       box.disabled = false;
-      pollNow();
+      K.pollNow();
     }
   }
   function describeOp(op, result) {
@@ -1870,7 +2473,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       reportActionError(e);
     } finally {
       p.buttons.forEach((b) => { b.disabled = false; });
-      pollNow();
+      K.pollNow();
     }
   }
   async function cancelSelected() {
@@ -1896,7 +2499,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     } finally {
       state.cancelBusy = false;
       updateCancelButton();
-      pollNow();
+      K.pollNow();
     }
   }
 
@@ -1911,21 +2514,9 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     return { view: 'cluster', ip: null };
   }
   function updateMenu() {
-    const c = $('nav-cluster'), n = $('nav-node');
-    c.classList.toggle('active', state.view === 'cluster');
-    n.classList.toggle('active', state.view === 'node');
-    if (state.view === 'cluster') c.setAttribute('aria-current', 'page'); else c.removeAttribute('aria-current');
-    if (state.view === 'node') n.setAttribute('aria-current', 'page'); else n.removeAttribute('aria-current');
-    if (state.lastNode) {
-      n.setAttribute('href', '#node=' + encodeURIComponent(state.lastNode));
-      n.classList.remove('disabled');
-      n.removeAttribute('aria-disabled');
-      n.title = 'Node ' + state.lastNode;
-    } else {
-      n.removeAttribute('href');
-      n.classList.add('disabled');
-      n.setAttribute('aria-disabled', 'true');
-    }
+    K.menuLink($('nav-cluster'), state.view === 'cluster', '#cluster');
+    K.menuLink($('nav-node'), state.view === 'node', state.lastNode && '#node=' + encodeURIComponent(state.lastNode),
+      state.lastNode && 'Node ' + state.lastNode);
   }
   function applyRoute() {
     const r = parseHash();
@@ -1937,39 +2528,12 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     $('cluster-view').hidden = r.view !== 'cluster';
     $('node-view').hidden = r.view !== 'node';
     updateMenu();
-    pollNow();
-  }
-  function setupPollInput() {
-    const inp = $('poll-sec');
-    const stored = Number(load('dispy.poll_sec'));
-    if (Number.isInteger(stored) && stored >= 1 && stored <= 3600) {
-      state.pollSec = stored;
-      state.pollUserSet = true;
-    }
-    inp.value = state.pollSec;
-    inp.addEventListener('input', () => {
-      const v = Number(inp.value);
-      const ok = inp.value !== '' && Number.isInteger(v) && v >= 1 && v <= 3600;
-      inp.classList.toggle('invalid', !ok);
-      if (!ok) return;
-      state.pollSec = v;
-      state.pollUserSet = true;
-      save('dispy.poll_sec', String(v));
-      schedule();
-    });
-    inp.addEventListener('blur', () => {
-      if (!inp.classList.contains('invalid')) return;
-      inp.value = state.pollSec;
-      inp.classList.remove('invalid');
-    });
+    K.pollNow();
   }
   function init() {
-    const meta = document.querySelector('meta[name="dispy-token"]');
-    state.token = meta ? meta.getAttribute('content') || '' : '';
-    state.sort = loadSort();
+    state.sort = K.loadSort('dispy.sort', NODE_COLS, { col: 'ip_addr', dir: -1 });
     state.lastNode = load('dispy.last_node') || null;
-    setupPollInput();
-    $('error-dismiss').addEventListener('click', () => clearError());
+    K.startPolling('dispy.poll_sec', pollView);
     $('show-args').addEventListener('change', toggleShowArgs);
     $('cancel-jobs').addEventListener('click', cancelSelected);
     window.addEventListener('hashchange', applyRoute);
@@ -1978,7 +2542,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       clearTimeout(resizeTimer);
       resizeTimer = setTimeout(() => { if (state.view === 'cluster' && state.status) drawAllCharts(); }, 150);
     });
-    if (!state.pollUserSet && parseHash().view === 'node') {
+    if (!K.pollUserSet() && parseHash().view === 'node') {
       // The node view never fetches /api/status: ask once for the server's poll interval.
       api('GET', '/api/status?since=' + Math.floor(Date.now() / 1000 + 86400)).then(applyServerInfo, () => {});
     }
@@ -1986,5 +2550,312 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   }
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
   else init();
-})();
+})(window.MonitorKit);
+'''
+
+PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no libraries; the shared parts are
+ * MonitorKit's, in monitor-kit.js, loaded first).
+ *
+ * Structure:
+ *   state     - the view (#cluster, #node=<addr>, #server=<location>), the node
+ *               table's sort, the tasks selected on the server view, the last data.
+ *   poll      - pollView(seq): /api/cluster, /api/node or /api/server for the view,
+ *               rendered when it is still the current poll (MonitorKit's loop).
+ *   renderers - renderCluster(), renderNode(), renderServer(); every text is set
+ *               with textContent (task arguments are the user's strings).
+ *   actions   - the show-arguments setting, terminating the selected tasks.
+ *   init      - wires events, routes by location.hash and starts polling.
+ */
+'use strict';
+(function (K) {
+  const { $, isNum, str, el, setChildren, load, save, fmtClock, fmtNum, fmtBytes,
+    activeFocusKey, restoreFocus, api, reportActionError, figure, stateBadge, compareIp } = K;
+  const NODE_COLS = [['addr', 'Node'], ['name', 'Name'], ['servers', 'Servers'],
+    ['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'], ['state', 'State']];
+  const TOTALS = [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'],
+    ['terminated', 'Terminated'], ['failed', 'Failed']];
+  const SERVER_COLS = [['location', 'Server'], ['submitted', 'Submitted'], ['done', 'Done'],
+    ['running', 'Running'], ['state', 'State']];
+  const DEFAULT_SORT = { col: 'addr', dir: -1 };
+  const VIEWS = ['cluster', 'node', 'server'];
+
+  const state = {
+    view: 'cluster', nodeAddr: null, serverLoc: null, lastNode: null, lastServer: null,
+    sort: DEFAULT_SORT, cluster: null, settingsBusy: false, terminateBusy: false,
+    selected: new Set(),     // keys of the tasks selected on the server view
+  };
+
+  // ---------- polling ----------
+  async function pollView(seq) {
+    if (state.view === 'node') await pollOne(seq, '/api/node?addr=', state.nodeAddr, renderNode);
+    else if (state.view === 'server') await pollOne(seq, '/api/server?location=', state.serverLoc, renderServer);
+    else {
+      const data = await api('GET', '/api/cluster');
+      if (!K.isCurrent(seq)) return;
+      applyServerInfo(data);
+      state.cluster = data;
+      renderCluster();
+    }
+  }
+  // A node or server view: 404 shows "unknown" (it may come later); others are errors.
+  async function pollOne(seq, path, id, render) {
+    const view = state.view;
+    let data;
+    try {
+      data = await api('GET', path + encodeURIComponent(id));
+    } catch (e) {
+      if (e.status !== 404) throw e;
+      if (K.isCurrent(seq)) renderUnknown(view, id);
+      return;
+    }
+    if (!K.isCurrent(seq) || state.view !== view) return;
+    applyServerInfo(data);
+    render(data);
+  }
+  function applyServerInfo(d) {
+    if (typeof d.show_task_args === 'boolean' && !state.settingsBusy) $('show-args').checked = d.show_task_args;
+    K.serverPollSec(d.poll_sec);
+    if (d.version) $('version').textContent = 'dispycos ' + d.version;
+  }
+  function renderUnknown(view, id) {
+    $(view + '-title').textContent = (view === 'node' ? 'Node ' : 'Server ') + id;
+    $(view + '-unknown-text').textContent = 'Not known (yet) to this computation: ' + id;
+    $(view + '-unknown').hidden = false;
+    $(view + '-body').hidden = true;
+  }
+  function known(view) {
+    $(view + '-unknown').hidden = true;
+    $(view + '-body').hidden = false;
+  }
+
+  // ---------- cluster view ----------
+  function sortValue(n, col) {
+    if (col === 'name' || col === 'state') return str(n[col]);
+    return isNum(n[col]) ? n[col] : -Infinity;
+  }
+  function compareNodes(a, b) {
+    const col = state.sort.col;
+    let r;
+    if (col === 'addr') r = compareIp(a.addr, b.addr);
+    else {
+      const x = sortValue(a, col), y = sortValue(b, col);
+      r = typeof x === 'string' ? x.localeCompare(y) : (x < y ? -1 : x > y ? 1 : 0);
+    }
+    return r * state.sort.dir || compareIp(a.addr, b.addr);
+  }
+  function setSort(col) {
+    state.sort = K.nextSort(state.sort, col);
+    save('dispycos.sort', JSON.stringify(state.sort));
+    if (state.cluster) renderCluster();
+  }
+  const nodeHref = (addr) => '#node=' + encodeURIComponent(str(addr));
+  const serverHref = (loc) => '#server=' + encodeURIComponent(str(loc));
+  function nodeRow(n) {
+    const cells = {
+      addr: el('a', { class: 'node-link', href: nodeHref(n.addr), text: n.addr }),
+      name: str(n.name), servers: fmtNum(n.servers), submitted: fmtNum(n.submitted),
+      done: fmtNum(n.done), running: fmtNum(n.running), state: stateBadge(str(n.state)),
+    };
+    return el('tr', { class: 'node-row', 'data-addr': str(n.addr) },
+      NODE_COLS.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+  }
+  function nodesTable(nodes) {
+    const rows = nodes.slice().sort(compareNodes);
+    const body = rows.length ? rows.map(nodeRow)
+      : el('tr', { class: 'empty-row' }, el('td', { colspan: NODE_COLS.length, text: 'No nodes yet' }));
+    return el('div', { class: 'table-wrap' }, el('table', { class: 'nodes' },
+      el('thead', null, el('tr', null, NODE_COLS.map((c) =>
+        K.sortHeader('sort:' + c[0], c[0], c[1], state.sort, setSort)))),
+      el('tbody', null, body)));
+  }
+  function renderCluster() {
+    const d = state.cluster, c = d.computation || {}, focusKey = activeFocusKey();
+    $('computation-state').textContent = str(c.state);
+    $('computation-state').className = 'state ' + (c.state === 'scheduled' ? 'state-ready' : 'state-other');
+    $('computation-meta').textContent = [c.id ? 'id ' + c.id : '',
+      isNum(c.scheduled_time) ? 'scheduled ' + fmtClock(c.scheduled_time) : '',
+      isNum(c.closed_time) ? 'closed ' + fmtClock(c.closed_time) : ''].filter(Boolean).join(' · ');
+    setChildren($('cluster-figures'), TOTALS.map((t) => figure(t[1], t[0], fmtNum(d[t[0]]))));
+    setChildren($('nodes'), nodesTable(Array.isArray(d.nodes) ? d.nodes : []));
+    restoreFocus(focusKey);
+  }
+
+  // ---------- node view ----------
+  const stateFigure = (s) => el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: 'State' }),
+    el('span', { class: 'figure-value', 'data-field': 'state' }, stateBadge(str(s))));
+  const countFigures = (d) => [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running']].map(
+    (f) => figure(f[1], f[0], fmtNum(d[f[0]]), 'data-field'));
+  function renderNode(d) {
+    known('node');
+    setChildren($('node-title'), ['Node ' + str(d.addr),
+      d.name ? [' ', el('span', { class: 'node-name', text: d.name })] : null]);
+    remember('lastNode', 'dispycos.last_node', d.addr);
+    setChildren($('node-figures'), [figure('Servers', 'servers', fmtNum(d.servers), 'data-field'),
+      countFigures(d), stateFigure(d.state)]);
+    setChildren($('node-avail'), availFigures(d.avail && typeof d.avail === 'object' ? d.avail : {}));
+    setChildren($('node-servers'), serversTable(Array.isArray(d.server_list) ? d.server_list : []));
+  }
+  function availFigures(a) {
+    const shown = [['cpu', 'CPU free', isNum(a.cpu) ? a.cpu.toFixed(1) + ' %' : null],
+      ['memory', 'Memory free', isNum(a.memory) ? fmtBytes(a.memory) : null],
+      ['disk', 'Disk free', isNum(a.disk) ? fmtBytes(a.disk) : null],
+      ['swap', 'Swap free', isNum(a.swap) ? fmtBytes(a.swap) : null]].filter((f) => f[2] !== null);
+    return shown.length ? el('div', { class: 'figures' }, shown.map((f) => figure(f[1], f[0], f[2], 'data-avail')))
+      : el('p', { class: 'empty', text: 'Not reported (the node has no psutil)' });
+  }
+  function serverRow(s) {
+    const cells = {
+      location: el('a', { class: 'server-link', href: serverHref(s.location), text: s.location }),
+      submitted: fmtNum(s.submitted), done: fmtNum(s.done), running: fmtNum(s.running),
+      state: stateBadge(str(s.state)),
+    };
+    return el('tr', { class: 'server-row', 'data-location': str(s.location) },
+      SERVER_COLS.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+  }
+  function serversTable(servers) {
+    if (!servers.length) return el('p', { class: 'empty', text: 'No servers of this computation' });
+    return el('div', { class: 'table-wrap' }, el('table', { class: 'servers' },
+      el('thead', null, el('tr', null, SERVER_COLS.map((c) => el('th', { scope: 'col', 'data-col': c[0], text: c[1] })))),
+      el('tbody', null, servers.map(serverRow))));
+  }
+  function remember(field, key, value) {
+    if (state[field] === value) return;
+    state[field] = value;
+    save(key, value);
+    updateMenu();
+  }
+
+  // ---------- server view ----------
+  function taskArgs(t) {
+    const args = (Array.isArray(t.args) ? t.args : []).map(str);
+    const kwargs = t.kwargs && typeof t.kwargs === 'object' ? t.kwargs : {};
+    Object.keys(kwargs).forEach((k) => args.push(k + '=' + str(kwargs[k])));
+    return args.map((a) => el('code', { class: 'task-arg', text: a }));
+  }
+  function taskRow(t, pick, showArgs, now) {
+    const key = str(t.key);
+    const box = pick.box(key, 'Select task ' + str(t.name), 'task:' + key);
+    return el('tr', { class: 'task-row' + (box.checked ? ' selected' : ''), 'data-key': key },
+      el('td', { class: 'select' }, el('label', { class: 'cb' }, box)),
+      el('td', { 'data-col': 'name', text: t.name }),
+      showArgs ? el('td', { class: 'args', 'data-col': 'args' }, taskArgs(t)) : null,
+      el('td', { 'data-col': 'start_time', text: isNum(t.start_time)
+        ? fmtClock(t.start_time) + ' (' + Math.max(0, Math.round(now - t.start_time)) + 's ago)' : '—' }));
+  }
+  function renderServer(d) {
+    known('server');
+    $('server-title').textContent = 'Server ' + str(d.location);
+    remember('lastServer', 'dispycos.last_server', d.location);
+    const up = $('server-node');
+    up.href = nodeHref(d.addr);
+    up.textContent = 'node ' + str(d.addr);
+    setChildren($('server-figures'), [countFigures(d), stateFigure(d.state)]);
+    renderTasks(d);
+  }
+  function renderTasks(d) {
+    const tasks = Array.isArray(d.tasks) ? d.tasks : [];
+    const pick = K.selection(state.selected, tasks.map((t) => str(t.key)), { boxClass: 'task-select',
+      allLabel: 'Select all tasks', allFocusKey: 'all-tasks', onChange: updateTerminateButton });
+    $('tasks-more').textContent = isNum(d.running) && d.running > tasks.length
+      ? 'showing ' + tasks.length + ' of ' + d.running + ' running tasks' : '';
+    if (!tasks.length) {
+      setChildren($('server-tasks'), el('p', { class: 'empty', text: 'No running tasks' }));
+      updateTerminateButton();
+      return;
+    }
+    const focusKey = activeFocusKey(), showArgs = d.show_task_args !== false;
+    const now = isNum(d.time) ? d.time : Date.now() / 1000;
+    const rows = tasks.map((t) => taskRow(t, pick, showArgs, now));
+    pick.sync();
+    setChildren($('server-tasks'), el('div', { class: 'table-wrap' }, el('table', { class: 'tasks' },
+      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, pick.all)),
+        el('th', { text: 'Task' }), showArgs ? el('th', { text: 'Arguments' }) : null, el('th', { text: 'Started' }))),
+      el('tbody', null, rows))));
+    restoreFocus(focusKey);
+  }
+  function updateTerminateButton() {
+    $('terminate-tasks').disabled = state.terminateBusy || state.selected.size === 0;
+  }
+
+  // ---------- actions ----------
+  async function toggleShowArgs() {
+    const box = $('show-args'), want = box.checked;
+    state.settingsBusy = true;
+    box.disabled = true;
+    try {
+      const r = await api('POST', '/api/settings', { show_task_args: want });
+      box.checked = typeof r.show_task_args === 'boolean' ? r.show_task_args : want;
+    } catch (e) {
+      box.checked = !want;
+      reportActionError(e);
+    } finally {
+      state.settingsBusy = false;
+      box.disabled = false;
+      K.pollNow();
+    }
+  }
+  async function terminateSelected() {
+    const out = $('terminate-result'), keys = Array.from(state.selected);
+    state.terminateBusy = true;
+    updateTerminateButton();
+    out.textContent = 'terminating…';
+    try {
+      const r = await api('POST', '/api/terminate', { server: state.serverLoc, tasks: keys });
+      const done = Array.isArray(r.terminated) ? r.terminated.length : 0;
+      const failed = Array.isArray(r.failed) ? r.failed.length : 0;
+      out.textContent = 'terminated ' + done + (failed ? ', ' + failed + ' not running' : '');
+      keys.forEach((k) => state.selected.delete(k));
+    } catch (e) {
+      out.textContent = 'not terminated';
+      reportActionError(e);
+    } finally {
+      state.terminateBusy = false;
+      updateTerminateButton();
+      K.pollNow();
+    }
+  }
+
+  // ---------- routing, menu, init ----------
+  function parseHash() {
+    const m = /^#(node|server)=(.+)$/.exec(location.hash || '');
+    if (!m) return { view: 'cluster', id: null };
+    let id = m[2];
+    try { id = decodeURIComponent(id); } catch (e) { /* keep raw text */ }
+    return { view: m[1], id: id };
+  }
+  function updateMenu() {
+    K.menuLink($('nav-cluster'), state.view === 'cluster', '#cluster');
+    K.menuLink($('nav-node'), state.view === 'node', state.lastNode && nodeHref(state.lastNode),
+      state.lastNode && 'Node ' + state.lastNode);
+    K.menuLink($('nav-server'), state.view === 'server', state.lastServer && serverHref(state.lastServer),
+      state.lastServer && 'Server ' + state.lastServer);
+  }
+  function applyRoute() {
+    const r = parseHash();
+    if (r.view === 'server' && r.id !== state.serverLoc) {
+      state.selected.clear();
+      setChildren($('server-tasks'), null);
+      $('terminate-result').textContent = '';
+      updateTerminateButton();
+    }
+    if (r.view === 'node') state.nodeAddr = r.id;
+    if (r.view === 'server') state.serverLoc = r.id;
+    state.view = r.view;
+    VIEWS.forEach((v) => { $(v + '-view').hidden = v !== r.view; });
+    updateMenu();
+    K.pollNow();
+  }
+  function init() {
+    state.sort = K.loadSort('dispycos.sort', NODE_COLS, DEFAULT_SORT);
+    state.lastNode = load('dispycos.last_node') || null;
+    state.lastServer = load('dispycos.last_server') || null;
+    K.startPolling('dispycos.poll_sec', pollView);
+    $('show-args').addEventListener('change', toggleShowArgs);
+    $('terminate-tasks').addEventListener('click', terminateSelected);
+    window.addEventListener('hashchange', applyRoute);
+    applyRoute();
+  }
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})(window.MonitorKit);
 '''
