@@ -26,8 +26,21 @@ A server is a child process that reads its configuration (secret included: never
 a command line) from its stdin as one JSON line, says ``READY <port>`` on stdout,
 and exits when its stdin closes: the node's death ends its servers.
 
+A computation with ``node_setup`` gets servers of its own: ``node.setup`` (after
+``node.reserve``) suspends the node's servers it reserved, starts a *setup process*
+(``setup_main``) that runs node_setup in the node's folder with no network, and that
+process then forks one server per suspended slot, on the same port; what node_setup
+made (its globals) is in every forked server's ``__main__``.  At the computation's
+close the setup process and its servers end and the node's own servers start again;
+until then the node counts as busy::
+
+    node ── reserve ──► setup ──► _SetupProcess.start: slots suspended
+                                  setup process: node_setup, then fork ×N ─► servers
+         ── release ──► _SetupProcess.stop (servers end) ─► slots resumed ─► free
+
 Threads of the node process: dispycos's runner, I/O loop and listener; a watcher
-thread per server process; the stdin command reader (unless ``--daemon``).
+thread per server process; a reader of a setup process's reports while there is one;
+the stdin command reader (unless ``--daemon``).
 """
 
 import base64
