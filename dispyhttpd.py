@@ -58,7 +58,8 @@ Class hierarchy::
     socketserver.ThreadingMixIn + http.server.HTTPServer ─► MonitorHTTPServer
     http.server.BaseHTTPRequestHandler ─► MonitorHandler     (parsing, limits, errors)
     WebMonitor  (access, page files, routing, the serving thread; hook methods
-      │          get_routes / post_routes: what a product serves)
+      │          get_routes / post_routes: what a product serves; ARGS_SETTING: the
+      │          name of the show-arguments setting its /api/settings changes)
       ├─► DispyHTTPServer  (dispy's clusters; ClusterMonitor per cluster)
       └─► DispycosHTTPServer  (a dispycos computation; its ComputationMonitor)
 
@@ -161,6 +162,14 @@ class _NodeFigures:
                     'swap': avail.swap}}
 
 
+def _entry(table, key, make):
+    """table[key] (a node's or a server's figures), made by make() the first time."""
+    entry = table.get(key)
+    if entry is None:
+        entry = table[key] = make()
+    return entry
+
+
 class ClusterMonitor:
     """What the web monitor knows of one cluster, kept from the ``ClusterHooks``
     events the cluster passes on (``cluster.monitor``).  The events come with the
@@ -247,10 +256,7 @@ class ClusterMonitor:
                 node.cpus = cpus
 
     def _node(self, ip_addr):
-        node = self.nodes.get(ip_addr)
-        if node is None:
-            node = self.nodes[ip_addr] = _NodeFigures(ip_addr)
-        return node
+        return _entry(self.nodes, ip_addr, lambda: _NodeFigures(ip_addr))
 
     def _place(self, job, ip_addr):
         """The node a job is on; counted as sent there once (a job moved to another
@@ -711,7 +717,8 @@ class MonitorHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class WebMonitor:
     """A web monitor's server: binds at once, serves on a thread of its own until
     ``shutdown()``.  Subclasses give ``get_routes()`` / ``post_routes()``: path ->
-    method(request) returning a JSON-able dict (or a Response)."""
+    method(request) returning a JSON-able dict (or a Response); ``ARGS_SETTING``, the
+    name of their show-arguments setting (an attribute), which ``api_settings`` sets."""
 
     PAGE_FILES = {'/': 'monitor.html', '/index.html': 'monitor.html',
                   '/monitor.html': 'monitor.html', '/monitor.js': 'monitor.js',
@@ -759,6 +766,9 @@ class WebMonitor:
 
     def post_routes(self):
         return {}
+
+    ARGS_SETTING = None     # the setting of whether the pages show arguments: its name
+    args_allowed = True     # False: the program hid them for good (the page cannot show them)
 
     # -- starting and stopping -----------------------------------------------------------------
     def urls(self):
@@ -897,6 +907,33 @@ class WebMonitor:
     def _as_response(result):
         return result if isinstance(result, Response) else Response.json(result)
 
+    # -- what both products' actions share ------------------------------------------------------
+    def api_settings(self, request, data):
+        """POST /api/settings {ARGS_SETTING: bool}: the setting (an attribute of the
+        same name) becomes that; the answer is its value."""
+        name = self.ARGS_SETTING
+        if name in data:
+            if not isinstance(data[name], bool):
+                raise HTTPError(400, '%s: true or false' % name)
+            if data[name] and not self.args_allowed:
+                raise HTTPError(403, 'the program started the monitor with '
+                                '%s=False: arguments stay hidden' % name)
+            setattr(self, name, data[name])
+        return {name: getattr(self, name)}
+
+    @staticmethod
+    def _act_on_keys(data, field, width, act):
+        """A POST's data[field]: a list of keys (at most 10000; each becomes str, at most
+        width characters); act(key) is true where it succeeded: (succeeded, failed)."""
+        keys = data.get(field)
+        if not isinstance(keys, list) or len(keys) > 10000:
+            raise HTTPError(400, '%s: a list of %s keys is expected' % (field, field[:-1]))
+        succeeded, failed = [], []
+        for key in keys:
+            key = str(key)[:width]
+            (succeeded if act(key) else failed).append(key)
+        return succeeded, failed
+
 
 # ================================================================================
 # DispyHTTPServer: dispy's clusters
@@ -917,6 +954,7 @@ class DispyHTTPServer(WebMonitor):
     ``_lock`` only guards its list of clusters and is never held while taking another."""
 
     NODE_OPS = ('set_cpus', 'allocate', 'deallocate', 'close')
+    ARGS_SETTING = 'show_job_args'
 
     def __init__(self, cluster, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
                  keyfile=None, certfile=None, show_job_args=True, allowed_hosts=(),
@@ -1038,15 +1076,11 @@ class DispyHTTPServer(WebMonitor):
     # -- POST --------------------------------------------------------------------------------
     def api_cancel(self, request, data):
         monitor = self._monitor(data)
-        keys = data.get('jobs')
-        if not isinstance(keys, list) or len(keys) > 10000:
-            raise HTTPError(400, 'jobs: a list of job keys is expected')
-        cancelled, failed = [], []
-        for key in keys:
-            key = str(key)[:30]
+
+        def cancel(key):
             job = monitor.running_job(int(key)) if key.isascii() and key.isdigit() else None
-            ok = job is not None and monitor.cluster.cancel(job) == 0
-            (cancelled if ok else failed).append(str(key))
+            return job is not None and monitor.cluster.cancel(job) == 0
+        cancelled, failed = self._act_on_keys(data, 'jobs', 30, cancel)
         if cancelled:
             logger.info('web monitor: %d job(s) of %s cancelled by %s', len(cancelled),
                         monitor.cluster.name, request.client_ip)
@@ -1084,15 +1118,6 @@ class DispyHTTPServer(WebMonitor):
                 return result
         return monitor.cluster.allocate_node(ip_addr)
 
-    def api_settings(self, request, data):
-        if 'show_job_args' in data:
-            if not isinstance(data['show_job_args'], bool):
-                raise HTTPError(400, 'show_job_args: true or false')
-            if data['show_job_args'] and not self.args_allowed:
-                raise HTTPError(403, 'the program started the monitor with '
-                                'show_job_args=False: arguments stay hidden')
-            self.show_job_args = data['show_job_args']
-        return {'show_job_args': self.show_job_args}
 
 
 # ================================================================================
@@ -1267,17 +1292,14 @@ class ComputationMonitor:
 
     # -- lock held ----------------------------------------------------------------------------
     def _node_at(self, addr):
-        node = self.nodes.get(addr)
-        if node is None:
-            node = self.nodes[addr] = _CosNodeFigures(addr)
-        return node
+        return _entry(self.nodes, addr, lambda: _CosNodeFigures(addr))
 
     def _server_at(self, location, addr):
-        server = self.servers.get(location)
-        if server is None:
-            server = self.servers[location] = _ServerFigures(location, addr)
+        def made():
+            server = _ServerFigures(location, addr)
             self._node_at(addr).servers[location] = server
-        return server
+            return server
+        return _entry(self.servers, location, made)
 
     def _count_done(self, server, key):
         server.running.pop(key, None)
@@ -1383,6 +1405,7 @@ class DispycosHTTPServer(WebMonitor):
     PAGE_FILES = {'/': 'dispycos.html', '/index.html': 'dispycos.html',
                   '/dispycos.html': 'dispycos.html', '/dispycos.js': 'dispycos.js',
                   '/monitor-kit.js': 'monitor-kit.js', '/monitor.css': 'monitor.css'}
+    ARGS_SETTING = 'show_task_args'
 
     def __init__(self, computation, host='', port=DEFAULT_PORT, poll_sec=10, DocumentRoot=None,
                  keyfile=None, certfile=None, show_task_args=True, allowed_hosts=(),
@@ -1473,29 +1496,19 @@ class DispycosHTTPServer(WebMonitor):
 
     # -- POST --------------------------------------------------------------------------------
     def api_terminate(self, request, data):
-        location, keys = data.get('server'), data.get('tasks')
+        location = data.get('server')
         if not isinstance(location, str) or self.monitor.server(location, 0) is None:
             raise HTTPError(404, 'no server %r in this computation' % (str(location)[:100],))
-        if not isinstance(keys, list) or len(keys) > 10000:
-            raise HTTPError(400, 'tasks: a list of task keys is expected')
-        terminated, failed = [], []
-        for key in keys:
-            key = str(key)[:300]
+
+        def terminate(key):
             task = self.monitor.running_task(location, key)
             # Task.terminate is for any thread: a remote task's is a notice the runner sends
-            ok = task is not None and task.terminate() == 0
-            (terminated if ok else failed).append(key)
+            return task is not None and task.terminate() == 0
+        terminated, failed = self._act_on_keys(data, 'tasks', 300, terminate)
         if terminated:
             logger.info('web monitor: %d task(s) at %s terminated by %s', len(terminated),
                         location, request.client_ip)
         return {'terminated': terminated, 'failed': failed}
-
-    def api_settings(self, request, data):
-        if 'show_task_args' in data:
-            if not isinstance(data['show_task_args'], bool):
-                raise HTTPError(400, 'show_task_args: true or false')
-            self.show_task_args = data['show_task_args']
-        return {'show_task_args': self.show_task_args}
 
 
 # ================================================================================
@@ -1508,7 +1521,8 @@ class DispycosHTTPServer(WebMonitor):
 # textContent: nothing received is ever parsed as HTML.  What both pages share is
 # shared, not copied: the HTML around their views (_page_html), the styles, and the
 # browser code of monitor-kit.js (DOM builders, the fetch wrapper, the error banner,
-# the poll loop, sortable headers, selections).
+# the poll loop, the sorted node table, the table of running jobs / tasks with its
+# selection, the routing by location.hash and the menu, the show-arguments setting).
 
 PAGE = {}
 
@@ -1576,6 +1590,19 @@ PAGE['monitor.html'] = _page_html('dispy', 'monitor.js', menu=('Cluster', 'Node'
   </div>
 ''')
 
+
+def _item_view(view, body):
+    '''A view of one item (#<view>=<id>, dispycos's page): its title, the note that it
+    is not known (yet), its body (the ids MonitorKit's page script and dispycos.js use).'''
+    return '''  <div id="%(v)s-view" hidden>
+    <h2 id="%(v)s-title" class="view-title">%(t)s</h2>
+    <p id="%(v)s-unknown" hidden><span id="%(v)s-unknown-text"></span> <a href="#cluster">Back to cluster view</a></p>
+    <section id="%(v)s-body" class="node-cluster">
+%(body)s
+    </section>
+  </div>''' % {'v': view, 't': view.capitalize(), 'body': body.strip('\n')}
+
+
 PAGE['dispycos.html'] = _page_html('dispycos', 'dispycos.js', menu=('Cluster', 'Node', 'Server'),
                                    views='''
   <div id="cluster-view" hidden>
@@ -1589,21 +1616,13 @@ PAGE['dispycos.html'] = _page_html('dispycos', 'dispycos.js', menu=('Cluster', '
       <div id="nodes"><p class="empty">Loading&hellip;</p></div>
     </section>
   </div>
-  <div id="node-view" hidden>
-    <h2 id="node-title" class="view-title">Node</h2>
-    <p id="node-unknown" hidden><span id="node-unknown-text"></span> <a href="#cluster">Back to cluster view</a></p>
-    <section id="node-body" class="node-cluster">
+''' + _item_view('node', '''
       <div id="node-figures" class="figures"></div>
       <h4>Availability</h4>
       <div id="node-avail"></div>
       <h4>Servers</h4>
       <div id="node-servers"></div>
-    </section>
-  </div>
-  <div id="server-view" hidden>
-    <h2 id="server-title" class="view-title">Server</h2>
-    <p id="server-unknown" hidden><span id="server-unknown-text"></span> <a href="#cluster">Back to cluster view</a></p>
-    <section id="server-body" class="node-cluster">
+''') + '\n' + _item_view('server', '''
       <p class="meta">On <a id="server-node" href="#cluster">its node</a></p>
       <div id="server-figures" class="figures"></div>
       <h4>Running tasks <span id="tasks-more" class="meta"></span></h4>
@@ -1612,9 +1631,7 @@ PAGE['dispycos.html'] = _page_html('dispycos', 'dispycos.js', menu=('Cluster', '
         <button type="button" id="terminate-tasks" class="danger" disabled>Terminate selected tasks</button>
         <span id="terminate-result" aria-live="polite"></span>
       </div>
-    </section>
-  </div>
-''')
+''') + '\n')
 
 PAGE['monitor.css'] = r'''/* The monitors' styles (dispy's page and dispycos's): light, system fonts, usable down
    to 360px wide. */
@@ -1767,6 +1784,9 @@ PAGE['monitor-kit.js'] = r'''/* The monitors' shared browser code (dispy's page 
  *   DOM        el/svg/append/setChildren: text only ever goes through textContent
  *              (nothing received is parsed as HTML); figure(), stateBadge(),
  *              sortHeader() and selection() (check boxes kept across polls)
+ *   tables     cellsRow(); nodeSort() (the node table, sorted by its headers, the
+ *              sort kept in localStorage); runningTable() (the running jobs or tasks,
+ *              selectable); itemFigures(), nodeTitle() (a node's or server's view)
  *   format     fmtClock, fmtNum, fmtBytes; compareIp (addresses sort numerically)
  *   storage    load/save (localStorage, when the browser allows it)
  *   api()      the fetch wrapper: JSON both ways, the page's token on changes
@@ -1775,6 +1795,13 @@ PAGE['monitor-kit.js'] = r'''/* The monitors' shared browser code (dispy's page 
  *              setTimeout for the next poll (slow answers never pile up); isCurrent(seq)
  *              drops stale answers; the "Poll every" input (kept in localStorage) and
  *              the server's poll_sec (serverPollSec) set the interval
+ *   the page   startPage({product, argsSetting, views, fetch, route, init}): the views
+ *              and their routes (#<view>=<id>: parseHash, href), the menu (the item
+ *              each view showed last: remember), the show-arguments setting (the
+ *              #show-args box, the server's argsSetting: show_job_args or
+ *              show_task_args), what every answer carries (applyServerInfo: the
+ *              setting, poll_sec, the version); fetchData(seq, path, unknown) (an
+ *              answer for a poll, null once stale), action() (a change's progress)
  */
 'use strict';
 window.MonitorKit = (function () {
@@ -2032,6 +2059,202 @@ window.MonitorKit = (function () {
   }
   const pollUserSet = () => poll.userSet;
 
+  // ---------- tables ----------
+  // A row of cells: cells[key] (a node, text or a number) for each column [key, label].
+  const cellsRow = (attrs, cols, cells) => el('tr', attrs, cols.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+  // The node table's sort, kept in storage under key: cols ([key, label]; the first is
+  // the addresses', whose order also breaks ties), number(n, col) a column's number
+  // (else the node's own field), onChange() after a click on a header.
+  function nodeSort(key, cols, number, onChange) {
+    const addr = cols[0][0];
+    const ns = { sort: loadSort(key, cols, { col: addr, dir: -1 }) };
+    function value(n, col) {
+      if (col === 'name' || col === 'state') return str(n[col]);
+      const v = number ? number(n, col) : n[col];
+      return isNum(v) ? v : -Infinity;
+    }
+    function compare(a, b) {
+      const col = ns.sort.col;
+      let r;
+      if (col === addr) r = compareIp(a[addr], b[addr]);
+      else {
+        const x = value(a, col), y = value(b, col);
+        r = typeof x === 'string' ? x.localeCompare(y) : (x < y ? -1 : x > y ? 1 : 0);
+      }
+      return r * ns.sort.dir || compareIp(a[addr], b[addr]);
+    }
+    function setSort(col) {
+      ns.sort = nextSort(ns.sort, col);
+      save(key, JSON.stringify(ns.sort));
+      onChange();
+    }
+    // The table of nodes, sorted: row(n) a node's row; opts: {empty (the text without
+    // nodes), focusPrefix (of the headers' focus keys), foot(nodes) (a last row)}.
+    ns.table = (nodes, row, opts) => {
+      const rows = nodes.slice().sort(compare);
+      const body = rows.length ? rows.map(row)
+        : el('tr', { class: 'empty-row' }, el('td', { colspan: cols.length, text: opts.empty }));
+      return el('div', { class: 'table-wrap' }, el('table', { class: 'nodes' },
+        el('thead', null, el('tr', null, cols.map((c) =>
+          sortHeader(opts.focusPrefix + c[0], c[0], c[1], ns.sort, setSort)))),
+        el('tbody', null, body), opts.foot ? el('tfoot', null, opts.foot(rows)) : null));
+    };
+    return ns;
+  }
+  // The running jobs or tasks in holder: a check box a row (sel: a Set of keys, kept
+  // across polls), the id (idCol), the arguments (while the server shows them: opts.args(item)),
+  // the start.  opts: {what ('job', 'task'), idCol, idHeader, focusPrefix, allFocusKey,
+  // args, onChange}; d: the answer they came in (its time and the setting).
+  function runningTable(holder, items, sel, d, opts) {
+    const what = opts.what, idCol = opts.idCol;
+    const pick = selection(sel, items.map((t) => str(t.key)), { boxClass: what + '-select',
+      allLabel: 'Select all ' + what + 's', allFocusKey: opts.allFocusKey, onChange: opts.onChange });
+    if (!items.length) {
+      setChildren(holder, el('p', { class: 'empty', text: 'No running ' + what + 's' }));
+      pick.sync();
+      return;
+    }
+    const focusKey = activeFocusKey(), showArgs = d[page.argsSetting] !== false;
+    const now = isNum(d.time) ? d.time : Date.now() / 1000;
+    const rows = items.map((t) => {
+      const key = str(t.key);
+      const box = pick.box(key, 'Select ' + what + ' ' + str(t[idCol]), opts.focusPrefix + key);
+      return el('tr', { class: what + '-row' + (box.checked ? ' selected' : ''), 'data-key': key },
+        el('td', { class: 'select' }, el('label', { class: 'cb' }, box)), el('td', { 'data-col': idCol, text: t[idCol] }),
+        showArgs ? el('td', { class: 'args', 'data-col': 'args' }, opts.args(t)) : null,
+        el('td', { 'data-col': 'start_time', text: isNum(t.start_time)
+          ? fmtClock(t.start_time) + ' (' + Math.max(0, Math.round(now - t.start_time)) + 's ago)' : '—' }));
+    });
+    pick.sync();
+    setChildren(holder, el('div', { class: 'table-wrap' }, el('table', { class: what + 's' },
+      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, pick.all)),
+        el('th', { text: opts.idHeader }), showArgs ? el('th', { text: 'Arguments' }) : null, el('th', { text: 'Started' }))),
+      el('tbody', null, rows))));
+    restoreFocus(focusKey);
+  }
+  // A node's or a server's figures: first (if any), its counts, its state.
+  function itemFigures(d, first) {
+    return [first || null, [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running']].map(
+      (f) => figure(f[1], f[0], fmtNum(d[f[0]]), 'data-field')),
+      el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: 'State' }),
+        el('span', { class: 'figure-value', 'data-field': 'state' }, stateBadge(str(d.state))))];
+  }
+  function nodeTitle(addr, name) {
+    setChildren($('node-title'), ['Node ' + str(addr),
+      name ? [' ', el('span', { class: 'node-name', text: name })] : null]);
+  }
+
+  // ---------- the page: settings, views, menu ----------
+  const page = { product: '', argsSetting: '', argsBusy: false, views: [], view: 'cluster',
+    last: {}, route: null };
+  // What every answer of the server may carry: the setting (page.argsSetting: shown
+  // unless the user is changing it), its poll_sec, its version.
+  function applyServerInfo(d) {
+    if (typeof d[page.argsSetting] === 'boolean' && !page.argsBusy) $('show-args').checked = d[page.argsSetting];
+    serverPollSec(d.poll_sec);
+    if (d.version) $('version').textContent = page.product + ' ' + d.version;
+  }
+  async function toggleShowArgs() {
+    const box = $('show-args'), want = box.checked;
+    page.argsBusy = true;
+    box.disabled = true;
+    try {
+      const r = await api('POST', '/api/settings', { [page.argsSetting]: want });
+      box.checked = typeof r[page.argsSetting] === 'boolean' ? r[page.argsSetting] : want;
+    } catch (e) {
+      box.checked = !want;
+      reportActionError(e);
+    } finally {
+      page.argsBusy = false;
+      box.disabled = false;
+      pollNow();
+    }
+  }
+  // The data at path for poll seq, or null when a newer poll has begun; a 404 (an item
+  // not known, yet) calls unknown() when given (if still current), else it is an error.
+  async function fetchData(seq, path, unknown) {
+    let data;
+    try {
+      data = await api('GET', path);
+    } catch (e) {
+      if (e.status !== 404 || !unknown) throw e;
+      if (isCurrent(seq)) unknown();
+      return null;
+    }
+    if (!isCurrent(seq)) return null;
+    applyServerInfo(data);
+    return data;
+  }
+  // A change the page asks for: busy(true) and out says working; run() resolves to the
+  // text of its result, failed() gives the text of a failure; then busy(false), a poll.
+  async function action(out, working, run, failed, busy) {
+    busy(true);
+    out.textContent = working;
+    try {
+      out.textContent = await run();
+    } catch (e) {
+      out.textContent = failed();
+      reportActionError(e);
+    } finally {
+      busy(false);
+      pollNow();
+    }
+  }
+  const href = (view, id) => '#' + view + '=' + encodeURIComponent(str(id));
+  // location.hash as {view, id}: #<view>=<id> for a view with items, else the cluster.
+  function parseHash() {
+    const m = /^#(\w+)=(.+)$/.exec(location.hash || '');
+    if (!m || page.views.indexOf(m[1]) < 1) return { view: 'cluster', id: null };
+    let id = m[2];
+    try { id = decodeURIComponent(id); } catch (e) { /* keep raw text */ }
+    return { view: m[1], id: id };
+  }
+  // The menu: the cluster, and each other view's item shown last (once there is one).
+  function updateMenu() {
+    menuLink($('nav-cluster'), page.view === 'cluster', '#cluster');
+    page.views.slice(1).forEach((v) => {
+      const last = page.last[v], title = v.charAt(0).toUpperCase() + v.slice(1) + ' ';
+      menuLink($('nav-' + v), page.view === v, last && href(v, last), last && title + last);
+    });
+  }
+  // The item a view showed last (kept in storage, under product.last_<view>).
+  function remember(view, id) {
+    if (page.last[view] === id) return;
+    page.last[view] = id;
+    save(page.product + '.last_' + view, id);
+    updateMenu();
+  }
+  function route() {
+    const r = parseHash();
+    page.route(r);
+    page.view = r.view;
+    page.views.forEach((v) => { $(v + '-view').hidden = v !== r.view; });
+    updateMenu();
+    pollNow();
+  }
+  // Runs the page once the document is ready.  opts: product ('dispy', 'dispycos': the
+  // version's prefix and the storage keys'), argsSetting (the server's setting that
+  // #show-args changes), views (['cluster', ...]: each one's #<view>-view, #nav-<view>;
+  // the ones after 'cluster' show one item, #<view>=<id>), fetch(seq) (polls the
+  // current view), route(r) (the page's part of going to r = {view, id}), init() (the
+  // page's own events; the first route and poll follow).
+  function startPage(opts) {
+    Object.assign(page, { product: opts.product, argsSetting: opts.argsSetting,
+      views: opts.views, route: opts.route });
+    const start = () => {
+      page.views.slice(1).forEach((v) => { page.last[v] = load(page.product + '.last_' + v) || null; });
+      startPolling(page.product + '.poll_sec', opts.fetch);
+      $('show-args').addEventListener('change', toggleShowArgs);
+      window.addEventListener('hashchange', route);
+      opts.init();
+      route();
+    };
+    if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);
+    else start();
+  }
+  const view = () => page.view;
+  const lastSeen = (v) => page.last[v];
+
   return {
     $: $, isNum: isNum, str: str, el: el, append: append, svg: svg, setChildren: setChildren,
     activeFocusKey: activeFocusKey, restoreFocus: restoreFocus, figure: figure,
@@ -2040,7 +2263,11 @@ window.MonitorKit = (function () {
     fmtBytes: fmtBytes, compareIp: compareIp, load: load, save: save, api: api,
     showError: showError, clearError: clearError, reportActionError: reportActionError,
     startPolling: startPolling, pollNow: pollNow, isCurrent: isCurrent,
-    serverPollSec: serverPollSec, pollUserSet: pollUserSet,
+    serverPollSec: serverPollSec, pollUserSet: pollUserSet, cellsRow: cellsRow,
+    nodeSort: nodeSort, runningTable: runningTable, itemFigures: itemFigures,
+    nodeTitle: nodeTitle, applyServerInfo: applyServerInfo, fetchData: fetchData,
+    action: action, href: href, parseHash: parseHash, remember: remember,
+    startPage: startPage, view: view, lastSeen: lastSeen,
   };
 })();
 '''
@@ -2049,21 +2276,21 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
  * MonitorKit's, in monitor-kit.js, loaded first).
  *
  * Structure:
- *   state     - one object: current view/route, user choices (table sort, job
- *               selections), the last server data and the throughput history
- *               accumulated between polls (the poll interval is MonitorKit's).
+ *   state     - one object: the node shown, the job selections, the last server
+ *               data and the throughput history accumulated between polls (the
+ *               view, the table's sort and the poll interval are MonitorKit's).
  *   poll      - pollView(seq) fetches the data of the current view and renders it
  *               (MonitorKit's loop calls it, one poll at a time; actions and hash
- *               changes call K.pollNow() at once; stale answers are dropped).
+ *               changes poll at once; stale answers are dropped).
  *   renderers - renderClusters()/drawChart() for #cluster, renderNode() for #node=<ip>.
- *   actions   - show-args setting, node operations, job cancellation.
- *   init      - wires events, routes by location.hash and starts polling.
+ *   actions   - node operations, job cancellation (the show-args setting, the
+ *               routing by location.hash and the menu are MonitorKit's).
+ *   init      - wires this page's events; K.startPage() routes and starts polling.
  */
 'use strict';
 (function (K) {
-  const { $, isNum, str, el, svg, setChildren, load, save, fmtClock, fmtNum, fmtBytes,
-    activeFocusKey, restoreFocus, api, showError, reportActionError, figure, stateBadge,
-    compareIp } = K;
+  const { $, isNum, str, el, svg, setChildren, fmtClock, fmtNum, fmtBytes,
+    activeFocusKey, restoreFocus, api, figure, stateBadge } = K;
   const MAX_POINTS = 3600;   // history points kept per cluster
   const CHART_SPAN = 900;    // seconds shown in a throughput chart
   const CHART_BINS = 60;
@@ -2074,8 +2301,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     ['failed', 'Failed'], ['pending', 'Pending']];
 
   const state = {
-    view: 'cluster', nodeIp: null, lastNode: null, settingsBusy: false, cancelBusy: false,
-    sort: { col: 'ip_addr', dir: -1 },
+    nodeIp: null, cancelBusy: false,
     status: null,            // last /api/status response
     history: new Map(),      // cluster id -> [[time, done], ...]
     needFull: false,         // next status poll must use since=0
@@ -2092,13 +2318,8 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
 
   // ---------- polling ----------
   async function pollView(seq) {
-    if (state.view === 'node') await pollNode(seq);
+    if (K.view() === 'node') await pollNode(seq);
     else await pollClusters(seq);
-  }
-  function applyServerInfo(d) {
-    if (typeof d.show_job_args === 'boolean' && !state.settingsBusy) $('show-args').checked = d.show_job_args;
-    K.serverPollSec(d.poll_sec);
-    if (d.version) $('version').textContent = 'dispy ' + d.version;
   }
 
   // ---------- cluster view ----------
@@ -2132,9 +2353,8 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   }
   async function pollClusters(seq) {
     const since = historySince();
-    const data = await api('GET', '/api/status?since=' + encodeURIComponent(since));
-    if (!K.isCurrent(seq)) return;
-    applyServerInfo(data);
+    const data = await K.fetchData(seq, '/api/status?since=' + encodeURIComponent(since));
+    if (!data) return;
     mergeHistory(Array.isArray(data.clusters) ? data.clusters : [], since);
     state.status = data;
     renderClusters();
@@ -2213,31 +2433,13 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     state.charts.forEach((c) => drawChart(c.holder, c.id, state.history.get(c.id) || [], now));
   }
 
-  function sortValue(n, col) {
-    if (col === 'name' || col === 'state') return str(n[col]);
-    const v = (col === 'cpu' || col === 'memory' || col === 'disk') ? (n.avail || {})[col] : n[col];
-    return isNum(v) ? v : -Infinity;
-  }
-  function compareNodes(a, b) {
-    const col = state.sort.col;
-    let r;
-    if (col === 'ip_addr') r = compareIp(a.ip_addr, b.ip_addr);
-    else {
-      const x = sortValue(a, col), y = sortValue(b, col);
-      r = typeof x === 'string' ? x.localeCompare(y) : (x < y ? -1 : x > y ? 1 : 0);
-    }
-    return r * state.sort.dir || compareIp(a.ip_addr, b.ip_addr);
-  }
-  function setSort(col) {
-    state.sort = K.nextSort(state.sort, col);
-    save('dispy.sort', JSON.stringify(state.sort));
-    if (state.status) renderClusters();
-  }
-  const sortHeader = (cid, key, label) => K.sortHeader('sort:' + cid + ':' + key, key, label, state.sort, setSort);
+  const sorter = K.nodeSort('dispy.sort', NODE_COLS,
+    (n, col) => ((col === 'cpu' || col === 'memory' || col === 'disk') ? (n.avail || {})[col] : n[col]),
+    () => { if (state.status) renderClusters(); });
   function nodeRow(n) {
     const a = n.avail && typeof n.avail === 'object' ? n.avail : null;
     const cells = {
-      ip_addr: el('a', { class: 'node-link', href: '#node=' + encodeURIComponent(str(n.ip_addr)), text: n.ip_addr }),
+      ip_addr: el('a', { class: 'node-link', href: K.href('node', n.ip_addr), text: n.ip_addr }),
       name: str(n.name),
       cpus: fmtNum(n.cpus) + ' / ' + fmtNum(n.avail_cpus),
       submitted: fmtNum(n.submitted), done: fmtNum(n.done), running: fmtNum(n.running),
@@ -2245,8 +2447,7 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       memory: fmtBytes(a && a.memory), disk: fmtBytes(a && a.disk),
       state: stateBadge(str(n.state)),
     };
-    return el('tr', { class: 'node-row', 'data-ip': str(n.ip_addr) },
-      NODE_COLS.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+    return K.cellsRow({ class: 'node-row', 'data-ip': str(n.ip_addr) }, NODE_COLS, cells);
   }
   function totalsRow(nodes) {
     const sum = (get) => nodes.reduce((s, n) => s + (isNum(get(n)) ? get(n) : 0), 0);
@@ -2261,16 +2462,10 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       memory: bytes('memory'), disk: bytes('disk'),
       state: nodes.filter((n) => n.state === 'ready').length + ' ready',
     };
-    return el('tr', { class: 'totals-row' }, NODE_COLS.map((c) => el('td', { 'data-col': c[0] }, String(cells[c[0]]))));
+    return K.cellsRow({ class: 'totals-row' }, NODE_COLS, cells);
   }
-  function nodesTable(c) {
-    const nodes = (Array.isArray(c.nodes) ? c.nodes : []).slice().sort(compareNodes);
-    const body = nodes.length ? nodes.map(nodeRow)
-      : el('tr', { class: 'empty-row' }, el('td', { colspan: NODE_COLS.length, text: 'No nodes' }));
-    return el('div', { class: 'table-wrap' }, el('table', { class: 'nodes' },
-      el('thead', null, el('tr', null, NODE_COLS.map((col) => sortHeader(c.id, col[0], col[1])))),
-      el('tbody', null, body), el('tfoot', null, totalsRow(nodes))));
-  }
+  const nodesTable = (c) => sorter.table(Array.isArray(c.nodes) ? c.nodes : [], nodeRow,
+    { empty: 'No nodes', focusPrefix: 'sort:' + c.id + ':', foot: totalsRow });
   function clusterSection(c, now) {
     const hist = state.history.get(c.id) || [];
     const holder = el('div', { class: 'chart' });
@@ -2310,17 +2505,9 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   }
   async function pollNode(seq) {
     const ip = state.nodeIp;
-    let data;
-    try {
-      data = await api('GET', '/api/node?ip_addr=' + encodeURIComponent(ip));
-    } catch (e) {
-      if (e.status !== 404) throw e;
-      if (K.isCurrent(seq) && ip === state.nodeIp) renderUnknownNode(ip);
-      return;
-    }
-    if (!K.isCurrent(seq) || ip !== state.nodeIp) return;
-    applyServerInfo(data);
-    renderNode(data);
+    const data = await K.fetchData(seq, '/api/node?ip_addr=' + encodeURIComponent(ip),
+      () => renderUnknownNode(ip));
+    if (data) renderNode(data);
   }
   function renderUnknownNode(ip) {
     resetNodeView(ip);
@@ -2329,13 +2516,8 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     $('node-actions').hidden = true;
   }
   function renderNode(d) {
-    setChildren($('node-title'), ['Node ' + str(d.ip_addr || state.nodeIp),
-      d.name ? [' ', el('span', { class: 'node-name', text: d.name })] : null]);
-    if (state.lastNode !== state.nodeIp) {
-      state.lastNode = state.nodeIp;   // remember only nodes the server knows
-      save('dispy.last_node', state.nodeIp);
-      updateMenu();
-    }
+    K.nodeTitle(d.ip_addr || state.nodeIp, d.name);
+    K.remember('node', state.nodeIp);   // remember only nodes the server knows
     const clusters = Array.isArray(d.clusters) ? d.clusters : [];
     const box = $('node-clusters');
     const ids = new Set(clusters.map((c) => String(c.id)));
@@ -2381,14 +2563,8 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     p.cluster = c;
     p.name.textContent = str(c.name);
     p.badge.hidden = !c.closed;
-    setChildren(p.figures, [
-      figure('CPUs used / available', 'cpus', fmtNum(c.cpus) + ' / ' + fmtNum(c.avail_cpus), 'data-field'),
-      figure('Submitted', 'submitted', fmtNum(c.submitted), 'data-field'),
-      figure('Done', 'done', fmtNum(c.done), 'data-field'),
-      figure('Running', 'running', fmtNum(c.running), 'data-field'),
-      el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: 'State' }),
-        el('span', { class: 'figure-value', 'data-field': 'state' }, stateBadge(str(c.state)))),
-    ]);
+    setChildren(p.figures, K.itemFigures(c,
+      figure('CPUs used / available', 'cpus', fmtNum(c.cpus) + ' / ' + fmtNum(c.avail_cpus), 'data-field')));
     if (document.activeElement !== p.cpusInput && !p.cpusInput.dataset.edited && isNum(c.cpus)) p.cpusInput.value = c.cpus;
     renderJobs(p, c, d);
   }
@@ -2396,30 +2572,10 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
     const ckey = String(c.id), jobs = Array.isArray(c.jobs) ? c.jobs : [];
     const sel = state.selected.get(ckey) || new Set();
     state.selected.set(ckey, sel);
-    const pick = K.selection(sel, jobs.map((j) => str(j.key)), { boxClass: 'job-select',
-      allLabel: 'Select all jobs', allFocusKey: 'all:' + ckey, onChange: updateCancelButton });
-    if (!jobs.length) {
-      setChildren(p.jobs, el('p', { class: 'empty', text: 'No running jobs' }));
-      return;
-    }
-    const focusKey = activeFocusKey(), showArgs = d.show_job_args !== false;
-    const now = isNum(d.time) ? d.time : Date.now() / 1000;
-    const rows = jobs.map((j) => {
-      const key = str(j.key);
-      const box = pick.box(key, 'Select job ' + str(j.id), 'job:' + ckey + ':' + key);
-      return el('tr', { class: 'job-row' + (box.checked ? ' selected' : ''), 'data-key': key },
-        el('td', { class: 'select' }, el('label', { class: 'cb' }, box)), el('td', { 'data-col': 'id', text: j.id }),
-        showArgs ? el('td', { class: 'args', 'data-col': 'args' }, el('code', { class: 'job-args', text: j.args }),
-          j.kwargs !== undefined && j.kwargs !== '{}' ? el('code', { class: 'job-kwargs', text: j.kwargs }) : null) : null,
-        el('td', { 'data-col': 'start_time', text: isNum(j.start_time)
-          ? fmtClock(j.start_time) + ' (' + Math.max(0, Math.round(now - j.start_time)) + 's ago)' : '—' }));
-    });
-    pick.sync();
-    setChildren(p.jobs, el('div', { class: 'table-wrap' }, el('table', { class: 'jobs' },
-      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, pick.all)),
-        el('th', { text: 'Job id' }), showArgs ? el('th', { text: 'Arguments' }) : null, el('th', { text: 'Started' }))),
-      el('tbody', null, rows))));
-    restoreFocus(focusKey);
+    K.runningTable(p.jobs, jobs, sel, d, { what: 'job', idCol: 'id', idHeader: 'Job id',
+      focusPrefix: 'job:' + ckey + ':', allFocusKey: 'all:' + ckey, onChange: updateCancelButton,
+      args: (j) => [el('code', { class: 'job-args', text: j.args }),
+        j.kwargs !== undefined && j.kwargs !== '{}' ? el('code', { class: 'job-kwargs', text: j.kwargs }) : null] });
   }
   function selectedCount() {
     let n = 0;
@@ -2431,22 +2587,6 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
   }
 
   // ---------- actions ----------
-  async function toggleShowArgs() {
-    const box = $('show-args'), want = box.checked;
-    state.settingsBusy = true;
-    box.disabled = true;
-    try {
-      const r = await api('POST', '/api/settings', { show_job_args: want });
-      box.checked = typeof r.show_job_args === 'boolean' ? r.show_job_args : want;
-    } catch (e) {
-      box.checked = !want;
-      reportActionError(e);
-    } finally {
-      state.settingsBusy = false;
-      box.disabled = false;
-      K.pollNow();
-    }
-  }
   function describeOp(op, result) {
     if (result === -1) return 'refused';
     if (op === 'set_cpus') return 'CPUs now ' + str(result);
@@ -2462,27 +2602,15 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
       }
       body.cpus = n;
     }
-    p.buttons.forEach((b) => { b.disabled = true; });
-    p.result.textContent = 'working…';
-    try {
+    await K.action(p.result, 'working…', async () => {
       const r = await api('POST', '/api/node', body);
-      p.result.textContent = describeOp(op, r.result);
       if (op === 'set_cpus') delete p.cpusInput.dataset.edited;
-    } catch (e) {
-      p.result.textContent = 'failed';
-      reportActionError(e);
-    } finally {
-      p.buttons.forEach((b) => { b.disabled = false; });
-      K.pollNow();
-    }
+      return describeOp(op, r.result);
+    }, () => 'failed', (busy) => p.buttons.forEach((b) => { b.disabled = busy; }));
   }
   async function cancelSelected() {
-    const out = $('cancel-result');
     let cancelled = 0, failed = 0;
-    state.cancelBusy = true;
-    updateCancelButton();
-    out.textContent = 'cancelling…';
-    try {
+    await K.action($('cancel-result'), 'cancelling…', async () => {
       for (const [ckey, sel] of Array.from(state.selected.entries())) {
         const p = state.nodeParts.get(ckey);
         if (!p || !sel.size) continue;
@@ -2492,64 +2620,31 @@ PAGE['monitor.js'] = r'''/* dispy monitor: browser side (plain ES2017, no librar
         failed += Array.isArray(r.failed) ? r.failed.length : 0;
         jobs.forEach((k) => sel.delete(k));
       }
-      out.textContent = 'cancelled ' + cancelled + (failed ? ', ' + failed + ' failed' : '');
-    } catch (e) {
-      out.textContent = 'cancelled ' + cancelled;
-      reportActionError(e);
-    } finally {
-      state.cancelBusy = false;
-      updateCancelButton();
-      K.pollNow();
-    }
+      return 'cancelled ' + cancelled + (failed ? ', ' + failed + ' failed' : '');
+    }, () => 'cancelled ' + cancelled, (busy) => { state.cancelBusy = busy; updateCancelButton(); });
   }
 
-  // ---------- routing, menu, init ----------
-  function parseHash() {
-    const h = location.hash || '';
-    if (h.indexOf('#node=') === 0) {
-      let ip = h.slice(6);
-      try { ip = decodeURIComponent(ip); } catch (e) { /* keep raw text */ }
-      if (ip) return { view: 'node', ip: ip };
-    }
-    return { view: 'cluster', ip: null };
-  }
-  function updateMenu() {
-    K.menuLink($('nav-cluster'), state.view === 'cluster', '#cluster');
-    K.menuLink($('nav-node'), state.view === 'node', state.lastNode && '#node=' + encodeURIComponent(state.lastNode),
-      state.lastNode && 'Node ' + state.lastNode);
-  }
-  function applyRoute() {
-    const r = parseHash();
-    state.view = r.view;
+  // ---------- routing, init ----------
+  function route(r) {
     if (r.view === 'node') {
-      if (r.ip !== state.nodeIp) resetNodeView(r.ip);
-      state.nodeIp = r.ip;
+      if (r.id !== state.nodeIp) resetNodeView(r.id);
+      state.nodeIp = r.id;
     }
-    $('cluster-view').hidden = r.view !== 'cluster';
-    $('node-view').hidden = r.view !== 'node';
-    updateMenu();
-    K.pollNow();
   }
   function init() {
-    state.sort = K.loadSort('dispy.sort', NODE_COLS, { col: 'ip_addr', dir: -1 });
-    state.lastNode = load('dispy.last_node') || null;
-    K.startPolling('dispy.poll_sec', pollView);
-    $('show-args').addEventListener('change', toggleShowArgs);
     $('cancel-jobs').addEventListener('click', cancelSelected);
-    window.addEventListener('hashchange', applyRoute);
     let resizeTimer = null;
     window.addEventListener('resize', () => {
       clearTimeout(resizeTimer);
-      resizeTimer = setTimeout(() => { if (state.view === 'cluster' && state.status) drawAllCharts(); }, 150);
+      resizeTimer = setTimeout(() => { if (K.view() === 'cluster' && state.status) drawAllCharts(); }, 150);
     });
-    if (!K.pollUserSet() && parseHash().view === 'node') {
+    if (!K.pollUserSet() && K.parseHash().view === 'node') {
       // The node view never fetches /api/status: ask once for the server's poll interval.
-      api('GET', '/api/status?since=' + Math.floor(Date.now() / 1000 + 86400)).then(applyServerInfo, () => {});
+      api('GET', '/api/status?since=' + Math.floor(Date.now() / 1000 + 86400)).then(K.applyServerInfo, () => {});
     }
-    applyRoute();
   }
-  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
-  else init();
+  K.startPage({ product: 'dispy', argsSetting: 'show_job_args', views: ['cluster', 'node'],
+    fetch: pollView, route: route, init: init });
 })(window.MonitorKit);
 '''
 
@@ -2557,65 +2652,50 @@ PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no li
  * MonitorKit's, in monitor-kit.js, loaded first).
  *
  * Structure:
- *   state     - the view (#cluster, #node=<addr>, #server=<location>), the node
- *               table's sort, the tasks selected on the server view, the last data.
+ *   state     - the node and server shown (#node=<addr>, #server=<location>), the
+ *               tasks selected on the server view, the last data (the view and the
+ *               node table's sort are MonitorKit's).
  *   poll      - pollView(seq): /api/cluster, /api/node or /api/server for the view,
  *               rendered when it is still the current poll (MonitorKit's loop).
  *   renderers - renderCluster(), renderNode(), renderServer(); every text is set
  *               with textContent (task arguments are the user's strings).
- *   actions   - the show-arguments setting, terminating the selected tasks.
- *   init      - wires events, routes by location.hash and starts polling.
+ *   actions   - terminating the selected tasks (the show-arguments setting, the
+ *               routing by location.hash and the menu are MonitorKit's).
+ *   init      - wires this page's events; K.startPage() routes and starts polling.
  */
 'use strict';
 (function (K) {
-  const { $, isNum, str, el, setChildren, load, save, fmtClock, fmtNum, fmtBytes,
-    activeFocusKey, restoreFocus, api, reportActionError, figure, stateBadge, compareIp } = K;
+  const { $, isNum, str, el, setChildren, fmtClock, fmtNum, fmtBytes,
+    activeFocusKey, restoreFocus, api, figure, stateBadge } = K;
   const NODE_COLS = [['addr', 'Node'], ['name', 'Name'], ['servers', 'Servers'],
     ['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'], ['state', 'State']];
   const TOTALS = [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running'],
     ['terminated', 'Terminated'], ['failed', 'Failed']];
   const SERVER_COLS = [['location', 'Server'], ['submitted', 'Submitted'], ['done', 'Done'],
     ['running', 'Running'], ['state', 'State']];
-  const DEFAULT_SORT = { col: 'addr', dir: -1 };
-  const VIEWS = ['cluster', 'node', 'server'];
 
   const state = {
-    view: 'cluster', nodeAddr: null, serverLoc: null, lastNode: null, lastServer: null,
-    sort: DEFAULT_SORT, cluster: null, settingsBusy: false, terminateBusy: false,
+    nodeAddr: null, serverLoc: null, cluster: null, terminateBusy: false,
     selected: new Set(),     // keys of the tasks selected on the server view
   };
 
   // ---------- polling ----------
   async function pollView(seq) {
-    if (state.view === 'node') await pollOne(seq, '/api/node?addr=', state.nodeAddr, renderNode);
-    else if (state.view === 'server') await pollOne(seq, '/api/server?location=', state.serverLoc, renderServer);
+    const view = K.view();
+    if (view === 'node') await pollOne(seq, '/api/node?addr=', state.nodeAddr, renderNode);
+    else if (view === 'server') await pollOne(seq, '/api/server?location=', state.serverLoc, renderServer);
     else {
-      const data = await api('GET', '/api/cluster');
-      if (!K.isCurrent(seq)) return;
-      applyServerInfo(data);
+      const data = await K.fetchData(seq, '/api/cluster');
+      if (!data) return;
       state.cluster = data;
       renderCluster();
     }
   }
   // A node or server view: 404 shows "unknown" (it may come later); others are errors.
   async function pollOne(seq, path, id, render) {
-    const view = state.view;
-    let data;
-    try {
-      data = await api('GET', path + encodeURIComponent(id));
-    } catch (e) {
-      if (e.status !== 404) throw e;
-      if (K.isCurrent(seq)) renderUnknown(view, id);
-      return;
-    }
-    if (!K.isCurrent(seq) || state.view !== view) return;
-    applyServerInfo(data);
-    render(data);
-  }
-  function applyServerInfo(d) {
-    if (typeof d.show_task_args === 'boolean' && !state.settingsBusy) $('show-args').checked = d.show_task_args;
-    K.serverPollSec(d.poll_sec);
-    if (d.version) $('version').textContent = 'dispycos ' + d.version;
+    const view = K.view();
+    const data = await K.fetchData(seq, path + encodeURIComponent(id), () => renderUnknown(view, id));
+    if (data) render(data);
   }
   function renderUnknown(view, id) {
     $(view + '-title').textContent = (view === 'node' ? 'Node ' : 'Server ') + id;
@@ -2629,45 +2709,17 @@ PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no li
   }
 
   // ---------- cluster view ----------
-  function sortValue(n, col) {
-    if (col === 'name' || col === 'state') return str(n[col]);
-    return isNum(n[col]) ? n[col] : -Infinity;
-  }
-  function compareNodes(a, b) {
-    const col = state.sort.col;
-    let r;
-    if (col === 'addr') r = compareIp(a.addr, b.addr);
-    else {
-      const x = sortValue(a, col), y = sortValue(b, col);
-      r = typeof x === 'string' ? x.localeCompare(y) : (x < y ? -1 : x > y ? 1 : 0);
-    }
-    return r * state.sort.dir || compareIp(a.addr, b.addr);
-  }
-  function setSort(col) {
-    state.sort = K.nextSort(state.sort, col);
-    save('dispycos.sort', JSON.stringify(state.sort));
-    if (state.cluster) renderCluster();
-  }
-  const nodeHref = (addr) => '#node=' + encodeURIComponent(str(addr));
-  const serverHref = (loc) => '#server=' + encodeURIComponent(str(loc));
+  const sorter = K.nodeSort('dispycos.sort', NODE_COLS, null,
+    () => { if (state.cluster) renderCluster(); });
   function nodeRow(n) {
     const cells = {
-      addr: el('a', { class: 'node-link', href: nodeHref(n.addr), text: n.addr }),
+      addr: el('a', { class: 'node-link', href: K.href('node', n.addr), text: n.addr }),
       name: str(n.name), servers: fmtNum(n.servers), submitted: fmtNum(n.submitted),
       done: fmtNum(n.done), running: fmtNum(n.running), state: stateBadge(str(n.state)),
     };
-    return el('tr', { class: 'node-row', 'data-addr': str(n.addr) },
-      NODE_COLS.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+    return K.cellsRow({ class: 'node-row', 'data-addr': str(n.addr) }, NODE_COLS, cells);
   }
-  function nodesTable(nodes) {
-    const rows = nodes.slice().sort(compareNodes);
-    const body = rows.length ? rows.map(nodeRow)
-      : el('tr', { class: 'empty-row' }, el('td', { colspan: NODE_COLS.length, text: 'No nodes yet' }));
-    return el('div', { class: 'table-wrap' }, el('table', { class: 'nodes' },
-      el('thead', null, el('tr', null, NODE_COLS.map((c) =>
-        K.sortHeader('sort:' + c[0], c[0], c[1], state.sort, setSort)))),
-      el('tbody', null, body)));
-  }
+  const nodesTable = (nodes) => sorter.table(nodes, nodeRow, { empty: 'No nodes yet', focusPrefix: 'sort:' });
   function renderCluster() {
     const d = state.cluster, c = d.computation || {}, focusKey = activeFocusKey();
     $('computation-state').textContent = str(c.state);
@@ -2681,17 +2733,11 @@ PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no li
   }
 
   // ---------- node view ----------
-  const stateFigure = (s) => el('div', { class: 'figure' }, el('span', { class: 'figure-label', text: 'State' }),
-    el('span', { class: 'figure-value', 'data-field': 'state' }, stateBadge(str(s))));
-  const countFigures = (d) => [['submitted', 'Submitted'], ['done', 'Done'], ['running', 'Running']].map(
-    (f) => figure(f[1], f[0], fmtNum(d[f[0]]), 'data-field'));
   function renderNode(d) {
     known('node');
-    setChildren($('node-title'), ['Node ' + str(d.addr),
-      d.name ? [' ', el('span', { class: 'node-name', text: d.name })] : null]);
-    remember('lastNode', 'dispycos.last_node', d.addr);
-    setChildren($('node-figures'), [figure('Servers', 'servers', fmtNum(d.servers), 'data-field'),
-      countFigures(d), stateFigure(d.state)]);
+    K.nodeTitle(d.addr, d.name);
+    K.remember('node', d.addr);
+    setChildren($('node-figures'), K.itemFigures(d, figure('Servers', 'servers', fmtNum(d.servers), 'data-field')));
     setChildren($('node-avail'), availFigures(d.avail && typeof d.avail === 'object' ? d.avail : {}));
     setChildren($('node-servers'), serversTable(Array.isArray(d.server_list) ? d.server_list : []));
   }
@@ -2705,24 +2751,17 @@ PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no li
   }
   function serverRow(s) {
     const cells = {
-      location: el('a', { class: 'server-link', href: serverHref(s.location), text: s.location }),
+      location: el('a', { class: 'server-link', href: K.href('server', s.location), text: s.location }),
       submitted: fmtNum(s.submitted), done: fmtNum(s.done), running: fmtNum(s.running),
       state: stateBadge(str(s.state)),
     };
-    return el('tr', { class: 'server-row', 'data-location': str(s.location) },
-      SERVER_COLS.map((c) => el('td', { 'data-col': c[0] }, cells[c[0]])));
+    return K.cellsRow({ class: 'server-row', 'data-location': str(s.location) }, SERVER_COLS, cells);
   }
   function serversTable(servers) {
     if (!servers.length) return el('p', { class: 'empty', text: 'No servers of this computation' });
     return el('div', { class: 'table-wrap' }, el('table', { class: 'servers' },
       el('thead', null, el('tr', null, SERVER_COLS.map((c) => el('th', { scope: 'col', 'data-col': c[0], text: c[1] })))),
       el('tbody', null, servers.map(serverRow))));
-  }
-  function remember(field, key, value) {
-    if (state[field] === value) return;
-    state[field] = value;
-    save(key, value);
-    updateMenu();
   }
 
   // ---------- server view ----------
@@ -2732,106 +2771,42 @@ PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no li
     Object.keys(kwargs).forEach((k) => args.push(k + '=' + str(kwargs[k])));
     return args.map((a) => el('code', { class: 'task-arg', text: a }));
   }
-  function taskRow(t, pick, showArgs, now) {
-    const key = str(t.key);
-    const box = pick.box(key, 'Select task ' + str(t.name), 'task:' + key);
-    return el('tr', { class: 'task-row' + (box.checked ? ' selected' : ''), 'data-key': key },
-      el('td', { class: 'select' }, el('label', { class: 'cb' }, box)),
-      el('td', { 'data-col': 'name', text: t.name }),
-      showArgs ? el('td', { class: 'args', 'data-col': 'args' }, taskArgs(t)) : null,
-      el('td', { 'data-col': 'start_time', text: isNum(t.start_time)
-        ? fmtClock(t.start_time) + ' (' + Math.max(0, Math.round(now - t.start_time)) + 's ago)' : '—' }));
-  }
   function renderServer(d) {
     known('server');
     $('server-title').textContent = 'Server ' + str(d.location);
-    remember('lastServer', 'dispycos.last_server', d.location);
+    K.remember('server', d.location);
     const up = $('server-node');
-    up.href = nodeHref(d.addr);
+    up.href = K.href('node', d.addr);
     up.textContent = 'node ' + str(d.addr);
-    setChildren($('server-figures'), [countFigures(d), stateFigure(d.state)]);
+    setChildren($('server-figures'), K.itemFigures(d));
     renderTasks(d);
   }
   function renderTasks(d) {
     const tasks = Array.isArray(d.tasks) ? d.tasks : [];
-    const pick = K.selection(state.selected, tasks.map((t) => str(t.key)), { boxClass: 'task-select',
-      allLabel: 'Select all tasks', allFocusKey: 'all-tasks', onChange: updateTerminateButton });
     $('tasks-more').textContent = isNum(d.running) && d.running > tasks.length
       ? 'showing ' + tasks.length + ' of ' + d.running + ' running tasks' : '';
-    if (!tasks.length) {
-      setChildren($('server-tasks'), el('p', { class: 'empty', text: 'No running tasks' }));
-      updateTerminateButton();
-      return;
-    }
-    const focusKey = activeFocusKey(), showArgs = d.show_task_args !== false;
-    const now = isNum(d.time) ? d.time : Date.now() / 1000;
-    const rows = tasks.map((t) => taskRow(t, pick, showArgs, now));
-    pick.sync();
-    setChildren($('server-tasks'), el('div', { class: 'table-wrap' }, el('table', { class: 'tasks' },
-      el('thead', null, el('tr', null, el('th', { class: 'select' }, el('label', { class: 'cb' }, pick.all)),
-        el('th', { text: 'Task' }), showArgs ? el('th', { text: 'Arguments' }) : null, el('th', { text: 'Started' }))),
-      el('tbody', null, rows))));
-    restoreFocus(focusKey);
+    K.runningTable($('server-tasks'), tasks, state.selected, d, { what: 'task', idCol: 'name',
+      idHeader: 'Task', focusPrefix: 'task:', allFocusKey: 'all-tasks', onChange: updateTerminateButton,
+      args: taskArgs });
   }
   function updateTerminateButton() {
     $('terminate-tasks').disabled = state.terminateBusy || state.selected.size === 0;
   }
 
   // ---------- actions ----------
-  async function toggleShowArgs() {
-    const box = $('show-args'), want = box.checked;
-    state.settingsBusy = true;
-    box.disabled = true;
-    try {
-      const r = await api('POST', '/api/settings', { show_task_args: want });
-      box.checked = typeof r.show_task_args === 'boolean' ? r.show_task_args : want;
-    } catch (e) {
-      box.checked = !want;
-      reportActionError(e);
-    } finally {
-      state.settingsBusy = false;
-      box.disabled = false;
-      K.pollNow();
-    }
-  }
   async function terminateSelected() {
-    const out = $('terminate-result'), keys = Array.from(state.selected);
-    state.terminateBusy = true;
-    updateTerminateButton();
-    out.textContent = 'terminating…';
-    try {
+    const keys = Array.from(state.selected);
+    await K.action($('terminate-result'), 'terminating…', async () => {
       const r = await api('POST', '/api/terminate', { server: state.serverLoc, tasks: keys });
       const done = Array.isArray(r.terminated) ? r.terminated.length : 0;
       const failed = Array.isArray(r.failed) ? r.failed.length : 0;
-      out.textContent = 'terminated ' + done + (failed ? ', ' + failed + ' not running' : '');
       keys.forEach((k) => state.selected.delete(k));
-    } catch (e) {
-      out.textContent = 'not terminated';
-      reportActionError(e);
-    } finally {
-      state.terminateBusy = false;
-      updateTerminateButton();
-      K.pollNow();
-    }
+      return 'terminated ' + done + (failed ? ', ' + failed + ' not running' : '');
+    }, () => 'not terminated', (busy) => { state.terminateBusy = busy; updateTerminateButton(); });
   }
 
-  // ---------- routing, menu, init ----------
-  function parseHash() {
-    const m = /^#(node|server)=(.+)$/.exec(location.hash || '');
-    if (!m) return { view: 'cluster', id: null };
-    let id = m[2];
-    try { id = decodeURIComponent(id); } catch (e) { /* keep raw text */ }
-    return { view: m[1], id: id };
-  }
-  function updateMenu() {
-    K.menuLink($('nav-cluster'), state.view === 'cluster', '#cluster');
-    K.menuLink($('nav-node'), state.view === 'node', state.lastNode && nodeHref(state.lastNode),
-      state.lastNode && 'Node ' + state.lastNode);
-    K.menuLink($('nav-server'), state.view === 'server', state.lastServer && serverHref(state.lastServer),
-      state.lastServer && 'Server ' + state.lastServer);
-  }
-  function applyRoute() {
-    const r = parseHash();
+  // ---------- routing, init ----------
+  function route(r) {
     if (r.view === 'server' && r.id !== state.serverLoc) {
       state.selected.clear();
       setChildren($('server-tasks'), null);
@@ -2840,22 +2815,9 @@ PAGE['dispycos.js'] = r'''/* dispycos monitor: browser side (plain ES2017, no li
     }
     if (r.view === 'node') state.nodeAddr = r.id;
     if (r.view === 'server') state.serverLoc = r.id;
-    state.view = r.view;
-    VIEWS.forEach((v) => { $(v + '-view').hidden = v !== r.view; });
-    updateMenu();
-    K.pollNow();
   }
-  function init() {
-    state.sort = K.loadSort('dispycos.sort', NODE_COLS, DEFAULT_SORT);
-    state.lastNode = load('dispycos.last_node') || null;
-    state.lastServer = load('dispycos.last_server') || null;
-    K.startPolling('dispycos.poll_sec', pollView);
-    $('show-args').addEventListener('change', toggleShowArgs);
-    $('terminate-tasks').addEventListener('click', terminateSelected);
-    window.addEventListener('hashchange', applyRoute);
-    applyRoute();
-  }
-  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
-  else init();
+  K.startPage({ product: 'dispycos', argsSetting: 'show_task_args', views: ['cluster', 'node', 'server'],
+    fetch: pollView, route: route,
+    init: () => $('terminate-tasks').addEventListener('click', terminateSelected) });
 })(window.MonitorKit);
 '''

@@ -282,6 +282,16 @@ class MonitorClientCase(NodePairCase):
         with open(client.conf['stop_file'], 'w'):
             pass
 
+    def wait_closed(self, client, timeout=30):
+        """Until the client reports its computation closed."""
+        self.assertTrue(wait_until(lambda: client.records().get('closed'), timeout),
+                        client.output())
+
+    def finish(self, client):
+        """The client's stop file, then its end (checked)."""
+        self.stop(client)
+        client.finish(60, self.nodes_output())
+
     def ended(self, client):
         return {r['task']: r['type'] for r in client.records().get('ended', [])}
 
@@ -483,7 +493,7 @@ class ApiTest(MonitorClientCase):
             status, answer = self.post(client, '/api/terminate',
                                        {'server': location, 'tasks': [key, first]})
             self.assertEqual((status, answer), (200, {'terminated': [key], 'failed': [first]}))
-        self.assertTrue(wait_until(lambda: client.records().get('closed'), 30), client.output())
+        self.wait_closed(client)
         self.assertEqual({k: self.ended(client)[k] for k in held},
                          {k: 'GeneratorExit' for k in held})
         data = self.get(client, '/api/cluster')
@@ -492,8 +502,7 @@ class ApiTest(MonitorClientCase):
         self.assertEqual(data['computation']['state'], 'closed')
         self.assertEqual({n['state'] for n in data['nodes']}, {'closed'})
         # shutdown(wait=False): at once, the port is free, the client's status task back
-        self.stop(client)
-        client.finish(60, self.nodes_output())
+        self.finish(client)
         shutdown = client.record('shutdown')
         self.assertLess(shutdown['seconds'], 3, shutdown)
         self.assertTrue(shutdown['status_task_back'], shutdown)
@@ -545,9 +554,8 @@ class ApiTest(MonitorClientCase):
         for path in ('/dispycos.js', '/monitor-kit.js', '/monitor.css'):
             self.assertEqual(http.request('GET', path)[0], 200, path)
         self.assertEqual(self.post(client, '/api/terminate', body)[0], 200)
-        self.assertTrue(wait_until(lambda: client.records().get('closed'), 30), client.output())
-        self.stop(client)
-        client.finish(60, self.nodes_output())
+        self.wait_closed(client)
+        self.finish(client)
 
     def test_shutdown_wait_serves_the_last_poll(self):
         """shutdown(wait=True) while a browser polls: one more poll is served, then it
@@ -591,10 +599,9 @@ class ChainTest(MonitorClientCase):
         client = self.start_monitored(port=None if monitored else 0,
                                       quick_at=[NODE_A, NODE_B, NODE_A, NODE_B], hold=0,
                                       stop_file=True)
-        self.assertTrue(wait_until(lambda: client.records().get('closed'), 60), client.output())
+        self.wait_closed(client, 60)
         figures = self.get(client, '/api/cluster') if monitored else None
-        self.stop(client)
-        client.finish(60, self.nodes_output())
+        self.finish(client)
         records = client.records()
         return records.get('status', []), records.get('ended', []), figures, client
 
@@ -677,26 +684,29 @@ def step_cos_forbidden_post(run):
     }''', {'server': run.spec['server'], 'tasks': [run.spec['task_key']]})
 
 
+def follow(page, obs, link, shown, view):
+    """Clicks link, waits for shown; obs gets the view's location.hash and title."""
+    page.click(link)
+    page.wait_for_selector(shown)
+    obs[view + '_hash'] = page.evaluate('location.hash')
+    obs[view + '_title'] = page.text_content('#%s-title' % view)
+
+
 def step_cos_node(run):
     """Cluster → Node (its servers) → Server: no arguments while they are off."""
     spec, obs = run.spec, run.obs
     page = run.pages['desktop']
-    page.click('tr.node-row[data-addr="%s"] a.node-link' % spec['node'])
     server_row = 'tr.server-row[data-location="%s"]' % spec['server']
-    page.wait_for_selector(server_row)
-    obs['node_hash'] = page.evaluate('location.hash')
-    obs['node_title'] = page.text_content('#node-title')
+    follow(page, obs, 'tr.node-row[data-addr="%s"] a.node-link' % spec['node'], server_row,
+           'node')
     obs['node_servers'] = page.eval_on_selector_all(
         'tr.server-row', 'rows => rows.map(r => r.dataset.location)')
     obs['node_running'] = page.text_content('#node-figures [data-field="running"]')
     obs['avail_shown'] = page.eval_on_selector_all('#node-avail [data-avail]',
                                                    'els => els.map(e => e.dataset.avail)')
     run.screenshot(page, 'dispycos-node.png')
-    page.click(server_row + ' a.server-link')
-    row = 'tr.task-row[data-key="%s"]' % spec['task_key']
-    page.wait_for_selector(row)
-    obs['server_hash'] = page.evaluate('location.hash')
-    obs['server_title'] = page.text_content('#server-title')
+    follow(page, obs, server_row + ' a.server-link',
+           'tr.task-row[data-key="%s"]' % spec['task_key'], 'server')
     obs['args_cells_while_off'] = page.eval_on_selector_all(
         '#server-tasks td[data-col="args"]', 'cells => cells.length')
 
@@ -872,9 +882,8 @@ class BrowserTest(MonitorClientCase):
         for location, running in self.server_tasks(client).items():
             for task in running:
                 self.post(client, '/api/terminate', {'server': location, 'tasks': [task['key']]})
-        self.assertTrue(wait_until(lambda: client.records().get('closed'), 30), client.output())
-        self.stop(client)
-        client.finish(60, self.nodes_output())
+        self.wait_closed(client)
+        self.finish(client)
 
 
 # ================================================================================
