@@ -397,14 +397,27 @@ def _the_runner():
     return _runner
 
 
-def run_without_network(func, *args):
+def run_without_network(func, args, dest_path=None, alive=None):
     """Runs generator function ``func(*args)`` as a task of this process with no
-    network (a node's setup process: node_setup), gives its value (or the exception
-    it failed with), then stops the runner: the process has one thread again and may
-    fork; the first task a child makes starts a fresh runtime."""
+    network (a node's setup process: node_setup; ``Pycos().dest_path`` is
+    ``dest_path``, and anything that needs the network fails), gives its value (or
+    the exception it failed with), then stops the runner: the process has one thread
+    again and may fork; the first task a child makes starts a fresh runtime.
+    ``alive()``, if given, is asked every half second; False gives up the wait
+    (None, the task left as it is)."""
     global _runner
+    pycos = Pycos()
+    if dest_path:
+        pycos.dest_path = dest_path
+    pycos._no_network = 'this process has no network (node_setup)'
     try:
-        return Task(func, *args).value()
+        task = Task(func, *args)
+        for _ in itertools.count():
+            value = task.value(0.5)
+            if task._done:
+                return value
+            if alive is not None and not alive():
+                return None
     finally:
         runner = _runner
         if runner is not None:
@@ -1858,7 +1871,11 @@ class Pycos:
     def peers(self):
         return self._peers if self._peers is not None else self._start_network()
 
+    _no_network = None          # why this process may not have one (run_without_network)
+
     def _start_network(self):
+        if self._no_network:
+            raise RuntimeError(self._no_network)
         with Pycos._lock:
             if self._peers is None:
                 node = self._node
@@ -2315,26 +2332,41 @@ class DispycosNodeAllocate:
     ``platform`` (a regular expression searched in the node's platform string, case
     ignored), and the least ``cpus``, ``memory`` and ``disk`` it must have.
     ``allocate()`` may be overridden (in a private scheduler): a positive number of
-    servers to use, 0 not to use the node, negative to try the next allocation."""
+    servers to use, 0 not to use the node, negative to try the next allocation.
 
-    def __init__(self, node='*', platform='', cpus=0, memory=0, disk=0, **_ignored):
+    ``cpus``: positive, at least that many servers (that many used); negative, that
+    many fewer than the node has (4.12); 0 given explicitly makes it a rule that
+    leaves out the nodes it matches (4.12's ``DispycosNodeAllocate('*',
+    platform='Windows', cpus=0)``: a node of another platform goes to the next
+    rule).  A node no rule takes is not used, unless every rule is such an
+    exclusion."""
+
+    def __init__(self, node='*', platform='', cpus=None, memory=0, disk=0, **_ignored):
         self.node = node if node else '*'
         self.ip_rex = _address_pattern(self.node)
         self.platform = platform or ''
-        self.cpus, self.memory, self.disk = int(cpus or 0), int(memory or 0), int(disk or 0)
+        self.cpus = None if cpus is None else int(cpus)
+        self.memory, self.disk = int(memory or 0), int(disk or 0)
+
+    @property
+    def excludes(self):
+        """True for a rule that only leaves nodes out (cpus=0)."""
+        return self.cpus == 0
 
     def allocate(self, ip_addr, name, platform, cpus, memory, disk):
         if not re.match(self.ip_rex + '$', ip_addr):
             return -1
         if self.platform and not re.search(self.platform, platform or '', re.IGNORECASE):
-            return 0
+            return -1 if self.excludes else 0
         if self.memory and memory is not None and memory < self.memory:
             return 0
         if self.disk and disk is not None and disk < self.disk:
             return 0
+        if not self.cpus:
+            return 0 if self.excludes else cpus
         if self.cpus > 0:
             return self.cpus if cpus >= self.cpus else 0
-        return cpus
+        return max(0, cpus + self.cpus)
 
     def __reduce__(self):
         return (DispycosNodeAllocate, (self.node, self.platform, self.cpus, self.memory,
@@ -2402,7 +2434,8 @@ class _NodeState:
         self.allocated = 0
         self.reserving = False      # node.reserve sent, not answered yet
         self.initialized = False    # reserved and set up: its servers may be taken
-        self.enable_args = None     # enable_node's arguments, come before the reserve's end
+        self.enable_args = None     # node_setup's arguments once enabled (set up when
+                                    # reserved: enable_node may come first)
 
 
 class _ComputationState:
@@ -2530,7 +2563,9 @@ class Scheduler:
             if cpus is None or cpus < 0:
                 continue
             return min(int(cpus), servers)
-        return servers if not allocations else 0
+        if all(getattr(alloc, 'excludes', False) for alloc in allocations):
+            return servers          # no rule but exclusions left it out
+        return 0
 
     def _reserve(self, comp, node):
         if node.location in comp.failed_nodes:
@@ -2566,20 +2601,15 @@ class Scheduler:
         if not comp.needs_node_setup():
             self._initialized(comp, node, value)
         elif not comp.spec.get('disable_nodes'):
-            self._setup_node(comp, node, ())
+            node.enable_args = pickle.dumps((), BLOB_PROTOCOL)
+            self._setup_node(comp, node, node.enable_args)
         elif node.enable_args is not None:      # enable_node came first
             self._setup_node(comp, node, node.enable_args)
 
-    def _setup_node(self, comp, node, args):
+    def _setup_node(self, comp, node, args_blob):
         """node_setup(*args) at the node (in a process of its own, which then makes
         the node's servers for the computation); then its servers are taken."""
-        node.enable_args = ()
-        try:
-            blob = pickle.dumps(tuple(args), BLOB_PROTOCOL)
-        except Exception as exc:
-            logger.warning('enable_node(%s): arguments not picklable: %s', node.location, exc)
-            return
-        self.peers.call_back(node.location, 'node.setup', (comp.id, blob),
+        self.peers.call_back(node.location, 'node.setup', (comp.id, args_blob),
                              lambda ok, value: self._node_set_up(comp, node, ok, value))
 
     def _node_set_up(self, comp, node, ok, value):
@@ -2932,14 +2962,19 @@ class Scheduler:
         addr = dispy.resolve_host(str(addr)) or str(addr)
         if comp is None or comp.closed:
             return -1
+        try:
+            blob = pickle.dumps(tuple(args), BLOB_PROTOCOL)
+        except Exception as exc:
+            raise TypeError('enable_node(%s): the arguments could not be pickled: %s: %s'
+                            % (addr, type(exc).__name__, exc)) from None
         enabled = 0
         for node in self.nodes.values():
-            if node.location.addr != addr or node.computation != comp_id or node.initialized:
+            if node.location.addr != addr or node.computation != comp_id or \
+                    node.enable_args is not None:   # (a second enable_node: -1)
                 continue
-            if node.reserving:
-                node.enable_args = tuple(args)
-            elif node.enable_args is None:
-                self._setup_node(comp, node, args)
+            node.enable_args = blob
+            if not node.reserving:
+                self._setup_node(comp, node, blob)
             enabled += 1
         return 0 if enabled else -1
 
@@ -3145,6 +3180,9 @@ class Computation:
         self.id = uuid.uuid4().hex
         self._components = {}       # name -> the object, for run's function references
         sources, files = [], []
+        if (disable_nodes or disable_servers) and status_task is None:
+            raise ValueError('disable_nodes / disable_servers need a status_task (it '
+                             'enables them: enable_node / enable_server)')
         for setup, what in ((node_setup, 'node_setup'), (server_setup, 'server_setup')):
             if setup is not None and not inspect.isgeneratorfunction(setup):
                 raise ValueError('%s must be a generator function, not %r' % (what, setup))

@@ -52,12 +52,14 @@ import linecache
 import os
 import pickle
 import platform
+import select
 import selectors
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import types
 
 import dispy
@@ -348,18 +350,39 @@ def setup_main():
         args = pickle.loads(base64.b64decode(config['args']))
         sys.modules['__main__'] = module
         value = dispycos.run_without_network(module.__dict__[config['spec']['node_setup']],
-                                             *args)
+                                             args, config['node_dir'], _stdin_open)
     except Exception as exc:
         value = '%s: %s' % (type(exc).__name__, exc)
+    if not _stdin_open():               # the node let go (or died) during node_setup
+        _end_group()
     if value != 0:
         say('SETUP ' + ' '.join(('node_setup gave %r' % (value,))[:1000].split()))
-        os._exit(0)
+        _end_group()
     say('SETUP 0')
     _fork_servers(config, module, control, say)
 
 
+def _stdin_open():
+    """False once the node closed the setup process's stdin (or died); nothing else
+    comes before "SETUP 0" is said."""
+    readable, _w, _x = select.select([0], [], [], 0)
+    return not readable or bool(os.read(0, 4096))
+
+
+def _end_group():
+    """Ends the setup process and whatever is left in its process group (programs
+    node_setup or the tasks started)."""
+    try:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
 def _say(fd, line):
-    os.write(fd, (line + '\n').encode())
+    try:
+        os.write(fd, (line + '\n').encode())
+    except OSError:                     # the node is gone: its end comes by stdin
+        pass
 
 
 def _fork_servers(config, module, control, say):
@@ -391,9 +414,7 @@ def _fork_servers(config, module, control, say):
     while children and time.monotonic() < deadline:
         _reap(children, say)
         time.sleep(0.05)
-    for pid in children:
-        _kill(pid, signal.SIGKILL)
-    os._exit(0)
+    _end_group()
 
 
 def _reap(children, say):
@@ -428,12 +449,12 @@ def _forked_server(config, module, index, port, control, parent):
                       preloaded=(config['computation'], module))
         _say(control, 'READY %d %d' % (index, pycos.location.port))
         os.close(control)
-        for _ in itertools.count():
-            if os.getppid() != parent:
-                break
-            time.sleep(1)
-    finally:
-        os._exit(0)
+    except BaseException:
+        traceback.print_exc()           # (the node's stderr)
+        os._exit(1)
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 # ================================================================================
@@ -457,10 +478,7 @@ class _ServerProcess:
         self.epoch = 0              # suspensions so far: a watcher of an older one is done
 
     def start(self):
-        here = os.path.dirname(os.path.abspath(__file__))
-        code = 'import sys; sys.path.insert(0, %r); import dispycosnode; ' \
-               'dispycosnode.server_main()' % here
-        self.proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(_child_command('server_main'), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=self.node.dir,
                                      start_new_session=True)
         config = dict(self.node.server_config, port=self.port, index=self.index)
@@ -536,7 +554,8 @@ class _SetupProcess:
         self.proc = None
         self.stopping = False
         self.stop_lock = threading.Lock()   # stop() once (its failed start, the release)
-        self.forked = set()         # indexes whose server started once
+        self.started = set()        # indexes whose server started once
+        self.failures = collections.Counter()   # forks in a row that never said READY
 
     def start(self):
         """Runs node_setup (blocking: a thread of its own); the servers' locations,
@@ -563,11 +582,8 @@ class _SetupProcess:
             raise
 
     def _spawn(self):
-        here = os.path.dirname(os.path.abspath(__file__))
-        code = 'import sys; sys.path.insert(0, %r); import dispycosnode; ' \
-               'dispycosnode.setup_main()' % here
         out_r, out_w = os.pipe()
-        self.proc = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen(_child_command('setup_main'), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd=self.node.dir,
                                      pass_fds=(out_w,), start_new_session=True)
         os.close(out_w)
@@ -588,6 +604,8 @@ class _SetupProcess:
     def _fork(self, slot):
         self._write('FORK %d %d' % (slot.index, slot.port))
 
+    FORK_TRIES = 5          # forks in a row that fail to start before one gives up
+
     def _read_control(self):
         for raw in iter(self.proc.stdout.readline, b''):
             words = raw.decode(errors='replace').split()
@@ -598,16 +616,35 @@ class _SetupProcess:
             if words[0] == 'READY':
                 slot.location = Location(self.node.location.addr, int(words[2]))
                 slot.ready.set()
-                if slot.index in self.forked:
+                self.failures[slot.index] = 0
+                if slot.index in self.started:
                     self.node.pycos._runner.post(self.node.server_restarted, slot)
-                self.forked.add(slot.index)
+                self.started.add(slot.index)
             elif words[0] == 'EXIT':
-                slot.ready.clear()
-                if not self.stopping:
-                    (logger.info if words[2] == '0' else logger.warning)(
-                        'server %s ended (exit status %s); forking a new one',
-                        slot.location, words[2])
-                    self._fork(slot)
+                self._server_ended(slot, words[2])
+        if not self.stopping:           # it died: the computation ends on this node
+            for slot in self.slots.values():
+                slot.ready.clear()      # (its servers exit: their parent is gone)
+            logger.warning('the setup process of computation %s ended (exit status %s)',
+                           self.comp_id[:8], self.proc.wait())
+            self.node.pycos._runner.post(self.node.setup_lost, self)
+
+    def _server_ended(self, slot, status):
+        """A forked server ended: another is forked (after a pause that grows while
+        they fail to start, up to FORK_TRIES)."""
+        slot.ready.clear()
+        if self.stopping:
+            return
+        self.failures[slot.index] += 1          # back to 0 at its READY
+        tries = self.failures[slot.index]
+        if tries > self.FORK_TRIES:
+            logger.warning('server %d of computation %s failed to start %d times: not '
+                           'forked again', slot.index, self.comp_id[:8], self.FORK_TRIES)
+            return
+        (logger.info if status == '0' else logger.warning)(
+            'server %s ended (exit status %s); forking a new one', slot.location, status)
+        time.sleep(0.5 * (tries - 1))           # (this reader's own thread)
+        self._fork(slot)
 
     def stop(self):
         """Ends the setup process and its servers; the node's own servers return
@@ -619,16 +656,25 @@ class _SetupProcess:
 
     def _stop(self):
         proc = self.proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None:
             try:
                 proc.stdin.close()
                 proc.wait(10)
             except (OSError, subprocess.TimeoutExpired):
-                _kill_group(proc.pid)       # its servers are in its process group
-                proc.wait(5)
+                pass
+            # its servers and what node_setup or tasks started are in its group
+            _kill_group(proc.pid)
+            proc.wait(5)
         if not self.node.quitting:
             for slot in self.slots.values():
                 slot.resume()
+
+
+def _child_command(entry):
+    """The command line of a child process of the node: this file's ``entry()``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [sys.executable, '-c', 'import sys; sys.path.insert(0, %r); import dispycosnode; '
+            'dispycosnode.%s()' % (here, entry)]
 
 
 def _kill_group(pgid):
@@ -667,6 +713,7 @@ class Node:
         self.comp_spec = None       # its servers' part of the computation
         self.comp_cpus = 0
         self.setup = None           # its _SetupProcess (node_setup), if any
+        self.setups_ending = set()  # _SetupProcesses giving their servers back
         self.waiting = set()        # schedulers refused while busy
         self.ending = False         # _end_computation under way
         self.ended_here = set()     # computations its operator closed (not taken back)
@@ -817,10 +864,18 @@ class Node:
         except Exception as exc:
             if self.setup is setup:
                 self.setup = None
-            logger.warning('computation %s not served: %s', self.comp[0][:8] if self.comp
-                           else '?', exc)
+            if setup.stopping:          # released (or the node quits) during node_setup
+                logger.info('computation %s: node_setup given up', setup.comp_id[:8])
+            else:
+                logger.warning('computation %s not served: %s', setup.comp_id[:8], exc)
             raise TaskError('node_setup at %s: %s' % (self.location, exc)) from None
         return servers
+
+    def setup_lost(self, setup):
+        """The setup process died: the computation ends on this node (its
+        scheduler told); the node's own servers come back."""
+        if setup is self.setup:
+            self._end_computation('its node_setup process ended')
 
     def _op_release(self, caller, comp_id):
         if self.comp is not None and self.comp[0] == comp_id:
@@ -835,14 +890,17 @@ class Node:
         comp_id = self.comp[0]
         if close_servers:
             for server in self.servers:
-                if server.location is not None:
+                if server.location is not None and server.ready.is_set():
                     self.pycos.peers.notify(server.location, 'server.close', (comp_id,))
         self._remove_files()
         self.comp_spec = None
         setup, self.setup = self.setup, None
         if setup is not None:       # its servers end; the node's own come back, then free
+            self.setups_ending.add(setup)
+
             def give_back():
                 setup.stop()
+                self.setups_ending.discard(setup)
                 self.pycos._runner.post(self._released, comp_id)
             threading.Thread(target=give_back, daemon=True, name='dispycos-setup-end').start()
         else:
@@ -897,6 +955,8 @@ class Node:
         return '\n'.join(lines)
 
     def _server_status(self, server):
+        if server.suspended and not server.ready.is_set():
+            return 'lent to the computation\'s node_setup process'
         if server.location is None:
             return 'not started'
         value = self.pycos.peers.call_blocking(server.location, 'server.status', (), 5)
@@ -945,8 +1005,9 @@ class Node:
                     break
                 time.sleep(0.2)
         self.quitting = True
-        if self.setup is not None:
-            self.setup.stop()
+        for setup in [self.setup] + list(self.setups_ending):
+            if setup is not None:
+                setup.stop()
         for server in self.servers:
             server.stop()
         self.discovery.close()

@@ -39,7 +39,7 @@ def compute(lo, hi, task=None):
     return (task.location.addr, len(data), sum(picked))
 
 
-def node_available(avail_info, computation, folder, expected, task=None):
+def node_available(avail_info, folder, expected, task=None):
     """At the client: makes the node its data file, sends it, then lets node_setup
     run there with the file's name."""
     addr = avail_info.location.addr
@@ -57,13 +57,13 @@ def node_available(avail_info, computation, folder, expected, task=None):
     return 0
 
 
-def status_proc(computation, folder, expected, ready, task=None):
+def status_proc(folder, expected, ready, task=None):
     task.set_daemon()
     for _ in iter(int, 1):
         msg = yield task.receive()
         if isinstance(msg, DispycosStatus):
             if msg.status == Scheduler.NodeDiscovered:
-                pycos.Task(node_available, msg.info, computation, folder, expected)
+                pycos.Task(node_available, msg.info, folder, expected)
             elif msg.status == Scheduler.NodeInitialized:
                 print('node %s set up' % msg.info.location.addr)
             elif msg.status == Scheduler.ServerInitialized:
@@ -72,10 +72,7 @@ def status_proc(computation, folder, expected, ready, task=None):
             print('a task failed: %s' % (msg.value,))
 
 
-def client_proc(computation, nnodes, task=None):
-    folder = tempfile.mkdtemp(prefix='client9-')
-    expected, ready = {}, set()
-    computation.status_task = pycos.Task(status_proc, computation, folder, expected, ready)
+def client_proc(nnodes, folder, expected, ready, task=None):
     if (yield computation.schedule()):
         raise Exception('the computation could not be scheduled')
     for _ in range(200):                # until the nodes are set up (at most 20 s)
@@ -106,7 +103,13 @@ def part_at(computation, addr, lo, hi, task=None):
 if __name__ == '__main__':
     import sys
     Scheduler()
+    folder = tempfile.mkdtemp(prefix='client9-')
+    expected, ready = {}, set()     # each node's data total; the nodes set up
+    # node_setup needs os.fork: Windows nodes are left out (cpus=0: not used)
     computation = Computation([compute], node_setup=node_setup, disable_nodes=True,
-                              node_allocations=[DispycosNodeAllocate('*', platform='Linux')])
+                              status_task=pycos.Task(status_proc, folder, expected, ready),
+                              node_allocations=[DispycosNodeAllocate('*', platform='Windows',
+                                                                     cpus=0)])
     # how many nodes to wait for: the first argument, else 2
-    pycos.Task(client_proc, computation, int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    pycos.Task(client_proc, int(sys.argv[1]) if len(sys.argv) > 1 else 2, folder, expected,
+               ready)

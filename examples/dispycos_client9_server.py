@@ -35,7 +35,7 @@ def compute(task=None):
     return sum(data)
 
 
-def server_available(location, folder, totals, computation, task=None):
+def server_available(location, folder, totals, task=None):
     """At the client: a file for this server, sent there, then the server enabled."""
     path = os.path.join(folder, 'part-%s-%s.txt' % (location.addr, location.port))
     values = [random.randrange(1000) for _ in range(500)]
@@ -51,21 +51,18 @@ def server_available(location, folder, totals, computation, task=None):
     return 0
 
 
-def status_proc(computation, folder, totals, ready, task=None):
+def status_proc(folder, totals, ready, task=None):
     task.set_daemon()
     for _ in iter(int, 1):
         msg = yield task.receive()
         if isinstance(msg, DispycosStatus):
             if msg.status == Scheduler.ServerDiscovered:
-                pycos.Task(server_available, msg.info, folder, totals, computation)
+                pycos.Task(server_available, msg.info, folder, totals)
             elif msg.status == Scheduler.ServerInitialized:
                 ready.append(msg.info)
 
 
-def client_proc(computation, nservers, task=None):
-    folder = tempfile.mkdtemp(prefix='client9s-')
-    totals, ready = {}, []
-    computation.status_task = pycos.Task(status_proc, computation, folder, totals, ready)
+def client_proc(nservers, folder, totals, ready, task=None):
     if (yield computation.schedule()):
         raise Exception('the computation could not be scheduled')
     for _ in range(200):                # until the servers are set up (at most 20 s)
@@ -82,6 +79,10 @@ def client_proc(computation, nservers, task=None):
 if __name__ == '__main__':
     import sys
     Scheduler()
-    computation = Computation([compute], server_setup=server_setup, disable_servers=True)
+    folder = tempfile.mkdtemp(prefix='client9s-')
+    totals, ready = {}, []          # each server's data total; the servers set up
+    computation = Computation([compute], server_setup=server_setup, disable_servers=True,
+                              status_task=pycos.Task(status_proc, folder, totals, ready))
     # how many servers to wait for (all the nodes' CPUs): the first argument, else 2
-    pycos.Task(client_proc, computation, int(sys.argv[1]) if len(sys.argv) > 1 else 2)
+    pycos.Task(client_proc, int(sys.argv[1]) if len(sys.argv) > 1 else 2, folder, totals,
+               ready)

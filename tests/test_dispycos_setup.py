@@ -21,6 +21,12 @@ Classes:
     NodeKilledTest      kill -9 of a node running a node_setup computation: its setup
                         process and forked servers end, the client's task there ends
                         with PeerLost, the other node goes on
+    SetupProcessFaultTest  node_setup hangs: the client closes (the setup process and a
+                        program it started end at once, no warning, the node's own
+                        server back; node_setup saw no network and the node's folder
+                        as dest_path); the node is killed (both end); the setup process
+                        is killed after setup (the task there: PeerLost; own server back)
+    AllocationRulesTest DispycosNodeAllocate rules (the seed's, and 4.12's cpus=0)
     AvailabilityTest    a node with psutil: DispycosNodeAvailInfo every pulse_interval
 
 check_client9_node / check_client9_server are also tests/test_dispycos_lan.py's.
@@ -31,11 +37,13 @@ import signal
 import unittest
 
 try:
+    from tests import support
     from tests.test_dispycos import (Client, DispycosNode, NODE_A, NODE_B, NodePairCase,
                                      client_env, descendants, stop_checked, wait_gone,
                                      wait_until, EXAMPLES)
     from tests.test_dispycos_httpd import psutil_python
 except ImportError:                         # run from inside tests/
+    import support
     from test_dispycos_httpd import psutil_python
     from test_dispycos import (Client, DispycosNode, NODE_A, NODE_B, NodePairCase,
                                client_env, descendants, stop_checked, wait_gone,
@@ -177,6 +185,8 @@ def enable(computation, task=None):
     for addr in sorted(nodes):
         emit('enabled', [addr, (yield computation.enable_node(addr, addr == GOOD))])
     emit('unknown', (yield computation.enable_node('127.0.0.99')))
+    emit('again', (yield computation.enable_node(GOOD, True)))       # enabled already
+    emit('unpicklable', type((yield computation.enable_node(GOOD, lambda: 0))).__name__)
     for _ in range(300):                # node_setup runs (and fails at one node)
         if len((yield computation.servers())) >= 2 and len(SEEN) >= 2:
             break
@@ -278,6 +288,8 @@ class NodeSetupTest(NodePairCase):
         records = client.records()
         self.assertEqual(sorted(records['enabled']), [[NODE_A, 0], [NODE_B, 0]], out)
         self.assertEqual(client.record('unknown'), -1, out)
+        self.assertEqual(client.record('again'), -1, out)
+        self.assertEqual(client.record('unpicklable'), 'TypeError', out)
         statuses = records['status']
         self.assertIn(['NodeInitialized', NODE_A], statuses, out)
         self.assertNotIn(['NodeInitialized', NODE_B], statuses, out)
@@ -367,6 +379,177 @@ class NodeKilledTest(unittest.TestCase):
         self.assertEqual(client.record('lost'), 'PeerLost', client.output())
         self.assertEqual(client.record('other'), 'int', client.output())
         stop_checked(nodes[1])
+
+
+HANGING_CLIENT = '''
+def node_setup(task=None):
+    import os, subprocess
+    import pycos
+    child = subprocess.Popen(['sleep', '1234'])     # a program node_setup starts
+    try:
+        pycos.Pycos().location
+        network = 'up'
+    except RuntimeError as exc:
+        network = str(exc)
+    print('SETUP RUNNING %d %d %s %s' % (os.getpid(), child.pid, pycos.Pycos().dest_path,
+                                         network), flush=True)
+    yield task.sleep(3600)
+    return 0
+
+
+def client_proc(computation, go_file, task=None):
+    if (yield computation.schedule()):
+        raise Exception('not scheduled')
+    for _ in range(600):                # until the test says so (at most 60 s)
+        if os.path.exists(go_file):
+            break
+        yield task.sleep(0.1)
+    emit('closing', time.time())
+    yield computation.close()
+    emit('closed', time.time())
+
+
+import os
+pycos.Scheduler()
+pycos.Task(client_proc, pycos.Computation([node_setup], node_setup=node_setup), sys.argv[1])
+'''
+
+LOST_SETUP_CLIENT = '''
+def node_setup(task=None):
+    yield task.sleep(0)
+    return 0
+
+
+def hold(seconds, task=None):
+    import os
+    yield task.sleep(seconds)
+    return os.getpid()
+
+
+def pid(task=None):
+    import os
+    yield task.sleep(0)
+    return [os.getpid(), os.getppid()]
+
+
+def client_proc(computation, addr, task=None):
+    if (yield computation.schedule()):
+        raise Exception('not scheduled')
+    for _ in range(300):
+        if addr in [s.addr for s in (yield computation.servers())]:
+            break
+        yield task.sleep(0.1)
+    emit('pid', (yield computation.run_result_at(addr, pid)))
+    value = yield computation.run_result_at(addr, hold, 60)    # the test kills its parent
+    emit('lost', type(value).__name__)
+    yield computation.close()
+
+
+pycos.Scheduler()
+pycos.Task(client_proc, pycos.Computation([hold, pid], node_setup=node_setup), sys.argv[1])
+'''
+
+
+def setup_line(node, timeout=30):
+    """The 'SETUP RUNNING pid child dest network' line node_setup prints (relayed)."""
+    wait_until(lambda: 'SETUP RUNNING' in node.stdout(), timeout)
+    for line in node.stdout().splitlines():
+        if line.startswith('SETUP RUNNING '):
+            words = line.split(None, 5)
+            return int(words[2]), int(words[3]), words[4], words[5]
+    raise AssertionError('node_setup did not start\n' + node.output())
+
+
+class SetupProcessFaultTest(unittest.TestCase):
+    """The setup process while node_setup runs (it hangs here) and after: the node
+    letting go of it, the node dying, the setup process dying."""
+
+    timeout = 90
+
+    def node(self, ip=NODE_A):
+        node = DispycosNode(ip, cpus=1)
+        self.addCleanup(node.stop)
+        node.start()
+        return node
+
+    def test_close_during_node_setup(self):
+        node = self.node()
+        own = descendants(node.proc.pid)
+        go = os.path.join(support.temp_folder(self), 'go')
+        client = Client(self, None, client_env([node.location]), [go], HANGING_CLIENT)
+        setup_pid, child, dest, network = setup_line(node)
+        self.assertEqual(network, 'this process has no network (node_setup)')
+        self.assertEqual(os.path.realpath(dest), os.path.realpath(os.path.join(
+            node.dest, 'dispycos', '%s_%d' % (node.addr, node.announced_port))))
+        self.assertNotIn(own[0], descendants(node.proc.pid))    # its server lent
+        open(go, 'w').close()
+        client.finish(30)
+        self.assertEqual(wait_gone([setup_pid, child], 10), [], node.output())
+        # its own server back, and nothing else of the computation's
+        self.assertTrue(wait_until(lambda: len(descendants(node.proc.pid)) == 1, 15),
+                        descendants(node.proc.pid))
+        self.assertIn('node_setup given up', node.stderr(), node.output())
+        self.assertNotIn('not served', node.stderr(), node.output())  # not a failure
+
+    def test_node_killed_during_node_setup(self):
+        node = self.node()
+        go = os.path.join(support.temp_folder(self), 'go')
+        Client(self, None, client_env([node.location]), [go], HANGING_CLIENT)
+        setup_pid, child, _dest, _network = setup_line(node)
+        node.proc.send_signal(signal.SIGKILL)
+        node.proc.wait(10)
+        self.assertEqual(wait_gone([setup_pid, child], 10), [])
+
+    def test_setup_process_killed(self):
+        node_a, node_b = self.node(NODE_A), self.node(NODE_B)
+        client = Client(self, None, client_env([node_a.location, node_b.location]), [NODE_A],
+                        LOST_SETUP_CLIENT)
+        pids = client.wait_record('pid', 40)
+        self.assertIsNotNone(pids, client.output())
+        server_pid, setup_pid = pids
+        self.assertIn(setup_pid, descendants(node_a.proc.pid))
+        os.kill(setup_pid, signal.SIGKILL)
+        client.finish(40)
+        self.assertEqual(client.record('lost'), 'PeerLost', client.output())
+        self.assertEqual(wait_gone([server_pid], 10), [])
+        self.assertIn('setup process of computation', node_a.stderr())
+        # the node's own server is back
+        self.assertTrue(wait_until(lambda: len(descendants(node_a.proc.pid)) == 1, 15),
+                        node_a.output())
+
+
+class AllocationRulesTest(unittest.TestCase):
+    """DispycosNodeAllocate lists as the scheduler applies them (pure logic): the
+    seed's filters and 4.12's exclusion idiom (cpus=0) both hold."""
+
+    timeout = 10
+
+    def servers_for(self, allocations, addr='10.1.2.3', platform='Linux-6.1-x86_64'):
+        import types
+        import dispycos
+        comp = types.SimpleNamespace(spec={'node_allocations': allocations})
+        node = types.SimpleNamespace(location=dispycos.Location(addr, 9706), info={
+            'name': 'n', 'platform': platform, 'servers': [1, 2, 3, 4],
+            'avail': {'memory': 1 << 30, 'disk': 1 << 30}})
+        return dispycos.Scheduler._allocation(None, comp, node)
+
+    def test_rules(self):
+        from dispycos import DispycosNodeAllocate as Alloc
+        self.assertEqual(self.servers_for([]), 4)
+        self.assertEqual(self.servers_for([Alloc('*', platform='Linux')]), 4)
+        self.assertEqual(self.servers_for([Alloc('*', platform='Windows')]), 0)
+        self.assertEqual(self.servers_for([Alloc('10.1.*')]), 4)
+        self.assertEqual(self.servers_for([Alloc('10.9.*')]), 0)        # no rule took it
+        self.assertEqual(self.servers_for([Alloc('10.1.*', cpus=2)]), 2)
+        self.assertEqual(self.servers_for([Alloc('10.1.*', cpus=8)]), 0)
+        self.assertEqual(self.servers_for([Alloc('10.1.*', cpus=-1)]), 3)  # 4.12
+        self.assertEqual(self.servers_for([Alloc('*', memory=1 << 40)]), 0)
+        # 4.12's client9: leave Windows out (cpus=0), use the rest
+        windows_out = [Alloc('*', platform='Windows', cpus=0)]
+        self.assertEqual(self.servers_for(windows_out), 4)
+        self.assertEqual(self.servers_for(windows_out, platform='Windows-10'), 0)
+        # first rule that decides wins
+        self.assertEqual(self.servers_for([Alloc('10.9.*', cpus=1), Alloc('*', cpus=2)]), 2)
 
 
 AVAIL_CLIENT = '''
