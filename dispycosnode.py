@@ -677,9 +677,10 @@ def _child_command(entry):
             'dispycosnode.%s()' % (here, entry)]
 
 
-def _kill_group(pgid):
+def _kill_group(leader):
+    """Kills the process group of ``leader`` (a child started in a session of its own)."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(leader, signal.SIGKILL)
     except OSError:
         pass
 
@@ -911,7 +912,7 @@ class Node:
         to the node); the servers' folders are theirs to empty."""
         dispy.empty_folder(self.dir, keep={'dispycosproc-%d' % s.index for s in self.servers})
 
-    def giving_back(self):
+    def is_giving_back(self):
         """True while a released computation's setup process hands the servers back."""
         return self.comp is not None and self.comp_spec is None
 
@@ -1050,7 +1051,7 @@ class _NodeDiscovery:
     def tell(self, location):
         """Makes this node known to the scheduler at ``location`` (runner thread);
         while the node gets its servers back from a setup process, once it has."""
-        if self.node.giving_back():
+        if self.node.is_giving_back():
             self.node.waiting.add(location)
         elif self.node.accepting and self.node.in_window:
             self.node.pycos.peers.call_back(location, 'sched.node_here', (self.node.info(),),
