@@ -3415,7 +3415,14 @@ class HTTPServer:
         return self._server.status_task
 
     def shutdown(self, wait=True):
-        self._server.shutdown(wait)
+        """Stops serving (with ``wait``, after a polling browser's next poll).  Called
+        from a task it returns at once and the wait happens in a thread of its own
+        (the process stays until it is over), so no task is held up."""
+        if wait and current_task() is not None:
+            threading.Thread(target=self._server.shutdown, args=(True,),
+                             name='dispycos-httpd-shutdown').start()
+        else:
+            self._server.shutdown(wait)
 
     def __getattr__(self, name):        # port, token, urls(), show_task_args ...
         if name == '_server':

@@ -37,13 +37,15 @@ Where dispycos's data comes from: only the computation's status messages::
     dispycos scheduler  DispycosStatus (nodes, servers, TaskCreated) and MonitorStatus
           │             (a task ended), sent to the computation's status_task
           ▼
-    DispycosHTTPServer.status_task  a daemon dispycos Task (the runner thread,
-          │             pycos-tasks): each message updates the ComputationMonitor, then
-          │             goes on, as it came, to the status task the client had given
-          ▼             the computation (if any)
+    the computation's status task: DispycosHTTPServer.status_task (a daemon dispycos
+          │             Task, the runner thread pycos-tasks: each message updates the
+          │             ComputationMonitor), or, if the program gave the computation a
+          │             status task of its own, a chaining task that updates the
+          ▼             monitor and then passes the message on to that one
     ComputationMonitor  nodes by address, their servers by location, each server's
-          ▲             running tasks (Task references, TaskInfo); its own lock
-          │ snapshot (the lock only); task arguments become text when a page asks
+          ▲             running tasks (Task references, their arguments' text made when
+          │             they started, while shown); its own lock
+          │ snapshot (the lock only)
     DispycosHTTPServer  /api/cluster, /api/node, /api/server, POST /api/terminate
                         (Task.terminate(): for any thread, a notice the runner sends)
                         and /api/settings; served by MonitorHTTPServer as dispy's
@@ -1126,21 +1128,23 @@ class DispyHTTPServer(WebMonitor):
 
 MAX_TASKS_SHOWN = 1000      # running tasks of one server sent to the page
 MAX_ARGS_SHOWN = 20         # arguments (and as many keyword arguments) shown per task
+MAX_TASK_TEXT = 4000        # characters of one task's arguments kept, in all
 FINISHED_KEPT = 100000      # keys of ended tasks remembered (a late duplicate is ignored)
 
 
 class _RunningTask:
-    """A remote task as the monitor shows it: the Task reference, its TaskInfo (whose
-    arguments are unpickled and turned to text only when a page asks for them)."""
+    """A remote task as the monitor shows it: the Task reference and the text of its
+    arguments (made on the runner thread when it started, if arguments are shown
+    then; the arguments themselves are not kept)."""
 
-    __slots__ = ('task', 'info', 'name', 'start_time', 'texts')
+    __slots__ = ('task', 'name', 'start_time', 'texts')
 
-    def __init__(self, task, info):
-        self.task, self.info = task, info
+    def __init__(self, task, info, texts):
+        self.task = task
         self.name = str(task.name)
         start = getattr(info, 'start_time', None)
         self.start_time = start if isinstance(start, (int, float)) else time.time()
-        self.texts = None           # ([arg text], {name: text}), made once, when shown
+        self.texts = texts          # ([arg text], {name: text}), or None: not kept
 
 
 class _ServerFigures:
@@ -1194,6 +1198,7 @@ class ComputationMonitor:
         self.cos = dispycos             # the dispycos module (status names, classes)
         self.computation_id = computation_id
         self.lock = threading.Lock()
+        self.keep_args = True           # make the text of new tasks' arguments
         self.nodes = {}                 # address -> _CosNodeFigures
         self.servers = {}               # location text -> _ServerFigures
         self.finished = collections.OrderedDict()   # keys of tasks counted as done
@@ -1222,7 +1227,8 @@ class ComputationMonitor:
             if handler is not None:
                 handler(msg.status, msg.info)
         elif isinstance(msg, cos.MonitorStatus):
-            if isinstance(msg.info, cos.Task):
+            # (a task of this program that the status task monitors is not ours)
+            if isinstance(msg.info, cos.Task) and msg.info._remote is not None:
                 self._task_ended(msg.info, msg.type)
         elif isinstance(msg, cos.DispycosNodeAvailInfo):
             self._node(None, msg)
@@ -1259,12 +1265,13 @@ class ComputationMonitor:
         if not isinstance(task, self.cos.Task):
             return
         key, location = _task_key(task), task.location
+        texts = _argument_texts(info) if self.keep_args else None
         with self.lock:
             if key in self.finished:
                 return                  # its end came first: counted then
             server = self._server_at(str(location), str(location.addr))
             if key not in server.running:
-                server.running[key] = _RunningTask(task, info)
+                server.running[key] = _RunningTask(task, info, texts)
                 server.submitted += 1
                 self.submitted += 1
 
@@ -1366,16 +1373,24 @@ def shown_str(value):
 
 def _argument_texts(info):
     """([text of each argument], {name: text}) of a TaskInfo, at most MAX_ARGS_SHOWN
-    of each (reading ``args`` unpickles them, the first time)."""
+    of each and about MAX_TASK_TEXT characters in all (reading ``args`` unpickles
+    them)."""
     try:
         args, kwargs = tuple(info.args), dict(info.kwargs)
     except Exception as exc:
         return ['<arguments not readable: %s>' % shown_str(exc)], {}
-    texts = [shown_str(a) for a in args[:MAX_ARGS_SHOWN]]
+    budget = [MAX_TASK_TEXT]
+
+    def text(value, limit=None):
+        shown = shown_str(value)[:limit]
+        if len(shown) > budget[0]:
+            shown = shown[:max(0, budget[0])] + '...'
+        budget[0] -= len(shown)
+        return shown
+    texts = [text(a) for a in args[:MAX_ARGS_SHOWN]]
     if len(args) > MAX_ARGS_SHOWN:
         texts.append('... (%d more)' % (len(args) - MAX_ARGS_SHOWN))
-    named = {shown_str(k)[:100]: shown_str(v)
-             for k, v in itertools.islice(kwargs.items(), MAX_ARGS_SHOWN)}
+    named = {text(k, 100): text(v) for k, v in itertools.islice(kwargs.items(), MAX_ARGS_SHOWN)}
     return texts, named
 
 
@@ -1386,11 +1401,14 @@ def _argument_texts(info):
 class DispycosHTTPServer(WebMonitor):
     """The dispycos web monitor of one computation (seed 003 §6.8; ``dispycos.HTTPServer``
     makes one).  Create it before ``yield computation.schedule()``: it becomes the
-    computation's ``status_task`` (``self.status_task``, a daemon dispycos Task on the
-    runner thread), and a status task the computation had already gets every message
-    after the monitor has read it, in order, once.  ``show_task_args``: whether the
-    Server page shows tasks' arguments (their str(), made only when shown); the
-    Cluster page may turn it on or off.  ``DocumentRoot``: a folder whose
+    computation's ``status_task``: with no status task of its own, the monitor's
+    (``self.status_task``, a daemon dispycos Task on the runner thread); with one, a
+    chaining task that gives each message to the monitor, then to it, in order, once.
+    A program may also send messages to ``self.status_task`` (as pycos's did): they
+    update the monitor and go nowhere else.  ``show_task_args``: whether the Server
+    page shows tasks' arguments (their str(), at most MAX_TASK_TEXT characters a task,
+    made on the runner thread when the task starts and shown; a task that started
+    while it was off has none); the Cluster page may turn it on or off.  ``DocumentRoot``: a folder whose
     dispycos.html, dispycos.js, monitor-kit.js or monitor.css replace the built-in
     ones.  ``allowed_hosts``, ``token`` and ``require_token`` are DispyHTTPServer's.
     ``shutdown()`` gives the computation its own status task back (the monitor's task
@@ -1412,9 +1430,9 @@ class DispycosHTTPServer(WebMonitor):
                  token=None, require_token=False):
         import dispycos     # here: dispy.httpd alone never loads the dispycos runtime
         self.computation = computation
-        self.show_task_args = bool(show_task_args)
         self.monitor = ComputationMonitor(dispycos, str(getattr(computation, 'id', '')))
-        self.status_task = self._client_status = None
+        self.show_task_args = bool(show_task_args)
+        self.status_task = self._client_status = self._chain_task = None
         super().__init__(host, port, poll_sec, DocumentRoot, keyfile, certfile,
                          allowed_hosts, token, 'dispycos', require_token)
         try:
@@ -1432,25 +1450,46 @@ class DispycosHTTPServer(WebMonitor):
         self._client_status = computation.status_task
         self.status_task = dispycos.Task(self._status_proc)
         self.status_task.set_daemon()
-        computation.status_task = self.status_task
+        if self._client_status is None:
+            computation.status_task = self.status_task
+        else:
+            self._chain_task = dispycos.Task(self._chain_proc)
+            self._chain_task.set_daemon()
+            computation.status_task = self._chain_task
+
+    @property
+    def show_task_args(self):
+        return self.monitor.keep_args
+
+    @show_task_args.setter
+    def show_task_args(self, value):
+        self.monitor.keep_args = bool(value)
 
     def _status_proc(self, task=None):
-        """The computation's status task: every message updates the figures, then
-        goes on to the client's own status task, if it had one."""
+        """``self.status_task``: every message updates the figures (and goes no
+        further: a program's status task may pass its messages on to this one)."""
+        while True:
+            self._update((yield task.receive()))
+
+    def _chain_proc(self, task=None):
+        """The computation's status task when the program had one: the monitor
+        reads each message, then the program's task gets it."""
         while True:
             msg = yield task.receive()
-            if not self.stopped:
-                try:
-                    self.monitor.message(msg)
-                except Exception:
-                    logger.warning('dispycos web monitor: status %r not understood', msg,
-                                   exc_info=True)
-            client = self._client_status
-            if client is not None:
-                client.send(msg)
+            self._update(msg)
+            self._client_status.send(msg)
+
+    def _update(self, msg):
+        if not self.stopped:
+            try:
+                self.monitor.message(msg)
+            except Exception:
+                logger.warning('dispycos web monitor: status %r not understood', msg,
+                               exc_info=True)
 
     def closed(self):
-        if self.status_task is not None and self.computation.status_task is self.status_task:
+        if self.computation.status_task in (self.status_task, self._chain_task) and \
+                self.status_task is not None:
             self.computation.status_task = self._client_status
 
     def get_routes(self):
@@ -1489,9 +1528,8 @@ class DispycosHTTPServer(WebMonitor):
     def _task_info(key, entry, show_args):
         info = {'key': key, 'name': entry.name, 'start_time': entry.start_time}
         if show_args:
-            if entry.texts is None:     # a race of two requests makes it twice: harmless
-                entry.texts = _argument_texts(entry.info)
-            info['args'], info['kwargs'] = entry.texts
+            info['args'], info['kwargs'] = entry.texts or (
+                ['(not kept: arguments were not shown when it started)'], {})
         return info
 
     # -- POST --------------------------------------------------------------------------------

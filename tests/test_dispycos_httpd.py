@@ -165,7 +165,9 @@ if conf['port']:
     http_server = dispycos.httpd.HTTPServer(computation, host='127.0.0.1', port=conf['port'],
                                             poll_sec=1, show_task_args=conf['show_task_args'])
     emit('http', {'port': http_server.port, 'token': http_server.token,
-                  'chained': http_server.status_task is computation.status_task})
+                  # the monitor took the computation's status task (the program's own
+                  # is told through it)
+                  'chained': computation.status_task not in (None, status_task)})
 pycos.Task(client_proc, computation).value()
 deadline = time.monotonic() + 60
 while conf['stop_file'] and not os.path.exists(conf['stop_file']) and \
@@ -429,6 +431,65 @@ class ModelTest(unittest.TestCase):
 # ================================================================================
 # 2. The endpoints, against real nodes
 # ================================================================================
+
+def forwarded_gen(task=None):       # (a component for the in-process Computation below)
+    yield task.sleep(0)
+
+
+class InProcessTest(unittest.TestCase):
+    """The monitor's status tasks in this process (no node needed)."""
+
+    timeout = 30
+
+    def test_program_forwarding_to_the_monitor_does_not_loop(self):
+        """pycos-era chaining: the program's own status task (the computation's)
+        passes each message on to http_server.status_task: each is seen once by
+        both, and the monitor's figures take it."""
+        seen = []
+
+        def own(task=None):
+            for _ in range(100000):
+                msg = yield task.receive()
+                seen.append(msg)
+                server.status_task.send(msg)
+        own_task = dispycos.Task(own)
+        own_task.set_daemon()
+        computation = dispycos.Computation([forwarded_gen], status_task=own_task)
+        server = dispyhttpd.DispycosHTTPServer(computation, host=CLIENT_IP,
+                                               port=support.free_port(CLIENT_IP))
+        self.addCleanup(server.shutdown, False)
+        for port in (1, 2):
+            computation.status_task.send(dispycos.DispycosStatus(
+                dispycos.ServerInitialized, dispycos.Location('127.0.0.9', port)))
+        self.assertTrue(support.wait_until(lambda: len(seen) >= 2, 10), seen)
+        # a loop would bring them back at once, again and again
+        self.assertFalse(support.wait_until(lambda: len(seen) > 2, 1.0), len(seen))
+        self.assertEqual(sorted(server.monitor.servers), ['127.0.0.9:1', '127.0.0.9:2'])
+
+    def test_shutdown_wait_from_a_task_holds_up_no_task(self):
+        """shutdown(wait=True) in a task returns at once (the wait is a thread's)."""
+        computation = dispycos.Computation([forwarded_gen])
+        server = dispycos.httpd.HTTPServer(computation, host=CLIENT_IP,
+                                           port=support.free_port(CLIENT_IP), poll_sec=5)
+        server._server._last_poll = time.monotonic()     # as if a browser polls
+        timings = {}
+
+        def stopper(task=None):
+            started = time.monotonic()
+            server.shutdown(wait=True)
+            timings['shutdown'] = time.monotonic() - started
+            yield task.sleep(0)
+
+        def sleeper(task=None):
+            started = time.monotonic()
+            yield task.sleep(0.2)
+            timings['sleep'] = time.monotonic() - started
+        dispycos.Task(stopper)
+        dispycos.Task(sleeper).value(10)
+        self.assertLess(timings['shutdown'], 1.0, timings)
+        self.assertLess(timings['sleep'], 1.0, timings)     # not held up for poll_sec
+        self.assertTrue(support.wait_until(lambda: server._server.stopped, 10))
+
 
 class ApiTest(MonitorClientCase):
 
