@@ -406,6 +406,7 @@ def run_without_network(func, args, dest_path=None, alive=None):
     ``alive()``, if given, is asked every half second; False gives up the wait
     (None, the task left as it is)."""
     global _runner
+    given_up = False
     pycos = Pycos()
     if dest_path:
         pycos.dest_path = dest_path
@@ -417,10 +418,11 @@ def run_without_network(func, args, dest_path=None, alive=None):
             if task._done:
                 return value
             if alive is not None and not alive():
+                given_up = True         # (the task may block its thread: not waited for)
                 return None
     finally:
         runner = _runner
-        if runner is not None:
+        if runner is not None and not given_up:
             runner.post(sys.exit)           # SystemExit ends the runner's loop
             runner.thread.join(10)
         _runner = None
