@@ -308,7 +308,8 @@ class NodeSetupTest(NodePairCase):
         self.assertEqual(client.record('ran'), servers, out)
 
 
-KILLED_CLIENT = '''
+# node_setup that succeeds at once, and a task that holds its server (client scripts)
+QUICK_SETUP = '''
 def node_setup(task=None):
     yield task.sleep(0)
     return 0
@@ -318,7 +319,9 @@ def hold(seconds, task=None):
     import os
     yield task.sleep(seconds)
     return os.getpid()
+'''
 
+KILLED_CLIENT = QUICK_SETUP + '''
 
 def pid(task=None):
     import os
@@ -414,17 +417,7 @@ pycos.Scheduler()
 pycos.Task(client_proc, pycos.Computation([node_setup], node_setup=node_setup), sys.argv[1])
 '''
 
-LOST_SETUP_CLIENT = '''
-def node_setup(task=None):
-    yield task.sleep(0)
-    return 0
-
-
-def hold(seconds, task=None):
-    import os
-    yield task.sleep(seconds)
-    return os.getpid()
-
+LOST_SETUP_CLIENT = QUICK_SETUP + '''
 
 def pid(task=None):
     import os
