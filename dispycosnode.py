@@ -712,6 +712,7 @@ class Node:
         self.served = 0
         self.comp = None            # (computation id, scheduler Location)
         self.comp_spec = None       # its servers' part of the computation
+        self.releasing = False      # the computation ends here: its servers come back
         self.comp_cpus = 0
         self.setup = None           # its _SetupProcess (node_setup), if any
         self.setups_ending = set()  # _SetupProcesses giving their servers back
@@ -845,7 +846,7 @@ class Node:
     def _op_setup(self, caller, comp_id, args_blob):
         """node_setup(*args) for the computation reserved, in a setup process that
         then forks its servers; their locations (only them with no node_setup)."""
-        if self.comp is None or self.comp[0] != comp_id or self.comp_spec is None:
+        if self.comp is None or self.comp[0] != comp_id or self.releasing:
             raise TaskError('computation %s is not reserved at %s' % (comp_id[:8],
                                                                       self.location))
         slots = self.servers[:self.comp_cpus]
@@ -886,7 +887,7 @@ class Node:
     def _release(self, close_servers=False):
         """Ends the computation here; the node is free once a setup process it had
         gave the servers back (until then it is busy: schedulers asking are told)."""
-        if self.comp_spec is None:
+        if self.releasing:
             return                  # being released already
         comp_id = self.comp[0]
         if close_servers:
@@ -894,7 +895,7 @@ class Node:
                 if server.location is not None and server.ready.is_set():
                     self.pycos.peers.notify(server.location, 'server.close', (comp_id,))
         self._remove_files()
-        self.comp_spec = None
+        self.releasing = True
         setup, self.setup = self.setup, None
         if setup is not None:       # its servers end; the node's own come back, then free
             self.setups_ending.add(setup)
@@ -914,10 +915,11 @@ class Node:
 
     def is_giving_back(self):
         """True while a released computation's setup process hands the servers back."""
-        return self.comp is not None and self.comp_spec is None
+        return self.releasing
 
     def _released(self, comp_id):
-        self.comp = None
+        self.comp = self.comp_spec = None
+        self.releasing = False
         self.served += 1
         logger.info('computation %s closed', comp_id[:8])
         if self.config.serve > 0 and self.served >= self.config.serve:
@@ -934,7 +936,7 @@ class Node:
         return self.info()
 
     def _peer_lost(self, location):
-        if self.comp is not None and self.comp_spec is not None and self.comp[1] == location:
+        if self.comp is not None and not self.releasing and self.comp[1] == location:
             logger.info('scheduler %s lost: computation %s closed', location, self.comp[0][:8])
             self._release(close_servers=True)
 
