@@ -1256,9 +1256,8 @@ class ComputationMonitor:
         with self.lock:
             server = self._server_at(str(location), str(addr))
             server.state = self._states[status]
-            if status == self.cos.ServerClosed:     # what it ran is over: never told now
-                for key in list(server.running):
-                    self._count_done(server, key)
+            # (a closed server's tasks stay running until their ends come, which may
+            # be after its ServerClosed; those never told end with the computation)
 
     def _task_created(self, _status, info):
         task = getattr(info, 'task', None)
@@ -1296,6 +1295,9 @@ class ComputationMonitor:
                 self.state, self.scheduled_time = 'scheduled', time.time()
             else:
                 self.state, self.closed_time = 'closed', time.time()
+                for server in self.servers.values():    # their ends never came
+                    for key in list(server.running):
+                        self._count_done(server, key)
 
     # -- lock held ----------------------------------------------------------------------------
     def _node_at(self, addr):
