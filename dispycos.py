@@ -2277,12 +2277,6 @@ class TaskInfo:
         self.task, self.start_time = task, start_time
         self._args, self._args_blob = (tuple(args), dict(kwargs)), None
 
-    @classmethod
-    def _packed(cls, task, args_blob, start_time):
-        info = cls(task, (), {}, start_time)
-        info._args, info._args_blob = None, args_blob
-        return info
-
     def _arguments(self):
         if self._args is None:
             try:
@@ -2309,7 +2303,10 @@ class TaskInfo:
 
 
 def _packed_task_info(task, args_blob, start_time):
-    return TaskInfo._packed(task, args_blob, start_time)
+    """A TaskInfo whose arguments are still pickled (also how one unpickles)."""
+    info = TaskInfo(task, (), {}, start_time)
+    info._args, info._args_blob = None, args_blob
+    return info
 
 
 _REGEX_CHARS = re.compile(r'[*?\[\]\\(){}|+^$]')
@@ -2820,7 +2817,7 @@ class Scheduler:
         if server.closed:       # lost while the answer was on its way
             return PeerLost('server %s lost' % server.location)
         key = (server.location, task._id)
-        self._status(comp, TaskCreated, TaskInfo._packed(task, args_blob, time.time()))
+        self._status(comp, TaskCreated, _packed_task_info(task, args_blob, time.time()))
         ended = comp.ended_early.pop(key, None)
         if ended is not None:
             self._task_status(comp, *ended)
@@ -3400,9 +3397,9 @@ class HTTPServer:
     """``dispycos.httpd.HTTPServer(computation, host='', port=8181, poll_sec=10,
     DocumentRoot=None, keyfile=None, certfile=None, show_task_args=True)``: the web
     monitor of a computation (seed 003 §6.8), made before ``yield
-    computation.schedule()``; it becomes the computation's status_task and passes
-    every message on to the one the computation had.  ``status_task`` and
-    ``shutdown(wait=True)`` are the seed's; ``dispyhttpd.DispycosHTTPServer`` is the
+    computation.schedule()``; it takes the computation's status messages and passes
+    each on to the status task the computation had, if any.  ``status_task`` (what
+    is sent there updates the monitor) and ``shutdown(wait=True)`` are the seed's; ``dispyhttpd.DispycosHTTPServer`` is the
     server itself (loaded only when a monitor is made)."""
 
     def __init__(self, computation, host='', port=8181, poll_sec=10, DocumentRoot=None,
