@@ -233,16 +233,28 @@ def where(task=None):
     return str(task.location)
 
 
+SEEN = []
+
+
+def status_proc(task=None):
+    task.set_daemon()
+    for _ in range(10000):
+        msg = yield task.receive()
+        if isinstance(msg, pycos.DispycosStatus):
+            SEEN.append((msg.status, getattr(msg.info, 'addr', None)))
+
+
 def client_proc(addr, task=None):
-    computation = pycos.Computation([where], node_allocations=[OneServerAt(addr)])
+    computation = pycos.Computation([where], node_allocations=[OneServerAt(addr)],
+                                    status_task=pycos.Task(status_proc))
     if (yield computation.schedule()):
         raise Exception('not scheduled')
-    for _ in range(100):
-        servers = yield computation.servers()
-        if servers:
+    # both nodes discovered, the chosen one's server loaded: the allocation is made
+    for _ in range(300):
+        if len([s for s in SEEN if s[0] == 'NodeDiscovered']) >= 2 and \
+                ('ServerInitialized', addr) in SEEN:
             break
         yield task.sleep(0.1)
-    yield task.sleep(1)         # (a second server would be in by now)
     emit('servers', [str(s) for s in (yield computation.servers())])
     emit('ran', sorted(set((yield computation.run_results(where, [() for _ in range(4)])))))
     yield computation.close()
