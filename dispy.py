@@ -11,7 +11,9 @@ The path a job takes (who owns each queue, which thread moves it)::
 
     user thread   cluster.submit(args): pickles them, records the job in the recover
         │         file (RecoverLog), Scheduler.submit: queue of its cluster
-        ▼         (_ClusterQueue.pending) → _dispatch: a NodeLink with a free slot
+        │         (_ClusterQueue.pending, a JobQueue: FIFO, or by dispy_job_priority)
+        │         → _dispatch: a NodeLink with a free slot (a job that outranks one
+        ▼         sent there but not started takes its place: _jump)
     LoopConnection.send: the connection's outbox → one frame; written by the caller
         │         itself when the connection is idle (a small message), else by the
         │         I/O loop
@@ -22,7 +24,8 @@ The path a job takes (who owns each queue, which thread moves it)::
     I/O loop      reads and verifies the frame, hands it to NodePool.on_messages →
         │         Scheduler.node_messages: unpickles the result (outside the lock; big
         │         frames on a worker thread, in order), then under the lock ends the
-        ▼         jobs (ClusterHooks.job_ended), sends one ACK and the next jobs
+        ▼         jobs (ClusterHooks.job_ended; or queues a failed one again:
+                  _retry), sends one ACK and the next jobs
     user thread   job() / cluster.wait() wake on the scheduler's condition; callbacks
                   run on the notifier thread
 
@@ -331,14 +334,22 @@ def checked_blob(blob):
     return tuple(p if isinstance(p, bytes) or len(p) >= OOB_MIN else bytes(p) for p in blob)
 
 
+# What a JOB's options may hold (each only when it is not the default).
+JOB_OPTIONS = frozenset(('timeout', 'depends', 'node', 'priority', 'retries'))
+
+
 def checked_job_options(options):
     """A JOB's options as received (None, or a dict of ``timeout`` seconds,
-    ``depends``: a job's own dependencies, ``node``: the address submit_node chose);
-    anything else → ValueError."""
+    ``depends``: a job's own dependencies, ``node``: the address submit_node chose,
+    ``priority`` (int: higher runs first), ``retries`` (int: runs again after it
+    raised, this many times)); anything else → ValueError."""
     if options is None:
         return None
-    if not isinstance(options, dict) or not set(options) <= {'timeout', 'depends', 'node'}:
+    if not isinstance(options, dict) or not set(options) <= JOB_OPTIONS:
         raise ValueError('malformed job options')
+    for name in ('priority', 'retries'):
+        if type(options.get(name, 0)) is not int:
+            raise ValueError('malformed job %s %r' % (name, options[name]))
     timeout = options.get('timeout')
     if timeout is not None and (type(timeout) not in (int, float) or not timeout > 0):
         raise ValueError('malformed job timeout %r' % (timeout,))
@@ -848,7 +859,7 @@ class Msg:
     CLUSTER_READY = MessageKind('CLUSTER_READY', ['error'])
     STATE = MessageKind('STATE', ['key', 'status', 'ip', 'start_time'])
     DONE = MessageKind('DONE', ['key', 'ip', 'status', 'blob', 'stdout', 'stderr',
-                                'exception', 'start_time', 'end_time'], 'blob')
+                                'exception', 'start_time', 'end_time', 'retried'], 'blob')
     NODE_STATUS = MessageKind('NODE_STATUS', ['status', 'node'])
     ALLOCATE = MessageKind('ALLOCATE', ['token', 'index', 'node'])
     OP_DONE = MessageKind('OP_DONE', ['token', 'value'])
@@ -1719,7 +1730,8 @@ class DispyJob:
 
     __slots__ = ('_id', 'status', 'ip_addr', 'result', 'stdout', 'stderr', 'exception',
                  'submit_time', 'start_time', 'end_time', 'args', '_kwargs', '_key',
-                 '_cluster', '_blob', '_attempt', '_node', '_pin', '_options', '__weakref__')
+                 '_cluster', '_blob', '_attempt', '_node', '_pin', '_options', '_tries',
+                 '__weakref__')
 
     def __init__(self, key, cluster, blob, pin=None, options=None, args=(), kwargs=None):
         self._id = key
@@ -1737,6 +1749,7 @@ class DispyJob:
         self._node = None          # NodeLink it is dispatched to
         self._pin = pin            # node address for submit_node
         self._options = options    # per-job extras for the node (timeout, ...) or None
+        self._tries = None         # JobAttempts of its runs that failed and were retried
 
     @property
     def id(self):
@@ -1773,6 +1786,16 @@ class DispyJob:
         """Compatibility with the original's ``job.finish.wait()`` / ``is_set()``."""
         return _JobFinish(self)
 
+    @property
+    def attempts(self):
+        """Its runs so far, oldest first (``JobAttempt`` records): those that failed
+        and were retried (``dispy_job_retries``), then, once it has ended, its last."""
+        tries = list(self._tries or ())
+        if self.status in FINAL_STATUSES and self.start_time is not None:
+            tries.append(JobAttempt(self.ip_addr, self.status, self.exception, self.stdout,
+                                    self.stderr, self.start_time, self.end_time))
+        return tries
+
     def __lt__(self, other):
         return self._key < other._key
 
@@ -1794,10 +1817,15 @@ class DispyJob:
         for name in DispyJob.__slots__[:-1]:
             setattr(snap, name, getattr(self, name))
         snap._blob = None
+        snap._tries = list(self._tries) if self._tries else None
         return snap
 
 
 _NO_KWARGS = object()      # a job submitted without keyword arguments (no dict each)
+
+# One run of a job (``DispyJob.attempts``): where, how it ended and what it printed.
+JobAttempt = collections.namedtuple('JobAttempt', ['ip_addr', 'status', 'exception', 'stdout',
+                                                   'stderr', 'start_time', 'end_time'])
 
 FINAL_STATUSES = frozenset((DispyJob.Finished, DispyJob.Terminated, DispyJob.Cancelled,
                             DispyJob.Abandoned))
@@ -3494,6 +3522,101 @@ class ClusterHooks:
         pass
 
 
+class JobQueue:
+    """Jobs waiting for a slot, first in first out, until one has a priority: then
+    higher priorities first and FIFO among equals.  The client's queues and the
+    node's queue are JobQueues.
+
+    A queue of jobs that never had a priority is a plain deque (no cost to anyone who
+    does not use priorities); the first job with one turns it into a heap of
+    ``(-priority, sequence, job)``, which turns back into a deque once it empties.
+    ``appendleft`` puts a job first among those of its priority (a job given back by
+    a node, or queued again)."""
+    __slots__ = ('_fifo', '_heap', '_back', '_front', 'tried')
+
+    def __init__(self):
+        self._fifo = collections.deque()
+        self._heap = None
+        self._back = self._front = 0    # sequence numbers of the heap's last and first
+        self.tried = None       # the owner's mark: the first job it last looked at
+
+    @property
+    def prioritized(self):
+        return self._heap is not None
+
+    def append(self, job, priority=0):
+        if self._heap is None:
+            if not priority:
+                self._fifo.append(job)
+                return
+            self._to_heap()
+        self._back += 1
+        heapq.heappush(self._heap, (-priority, self._back, job))
+
+    def appendleft(self, job, priority=0):
+        if self._heap is None:
+            if not priority:
+                self._fifo.appendleft(job)
+                return
+            self._to_heap()
+        self._front -= 1
+        heapq.heappush(self._heap, (-priority, self._front, job))
+
+    def _to_heap(self):
+        # a sorted list is a heap: the deque's jobs keep their order, at priority 0
+        self._heap = [(0, seq, job) for seq, job in enumerate(self._fifo)]
+        self._back, self._front = len(self._heap), 0
+        self._fifo.clear()
+
+    def popleft(self):
+        if self._heap is None:
+            return self._fifo.popleft()
+        job = heapq.heappop(self._heap)[2]
+        if not self._heap:
+            self._heap = None
+        return job
+
+    def first(self):
+        """The job ``popleft`` would return (IndexError when empty)."""
+        return self._fifo[0] if self._heap is None else self._heap[0][2]
+
+    def first_priority(self):
+        return 0 if self._heap is None else -self._heap[0][0]
+
+    def remove(self, job):
+        """Takes a job out (ValueError if it is not here)."""
+        if self._heap is None:
+            self._fifo.remove(job)
+            return
+        for i, entry in enumerate(self._heap):
+            if entry[2] is job:
+                self._heap[i] = self._heap[-1]
+                self._heap.pop()
+                heapq.heapify(self._heap)
+                if not self._heap:
+                    self._heap = None
+                return
+        raise ValueError('job not queued')
+
+    def __len__(self):
+        return len(self._fifo) if self._heap is None else len(self._heap)
+
+    def __bool__(self):
+        return bool(self._fifo) if self._heap is None else True
+
+    def __iter__(self):
+        """The jobs, in no particular order once priorities are used."""
+        if self._heap is None:
+            return iter(self._fifo)
+        return (entry[2] for entry in self._heap)
+
+
+def job_priority(job):
+    """A queued job's ``dispy_job_priority`` (0 when it has none)."""
+    options = job._options
+    return options.get('priority', 0) if options else 0
+
+
 class _ClusterQueue:
     """A hosted cluster's jobs not yet on a node, and the nodes with room for them.
 
@@ -3507,8 +3630,8 @@ class _ClusterQueue:
     def __init__(self, cluster, key):
         self.cluster = cluster
         self.key = key
-        self.pending = collections.deque()
-        self.pinned = {}            # node address -> deque of jobs for submit_node
+        self.pending = JobQueue()
+        self.pinned = {}            # node address -> JobQueue of jobs for submit_node
         self.free = []
         self.stamps = {}            # link -> stamp of its latest entry in ``free``
         self.slow = set()           # links where its jobs take LEAD or longer
@@ -3648,9 +3771,36 @@ class _NodeMessages:
             # its STARTED was folded into this frame (the node leaves it out)
             job.status = DispyJob.Running
             job._cluster.job_changed(job, DispyJob.Running)
-        # Ended (and so written to the recover file) before the node may drop the result.
-        self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time)
+        if status != DispyJob.Terminated or not self._retry(job, link, exception, msg):
+            # Ended (and so written to the recover file) before the node may drop it.
+            self._end_job(job, status, result, msg.stdout, msg.stderr, exception,
+                          msg.end_time)
         self._result_recorded(link, job, msg)
+
+    def _retry(self, job, link, exception, msg):
+        """A job that failed on its node (raised, timed out, its process died) runs
+        again if it has retries left (``dispy_job_retries``): queued behind the jobs of
+        its priority waiting now, its failed run kept in ``job.attempts``.  Distinct from
+        ``reentrant``, which reruns the jobs of a lost node.  True if it was queued."""
+        options = job._options
+        retries = options.get('retries', 0) if options else 0
+        done = len(job._tries) if job._tries else 0
+        queue = self.queues.get(job._cluster.key)
+        if done >= retries or queue is None:
+            return False
+        failed = JobAttempt(link.ip_addr, DispyJob.Terminated, exception, msg.stdout,
+                            msg.stderr, job.start_time, msg.end_time)
+        job._tries = (job._tries or []) + [failed]
+        logger.info('job %s failed on node %s; running it again (retry %d of %d)', job.id,
+                    link.ip_addr, done + 1, retries)
+        job.status = DispyJob.Created
+        job._node = job.ip_addr = job.start_time = None
+        if job._pin is not None:
+            queue.pinned.setdefault(job._pin, JobQueue()).append(job, job_priority(job))
+        else:
+            queue.pending.append(job, job_priority(job))
+        job._cluster.job_changed(job, DispyJob.Created)
+        return True
 
     # Hooks of the result's acknowledgement (dispyscheduler acknowledges a result to the
     # node only once its client has it, and keeps results of jobs it does not know).
@@ -3685,9 +3835,9 @@ class _NodeMessages:
             link.cancels.discard((job._key, job._attempt))
             self._end_job(job, DispyJob.Cancelled, exception='Cancelled')
         elif job.status not in FINAL_STATUSES and job._pin is not None:
-            queue.pinned.setdefault(job._pin, collections.deque()).appendleft(job)
+            queue.pinned.setdefault(job._pin, JobQueue()).appendleft(job, job_priority(job))
         elif job.status not in FINAL_STATUSES:
-            queue.pending.appendleft(job)
+            queue.pending.appendleft(job, job_priority(job))
 
     def _on_provisional(self, link, msg, loaded):
         job = link.jobs.get(msg.key)
@@ -3948,9 +4098,9 @@ class Scheduler(_NodeMessages, _NodeControl):
             if job._id is None:
                 job._id = job._key
             if job._pin is not None:
-                queue.pinned.setdefault(job._pin, collections.deque()).append(job)
+                queue.pinned.setdefault(job._pin, JobQueue()).append(job, job_priority(job))
             else:
-                queue.pending.append(job)
+                queue.pending.append(job, job_priority(job))
             job._cluster.job_submitted(job)
             self._dispatch()
         return job
@@ -4008,6 +4158,8 @@ class Scheduler(_NodeMessages, _NodeControl):
         for queue in queues:
             if not queue.pending and queue.slow:
                 self._rebalance(queue)
+            elif queue.pending.prioritized or queue.pinned:
+                self._jump_queues(queue)
 
     def _fill(self, queues):
         """Sends queued jobs to nodes with room, each cluster's in turn (a hook:
@@ -4084,6 +4236,42 @@ class Scheduler(_NodeMessages, _NodeControl):
                 best = (there, link, max(waiting, key=lambda j: j._key))
         if best is not None:
             _, link, job = best
+            link.recalling.add(job._key)
+            link.send(Msg.RECALL(job._key, job._attempt))
+
+    def _jump_queues(self, queue):
+        """Jobs queued here with priorities take the places of lower ones waiting on
+        the nodes (``_jump``): the cluster's queue on any node, a submit_node queue
+        on its node."""
+        if queue.pending.prioritized:
+            self._jump(queue, queue.pending, self.pool.links.values())
+        for addr, pinned in queue.pinned.items():
+            link = self.pool.links.get(addr)
+            if pinned.prioritized and link is not None:
+                self._jump(queue, pinned, (link,))
+
+    def _jump(self, queue, waiting, links):
+        """Every node is full and the first job of ``waiting`` outranks a job of the
+        cluster that waits on one of ``links``, sent but not started: that one is
+        asked back (RECALL), and the first job takes its place when the node gives it
+        back (``_on_recalled`` → ``_take_back`` → ``_dispatch``); a job the node has
+        started meanwhile runs on.  Looked for once per first job (a scan of the
+        jobs on the nodes), so a first job that cannot jump costs nothing more."""
+        top = waiting.first()
+        if top is waiting.tried:
+            return
+        waiting.tried = top
+        rank = waiting.first_priority()
+        best = None
+        for link in links:
+            for job in link.jobs.values():
+                if (job._cluster is queue.cluster and job.status == DispyJob.Created
+                        and job._key not in link.recalling):
+                    prio = job_priority(job)
+                    if prio < rank and (best is None or (prio, -job._key) < best[:2]):
+                        best = (prio, -job._key, link, job)
+        if best is not None:
+            _, _, link, job = best
             link.recalling.add(job._key)
             link.send(Msg.RECALL(job._key, job._attempt))
 
@@ -4261,7 +4449,7 @@ class Scheduler(_NodeMessages, _NodeControl):
                             reason)
                 job.status = DispyJob.Created
                 job.ip_addr = None
-                queue.pending.appendleft(job)
+                queue.pending.appendleft(job, job_priority(job))
                 cluster.job_changed(job, DispyJob.Created)
             else:
                 self._end_job(job, DispyJob.Cancelled,
@@ -5170,7 +5358,7 @@ class JobCluster(ClusterHooks):
                  pulse_interval=None, ping_interval=None, reentrant=False, secret=None,
                  keyfile=None, certfile=None, cafile=None, job_timeout=None,
                  max_frame_size=None, host=None, ext_host=None, job_status=None,
-                 dispy_port=None, fresh_process=False):
+                 dispy_port=None, fresh_process=False, job_retries=0):
         if loglevel is not None:
             setup_logging(loglevel)
         else:
@@ -5207,6 +5395,7 @@ class JobCluster(ClusterHooks):
         self._callback = callback or job_status
         self._status_cb = cluster_status
         self._job_timeout = job_timeout
+        self._job_retries = _checked_count(job_retries, 'job_retries')
         self._open_jobs = 0
         self._jobs_submitted = 0    # ever (the progress line's total)
         self._jobs_failed = 0       # ended in FAILED_STATUSES (not Finished, not Cancelled)
@@ -5283,6 +5472,15 @@ class JobCluster(ClusterHooks):
     def _submit(self, job_id, pin, args, kwargs):
         depends = kwargs.pop('dispy_job_depends', None)
         timeout = kwargs.pop('dispy_job_timeout', self._job_timeout)
+        retries = kwargs.pop('dispy_job_retries', self._job_retries)
+        priority = kwargs.pop('dispy_job_priority', 0)
+        try:
+            retries = _checked_count(retries, 'dispy_job_retries')
+            if type(priority) is not int:   # bool is refused too: a slip, not a rank
+                raise TypeError('dispy_job_priority must be an int, not %r' % (priority,))
+        except (TypeError, ValueError) as exc:
+            logger.error('job not created: %s', exc)
+            return None
         if self._closed:
             logger.error('job not created: cluster %s is closed', self._package.name)
             return None
@@ -5303,6 +5501,10 @@ class JobCluster(ClusterHooks):
         options = {}
         if timeout:
             options['timeout'] = float(timeout)
+        if retries:
+            options['retries'] = retries
+        if priority:
+            options['priority'] = priority
         if depends or main_refs:
             try:
                 options['depends'] = self._job_depends(depends, main_refs)
@@ -5689,6 +5891,13 @@ class JobCluster(ClusterHooks):
                  status['total_job_time'] / wall if wall > 0 else 0.0))
 
     stats = print_status     # the older name
+
+
+def _checked_count(value, name):
+    """A count of retries given by the user: an int from 0 up."""
+    if type(value) is not int or value < 0:
+        raise ValueError('%s must be an int of 0 or more, not %r' % (name, value))
+    return value
 
 
 def _human_bytes(n):
@@ -6229,6 +6438,11 @@ class RemoteScheduler:
             status = DispyJob.Terminated
             exception = 'result could not be unpickled at the client: %s' % error
         job.start_time = msg.start_time or job.start_time
+        if msg.retried:     # its failed runs, retried by the scheduler (plain tuples)
+            try:
+                job._tries = [JobAttempt(*attempt) for attempt in msg.retried]
+            except TypeError:
+                logger.warning('dispyscheduler sent malformed attempts of job %s', job.id)
         self._end_job(job, status, result, msg.stdout, msg.stderr, exception, msg.end_time,
                       msg.ip)
 
@@ -6300,7 +6514,8 @@ class SharedJobCluster(JobCluster):
                  loglevel=None, setup=None, cleanup=True, reentrant=False, exclusive=False,
                  secret=None, keyfile=None, certfile=None, cafile=None, job_timeout=None,
                  max_frame_size=None, job_status=None, fresh_process=False,
-                 pulse_interval=None, ping_interval=None, node_port=None, **ignored):
+                 pulse_interval=None, ping_interval=None, node_port=None, job_retries=0,
+                 **ignored):
         for name, value in (('pulse_interval', pulse_interval), ('ping_interval',
                             ping_interval), ('port', port), ('ip_addr', ip_addr),
                             ('ext_ip_addr', ext_ip_addr)):
@@ -6329,7 +6544,8 @@ class SharedJobCluster(JobCluster):
                             cleanup=cleanup, reentrant=reentrant, secret=secret,
                             keyfile=keyfile, certfile=certfile, cafile=cafile,
                             job_timeout=job_timeout, max_frame_size=max_frame_size,
-                            job_status=job_status, fresh_process=fresh_process)
+                            job_status=job_status, fresh_process=fresh_process,
+                            job_retries=job_retries)
 
     _IGNORED_WHY = {
         'pulse_interval': 'dispyscheduler watches the nodes (its --pulse_interval)',

@@ -12,7 +12,8 @@ datagrams (``DiscoveryEndpoint``); the TCP listener is a ``socketserver`` server
 The path a job takes (who owns each queue, which thread moves it)::
 
     I/O loop (client frame)    JOB → NodeServer._on_job: NodeJob into ``queue`` (the
-        │                      node's, in arrival order) → _pump: a free CPU and the
+        │                      node's JobQueue: arrival order, higher dispy_job_priority
+        │                      first) → _pump: a free CPU and the
         │                      computation's share → its WorkerPool: an idle warm
         ▼                      worker, or a new one forked (the job waits in the pool)
     worker process             'run' over its LocalLink: the job runs in a fresh copy
@@ -691,9 +692,9 @@ class NodeJob:
     """A job on this node, from arrival to acknowledged result."""
 
     __slots__ = ('key', 'attempt', 'comp', 'blob', 'worker', 'cancelled', 'start_time',
-                 'timeout', 'timed_out', 'depends', 'files')
+                 'timeout', 'timed_out', 'depends', 'files', 'priority')
 
-    def __init__(self, key, attempt, comp, blob, timeout=None):
+    def __init__(self, key, attempt, comp, blob, timeout=None, priority=0):
         self.key = key
         self.attempt = attempt
         self.comp = comp
@@ -705,6 +706,7 @@ class NodeJob:
         self.timed_out = False
         self.depends = None             # the job's own dependencies, if any
         self.files = ()                 # files written for it, removed after it
+        self.priority = priority        # dispy_job_priority: higher runs first here
 
 
 class Worker:
@@ -1590,7 +1592,7 @@ class NodeServer:
         self.instance = uuid.uuid4().hex
         self.router = SessionRouter(self)
         self.attach = self.router.attach     # where the listener hands each client
-        self.queue = collections.deque()
+        self.queue = dispy.JobQueue()     # by priority once a job has one
         self.running = 0
         self.jobs_done = 0
         self.stopping = False
@@ -1855,9 +1857,10 @@ class NodeServer:
         old = session.jobs.get(key)
         if old is not None:          # a resubmission supersedes an older attempt
             self._cancel_job(session, old)
-        job = session.jobs[key] = NodeJob(key, attempt, comp, blob, timeout)
+        priority = options.get('priority', 0) if options else 0
+        job = session.jobs[key] = NodeJob(key, attempt, comp, blob, timeout, priority)
         job.depends = options.get('depends') if options else None
-        self.queue.append(job)
+        self.queue.append(job, priority)
         self._pump()
 
     def _on_recall(self, session, msg):
@@ -1962,7 +1965,8 @@ class NodeServer:
             worker = comp.pool.take_worker(job)
             if worker is not None:
                 self._start_job(job, worker)
-        self.queue.extendleft(reversed(skipped))
+        for job in reversed(skipped):
+            self.queue.appendleft(job, job.priority)
 
     def _end_unrunnable(self, job):
         session = self.session

@@ -149,11 +149,11 @@ class SharedScheduler(dispy.Scheduler):
         for queue in self.queues.values():
             if not queue.pending or queue.blocked:
                 continue
-            while queue.pending and queue.pending[0].status in dispy.FINAL_STATUSES:
+            while queue.pending and queue.pending.first().status in dispy.FINAL_STATUSES:
                 queue.pending.popleft()     # cancelled while queued
             if not queue.pending:
                 continue
-            rank = queue.served if self.policy == 'fair' else queue.pending[0].submit_time
+            rank = queue.served if self.policy == 'fair' else queue.pending.first().submit_time
             if best is None or rank < best_rank:
                 best, best_rank = queue, rank
         return best
@@ -459,7 +459,7 @@ class RemoteCluster(dispy.ClusterHooks):
 
     def _end_unrun(self, key, text):
         done = Msg.DONE(key, None, DispyJob.Terminated, None, None, None, text, None,
-                        time.time())
+                        time.time(), None)
         self.results[key] = (done, None)
         self.send(done)
 
@@ -602,7 +602,7 @@ class RemoteCluster(dispy.ClusterHooks):
         return Msg.DONE(rec.key, rec.ip, DispyJob.Terminated, None, rec.stdout, rec.stderr,
                         'Terminated: its result of %d bytes exceeds the program\'s frame '
                         'limit (max_frame_size) of %d' % (size, conn.channel.peer_max_frame),
-                        rec.start_time, rec.end_time)
+                        rec.start_time, rec.end_time, rec.retried)
 
     def detach(self):
         self.conn = None
@@ -669,7 +669,8 @@ class RemoteCluster(dispy.ClusterHooks):
             job.ack = (link, job._key, job._attempt)    # acknowledged once the program has it
         done = self._within_limit(Msg.DONE(
             key, link.ip_addr if link is not None else job.ip_addr, job.status, job.result,
-            job.stdout, job.stderr, job.exception, job.start_time, job.end_time))
+            job.stdout, job.stderr, job.exception, job.start_time, job.end_time,
+            [tuple(attempt) for attempt in job._tries] if job._tries else None))
         self.results[key] = (done, job.ack)
         job.result = None
         if self.conn is not None:   # held for company only while more of its jobs run
