@@ -85,6 +85,15 @@ FIGURES = {
              ('jobs_per_s_plain', 'polls', 'jobs')),
             ('W1m-ratio', 'ratio', 'x', '>=', 0.9, ('jobs_per_s', 'jobs_per_s_plain'),
              ('ratio',))],
+    # W1f: W1 with each opt-in feature of issue 18 (priorities, retries, live output,
+    # ClusterExecutor) against plain W1, alternating in one client; the ratios are the
+    # figures (a feature on should cost little: 0.9 of plain)
+    'W1f': [('W1f', 'jobs_per_s', 'jobs/s', '>=', 10000,
+             ('priority_ratio', 'retries_ratio', 'stream_ratio', 'print_jobs_per_s',
+              'stream_print_ratio', 'executor_ratio', 'jobs'),
+             ('plain_jobs_per_s', 'priority_jobs_per_s', 'retries_jobs_per_s',
+              'stream_jobs_per_s', 'print_jobs_per_s', 'stream_print_jobs_per_s',
+              'executor_jobs_per_s'))],
     'W2': [('W2', 'median_ms', 'ms', '<=', 0.5, ('p90_ms', 'mean_ms', 'max_ms', 'jobs'))],
     'W2s': [('W2s', 'median_ms', 'ms', '<=', 0.83,
              ('p90_ms', 'mean_ms', 'max_ms', 'jobs', 'median_ms_direct')),
@@ -114,7 +123,7 @@ FIGURES = {
 }
 # workload -> (full size, --quick size): number of jobs
 SIZES = {'W1': (2000, 200), 'W2': (200, 50), 'W3': (20, 3), 'W4': (8, 4),
-         'W1s': (2000, 200), 'W2s': (200, 50), 'W1m': (2000, 200),
+         'W1s': (2000, 200), 'W2s': (200, 50), 'W1m': (2000, 200), 'W1f': (2000, 200),
          'W5': (1, 1), 'W6': (100000, 5000), 'W7': (2000, 300), 'W8': (200, 60)}
 W4_JOB_SECONDS = (0.5, 0.2)  # (full, --quick) target duration of one W4 job
 ORIGINAL_NAME = 'dispy-4.15.2'
@@ -127,7 +136,7 @@ MULTI_NODE = ('W7', 'W8')   # workloads with nodes of their own (not the one on 
 # with W1's CPUs; the direct half of a run uses W1's node on 127.0.0.1.
 SHARED = {'W1s': 'W1', 'W2s': 'W2'}
 SHARED_NODE, SCHEDULER_ADDR = '127.0.0.31', '127.0.0.1'
-ORIGINAL_SKIPS = MULTI_NODE + tuple(SHARED) + ('W1m',)   # the original's scheduler and monitor are not run
+ORIGINAL_SKIPS = MULTI_NODE + tuple(SHARED) + ('W1m', 'W1f')   # the original's scheduler and monitor are not run
 # W7: 48 nodes of 1 CPU on 127.0.0.11 ... 127.0.0.58 (one port) versus 1 node of 2 CPUs
 # on 127.0.0.11 (another port): the same 2 CPUs of this machine either way
 W7_NODES, W7_FIRST_ADDR = 48, 11
@@ -410,6 +419,84 @@ def w1_monitored(ctx, n):
                 polls=polls, jobs=n, bad_results=0)
 
 
+# W1f: W1 with each of issue 18's opt-in features, against W1 without, in one client:
+# rounds of fresh clusters alternating their order.  A variant the checkout lacks (an
+# older one, under --compare) is left out.  'stream' prints nothing (what streaming
+# costs a job that does not print); 'stream_print' and 'print' print one line a job,
+# with and without streaming.
+def _w1_jobs(cluster, n, check, submit):
+    warm_up(cluster, check, (-1,), -2)
+    t0 = time.perf_counter()
+    jobs = [submit(cluster, i) for i in range(n)]
+    results = [job() for job in jobs]
+    wall = time.perf_counter() - t0
+    for i, (job, result) in enumerate(zip(jobs, results)):
+        check(result, 2 * i, job, 'job %d' % i)
+    return n / wall
+
+
+def double_printing(n):
+    print('line of job', n)
+    return n * 2
+
+
+def _w1f_variants(dispy):
+    plain = lambda cluster, i: cluster.submit(i)
+    variants = {'plain': ({}, double, plain), 'print': ({}, double_printing, plain)}
+    if hasattr(dispy, 'JobQueue'):
+        variants['priority'] = ({}, double,
+                                lambda cluster, i: cluster.submit(i, dispy_job_priority=i % 3))
+        variants['retries'] = ({'job_retries': 2}, double, plain)
+    if 'stream_output' in inspect_params(dispy.JobCluster):
+        sink = lambda job, stream, line: None
+        variants['stream'] = ({'stream_output': sink}, double, plain)
+        variants['stream_print'] = ({'stream_output': sink}, double_printing, plain)
+    return variants
+
+
+def inspect_params(func):
+    import inspect
+    return inspect.signature(func).parameters
+
+
+def _w1_executor(ctx, n, check):
+    """W1 through dispy.ClusterExecutor: submit(double, i) then result() of each."""
+    with ctx.dispy.ClusterExecutor(nodes=list(ctx.node_addrs), node_port=ctx.node_port,
+                                   loglevel=ctx.dispy.logger.WARNING) as executor:
+        check(executor.submit(double, -1).result(), -2, None, 'warm-up job')
+        t0 = time.perf_counter()
+        futures = [executor.submit(double, i) for i in range(n)]
+        results = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    for i, result in enumerate(results):
+        check(result, 2 * i, None, 'job %d' % i)
+    return n / wall
+
+
+def w1_features(ctx, n):
+    variants = _w1f_variants(ctx.dispy)
+    names = sorted(variants) + (['executor'] if hasattr(ctx.dispy, 'ClusterExecutor') else [])
+    rates = {name: [] for name in names}
+    check = Checker()
+    for round_ in range(3):
+        order = names[round_ % len(names):] + names[:round_ % len(names)]
+        for name in order:
+            if name == 'executor':
+                rates[name].append(_w1_executor(ctx, n, check))
+                continue
+            options, computation, submit = variants[name]
+            cluster = make_cluster(ctx.dispy, ctx.impl, computation, ctx.node_port,
+                                   nodes=ctx.node_addrs, **options)
+            with _Closing(cluster):
+                rates[name].append(_w1_jobs(cluster, n, check, submit))
+    result = {'jobs': n, 'jobs_per_s': statistics.median(rates['plain'])}
+    for name, values in rates.items():
+        result['%s_jobs_per_s' % name] = statistics.median(values)
+        result['%s_ratio' % name] = statistics.median(values) / result['jobs_per_s']
+    result.update(check.summary())
+    return result
+
+
 def w2_latency(ctx, n):
     """n x (submit one trivial job, wait for it): per-job round-trip latency."""
     check = Checker()
@@ -588,7 +675,8 @@ WORKLOADS = {'W1': w1_throughput, 'W2': w2_latency, 'W3': w3_transfer, 'W4': w4_
              'W5': w5_cold_start, 'W6': w6_many_pending, 'W7': w7_scale, 'W8': w8_balance,
              'warmup': warmup_client,
              # the same clients; _cluster makes a SharedJobCluster (--scheduler-port)
-             'W1s': w1_throughput, 'W2s': w2_latency, 'W1m': w1_monitored}
+             'W1s': w1_throughput, 'W2s': w2_latency, 'W1m': w1_monitored,
+             'W1f': w1_features}
 
 
 def client_main(args):
