@@ -39,7 +39,8 @@ Threads of a client process (all daemon threads; none keeps a finished script al
                     connection, in order), allocate() and shipping a computation's
                     files.  Dials (connect, TLS and dispy handshakes) run on the
                     loop without blocking (LoopDial).
-    dispy-notifier  one per scheduler whose clusters have callbacks: calls them in order
+    dispy-notifier  one per scheduler whose clusters have callbacks (or stream_output:
+                    live lines of jobs): calls them in order
 
 So a client with 48 nodes has the same threads as one with one node.  Layers, each a
 section below::
@@ -772,6 +773,9 @@ class _ConnectionBase:
 #   SHUTDOWN      cluster.shutdown(): stop     SERVICE       takes jobs or not now (its
 #                 once I am done (if allowed)                service window, stdin stop),
 #                                                            and its CPUs
+#                                              OUTPUT        live lines of a running job
+#                                                            (stream_output), and how many
+#                                                            were dropped before them
 #
 #   SharedJobCluster → dispyscheduler          dispyscheduler → SharedJobCluster
 #   (one connection per cluster)
@@ -852,6 +856,7 @@ class Msg:
     NODE_PULSE = MessageKind('PULSE', ['time', 'avail'])
     RECALLED = MessageKind('RECALLED', ['key', 'attempt', 'given'])
     SERVICE = MessageKind('SERVICE', ['accepting', 'cpus', 'why'])
+    OUTPUT = MessageKind('OUTPUT', ['key', 'attempt', 'stream', 'text', 'dropped'], 'text')
     # SharedJobCluster ↔ dispyscheduler
     CLUSTER = MessageKind('CLUSTER', ['info'])
     NODE_OP = MessageKind('NODE_OP', ['token', 'op', 'node', 'arg'])
@@ -878,7 +883,8 @@ TO_NODE = {k.name: k for k in (Msg.CLIENT, Msg.COMPUTE, Msg.FILE, Msg.JOB, Msg.C
                                Msg.RELEASE, Msg.PULSE, Msg.RECALL, Msg.SHUTDOWN)}
 TO_CLIENT = {k.name: k for k in (Msg.NODE, Msg.BUSY, Msg.SETUP, Msg.STARTED, Msg.RESULT,
                                  Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
-                                 Msg.CLOSED, Msg.NODE_PULSE, Msg.RECALLED, Msg.SERVICE)}
+                                 Msg.CLOSED, Msg.NODE_PULSE, Msg.RECALLED, Msg.SERVICE,
+                                 Msg.OUTPUT)}
 
 
 TO_SCHEDULER = {k.name: k for k in (Msg.CLIENT, Msg.CLUSTER, Msg.FILE, Msg.JOB, Msg.CANCEL,
@@ -2691,6 +2697,17 @@ class LoopConnection(_ConnectionBase):
             self._outbox.append((msg, message_bulk(msg)))
         self._flush()
 
+    def congested(self, limit):
+        """Whether the peer does not keep up: more than ``limit`` bytes wait to be
+        written (frames the socket has not taken, and the size hints of messages not
+        framed yet), or more than HOLD_MAX messages.  For what may be dropped then
+        (live output); looks at HOLD_MAX queued messages at most."""
+        with self._lock:
+            if len(self._outbox) > self.HOLD_MAX:
+                return True
+            waiting = sum(len(part) for part in self._unsent)
+            return waiting + sum(size for _, size in self._outbox) > limit
+
     def _schedule_flush(self):
         with self._lock:
             if self._flush_due == 'soon':
@@ -3455,6 +3472,8 @@ class ClusterHooks:
         allocate(alloc, link) -> CPUs for this cluster on the node (0: not used)
         computation(alloc)    -> (spec, [(file name, path)]) to set up on a node
         job_file(job, path, mode, offset, data, last)   a chunk of a file a job sent
+    Called with the lock held, for clusters whose spec asks for live output:
+        job_output(job, stream, text, dropped)   lines a running job printed
 
     ``monitor``: a web monitor's ``ClusterMonitor`` (dispyhttpd.py) or None; an
     implementation passes it the same events (lock held), so a cluster nobody watches
@@ -3519,6 +3538,9 @@ class ClusterHooks:
         raise NotImplementedError
 
     def job_file(self, job, path, mode, offset, data, last):
+        pass
+
+    def job_output(self, job, stream, text, dropped):
         pass
 
 
@@ -3853,6 +3875,18 @@ class _NodeMessages:
             job._cluster.job_changed(job, DispyJob.Running)
         _provisional(job, result)
 
+    def _on_output(self, link, msg, _loaded):
+        """Live lines of a running job (its cluster's ``stream_output``)."""
+        job = link.jobs.get(msg.key)
+        if job is None or job._attempt != msg.attempt or job.status in FINAL_STATUSES:
+            return
+        try:
+            checked_output(msg)
+        except ValueError as exc:
+            logger.warning('node %s: %s', link.ip_addr, exc)
+            return
+        job._cluster.job_output(job, msg.stream, msg.text, msg.dropped)
+
     def _on_closed_compute(self, link, msg, _loaded):
         pass        # the node confirms CLOSE_COMPUTE; nothing waits for it
 
@@ -3892,7 +3926,7 @@ class _NodeMessages:
                 'RECALLED': _on_recalled, 'SERVICE': _on_service,
                 'PROVISIONAL': _on_provisional, 'CLOSED': _on_closed_compute,
                 'PULSE': _on_pulse, 'PUT_FILE_DONE': _on_put_file_done,
-                'NODE': _on_unexpected, 'BUSY': _on_unexpected}
+                'OUTPUT': _on_output, 'NODE': _on_unexpected, 'BUSY': _on_unexpected}
 
 
 class _NodeControl:
@@ -5235,6 +5269,176 @@ def _recover_from_node(addr, port, header, ctx, keys, deadline, terminate, resul
 
 
 # ================================================================================
+# Live job output (stream_output): what workers, nodes, dispyscheduler and clients share
+# ================================================================================
+#
+# A streamed job's lines go worker → node → (dispyscheduler →) client as OUTPUT
+# messages, each with the number of the stream's lines dropped before it.  Every hop
+# holds at most LIVE_BACKLOG characters waiting to go on and drops what comes past that
+# (LiveOutputLosses counts it), so a job printing gigabytes cannot exhaust anyone's
+# memory; the counts travel on, and the client shows them as one notice line.
+
+OUTPUT_STREAMS = ('stdout', 'stderr')
+LIVE_LINE_MAX = 64 << 10    # characters: a longer line goes on in pieces this long
+LIVE_BACKLOG = 1 << 20      # characters (bytes at a connection) waiting at one hop, at most
+LIVE_BATCH = 64 << 10       # a worker sends its lines at once when this many wait ...
+LIVE_DELAY = 0.03           # ... else this long (seconds) after the first of them
+LIVE_KEEP = 16 << 20        # characters job.stdout / job.stderr keep of a streamed job
+
+
+def live_keep(max_frame):
+    """Characters of each stream a streamed job's result keeps: LIVE_KEEP, less for a
+    small ``max_frame_size`` (both streams, UTF-8, stay within half a frame)."""
+    return max(1024, min(LIVE_KEEP, max_frame // 16))
+
+
+def split_lines(text):
+    """The lines of an OUTPUT's text (its last line may lack the newline)."""
+    lines = text.split('\n')
+    if lines[-1] == '':
+        lines.pop()
+    return lines
+
+
+def count_lines(text):
+    return text.count('\n') + (1 if text and not text.endswith('\n') else 0)
+
+
+def lost_notice(lines):
+    """The line a client shows where live lines were dropped (documented: callbacks
+    may recognise it)."""
+    return '[dispy: %d line%s of live output dropped]' % (lines, '' if lines == 1 else 's')
+
+
+def checked_output(msg):
+    """An OUTPUT record as received: its stream, text and count checked (ValueError)."""
+    if msg.stream not in OUTPUT_STREAMS or not isinstance(msg.text, str) or \
+            type(msg.dropped) is not int or msg.dropped < 0:
+        raise ValueError('malformed OUTPUT message')
+    return msg
+
+
+class LiveOutputLosses:
+    """The live lines one hop dropped, per job and stream (its way on was congested),
+    not yet reported: the next piece of that stream that does go on carries the count,
+    and what is left when the job ends is told before its result.  ``lost`` is empty
+    while nothing is dropped (what the hot path tests)."""
+
+    def __init__(self):
+        self.lost = {}          # (job, stream) -> lines dropped, not yet reported
+
+    def admit(self, job, stream, text, dropped, room):
+        """The count of lines lost before ``text`` (``dropped`` of them by earlier hops)
+        if it goes on now (``room``), else None: it is counted as lost too."""
+        lost = self.lost.pop((job, stream), 0) + dropped if self.lost else dropped
+        if room:
+            return lost
+        lost += count_lines(text)
+        if lost:
+            self.lost[(job, stream)] = lost
+        return None
+
+    def take_lost(self, job):
+        """[(stream, lines)] lost of ``job`` and not reported; forgotten here."""
+        if not self.lost:
+            return []
+        return [(stream, lines) for stream in OUTPUT_STREAMS
+                if (lines := self.lost.pop((job, stream), 0))]
+
+
+class LiveOutputRelay(LiveOutputLosses):
+    """A hop that passes live output on over a connection (a node to its client): OUTPUT messages, held briefly to share frames, unless
+    the connection is congested past LIVE_BACKLOG bytes or there is none (the receiver
+    is away): then the lines are dropped and counted, and the count goes with the next
+    piece of that stream that does go, or just before the job's result (lock held, on
+    the I/O loop)."""
+
+    def pass_on(self, conn, key, attempt, stream, text, dropped):
+        room = conn is not None and not conn.congested(LIVE_BACKLOG)
+        lost = self.admit((key, attempt), stream, text, dropped, room)
+        if lost is not None:
+            conn.send(Msg.OUTPUT(key, attempt, stream, text, lost), hold=True)
+
+    def job_ended(self, conn, key, attempt):
+        """Before the job's result: the count of its lines lost and not told yet."""
+        for stream, lost in self.take_lost((key, attempt)):
+            if conn is not None:
+                conn.send(Msg.OUTPUT(key, attempt, stream, '', lost), hold=True)
+
+
+class LiveOutputSink(LiveOutputLosses):
+    """Where a cluster's live output ends (``stream_output``): ``True`` prints each
+    line on the client's stdout or stderr as ``<job id> @ <node>: <line>``; a callable
+    is called ``f(job, stream, line)``.  Both on the cluster's notifier thread (never
+    the I/O loop: a blocked terminal or a slow callback stalls nothing else), in order
+    with the cluster's callbacks, so a job's lines come before its callback, and
+    ``job()`` and ``cluster.wait()`` return after they are shown.  At most LIVE_BACKLOG
+    characters wait for that thread; more is dropped, counted, and shown as one notice
+    line."""
+
+    def __init__(self, target, cluster, notifier, cond):
+        super().__init__()
+        self.target = target
+        self.cluster = cluster
+        self.notifier = notifier
+        self.cond = cond            # the notifier's (the scheduler's): guards the counts
+        self.queued = 0             # characters waiting for the notifier thread
+        self.showing = collections.Counter()    # job -> its pieces not shown yet
+
+    def put(self, job, stream, text, dropped):
+        """A piece of a job's output arrived (scheduler lock held)."""
+        lost = self.admit(job, stream, text, dropped,
+                          self.queued + len(text) <= LIVE_BACKLOG)
+        if lost is not None:
+            self._queue(job, stream, text, lost)
+
+    def job_ended(self, job):
+        """Before the job's callback: a notice of the lines of it that were lost."""
+        for stream, lost in self.take_lost(job):
+            self._queue(job, stream, '', lost)
+
+    def _queue(self, job, stream, text, lost):
+        self.queued += len(text)
+        self.showing[job] += 1
+        self.notifier.put(self.cluster, self._show, (job, stream, text, lost))
+
+    def _show(self, job, stream, text, lost):
+        try:
+            lines = split_lines(text)
+            if lost:
+                lines.insert(0, lost_notice(lost))
+            if self.target is True:
+                self._print(job, stream, lines)
+            else:
+                for line in lines:
+                    self.target(job, stream, line)
+        finally:
+            with self.cond:
+                self.queued -= len(text)
+                self.showing[job] -= 1
+                if not self.showing[job]:
+                    del self.showing[job]
+
+    @staticmethod
+    def _print(job, stream, lines):
+        out = sys.stdout if stream == 'stdout' else sys.stderr
+        prefix = '%s @ %s: ' % (job.id, job.ip_addr)
+        try:
+            out.write(''.join(prefix + line + '\n' for line in lines))
+            out.flush()
+        except (OSError, ValueError):
+            pass        # a closed or broken stream does not stop the cluster
+
+
+def checked_stream_output(value):
+    """``stream_output`` as given to a cluster: False, True or a callable."""
+    if value is None or value is False or value is True or callable(value):
+        return value or False
+    raise ValueError('stream_output must be False, True or a callable f(job, stream, line), '
+                     'not %r' % (value,))
+
+
+# ================================================================================
 # Client API: JobCluster
 # ================================================================================
 
@@ -5358,7 +5562,8 @@ class JobCluster(ClusterHooks):
                  pulse_interval=None, ping_interval=None, reentrant=False, secret=None,
                  keyfile=None, certfile=None, cafile=None, job_timeout=None,
                  max_frame_size=None, host=None, ext_host=None, job_status=None,
-                 dispy_port=None, fresh_process=False, job_retries=0):
+                 dispy_port=None, fresh_process=False, job_retries=0, stream_output=False):
+        stream_output = checked_stream_output(stream_output)
         if loglevel is not None:
             setup_logging(loglevel)
         else:
@@ -5418,12 +5623,17 @@ class JobCluster(ClusterHooks):
             'pulse_interval': pulse_interval or DEFAULT_PULSE_INTERVAL,
             'ping_interval': ping_interval}
         self._max_frame = self._options['max_frame']
+        if stream_output:   # live lines of its jobs (the nodes then send OUTPUT messages)
+            self._package.spec.update(stream_output=True,
+                                      output_keep=live_keep(self._max_frame))
         self._hub = ClientHub.acquire(self._hub_options())
         self._scheduler = self._make_scheduler()
         self._pool = self._scheduler.pool
         self._cond = self._scheduler.cond
         self._notifier = (self._hub.notifier_for(self._scheduler)
-                          if (self._callback or self._status_cb) else None)
+                          if (self._callback or self._status_cb or stream_output) else None)
+        self._live = (LiveOutputSink(stream_output, self, self._notifier, self._cond)
+                      if stream_output else None)
         _live_clusters.add(self)
         self._hub.add_cluster(self, self._scheduler)
 
@@ -5622,6 +5832,10 @@ class JobCluster(ClusterHooks):
     # -- waiting -------------------------------------------------------------------------------
     def _wait_job(self, job, timeout):
         with self._cond:
+            if self._live is not None and threading.current_thread() is not \
+                    self._notifier.thread:      # and its live lines shown
+                return self._cond.wait_for(lambda: job.status in FINAL_STATUSES and
+                                           job not in self._live.showing, timeout)
             return self._cond.wait_for(lambda: job.status in FINAL_STATUSES, timeout)
 
     def wait(self, timeout=None, progress=None):
@@ -5732,6 +5946,10 @@ class JobCluster(ClusterHooks):
     def computation(self, alloc):
         return self._package.for_node(alloc)
 
+    def job_output(self, job, stream, text, dropped):
+        if self._live is not None:
+            self._live.put(job, stream, text, dropped)
+
     def job_file(self, job, path, mode, offset, data, last):
         """A file a job sent with dispy_send_file: saved under the client's working
         directory at the same relative path; never outside it."""
@@ -5820,6 +6038,8 @@ class JobCluster(ClusterHooks):
             if job.start_time and job.end_time:
                 node.cpu_time += max(0.0, job.end_time - job.start_time)
             node.update_time = time.time()
+        if self._live is not None and self._live.lost:     # before the job's callback
+            self._live.job_ended(job)
         if self._notifier is not None:
             if self._callback:
                 self._notifier.put(self, self._callback, (job,))
