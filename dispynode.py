@@ -45,7 +45,8 @@ Processes (jobs never run inside the node process, so a crash cannot take it dow
      │     │         globals, as many as its CPUs once setup ends; ends them all if
      │     │         the node is gone; cleanup at close
      │     └─ worker one job at a time, warm (reused); its own process group, so a
-     │               cancel kills the job and every process it started
+     │               cancel kills the job and every process it started; a thread
+     │               that sends a streamed job's lines (``LiveOutput``, stream_output)
      └─ resource tracker   multiprocessing's (dispy registers nothing with it)
 
 The node talks to each host and each worker over its own ``multiprocessing`` Pipe
@@ -631,7 +632,8 @@ def _restore_environ(snapshot):
 def _run_function(key, attempt, blob, ns, spec, extra):
     saved_globals = dict(ns)
     saved_environ = _environ_snapshot()
-    out, err = io.StringIO(), io.StringIO()
+    live = LiveOutput.streams(key, attempt, spec) if spec.get('stream_output') else None
+    out, err = live or (io.StringIO(), io.StringIO())
     real_out, real_err = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = out, err
     start = time.time()
@@ -653,6 +655,8 @@ def _run_function(key, attempt, blob, ns, spec, extra):
         status = DispyJob.Terminated
     finally:
         sys.stdout, sys.stderr = real_out, real_err
+        if live:
+            LiveOutput.instance.finish(live)    # all it wrote goes before its result
         end = time.time()
         # The next job starts from the globals setup left (rebinding does not leak);
         # in-place changes to objects setup created do persist in this worker.
@@ -675,13 +679,297 @@ def _run_program(key, attempt, blob, ns, spec, extra):
     argv = ([sys.executable, path] if path.endswith('.py') else [path]) + list(args)
     start = time.time()
     try:
-        proc = subprocess.run(argv, cwd=spec['dir'], capture_output=True)
+        if spec.get('stream_output'):
+            code, out, err = _run_program_live(argv, spec, key, attempt)
+        else:
+            proc = subprocess.run(argv, cwd=spec['dir'], capture_output=True)
+            code = proc.returncode
+            out, err = proc.stdout.decode('utf-8', 'replace'), proc.stderr.decode('utf-8',
+                                                                                 'replace')
     except OSError as exc:
         return ('result', key, attempt, DispyJob.Terminated, None, '', '',
                 'cannot run program %s: %s' % (spec['name'], exc), start, time.time())
-    return ('result', key, attempt, DispyJob.Finished, dispy.dumps_blob(proc.returncode),
-            proc.stdout.decode('utf-8', 'replace'), proc.stderr.decode('utf-8', 'replace'),
+    return ('result', key, attempt, DispyJob.Finished, dispy.dumps_blob(code), out, err,
             None, start, time.time())
+
+
+# ================================================================================
+# Live output (stream_output): a worker's side (the node passes it on: _live_output)
+# ================================================================================
+#
+#   job's print ──► LiveStream.write (under LiveOutput.cond): the text kept (_KeptText,
+#        │          for job.stdout) and gathered; its complete lines taken (take_lines)
+#        ▼          once LIVE_BATCH gathered, else by the flusher LIVE_DELAY later
+#   LiveOutput.pending   at most LIVE_BACKLOG characters (more: dropped, counted)
+#        │  sent by the flusher thread (or the writer, past LIVE_BATCH); at the job's
+#        ▼  end (``finish``) the rest, then the RESULT
+#   worker link ('output', key, attempt, [(stream, text, dropped)])
+#        ▼
+#   NodeServer._live_output (I/O loop) → dispy.LiveOutputRelay: OUTPUT to the client,
+#   held to share frames, unless its connection is congested (then dropped, counted)
+
+def _line_pieces(line):
+    """A line cut into pieces of LIVE_LINE_MAX characters (an empty line: itself)."""
+    size = dispy.LIVE_LINE_MAX
+    return [line[i:i + size] for i in range(0, len(line), size)] or ['']
+
+
+def _cut_long_lines(text):
+    """Lines, each one over LIVE_LINE_MAX cut into pieces, each a line of its own."""
+    if len(text) <= dispy.LIVE_LINE_MAX:
+        return text
+    lines = text.split('\n')
+    if max(map(len, lines)) <= dispy.LIVE_LINE_MAX:
+        return text
+    return '\n'.join(piece for line in lines for piece in _line_pieces(line))
+
+
+class _KeptText:
+    """What ``job.stdout`` (or ``stderr``) keeps of a streamed job's stream: all of it
+    up to ``limit`` characters; past that the first and the last half of the limit,
+    with a line between that says how much was left out."""
+
+    def __init__(self, name, limit):
+        self.name = name
+        self.half = max(1, limit // 2)
+        self.head, self.head_size = [], 0
+        self.tail, self.tail_size = collections.deque(), 0
+        self.tail_skip = 0          # characters of tail[0] already left out
+        self.left_out = 0
+
+    def add(self, text):
+        if self.head_size + len(text) <= self.half:
+            self.head.append(text)
+            self.head_size += len(text)
+        else:
+            self._add_past_head(text)
+
+    def _add_past_head(self, text):
+        room = self.half - self.head_size
+        if room > 0:
+            self.head.append(text[:room])
+            self.head_size = self.half
+            text = text[room:]
+        self.tail.append(text)
+        self.tail_size += len(text)
+        excess = self.tail_size - self.half
+        while excess > 0:
+            first = len(self.tail[0]) - self.tail_skip
+            cut = min(first, excess)
+            if cut == first:
+                self.tail.popleft()
+                self.tail_skip = 0
+            else:
+                self.tail_skip += cut
+            self.tail_size -= cut
+            self.left_out += cut
+            excess -= cut
+
+    def text(self):
+        head = ''.join(self.head)
+        tail = ''.join(self.tail)[self.tail_skip:]
+        if not self.left_out:
+            return head + tail
+        return ('%s\n[dispy: %d characters of %s left out here; kept: the first and the '
+                'last %d]\n%s' % (head, self.left_out, self.name, self.half, tail))
+
+
+class LiveStream(io.TextIOBase):
+    """A streamed job's ``sys.stdout`` or ``sys.stderr``: keeps what the job writes
+    (``getvalue()``: job.stdout) and gathers it (``raw``) for the worker's LiveOutput,
+    which takes the complete lines of it (``take_lines``) when LIVE_BATCH characters
+    have gathered or its flusher comes by.  A line without its newline waits for it
+    (or goes in pieces once LIVE_LINE_MAX long, or at the job's end).  The job's
+    threads may write at once; after the job's end their writes are ignored."""
+
+    encoding = 'utf-8'
+    errors = 'strict'
+
+    def __init__(self, live, name, keep):
+        super().__init__()
+        self.live = live
+        self.stream = name
+        self.kept = _KeptText(name, keep)
+        self.raw = []               # written since the last take_lines
+        self.raw_size = 0
+        self.ended = False
+
+    def writable(self):
+        return True
+
+    def write(self, text):
+        if not isinstance(text, str):
+            raise TypeError('write() argument must be str, not %s' % type(text).__name__)
+        live = self.live
+        with live.lock:
+            if self.ended or not text:
+                return len(text)
+            kept = self.kept
+            if kept.head_size + len(text) <= kept.half:    # (kept.add, inlined: hot)
+                kept.head.append(text)
+                kept.head_size += len(text)
+            else:
+                kept.add(text)
+            self.raw.append(text)
+            self.raw_size += len(text)
+            if self.raw_size >= dispy.LIVE_BATCH:
+                self.take_lines()
+            elif not live.gathering:        # the flusher comes by LIVE_DELAY from now
+                live.gathering = True
+                live.cond.notify()
+        return len(text)
+
+    def take_lines(self, last=False):
+        """The complete lines written go to the LiveOutput (``last``: all of it; cond
+        held)."""
+        if not self.raw:
+            return
+        text = ''.join(self.raw) if len(self.raw) > 1 else self.raw[0]
+        end = len(text) if last else text.rfind('\n') + 1
+        if not end and len(text) >= dispy.LIVE_LINE_MAX:    # a long line: its pieces
+            end = len(text) - len(text) % dispy.LIVE_LINE_MAX
+            lines = '\n'.join(_line_pieces(text[:end])) + '\n'
+        else:
+            lines = _cut_long_lines(text[:end])
+        rest = text[end:]
+        self.raw, self.raw_size = ([rest], len(rest)) if rest else ([], 0)
+        if lines:
+            self.live.add(self.stream, lines)
+
+    def flush(self):
+        pass        # what the job wrote goes within LIVE_DELAY anyway
+
+    def getvalue(self):
+        with self.live.cond:
+            return self.kept.text()
+
+
+class LiveOutput:
+    """The live output of the jobs a worker runs (one at a time), on its way to the
+    node (one per worker, made by its first streamed job).  Lines wait in ``pending``
+    (at most LIVE_BACKLOG characters: when the node does not read fast enough more are
+    dropped and counted); a flusher thread sends them LIVE_DELAY after the job wrote
+    (at once when LIVE_BATCH wait), so a line printed before a long computation arrives
+    promptly and lines printed together share a message.
+    ``finish`` sends the rest before the job's result is sent."""
+
+    instance = None             # the one of this worker process
+
+    @classmethod
+    def streams(cls, key, attempt, spec):
+        """(stdout, stderr) LiveStreams of the job starting now."""
+        if cls.instance is None:
+            cls.instance = cls(_JobContext.link)
+        return cls.instance.start(key, attempt, int(spec.get('output_keep')
+                                                  or dispy.LIVE_KEEP))
+
+    def __init__(self, link):
+        self.link = link
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.sending = threading.Lock()     # one batch at a time: they leave in order
+        self.job = None                     # (key, attempt) of the job running
+        self.current = ()                   # its LiveStreams
+        self.pending = []                   # [stream, [texts], characters, dropped before]
+        self.pending_size = 0
+        self.dropped = dict.fromkeys(dispy.OUTPUT_STREAMS, 0)
+        self.gathering = False              # written since the flusher last came by
+        threading.Thread(target=self._flush_loop, daemon=True,
+                         name='dispy-live-output').start()
+
+    def start(self, key, attempt, keep):
+        with self.cond:
+            self.job = (key, attempt)
+            self.current = (LiveStream(self, 'stdout', keep),
+                            LiveStream(self, 'stderr', keep))
+            return self.current
+
+    def add(self, stream, text):
+        """Complete lines of the job (cond held): they wait for the flusher if there
+        is room; what there is no room for is dropped, counted."""
+        room = dispy.LIVE_BACKLOG - self.pending_size
+        if len(text) > room:
+            cut = text.rfind('\n', 0, room) + 1
+            self.dropped[stream] += dispy.count_lines(text[cut:])
+            text = text[:cut]
+            if not text:
+                return
+        last = self.pending[-1] if self.pending else None
+        if last is not None and last[0] == stream and not self.dropped[stream] and \
+                last[2] + len(text) <= dispy.LIVE_BATCH:
+            last[1].append(text)
+            last[2] += len(text)
+        else:
+            self.pending.append([stream, [text], len(text), self.dropped[stream]])
+            self.dropped[stream] = 0
+        self.pending_size += len(text)
+        if self.pending_size >= dispy.LIVE_BATCH:
+            self.cond.notify()
+
+    def finish(self, streams):
+        """The job ended: all it wrote, and the count of what was dropped, go now."""
+        with self.cond:
+            for stream in streams:
+                stream.take_lines(last=True)
+                stream.ended = True
+            for name, lines in self.dropped.items():
+                if lines:
+                    self.pending.append([name, [], 0, lines])
+                    self.dropped[name] = 0
+            self.current = ()
+        self.send_pending()
+
+    def send_pending(self):
+        with self.sending:
+            with self.cond:
+                batch = [(name, ''.join(texts), dropped)
+                         for name, texts, _, dropped in self.pending]
+                self.pending, self.pending_size = [], 0
+                key, attempt = self.job
+            if batch:
+                try:
+                    self.link.send(('output', key, attempt, batch))
+                except OSError:
+                    pass        # the node is gone: the worker ends with the job's result
+
+    def _flush_loop(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.gathering or self.pending)
+                self.cond.wait_for(lambda: self.pending_size >= dispy.LIVE_BATCH,
+                                   dispy.LIVE_DELAY)
+                self.gathering = False
+                for stream in self.current:
+                    stream.take_lines()
+            self.send_pending()
+
+
+def _run_program_live(argv, spec, key, attempt):
+    """A program job whose output streams: its pipes are read as it runs, decoded as
+    UTF-8 (errors replaced) into LiveStreams.  → (exit status, stdout, stderr)."""
+    import codecs
+    import subprocess
+    streams = LiveOutput.streams(key, attempt, spec)
+    # a Python program's print() then reaches its pipe at once, not when a buffer fills
+    env = dict(os.environ, PYTHONUNBUFFERED='1') if argv[0] == sys.executable else None
+    try:
+        proc = subprocess.Popen(argv, cwd=spec['dir'], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        with proc, selectors.DefaultSelector() as pipes:
+            for pipe, stream in zip((proc.stdout, proc.stderr), streams):
+                pipes.register(pipe, selectors.EVENT_READ,
+                               (stream, codecs.getincrementaldecoder('utf-8')('replace')))
+            while pipes.get_map():
+                for ready, _ in pipes.select():
+                    stream, decoder = ready.data
+                    data = os.read(ready.fd, 65536)
+                    stream.write(decoder.decode(data, final=not data))
+                    if not data:
+                        pipes.unregister(ready.fileobj)
+            code = proc.wait()
+    finally:
+        LiveOutput.instance.finish(streams)
+    return code, streams[0].getvalue(), streams[1].getvalue()
 
 
 # ================================================================================
@@ -1609,6 +1897,7 @@ class NodeServer:
         self.pools = set()           # WorkerPool of every computation whose host runs
         self.hosts_done = threading.Condition(self.lock)
         self.receivers = {}          # NodeComputation -> FileReceiver of its folder
+        self.live = dispy.LiveOutputRelay()     # streamed jobs' lines, on to the client
         self.loop = dispy.IOLoop('dispynode-io')     # client connections, worker links
         self.threads = dispy.WorkerThreads(dispy.POOL_THREADS, 'dispynode-work')
         self.service = ServiceControl(config)
@@ -2083,6 +2372,8 @@ class NodeServer:
         if kind == 'result':
             job = comp.pool.job_done(worker)
             self._release_cpu(comp)
+            if self.live.lost and job is not None:     # its live lines, then its result
+                self._live_output_ended(session, job)
             if session is not None and job is not None and session.jobs.get(job.key) is job:
                 reply = Msg.RESULT(*msg[1:])
                 if job.cancelled:
@@ -2093,10 +2384,31 @@ class NodeServer:
             session.conn.send(Msg.PROVISIONAL(*msg[1:]))
         elif kind == 'send_file' and session is not None and session.conn is not None:
             session.conn.send(Msg.SEND_FILE(*msg[1:]))
+        elif kind == 'output':
+            self._live_output(session, worker.job, msg)
+
+    # Live output (stream_output): what a worker sends of its job's lines goes on to the
+    # client in session, but not to a recover_jobs connection (it collects results).
+    def _live_output(self, session, job, msg):
+        _, key, attempt, chunks = msg
+        if job is None or (job.key, job.attempt) != (key, attempt):
+            return
+        conn = self._live_conn(session)
+        for stream, text, dropped in chunks:
+            self.live.pass_on(conn, key, attempt, stream, text, dropped)
+
+    def _live_output_ended(self, session, job):
+        self.live.job_ended(self._live_conn(session), job.key, job.attempt)
+
+    @staticmethod
+    def _live_conn(session):
+        return session.conn if session is not None and session.wanted is None else None
 
     def _on_worker_lost(self, comp, job, pid, how):
         """The worker running ``job`` ended without its result (killed, crashed)."""
         self._release_cpu(comp)
+        if self.live.lost:
+            self._live_output_ended(self.session, job)
         session = self.session
         if session is not None and session.jobs.get(job.key) is job:
             if job.timed_out:
