@@ -784,8 +784,8 @@ class _ConnectionBase:
 #   FILE          a chunk of one of its files  STATE         a job runs (on which node) or
 #   JOB, CANCEL, ACK, PULSE  as to a node                    is queued again
 #   NODE_OP       a cluster method on a node   DONE          a job ended (kept until ACK)
-#   PUT_FILE      send_file chunk (cluster     PROVISIONAL, SEND_FILE, PUT_FILE_DONE, PULSE
-#                 field: the node's address)                 as from a node
+#   PUT_FILE      send_file chunk (cluster     PROVISIONAL, SEND_FILE, PUT_FILE_DONE, PULSE,
+#                 field: the node's address)   OUTPUT        as from a node
 #   ALLOCATED     answers ALLOCATE             NODE_STATUS   a node joined, left, ...
 #   RELEASE       the cluster is closed        ALLOCATE      asks a NodeAllocate subclass
 #                                              OP_DONE       answers NODE_OP
@@ -893,7 +893,7 @@ TO_SCHEDULER = {k.name: k for k in (Msg.CLIENT, Msg.CLUSTER, Msg.FILE, Msg.JOB, 
 FROM_SCHEDULER = {k.name: k for k in (Msg.NODE, Msg.CLUSTER_READY, Msg.STATE, Msg.DONE,
                                       Msg.PROVISIONAL, Msg.SEND_FILE, Msg.PUT_FILE_DONE,
                                       Msg.NODE_STATUS, Msg.ALLOCATE, Msg.OP_DONE,
-                                      Msg.NODE_PULSE)}
+                                      Msg.NODE_PULSE, Msg.OUTPUT)}
 
 
 def message_bulk(msg):
@@ -5347,7 +5347,8 @@ class LiveOutputLosses:
 
 
 class LiveOutputRelay(LiveOutputLosses):
-    """A hop that passes live output on over a connection (a node to its client): OUTPUT messages, held briefly to share frames, unless
+    """A hop that passes live output on over a connection (a node to its client,
+    dispyscheduler to a program): OUTPUT messages, held briefly to share frames, unless
     the connection is congested past LIVE_BACKLOG bytes or there is none (the receiver
     is away): then the lines are dropped and counted, and the count goes with the next
     piece of that stream that does go, or just before the job's result (lock held, on
@@ -6673,6 +6674,11 @@ class RemoteScheduler:
             return
         _provisional(job, result)
 
+    def _on_output(self, msg, _blob, _acks):
+        job = self.jobs.get(msg.key)
+        if job is not None:
+            job._cluster.job_output(job, *checked_output(msg)[2:])
+
     def _on_node_status(self, msg, _blob, _acks):
         if msg.status == SETUP_FAILED:
             logger.error('setup of cluster %s failed on node %s: %s', self.cluster.name,
@@ -6710,7 +6716,7 @@ class RemoteScheduler:
         pass
 
     handlers = {'NODE': _on_node, 'CLUSTER_READY': _on_cluster_ready, 'STATE': _on_state,
-                'DONE': _on_done, 'PROVISIONAL': _on_provisional,
+                'DONE': _on_done, 'PROVISIONAL': _on_provisional, 'OUTPUT': _on_output,
                 'NODE_STATUS': _on_node_status, 'ALLOCATE': _on_allocate,
                 'OP_DONE': _on_op_done, 'PUT_FILE_DONE': _on_put_file_done,
                 'PULSE': _on_pulse}
@@ -6735,7 +6741,7 @@ class SharedJobCluster(JobCluster):
                  secret=None, keyfile=None, certfile=None, cafile=None, job_timeout=None,
                  max_frame_size=None, job_status=None, fresh_process=False,
                  pulse_interval=None, ping_interval=None, node_port=None, job_retries=0,
-                 **ignored):
+                 stream_output=False, **ignored):
         for name, value in (('pulse_interval', pulse_interval), ('ping_interval',
                             ping_interval), ('port', port), ('ip_addr', ip_addr),
                             ('ext_ip_addr', ext_ip_addr)):
@@ -6765,7 +6771,7 @@ class SharedJobCluster(JobCluster):
                             keyfile=keyfile, certfile=certfile, cafile=cafile,
                             job_timeout=job_timeout, max_frame_size=max_frame_size,
                             job_status=job_status, fresh_process=fresh_process,
-                            job_retries=job_retries)
+                            job_retries=job_retries, stream_output=stream_output)
 
     _IGNORED_WHY = {
         'pulse_interval': 'dispyscheduler watches the nodes (its --pulse_interval)',

@@ -364,6 +364,7 @@ class RemoteCluster(dispy.ClusterHooks):
         self.tokens = itertools.count(1)
         self.returning = False      # it existed before this scheduler restarted
         self.received = 0           # the program's highest job key received
+        self.live = dispy.LiveOutputRelay()     # its jobs' live lines (stream_output)
 
     def __repr__(self):
         return '<RemoteCluster %s %s>' % (self.key, self.name)
@@ -665,6 +666,8 @@ class RemoteCluster(dispy.ClusterHooks):
         key = job.client_key
         self.jobs.pop(key, None)
         self.starts.pop(key, None)
+        if self.live.lost:      # the count of its live lines lost, before its DONE
+            self.live.job_ended(self._live_conn(), key, job._attempt)
         if job.ack is None and link is not None and self.state != 'closed':
             job.ack = (link, job._key, job._attempt)    # acknowledged once the program has it
         done = self._within_limit(Msg.DONE(
@@ -689,6 +692,14 @@ class RemoteCluster(dispy.ClusterHooks):
 
     def job_file(self, job, path, mode, offset, data, last):
         self.send(Msg.SEND_FILE(job.client_key, job._attempt, path, mode, offset, data, last))
+
+    def job_output(self, job, stream, text, dropped):
+        self.live.pass_on(self._live_conn(), job.client_key, job._attempt, stream, text,
+                          dropped)
+
+    def _live_conn(self):
+        """Where live output goes: the program, if attached (not recover_jobs)."""
+        return self.conn if not self.recovering else None
 
     # -- what the web monitor (--httpd) may do: JobCluster's methods of the same names -----------
     def is_closed(self):
