@@ -876,6 +876,18 @@ class LiveOutput:
         self.gathering = False              # written since the flusher last came by
         threading.Thread(target=self._flush_loop, daemon=True,
                          name='dispy-live-output').start()
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self):
+        """In a process the job forked (multiprocessing, say): no flusher runs here, and
+        it may have held the locks at the fork, so they are new; what this process
+        writes is ignored (as the output of a function job's children always was)."""
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.sending = threading.Lock()
+        for stream in self.current:
+            stream.ended = True
+        self.current, self.pending, self.pending_size = (), [], 0
 
     def start(self, key, attempt, keep):
         with self.cond:

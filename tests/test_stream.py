@@ -10,8 +10,9 @@ what it drops.  Then through real ``dispynode.py`` processes on loopback
 Classes, by topic:
 
     LiveOutputPartsTest   _KeptText, LiveStream / LiveOutput with a fake link (lines,
-                          long lines, the last partial line, a blocked link), the
-                          relay's drop counts, stream_output values refused
+                          long lines, the last partial line, a blocked link, a child
+                          the job forks), the relay's drop counts, stream_output
+                          values refused
     StreamNodeTest        lines reach the client while the job runs (callback and
                           printed with their prefix, stdout to stdout, stderr to
                           stderr); job.stdout whole at the end; a program job streams;
@@ -123,6 +124,12 @@ class FakeConn:
         self.sent.append(dispy.Msg.OUTPUT.read(msg))
 
 
+def reaped(pid):
+    """(pid, wait status) once the child ``pid`` has ended (reaped), else None."""
+    done = os.waitpid(pid, os.WNOHANG)
+    return done if done[0] else None
+
+
 class LiveOutputPartsTest(unittest.TestCase):
 
     def live(self, link):
@@ -182,6 +189,24 @@ class LiveOutputPartsTest(unittest.TestCase):
         self.assertGreater(dropped['stdout'], 0)
         self.assertEqual(len(lines['stdout']) + dropped['stdout'], written)
         self.assertTrue(all(text == 'z' * 99 for text in lines['stdout']))
+
+    def test_a_process_the_job_forks_does_not_hang_on_its_output(self):
+        """A child forked while the flusher held the lock can still print (its output
+        is ignored, as a function job's children's always was)."""
+        live, (out, err) = self.live(FakeLink())
+        with live.lock:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    print('from the child', file=out)
+                    out.flush()
+                finally:
+                    os._exit(0 if 'from the child' not in out.getvalue() else 1)
+        self.addCleanup(support.kill_pids, [pid])
+        ended = support.wait_until(lambda: reaped(pid), T, 0.01)
+        self.assertTrue(ended, 'the forked child hangs')
+        self.assertEqual(os.waitstatus_to_exitcode(ended[1]), 0)
+        live.finish((out, err))
 
     def test_relay_counts_what_it_drops_and_reports_it(self):
         """A congested connection drops OUTPUT; the next piece that goes carries the
