@@ -5371,7 +5371,7 @@ class LiveOutputSink(LiveOutputLosses):
     """Where a cluster's live output ends (``stream_output``): ``True`` prints each
     line on the client's stdout or stderr as ``<job id> @ <node>: <line>``; a callable
     is called ``f(job, stream, line)``.  Both on the cluster's notifier thread (never
-    the I/O loop: a blocked terminal or a slow callback stalls nothing else), in order
+    the I/O loop: a blocked terminal or a slow callback stalls no connection), in order
     with the cluster's callbacks, so a job's lines come before its callback, and
     ``job()`` and ``cluster.wait()`` return after they are shown.  At most LIVE_BACKLOG
     characters wait for that thread; more is dropped, counted, and shown as one notice
