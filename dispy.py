@@ -1673,6 +1673,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def authenticate(self, sock, addr):
         """(channel, CLIENT info) of an authenticated client, or None (logged, closed)."""
         ssl_context, secret, max_frame, hello = self.credentials()
+        channel = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
@@ -1690,6 +1691,10 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
                 pass
             if not isinstance(exc, self.REFUSALS):
                 raise       # handle_error logs it
+            if channel is not None and channel.peer_info.get('role') == 'doctor':
+                logger.info('connection from %s: dispy.py --doctor checked the handshake',
+                            addr[0])    # it hangs up once authenticated: no refusal
+                return None
             logger.warning('connection from %s refused: %s', addr[0], exc)
             return None
 
@@ -6875,7 +6880,7 @@ def parse_program_args(parser, argv, program, secret_files=()):
     if config.save_config:
         values = {k: os.path.abspath(v) if v and isinstance(v, str) and _PATH_OPTION.search(k)
                   else v for k, v in vars(config).items()
-                  if k not in ('config', 'save_config', 'clean')}   # paths: from anywhere
+                  if k not in ('config', 'save_config', 'clean', 'check')}  # paths: anywhere
         try:
             fd = os.open(config.save_config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)        # an existing file too
@@ -7047,6 +7052,7 @@ def finish_program_config(config, program):
     """The options every program has, in the form the code uses: addresses resolved,
     --zombie_interval in seconds, --max_frame_size as ``max_frame``, an absolute
     --dest_path_prefix."""
+    config.ip_names = list(config.ip_addrs)      # as given (the doctor names host names)
     config.ip_addrs = [resolve_or_exit(a, program) for a in config.ip_addrs]
     config.ext_ip_addrs = [resolve_or_exit(a, program) for a in config.ext_ip_addrs]
     config.zombie_interval = max(0.0, config.zombie_interval) * 60
@@ -7085,6 +7091,800 @@ class SubmoduleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 if __name__ != '__main__':
     SubmoduleAliases(sys.modules[__name__], {'httpd': 'dispyhttpd'})
+
+
+# ================================================================================
+# Doctor: what usually goes wrong, checked
+# ================================================================================
+#
+# ``python dispy.py --doctor [NODE ...]`` (doctor_main: a client's view of its nodes)
+# and ``dispynode.py --check`` (program_checks: a node about to serve) share these
+# checks.  Each check gives a CheckResult; a Doctor prints each as it comes, one line
+# (ok / warn / FAIL, the check's name, what was found) with the fix under a warning
+# or failure, then a summary, and gives the exit status: 1 if anything failed.
+# Nothing here runs unless one of those commands is given.
+#
+#   doctor_main ─┬─ NODE given:   NodeProbe per node: resolve → tcp → tls → dispy
+#                │                handshake (secret, version) → udp ping
+#                └─ none given:   addresses, host-name trap, a broadcast ping
+#                                 (discover_nodes), then NodeProbe of who answered
+#   dispynode --check: addresses, host-name trap, ports (and who holds them), secret,
+#                TLS files, --dest_path_prefix; dispynode adds its fork server
+
+DOCTOR_TIMEOUT = 3.0            # seconds each probe (connect, handshake, ping) may take
+DOCTOR_HELLO = {'role': 'doctor'}
+DOCTOR_MAX_FOUND = 16           # nodes found by broadcast that are probed further
+
+
+class CheckResult(collections.namedtuple('CheckResult', 'name level detail fix')):
+    """The outcome of one check: ``level`` is OK, WARN (advisory: the run still
+    passes) or FAIL; ``detail`` says what was found, ``fix`` what to do about it."""
+
+    __slots__ = ()
+    OK, WARN, FAIL = 'ok', 'warn', 'FAIL'
+
+    @classmethod
+    def ok(cls, name, detail):
+        return cls(name, cls.OK, detail, '')
+
+    @classmethod
+    def warn(cls, name, detail, fix):
+        return cls(name, cls.WARN, detail, fix)
+
+    @classmethod
+    def fail(cls, name, detail, fix):
+        return cls(name, cls.FAIL, detail, fix)
+
+    @property
+    def failed(self):
+        return self.level == self.FAIL
+
+
+class Doctor:
+    """Prints CheckResults as they come (to ``out``) and keeps them: ``finish()``
+    prints the summary and returns the exit status (0: nothing failed)."""
+
+    def __init__(self, title, out=None):
+        self.title = title
+        self.out = out or sys.stdout
+        self.results = []
+
+    def add(self, result):
+        if result is None:          # a check that does not apply
+            return
+        self.results.append(result)
+        print('%-4s  %-9s  %s' % (result.level, result.name, result.detail), file=self.out,
+              flush=True)
+        if result.fix and result.level != CheckResult.OK:
+            print(textwrap.fill(result.fix, 92, initial_indent='      fix: ',
+                                subsequent_indent='           '), file=self.out, flush=True)
+
+    def add_all(self, results):
+        for result in results:
+            self.add(result)
+
+    def finish(self):
+        failed = [r.name for r in self.results if r.failed]
+        warned = sum(r.level == CheckResult.WARN for r in self.results)
+        warnings = ' (%d warning%s)' % (warned, 's' * (warned != 1)) if warned else ''
+        if failed:
+            text = '%d of %d checks failed: %s%s' % (len(failed), len(self.results),
+                                                     ', '.join(failed), warnings)
+        else:
+            text = 'all %d checks passed%s' % (len(self.results), warnings)
+        print('%s: %s' % (self.title, text), file=self.out, flush=True)
+        return 1 if failed else 0
+
+
+# -- this machine's addresses ------------------------------------------------------
+
+def _is_address(text):
+    """True if ``text`` is an IPv4 or IPv6 address (not a host name)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, text.split('%', 1)[0])
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def _lan_addresses(addrs):
+    """The addresses other machines could reach: neither loopback nor link-local."""
+    return [a for a in addrs if not is_loopback(a) and not a.lower().startswith('fe80:')]
+
+
+def host_name_trap(host_name, host_addrs, local_addrs):
+    """The host-name trap, from what ``host_name`` resolves to (``host_addrs``) and
+    this machine's interface addresses (``local_addrs``).  Many distributions map
+    the host name to 127.0.1.1 in /etc/hosts, so a program told to use "this host"
+    by name gets loopback, which no other machine reaches.  Advisory (WARN): dispy
+    takes its own addresses from the interfaces; only what is given the host name
+    (``-i $(hostname)``, dispyscheduler's default scheduler_node, a peer naming this
+    machine) is caught."""
+    name = 'host name'
+    lan = _lan_addresses(local_addrs)
+    if not host_addrs:
+        return CheckResult.warn(name, '%r does not resolve' % host_name,
+                                'map it to this machine\'s address in /etc/hosts (or DNS): '
+                                'whatever is given the host name fails (-i %s, '
+                                'SharedJobCluster\'s default scheduler_node)' % host_name)
+    shown = '%r resolves to %s' % (host_name, ', '.join(host_addrs))
+    if not lan:
+        return CheckResult.ok(name, shown + '; this machine has loopback only')
+    if all(is_loopback(a) for a in host_addrs):
+        return CheckResult.warn(
+            name, '%s (loopback), while this machine has %s' % (shown, ', '.join(lan)),
+            'give ip_addr= (client) or -i (node) the address other machines reach (e.g. '
+            '%s), not the host name; or map %r to it in /etc/hosts' % (lan[0], host_name))
+    if not any(a in local_addrs for a in host_addrs):
+        return CheckResult.warn(
+            name, '%s: no address of this machine (%s)' % (shown, ', '.join(lan)),
+            'fix /etc/hosts or DNS: peers that name this machine reach another one')
+    return CheckResult.ok(name, shown)
+
+
+def check_addresses(names, addrs, local_addrs, broadcasts=()):
+    """The addresses a program would use: ``names`` as given (``-i``) and ``addrs``
+    the same resolved (None: does not resolve); none given: every interface
+    (``local_addrs``, broadcasting to ``broadcasts``)."""
+    name = 'addresses'
+    lan = _lan_addresses(local_addrs)
+    if not names:
+        return CheckResult.ok(name, 'every interface: %s; broadcasts to %s' % (
+            ', '.join(lan + [a for a in local_addrs if is_loopback(a)]) or 'none',
+            ', '.join(broadcasts) or 'none (loopback only)'))
+    for given, addr in zip(names, addrs):
+        if addr is None:
+            return CheckResult.fail(name, '%r does not resolve' % given,
+                                    'give an address of this machine (%s)'
+                                    % ', '.join(lan or local_addrs))
+        if addr.split('%')[0] not in local_addrs and not is_loopback(addr):
+            return CheckResult.fail(name, '%s is not an address of this machine' % given,
+                                    'give one of its addresses: %s' % ', '.join(
+                                        lan or local_addrs))
+        if is_loopback(addr) and not _is_address(given) and given != 'localhost' and lan:
+            return CheckResult.fail(
+                name, '%r resolves to %s (loopback): the host-name trap' % (given, addr),
+                'give the address other machines reach instead (e.g. -i %s), or map %r '
+                'to it in /etc/hosts' % (lan[0], given))
+    used = ', '.join(n if n == a else '%s (%s)' % (n, a) for n, a in zip(names, addrs))
+    if all(is_loopback(a) for a in addrs):
+        used += ': loopback only, so only programs on this machine'
+    return CheckResult.ok(name, used)
+
+
+# -- files -------------------------------------------------------------------------
+
+def check_tls_files(certfile, keyfile=None, cafile=None, server_side=False):
+    """The TLS files load (certificate and key match) and the certificate verifies
+    against the trust anchor peers use (``cafile``, else itself): not expired, not
+    yet to come.  None without any TLS option."""
+    name = 'tls files'
+    if not certfile:
+        if keyfile or cafile:
+            return CheckResult.fail(name, '--keyfile / --cafile without --certfile: TLS '
+                                    'is off', 'give --certfile too (or neither)')
+        return None
+    try:
+        make_ssl_context(server_side, certfile, keyfile, cafile)
+    except ssl.SSLError as exc:
+        return CheckResult.fail(name, 'the TLS files do not load: %s' % exc,
+                                'certfile must be a PEM certificate with its private key '
+                                'in it or in --keyfile (the key of that certificate); '
+                                'cafile PEM CA certificates')
+    except OSError as exc:
+        files = exc.filename or ', '.join(f for f in (certfile, keyfile, cafile) if f)
+        return CheckResult.fail(name, 'cannot read %s: %s' % (files, exc.strerror or exc),
+                                'check the path and that this user may read it')
+    error = _tls_self_check(certfile, keyfile, cafile)
+    if error is None:
+        return CheckResult.ok(name, '%s loads and verifies against %s' % (
+            certfile, cafile or 'itself'))
+    return _tls_verify_failure(name, error, certfile, cafile)
+
+
+def _tls_self_check(certfile, keyfile, cafile, timeout=10.0):
+    """Our certificate shown to ourselves over a socket pair (no network): None if
+    both ends accept it, as peers with the same trust anchor would, else the error."""
+    server = make_ssl_context(True, certfile, keyfile, cafile)
+    client = make_ssl_context(False, certfile, keyfile, cafile)
+    ends = socket.socketpair()
+    errors = []
+
+    def serve():
+        try:
+            with server.wrap_socket(ends[0], server_side=True) as sock:
+                sock.recv(1)        # TLS 1.3: the client's certificate is checked here
+        except OSError as exc:
+            errors.append(exc)
+    try:
+        for end in ends:
+            end.settimeout(timeout)
+        thread = threading.Thread(target=serve, daemon=True, name='dispy-doctor-tls')
+        thread.start()
+        try:
+            with client.wrap_socket(ends[1], server_side=False) as sock:
+                sock.sendall(b'x')
+        except OSError as exc:
+            errors.insert(0, exc)
+        thread.join(timeout)
+    finally:
+        for end in ends:
+            end.close()
+    return errors[0] if errors else None
+
+
+def _tls_verify_failure(name, error, certfile, cafile):
+    code = getattr(error, 'verify_code', None)
+    if code in (9, 10):         # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+        return CheckResult.fail(name, 'the certificate in %s %s' % (
+            certfile, 'has expired' if code == 10 else 'is not valid yet (check the clock)'),
+            'make a new one and give it to every side, e.g. openssl req -x509 -newkey '
+            'rsa:2048 -nodes -days 365 -subj /CN=dispy -keyout kc.pem -out kc.pem')
+    detail = 'the certificate in %s does not verify against %s: %s' % (
+        certfile, cafile or 'itself', getattr(error, 'verify_message', None) or error)
+    if cafile:                  # peers may trust it through another CA of their own
+        return CheckResult.warn(name, detail, 'peers must trust this certificate through '
+                                'their --cafile; usually the same CA signs every side')
+    return CheckResult.fail(name, detail, 'without --cafile peers trust exactly this '
+                            'certificate: give every side the same self-signed file, or '
+                            'give --cafile the CA that signed it')
+
+
+def check_folder(path, option='--dest_path_prefix'):
+    """``path`` is a folder this user may write in, or may be made."""
+    name = 'folder'
+    existing = path
+    for _ in range(path.count(os.sep) + 1):        # the nearest folder that exists
+        if os.path.exists(existing):
+            break
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return CheckResult.fail(name, '%s: %s is not a folder' % (path, existing),
+                                'give %s a folder' % option)
+    if existing != path:
+        if os.access(existing, os.W_OK | os.X_OK):
+            return CheckResult.ok(name, '%s will be made (in %s)' % (path, existing))
+        return CheckResult.fail(name, '%s cannot be made: %s is not writable' % (
+            path, existing), 'give %s a folder this user may write' % option)
+    probe = os.path.join(path, '.dispy-check-%s' % uuid.uuid4().hex[:12])
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        return CheckResult.fail(name, 'cannot write in %s: %s' % (path, exc.strerror),
+                                'give %s a folder this user may write (or fix its '
+                                'permissions)' % option)
+    return CheckResult.ok(name, '%s is writable' % path)
+
+
+# -- a node, as a client sees it -----------------------------------------------------
+
+class NodeProbe:
+    """Checks one node as a client reaches it: its name resolves; its TCP port takes
+    connections; TLS and dispy's handshake succeed with our files and secret (and if
+    not, which side is wrong); its UDP port answers an authenticated ping.
+    ``checks()`` yields a CheckResult as each is known."""
+
+    def __init__(self, host, port, secret='', ssl_context=None, timeout=DOCTOR_TIMEOUT,
+                 ip_addr=None):
+        self.host = host
+        self.port = port
+        self.secret = secret or ''
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.ip_addr = ip_addr
+        self.addr = host if _is_address(host) else None     # checks() resolves a name
+        self.where = '%s:%d' % (host, port)
+
+    def checks(self):
+        self.addr = resolve_host(self.host)
+        if self.addr is None:
+            yield CheckResult.fail('resolve', '%s does not resolve' % self.host,
+                                   'check the name, or give the node\'s address')
+            return
+        if self.addr != self.host:
+            yield CheckResult.ok('resolve', '%s is %s' % (self.host, self.addr))
+        self.where = '%s:%d' % ('[%s]' % self.addr if ':' in self.addr else self.addr,
+                                self.port)
+        tcp_ok = yield from self._tcp_checks()
+        yield self._udp_check(tcp_ok)
+
+    # -- TCP: connect, TLS, handshake ------------------------------------------------
+    def connect(self):
+        return socket.create_connection((self.addr, self.port), self.timeout)
+
+    def attempt(self, secret, sock=None):
+        """One connection (``sock``, else a new one) through our TLS (if any) and the
+        dispy handshake with ``secret``: (channel, None), or (None, (stage,
+        exception)), stage 'tcp', 'tls' or 'handshake'."""
+        stage = 'tcp'
+        try:
+            sock = sock or self.connect()
+            stage = 'tls'
+            if self.ssl_context is not None:
+                sock = self.ssl_context.wrap_socket(sock, server_side=False,
+                                                    do_handshake_on_connect=False)
+                sock.do_handshake()
+            stage = 'handshake'
+            return handshake(sock, secret, True, DOCTOR_HELLO, timeout=self.timeout), None
+        except (OSError, ProtocolError) as exc:
+            if sock is not None:
+                sock.close()
+            logger.debug('doctor: %s: %s failed: %r', self.where, stage, exc)
+            return None, (stage, exc)
+
+    def _tcp_checks(self):
+        try:
+            sock = self.connect()
+        except OSError as exc:
+            yield self._connect_failure(exc)
+            return False
+        yield CheckResult.ok('tcp', '%s: connected (from %s)' % (self.where,
+                                                                  sock.getsockname()[0]))
+        channel, error = self.attempt(self.secret, sock)
+        if channel is None:
+            yield self._handshake_failure(*error)
+            return True
+        info = channel.peer_info
+        channel.close()
+        yield CheckResult.ok('tls', '%s: %s' % (self.where, 'TLS accepted both ways'
+                                                if self.ssl_context is not None else
+                                                'not used (by either side)'))
+        yield CheckResult.ok('secret', '%s: %s' % (self.where, 'the node accepts our '
+                                                   'secret' if self.secret else
+                                                   'none needed (by either side)'))
+        yield CheckResult.ok('version', '%s: dispy protocol %s; a dispy %s named %r' % (
+            self.where, info.get('version'), info.get('role', 'program'), info.get('name')))
+        return True
+
+    def _connect_failure(self, exc):
+        port = self.port
+        if isinstance(exc, ConnectionRefusedError):
+            return CheckResult.fail('tcp', '%s: connection refused' % self.where,
+                                    'nothing listens on TCP %d there: start dispynode on '
+                                    'that host, or give the port it serves on (NODE:PORT, '
+                                    '--node_port)' % port)
+        if isinstance(exc, socket.timeout):
+            return CheckResult.fail('tcp', '%s: connect timed out after %.1f s' % (
+                self.where, self.timeout), 'packets to TCP %d are dropped on the way: a '
+                'firewall (on the node\'s host or between) - open TCP and UDP %d there; '
+                'or the host is down' % (port, port))
+        if exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+            return CheckResult.fail('tcp', '%s: unreachable (%s)' % (self.where,
+                                                                     exc.strerror),
+                                    'no route from here to %s: check the address, this '
+                                    'machine\'s network and routes (a firewall that rejects '
+                                    'with "host unreachable" looks the same)' % self.addr)
+        return CheckResult.fail('tcp', '%s: %s' % (self.where, exc),
+                                'check the address and the port')
+
+    def _handshake_failure(self, stage, exc):
+        """The CheckResult of a failed TLS or dispy handshake, probing again where that
+        tells which side is wrong."""
+        where = self.where
+        if isinstance(exc, VersionError):
+            return CheckResult.fail('version', '%s: %s' % (where, exc),
+                                    'run the same dispy release on clients and nodes')
+        if isinstance(exc, AuthError):
+            return self._secret_failure(exc)
+        if isinstance(exc, ssl.SSLError) or stage == 'tls':
+            return self._tls_failure(exc, tls_done=stage == 'handshake')
+        text = str(exc)
+        if self.ssl_context is None and self._wants_tls(exc):
+            return CheckResult.fail('tls', '%s: the node uses TLS, this side does not' % where,
+                                    'give --certfile (and --keyfile): the node\'s '
+                                    'certificate, or one its --cafile trusts')
+        if 'not a dispy program' in text:
+            return CheckResult.fail('handshake', '%s: %s' % (where, text),
+                                    'something else listens on this port: give the dispy '
+                                    'node\'s port (NODE:PORT, --node_port)')
+        if isinstance(exc, socket.timeout):
+            return CheckResult.fail('handshake', '%s: no answer to the handshake in %.1f s'
+                                    % (where, self.timeout), 'the node may be overloaded, '
+                                    'or what listens there is not dispy')
+        maybe = (' (with TLS: it may refuse our certificate: its --cafile, or its '
+                 '--certfile, must trust ours)' if self.ssl_context is not None else '')
+        return CheckResult.fail('handshake', '%s: the node ended the handshake (%s)' % (
+            where, text), 'the node\'s log says why ("connection from ... refused: ...")'
+            + maybe)
+
+    def _tls_failure(self, exc, tls_done=False):
+        """``tls_done``: the TLS handshake ended here and the first read failed: with
+        TLS 1.3 that is how a server refuses the client's certificate."""
+        where, reason = self.where, str(exc)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            return CheckResult.fail('tls', '%s: the node\'s certificate is not trusted: %s'
+                                    % (where, exc.verify_message), 'give this side the '
+                                    'node\'s certificate (the same --certfile on both '
+                                    'sides) or the CA that signed it (--cafile)')
+        if tls_done or 'ALERT' in reason.upper():
+            return CheckResult.fail('tls', '%s: the node refused our certificate (%s)' % (
+                where, reason), 'the node\'s --cafile (or, without one, its --certfile) '
+                'must trust this side\'s certificate')
+        if self._speaks_plain_dispy():
+            return CheckResult.fail('tls', '%s: the node does not use TLS, this side does'
+                                    % where, 'start the node with --certfile (and '
+                                    '--keyfile), or give no --certfile here')
+        return CheckResult.fail('tls', '%s: TLS handshake failed: %s' % (where, reason),
+                                'check that both sides use certificates they trust')
+
+    def _secret_failure(self, exc):
+        where = self.where
+        if 'rejected' not in str(exc):      # the node's proof failed, not ours
+            return CheckResult.fail('secret', '%s: the node could not prove it knows our '
+                                    'secret' % where, 'this may not be the node you think '
+                                    '(another program, or something in between)')
+        if not self.secret:
+            return CheckResult.fail('secret', '%s: the node wants a secret; none was given'
+                                    % where, 'give the node\'s secret: -s SECRET or '
+                                    '--secret_file FILE (secret= of JobCluster, DISPY_SECRET)')
+        channel, _error = self.attempt('')
+        if channel is not None:
+            channel.close()
+            return CheckResult.fail('secret', '%s: the node has no secret; this side gave '
+                                    'one' % where, 'give no secret here, or start the node '
+                                    'with -s SECRET (or --secret_file)')
+        return CheckResult.fail('secret', '%s: the node refused our secret (the secrets '
+                                'differ)' % where, 'give both sides the same secret '
+                                '(dispynode -s / --secret_file; secret= of JobCluster)')
+
+    def _wants_tls(self, exc):
+        """Whether the node that ended our plain handshake with ``exc`` speaks TLS."""
+        if 'peer speaks TLS' in str(exc):
+            return True
+        return not isinstance(exc, socket.timeout) and self._speaks_tls()
+
+    def _speaks_tls(self):
+        """Whether the node answers a TLS client hello (certificates not checked)."""
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.check_hostname = False
+        probe.verify_mode = ssl.CERT_NONE
+        try:
+            with self.connect() as raw, probe.wrap_socket(raw, server_side=False,
+                                                          do_handshake_on_connect=False) as sock:
+                sock.do_handshake()
+            return True
+        except ssl.SSLError as exc:      # an alert: TLS spoken (it wants a certificate)
+            return 'ALERT' in str(exc).upper()
+        except OSError:
+            return False
+
+    def _speaks_plain_dispy(self):
+        """Whether the node answers a dispy hello sent without TLS."""
+        steps = handshake_steps(self.secret, True, DOCTOR_HELLO)
+        try:
+            with self.connect() as sock:
+                sock.sendall(next(steps)[1])
+                head = _recv_exact(sock, 6, time.monotonic() + self.timeout)
+            return head[:4] == b'DSPY'
+        except (OSError, ProtocolError):
+            return False
+
+    # -- UDP: discovery -----------------------------------------------------------------
+    def _udp_check(self, tcp_ok):
+        source = self.ip_addr if self.ip_addr and (
+            is_loopback(self.ip_addr) == is_loopback(self.addr)) else None
+        answer, src = _ping_and_wait(self.secret, [sockaddr(self.addr, self.port)],
+                                     self.timeout, source, first_only=True)
+        where, port = self.where, self.port
+        if answer is None:
+            if tcp_ok:
+                return CheckResult.fail(
+                    'udp', '%s: no answer to a ping on UDP %d in %.1f s (TCP works)' % (
+                        where, port, self.timeout),
+                    'UDP %d is blocked on the way (a firewall), or the node is out of its '
+                    'service hours: open UDP %d for discovery, or name the node (nodes= of '
+                    'JobCluster): a named node is dialed over TCP, discovery or not'
+                    % (port, port))
+            return CheckResult.fail('udp', '%s: no answer to a ping on UDP %d either'
+                                    % (where, port), 'see the tcp check: the node does not '
+                                    'run there, or its host is not reachable')
+        if answer.get('t') == 'nak':
+            return CheckResult.fail('udp', '%s: the node answered the ping with a NAK: it '
+                                    'does not know our secret' % where,
+                                    'give both sides the same secret (see the secret check)')
+        return CheckResult.ok('udp', '%s: %s' % (where, describe_pong(answer, src)))
+
+
+def describe_pong(msg, src):
+    """A node's answer to a ping, in words."""
+    text = 'pong from %s: node %r, %s CPUs, %s' % (
+        src[0], msg.get('name'), msg.get('cpus'),
+        'serving a client' if msg.get('busy') else 'free')
+    if msg.get('ip'):
+        text += ', advertised as %s:%s' % (msg.get('ip'), msg.get('port'))
+    return text
+
+
+def _ping_and_wait(secret, dests, timeout, ip_addr=None, first_only=False):
+    """Sends an authenticated ping to ``dests`` (socket addresses: a node, or
+    broadcast addresses) up to three times in ``timeout`` seconds, from a port of its
+    own, and collects answers: a pong, or a NAK from a node with another secret.
+    ``first_only``: (first answer, its source) or (None, None); else [(answer,
+    source)] of everything that came."""
+    family = node_address_family(dests[0][0])
+    any_addr = '' if family == socket.AF_INET else '::'
+    answers = []
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        if family == socket.AF_INET:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        bind_to = ip_addr if ip_addr and node_address_family(ip_addr) == family else any_addr
+        sock.bind(sockaddr(bind_to, 0))
+        # the node answers where the ping came from; no dispynetrelay repeats a probe
+        ping = pack_datagram(secret, dict(Datagram.ping('dispy-doctor', sock.getsockname()[1]),
+                                          relayed=True))
+        start = time.monotonic()
+        deadline, sent = start + timeout, 0
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if sent < 3 and now >= start + sent * timeout / 3:
+                for dest in dests:
+                    try:
+                        sock.sendto(ping, dest)
+                    except OSError as exc:
+                        logger.debug('doctor: ping to %s failed: %s', dest[0], exc)
+                sent += 1
+            sock.settimeout(max(0.01, min(deadline, start + sent * timeout / 3) - now))
+            try:
+                data, src = sock.recvfrom(MAX_HANDSHAKE_MSG + 64)
+            except socket.timeout:
+                continue
+            except OSError:         # an ICMP error on this socket: no answer from there
+                continue
+            msg, good = unpack_datagram(secret, data)
+            if msg is None or (msg.get('t') != 'pong' if good else msg.get('t') != 'nak'):
+                continue
+            if first_only:
+                return msg, src
+            if src[0] not in [s[0] for _m, s in answers]:
+                answers.append((msg, src))
+    return (None, None) if first_only else answers
+
+
+def discover_nodes(secret, port, ip_addrs, timeout):
+    """A broadcast discovery ping: (CheckResult, [(host, port) of nodes that answered
+    with a pong])."""
+    name = 'discovery'
+    bcasts = broadcast_addresses(ip_addrs or None)
+    if not bcasts:
+        return CheckResult.warn(name, 'no interface to broadcast on (%s)' % (
+            'loopback only' if not ip_addrs else '-i ' + ', '.join(ip_addrs)),
+            'name the nodes: dispy.py --doctor NODE ... (nodes= of JobCluster)'), []
+    answers = _ping_and_wait(secret, [(b, port) for b in bcasts], timeout,
+                             ip_addrs[0] if ip_addrs else None)
+    pongs = [(m, s) for m, s in answers if m.get('t') == 'pong']
+    naks = [s[0] for m, s in answers if m.get('t') == 'nak']
+    if naks:
+        return CheckResult.fail(name, '%s answered the broadcast but do%s not know our '
+                                'secret' % (', '.join(naks), 'es' * (len(naks) == 1)),
+                                'give both sides the same secret (-s / --secret_file)'), \
+            _found(pongs, port)
+    if not pongs:
+        return CheckResult.fail(
+            name, 'no node answered a ping broadcast to %s on UDP %d in %.1f s' % (
+                ', '.join(bcasts), port, timeout),
+            'start dispynode on the nodes (with the same port: --node_port); broadcasts '
+            'stay in this network: name nodes beyond a router (dispy.py --doctor NODE, '
+            'nodes= of JobCluster) or run dispynetrelay there; a firewall may drop UDP %d'
+            % port), []
+    return CheckResult.ok(name, '%d node(s) answered a broadcast to %s: %s' % (
+        len(pongs), ', '.join(bcasts), '; '.join(describe_pong(m, s) for m, s in pongs))), \
+        _found(pongs, port)
+
+
+def _found(pongs, port):
+    found = []
+    for msg, src in pongs[:DOCTOR_MAX_FOUND]:
+        try:
+            found.append((msg.get('ip') or src[0], int(msg.get('port') or port)))
+        except (TypeError, ValueError):
+            continue
+    return found
+
+
+# -- a program about to serve (dispynode --check) ----------------------------------------
+
+def check_listen_port(addr, port, secret, ssl_context, port_owner=None,
+                      timeout=DOCTOR_TIMEOUT):
+    """TCP and UDP ``port`` can be bound on ``addr`` ('' = every interface) as a
+    node binds them; if not, who holds them and whether a dispy program answers."""
+    name = 'port'
+    where = '%s:%d' % (addr or '*', port)
+    if port == 0:
+        return CheckResult.ok(name, 'any free port (0): clients must be told which')
+    problems = []
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        family = node_address_family(addr) if addr else socket.AF_INET
+        with socket.socket(family, kind) as sock:
+            if kind == socket.SOCK_STREAM:      # as the listener: TIME_WAIT is no conflict
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(sockaddr(addr, port) if addr else ('', port))
+            except OSError as exc:
+                problems.append(('TCP' if kind == socket.SOCK_STREAM else 'UDP', exc))
+    if not problems:
+        return CheckResult.ok(name, 'TCP and UDP %s are free' % where)
+    proto, exc = problems[0]
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return CheckResult.fail(name, '%s: %s is not an address of this machine' % (
+            where, addr), 'give -i one of this machine\'s addresses')
+    if exc.errno != errno.EADDRINUSE:
+        return CheckResult.fail(name, 'cannot bind %s %s: %s' % (proto, where, exc.strerror),
+                                'choose another port (-p); ports below 1024 need root')
+    owner = port_owner(port) if port_owner is not None else None
+    held = '%s %s is in use%s' % ('/'.join(p for p, _e in problems), where,
+                                  ' (by %s)' % owner if owner else '')
+    if proto == 'UDP':
+        return CheckResult.warn(name, held + '; TCP is free',
+                                'a dispynetrelay started before the node gives the UDP '
+                                'port up: fine; anything else: stop it, or choose another '
+                                'port (-p)')
+    answer = identify_listener(addr or '127.0.0.1', port, secret, ssl_context, timeout)
+    return CheckResult.fail(name, '%s; %s' % (held, answer),
+                            'stop that program, or give this node another port (-p)')
+
+
+def identify_listener(addr, port, secret, ssl_context, timeout=DOCTOR_TIMEOUT):
+    """What answers on TCP ``addr:port``, in words (a dispy node already running?)."""
+    channel, error = NodeProbe(addr, port, secret, ssl_context, timeout).attempt(secret)
+    if channel is not None:
+        info = channel.peer_info
+        channel.close()
+        return 'a dispy %s named %r answers there: it runs already' % (
+            info.get('role', 'program'), info.get('name'))
+    exc = error[1]
+    if isinstance(exc, AuthError):
+        return 'a dispy program with another secret answers there'
+    if isinstance(exc, VersionError):
+        return 'a dispy program of another protocol version answers there'
+    return 'what answers there does not complete a dispy handshake (%s)' % exc
+
+
+def check_program_secret(secret, ip_addrs):
+    """A program serving beyond loopback without a secret runs anyone's code."""
+    name = 'secret'
+    if secret:
+        return CheckResult.ok(name, 'given (clients must give the same)')
+    if ip_addrs and all(is_loopback(a) for a in ip_addrs):
+        return CheckResult.ok(name, 'none: serving on loopback only')
+    return CheckResult.warn(name, 'none: anyone who reaches this node can run code on it as '
+                            'this user', 'give -s SECRET or --secret_file FILE (and the same '
+                            'secret to clients)')
+
+
+def program_checks(config, port_owner=None):
+    """The checks of a node (or any program with its options: ip_addrs, ip_names,
+    ext_ip_addrs, port, secret, TLS files, dest_path_prefix) before it serves."""
+    interfaces = interface_addresses()
+    local = [addr for _family, addr, _bcast in interfaces]
+    names = getattr(config, 'ip_names', None) or config.ip_addrs
+    result = check_addresses(names, config.ip_addrs, local,
+                             broadcast_addresses(config.ip_addrs or None))
+    if config.ext_ip_addrs and not result.failed:
+        result = result._replace(detail=result.detail + '; advertised as %s' % ', '.join(
+            config.ext_ip_addrs))
+    yield result
+    yield host_name_trap(socket.gethostname(), _host_addresses(socket.gethostname()), local)
+    tls = check_tls_files(config.certfile, config.keyfile, config.cafile, server_side=True)
+    # a program already on the port is dialed as a client would, with our files
+    dial_context = None if tls is None or tls.failed else make_ssl_context(
+        False, config.certfile, config.keyfile, config.cafile)
+    for addr in config.ip_addrs or ['']:
+        yield check_listen_port(addr, config.port, config.secret, dial_context, port_owner)
+    yield check_program_secret(config.secret, config.ip_addrs)
+    yield tls
+    yield check_folder(config.dest_path_prefix)
+
+
+def _host_addresses(host):
+    """Every address ``host`` resolves to (none if it does not)."""
+    try:
+        infos = socket.getaddrinfo(host, None, 0, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    found = []
+    for info in infos:
+        if info[4][0] not in found:
+            found.append(info[4][0])
+    return found
+
+
+# -- the command line: dispy.py --doctor ----------------------------------------------------
+
+def doctor_parser():
+    parser = ProgramArgumentParser(
+        prog='dispy.py --doctor',
+        description='Check what usually goes wrong between a dispy client and its nodes: '
+                    'addresses, discovery (UDP), the TCP port, the secret, TLS and protocol '
+                    'versions. Prints one line per check and how to fix each failure; exits '
+                    '0 when nothing failed, 1 otherwise.',
+        epilog='Without NODE, this machine\'s addresses and host name are checked and a '
+               'discovery ping is broadcast on its networks; every node that answers is '
+               'checked. DISPY_SECRET, DISPY_NODE_PORT and DISPY_IP_ADDR give defaults.')
+    add = parser.add_argument
+    add('nodes', nargs='*', metavar='NODE',
+        help='node address or host name, optionally with :PORT ([IPv6]:PORT)')
+    add('-s', '--secret', default=None, help='the nodes\' secret')
+    add('--secret_file', help='read the secret from the first line of this file')
+    add('-i', '--ip_addr', dest='ip_addrs', action='append', default=[],
+        help='client address to use (repeatable)')
+    add('--node_port', type=int, default=None,
+        help='nodes\' port (default %d)' % NODE_PORT)
+    add('--certfile', help='TLS certificate (may hold the key)')
+    add('--keyfile', help='TLS private key, if not in --certfile')
+    add('--cafile', help='CA certificates to verify nodes against')
+    add('--timeout', type=float, default=DOCTOR_TIMEOUT,
+        help='seconds each probe may take (default %(default)s)')
+    add('-d', '--debug', action='store_true', help='log debug messages')
+    return parser
+
+
+def _doctor_options(argv):
+    program = 'dispy.py --doctor'
+    opts = doctor_parser().parse_args(argv)
+    if opts.secret_file:
+        opts.secret = _read_secret_file(opts.secret_file, program, opts.secret)
+    opts.secret = _env_default(opts.secret, 'DISPY_SECRET', '')
+    if not opts.ip_addrs and os.environ.get('DISPY_IP_ADDR'):
+        opts.ip_addrs = _split_list(os.environ['DISPY_IP_ADDR'])
+    try:
+        opts.node_port = int(_env_default(opts.node_port, 'DISPY_NODE_PORT', NODE_PORT, int))
+        opts.targets = [parse_node_spec(text, opts.node_port) for text in opts.nodes]
+    except ValueError as exc:
+        exit_usage(program, str(exc))
+    if not 0 < opts.node_port < 65536:
+        exit_usage(program, '--node_port must be a port number')
+    if not opts.timeout > 0:
+        exit_usage(program, '--timeout must be positive')
+    return opts
+
+
+def parse_node_spec(text, default_port):
+    """'host', 'host:port', '[IPv6]:port' or an IPv6 address → (host, port)."""
+    match = re.fullmatch(r'\[([^\]]+)\](?::(\d+))?|([^:\[\]]+):(\d+)', text)
+    if match:
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4) or default_port)
+    elif text and '[' not in text and (':' not in text or _is_address(text)):
+        host, port = text, default_port
+    else:
+        raise ValueError('%r is not a node (host, host:port or [IPv6]:port)' % text)
+    if not 0 < port < 65536:
+        raise ValueError('%r: the port must be 1 to 65535' % text)
+    return host, port
+
+
+def doctor_main(argv):
+    """``python dispy.py --doctor [options] [NODE ...]``: see ``--help``; returns the
+    exit status."""
+    opts = _doctor_options(argv)
+    setup_logging(logger.DEBUG if opts.debug else logger.WARNING)
+    doctor = Doctor('dispy doctor')
+    interfaces = interface_addresses()
+    local = [addr for _family, addr, _bcast in interfaces]
+    ip_addrs = [resolve_host(name) for name in opts.ip_addrs]
+    if opts.ip_addrs or not opts.targets:
+        doctor.add(check_addresses(opts.ip_addrs, ip_addrs, local,
+                                   broadcast_addresses([a for a in ip_addrs if a] or None)))
+    if not opts.targets:
+        host = socket.gethostname()
+        doctor.add(host_name_trap(host, _host_addresses(host), local))
+    tls = check_tls_files(opts.certfile, opts.keyfile, opts.cafile)
+    doctor.add(tls)
+    if (tls is not None and tls.failed) or any(a is None for a in ip_addrs):
+        return doctor.finish()      # every probe would fail the same way
+    ssl_context = make_ssl_context(False, opts.certfile, opts.keyfile, opts.cafile)
+    targets = opts.targets
+    if not targets:
+        result, targets = discover_nodes(opts.secret, opts.node_port, ip_addrs, opts.timeout)
+        doctor.add(result)
+    for host, port in targets:
+        probe = NodeProbe(host, port, opts.secret, ssl_context, opts.timeout,
+                          ip_addrs[0] if ip_addrs else None)
+        doctor.add_all(probe.checks())
+    return doctor.finish()
 
 
 # ================================================================================
@@ -7132,11 +7932,17 @@ def build_parser():
     parser.add_argument('--progress', action='store_true',
                         help='show jobs done / total, rate and ETA on stderr while waiting')
     parser.add_argument('-d', '--debug', action='store_true', help='log debug messages')
+    parser.add_argument('--doctor', action='store_true', help='instead, check the nodes, '
+                        'network, secret and TLS setup (dispy.py --doctor --help)')
     return parser
 
 
 def main(argv=None):
-    """``python dispy.py [options] program``: see ``--help``."""
+    """``python dispy.py [options] program``: see ``--help``; ``python dispy.py
+    --doctor ...``: ``doctor_main``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if '--doctor' in argv:
+        return doctor_main([arg for arg in argv if arg != '--doctor'])
     opts = build_parser().parse_args(argv)
     try:
         cluster = JobCluster(opts.program, nodes=opts.nodes or None, depends=opts.files,

@@ -2773,6 +2773,9 @@ def build_parser():
     add('--daemon', action='store_true', help='do not read commands on stdin')
     add('--clean', action='store_true',
         help='remove everything under --dest_path_prefix at start (after a crash)')
+    add('--check', action='store_true',
+        help='check these options (addresses, ports, secret, TLS files, folder, processes), '
+        'print what is wrong and how to fix it, and exit (0: all good) without serving')
     return parser
 
 
@@ -2851,6 +2854,38 @@ def _start_forkserver():
         multiprocessing.forkserver.ensure_running()
     finally:
         os.chdir(here)
+
+
+def check(config):
+    """``dispynode.py --check``: the doctor's checks of these options (dispy's
+    ``program_checks``) and of the fork server; nothing is served.  The exit status."""
+    doctor = dispy.Doctor('dispynode --check')
+    doctor.add_all(dispy.program_checks(config, _port_owner))
+    doctor.add(_check_processes())
+    return doctor.finish()
+
+
+def _check_processes(timeout=30.0):
+    """The fork server starts and starts a process, as every computation host needs."""
+    name = 'processes'
+    try:
+        _start_forkserver()
+        proc = FORKSERVER.Process(target=os.getpid, name='dispynode-check', daemon=True)
+        proc.start()
+        proc.join(timeout)
+    except Exception as exc:
+        return dispy.CheckResult.fail(name, 'the fork server cannot start a process: %r' % exc,
+                                      'jobs cannot run here: check that this user may start '
+                                      'processes (ulimit -u) and write in %s'
+                                      % tempfile.gettempdir())
+    if proc.exitcode != 0:
+        if proc.exitcode is None:
+            proc.kill()
+        return dispy.CheckResult.fail(name, 'a process of the fork server %s' % (
+            'did not end in %.0f s' % timeout if proc.exitcode is None else
+            _describe_exit(proc.exitcode)),
+            'jobs cannot run here: run with -d, and look for errors of multiprocessing')
+    return dispy.CheckResult.ok(name, 'the fork server started a process')
 
 
 COMMANDS = (
@@ -2934,6 +2969,8 @@ def main(argv=None):
     dispy.setup_logging(dispy.logger.DEBUG if config.debug else dispy.logger.INFO,
                         name='dispynode')
     dispy.MsgTimeout = dispy.HANDSHAKE_TIMEOUT = config.msg_timeout   # its peers' answers
+    if config.check:
+        raise SystemExit(check(config))
     init = _load_init(config.init) if config.init else None
     if config.clean:
         dispy.empty_folder(config.dest_path_prefix)
