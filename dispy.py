@@ -7469,9 +7469,10 @@ class NodeProbe:
                                     'run the same dispy release on clients and nodes')
         if isinstance(exc, AuthError):
             return self._secret_failure(exc)
-        if isinstance(exc, ssl.SSLError) or stage == 'tls':
-            return self._tls_failure(exc, tls_done=stage == 'handshake')
         text = str(exc)
+        if stage == 'tls' or isinstance(exc, ssl.SSLError) or (
+                self.ssl_context is not None and _connection_dropped(exc)):
+            return self._tls_failure(exc, tls_done=stage == 'handshake')
         if self.ssl_context is None and self._wants_tls(exc):
             return CheckResult.fail('tls', '%s: the node uses TLS, this side does not' % where,
                                     'give --certfile (and --keyfile): the node\'s '
@@ -7484,11 +7485,8 @@ class NodeProbe:
             return CheckResult.fail('handshake', '%s: no answer to the handshake in %.1f s'
                                     % (where, self.timeout), 'the node may be overloaded, '
                                     'or what listens there is not dispy')
-        maybe = (' (with TLS: it may refuse our certificate: its --cafile, or its '
-                 '--certfile, must trust ours)' if self.ssl_context is not None else '')
         return CheckResult.fail('handshake', '%s: the node ended the handshake (%s)' % (
-            where, text), 'the node\'s log says why ("connection from ... refused: ...")'
-            + maybe)
+            where, text), 'the node\'s log says why ("connection from ... refused: ...")')
 
     def _tls_failure(self, exc, tls_done=False):
         """``tls_done``: the TLS handshake ended here and the first read failed: with
@@ -7586,6 +7584,12 @@ class NodeProbe:
                                     'does not know our secret' % where,
                                     'give both sides the same secret (see the secret check)')
         return CheckResult.ok('udp', '%s: %s' % (where, describe_pong(answer, src)))
+
+
+def _connection_dropped(exc):
+    """Whether ``exc`` says the peer reset or closed the connection (not a timeout,
+    not something it said)."""
+    return isinstance(exc, ConnectionError) or 'connection closed' in str(exc)
 
 
 def describe_pong(msg, src):
