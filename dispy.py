@@ -2966,6 +2966,7 @@ class NodeLink:
         self.cancels = set()      # (key, attempt) cancelled: sent again after a reconnect
         self.acks = []            # (key, attempt) of results recorded, for the next ACK
         self.recalling = set()    # keys of jobs asked back (RECALL), not answered yet
+        self.jumps = {}           # key recalled -> (JobQueue, the job to take its slot)
         self.paused = False       # the node said it takes no jobs now (SERVICE)
 
     def __repr__(self):
@@ -3112,6 +3113,7 @@ class NodeLink:
         self.closing.clear()
         self.cancels.clear()
         self.recalling.clear()
+        self.jumps.clear()
         self.put_replies.clear()
 
 
@@ -3783,6 +3785,7 @@ class _NodeMessages:
             self._unknown_result(link, msg, loaded)
             return
         del link.jobs[msg.key]
+        cancelled = (msg.key, msg.attempt) in link.cancels     # its result crossed the CANCEL
         link.cancels.discard((msg.key, msg.attempt))
         ckey = job._cluster.key
         if msg.start_time and msg.end_time:
@@ -3798,7 +3801,9 @@ class _NodeMessages:
             # its STARTED was folded into this frame (the node leaves it out)
             job.status = DispyJob.Running
             job._cluster.job_changed(job, DispyJob.Running)
-        if status != DispyJob.Terminated or not self._retry(job, link, exception, msg):
+        # a result that could not be unpickled would fail the same way again
+        retry = status == DispyJob.Terminated and not cancelled and error is None
+        if not retry or not self._retry(job, link, exception, msg):
             # Ended (and so written to the recover file) before the node may drop it.
             self._end_job(job, status, result, msg.stdout, msg.stderr, exception,
                           msg.end_time)
@@ -3827,6 +3832,7 @@ class _NodeMessages:
         else:
             queue.pending.append(job, job_priority(job))
         job._cluster.job_changed(job, DispyJob.Created)
+        self._finish_close_node(link, job._cluster)     # it was the last one there?
         return True
 
     # Hooks of the result's acknowledgement (dispyscheduler acknowledges a result to the
@@ -3848,9 +3854,10 @@ class _NodeMessages:
             self._room_changed(link, None)
         link.recalling.discard(msg.key)
         job = link.jobs.get(msg.key)
-        if not msg.given or job is None or job._attempt != msg.attempt:
-            return
-        self._take_back(link, job)
+        if msg.given and job is not None and job._attempt == msg.attempt:
+            self._take_back(link, job)
+        if link.jumps:
+            self._jumped(link, msg.key)
 
     def _take_back(self, link, job):
         """A job the node no longer has, that never ran there: queued again."""
@@ -3865,6 +3872,7 @@ class _NodeMessages:
             queue.pinned.setdefault(job._pin, JobQueue()).appendleft(job, job_priority(job))
         elif job.status not in FINAL_STATUSES:
             queue.pending.appendleft(job, job_priority(job))
+        self._finish_close_node(link, job._cluster)     # it was the last one there?
 
     def _on_provisional(self, link, msg, loaded):
         job = link.jobs.get(msg.key)
@@ -4283,28 +4291,28 @@ class Scheduler(_NodeMessages, _NodeControl):
         the nodes (``_jump``): the cluster's queue on any node, a submit_node queue
         on its node."""
         if queue.pending.prioritized:
-            self._jump(queue, queue.pending, self.pool.links.values())
+            self._jump(queue.pending, queue.cluster, self.pool.links.values())
         for addr, pinned in queue.pinned.items():
             link = self.pool.links.get(addr)
             if pinned.prioritized and link is not None:
-                self._jump(queue, pinned, (link,))
+                self._jump(pinned, queue.cluster, (link,))
 
-    def _jump(self, queue, waiting, links):
+    def _jump(self, waiting, cluster, links):
         """Every node is full and the first job of ``waiting`` outranks a job of the
         cluster that waits on one of ``links``, sent but not started: that one is
-        asked back (RECALL), and the first job takes its place when the node gives it
-        back (``_on_recalled`` → ``_take_back`` → ``_dispatch``); a job the node has
-        started meanwhile runs on.  Looked for once per first job (a scan of the
-        jobs on the nodes), so a first job that cannot jump costs nothing more."""
+        asked back (RECALL), and the first job takes its slot when the node gives it
+        back (``_on_recalled`` → ``_jumped``); a job the node has started meanwhile
+        runs on.  Looked for once per first job (a scan of the jobs on the nodes), so
+        a first job that cannot jump costs nothing more."""
         top = waiting.first()
-        if top is waiting.tried:
+        if top is waiting.tried or top.status in FINAL_STATUSES:    # (cancelled queued)
             return
         waiting.tried = top
         rank = waiting.first_priority()
         best = None
         for link in links:
             for job in link.jobs.values():
-                if (job._cluster is queue.cluster and job.status == DispyJob.Created
+                if (job._cluster is cluster and job.status == DispyJob.Created
                         and job._key not in link.recalling):
                     prio = job_priority(job)
                     if prio < rank and (best is None or (prio, -job._key) < best[:2]):
@@ -4312,7 +4320,19 @@ class Scheduler(_NodeMessages, _NodeControl):
         if best is not None:
             _, _, link, job = best
             link.recalling.add(job._key)
+            link.jumps[job._key] = (waiting, top)
             link.send(Msg.RECALL(job._key, job._attempt))
+
+    def _jumped(self, link, key):
+        """The node answered a RECALL: if it was asked for a job that jumps the queue
+        (``_jump``) and that job is still first, it goes in the slot given back (before
+        any other job, of any cluster, can take it)."""
+        waiting, top = link.jumps.pop(key, (None, None))
+        if (top is not None and waiting and waiting.first() is top
+                and top.status not in FINAL_STATUSES and link.takes_jobs(top._cluster.key)
+                and link.in_flight[top._cluster.key] < link.capacity(top._cluster.key)):
+            waiting.popleft()
+            self._send_job(link, top)
 
     def _dispatch_pinned(self, queue):
         """Jobs of submit_node, each to its node when that has room."""
@@ -4427,6 +4447,7 @@ class Scheduler(_NodeMessages, _NodeControl):
             if not restarted and (job._key, job._attempt) not in held:
                 self._take_back(link, job)      # given back; the answer was lost
         link.recalling.clear()
+        link.jumps.clear()
         lost = [j for j in link.jobs.values() if (j._key, j._attempt) not in held]
         if restarted:       # running jobs died with it; kept results come again
             self._lose_jobs(link, lost, 'node restarted')
@@ -5611,6 +5632,7 @@ class JobCluster(ClusterHooks):
         self._jobs_submitted = 0    # ever (the progress line's total)
         self._jobs_failed = 0       # ended in FAILED_STATUSES (not Finished, not Cancelled)
         self._nodes = {}            # address -> DispyNode, for this cluster
+        self._busy_on = {}          # job key -> DispyNode its Running made busy (cluster_status)
         self._closed = False
         self._start_time = time.time()
         self._cwd = os.getcwd()        # where files sent by jobs land
@@ -6026,9 +6048,19 @@ class JobCluster(ClusterHooks):
             self._notifier.put(self, self._callback, (job._snapshot(),))
         if self._status_cb:
             node = self._nodes.get(job.ip_addr) if job.ip_addr else None
+            if status in (DispyJob.Running, DispyJob.Created):    # runs, or runs no more
+                self._not_busy(job)
             if node is not None and status == DispyJob.Running:
                 node.busy += 1
+                self._busy_on[job._key] = node
             self._notifier.put(self, self._status_cb, (status, node, job._snapshot()))
+
+    def _not_busy(self, job):
+        """The job no longer runs where cluster_status counted it busy (lock held):
+        it ended, or is queued again (retried, or its node was lost)."""
+        node = self._busy_on.pop(job._key, None)
+        if node is not None:
+            node.busy = max(0, node.busy - 1)
 
     def job_ended(self, job, link):
         self._open_jobs -= 1
@@ -6040,10 +6072,11 @@ class JobCluster(ClusterHooks):
         node = self._nodes.get(link.ip_addr) if link is not None else None
         if node is not None:
             node.jobs_done += 1
-            node.busy = max(0, node.busy - 1) if self._status_cb else node.busy
             if job.start_time and job.end_time:
                 node.cpu_time += max(0.0, job.end_time - job.start_time)
             node.update_time = time.time()
+        if self._status_cb:
+            self._not_busy(job)
         if self._live is not None and self._live.lost:     # before the job's callback
             self._live.job_ended(job)
         if self._notifier is not None:

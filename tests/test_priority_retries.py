@@ -9,8 +9,10 @@
                           takes their place); equal priorities keep their order
     RetryTest             a job that raises runs again up to its retries, its runs in
                           ``job.attempts``; a cluster default and a per-job override;
-                          a timed-out run is retried; a cancelled one is not; a lost
-                          node is reentrant's business, not retries'
+                          a timed-out run is retried; a cancelled one is not
+    RetryRaceTest         a failed result crossing a cancel; resetup_node during a
+                          retried job; cluster_status's busy count
+    LostNodeRetryTest     a lost node is reentrant's business, not retries'
     SharedRetryTest       the same through dispyscheduler (SharedJobCluster)
 
 Jobs count their runs in files under a folder of the test's (node and client share
@@ -60,6 +62,15 @@ def flaky(name, folder, failures, sleep_first=0.0):
     if runs < failures:
         raise ValueError('%s failed on run %d' % (name, runs))
     return runs
+
+
+def fails_after(name, folder, seconds):
+    """Runs ``seconds``, then says so in a file and raises (every run)."""
+    runs = len([f for f in os.listdir(folder) if f.startswith(name + '.')])
+    open(os.path.join(folder, '%s.%d' % (name, runs)), 'w').close()
+    time.sleep(seconds)
+    open(os.path.join(folder, 'raised-%d' % runs), 'w').close()
+    raise ValueError('%s failed' % name)
 
 
 def runs_of(folder, name):
@@ -178,6 +189,20 @@ class PriorityTest(NodeTestCase):
                         [(j.id, j.status, j.exception) for j in jobs])
         self.assertEqual(start_order(jobs), [0, 100, 101, 50, 1, 2, 3, 4, 5, 6, 7])
 
+    def test_a_higher_job_takes_the_place_of_a_submit_node_job(self):
+        """Lower jobs pinned to the node (submit_node) are asked back too: the higher
+        job takes the slot given back (the pinned one must not go straight back)."""
+        gate = os.path.join(self.folder(), 'gate')
+        cluster = self.cluster(gated)
+        low = [cluster.submit_node(NODE_IP, n, gate) for n in range(3)]
+        self.assertTrue(support.wait_until(lambda: low[0].status == DispyJob.Running, T))
+        self.assertTrue(all(j.ip_addr for j in low), 'the window holds all three')
+        high = cluster.submit(100, gate, dispy_job_priority=1)
+        self.assertTrue(support.wait_until(lambda: high.ip_addr, T))
+        open(gate, 'w').close()
+        self.assertTrue(cluster.wait(timeout=T))
+        self.assertEqual(start_order(low + [high]), [0, 100, 1, 2])
+
     def test_priority_of_submit_node_jobs_and_bad_priorities(self):
         """Jobs pinned to a node (submit_node) follow priorities too; a priority that is
         not an int makes no job."""
@@ -265,6 +290,46 @@ class RetryTest(NodeTestCase):
         victim(timeout=T)
         self.assertEqual(victim.status, DispyJob.Cancelled)
         self.assertEqual(runs_of(folder, 'victim'), 1)
+
+
+class RetryRaceTest(NodeTestCase):
+    """Retries meeting a cancel, a resetup_node and cluster_status's busy counts."""
+
+    def test_a_result_that_crosses_a_cancel_is_not_retried(self):
+        """The job raises just as the program cancels it: its Terminated result is
+        on its way when the CANCEL leaves (made certain by holding the scheduler's
+        lock until the job has raised).  It is not run again."""
+        folder = self.folder()
+        cluster = self.cluster(fails_after)
+        job = cluster.submit('crossed', folder, 0.5, dispy_job_retries=2)
+        self.assertTrue(support.wait_until(lambda: job.status == DispyJob.Running, T))
+        with cluster._scheduler.lock:       # the result waits for the lock
+            self.assertTrue(support.wait_until(
+                lambda: os.path.exists(os.path.join(folder, 'raised-0')), T))
+            self.assertEqual(cluster.cancel(job), 0)
+        job(timeout=T)
+        self.assertIn(job.status, (DispyJob.Cancelled, DispyJob.Terminated))
+        self.assertTrue(cluster.wait(timeout=T))
+        self.assertEqual(runs_of(folder, 'crossed'), 1)
+        self.assertEqual(len(job.attempts), 1)
+
+    def test_resetup_node_waits_for_a_retried_job_then_sets_up_again(self):
+        """resetup_node while a job with a retry runs: the failed run ends the last
+        job there, so the node is set up again and the retry runs there."""
+        folder = self.folder()
+        events = []
+        cluster = self.cluster(flaky, cluster_status=lambda status, node, job: events.append(
+            (status, node.busy if node is not None else None, job is None)))
+        job = cluster.submit('resetup', folder, 1, 1.0, dispy_job_retries=1)
+        self.assertTrue(support.wait_until(lambda: job.status == DispyJob.Running, T))
+        self.assertEqual(cluster.resetup_node(NODE_IP), 0)
+        self.assertEqual(job(timeout=T), 1, (job.status, job.exception))
+        self.assertEqual(len(job.attempts), 2)
+        self.assertTrue(cluster.wait(timeout=T))
+        node_events = [s for s, _, no_job in events if no_job]
+        self.assertGreaterEqual(node_events.count(DispyNode.Initialized), 2, events)
+        # cluster_status's DispyNode.busy: one job ran twice, none runs now
+        self.assertEqual(cluster._nodes[NODE_IP].busy, 0)
 
 
 class LostNodeRetryTest(unittest.TestCase):
