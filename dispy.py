@@ -70,7 +70,10 @@ sockets, verifies what they read and answers forged pings with a rate-limited NA
 import argparse
 import ast
 import atexit
+import builtins
 import collections
+import concurrent.futures
+import dis
 import errno
 import functools
 import hashlib
@@ -105,7 +108,8 @@ import uuid
 
 __version__ = '5.0.0'
 __all__ = ['JobCluster', 'SharedJobCluster', 'DispyJob', 'DispyNode', 'DispyNodeAvailInfo', 'NodeAllocate',
-           'recover_jobs', 'logger', 'MsgTimeout']
+           'recover_jobs', 'logger', 'MsgTimeout', 'ClusterExecutor', 'JobFailed', 'RemoteError',
+           'RemoteTraceback']
 
 # ================================================================================
 # Constants
@@ -2117,6 +2121,7 @@ class ComputePackage:
             deps.add_source(computation, 'computation')
         self.files = deps.files
         self.names = deps.names         # what the nodes define (job arguments may refer)
+        self.object_names = set(deps.objects)       # globals bound to depends objects
         self.caller_globals = caller_globals
         self.spec = {
             'kind': self.kind, 'name': self.name, 'code': deps.source(),
@@ -5596,8 +5601,8 @@ class JobCluster(ClusterHooks):
         else:
             setup_logging(logging.WARNING if logger.level == logging.NOTSET else None)
         caller = sys._getframe(1)
-        if caller.f_code is SharedJobCluster.__init__.__code__:
-            caller = caller.f_back      # the user's frame, not the subclass's
+        while caller.f_back is not None and caller.f_globals is globals():
+            caller = caller.f_back      # the user's frame, not a subclass's or wrapper's
         caller_globals = [caller.f_globals, getattr(sys.modules.get('__main__'), '__dict__', {})]
         if dispy_port is not None:
             port = dispy_port if port is None else port
@@ -6829,6 +6834,633 @@ class SharedJobCluster(JobCluster):
         """What CLUSTER tells the scheduler of this cluster (specs filled by the caller)."""
         return {'name': self.name, 'exclusive': self._exclusive, 'reentrant': self.reentrant,
                 'status': bool(self._status_cb), 'specs': []}
+
+
+# ================================================================================
+# Client API: ClusterExecutor (a concurrent.futures.Executor over a cluster)
+# ================================================================================
+#
+# The path of one call::
+#
+#     user thread   executor.submit(fn, *args): _pickle_call pickles (fn, calls) and
+#         │         notes the functions and classes of the client's __main__ it refers
+#         │         to; _CallShipping.bundle: their source and the globals they use, as
+#         │         steps (made once per function, cached) → one job of the executor's
+#         ▼         JobCluster, whose computation is dispy_executor_run(bundle, call)
+#     node          dispy_executor_run runs the steps into the job's globals (compiled
+#         │         once per worker process), unpickles the call and makes it: one
+#         ▼         outcome per call, (True, value) or (False, type, traceback, ...)
+#     notifier      ClusterExecutor._job_status (Running: futures set running) and
+#                   _job_ended: set_result / set_exception on the call's futures
+#
+# The job's globals are the node's usual per-job copy: what one job's steps define is
+# gone before the next job, so jobs of different functions never see each other's.
+
+def dispy_executor_run(bundle, call, _compiled={}):
+    """The computation of every ClusterExecutor, run on the nodes (shipped as source: it
+    uses nothing of dispy).  Runs the steps of ``bundle`` in the job's globals (sources
+    of the client's functions and classes, import lines, pickled globals), then the calls
+    that ``call`` holds.  One outcome per call: (True, value), or (False, type name,
+    traceback text, pickled exception or None, why it is None).  ``_compiled`` keeps the
+    code of the steps for the worker's later jobs."""
+    import linecache
+    import pickle
+    import traceback
+
+    def failed(exc):
+        text = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+        try:
+            blob, why = pickle.dumps(exc, 4), None
+        except Exception as error:
+            blob, why = None, 'it cannot be pickled on the node (%r)' % error
+        return (False, type(exc).__qualname__, text, blob, why)
+
+    def compiled(source, filename):
+        code = _compiled.get((source, filename))
+        if code is None:
+            if len(_compiled) > 256:
+                _compiled.clear()
+            code = _compiled[source, filename] = compile(source, filename, 'exec')
+            entry = linecache.cache.get(filename)       # tracebacks show the client's lines
+            lines = list(entry[2]) if entry and entry[1] is None else []
+            new = source.splitlines(True)
+            lines.extend([''] * (len(new) - len(lines)))
+            for i, line in enumerate(new):
+                lines[i] = line if line.strip() else lines[i]
+            linecache.cache[filename] = (len(lines), None, lines, filename)
+        return code
+
+    ns = globals()
+    try:
+        for step in (pickle.loads(bundle) if bundle else ()):
+            if step[0] == 'value':
+                ns[step[1]] = pickle.loads(step[2])
+            else:
+                exec(compiled(step[1], step[2]), ns)
+        target, calls = pickle.loads(call)
+        fn = ns[target] if isinstance(target, str) else target
+    except BaseException as exc:
+        return [failed(exc)]
+    outcomes = []
+    for args, kwargs in calls:
+        try:
+            outcomes.append((True, fn(*args, **kwargs)))
+        except BaseException as exc:
+            outcomes.append(failed(exc))
+    return outcomes
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised on a node, as text (``text``; ``node``: its
+    address).  A ClusterExecutor attaches it as the ``__cause__`` of the exception that
+    ``Future.result()`` raises, so the traceback printed shows both."""
+
+    def __init__(self, text, node=None):
+        super().__init__(text)
+        self.text = text
+        self.node = node
+
+    def __str__(self):
+        return '\n"""\n%s%s"""' % ('on node %s:\n' % self.node if self.node else '', self.text)
+
+
+class RemoteError(Exception):
+    """An exception raised on a node that cannot be raised here as itself (it does not
+    pickle on the node, or does not unpickle here): ``type_name``, ``remote_traceback``
+    (text; also the ``__cause__``) and ``reason``."""
+
+    def __init__(self, message, type_name=None, remote_traceback=None, reason=None):
+        super().__init__(message)
+        self.type_name = type_name
+        self.remote_traceback = remote_traceback
+        self.reason = reason
+
+
+class JobFailed(Exception):
+    """A call that the cluster could not complete: its job ended without a result
+    (its node was lost and the executor is not ``reentrant``, it ran past
+    ``job_timeout``, it was cancelled by the cluster, its result did not pickle or
+    unpickle).  ``status`` is the job's (``DispyJob.Cancelled``, ``Terminated``,
+    ``Abandoned``), ``reason`` dispy's text, ``job`` the DispyJob (ip_addr, stdout, ...)."""
+
+    def __init__(self, message, status=None, reason=None, job=None):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.job = job
+
+    @classmethod
+    def of(cls, job):
+        where = ' on node %s' % job.ip_addr if job.ip_addr else ''
+        return cls('the job of this call ended %s%s: %s' % (
+            STATUS_NAMES.get(job.status, job.status), where, job.exception or 'no reason given'),
+            job.status, job.exception, job)
+
+
+def _remote_exception(outcome, node):
+    """The exception to raise for a failed call: the node's own, its traceback attached,
+    or a RemoteError saying why it cannot be."""
+    _, type_name, text, blob, why = outcome
+    cause = RemoteTraceback(text, node)
+    if blob is not None:
+        try:
+            exc = pickle.loads(blob)
+        except Exception as error:
+            why = 'it cannot be unpickled here (%r)' % error
+        else:
+            if isinstance(exc, BaseException):
+                exc.__cause__ = cause
+                return exc
+            why = 'it unpickled as %r, not an exception' % (exc,)
+    last = text.strip().splitlines()[-1] if text.strip() else type_name
+    error = RemoteError('%s raised on node %s cannot be raised here as itself: %s; it was: %s'
+                        % (type_name, node, why, last), type_name, text, why)
+    error.__cause__ = cause
+    return error
+
+
+# -- what the nodes need to run the client's own functions ---------------------------------
+
+_GLOBAL_LOADS = frozenset(('LOAD_NAME', 'LOAD_FROM_DICT_OR_GLOBALS'))   # also class bodies'
+_GLOBAL_STORES = frozenset(('STORE_GLOBAL', 'DELETE_GLOBAL'))
+_NODE_PROVIDED = frozenset(('os', 'sys', 'time'))    # every job's globals have these
+_EXECUTOR_FILE = '<dispy executor>'
+
+
+def _code_names(code):
+    """(names its code and nested code load as globals for sure, names that may be
+    globals (class bodies), names it assigns as globals)."""
+    sure, maybe, stored = set(), set(), set()
+    todo = [code]
+    while todo:
+        co = todo.pop()
+        for ins in dis.get_instructions(co):
+            if ins.opname == 'LOAD_GLOBAL':
+                sure.add(ins.argval)
+            elif ins.opname in _GLOBAL_LOADS:
+                maybe.add(ins.argval)
+            elif ins.opname in _GLOBAL_STORES:
+                stored.add(ins.argval)
+        todo.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+    return sure, maybe, stored
+
+
+def _statement_names(source):
+    """Names that a def or class statement evaluates when it runs (decorators,
+    defaults, annotations, bases, class bodies), not those of the function bodies."""
+    names = set()
+    todo = list(ast.parse(source).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            args = node.args
+            todo.extend(args.defaults)
+            todo.extend(d for d in args.kw_defaults if d is not None)
+            if not isinstance(node, ast.Lambda):
+                todo.extend(node.decorator_list)
+                every = args.posonlyargs + args.args + args.kwonlyargs + [args.vararg,
+                                                                          args.kwarg]
+                todo.extend(a.annotation for a in every if a is not None and a.annotation)
+                todo.extend([node.returns] if node.returns else [])
+            continue
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load):
+            names.add(node.id)
+        todo.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def _is_main_definition(value):
+    """A function or class of the client's __main__ (or a callable wrapping one, like
+    functools.lru_cache's): pickled by name, so the nodes need its source."""
+    if getattr(value, '__module__', None) != '__main__':
+        return False
+    return (inspect.isfunction(value) or inspect.isclass(value)
+            or (callable(value) and inspect.isfunction(getattr(value, '__wrapped__', None))))
+
+
+def _class_functions(cls, filename):
+    """The functions a class statement of ``filename`` defined (methods, static and
+    class methods, properties, those of nested classes); not generated ones."""
+    for value in vars(cls).values():
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        found = ([value.fget, value.fset, value.fdel] if isinstance(value, property)
+                 else [value])
+        for func in found:
+            if inspect.isclass(func) and func.__qualname__.startswith(cls.__qualname__ + '.'):
+                yield from _class_functions(func, filename)
+            elif inspect.isfunction(func):
+                func = inspect.unwrap(func)
+                if func.__code__.co_filename == filename:
+                    yield func
+
+
+def _definition(obj, what):
+    """(step defining it, names it needs for sure, names it may need, its module's
+    globals) of a function or class shipped by source."""
+    base = obj if inspect.isclass(obj) else inspect.unwrap(obj)
+    try:
+        source = _function_source(base, what)
+    except ComputationError as exc:
+        raise TypeError('ClusterExecutor: %s' % exc) from None
+    if inspect.isclass(base):
+        filename = inspect.getsourcefile(base) or _EXECUTOR_FILE
+        lineno = inspect.getsourcelines(base)[1]
+        module_globals = vars(sys.modules[base.__module__])
+        codes = [func.__code__ for func in _class_functions(base, filename)]
+    else:
+        filename, lineno = base.__code__.co_filename, base.__code__.co_firstlineno
+        module_globals, codes = base.__globals__, [base.__code__]
+    sure, maybe, stored = set(), _statement_names(source), set()
+    for code in codes:
+        names = _code_names(code)
+        sure |= names[0]
+        maybe |= names[1]
+        stored |= names[2]
+    # blank lines first: the line numbers of tracebacks on the node are the client's
+    step = ('code', '\n' * (lineno - 1) + source, filename)
+    return step, sure - stored, maybe - sure - stored, module_globals
+
+
+def _import_line(module, name):
+    if module.__name__ == '__main__':
+        return None
+    if module.__name__ == name:
+        return 'import %s' % name
+    return 'import %s as %s' % (module.__name__, name)
+
+
+def _from_import_line(value, name):
+    """'from mod import f as name' for a function or class another module defines (the
+    nodes must have that module), else None."""
+    if not (inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value)):
+        return None
+    module, qualname = getattr(value, '__module__', None), getattr(value, '__qualname__', '')
+    if (not isinstance(module, str) or module == '__main__' or not isinstance(qualname, str)
+            or not qualname.isidentifier()
+            or getattr(sys.modules.get(module), qualname, None) is not value):
+        return None
+    return 'from %s import %s' % (module, qualname) + (' as %s' % name if name != qualname
+                                                        else '')
+
+
+class _CallPickler(_ArgsPickler):
+    """_ArgsPickler that notes the client's decorated callables too (lru_cache & co.
+    pickle by name as well)."""
+
+    def reducer_override(self, obj):
+        if (not isinstance(obj, (type, types.FunctionType)) and _is_main_definition(obj)
+                and obj not in self.main_refs):
+            self.main_refs.append(obj)
+            return NotImplemented
+        return super().reducer_override(obj)
+
+
+def _pickle_with_refs(obj):
+    """(pickle of obj, the client's own functions and classes it refers to)."""
+    buf = io.BytesIO()
+    pickler = _CallPickler(buf)
+    pickler.dump(obj)
+    return buf.getvalue(), pickler.main_refs
+
+
+class _Shipment:
+    """The steps that define on a node the client's own functions and classes given,
+    and the globals they use, in an order that runs (what a definition needs, first).
+
+    For each global name a definition uses: a module → an import line; a function or
+    class of __main__ → its source (recursively; cycle-safe); one of another module →
+    a from-import line; any other value → pickled (bound on the node).  A name it needs
+    that is nowhere → NameError; a value that does not pickle → TypeError (naming it).
+    """
+
+    def __init__(self, node_names):
+        self.node_names = node_names    # what the cluster's depends and setup define there
+        self.steps = {}                 # step -> None: ordered, without duplicates
+        self.seen = set()               # ids of the definitions visited
+
+    def define(self, obj, what):
+        if id(obj) in self.seen:
+            return
+        self.seen.add(id(obj))
+        step, sure, maybe, module_globals = _definition(obj, what)
+        owner = '%s %s' % ('class' if inspect.isclass(obj) else 'function',
+                           getattr(obj, '__qualname__', obj))
+        for name in sorted(sure | maybe):
+            self.need(owner, name, module_globals, name in sure)
+        self.steps[step] = None
+
+    def need(self, owner, name, module_globals, sure):
+        if name in self.node_names or (name.startswith('__') and name.endswith('__')):
+            return
+        if name not in module_globals:
+            if (sure and name not in vars(builtins) and name not in _NODE_PROVIDED
+                    and not name.startswith('dispy_')):
+                raise NameError('ClusterExecutor: %s uses the name %r, which is neither a '
+                                'global of its module nor a builtin, so the call would fail '
+                                'on the node: define %s (at module level) before submit, or '
+                                'pass it as an argument' % (owner, name, name))
+            return
+        value = module_globals[name]
+        if isinstance(value, types.ModuleType):
+            self.line(_import_line(value, name))
+        elif _is_main_definition(value):
+            self.define(value, 'global %r of %s' % (name, owner))
+            if value.__name__ != name:
+                self.line('%s = %s' % (name, value.__name__))
+        elif not self.line(_from_import_line(value, name)):
+            self.value(owner, name, value)
+
+    def line(self, text):
+        if text:
+            self.steps[('code', text, _EXECUTOR_FILE)] = None
+        return text
+
+    def value(self, owner, name, value):
+        try:
+            blob, refs = _pickle_with_refs(value)
+        except Exception as exc:
+            raise TypeError('ClusterExecutor: %s uses the global %r (%s), which cannot be '
+                            'pickled to send it to the nodes (%s): create it inside the '
+                            'function or in setup=, or pass what it holds as an argument'
+                            % (owner, name, type(value).__name__, exc)) from None
+        for ref in refs:
+            self.define(ref, 'class or function of the global %r of %s' % (name, owner))
+        self.steps[('value', name, blob)] = None
+
+
+class _CallShipping:
+    """One executor's bundles: the pickled steps for each set of the client's functions
+    and classes that calls refer to, made at the first call that needs them.  Globals
+    shipped by value are those at that first call."""
+
+    def __init__(self, node_names):
+        self.node_names = node_names
+        self._bundles = {}      # tuple of definitions -> pickled steps
+
+    def bundle(self, definitions):
+        key = tuple(definitions)
+        blob = self._bundles.get(key)
+        if blob is None:
+            shipment = _Shipment(self.node_names)
+            for obj in definitions:
+                shipment.define(obj, 'function' if not inspect.isclass(obj) else 'class')
+            if len(self._bundles) > 1000:
+                self._bundles.clear()
+            blob = self._bundles[key] = dumps_blob(list(shipment.steps))
+        return blob
+
+
+def _names_on_nodes(package, setup):
+    """Globals the nodes define for every job of the cluster: depends (functions,
+    classes, objects, modules) and what setup assigns with ``global``."""
+    names = set(package.names) | set(package.spec['modules']) | package.object_names
+    base = setup.func if isinstance(setup, functools.partial) else setup
+    if inspect.isfunction(base):
+        names |= _code_names(inspect.unwrap(base).__code__)[2]
+    return frozenset(names)
+
+
+def _call_target(fn):
+    """(what the job pickles for ``fn``, definitions shipped by source for it): a
+    nested function or a lambda cannot pickle by name, so it goes by source and name."""
+    if inspect.isfunction(fn) and ('<locals>' in fn.__qualname__ or fn.__name__ == '<lambda>'):
+        return fn.__name__, [fn]
+    return fn, []
+
+
+# -- the executor ----------------------------------------------------------------------------
+
+class _CallBatch:
+    """The futures of one job's calls (one for submit, a chunk for map), in order."""
+    __slots__ = ('futures', 'job', 'notified')
+
+    def __init__(self, count):
+        self.futures = [concurrent.futures.Future() for _ in range(count)]
+        self.job = None
+        self.notified = set()       # futures given set_running_or_notify_cancel (once each)
+
+    def all_cancelled(self):
+        return all(f.cancelled() for f in self.futures)
+
+
+_live_executors = set()
+_EXECUTOR_REFUSED = {
+    'computation': 'the executor runs the functions given to submit() and map()',
+    'callback': 'use Future.add_done_callback', 'job_status': 'use Future.add_done_callback',
+    'initializer': 'use setup= (it runs once per node, before the jobs)',
+    'initargs': 'use setup=functools.partial(func, *args)',
+    'mp_context': 'the calls run in processes on the nodes'}
+
+
+class ClusterExecutor(concurrent.futures.Executor):
+    """A ``concurrent.futures.Executor`` whose calls run on the nodes of a cluster.
+
+    ``ClusterExecutor(nodes=['*'], **options)``: the options are JobCluster's (secret,
+    ip_addr, port, node_port, depends, setup, cleanup, reentrant, job_timeout, ...;
+    ``cluster_status`` is called as well).  ``submit(fn, *args, **kwargs)`` returns a
+    ``concurrent.futures.Future``; each call is one job (``map(chunksize=n)``: n calls a
+    job).  A function of the client's main script travels as source, with the modules,
+    functions, classes and values it uses; a function of another module is imported by
+    name on the node.  ``max_workers`` is accepted for ProcessPoolExecutor's sake and
+    ignored: the nodes' CPUs decide how many calls run at once.  ``cluster`` is the
+    JobCluster (print_status, node operations).
+    """
+
+    def __init__(self, nodes=None, max_workers=None, **options):
+        if isinstance(nodes, int) and not isinstance(nodes, bool):
+            raise TypeError('ClusterExecutor: nodes must be a list of nodes; '
+                            'ProcessPoolExecutor\'s first argument is max_workers= here')
+        if max_workers is not None and max_workers <= 0:
+            raise ValueError('max_workers must be greater than 0')
+        for name in options:
+            if name in _EXECUTOR_REFUSED:
+                raise TypeError('ClusterExecutor does not take %s: %s'
+                                % (name, _EXECUTOR_REFUSED[name]))
+        self._user_status = options.pop('cluster_status', None)
+        self._cond = threading.Condition()
+        self._batches = {}          # job id -> _CallBatch whose job has not ended
+        self._ids = itertools.count(1)
+        self._shutdown = False
+        self._closing = threading.Lock()
+        self.cluster = JobCluster(dispy_executor_run, nodes=nodes, callback=self._job_ended,
+                                  cluster_status=self._job_status, **options)
+        self._shipping = _CallShipping(_names_on_nodes(self.cluster._package,
+                                                       options.get('setup')))
+        _live_executors.add(self)
+
+    # -- submitting ----------------------------------------------------------------------
+    def submit(self, fn, /, *args, **kwargs):
+        """Schedules ``fn(*args, **kwargs)`` on a node; returns its Future.  A function
+        that cannot be shipped raises here (TypeError, NameError naming what)."""
+        return self._submit_calls(fn, [(args, kwargs)])[0]
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """``fn`` over the iterables, results in order (lazily), like the standard
+        executors; ``chunksize`` calls travel in one job."""
+        if chunksize < 1:
+            raise ValueError('chunksize must be >= 1.')
+        end = None if timeout is None else time.monotonic() + timeout
+        calls = ((args, {}) for args in zip(*iterables))
+        futures = []
+        try:
+            while True:
+                chunk = list(itertools.islice(calls, chunksize))
+                if not chunk:
+                    break
+                futures.extend(self._submit_calls(fn, chunk))
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return self._in_order(futures, end)
+
+    @staticmethod
+    def _in_order(futures, end):
+        futures.reverse()
+        try:
+            while futures:
+                future = futures.pop()
+                try:
+                    yield future.result(None if end is None else end - time.monotonic())
+                finally:
+                    future.cancel()         # (a no-op once done) the iterator was dropped
+                    del future
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _submit_calls(self, fn, calls):
+        if not callable(fn):
+            raise TypeError('ClusterExecutor: %r is not callable' % (fn,))
+        if self._shutdown:
+            raise RuntimeError('cannot schedule new futures after shutdown')
+        target, definitions = _call_target(fn)
+        try:
+            call, refs = _pickle_with_refs((target, calls))
+        except Exception as exc:
+            raise TypeError('ClusterExecutor: the call of %r cannot be pickled to send it to '
+                            'a node: %s' % (fn, exc)) from None
+        definitions += [ref for ref in refs if ref not in definitions]
+        bundle = self._shipping.bundle(definitions) if definitions else None
+        size = len(call) + len(bundle or b'')
+        if size > self.cluster._max_frame - 65536:
+            raise ValueError('ClusterExecutor: the call takes %d bytes pickled, over the frame '
+                             'limit of %d (max_frame_size)' % (size, self.cluster._max_frame))
+        batch = _CallBatch(len(calls))
+        for future in batch.futures:
+            future.add_done_callback(functools.partial(self._future_done, batch))
+        job_id = next(self._ids)
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError('cannot schedule new futures after shutdown')
+            self._batches[job_id] = batch
+        job = self.cluster.submit_job_id(job_id, bundle, call)
+        if job is None:
+            with self._cond:
+                self._batches.pop(job_id, None)
+                self._cond.notify_all()
+            raise RuntimeError('ClusterExecutor: the job was not created (see the log)')
+        batch.job = job
+        if batch.all_cancelled():         # shutdown(cancel_futures=True) came meanwhile
+            self.cluster.cancel(job)
+        return batch.futures
+
+    # -- futures and jobs (the notifier thread, or the thread cancelling) ----------------
+    def _notify(self, batch, futures):
+        """set_running_or_notify_cancel, once per future (lock held)."""
+        for future in futures:
+            if future not in batch.notified:
+                batch.notified.add(future)
+                future.set_running_or_notify_cancel()
+
+    def _future_done(self, batch, future):
+        """A future was cancelled (or resolved): its job goes when all its calls have."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            self._notify(batch, [future])       # wait() and as_completed() see it now
+            job = batch.job if batch.all_cancelled() else None
+        if job is not None and job.status not in FINAL_STATUSES:
+            self.cluster.cancel(job)
+
+    def _job_status(self, status, node, job):
+        if status == DispyJob.Running and job is not None:
+            with self._cond:
+                batch = self._batches.get(job.id)
+                if batch is not None:
+                    self._notify(batch, batch.futures)
+        if self._user_status is not None:
+            self._user_status(status, node, job)
+
+    def _job_ended(self, job):
+        if job.status not in FINAL_STATUSES:
+            return                  # a provisional result
+        with self._cond:
+            batch = self._batches.pop(job.id, None)
+            if batch is None:
+                return
+            self._notify(batch, batch.futures)
+            self._cond.notify_all()
+        live = [f for f in batch.futures if not f.cancelled()]
+        if not live:
+            return
+        outcomes = job.result if job.status == DispyJob.Finished else None
+        if not isinstance(outcomes, list):
+            for future in live:
+                future.set_exception(JobFailed.of(job))
+            return
+        if len(outcomes) != len(batch.futures):     # the bundle failed: every call did
+            outcomes = outcomes[:1] * len(batch.futures)
+        for future, outcome in zip(batch.futures, outcomes):
+            if future.cancelled():
+                continue
+            if outcome[0]:
+                future.set_result(outcome[1])
+            else:
+                future.set_exception(_remote_exception(outcome, job.ip_addr))
+        job.result = None
+
+    # -- ending ----------------------------------------------------------------------------
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """No more calls; ``cancel_futures``: those not started are cancelled.  The
+        cluster closes once every call has ended: now (``wait``), or from a thread
+        that the program's exit waits for."""
+        with self._cond:
+            self._shutdown = True
+            pending = [f for b in self._batches.values() for f in b.futures]
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if not wait:
+            threading.Thread(target=self._close_when_done, name='dispy-executor-close').start()
+            return
+        notifier = self.cluster._notifier
+        if notifier is not None and threading.current_thread() is notifier.thread:
+            raise RuntimeError('ClusterExecutor.shutdown(wait=True) cannot be called from a '
+                               'done callback: use shutdown(wait=False)')
+        self._close_when_done()
+
+    def _close_when_done(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._batches)
+        with self._closing:
+            if not self.cluster.is_closed():
+                self.cluster.close()
+            _live_executors.discard(self)
+
+
+def _executors_at_exit():
+    """Like the standard executors: a program ends once its calls have (registered after
+    ``_at_exit``, so it runs before the clusters are looked at)."""
+    for executor in list(_live_executors):
+        try:
+            executor.shutdown(wait=True)
+        except Exception:
+            logger.exception('ClusterExecutor: shutdown at exit failed')
+
+
+atexit.register(_executors_at_exit)
 
 
 # ================================================================================
