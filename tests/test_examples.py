@@ -222,11 +222,11 @@ class CoverageTest(unittest.TestCase):
 
     def test_every_example_is_run(self):
         """Each examples/*.py is run by this file, tests/test_cluster.py,
-        tests/test_stream.py or one of the dispycos test files."""
+        tests/test_stream.py, tests/test_executor.py or one of the dispycos test files."""
         sources = ''
         for name in ('test_examples.py', 'test_cluster.py', 'test_dispycos.py',
                      'test_dispycos_examples.py', 'test_dispycos_setup.py',
-                     'test_dispycos_httpd.py', 'test_stream.py'):
+                     'test_dispycos_httpd.py', 'test_stream.py', 'test_executor.py'):
             with open(os.path.join(support.ROOT, 'tests', name)) as f:
                 sources += f.read()
         examples = sorted(os.path.basename(p) for p in glob.glob(os.path.join(EXAMPLES, '*.py')))
