@@ -51,6 +51,8 @@ section below::
                                                  discovery
     ClientHub: per process; the IOLoop, the WorkerThreads, the UDP port, and one
     Scheduler + NodePool per (secret, TLS files) its clusters use
+    ClusterExecutor: a concurrent.futures.Executor over one JobCluster (its futures
+    resolve on the notifier thread; see its section for the path of a call)
 
 Wire format (shared by every program): see ``Channel``.  A connection starts with a
 nonce handshake in which both sides prove knowledge of the secret; every later frame is
@@ -7079,7 +7081,8 @@ def _definition(obj, what):
         stored |= names[2]
     # blank lines first: the line numbers of tracebacks on the node are the client's
     step = ('code', '\n' * (lineno - 1) + source, filename)
-    return step, sure - stored, maybe - sure - stored, module_globals
+    sure -= stored              # assigned by the definition: need not exist yet
+    return step, sure, (maybe | stored) - sure, module_globals
 
 
 def _import_line(module, name):

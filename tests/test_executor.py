@@ -27,11 +27,13 @@ Classes, by topic:
                        comes from the other node; not reentrant → JobFailed (Cancelled)
     MainScriptTest     a script's own functions: module imports, from-imports, constants,
                        a dict, an instance of its class, a helper, an lru_cache function,
-                       a nested function, a bound method; jobs of two functions on the
+                       a dataclass, a global the function assigns, a nested function, a
+                       bound method; jobs of two functions on the
                        same workers do not see each other's globals; the script's own
                        exception class re-raised with its source line in the traceback;
                        an unpicklable global (a lock, an open file), an undefined name, a
                        closure and a lambda refused at submit, naming them
+    ExitTest           a script that ends without shutdown waits for its calls
     ExampleTest        examples/executor.py, a ProcessPoolExecutor program whose one
                        changed line is its import, prints on the cluster exactly what it
                        prints with the standard ProcessPoolExecutor
@@ -413,6 +415,7 @@ class NodeLossTest(unittest.TestCase):
 # ================================================================================
 
 SHIPPING_CLIENT = r'''
+import dataclasses
 import functools
 import json as js
 import sys
@@ -490,6 +493,23 @@ def make_closure(k):
     return closure
 
 
+@dataclasses.dataclass
+class Box:
+    side: int = LIMIT
+
+    def area(self):
+        return self.side * self.side
+
+
+calls = 0
+
+
+def counted():
+    global calls
+    calls += 1
+    return calls, Box().area()
+
+
 class Scaler:
     def __init__(self, factor):
         self.factor = factor
@@ -507,6 +527,7 @@ if __name__ == '__main__':
         print('ISOLATED', sorted(set(map(tuple, ex.map(sees_others, range(6), timeout=30)))))
         print('NESTED', ex.submit(make_nested(), 5).result(timeout=30))
         print('METHOD', ex.submit(Scaler(2).scale, 3).result(timeout=30))
+        print('COUNTED', [ex.submit(counted).result(timeout=30) for _ in range(2)])
         try:
             ex.submit(raises, 'bad input').result(timeout=30)
         except ScriptError as exc:
@@ -537,6 +558,7 @@ class MainScriptTest(ExecutorTestCase):
         self.assertIn('ISOLATED [()]', out)
         self.assertIn('NESTED 15', out)
         self.assertIn('METHOD 60', out)
+        self.assertIn('COUNTED [(1, 100), (1, 100)]', out)     # each job from the same globals
         self.assertIn('SCRIPTERROR bad input RemoteTraceback True', out)
         refused = {line.split()[1]: line for line in out.splitlines()
                    if line.startswith(('REFUSED', 'ACCEPTED'))}
@@ -547,6 +569,41 @@ class MainScriptTest(ExecutorTestCase):
         self.assertRegex(refused['closure'], r"REFUSED closure TypeError .*closure.*'k'")
         self.assertRegex(refused['<lambda>'], r'REFUSED <lambda> TypeError .*lambda')
         self.assertIn('STILL 10', out)
+
+
+EXIT_CLIENT = r'''
+import sys
+import time
+
+import dispy
+
+
+def late_touch(path):
+    time.sleep(1.0)
+    with open(path, 'w') as f:
+        f.write('done')
+
+
+if __name__ == '__main__':
+    node, port, ip, path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    executor = dispy.ClusterExecutor(nodes=[node], node_port=port, ip_addr=ip, port=0)
+    executor.submit(late_touch, path)
+    print('SUBMITTED', flush=True)
+'''
+
+
+class ExitTest(ExecutorTestCase):
+
+    def test_a_program_ending_without_shutdown_waits_for_its_calls(self):
+        folder = support.temp_folder(self)
+        path = os.path.join(folder, 'touched')
+        proc = support.run_client(EXIT_CLIENT, dict(os.environ, PYTHONPATH=support.ROOT),
+                                  timeout=60, cwd=folder,
+                                  args=[NODE_A, str(self.node.port), CLIENT_IP, path])
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertIn('SUBMITTED', proc.stdout)
+        self.assertEqual(support.read_file(path), 'done')
+        self.assertNotIn('was not closed', proc.stderr)
 
 
 # ================================================================================
