@@ -7265,15 +7265,15 @@ class ClusterExecutor(concurrent.futures.Executor):
     ``concurrent.futures.Future``; each call is one job (``map(chunksize=n)``: n calls a
     job).  A function of the client's main script travels as source, with the modules,
     functions, classes and values it uses; a function of another module is imported by
-    name on the node.  ``max_workers`` is accepted for ProcessPoolExecutor's sake and
-    ignored: the nodes' CPUs decide how many calls run at once.  ``cluster`` is the
+    name on the node.  ``max_workers`` (also an int given first, as ProcessPoolExecutor
+    takes it) is accepted and ignored: the nodes' CPUs decide how many calls run at
+    once.  ``cluster`` is the
     JobCluster (print_status, node operations).
     """
 
     def __init__(self, nodes=None, max_workers=None, **options):
-        if isinstance(nodes, int) and not isinstance(nodes, bool):
-            raise TypeError('ClusterExecutor: nodes must be a list of nodes; '
-                            'ProcessPoolExecutor\'s first argument is max_workers= here')
+        if isinstance(nodes, int) and not isinstance(nodes, bool) and max_workers is None:
+            nodes, max_workers = None, nodes    # ProcessPoolExecutor(4): its max_workers
         if max_workers is not None and max_workers <= 0:
             raise ValueError('max_workers must be greater than 0')
         for name in options:

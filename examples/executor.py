@@ -30,7 +30,7 @@ def count_primes(start):
 
 def main():
     starts = [i * CHUNK for i in range(8)]
-    with ProcessPoolExecutor(max_workers=4) as executor:
+    with ProcessPoolExecutor(4) as executor:
         futures = [executor.submit(count_primes, start) for start in starts]
         done = sorted(f.result() for f in concurrent.futures.as_completed(futures))
         for start, count in done:

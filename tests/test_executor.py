@@ -20,7 +20,8 @@ Classes, by topic:
     ExceptionsTest     a remote ValueError re-raised with the node's traceback as its
                        __cause__; exceptions that do not unpickle here or do not pickle
                        there → RemoteError; job_timeout → JobFailed; mistakes refused at
-                       once (ClusterExecutor(4), callback=, uncallable, max_workers=0)
+                       once (callback=, max_workers=0 also given first, uncallable fn,
+                       unpicklable arguments)
     ShutdownTest       shutdown(wait=True, cancel_futures=True), shutdown(wait=False),
                        submit after shutdown, the with block
     NodeLossTest       the node running a call is killed: reentrant → the call's result
@@ -317,12 +318,12 @@ class ExceptionsTest(ExecutorTestCase):
         self.assertEqual(executor.submit(square, 5).result(timeout=T), 25)
 
     def test_mistakes_are_refused_at_once(self):
-        with self.assertRaisesRegex(TypeError, 'max_workers='):
-            dispy.ClusterExecutor(4)
         with self.assertRaisesRegex(TypeError, 'add_done_callback'):
             dispy.ClusterExecutor(nodes=[NODE_A], callback=print)
         with self.assertRaisesRegex(ValueError, 'max_workers'):
             dispy.ClusterExecutor(nodes=[NODE_A], max_workers=0)
+        with self.assertRaisesRegex(ValueError, 'max_workers'):
+            dispy.ClusterExecutor(0)            # ProcessPoolExecutor(0): its max_workers
         executor = self.executor(max_workers=3)        # accepted, ignored
         with self.assertRaisesRegex(TypeError, 'not callable'):
             executor.submit(42)
