@@ -8056,8 +8056,9 @@ class NodeProbe:
             yield CheckResult.ok('resolve', '%s is %s' % (self.host, self.addr))
         self.where = '%s:%d' % ('[%s]' % self.addr if ':' in self.addr else self.addr,
                                 self.port)
-        tcp_ok = yield from self._tcp_checks()
-        yield self._udp_check(tcp_ok)
+        tcp = yield from self._tcp_checks()
+        if tcp != 'other program':      # no discovery to check on another program's port
+            yield self._udp_check(tcp)
 
     # -- TCP: connect, TLS, handshake ------------------------------------------------
     def connect(self):
@@ -8084,19 +8085,30 @@ class NodeProbe:
             return None, (stage, exc)
 
     def _tcp_checks(self):
+        """Yields the TCP checks; returns how far they got: None (no connection),
+        'connected' (something listens, the handshake failed), 'dispy' (a node
+        took our handshake) or 'other program' (a dispy program that is not a node)."""
         try:
             sock = self.connect()
         except OSError as exc:
             yield self._connect_failure(exc)
-            return False
+            return None
         yield CheckResult.ok('tcp', '%s: connected (from %s)' % (self.where,
                                                                   sock.getsockname()[0]))
         channel, error = self.attempt(self.secret, sock)
         if channel is None:
             yield self._handshake_failure(*error)
-            return True
+            return 'connected'
         info = channel.peer_info
         channel.close()
+        role = info.get('role')
+        if role != 'node':
+            yield CheckResult.fail('role', '%s: a dispy %s listens here, not a node' % (
+                self.where, role or 'program'), 'this is dispyscheduler\'s port for programs: '
+                'use it through SharedJobCluster(scheduler_node=, scheduler_port=), or give '
+                'the nodes\' own address and port' if role == 'scheduler' else
+                'give the dispy node\'s address and port (NODE:PORT, --node_port)')
+            return 'other program'
         yield CheckResult.ok('tls', '%s: %s' % (self.where, 'TLS accepted both ways'
                                                 if self.ssl_context is not None else
                                                 'not used (by either side)'))
@@ -8105,7 +8117,7 @@ class NodeProbe:
                                                    'none needed (by either side)'))
         yield CheckResult.ok('version', '%s: dispy protocol %s; a dispy %s named %r' % (
             self.where, info.get('version'), info.get('role', 'program'), info.get('name')))
-        return True
+        return 'dispy'
 
     def _connect_failure(self, exc):
         port = self.port
@@ -8173,6 +8185,11 @@ class NodeProbe:
             return CheckResult.fail('tls', '%s: the node does not use TLS, this side does'
                                     % where, 'start the node with --certfile (and '
                                     '--keyfile), or give no --certfile here')
+        if not self._speaks_tls():
+            return CheckResult.fail('handshake', '%s: what listens there speaks neither TLS '
+                                    'nor dispy (%s)' % (where, reason), 'something else '
+                                    'listens on this port: give the dispy node\'s port '
+                                    '(NODE:PORT, --node_port)')
         return CheckResult.fail('tls', '%s: TLS handshake failed: %s' % (where, reason),
                                 'check that both sides use certificates they trust')
 
@@ -8229,21 +8246,25 @@ class NodeProbe:
             return False
 
     # -- UDP: discovery -----------------------------------------------------------------
-    def _udp_check(self, tcp_ok):
+    def _udp_check(self, tcp):
         source = self.ip_addr if self.ip_addr and (
             is_loopback(self.ip_addr) == is_loopback(self.addr)) else None
         answer, src = _ping_and_wait(self.secret, [sockaddr(self.addr, self.port)],
                                      self.timeout, source, first_only=True)
         where, port = self.where, self.port
         if answer is None:
-            if tcp_ok:
+            if tcp == 'dispy':
                 return CheckResult.fail(
                     'udp', '%s: no answer to a ping on UDP %d in %.1f s (TCP works)' % (
                         where, port, self.timeout),
-                    'UDP %d is blocked on the way (a firewall), or the node is out of its '
-                    'service hours: open UDP %d for discovery, or name the node (nodes= of '
-                    'JobCluster): a named node is dialed over TCP, discovery or not'
-                    % (port, port))
+                    'UDP %d is blocked on the way (a firewall): open it for discovery, or '
+                    'name the node (nodes= of JobCluster: a named node is dialed over TCP). '
+                    'Or the node is out of its service hours (its console says "not '
+                    'serving"): it takes no client until they start' % port)
+            if tcp == 'connected':
+                return CheckResult.fail('udp', '%s: no answer to a ping on UDP %d either'
+                                        % (where, port), 'see the checks above: what '
+                                        'listens there is not a dispy node that takes us')
             return CheckResult.fail('udp', '%s: no answer to a ping on UDP %d either'
                                     % (where, port), 'see the tcp check: the node does not '
                                     'run there, or its host is not reachable')
@@ -8251,6 +8272,11 @@ class NodeProbe:
             return CheckResult.fail('udp', '%s: the node answered the ping with a NAK: it '
                                     'does not know our secret' % where,
                                     'give both sides the same secret (see the secret check)')
+        if answer.get('busy'):
+            return CheckResult.warn('udp', '%s: %s' % (where, describe_pong(answer, src)),
+                                    'a node serves one program at a time: this one waits '
+                                    'until that client is done (share nodes between programs '
+                                    'with dispyscheduler and SharedJobCluster)')
         return CheckResult.ok('udp', '%s: %s' % (where, describe_pong(answer, src)))
 
 

@@ -2676,11 +2676,29 @@ def _port_owner(port):
             if not any(os.readlink('/proc/%s/fd/%s' % (pid, fd)) in inodes for fd in fds):
                 continue
             with open('/proc/%s/cmdline' % pid, 'rb') as f:
-                cmdline = f.read().replace(b'\0', b' ').decode(errors='replace').strip()
-            return 'pid %s: %s' % (pid, cmdline[:200])
+                argv = f.read().decode(errors='replace').split('\0')
+            return 'pid %s: %s' % (pid, ' '.join(_without_secrets(argv)).strip()[:200])
         except OSError:
             continue
     return None
+
+
+def _without_secrets(argv):
+    """A command line to show (in an error, or --check's report): the values of its
+    secret options (-s, --secret, --admin_secret, --node_secret, ...) hidden."""
+    shown, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            shown.append('***')
+            hide_next = False
+        elif arg == '-s' or (arg.startswith('--') and arg.split('=')[0].endswith('secret')):
+            shown.append(arg.split('=')[0] + ('=***' if '=' in arg else ''))
+            hide_next = '=' not in arg
+        elif arg.startswith('-s') and len(arg) > 2 and not arg.startswith('--'):
+            shown.append('-s***')
+        else:
+            shown.append(arg)
+    return shown
 
 
 def _avail_info_function(path):

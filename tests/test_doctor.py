@@ -84,6 +84,10 @@ def checks(out):
     return [tuple(c) for c in found]
 
 
+def lambda_free_double(x):
+    return 2 * x
+
+
 def self_signed(folder, name):
     """A self-signed key+certificate file of its own name."""
     sub = os.path.join(folder, name)
@@ -161,9 +165,10 @@ class HandshakeListener:
     for the version check and the TCP-only case.  Serves until ``close`` (at most a
     minute)."""
 
-    def __init__(self, ip, version=None, secret=''):
+    def __init__(self, ip, version=None, secret='', role='node'):
         self.version = version
         self.secret = secret
+        self.role = role
         self.sock = socket.socket()
         self.sock.bind((ip, 0))
         self.sock.listen(8)
@@ -184,7 +189,7 @@ class HandshakeListener:
                 return
             with conn:
                 try:
-                    dispy.handshake(conn, self.secret, False, {'role': 'node', 'name': 'fake'},
+                    dispy.handshake(conn, self.secret, False, {'role': self.role, 'name': 'fake'},
                                     timeout=5, version=self.version)
                     conn.settimeout(5)
                     conn.recv(1)        # the doctor hangs up once authenticated
@@ -420,7 +425,63 @@ class DoctorNodesTest(ReportAssertions, unittest.TestCase):
         self.assert_check(proc, 'ok', 'secret', 'accepts our secret')
         self.assert_check(proc, 'ok', 'version', "named 'fake'")
         self.assert_failed(proc, 'udp', 'no answer to a ping on UDP %d' % listener.port,
-                           '(TCP works)', 'open UDP %d' % listener.port, 'name the node')
+                           '(TCP works)', 'UDP %d is blocked' % listener.port, 'name the node')
+
+
+    @time_limit(90)
+    def test_a_node_serving_another_program_is_a_warning(self):
+        """A node held by a client (a JobCluster here): exit 0, the udp check warns
+        that this program would wait, and the client's job is not disturbed."""
+        cluster = dispy.JobCluster(lambda_free_double, nodes=[NODE_IP],
+                                   node_port=self.plain_node.port, ip_addr='127.0.0.1',
+                                   port=0, recover_file=False)
+        self.addCleanup(support.close_now, cluster)
+        self.assertEqual(cluster.submit(2)(timeout=30), 4)
+        proc = self.doctor(self.plain_node)
+        self.assertEqual(proc.returncode, 0, proc.stdout)
+        self.assert_check(proc, 'warn', 'udp', 'serving a client')
+        self.assertIn('waits until that client is done', proc.stdout)
+        self.assertEqual(cluster.submit(3)(timeout=30), 6)
+
+    @time_limit(60)
+    def test_a_scheduler_port_is_named_as_such(self):
+        """The port of a dispy program that is not a node (dispyscheduler's): named,
+        with the way to use it, and no discovery check (it has none there)."""
+        listener = HandshakeListener(NODE_IP, role='scheduler')
+        self.addCleanup(listener.close)
+        proc = run_doctor(['--timeout', '1', '%s:%d' % (NODE_IP, listener.port)])
+        self.assert_failed(proc, 'role', 'a dispy scheduler listens here, not a node',
+                           'SharedJobCluster(scheduler_node=')
+        self.assertNotIn('udp', [c[1] for c in checks(proc.stdout)])
+
+    @time_limit(60)
+    def test_a_port_of_another_kind_of_server(self):
+        """Something that is neither TLS nor dispy (here: a listener that closes each
+        connection at once), with and without our TLS files: named as such, and the
+        udp check does not blame a firewall."""
+        with socket.socket() as server:
+            server.bind((NODE_IP, 0))
+            server.listen(8)
+            port = server.getsockname()[1]
+            stop = threading.Event()
+
+            def close_each():
+                server.settimeout(0.1)
+                while not stop.is_set():
+                    try:
+                        server.accept()[0].close()
+                    except OSError:
+                        continue
+            thread = threading.Thread(target=close_each, daemon=True)
+            thread.start()
+            self.addCleanup(thread.join, 5)
+            self.addCleanup(stop.set)
+            for tls in ([], ['--certfile', self.cert]):
+                proc = run_doctor(['--timeout', '1'] + tls + ['%s:%d' % (NODE_IP, port)])
+                self.assertEqual(proc.returncode, 1, proc.stdout)
+                self.assertNotIn('(TCP works)', proc.stdout)
+                self.assert_check(proc, 'FAIL', 'udp', 'not a dispy node')
+            self.assert_check(proc, 'FAIL', 'handshake', 'neither TLS nor dispy')
 
 
 # ================================================================================
@@ -495,6 +556,9 @@ class NodeCheckTest(ReportAssertions, unittest.TestCase):
                 'a dispy node named', 'answers there: it runs already')
             proc = self.check(port=node.port)         # without its secret
             self.assert_check(proc, 'FAIL', 'port', 'a dispy program with another secret')
+        # the holder's command line is shown without the secret it was given
+        self.assertIn('-s ***', proc.stdout)
+        self.assertNotIn(SECRET, proc.stdout)
 
 
 # ================================================================================
