@@ -6876,12 +6876,14 @@ def dispy_executor_run(bundle, call, _compiled={}):
             blob, why = None, 'it cannot be pickled on the node (%r)' % error
         return (False, type(exc).__qualname__, text, blob, why)
 
-    def compiled(source, filename):
-        code = _compiled.get((source, filename))
+    def compiled(source, filename, flags):
+        code = _compiled.get((source, filename, flags))
         if code is None:
             if len(_compiled) > 256:
                 _compiled.clear()
-            code = _compiled[source, filename] = compile(source, filename, 'exec')
+            # flags: the client module's `from __future__ import annotations`, if any
+            code = _compiled[source, filename, flags] = compile(source, filename, 'exec',
+                                                                flags, True)
             entry = linecache.cache.get(filename)       # tracebacks show the client's lines
             lines = list(entry[2]) if entry and entry[1] is None else []
             new = source.splitlines(True)
@@ -6897,7 +6899,7 @@ def dispy_executor_run(bundle, call, _compiled={}):
             if step[0] == 'value':
                 ns[step[1]] = pickle.loads(step[2])
             else:
-                exec(compiled(step[1], step[2]), ns)
+                exec(compiled(step[1], step[2], step[3] if len(step) > 3 else 0), ns)
         target, calls = pickle.loads(call)
         fn = ns[target] if isinstance(target, str) else target
     except BaseException as exc:
@@ -6990,12 +6992,14 @@ _EXECUTOR_FILE = '<dispy executor>'
 
 def _code_names(code):
     """(names its code and nested code load as globals for sure, names that may be
-    globals (class bodies), names it assigns as globals)."""
+    globals (class bodies), names it assigns as globals, every name it uses: attribute
+    names too)."""
     import dis      # here: only executors need it (3 ms of every program's start)
-    sure, maybe, stored = set(), set(), set()
+    sure, maybe, stored, every = set(), set(), set(), set()
     todo = [code]
     while todo:
         co = todo.pop()
+        every.update(co.co_names)
         for ins in dis.get_instructions(co):
             if ins.opname == 'LOAD_GLOBAL':
                 sure.add(ins.argval)
@@ -7004,7 +7008,7 @@ def _code_names(code):
             elif ins.opname in _GLOBAL_STORES:
                 stored.add(ins.argval)
         todo.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
-    return sure, maybe, stored
+    return sure, maybe, stored, every
 
 
 def _statement_names(source):
@@ -7057,14 +7061,24 @@ def _class_functions(cls, filename):
                     yield func
 
 
+_FUTURE_ANNOTATIONS = 0x1000000     # __future__.annotations.compiler_flag (3.7+)
+BIG_BUNDLE = 1 << 20                # what a call's functions and globals take: warned past
+
+
 def _definition(obj, what):
     """(step defining it, names it needs for sure, names it may need, its module's
-    globals) of a function or class shipped by source."""
+    globals, every name its code uses) of a function or class shipped by source."""
     base = obj if inspect.isclass(obj) else inspect.unwrap(obj)
+    rebuilt = _namedtuple_step(base)
+    if rebuilt is not None:
+        return rebuilt, set(), set(), {}, set()
     try:
         source = _function_source(base, what)
     except ComputationError as exc:
-        raise TypeError('ClusterExecutor: %s' % exc) from None
+        made_by_call = (' (if %s was made by a call, such as Enum() or type(), it has no '
+                        'source: define it with a class statement, e.g. class %s(enum.Enum))'
+                        % (base.__name__, base.__name__) if inspect.isclass(base) else '')
+        raise TypeError('ClusterExecutor: %s%s' % (exc, made_by_call)) from None
     if inspect.isclass(base):
         filename = inspect.getsourcefile(base) or _EXECUTOR_FILE
         lineno = inspect.getsourcelines(base)[1]
@@ -7073,16 +7087,49 @@ def _definition(obj, what):
     else:
         filename, lineno = base.__code__.co_filename, base.__code__.co_firstlineno
         module_globals, codes = base.__globals__, [base.__code__]
-    sure, maybe, stored = set(), _statement_names(source), set()
+    sure, maybe, stored, every = set(), _statement_names(source), set(), set()
     for code in codes:
         names = _code_names(code)
         sure |= names[0]
         maybe |= names[1]
         stored |= names[2]
+        every |= names[3]
+    import __future__
+    future = (_FUTURE_ANNOTATIONS if module_globals.get('annotations')
+              is __future__.annotations else 0)
     # blank lines first: the line numbers of tracebacks on the node are the client's
-    step = ('code', '\n' * (lineno - 1) + source, filename)
+    step = ('code', '\n' * (lineno - 1) + source, filename, future)
     sure -= stored              # assigned by the definition: need not exist yet
-    return step, sure, (maybe | stored) - sure, module_globals
+    return step, sure, (maybe | stored) - sure, module_globals, every
+
+
+def _namedtuple_step(cls):
+    """The step that makes a namedtuple class of the client's on a node (it was made
+    by a call: there is no source), or None for anything else."""
+    fields = getattr(cls, '_fields', None)
+    if not (inspect.isclass(cls) and issubclass(cls, tuple) and isinstance(fields, tuple)
+            and cls.__bases__ == (tuple,)):
+        return None
+    defaults = tuple(getattr(cls, '_field_defaults', {}).values())
+    try:
+        if ast.literal_eval(repr(defaults)) != defaults:
+            return None
+    except (ValueError, SyntaxError):
+        return None
+    return ('code', '%s = __import__(%r).namedtuple(%r, %r, defaults=%r, module=%r)' % (
+        cls.__name__, 'collections', cls.__name__, fields, defaults, '__main__'),
+        _EXECUTOR_FILE)
+
+
+def _outer_class(obj):
+    """The top-level class of __main__ that a function (or class) defined inside it
+    belongs to (a static method, a method used as Shape.area), or None."""
+    qualname = getattr(obj, '__qualname__', '')
+    if (not isinstance(qualname, str) or '.' not in qualname or '<locals>' in qualname
+            or getattr(obj, '__module__', None) != '__main__'):
+        return None
+    outer = getattr(sys.modules.get('__main__'), qualname.split('.')[0], None)
+    return outer if inspect.isclass(outer) else None
 
 
 def _import_line(module, name):
@@ -7146,14 +7193,18 @@ class _Shipment:
         if id(obj) in self.seen:
             return
         self.seen.add(id(obj))
-        step, sure, maybe, module_globals = _definition(obj, what)
+        outer = _outer_class(obj)
+        if outer is not None:       # Shape.area pickles as Shape's attribute: ship Shape
+            self.define(outer, 'class %s of %s' % (outer.__name__, what))
+            return
+        step, sure, maybe, module_globals, every = _definition(obj, what)
         owner = '%s %s' % ('class' if inspect.isclass(obj) else 'function',
                            getattr(obj, '__qualname__', obj))
         for name in sorted(sure | maybe):
-            self.need(owner, name, module_globals, name in sure)
+            self.need(owner, name, module_globals, name in sure, every)
         self.steps[step] = None
 
-    def need(self, owner, name, module_globals, sure):
+    def need(self, owner, name, module_globals, sure, every=()):
         if name in self.node_names or (name.startswith('__') and name.endswith('__')):
             return
         if name not in module_globals:
@@ -7167,6 +7218,12 @@ class _Shipment:
         value = module_globals[name]
         if isinstance(value, types.ModuleType):
             self.line(_import_line(value, name))
+            # `import xml.etree.ElementTree` binds xml: what the code reaches of it
+            # by attribute is loaded too (a package does not load its submodules)
+            prefix = value.__name__ + '.'
+            for sub in sorted(m for m in list(sys.modules) if m.startswith(prefix)):
+                if all(part in every for part in sub[len(prefix):].split('.')):
+                    self.line('__import__(%r)' % sub)
         elif _is_main_definition(value):
             self.define(value, 'global %r of %s' % (name, owner))
             if value.__name__ != name:
@@ -7211,6 +7268,12 @@ class _CallShipping:
             if len(self._bundles) > 1000:
                 self._bundles.clear()
             blob = self._bundles[key] = dumps_blob(list(shipment.steps))
+            if blob_size(blob) > BIG_BUNDLE:
+                logger.warning('ClusterExecutor: %s and the globals it uses take %s, sent '
+                               'with every job: load big data in setup= (or ship it in '
+                               'depends=) to send it once per node',
+                               ', '.join(getattr(d, '__qualname__', str(d)) for d in key),
+                               _human_bytes(blob_size(blob)))
         return blob
 
 

@@ -34,6 +34,10 @@ Classes, by topic:
                        exception class re-raised with its source line in the traceback;
                        an unpicklable global (a lock, an open file), an undefined name, a
                        closure and a lambda refused at submit, naming them
+    PatternsTest       postponed annotations (``from __future__ import annotations``)
+                       naming the class itself, a dotted import used by its path, a
+                       static method and a super() method reached through their class,
+                       a namedtuple made by a call
     ExitTest           a script that ends without shutdown waits for its calls
     ExampleTest        examples/executor.py, a ProcessPoolExecutor program whose one
                        changed line is its import, prints on the cluster exactly what it
@@ -570,6 +574,89 @@ class MainScriptTest(ExecutorTestCase):
         self.assertRegex(refused['closure'], r"REFUSED closure TypeError .*closure.*'k'")
         self.assertRegex(refused['<lambda>'], r'REFUSED <lambda> TypeError .*lambda')
         self.assertIn('STILL 10', out)
+
+
+# What the review found ProcessPoolExecutor scripts use that had not travelled:
+# postponed annotations naming the class itself, a dotted import used by its path, a
+# static method and a super() method reached through their class, a namedtuple.
+PATTERNS_CLIENT = r'''
+from __future__ import annotations
+
+import sys
+import xml.etree.ElementTree
+from collections import namedtuple
+from dataclasses import dataclass
+
+import dispy
+
+Pair = namedtuple('Pair', 'a b', defaults=(0,))
+
+
+@dataclass
+class Vec:
+    x: int
+    y: int
+
+    def add(self, other: Vec) -> Vec:
+        return Vec(self.x + other.x, self.y + other.y)
+
+
+class Shape:
+    @staticmethod
+    def unit_area():
+        return 1
+
+    def area(self):
+        return 0
+
+
+class Square(Shape):
+    def __init__(self, side):
+        self.side = side
+
+    def area(self):
+        return super().area() + self.side ** 2
+
+
+def total(n):
+    v = Vec(0, 0)
+    for i in range(n):
+        v = v.add(Vec(i, 1))
+    return v
+
+
+def tag_of(text):
+    return xml.etree.ElementTree.fromstring(text).tag
+
+
+def make_pair(a):
+    return Pair(a)
+
+
+if __name__ == '__main__':
+    node, port, ip = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    with dispy.ClusterExecutor(nodes=[node], node_port=port, ip_addr=ip, port=0) as ex:
+        print('VEC', ex.submit(total, 4).result(timeout=30))
+        print('TAG', [ex.submit(tag_of, '<r/>').result(timeout=30) for _ in range(4)])
+        print('STATIC', ex.submit(Shape.unit_area).result(timeout=30))
+        print('SUPER', ex.submit(Square.area, Square(3)).result(timeout=30))
+        print('PAIR', ex.submit(make_pair, 1).result(timeout=30))
+'''
+
+
+class PatternsTest(ExecutorTestCase):
+
+    def test_what_process_pool_scripts_use_travels_too(self):
+        proc = support.run_client(PATTERNS_CLIENT, dict(os.environ, PYTHONPATH=support.ROOT),
+                                  timeout=90, cwd=support.temp_folder(self),
+                                  args=[NODE_A, str(self.node.port), CLIENT_IP])
+        out = proc.stdout
+        self.assertEqual(proc.returncode, 0, out + proc.stderr)
+        self.assertIn('VEC Vec(x=6, y=4)', out)
+        self.assertIn("TAG ['r', 'r', 'r', 'r']", out)
+        self.assertIn('STATIC 1', out)
+        self.assertIn('SUPER 9', out)
+        self.assertIn('PAIR Pair(a=1, b=0)', out)
 
 
 EXIT_CLIENT = r'''
