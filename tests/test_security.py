@@ -1062,6 +1062,28 @@ class ReplayTest(SecretNodeTestCase):
         sock.settimeout(10)
         return channel
 
+    def session_channel(self, client_id, wrap=None, recorders=None):
+        """A fresh channel whose CLIENT the node took (it answered NODE).  The session
+        of the test before may not have ended yet (the node answers BUSY and closes):
+        then it is tried again, for at most 15 s.  ``recorders``: the list ``wrap``
+        appends its recorder to; what it received before the answer is dropped."""
+        taken = []
+
+        def attempt():
+            if recorders:
+                recorders.clear()
+            channel = self.fresh_channel(wrap)
+            channel.send([('CLIENT', {'id': client_id, 'pid': os.getpid()})])
+            if recorders:
+                recorders[-1].received.clear()
+            answer = recv_until(channel, lambda m: m[0] in ('NODE', 'BUSY'), 5)
+            if answer is None or answer[0] != 'NODE':
+                channel.close()
+                return False
+            taken.append(channel)
+            return True
+        return taken[0] if wait_until(attempt, 15, 0.1) else None
+
     def test_frames_replayed_on_a_new_connection_are_rejected(self):
         dest = 'replayed-' + os.urandom(4).hex()
         target = os.path.join(self.node.dest_path_prefix, dest)
@@ -1078,10 +1100,9 @@ class ReplayTest(SecretNodeTestCase):
         self.assertFalse(os.path.exists(target))
 
         # b. a fresh, valid CLIENT, then the recorded COMPUTE frame
-        channel = self.fresh_channel()
+        channel = self.session_channel('replayer')
+        self.assertIsNotNone(channel, 'the node took no new client')
         try:
-            channel.send([('CLIENT', {'id': 'replayer', 'pid': os.getpid()})])
-            self.assertTrue(recv_until(channel, lambda m: m[0] == 'NODE'))
             channel.sock.sendall(compute)
             self.assertTrue(wait_closed(channel.sock, 10), 'replayed COMPUTE not rejected')
         finally:
@@ -1095,13 +1116,11 @@ class ReplayTest(SecretNodeTestCase):
 
         def wrap(sock):
             holder.append(_Recorder(sock))
-            return holder[0]
-        channel = self.fresh_channel(wrap)
+            return holder[-1]
+        channel = self.session_channel('reflector', wrap, holder)
+        self.assertIsNotNone(channel, 'the node took no new client')
         try:
-            channel.send([('CLIENT', {'id': 'reflector', 'pid': os.getpid()})])
-            holder[0].received.clear()
-            self.assertTrue(recv_until(channel, lambda m: m[0] == 'NODE'))
-            raw = b''.join(holder[0].received)
+            raw = b''.join(holder[-1].received)
             (length,) = struct.unpack('!I', raw[:4])
             channel.sock.sendall(raw[:4 + length + 32])     # the node's own frame, back
             self.assertTrue(wait_closed(channel.sock, 10), 'reflected frame not rejected')
