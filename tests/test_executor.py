@@ -186,6 +186,15 @@ class ExecutorTestCase(unittest.TestCase):
     def tmpfile(self, name):
         return os.path.join(support.temp_folder(self), name)
 
+    def run_script(self, source):
+        """A client script (argv: the node, its port, the client's address) in a fresh
+        interpreter; its stdout, once it exited 0."""
+        proc = support.run_client(source, dict(os.environ, PYTHONPATH=support.ROOT),
+                                  timeout=90, cwd=support.temp_folder(self),
+                                  args=[NODE_A, str(self.node.port), CLIENT_IP])
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        return proc.stdout
+
 
 # ================================================================================
 # The futures API
@@ -553,11 +562,7 @@ if __name__ == '__main__':
 class MainScriptTest(ExecutorTestCase):
 
     def test_a_scripts_functions_travel_with_what_they_use(self):
-        proc = support.run_client(SHIPPING_CLIENT, dict(os.environ, PYTHONPATH=support.ROOT),
-                                  timeout=90, cwd=support.temp_folder(self),
-                                  args=[NODE_A, str(self.node.port), CLIENT_IP])
-        out = proc.stdout
-        self.assertEqual(proc.returncode, 0, out + proc.stderr)
+        out = self.run_script(SHIPPING_CLIENT)
         self.assertIn('EVERYTHING {"capped": 4, "double": 8, "k": [1, 2, 3], "norm": 5.0, '
                       '"origin": 0.0}', out)
         self.assertIn('ISOLATED [()]', out)
@@ -647,11 +652,7 @@ if __name__ == '__main__':
 class PatternsTest(ExecutorTestCase):
 
     def test_what_process_pool_scripts_use_travels_too(self):
-        proc = support.run_client(PATTERNS_CLIENT, dict(os.environ, PYTHONPATH=support.ROOT),
-                                  timeout=90, cwd=support.temp_folder(self),
-                                  args=[NODE_A, str(self.node.port), CLIENT_IP])
-        out = proc.stdout
-        self.assertEqual(proc.returncode, 0, out + proc.stderr)
+        out = self.run_script(PATTERNS_CLIENT)
         self.assertIn('VEC Vec(x=6, y=4)', out)
         self.assertIn("TAG ['r', 'r', 'r', 'r']", out)
         self.assertIn('STATIC 1', out)
