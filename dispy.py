@@ -3675,6 +3675,13 @@ class _ClusterQueue:
         self.served = 0             # when it last got a slot (dispyscheduler's fair policy)
         self.blocked = False        # no node has room for it now (in one dispatch)
 
+    def put(self, job, first=False):
+        """Queues a job here (its node's queue for submit_node), by its priority;
+        ``first``: first among the jobs of its priority (given back, or lost)."""
+        waiting = (self.pending if job._pin is None
+                   else self.pinned.setdefault(job._pin, JobQueue()))
+        (waiting.appendleft if first else waiting.append)(job, job_priority(job))
+
     def offer(self, link, stamp):
         """The link may have room now (lock held)."""
         cap = link.capacity(self.key)
@@ -3833,10 +3840,7 @@ class _NodeMessages:
                     link.ip_addr, done + 1, retries)
         job.status = DispyJob.Created
         job._node = job.ip_addr = job.start_time = None
-        if job._pin is not None:
-            queue.pinned.setdefault(job._pin, JobQueue()).append(job, job_priority(job))
-        else:
-            queue.pending.append(job, job_priority(job))
+        queue.put(job)
         job._cluster.job_changed(job, DispyJob.Created)
         self._finish_close_node(link, job._cluster)     # it was the last one there?
         return True
@@ -3874,10 +3878,8 @@ class _NodeMessages:
         if (job._key, job._attempt) in link.cancels or queue is None:
             link.cancels.discard((job._key, job._attempt))
             self._end_job(job, DispyJob.Cancelled, exception='Cancelled')
-        elif job.status not in FINAL_STATUSES and job._pin is not None:
-            queue.pinned.setdefault(job._pin, JobQueue()).appendleft(job, job_priority(job))
         elif job.status not in FINAL_STATUSES:
-            queue.pending.appendleft(job, job_priority(job))
+            queue.put(job, first=True)
         self._finish_close_node(link, job._cluster)     # it was the last one there?
 
     def _on_provisional(self, link, msg, loaded):
@@ -4150,10 +4152,7 @@ class Scheduler(_NodeMessages, _NodeControl):
                 job._key = next(self._job_keys)
             if job._id is None:
                 job._id = job._key
-            if job._pin is not None:
-                queue.pinned.setdefault(job._pin, JobQueue()).append(job, job_priority(job))
-            else:
-                queue.pending.append(job, job_priority(job))
+            queue.put(job)
             job._cluster.job_submitted(job)
             self._dispatch()
         return job
@@ -4515,7 +4514,7 @@ class Scheduler(_NodeMessages, _NodeControl):
                             reason)
                 job.status = DispyJob.Created
                 job.ip_addr = None
-                queue.pending.appendleft(job, job_priority(job))
+                queue.put(job, first=True)      # (never a submit_node job: see above)
                 cluster.job_changed(job, DispyJob.Created)
             else:
                 self._end_job(job, DispyJob.Cancelled,
@@ -6843,7 +6842,7 @@ class SharedJobCluster(JobCluster):
 #
 # The path of one call::
 #
-#     user thread   executor.submit(fn, *args): _pickle_call pickles (fn, calls) and
+#     user thread   executor.submit(fn, *args): _pickle_with_refs pickles (fn, calls) and
 #         │         notes the functions and classes of the client's __main__ it refers
 #         │         to; _CallShipping.bundle: their source and the globals they use, as
 #         │         steps (made once per function, cached) → one job of the executor's
@@ -6899,7 +6898,7 @@ def dispy_executor_run(bundle, call, _compiled={}):
             if step[0] == 'value':
                 ns[step[1]] = pickle.loads(step[2])
             else:
-                exec(compiled(step[1], step[2], step[3] if len(step) > 3 else 0), ns)
+                exec(compiled(*step[1:]), ns)
         target, calls = pickle.loads(call)
         fn = ns[target] if isinstance(target, str) else target
     except BaseException as exc:
@@ -7118,7 +7117,7 @@ def _namedtuple_step(cls):
         return None
     return ('code', '%s = __import__(%r).namedtuple(%r, %r, defaults=%r, module=%r)' % (
         cls.__name__, 'collections', cls.__name__, fields, defaults, '__main__'),
-        _EXECUTOR_FILE)
+        _EXECUTOR_FILE, 0)
 
 
 def _outer_class(obj):
@@ -7233,7 +7232,7 @@ class _Shipment:
 
     def line(self, text):
         if text:
-            self.steps[('code', text, _EXECUTOR_FILE)] = None
+            self.steps[('code', text, _EXECUTOR_FILE, 0)] = None
         return text
 
     def value(self, owner, name, value):
@@ -7330,8 +7329,7 @@ class ClusterExecutor(concurrent.futures.Executor):
     functions, classes and values it uses; a function of another module is imported by
     name on the node.  ``max_workers`` (also an int given first, as ProcessPoolExecutor
     takes it) is accepted and ignored: the nodes' CPUs decide how many calls run at
-    once.  ``cluster`` is the
-    JobCluster (print_status, node operations).
+    once.  ``cluster`` is the JobCluster (print_status, node operations).
     """
 
     def __init__(self, nodes=None, max_workers=None, **options):
