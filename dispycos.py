@@ -3399,8 +3399,9 @@ class HTTPServer:
     monitor of a computation (seed 003 §6.8), made before ``yield
     computation.schedule()``; it takes the computation's status messages and passes
     each on to the status task the computation had, if any.  ``status_task`` (what
-    is sent there updates the monitor) and ``shutdown(wait=True)`` are the seed's; ``dispyhttpd.DispycosHTTPServer`` is the
-    server itself (loaded only when a monitor is made)."""
+    is sent there updates the monitor) and ``shutdown(wait=True)`` are the seed's;
+    ``dispyhttpd.DispycosHTTPServer`` is the server itself (loaded only when a
+    monitor is made)."""
 
     def __init__(self, computation, host='', port=8181, poll_sec=10, DocumentRoot=None,
                  keyfile=None, certfile=None, show_task_args=True, **options):
